@@ -1,0 +1,192 @@
+"""Public functions: validate inputs, pick a backend, return outputs (SPEC §1)."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Callable, Optional
+
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask
+
+from . import _validation as V
+from .backends import resolve_backend
+from .blockmask import EBTBlockMask
+from .reference import ebt_attention_reference, flex_attention_reference, piecewise_attention_reference
+
+__all__ = ["flex_attention", "flex_ebt_attention", "piecewise_attention"]
+
+
+def flex_attention(query: Tensor, key: Tensor, value: Tensor, score_mod: Optional[Callable] = None,
+                   block_mask: Optional[BlockMask] = None, scale: Optional[float] = None, enable_gqa: bool = False,
+                   return_lse: bool = False, kernel_options: Optional[dict] = None):
+    """FlexAttention with second-order gradients; a drop-in for torch's ``flex_attention``.
+
+    Computes ``softmax(score_mod(scale * Q K^T) masked by block_mask) V`` for each batch and head.
+
+    Args:
+        query: ``[B, Hq, Sq, D]``.
+        key: ``[B, Hkv, Skv, D]``.
+        value: ``[B, Hkv, Skv, Dv]``.
+        score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` (torch convention); may
+            capture tensors, which receive gradients (first and second order).
+        block_mask: a torch ``BlockMask`` from ``create_block_mask`` for ``(Sq, Skv)``; its
+            mask_mod decides which positions are kept. ``None`` keeps all.
+        scale: multiplies ``Q K^T``; default ``D ** -0.5``.
+        enable_gqa: allow ``Hkv < Hq`` with ``Hq % Hkv == 0`` (query head ``h`` reads kv head
+            ``h // (Hq // Hkv)``).
+        return_lse: also return the log-sum-exp ``[B, Hq, Sq]`` (natural log, fp32; float64
+            for float64 inputs). A query with no kept key has ``lse = -inf`` and output 0.
+        kernel_options: dict; ``{"BACKEND": "AUTO" | "TRITON" | "REFERENCE"}`` picks the
+            backend (default: the ``FLEXEBT_BACKEND`` environment variable, else ``AUTO``).
+            Other keys are accepted for compatibility with torch and ignored by the reference.
+
+    Returns:
+        ``out`` ``[B, Hq, Sq, Dv]`` in the input dtype, or ``(out, lse)``.
+
+    Raises:
+        ValueError / TypeError: for shapes, dtypes, devices, head counts, a block mask built for
+            other lengths, or an unknown backend (each message says how to fix it).
+
+    Example:
+        >>> import torch, flexebt
+        >>> q = k = v = torch.randn(1, 2, 8, 16)
+        >>> causal = lambda b, h, q_idx, kv_idx: q_idx >= kv_idx
+        >>> bm = torch.nn.attention.flex_attention.create_block_mask(causal, None, None, 8, 8, device="cpu")
+        >>> flexebt.flex_attention(q, k, v, block_mask=bm).shape
+        torch.Size([1, 2, 8, 16])
+    """
+    fn = "flex_attention"
+    V.check_tensors(fn, [("query", query), ("key", key), ("value", value)])
+    V.check_qkv(fn, query, key, value, enable_gqa)
+    V.check_scale(fn, scale)
+    V.check_callable(fn, "score_mod", score_mod)
+    V.check_block_mask(fn, block_mask, query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+    V.check_kernel_options(fn, kernel_options)
+    resolve_backend(kernel_options, query.device, fn)
+    out, lse = flex_attention_reference(query, key, value, score_mod, block_mask, scale)
+    return (out, lse) if return_lse else out
+
+
+def flex_ebt_attention(q_o: Tensor, k_o: Tensor, v_o: Tensor, q_p: Tensor, k_p: Tensor, v_p: Tensor,
+                       score_mod: Optional[Callable] = None, block_mask: Optional[EBTBlockMask] = None,
+                       scale: Optional[float] = None, enable_gqa: bool = False, return_lse: bool = False,
+                       kernel_options: Optional[dict] = None):
+    """EBT two-stream attention (SPEC §2) with second-order gradients.
+
+    The frame has ``S_o + 1`` positions: observed token ``j`` sits at frame ``j``, predicted
+    token ``i`` at frame ``t = i + r + 1`` where ``r = S_o - S_p >= 0``.  Observed queries attend
+    to observed keys; predicted query ``i`` attends to the observed keys except the one at frame
+    ``t`` (the token it replaces) and to its own key ``k_p[i], v_p[i]`` at frame ``t``.
+    ``score_mod`` and the block mask see frame coordinates, so the ordinary causal mask gives
+    the autoregressive EBT.
+
+    Args:
+        q_o, k_o, v_o: observed stream, ``[B, Hq, S_o, D]``, ``[B, Hkv, S_o, D]``, ``[B, Hkv, S_o, Dv]``.
+        q_p, k_p, v_p: predicted stream, ``[B, Hq, S_p, D]``, ``[B, Hkv, S_p, D]``, ``[B, Hkv, S_p, Dv]``.
+        score_mod: ``score_mod(score, b, h, q_frame, kv_frame)``; may capture tensors.
+        block_mask: an :class:`~flexebt.EBTBlockMask` from :func:`create_ebt_block_mask` for
+            these lengths; ``None`` applies no mask beyond the two-stream structure.
+        scale: default ``D ** -0.5``.
+        enable_gqa: allow fewer key/value heads than query heads.
+        return_lse: also return ``lse_o [B, Hq, S_o]`` and ``lse_p [B, Hq, S_p]``.
+        kernel_options: ``{"BACKEND": ...}`` as in :func:`flex_attention`.
+
+    Returns:
+        ``(out_o, out_p)`` of shapes ``[B, Hq, S_o, Dv]`` and ``[B, Hq, S_p, Dv]``, or
+        ``(out_o, out_p, lse_o, lse_p)`` with ``return_lse=True``.
+
+    Raises:
+        ValueError: if ``S_p > S_o``, the streams disagree in batch, heads or head dim, or the
+            block mask was built for other lengths; TypeError for a wrong block mask type.
+
+    Example:
+        >>> import torch, flexebt
+        >>> x = lambda S: torch.randn(2, 4, S, 32)
+        >>> bm = flexebt.create_ebt_block_mask(None, None, None, S_obs=16, S_pred=16)
+        >>> out_o, out_p = flexebt.flex_ebt_attention(x(16), x(16), x(16), x(16), x(16), x(16), block_mask=bm)
+    """
+    fn = "flex_ebt_attention"
+    V.check_tensors(fn, [("q_o", q_o), ("k_o", k_o), ("v_o", v_o), ("q_p", q_p), ("k_p", k_p), ("v_p", v_p)])
+    V.check_qkv(fn, q_o, k_o, v_o, enable_gqa, "q_o", "k_o", "v_o")
+    V.check_qkv(fn, q_p, k_p, v_p, enable_gqa, "q_p", "k_p", "v_p")
+    for a, b, what in ((q_o, q_p, "q"), (k_o, k_p, "k"), (v_o, v_p, "v")):
+        if a.shape[1] != b.shape[1] or a.shape[3] != b.shape[3]:
+            raise ValueError(
+                f"{fn}: {what}_o has (heads, dim) = ({a.shape[1]}, {a.shape[3]}) but {what}_p has "
+                f"({b.shape[1]}, {b.shape[3]}); both streams must use the same heads and head dims."
+            )
+    if q_o.shape[2] != k_o.shape[2]:
+        raise ValueError(f"{fn}: q_o has {q_o.shape[2]} positions but k_o has {k_o.shape[2]}; they must match.")
+    if q_p.shape[2] != k_p.shape[2]:
+        raise ValueError(f"{fn}: q_p has {q_p.shape[2]} positions but k_p has {k_p.shape[2]}; they must match.")
+    S_o, S_p = q_o.shape[2], q_p.shape[2]
+    if S_p > S_o:
+        raise ValueError(
+            f"{fn}: the predicted stream (S_p={S_p}) is longer than the observed stream (S_o={S_o}); "
+            f"expected S_o = S_p + r with r >= 0."
+        )
+    V.check_scale(fn, scale)
+    V.check_callable(fn, "score_mod", score_mod)
+    _check_ebt_block_mask(fn, block_mask, q_o.shape[0], q_o.shape[1], S_o, S_p)
+    V.check_kernel_options(fn, kernel_options)
+    resolve_backend(kernel_options, q_o.device, fn)
+    out_o, out_p, lse_o, lse_p = ebt_attention_reference(q_o, k_o, v_o, q_p, k_p, v_p, score_mod, block_mask, scale)
+    return (out_o, out_p, lse_o, lse_p) if return_lse else (out_o, out_p)
+
+
+def _check_ebt_block_mask(fn: str, block_mask, B: int, H: int, S_o: int, S_p: int) -> None:
+    if block_mask is None:
+        return
+    if isinstance(block_mask, BlockMask):
+        raise TypeError(
+            f"{fn}: got a torch BlockMask; EBT attention needs the two-stream structure from "
+            f"flexebt.create_ebt_block_mask(mask_mod, B, H, S_obs={S_o}, S_pred={S_p}) "
+            f"(pass your frame mask_mod, e.g. block_mask.mask_mod)."
+        )
+    if not isinstance(block_mask, EBTBlockMask):
+        raise TypeError(f"{fn}: block_mask must be an EBTBlockMask or None, got {type(block_mask).__name__}.")
+    if (block_mask.S_obs, block_mask.S_pred) != (S_o, S_p):
+        raise ValueError(
+            f"{fn}: block_mask was built for (S_obs, S_pred) = ({block_mask.S_obs}, {block_mask.S_pred}) but the "
+            f"inputs have ({S_o}, {S_p}); rebuild it with create_ebt_block_mask(mask_mod, B, H, {S_o}, {S_p})."
+        )
+    V.check_mask_batch_heads(fn, block_mask.B, block_mask.H, B, H)
+
+
+def piecewise_attention(q1: Tensor, k1: Tensor, q2: Tensor, k2: Tensor, v: Tensor, dist_threshold,
+                        causal: bool = False, scale: Optional[float] = None) -> Tensor:
+    """Piecewise attention (NLPE, FlagAttention semantics; SPEC §3) with second-order gradients.
+
+    Queries are aligned to the end of the keys: with ``P = N - M``, query ``m`` and key ``n``
+    are ``dist = P + m - n`` apart.  The score is ``scale * <q2[m], k2[n]>`` where
+    ``dist >= dist_threshold`` and ``scale * <q1[m], k1[n]>`` otherwise.
+
+    Args:
+        q1, q2: ``[B, H, M, D]``.  k1, k2: ``[B, H, N, D]``.  v: ``[B, H, N, Dv]``.
+        dist_threshold: ``w >= 0`` (int or float); pairs at distance ``>= w`` use ``(q2, k2)``.
+        causal: keep only keys ``n <= P + m``.
+        scale: default ``D ** -0.5``.
+
+    Returns:
+        ``[B, H, M, Dv]`` in the input dtype.  A query with no key (causal, ``P + m < 0``) gives 0.
+
+    Example:
+        >>> import torch, flexebt
+        >>> x = torch.randn(1, 2, 10, 16)
+        >>> flexebt.piecewise_attention(x, x, x, x, x, dist_threshold=4, causal=True).shape
+        torch.Size([1, 2, 10, 16])
+    """
+    fn = "piecewise_attention"
+    V.check_tensors(fn, [("q1", q1), ("k1", k1), ("q2", q2), ("k2", k2), ("v", v)])
+    for qa, qb, na, nb in ((q1, q2, "q1", "q2"), (k1, k2, "k1", "k2")):
+        if qa.shape != qb.shape:
+            raise ValueError(f"{fn}: {na} has shape {tuple(qa.shape)} but {nb} has {tuple(qb.shape)}; they must match.")
+    V.check_qkv(fn, q1, k1, v, enable_gqa=False, q_name="q1", k_name="k1", v_name="v")
+    if isinstance(dist_threshold, bool) or not isinstance(dist_threshold, numbers.Real):
+        raise TypeError(f"{fn}: dist_threshold must be a number, got {type(dist_threshold).__name__}.")
+    if dist_threshold < 0:
+        raise ValueError(f"{fn}: dist_threshold must be >= 0, got {dist_threshold}.")
+    V.check_scale(fn, scale)
+    resolve_backend(None, q1.device, fn)
+    out, _ = piecewise_attention_reference(q1, k1, q2, k2, v, dist_threshold, causal, scale)
+    return out

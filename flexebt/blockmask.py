@@ -1,0 +1,138 @@
+"""Block-sparse structure: torch's ``BlockMask`` and the EBT two-stream mask built on it.
+
+flexebt uses torch's own ``BlockMask`` (``torch.nn.attention.flex_attention``) for a single
+stream, so a mask built with torch's ``create_block_mask`` works unchanged.  The EBT
+two-stream layout (SPEC §2) is described by :class:`EBTBlockMask`, which holds two ordinary
+``BlockMask`` objects in *stream-local* coordinates whose mask_mods translate to *frame*
+coordinates, plus the frame mask_mod itself for the row-wise own-key term.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+
+from .reference.core import eval_mask_mod, index_grid
+from .reference.masking import dense_keep
+
+__all__ = ["EBTBlockMask", "create_ebt_block_mask", "frame_causal_mask"]
+
+
+def frame_causal_mask(b, h, q_idx, kv_idx):
+    """The causal mask in frame coordinates (what ``mask_mod=None`` means in
+    :func:`create_ebt_block_mask`)."""
+    return q_idx >= kv_idx
+
+
+@dataclass(frozen=True)
+class EBTBlockMask:
+    """Block-sparse structure of EBT two-stream attention (SPEC §2).
+
+    Attributes:
+        mask_mod: the frame mask_mod ``(b, h, q_frame, kv_frame) -> bool``.
+        observed: ``BlockMask`` of observed queries x observed keys, ``S_obs x S_obs``
+            (stream index ``j`` is frame position ``j``).
+        predicted: ``BlockMask`` of predicted queries x observed keys, ``S_pred x S_obs``;
+            predicted row ``i`` sits at frame ``t = i + r + 1`` and its mask_mod also drops the
+            observed key at frame ``t`` (the token the prediction replaces).
+        S_obs, S_pred: stream lengths; ``offset = S_obs - S_pred`` is ``r``.
+        B, H: batch and head sizes the masks were built for (1 means broadcast).
+    The own key of each predicted query is a row-wise term, kept iff
+    ``mask_mod(b, h, t, t)``; it has no tile in either ``BlockMask``.
+    """
+
+    mask_mod: Callable
+    observed: BlockMask
+    predicted: BlockMask
+    S_obs: int
+    S_pred: int
+    B: int
+    H: int
+
+    @property
+    def offset(self) -> int:
+        return self.S_obs - self.S_pred
+
+    @property
+    def BLOCK_SIZE(self):
+        return self.observed.BLOCK_SIZE
+
+    def self_keep(self, B: int, H: int, device) -> Tensor:
+        """``[B, H, S_pred]`` bool: whether each predicted query keeps its own key."""
+        b, h, t, _ = index_grid(B, H, self.S_pred, 1, device, q_offset=self.offset + 1)
+        return eval_mask_mod(self.mask_mod, (B, H, self.S_pred, 1), b, h, t, t)[..., 0]
+
+    def to_dense_frame(self, b: int = 0, h: int = 0) -> Tensor:
+        """Keep matrix over the concatenated streams ``[observed; predicted]`` for one batch /
+        head, ``(S_obs + S_pred)`` square -- handy for pictures and tests."""
+        So, Sp = self.S_obs, self.S_pred
+        dev = self.observed.kv_num_blocks.device
+        b, h = (b if self.B > 1 else 0), (h if self.H > 1 else 0)
+        out = torch.zeros(So + Sp, So + Sp, dtype=torch.bool, device=dev)
+        out[:So, :So] = dense_keep(self.observed, self.B, self.H, So, So, dev)[b, h]
+        out[So:, :So] = dense_keep(self.predicted, self.B, self.H, Sp, So, dev)[b, h]
+        out[So:, So:] = torch.diag(self.self_keep(self.B, self.H, dev)[b, h])
+        return out
+
+    def __repr__(self) -> str:
+        return (f"EBTBlockMask(mask_mod={getattr(self.mask_mod, '__name__', self.mask_mod)!r}, "
+                f"S_obs={self.S_obs}, S_pred={self.S_pred}, offset={self.offset}, B={self.B}, H={self.H}, "
+                f"BLOCK_SIZE={self.BLOCK_SIZE})")
+
+
+def _predicted_stream_mod(mask_mod: Callable, first_frame: int) -> Callable:
+    """Lift a frame mask_mod to predicted-query x observed-key local coordinates."""
+
+    def predicted_mask(b, h, q_idx, kv_idx):
+        t = q_idx + first_frame
+        return mask_mod(b, h, t, kv_idx) & (kv_idx != t)
+
+    predicted_mask.__name__ = f"ebt_predicted[{getattr(mask_mod, '__name__', 'mask_mod')}]"
+    return predicted_mask
+
+
+def create_ebt_block_mask(mask_mod: Optional[Callable], B: Optional[int], H: Optional[int], S_obs: int,
+                          S_pred: int, device=None, BLOCK_SIZE=128) -> EBTBlockMask:
+    """Build the block-sparse structure of EBT two-stream attention for a frame mask_mod.
+
+    Args:
+        mask_mod: ``mask_mod(b, h, q_idx, kv_idx) -> bool`` in frame coordinates (observed
+            token ``j`` at frame ``j``, predicted token ``i`` at frame ``i + r + 1`` with
+            ``r = S_obs - S_pred``).  ``None`` means causal (``q_idx >= kv_idx``), the
+            autoregressive EBT.
+        B, H: batch size and number of query heads, or ``None`` to broadcast over them.
+        S_obs, S_pred: lengths of the observed and predicted streams, ``S_obs >= S_pred``.
+        device: where the block tables live (default: the current default device).
+        BLOCK_SIZE: tile size (int or ``(BLOCK_Q, BLOCK_KV)``), as in ``create_block_mask``.
+
+    Returns:
+        An :class:`EBTBlockMask` to pass as ``block_mask`` to :func:`flexebt.flex_ebt_attention`.
+
+    Example:
+        >>> bm = create_ebt_block_mask(None, 1, 1, S_obs=5, S_pred=4)
+        >>> bm.offset
+        1
+    """
+    from ._validation import check_ebt_lengths, check_positive_int
+
+    check_positive_int("S_obs", S_obs)
+    check_positive_int("S_pred", S_pred)
+    check_ebt_lengths(S_obs, S_pred)
+    for name, val in (("B", B), ("H", H)):
+        if val is not None:
+            check_positive_int(name, val)
+    if mask_mod is None:
+        mask_mod = frame_causal_mask
+    elif not callable(mask_mod):
+        raise TypeError(f"create_ebt_block_mask: mask_mod must be callable or None, got {type(mask_mod).__name__}.")
+    device = torch.device(device) if device is not None else torch.empty(0).device
+    r = S_obs - S_pred
+    observed = create_block_mask(mask_mod, B, H, S_obs, S_obs, device=device, BLOCK_SIZE=BLOCK_SIZE)
+    predicted = create_block_mask(_predicted_stream_mod(mask_mod, r + 1), B, H, S_pred, S_obs, device=device,
+                                  BLOCK_SIZE=BLOCK_SIZE)
+    return EBTBlockMask(mask_mod=mask_mod, observed=observed, predicted=predicted, S_obs=S_obs, S_pred=S_pred,
+                        B=1 if B is None else B, H=1 if H is None else H)

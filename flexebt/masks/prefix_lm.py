@@ -1,0 +1,20 @@
+"""Prefix-LM: bidirectional over a prefix, causal after it (attention-gym's builder)."""
+
+from attn_gym.masks import generate_prefix_lm_mask as _attn_gym_prefix_lm
+
+
+def generate_prefix_lm_mask(prefix_length: int):
+    """Prefix-LM mask_mod: keep ``kv_idx < prefix_length`` or ``q_idx >= kv_idx``.
+
+    Example:
+        >>> import flexebt
+        >>> flexebt.masks.generate_prefix_lm_mask(4).__name__
+        'prefix_lm_causal_mask_4'
+    """
+    return _attn_gym_prefix_lm(prefix_length)
+
+
+if __name__ == "__main__":
+    from flexebt._demo import demo_mask
+
+    demo_mask(generate_prefix_lm_mask(4))

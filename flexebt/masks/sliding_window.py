@@ -1,0 +1,22 @@
+"""Causal sliding window (attention-gym's ``generate_sliding_window``)."""
+
+from attn_gym.masks import generate_sliding_window as _attn_gym_sliding_window
+
+
+def generate_sliding_window(window_size: int):
+    """Causal sliding-window mask_mod: keep ``0 <= q_idx - kv_idx <= window_size``.
+
+    Each query sees itself and the ``window_size`` keys before it (attention-gym's convention).
+
+    Example:
+        >>> import flexebt
+        >>> flexebt.masks.generate_sliding_window(3).__name__
+        'sliding_window_3'
+    """
+    return _attn_gym_sliding_window(window_size)
+
+
+if __name__ == "__main__":
+    from flexebt._demo import demo_mask
+
+    demo_mask(generate_sliding_window(3))
