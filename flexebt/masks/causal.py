@@ -14,7 +14,12 @@ def generate_causal_mask():
     return causal_mask
 
 
-if __name__ == "__main__":
+def main():
+    """Run the small demo (``python -m flexebt.masks.causal``)."""
     from flexebt._demo import demo_mask
 
     demo_mask(causal_mask)
+
+
+if __name__ == "__main__":
+    main()

@@ -41,7 +41,12 @@ def generate_document_mask(lengths: Sequence[int], mask_mod=None, device: Option
                                  length_to_offsets(list(lengths), device or "cpu"))
 
 
-if __name__ == "__main__":
+def main():
+    """Run the small demo (``python -m flexebt.masks.document``)."""
     from flexebt._demo import demo_mask
 
     demo_mask(generate_document_mask([3, 5, 4]))
+
+
+if __name__ == "__main__":
+    main()

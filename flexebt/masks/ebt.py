@@ -51,7 +51,8 @@ def generate_frame_mask(mask: Tensor):
     return frame_mask
 
 
-if __name__ == "__main__":
+def main():
+    """Run the small demo (``python -m flexebt.masks.ebt``)."""
     import flexebt
     from flexebt._demo import ascii_mask
 
@@ -61,3 +62,7 @@ if __name__ == "__main__":
     print(ascii_mask(ebt_causal_mask, S_o + 1, S_o + 1))
     print("over the concatenated streams [observed; predicted]:")
     print("\n".join("".join("#" if x else "." for x in row) for row in bm.to_dense_frame().tolist()))
+
+
+if __name__ == "__main__":
+    main()

@@ -48,10 +48,15 @@ def generate_end_aligned_causal_mask(M: int, N: int):
     return end_aligned_causal
 
 
-if __name__ == "__main__":
+def main():
+    """Run the small demo (``python -m flexebt.masks.piecewise``)."""
     from flexebt._demo import ascii_mask
 
     M, N, w = 6, 8, 3
     print(f"piecewise regions, M={M}, N={N}, w={w}: near (q1 k1) within the causal region")
     causal, near = generate_end_aligned_causal_mask(M, N), generate_piecewise_near_mask(w, M, N)
     print(ascii_mask(lambda b, h, q, k: causal(b, h, q, k) & near(b, h, q, k), M, N))
+
+
+if __name__ == "__main__":
+    main()

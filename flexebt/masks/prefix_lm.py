@@ -14,7 +14,12 @@ def generate_prefix_lm_mask(prefix_length: int):
     return _attn_gym_prefix_lm(prefix_length)
 
 
-if __name__ == "__main__":
+def main():
+    """Run the small demo (``python -m flexebt.masks.prefix_lm``)."""
     from flexebt._demo import demo_mask
 
     demo_mask(generate_prefix_lm_mask(4))
+
+
+if __name__ == "__main__":
+    main()

@@ -16,7 +16,12 @@ def generate_sliding_window(window_size: int):
     return _attn_gym_sliding_window(window_size)
 
 
-if __name__ == "__main__":
+def main():
+    """Run the small demo (``python -m flexebt.masks.sliding_window``)."""
     from flexebt._demo import demo_mask
 
     demo_mask(generate_sliding_window(3))
+
+
+if __name__ == "__main__":
+    main()

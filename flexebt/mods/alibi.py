@@ -20,7 +20,12 @@ def generate_alibi_bias(H: int):
     return mod
 
 
-if __name__ == "__main__":
+def main():
+    """Run the small demo (``python -m flexebt.mods.alibi``)."""
     from flexebt._demo import demo_score_mod
 
     demo_score_mod(generate_alibi_bias(2))
+
+
+if __name__ == "__main__":
+    main()

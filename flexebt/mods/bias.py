@@ -36,9 +36,14 @@ def generate_bias_score_mod(bias: Tensor):
     return bias_mod
 
 
-if __name__ == "__main__":
+def main():
+    """Run the small demo (``python -m flexebt.mods.bias``)."""
     import torch
 
     from flexebt._demo import demo_score_mod
 
     demo_score_mod(generate_bias_score_mod(torch.randn(2, 12, 12)))
+
+
+if __name__ == "__main__":
+    main()

@@ -34,7 +34,12 @@ def generate_relative_position_bias(table: Tensor, max_distance: int):
     return relative_position_bias
 
 
-if __name__ == "__main__":
+def main():
+    """Run the small demo (``python -m flexebt.mods.relative_bias``)."""
     from flexebt._demo import demo_score_mod
 
     demo_score_mod(generate_relative_position_bias(torch.randn(2, 7), 3))
+
+
+if __name__ == "__main__":
+    main()

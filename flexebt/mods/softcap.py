@@ -16,7 +16,12 @@ def generate_tanh_softcap(soft_cap: float, approx: bool = False):
     return _attn_gym_softcap(soft_cap, approx=approx)
 
 
-if __name__ == "__main__":
+def main():
+    """Run the small demo (``python -m flexebt.mods.softcap``)."""
     from flexebt._demo import demo_score_mod
 
     demo_score_mod(generate_tanh_softcap(2.0))
+
+
+if __name__ == "__main__":
+    main()

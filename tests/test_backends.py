@@ -1,0 +1,44 @@
+"""Backend switch (SPEC §1): keyword wins over FLEXEBT_BACKEND; unknown names raise."""
+
+import pytest
+import torch
+
+import flexebt
+from flexebt.backends import requested_backend
+
+
+def _qkv():
+    return [torch.randn(1, 1, 4, 8) for _ in range(3)]
+
+
+def test_default_is_auto_and_reference_runs_on_cpu():
+    assert requested_backend(None) == "AUTO"
+    ref = flexebt.flex_attention(*_qkv(), kernel_options={"BACKEND": "REFERENCE"})
+    assert ref.shape == (1, 1, 4, 8)
+
+
+def test_env_var_and_keyword_precedence(monkeypatch):
+    monkeypatch.setenv("FLEXEBT_BACKEND", "reference")
+    assert requested_backend(None) == "REFERENCE"
+    assert requested_backend({"BACKEND": "AUTO"}) == "AUTO"
+    monkeypatch.setenv("FLEXEBT_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="FLEXEBT_BACKEND"):
+        flexebt.flex_attention(*_qkv())
+    # The keyword wins, so a bad environment value is not consulted.
+    assert flexebt.flex_attention(*_qkv(), kernel_options={"BACKEND": "REFERENCE"}).shape == (1, 1, 4, 8)
+
+
+def test_other_kernel_options_are_accepted_like_torch():
+    out = flexebt.flex_attention(*_qkv(), kernel_options={"BLOCK_M": 64, "BACKEND": "AUTO"})
+    assert out.shape == (1, 1, 4, 8)
+
+
+def test_triton_backend_not_available_yet_says_so(monkeypatch):
+    with pytest.raises(NotImplementedError, match="Triton"):
+        flexebt.flex_attention(*_qkv(), kernel_options={"BACKEND": "TRITON"})
+    monkeypatch.setenv("FLEXEBT_BACKEND", "TRITON")
+    x = [torch.randn(1, 1, 4, 8) for _ in range(6)]
+    with pytest.raises(NotImplementedError, match="Triton"):
+        flexebt.flex_ebt_attention(*x)
+    with pytest.raises(NotImplementedError, match="Triton"):
+        flexebt.piecewise_attention(*x[:5], dist_threshold=1)
