@@ -62,9 +62,31 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor, score_mod: Optiona
     V.check_callable(fn, "score_mod", score_mod)
     V.check_block_mask(fn, block_mask, query.shape[0], query.shape[1], query.shape[2], key.shape[2])
     V.check_kernel_options(fn, kernel_options)
-    resolve_backend(kernel_options, query.device, fn)
-    out, lse = flex_attention_reference(query, key, value, score_mod, block_mask, scale)
+    backend = resolve_backend(kernel_options, query.device, fn, has_kernels=True, dtype=query.dtype,
+                              head_dim=max(query.shape[-1], value.shape[-1]))
+    if backend == "TRITON":
+        out, lse = _flex_attention_triton(query, key, value, score_mod, block_mask, scale)
+    else:
+        out, lse = flex_attention_reference(query, key, value, score_mod, block_mask, scale)
     return (out, lse) if return_lse else out
+
+
+def _flex_attention_triton(query, key, value, score_mod, block_mask, scale):
+    from .autograd import FlexAttention, FlexCall
+    from .codegen.source import get_kernels
+    from .kernels.flex import tables_from_block_mask
+
+    Sq, Skv = query.shape[2], key.shape[2]
+    tables = tables_from_block_mask(block_mask, Sq, Skv, query.device)
+    kernels = get_kernels("flex_attention", score_mod, tables.mask_mod)
+    buffers = kernels.buffers(score_mod, tables.mask_mod)
+    for t in buffers:
+        if t.device != query.device:
+            raise ValueError(f"flex_attention: a tensor captured by score_mod/mask_mod is on {t.device} but the "
+                             f"inputs are on {query.device}; move it to {query.device}.")
+    scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
+    call = FlexCall(kernels, tables, score_mod, block_mask, scale, len(buffers))
+    return FlexAttention.apply(query.contiguous(), key.contiguous(), value.contiguous(), call, *buffers)
 
 
 def flex_ebt_attention(q_o: Tensor, k_o: Tensor, v_o: Tensor, q_p: Tensor, k_p: Tensor, v_p: Tensor,

@@ -2,7 +2,8 @@
 
 ``kernel_options={"BACKEND": ...}`` wins over the ``FLEXEBT_BACKEND`` environment variable;
 both take ``AUTO``, ``TRITON`` or ``REFERENCE``.  ``AUTO`` means the Triton kernels on CUDA and
-the reference on CPU.
+the reference on CPU.  ``TRITON`` on CPU tensors runs the kernels in Triton's interpreter, which
+must be switched on with ``TRITON_INTERPRET=1`` before the first kernel is built.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 BACKENDS = ("AUTO", "TRITON", "REFERENCE")
 ENV_VAR = "FLEXEBT_BACKEND"
+MAX_HEAD_DIM = 256
 
 
 def requested_backend(kernel_options: Optional[dict]) -> str:
@@ -29,16 +31,40 @@ def requested_backend(kernel_options: Optional[dict]) -> str:
     return value.upper()
 
 
-def resolve_backend(kernel_options: Optional[dict], device: torch.device, fn: str) -> str:
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(kernel_options: Optional[dict], device: torch.device, fn: str, has_kernels: bool = False,
+                    dtype: Optional[torch.dtype] = None, head_dim: int = 0) -> str:
     """``"REFERENCE"`` or ``"TRITON"`` for a call on ``device``.
 
-    Until the Triton kernels land (issues #3-#6), ``AUTO`` resolves to the reference everywhere
-    and an explicit ``TRITON`` raises ``NotImplementedError``.
+    ``has_kernels`` says whether this function has Triton kernels yet (EBT and piecewise kernels
+    arrive in issues #4 and #6; until then ``AUTO`` takes the reference and ``TRITON`` raises).
     """
     backend = requested_backend(kernel_options)
-    if backend == "TRITON":
+    kernel_ok = has_kernels and dtype != torch.float64 and head_dim <= MAX_HEAD_DIM
+    if backend == "AUTO":
+        return "TRITON" if (device.type == "cuda" and kernel_ok and _triton_available()) else "REFERENCE"
+    if backend == "REFERENCE":
+        return "REFERENCE"
+    if not has_kernels:
         raise NotImplementedError(
-            f"{fn}: the Triton backend is not available yet in this version of flexebt; "
-            f"use BACKEND='REFERENCE' or 'AUTO'."
-        )
-    return "REFERENCE"
+            f"{fn}: the Triton backend is not available yet for this function; use BACKEND='REFERENCE' or 'AUTO'.")
+    if dtype == torch.float64:
+        raise ValueError(f"{fn}: the Triton kernels take float16, bfloat16 or float32; float64 runs on "
+                         f"BACKEND='REFERENCE' (or 'AUTO').")
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"{fn}: the Triton kernels support head dims up to {MAX_HEAD_DIM}, got {head_dim}; "
+                         f"use BACKEND='REFERENCE' (or 'AUTO').")
+    if not _triton_available():
+        raise RuntimeError(f"{fn}: BACKEND='TRITON' needs the triton package (pip install triton).")
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise RuntimeError(
+            f"{fn}: BACKEND='TRITON' on CPU tensors runs the kernels in Triton's interpreter; set the environment "
+            f"variable TRITON_INTERPRET=1 before the first call (or move the tensors to CUDA).")
+    return "TRITON"

@@ -1,0 +1,179 @@
+"""Fill a kernel template with the code of a score_mod / mask_mod, and cache the result.
+
+Kernels are cached per (template, mod code and constants, captured-tensor metadata, interpreter
+or not): a second call with the same mods reuses the compiled module without tracing again.
+The generated source is written under ``$FLEXEBT_CACHE_DIR`` (default ``~/.cache/flexebt``) and
+imported from there, because Triton reads a kernel's source from its file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import os
+import pathlib
+import re
+import sys
+import types
+from typing import Callable, Optional
+
+import torch
+
+from .emit import Emitter
+from .trace import TracedMod, captured_tensors, trace_mask_mod, trace_score_mod
+
+TEMPLATES = pathlib.Path(__file__).resolve().parent.parent / "kernels" / "templates"
+
+
+def _fingerprint(obj, seen=None):
+    """A hashable description of a mod: its code, the non-tensor values it closes over, and the
+    dtype / rank / requires_grad of the tensors it reads (not their values)."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        return ("T", obj.dtype, obj.dim(), obj.requires_grad, obj.device.type)
+    if isinstance(obj, (int, float, bool, str, type(None), torch.dtype)):
+        return ("V", type(obj).__name__, obj)
+    if isinstance(obj, (list, tuple)):
+        return ("L",) + tuple(_fingerprint(x, seen) for x in obj)
+    if isinstance(obj, types.FunctionType):
+        if id(obj) in seen:
+            return ("F-rec", obj.__code__)
+        seen.add(id(obj))
+        cells = []
+        for c in obj.__closure__ or ():
+            try:
+                cells.append(_fingerprint(c.cell_contents, seen))
+            except ValueError:
+                cells.append(("empty",))
+        glb = []
+        for name in obj.__code__.co_names:
+            val = obj.__globals__.get(name)
+            if isinstance(val, torch.Tensor) or (isinstance(val, types.FunctionType)
+                                                 and not (val.__module__ or "").startswith("torch")):
+                glb.append((name, _fingerprint(val, seen)))
+        return ("F", obj.__code__, tuple(cells), tuple(glb), obj.__defaults__)
+    if isinstance(obj, types.ModuleType):
+        return ("M", obj.__name__)
+    return ("id", id(obj))  # unknown object: never shared between different objects
+
+
+@dataclasses.dataclass
+class ModKernels:
+    """A compiled kernel module plus how to feed it the mod's tensors."""
+
+    module: types.ModuleType
+    traced_score: Optional[TracedMod]
+    traced_mask: Optional[TracedMod]
+    n_buffers: int
+    grad_slots: list[int]          # buffer slots whose gradient the kernels accumulate
+    internal: dict[int, torch.Tensor]  # slots of tensors created inside the mod at trace time
+
+    def buffers(self, score_mod, mask_mod) -> list[torch.Tensor]:
+        """The tensors of the current call, in kernel-argument order."""
+        current = (captured_tensors(score_mod) if score_mod is not None else []) + \
+                  (captured_tensors(mask_mod) if mask_mod is not None else [])
+        out = [b.tensor for b in current]
+        for slot, t in sorted(self.internal.items()):
+            out.insert(slot, t)
+        if len(out) != self.n_buffers:
+            raise RuntimeError("flexebt: a mod captured a different number of tensors than when it was compiled")
+        return out
+
+
+_CACHE: dict = {}
+
+
+def cache_dir() -> pathlib.Path:
+    d = pathlib.Path(os.environ.get("FLEXEBT_CACHE_DIR", pathlib.Path.home() / ".cache" / "flexebt")) / "kernels"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def get_kernels(template: str, score_mod: Optional[Callable], mask_mod: Optional[Callable],
+                second_order: bool = False) -> ModKernels:
+    key = (template, _fingerprint(score_mod), _fingerprint(mask_mod), second_order, _interpret())
+    hit = _CACHE.get(key)
+    if hit is None:
+        hit = _CACHE[key] = _build(template, score_mod, mask_mod, second_order)
+    return hit
+
+
+def _merge_buffers(score: Optional[TracedMod], mask: Optional[TracedMod]):
+    """One slot list for both mods: score buffers first, then the mask's (shifted)."""
+    n_score = len(score.buffers) if score else 0
+    shift = {}
+    if mask:
+        shift = {name: slot + n_score for name, slot in mask.constants.items()}
+    return n_score, shift
+
+
+def _build(template: str, score_mod, mask_mod, second_order: bool) -> ModKernels:
+    score = trace_score_mod(score_mod, want_second_order=second_order) if score_mod is not None else None
+    mask = trace_mask_mod(mask_mod) if mask_mod is not None else None
+    n_score, mask_consts = _merge_buffers(score, mask)
+    buffers = (score.buffers if score else []) + (mask.buffers if mask else [])
+    name = "_".join(x.name for x in (score, mask) if x) or "plain"
+
+    grad_slots = []
+    blocks = {}
+    # Forward: t = f(s)
+    if score is not None:
+        em = Emitter("sm_", [b.tensor.dtype for b in buffers], score.name)
+        (out,) = em.emit(score.graph, ["s", "off_b", "off_h", "q_idx", "kv_idx"], score.constants)
+        blocks["SCORE_FWD"] = em.lines + [f"t = {out}"]
+        # Backward: t, f'(s) and df/dc_k for the floating loads c_k.
+        em = Emitter("sb_", [b.tensor.dtype for b in buffers], score.name)
+        (t_out,) = em.emit(score.graph, ["s", "off_b", "off_h", "q_idx", "kv_idx"], score.constants)
+        load_vals = [f"sb_{ld.node_name}" for ld in score.loads]
+        outs = em.emit(score.derivative["bwd"], ["s", "off_b", "off_h", "q_idx", "kv_idx"] + load_vals,
+                       score.deriv_constants["bwd"])
+        blocks["SCORE_BWD"] = em.lines + [f"t = {t_out}", f"dtds = {outs[1]}"]
+        grad_lines = []
+        for k, ld in enumerate(score.loads):
+            if buffers[ld.buffer].tensor.requires_grad:
+                off = em.load_offsets[ld.node_name]
+                grad_lines.append(f"tl.atomic_add(GBUF{ld.buffer} + {off}, tl.where(keep, dt * ({outs[2 + k]}), 0.0), "
+                                  f"mask=keep)")
+                if ld.buffer not in grad_slots:
+                    grad_slots.append(ld.buffer)
+        blocks["CAPTURED_GRAD"] = grad_lines or ["pass"]
+    else:
+        blocks["SCORE_FWD"] = ["t = s"]
+        blocks["SCORE_BWD"] = ["t = s", "dtds = 1.0"]
+        blocks["CAPTURED_GRAD"] = ["pass"]
+    if mask is not None:
+        em = Emitter("mm_", [b.tensor.dtype for b in buffers], mask.name)
+        (out,) = em.emit(mask.graph, ["off_b", "off_h", "q_idx", "kv_idx"], mask_consts)
+        blocks["MASK"] = em.lines + [f"mask_keep = {out}"]
+    else:
+        blocks["MASK"] = ["mask_keep = VALID"]
+
+    params = "".join(f"BUF{k}, " + "".join(f"BUF{k}_S{d}, " for d in range(b.tensor.dim())) + f"GBUF{k}, "
+                     for k, b in enumerate(buffers))
+    text = (TEMPLATES / f"{template}.py").read_text()
+    text = text.replace("__BUFFERS__", params)
+    for marker, lines in blocks.items():
+        text = re.sub(rf"^([ \t]*)# @{marker}[^\n]*$",
+                      lambda m, lines=lines: "\n".join(m.group(1) + ln for ln in lines), text, flags=re.M)
+    header = f"# Generated by flexebt from template {template!r} for mods: {name}\n"
+    source = header + text
+    digest = hashlib.sha256(source.encode()).hexdigest()[:20]
+    path = cache_dir() / f"{template}_{digest}.py"
+    if not path.exists():
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(source)
+        os.replace(tmp, path)
+    mod_name = f"flexebt_generated_{template}_{digest}"
+    module = sys.modules.get(mod_name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[mod_name] = module
+    internal = {i: b.tensor for i, b in enumerate(buffers) if b.path.startswith("internal:")}
+    return ModKernels(module, score, mask, len(buffers), grad_slots, internal)

@@ -1,0 +1,204 @@
+"""Trace a score_mod / mask_mod to aten graphs of pointwise ops, and derive its derivatives.
+
+A mod is traced with ``make_fx`` on shape-``[1]`` tensors (score fp32, indices int32), so
+``bias[h, q_idx, kv_idx]`` becomes ``aten.index.Tensor(constant, [h, q, kv])`` -- a *load*.
+Captured tensors are found by walking the mod's closure (and nested closures, and the module
+globals it names) so that later calls can pass the current tensors without re-tracing.
+
+Derivatives come from autograd itself: the floating loads of the first trace become leaf
+inputs of a second function, which runs the first graph and ``torch.autograd.grad`` on it;
+``make_fx`` records that whole computation as another aten graph.  With ``t = f(s, c)``:
+
+    fwd  graph -> t
+    bwd  graph -> t, df/ds, df/dc_k              (c_k = each floating load)
+    dbwd graph -> t, df/ds, d2f/ds2, df/dc_k, d2f/(ds dc_k)
+
+``c_k`` is the *value* loaded from a captured tensor at one index; the kernels scatter
+``dt * df/dc_k`` back to that index (atomic adds) to form the captured tensor's gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from typing import Callable, Optional
+
+import torch
+import torch.fx
+from torch.fx.experimental.proxy_tensor import make_fx
+
+aten = torch.ops.aten
+
+
+@dataclasses.dataclass
+class Buffer:
+    """A tensor the mod reads: its slot in the kernel's argument list."""
+
+    tensor: torch.Tensor
+    path: str  # where it was found, e.g. "closure[0]" or "global:bias"
+
+
+@dataclasses.dataclass
+class Load:
+    """A floating-point load ``buffer[index...]`` that becomes a derivative leaf."""
+
+    node_name: str
+    buffer: int
+
+
+@dataclasses.dataclass
+class TracedMod:
+    kind: str                       # "score" or "mask"
+    graph: torch.fx.GraphModule     # fwd graph (score: s,b,h,q,kv -> t ; mask: b,h,q,kv -> bool)
+    buffers: list[Buffer]           # captured tensors, in kernel-argument order
+    constants: dict[str, int]       # graph attribute name -> buffer slot
+    loads: list[Load]               # floating loads (score mods only)
+    derivative: dict[str, torch.fx.GraphModule]  # "bwd" / "dbwd" graphs (score mods only)
+    deriv_constants: dict[str, dict[str, int]]
+    name: str
+
+
+def _idx():
+    return torch.zeros((1,), dtype=torch.int32)
+
+
+def _walk_tensors(fn: Callable, prefix: str, out: list[Buffer], seen: set) -> None:
+    """Tensors reachable from ``fn``: closure cells, nested functions, named globals."""
+    if id(fn) in seen:
+        return
+    seen.add(id(fn))
+    code = getattr(fn, "__code__", None)
+    for i, cell in enumerate(getattr(fn, "__closure__", None) or ()):
+        try:
+            val = cell.cell_contents
+        except ValueError:  # empty cell
+            continue
+        _visit(val, f"{prefix}closure[{i}]", out, seen)
+    if code is not None:
+        g = getattr(fn, "__globals__", {})
+        for name in code.co_names:
+            if name in g:
+                _visit(g[name], f"{prefix}global:{name}", out, seen, globals_only=True)
+
+
+def _visit(val, path, out, seen, globals_only=False):
+    if isinstance(val, torch.Tensor):
+        if not any(b.tensor is val for b in out):
+            out.append(Buffer(val, path))
+    elif isinstance(val, types.FunctionType):
+        # Nested closures (and_masks, attn_gym builders) and module-level helper functions.
+        if not (globals_only and (val.__module__ or "").startswith("torch")):
+            _walk_tensors(val, path + ".", out, seen)
+    elif isinstance(val, (list, tuple)) and not globals_only:
+        for j, item in enumerate(val):
+            _visit(item, f"{path}[{j}]", out, seen)
+
+
+def captured_tensors(fn: Callable) -> list[Buffer]:
+    """The tensors a mod captures, in a deterministic order."""
+    out: list[Buffer] = []
+    _walk_tensors(fn, "", out, set())
+    return out
+
+
+def _constant_map(gm: torch.fx.GraphModule, buffers: list[Buffer]) -> dict[str, int]:
+    """Map each ``_tensor_constant*`` attribute of a traced graph to a buffer slot, adding
+    tensors created inside the mod (not captured) as extra buffers."""
+    mapping = {}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        t = getattr(gm, node.target)
+        slot = next((i for i, b in enumerate(buffers) if b.tensor is t), None)
+        if slot is None:
+            buffers.append(Buffer(t, f"internal:{node.target}"))
+            slot = len(buffers) - 1
+        mapping[node.target] = slot
+    return mapping
+
+
+def _trace(fn, args) -> torch.fx.GraphModule:
+    gm = make_fx(fn, tracing_mode="real", _allow_non_fake_inputs=True)(*args)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def trace_mask_mod(mask_mod: Callable) -> TracedMod:
+    buffers = captured_tensors(mask_mod)
+    gm = _trace(lambda b, h, q, kv: _as_bool(mask_mod(b, h, q, kv), q), (_idx(), _idx(), _idx(), _idx()))
+    consts = _constant_map(gm, buffers)
+    return TracedMod("mask", gm, buffers, consts, [], {}, {}, getattr(mask_mod, "__name__", "mask_mod"))
+
+
+def _as_bool(x, like):
+    if not isinstance(x, torch.Tensor):
+        return torch.full_like(like, bool(x), dtype=torch.bool)
+    return x.to(torch.bool).expand(like.shape)
+
+
+def _as_float(x, like):
+    if not isinstance(x, torch.Tensor):
+        return torch.full_like(like, float(x))
+    return x.to(torch.float32).expand(like.shape)
+
+
+def trace_score_mod(score_mod: Callable, want_second_order: bool = False) -> TracedMod:
+    buffers = captured_tensors(score_mod)
+    args = (torch.zeros((1,), dtype=torch.float32), _idx(), _idx(), _idx(), _idx())
+    gm = _trace(lambda s, b, h, q, kv: _as_float(score_mod(s, b, h, q, kv), s), args)
+    consts = _constant_map(gm, buffers)
+
+    # Floating loads become derivative leaves.
+    loads = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is aten.index.Tensor:
+            src = node.args[0]
+            if src.op == "get_attr" and getattr(gm, src.target).is_floating_point():
+                loads.append(Load(node.name, consts[src.target]))
+    derivative, deriv_consts = {}, {}
+    for which in (("bwd", "dbwd") if want_second_order else ("bwd",)):
+        dg = _trace_derivatives(gm, loads, second=(which == "dbwd"))
+        derivative[which] = dg
+        deriv_consts[which] = _constant_map(dg, buffers)
+    return TracedMod("score", gm, buffers, consts, loads, derivative, deriv_consts,
+                     getattr(score_mod, "__name__", "score_mod"))
+
+
+class _LeafInterpreter(torch.fx.Interpreter):
+    """Runs the fwd graph with each floating load replaced by a given leaf tensor."""
+
+    def __init__(self, gm, leaves: dict[str, torch.Tensor]):
+        super().__init__(gm)
+        self.leaves = leaves
+
+    def run_node(self, n):
+        if n.name in self.leaves:
+            return self.leaves[n.name]
+        return super().run_node(n)
+
+
+def _trace_derivatives(gm: torch.fx.GraphModule, loads: list[Load], second: bool) -> torch.fx.GraphModule:
+    names = [ld.node_name for ld in loads]
+
+    def derivs(s, b, h, q, kv, *leaves):
+        with torch.enable_grad():
+            s = s.detach().requires_grad_(True)
+            leaves = [x.detach().requires_grad_(True) for x in leaves]
+            t = _LeafInterpreter(gm, dict(zip(names, leaves))).run(s, b, h, q, kv)
+            wrt = [s, *leaves]
+            first = torch.autograd.grad(t.sum(), wrt, create_graph=second, allow_unused=True)
+            first = [torch.zeros_like(s) if g is None else g for g in first]
+            outs = [t.detach(), *[g.detach() for g in first]]
+            if second:
+                ds = first[0]
+                if ds.requires_grad:
+                    sec = torch.autograd.grad(ds.sum(), wrt, allow_unused=True)
+                    sec = [torch.zeros_like(s) if g is None else g for g in sec]
+                else:
+                    sec = [torch.zeros_like(s) for _ in wrt]
+                outs += sec  # d2f/ds2, then d2f/(ds dc_k)
+        return tuple(outs)
+
+    leaves = [torch.zeros((1,), dtype=torch.float32) for _ in loads]
+    return _trace(derivs, (torch.zeros((1,), dtype=torch.float32), _idx(), _idx(), _idx(), _idx(), *leaves))

@@ -1,0 +1,46 @@
+"""Tile configurations of every kernel family, in one place.
+
+Kernel tiles must subdivide the block mask's sparse blocks, so a tile edge is the largest
+power of two that divides the sparse block and does not exceed the preferred size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    BLOCK_M: int
+    BLOCK_N: int
+    num_warps: int
+    num_stages: int
+
+
+MIN_TILE = 16  # tl.dot needs every dimension >= 16
+
+
+def _fit(preferred: int, sparse: int) -> int:
+    tile = MIN_TILE
+    while tile * 2 <= preferred and sparse % (tile * 2) == 0:
+        tile *= 2
+    return tile
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def flex_config(pass_name: str, head_dim: int, sparse_q: int, sparse_kv: int) -> TileConfig:
+    """Tiles for ``fwd`` / ``dq`` / ``dkdv`` of the single-stream family."""
+    if interpreting():  # tiny tiles keep the interpreter fast
+        return TileConfig(MIN_TILE, MIN_TILE, 4, 1)
+    big = head_dim > 128
+    if pass_name == "fwd":
+        m, n, warps = (64, 32, 4) if big else (128, 64, 8 if head_dim > 64 else 4)
+    elif pass_name == "dq":
+        m, n, warps = (32, 32, 4) if big else (64, 64, 4)
+    else:  # dkdv
+        m, n, warps = (32, 32, 4) if big else (32, 64, 4)
+    return TileConfig(_fit(m, sparse_q), _fit(n, sparse_kv), warps, 2 if big else 3)

@@ -1,0 +1,145 @@
+"""Launchers of the single-stream kernels: block tables, allocation, grid."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..codegen.source import ModKernels
+from .configs import MIN_TILE, flex_config
+
+
+def _pow2(n: int) -> int:
+    return max(MIN_TILE, 1 << (max(n, 1) - 1).bit_length())
+
+
+@dataclasses.dataclass
+class BlockTables:
+    """Block-sparse tables in the layout the kernels read (int32, contiguous)."""
+
+    kv_num: Tensor
+    kv_idx: Tensor
+    full_kv_num: Tensor
+    full_kv_idx: Tensor
+    q_num: Tensor
+    q_idx: Tensor
+    full_q_num: Tensor
+    full_q_idx: Tensor
+    sparse_q: int
+    sparse_kv: int
+    has_full: bool
+    mask_mod: object  # mask_mod of partial blocks, or None when there are none
+
+    @property
+    def MB(self):
+        return self.kv_num.shape[0]
+
+    @property
+    def MH(self):
+        return self.kv_num.shape[1]
+
+
+def _c(t: Optional[Tensor]) -> Tensor:
+    return t.to(torch.int32).contiguous()
+
+
+def tables_from_block_mask(block_mask, Sq: int, Skv: int, device) -> BlockTables:
+    """Tables of a torch BlockMask, or all-full tables when ``block_mask`` is None."""
+    if block_mask is None:
+        sq = skv = 128
+        nq, nkv = -(-Sq // sq), -(-Skv // skv)
+        zq = torch.zeros(1, 1, nq, dtype=torch.int32, device=device)
+        zkv = torch.zeros(1, 1, nkv, dtype=torch.int32, device=device)
+        return BlockTables(
+            kv_num=zq, kv_idx=torch.zeros(1, 1, nq, 1, dtype=torch.int32, device=device),
+            full_kv_num=zq + nkv, full_kv_idx=torch.arange(nkv, dtype=torch.int32, device=device).expand(1, 1, nq, nkv).contiguous(),
+            q_num=zkv, q_idx=torch.zeros(1, 1, nkv, 1, dtype=torch.int32, device=device),
+            full_q_num=zkv + nq, full_q_idx=torch.arange(nq, dtype=torch.int32, device=device).expand(1, 1, nkv, nq).contiguous(),
+            sparse_q=sq, sparse_kv=skv, has_full=True, mask_mod=None)
+    bq, bkv = block_mask.BLOCK_SIZE
+    if bq % MIN_TILE or bkv % MIN_TILE:
+        raise ValueError(
+            f"flexebt Triton kernels need block mask BLOCK_SIZE multiples of {MIN_TILE}, got {block_mask.BLOCK_SIZE}; "
+            f"rebuild the mask with e.g. BLOCK_SIZE=128, or use kernel_options={{'BACKEND': 'REFERENCE'}}.")
+    has_full = block_mask.full_kv_num_blocks is not None
+    full = (lambda t, like: _c(t) if has_full else torch.zeros_like(_c(like)))
+    return BlockTables(
+        kv_num=_c(block_mask.kv_num_blocks), kv_idx=_c(block_mask.kv_indices),
+        full_kv_num=full(block_mask.full_kv_num_blocks, block_mask.kv_num_blocks),
+        full_kv_idx=full(block_mask.full_kv_indices, block_mask.kv_indices),
+        q_num=_c(block_mask.q_num_blocks), q_idx=_c(block_mask.q_indices),
+        full_q_num=full(block_mask.full_q_num_blocks, block_mask.q_num_blocks),
+        full_q_idx=full(block_mask.full_q_indices, block_mask.q_indices),
+        sparse_q=bq, sparse_kv=bkv, has_full=has_full, mask_mod=block_mask.mask_mod)
+
+
+def _buffer_args(buffers: list[Tensor], grads: dict[int, Tensor]) -> list:
+    args = []
+    for k, b in enumerate(buffers):
+        args.append(b)
+        args.extend(b.stride())
+        args.append(grads.get(k, b))
+    return args
+
+
+def _ieee(dtype) -> bool:
+    return dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+
+
+def flex_forward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, scale: float, tables: BlockTables,
+                 buffers: list[Tensor]) -> tuple[Tensor, Tensor]:
+    B, H, Sq, D = q.shape
+    Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
+    out = torch.empty(B, H, Sq, DV, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
+    cfg = flex_config("fwd", max(D, DV), tables.sparse_q, tables.sparse_kv)
+    grid = (triton_cdiv(Sq, cfg.BLOCK_M), B * H)
+    kern.module.flex_fwd[grid](
+        q, k, v, out, lse, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx,
+        H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
+        tables.full_kv_idx.shape[-1], scale, *_buffer_args(buffers, {}),
+        D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+        SPARSE_Q=tables.sparse_q, SPARSE_KV=tables.sparse_kv, HAS_FULL=tables.has_full, IEEE=_ieee(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out, lse
+
+
+def flex_backward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
+                  dlse: Optional[Tensor], scale: float, tables: BlockTables, buffers: list[Tensor]):
+    """dq, dk, dv and the captured tensors' gradients (None where not accumulated)."""
+    B, H, Sq, D = q.shape
+    Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
+    dout = dout.contiguous()
+    # D_i = do_i . o_i; a cotangent of lse adds P_ij dlse_i to dt_ij, i.e. D_i -> D_i - dlse_i.
+    delta = (dout.float() * out.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.float()
+    delta = delta.contiguous()
+    dq = torch.empty_like(q)
+    dk = torch.empty(B, Hkv, Skv, D, dtype=k.dtype, device=k.device)
+    dv = torch.empty(B, Hkv, Skv, DV, dtype=v.dtype, device=v.device)
+    gbufs = {slot: torch.zeros(buffers[slot].shape, dtype=torch.float32, device=q.device) for slot in kern.grad_slots}
+    bargs = _buffer_args(buffers, gbufs)
+    common = dict(D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), SPARSE_Q=tables.sparse_q,
+                  SPARSE_KV=tables.sparse_kv, HAS_FULL=tables.has_full, IEEE=_ieee(q.dtype))
+    cfg = flex_config("dq", max(D, DV), tables.sparse_q, tables.sparse_kv)
+    kern.module.flex_bwd_dq[(triton_cdiv(Sq, cfg.BLOCK_M), B * H)](
+        q, k, v, dout, lse, delta, dq, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx,
+        H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
+        tables.full_kv_idx.shape[-1], scale, *bargs, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
+    cfg = flex_config("dkdv", max(D, DV), tables.sparse_q, tables.sparse_kv)
+    kern.module.flex_bwd_dkdv[(triton_cdiv(Skv, cfg.BLOCK_N), B * Hkv)](
+        q, k, v, dout, lse, delta, dk, dv, tables.q_num, tables.q_idx, tables.full_q_num, tables.full_q_idx,
+        H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.q_num.shape[-1], tables.q_idx.shape[-1],
+        tables.full_q_idx.shape[-1], scale, *bargs, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
+    grads = [gbufs[s].to(buffers[s].dtype) if s in gbufs else None for s in range(len(buffers))]
+    return dq, dk, dv, grads
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)

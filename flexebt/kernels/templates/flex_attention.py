@@ -1,0 +1,320 @@
+# flexebt kernel template: single-stream FlexAttention, forward and backward.
+#
+# This file is a *template*, never imported as is: flexebt.codegen replaces
+#   __BUFFERS__            with the captured-tensor parameters "BUF0, BUF0_S0, ..., GBUF0, "
+#   "# @SCORE_FWD"         with code computing `t = score_mod(s, ...)`
+#   "# @SCORE_BWD"         with code computing `t` and `dtds = d score_mod / d s` (+ captured leaves)
+#   "# @MASK"              with code computing `mask_keep = mask_mod(...)`
+#   "# @CAPTURED_GRAD"     with atomic adds of `dt * d score_mod / d c_k` into GBUF{k}
+# and writes the result to the kernel cache.  Names the mod code may use: s, off_b, off_h,
+# q_idx [BLOCK_M, 1], kv_idx [1, BLOCK_N], VALID, ZERO (see flexebt/codegen/emit.py).
+#
+# Layout: q [B, H, Sq, D], k [B, Hkv, Skv, D], v [B, Hkv, Skv, DV], all contiguous.
+# Block sparsity: torch BlockMask tables, contiguous, [MB, MH, nQ(, nKVmax)] with MB in {1, B},
+# MH in {1, H}; a row of sparse Q blocks lists partial kv blocks (mask_mod applied) and full kv
+# blocks (mask_mod skipped).  Kernel tiles (BLOCK_M x BLOCK_N) subdivide the sparse blocks
+# (SPARSE_Q x SPARSE_KV).
+#
+# Math (one query row i, keys j):  s_ij = scale q_i.k_j,  t_ij = f(s_ij),
+#   P_ij = exp(t_ij - L_i),  L_i = log sum_j exp(t_ij),  o_i = sum_j P_ij v_j.
+# The forward keeps a running max m_i and sum l_i (online softmax) and rescales the
+# accumulator by exp(m_old - m_new) whenever the max grows.
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, q, K, V, kv_head_base, v_head_base, start_n, offs_m, off_b, off_h, Sq, Skv, scale,
+              __BUFFERS__
+              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, IEEE: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    kT = tl.load(K + kv_head_base + offs_n[None, :] * D + offs_d[:, None],
+                 mask=(offs_n[None, :] < Skv) & (offs_d[:, None] < D), other=0.0)
+    v = tl.load(V + v_head_base + offs_n[:, None] * DV + offs_dv[None, :],
+                mask=(offs_n[:, None] < Skv) & (offs_dv[None, :] < DV), other=0.0)
+    if IEEE:
+        s = tl.dot(q, kT, input_precision="ieee") * scale
+    else:
+        s = tl.dot(q, kT) * scale
+    q_idx = offs_m[:, None]
+    kv_idx = offs_n[None, :]
+    VALID = (q_idx < Sq) & (kv_idx < Skv)
+    ZERO = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    # @SCORE_FWD
+    keep = VALID
+    if not IS_FULL:
+        # @MASK
+        keep = keep & mask_keep
+    t = tl.where(keep, t, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(t, 1))
+    # A row with nothing kept yet has m = -inf: shift by 0 instead, so exp() gives 0, not NaN.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_shift)
+    p = tl.exp(t - m_shift[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def flex_fwd(Q, K, V, O, LSE, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
+             H, Hkv, Sq, Skv, MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, scale,
+             __BUFFERS__
+             D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
+             HAS_FULL: tl.constexpr, IEEE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = pid_bh // H
+    off_h = pid_bh % H
+    off_hk = off_h // (H // Hkv)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_base = (off_b * H + off_h).to(tl.int64) * Sq * D
+    q = tl.load(Q + q_base + offs_m[:, None] * D + offs_d[None, :],
+                mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < D), other=0.0)
+    kv_head_base = (off_b * Hkv + off_hk).to(tl.int64) * Skv * D
+    v_head_base = (off_b * Hkv + off_hk).to(tl.int64) * Skv * DV
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    # Row of the block tables: batch/head broadcast when the mask was built with B/H = None.
+    row = ((off_b % MB) * MH + (off_h % MH)) * NQ_BLOCKS + (pid_m * BLOCK_M) // SPARSE_Q
+    n_partial = tl.load(KV_NUM + row)
+    for i in range(n_partial):
+        kv_block = tl.load(KV_IDX + row * NKV_LIST + i)
+        for j in range(SPARSE_KV // BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, kv_head_base, v_head_base,
+                                      kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale,
+                                      __BUFFERS__
+                                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, IEEE)
+    if HAS_FULL:
+        n_full = tl.load(FULL_NUM + row)
+        for i in range(n_full):
+            kv_block = tl.load(FULL_IDX + row * NKV_LIST_FULL + i)
+            for j in range(SPARSE_KV // BLOCK_N):
+                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, kv_head_base, v_head_base,
+                                          kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv,
+                                          scale, __BUFFERS__
+                                          D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, IEEE)
+
+    # A query that kept nothing: output 0 and lse = -inf (never NaN).
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+    o_base = (off_b * H + off_h).to(tl.int64) * Sq * DV
+    tl.store(O + o_base + offs_m[:, None] * DV + offs_dv[None, :], out.to(O.dtype.element_ty),
+             mask=(offs_m[:, None] < Sq) & (offs_dv[None, :] < DV))
+    tl.store(LSE + (off_b * H + off_h).to(tl.int64) * Sq + offs_m, lse, mask=offs_m < Sq)
+
+
+# Backward, given dO (do_i), O and L.  With D_i = do_i.o_i (computed before the launch):
+#   dP_ij = do_i.v_j,  dt_ij = P_ij (dP_ij - D_i),  ds_ij = dt_ij f'(s_ij),
+#   dq_i = scale sum_j ds_ij k_j,  dk_j = scale sum_i ds_ij q_i,  dv_j = sum_i P_ij do_i,
+#   and a captured tensor c read as c_k at one index gets dt_ij df/dc_k there.
+@triton.jit
+def _bwd_tile_scores(q, kT, offs_m, offs_n, lse, off_b, off_h, Sq, Skv, scale,
+                     __BUFFERS__
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, IEEE: tl.constexpr):
+    # Recompute s, t = f(s), P and f'(s) of one tile (the dk/dv pass; the dq pass inlines the
+    # same steps because it also scatters the captured-tensor gradients).
+    if IEEE:
+        s = tl.dot(q, kT, input_precision="ieee") * scale
+    else:
+        s = tl.dot(q, kT) * scale
+    q_idx = offs_m[:, None]
+    kv_idx = offs_n[None, :]
+    VALID = (q_idx < Sq) & (kv_idx < Skv)
+    ZERO = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    # @SCORE_BWD
+    keep = VALID
+    if not IS_FULL:
+        # @MASK
+        keep = keep & mask_keep
+    # lse = -inf marks a row with nothing kept; shifting by 0 keeps exp() finite there.
+    lse_shift = tl.where(lse == float("-inf"), 0.0, lse)
+    p = tl.where(keep, tl.exp(t - lse_shift[:, None]), 0.0)
+    return p, dtds, keep
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse, delta, K, V, kv_head_base, v_head_base, start_n, offs_m, off_b, off_h, Sq, Skv, scale,
+             __BUFFERS__
+             D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, IEEE: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    kT = tl.load(K + kv_head_base + offs_n[None, :] * D + offs_d[:, None],
+                 mask=(offs_n[None, :] < Skv) & (offs_d[:, None] < D), other=0.0)
+    vT = tl.load(V + v_head_base + offs_n[None, :] * DV + offs_dv[:, None],
+                 mask=(offs_n[None, :] < Skv) & (offs_dv[:, None] < DV), other=0.0)
+    if IEEE:
+        s = tl.dot(q, kT, input_precision="ieee") * scale
+    else:
+        s = tl.dot(q, kT) * scale
+    q_idx = offs_m[:, None]
+    kv_idx = offs_n[None, :]
+    VALID = (q_idx < Sq) & (kv_idx < Skv)
+    ZERO = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    # @SCORE_BWD
+    keep = VALID
+    if not IS_FULL:
+        # @MASK
+        keep = keep & mask_keep
+    lse_shift = tl.where(lse == float("-inf"), 0.0, lse)
+    p = tl.where(keep, tl.exp(t - lse_shift[:, None]), 0.0)
+    if IEEE:
+        dp = tl.dot(do, vT, input_precision="ieee")
+    else:
+        dp = tl.dot(do, vT)
+    dt = p * (dp - delta[:, None])
+    # @CAPTURED_GRAD
+    ds = tl.where(keep, dt * dtds, 0.0)
+    if IEEE:
+        dq += tl.dot(ds, tl.trans(kT), input_precision="ieee")
+    else:
+        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT))
+    return dq
+
+
+@triton.jit
+def flex_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
+                H, Hkv, Sq, Skv, MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, scale,
+                __BUFFERS__
+                D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
+                HAS_FULL: tl.constexpr, IEEE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = pid_bh // H
+    off_h = pid_bh % H
+    off_hk = off_h // (H // Hkv)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < Sq
+    qh = (off_b * H + off_h).to(tl.int64)
+    q = tl.load(Q + qh * Sq * D + offs_m[:, None] * D + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(DO + qh * Sq * DV + offs_m[:, None] * DV + offs_dv[None, :],
+                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    lse = tl.load(LSE + qh * Sq + offs_m, mask=row_ok, other=float("-inf"))
+    delta = tl.load(DELTA + qh * Sq + offs_m, mask=row_ok, other=0.0)
+    kv_head_base = (off_b * Hkv + off_hk).to(tl.int64) * Skv * D
+    v_head_base = (off_b * Hkv + off_hk).to(tl.int64) * Skv * DV
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    row = ((off_b % MB) * MH + (off_h % MH)) * NQ_BLOCKS + (pid_m * BLOCK_M) // SPARSE_Q
+    n_partial = tl.load(KV_NUM + row)
+    for i in range(n_partial):
+        kv_block = tl.load(KV_IDX + row * NKV_LIST + i)
+        for j in range(SPARSE_KV // BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse, delta, K, V, kv_head_base, v_head_base,
+                          kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale,
+                          __BUFFERS__
+                          D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, IEEE)
+    if HAS_FULL:
+        n_full = tl.load(FULL_NUM + row)
+        for i in range(n_full):
+            kv_block = tl.load(FULL_IDX + row * NKV_LIST_FULL + i)
+            for j in range(SPARSE_KV // BLOCK_N):
+                dq = _dq_tile(dq, q, do, lse, delta, K, V, kv_head_base, v_head_base,
+                              kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale,
+                              __BUFFERS__
+                              D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, IEEE)
+    tl.store(DQ + qh * Sq * D + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, kT, vT, Q, DO, LSE, DELTA, qh, start_m, offs_n, off_b, off_h, Sq, Skv, scale,
+               __BUFFERS__
+               D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, IEEE: tl.constexpr):
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < Sq
+    q = tl.load(Q + qh * Sq * D + offs_m[:, None] * D + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(DO + qh * Sq * DV + offs_m[:, None] * DV + offs_dv[None, :],
+                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    lse = tl.load(LSE + qh * Sq + offs_m, mask=row_ok, other=float("-inf"))
+    delta = tl.load(DELTA + qh * Sq + offs_m, mask=row_ok, other=0.0)
+    p, dtds, keep = _bwd_tile_scores(q, kT, offs_m, offs_n, lse, off_b, off_h, Sq, Skv, scale,
+                                     __BUFFERS__
+                                     BLOCK_M, BLOCK_N, IS_FULL, IEEE)
+    if IEEE:
+        dp = tl.dot(do, vT, input_precision="ieee")
+        dv += tl.dot(tl.trans(p), do, input_precision="ieee")
+    else:
+        dp = tl.dot(do, vT)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+    ds = tl.where(keep, p * (dp - delta[:, None]) * dtds, 0.0)
+    if IEEE:
+        dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
+    else:
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    return dk, dv
+
+
+@triton.jit
+def flex_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX,
+                  H, Hkv, Sq, Skv, MB, MH, NKV_BLOCKS, NQ_LIST, NQ_LIST_FULL, scale,
+                  __BUFFERS__
+                  D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
+                  HAS_FULL: tl.constexpr, IEEE: tl.constexpr):
+    """One program per (kv tile, batch, kv head); loops over the query heads of its GQA group
+    and the query blocks the transposed block tables list for its kv block."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = pid_bh // Hkv
+    off_hk = pid_bh % Hkv
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    col_ok = offs_n < Skv
+    kvh = (off_b * Hkv + off_hk).to(tl.int64)
+    kT = tl.load(K + kvh * Skv * D + offs_n[None, :] * D + offs_d[:, None],
+                 mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+    vT = tl.load(V + kvh * Skv * DV + offs_n[None, :] * DV + offs_dv[:, None],
+                 mask=col_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    group = H // Hkv
+    for g in range(group):
+        off_h = off_hk * group + g
+        qh = (off_b * H + off_h).to(tl.int64)
+        col = ((off_b % MB) * MH + (off_h % MH)) * NKV_BLOCKS + (pid_n * BLOCK_N) // SPARSE_KV
+        n_partial = tl.load(Q_NUM + col)
+        for i in range(n_partial):
+            q_block = tl.load(Q_IDX + col * NQ_LIST + i)
+            for j in range(SPARSE_Q // BLOCK_M):
+                dk, dv = _dkdv_tile(dk, dv, kT, vT, Q, DO, LSE, DELTA, qh, q_block * SPARSE_Q + j * BLOCK_M,
+                                    offs_n, off_b, off_h, Sq, Skv, scale,
+                                    __BUFFERS__
+                                    D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, IEEE)
+        if HAS_FULL:
+            n_full = tl.load(FULL_Q_NUM + col)
+            for i in range(n_full):
+                q_block = tl.load(FULL_Q_IDX + col * NQ_LIST_FULL + i)
+                for j in range(SPARSE_Q // BLOCK_M):
+                    dk, dv = _dkdv_tile(dk, dv, kT, vT, Q, DO, LSE, DELTA, qh, q_block * SPARSE_Q + j * BLOCK_M,
+                                        offs_n, off_b, off_h, Sq, Skv, scale,
+                                        __BUFFERS__
+                                        D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, IEEE)
+    tl.store(DK + kvh * Skv * D + offs_n[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+             mask=col_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(DV_OUT + kvh * Skv * DV + offs_n[:, None] * DV + offs_dv[None, :], dv.to(DV_OUT.dtype.element_ty),
+             mask=col_ok[:, None] & (offs_dv[None, :] < DV))
