@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..codegen.source import ModKernels
-from .configs import MIN_TILE, flex_config
+from .configs import MIN_TILE, flex_config, interpreting
 
 
 def _pow2(n: int) -> int:
@@ -85,8 +85,11 @@ def _buffer_args(buffers: list[Tensor], grads: dict[int, Tensor]) -> list:
     return args
 
 
-def _ieee(dtype) -> bool:
-    return dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+def _precision(dtype) -> dict:
+    """IEEE fp32 products unless the matmul precision allows tf32 (SPEC §5); UPCAST works around
+    the Triton interpreter's wrong bf16 dot (interpreter only)."""
+    return dict(IEEE=dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest",
+                UPCAST=dtype == torch.bfloat16 and interpreting())
 
 
 def flex_forward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, scale: float, tables: BlockTables,
@@ -102,7 +105,7 @@ def flex_forward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, scale: float
         H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
         tables.full_kv_idx.shape[-1], scale, *_buffer_args(buffers, {}),
         D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-        SPARSE_Q=tables.sparse_q, SPARSE_KV=tables.sparse_kv, HAS_FULL=tables.has_full, IEEE=_ieee(q.dtype),
+        SPARSE_Q=tables.sparse_q, SPARSE_KV=tables.sparse_kv, HAS_FULL=tables.has_full, **_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse
 
@@ -124,7 +127,7 @@ def flex_backward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     gbufs = {slot: torch.zeros(buffers[slot].shape, dtype=torch.float32, device=q.device) for slot in kern.grad_slots}
     bargs = _buffer_args(buffers, gbufs)
     common = dict(D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), SPARSE_Q=tables.sparse_q,
-                  SPARSE_KV=tables.sparse_kv, HAS_FULL=tables.has_full, IEEE=_ieee(q.dtype))
+                  SPARSE_KV=tables.sparse_kv, HAS_FULL=tables.has_full, **_precision(q.dtype))
     cfg = flex_config("dq", max(D, DV), tables.sparse_q, tables.sparse_kv)
     kern.module.flex_bwd_dq[(triton_cdiv(Sq, cfg.BLOCK_M), B * H)](
         q, k, v, dout, lse, delta, dq, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx,

@@ -24,10 +24,22 @@ import triton.language as tl
 
 
 @triton.jit
+def _mm(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with fp32 accumulation.  IEEE: exact fp32 products (no tf32).  UPCAST: compute in fp32
+    (only for bf16 under Triton's CPU interpreter, whose bf16 dot is wrong)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
 def _fwd_tile(acc, l_i, m_i, q, K, V, kv_head_base, v_head_base, start_n, offs_m, off_b, off_h, Sq, Skv, scale,
               __BUFFERS__
               D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, IEEE: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -35,10 +47,7 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, kv_head_base, v_head_base, start_n, offs_m
                  mask=(offs_n[None, :] < Skv) & (offs_d[:, None] < D), other=0.0)
     v = tl.load(V + v_head_base + offs_n[:, None] * DV + offs_dv[None, :],
                 mask=(offs_n[:, None] < Skv) & (offs_dv[None, :] < DV), other=0.0)
-    if IEEE:
-        s = tl.dot(q, kT, input_precision="ieee") * scale
-    else:
-        s = tl.dot(q, kT) * scale
+    s = _mm(q, kT, IEEE, UPCAST) * scale
     q_idx = offs_m[:, None]
     kv_idx = offs_n[None, :]
     VALID = (q_idx < Sq) & (kv_idx < Skv)
@@ -55,10 +64,7 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, kv_head_base, v_head_base, start_n, offs_m
     alpha = tl.exp(m_i - m_shift)
     p = tl.exp(t - m_shift[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    if IEEE:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, IEEE, UPCAST)
     return acc, l_i, m_new
 
 
@@ -68,7 +74,7 @@ def flex_fwd(Q, K, V, O, LSE, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
              __BUFFERS__
              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
-             HAS_FULL: tl.constexpr, IEEE: tl.constexpr):
+             HAS_FULL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = pid_bh // H
@@ -96,7 +102,7 @@ def flex_fwd(Q, K, V, O, LSE, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, kv_head_base, v_head_base,
                                       kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale,
                                       __BUFFERS__
-                                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, IEEE)
+                                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, IEEE, UPCAST)
     if HAS_FULL:
         n_full = tl.load(FULL_NUM + row)
         for i in range(n_full):
@@ -105,7 +111,7 @@ def flex_fwd(Q, K, V, O, LSE, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
                 acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, kv_head_base, v_head_base,
                                           kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv,
                                           scale, __BUFFERS__
-                                          D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, IEEE)
+                                          D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, IEEE, UPCAST)
 
     # A query that kept nothing: output 0 and lse = -inf (never NaN).
     empty = l_i == 0.0
@@ -124,13 +130,10 @@ def flex_fwd(Q, K, V, O, LSE, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
 @triton.jit
 def _bwd_tile_scores(q, kT, offs_m, offs_n, lse, off_b, off_h, Sq, Skv, scale,
                      __BUFFERS__
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, IEEE: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     # Recompute s, t = f(s), P and f'(s) of one tile (the dk/dv pass; the dq pass inlines the
     # same steps because it also scatters the captured-tensor gradients).
-    if IEEE:
-        s = tl.dot(q, kT, input_precision="ieee") * scale
-    else:
-        s = tl.dot(q, kT) * scale
+    s = _mm(q, kT, IEEE, UPCAST) * scale
     q_idx = offs_m[:, None]
     kv_idx = offs_n[None, :]
     VALID = (q_idx < Sq) & (kv_idx < Skv)
@@ -150,7 +153,7 @@ def _bwd_tile_scores(q, kT, offs_m, offs_n, lse, off_b, off_h, Sq, Skv, scale,
 def _dq_tile(dq, q, do, lse, delta, K, V, kv_head_base, v_head_base, start_n, offs_m, off_b, off_h, Sq, Skv, scale,
              __BUFFERS__
              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, IEEE: tl.constexpr):
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -158,10 +161,7 @@ def _dq_tile(dq, q, do, lse, delta, K, V, kv_head_base, v_head_base, start_n, of
                  mask=(offs_n[None, :] < Skv) & (offs_d[:, None] < D), other=0.0)
     vT = tl.load(V + v_head_base + offs_n[None, :] * DV + offs_dv[:, None],
                  mask=(offs_n[None, :] < Skv) & (offs_dv[:, None] < DV), other=0.0)
-    if IEEE:
-        s = tl.dot(q, kT, input_precision="ieee") * scale
-    else:
-        s = tl.dot(q, kT) * scale
+    s = _mm(q, kT, IEEE, UPCAST) * scale
     q_idx = offs_m[:, None]
     kv_idx = offs_n[None, :]
     VALID = (q_idx < Sq) & (kv_idx < Skv)
@@ -173,17 +173,11 @@ def _dq_tile(dq, q, do, lse, delta, K, V, kv_head_base, v_head_base, start_n, of
         keep = keep & mask_keep
     lse_shift = tl.where(lse == float("-inf"), 0.0, lse)
     p = tl.where(keep, tl.exp(t - lse_shift[:, None]), 0.0)
-    if IEEE:
-        dp = tl.dot(do, vT, input_precision="ieee")
-    else:
-        dp = tl.dot(do, vT)
+    dp = _mm(do, vT, IEEE, UPCAST)
     dt = p * (dp - delta[:, None])
     # @CAPTURED_GRAD
     ds = tl.where(keep, dt * dtds, 0.0)
-    if IEEE:
-        dq += tl.dot(ds, tl.trans(kT), input_precision="ieee")
-    else:
-        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT))
+    dq += _mm(ds.to(kT.dtype), tl.trans(kT), IEEE, UPCAST)
     return dq
 
 
@@ -193,7 +187,7 @@ def flex_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
                 __BUFFERS__
                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
-                HAS_FULL: tl.constexpr, IEEE: tl.constexpr):
+                HAS_FULL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = pid_bh // H
@@ -222,7 +216,7 @@ def flex_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
             dq = _dq_tile(dq, q, do, lse, delta, K, V, kv_head_base, v_head_base,
                           kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale,
                           __BUFFERS__
-                          D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, IEEE)
+                          D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, IEEE, UPCAST)
     if HAS_FULL:
         n_full = tl.load(FULL_NUM + row)
         for i in range(n_full):
@@ -231,7 +225,7 @@ def flex_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
                 dq = _dq_tile(dq, q, do, lse, delta, K, V, kv_head_base, v_head_base,
                               kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale,
                               __BUFFERS__
-                              D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, IEEE)
+                              D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, IEEE, UPCAST)
     tl.store(DQ + qh * Sq * D + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < D))
 
@@ -240,7 +234,7 @@ def flex_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
 def _dkdv_tile(dk, dv, kT, vT, Q, DO, LSE, DELTA, qh, start_m, offs_n, off_b, off_h, Sq, Skv, scale,
                __BUFFERS__
                D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, IEEE: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -253,18 +247,11 @@ def _dkdv_tile(dk, dv, kT, vT, Q, DO, LSE, DELTA, qh, start_m, offs_n, off_b, of
     delta = tl.load(DELTA + qh * Sq + offs_m, mask=row_ok, other=0.0)
     p, dtds, keep = _bwd_tile_scores(q, kT, offs_m, offs_n, lse, off_b, off_h, Sq, Skv, scale,
                                      __BUFFERS__
-                                     BLOCK_M, BLOCK_N, IS_FULL, IEEE)
-    if IEEE:
-        dp = tl.dot(do, vT, input_precision="ieee")
-        dv += tl.dot(tl.trans(p), do, input_precision="ieee")
-    else:
-        dp = tl.dot(do, vT)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+                                     BLOCK_M, BLOCK_N, IS_FULL, IEEE, UPCAST)
+    dp = _mm(do, vT, IEEE, UPCAST)
+    dv += _mm(tl.trans(p.to(do.dtype)), do, IEEE, UPCAST)
     ds = tl.where(keep, p * (dp - delta[:, None]) * dtds, 0.0)
-    if IEEE:
-        dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
-    else:
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    dk += _mm(tl.trans(ds.to(q.dtype)), q, IEEE, UPCAST)
     return dk, dv
 
 
@@ -274,7 +261,7 @@ def flex_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, Q_NUM, Q_IDX, FULL_Q_NUM,
                   __BUFFERS__
                   D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
-                  HAS_FULL: tl.constexpr, IEEE: tl.constexpr):
+                  HAS_FULL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """One program per (kv tile, batch, kv head); loops over the query heads of its GQA group
     and the query blocks the transposed block tables list for its kv block."""
     pid_n = tl.program_id(0)
@@ -304,7 +291,7 @@ def flex_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, Q_NUM, Q_IDX, FULL_Q_NUM,
                 dk, dv = _dkdv_tile(dk, dv, kT, vT, Q, DO, LSE, DELTA, qh, q_block * SPARSE_Q + j * BLOCK_M,
                                     offs_n, off_b, off_h, Sq, Skv, scale,
                                     __BUFFERS__
-                                    D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, IEEE)
+                                    D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, IEEE, UPCAST)
         if HAS_FULL:
             n_full = tl.load(FULL_Q_NUM + col)
             for i in range(n_full):
@@ -313,7 +300,7 @@ def flex_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, Q_NUM, Q_IDX, FULL_Q_NUM,
                     dk, dv = _dkdv_tile(dk, dv, kT, vT, Q, DO, LSE, DELTA, qh, q_block * SPARSE_Q + j * BLOCK_M,
                                         offs_n, off_b, off_h, Sq, Skv, scale,
                                         __BUFFERS__
-                                        D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, IEEE)
+                                        D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, IEEE, UPCAST)
     tl.store(DK + kvh * Skv * D + offs_n[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
              mask=col_ok[:, None] & (offs_d[None, :] < D))
     tl.store(DV_OUT + kvh * Skv * DV + offs_n[:, None] * DV + offs_dv[None, :], dv.to(DV_OUT.dtype.element_ty),

@@ -1,0 +1,172 @@
+"""Single-stream Triton kernels in Triton's CPU interpreter (TRITON_INTERPRET=1) against the
+float64 reference: forward, lse, first-order gradients (q, k, v, captured tensors), and second
+order through the autograd chain.  Tiny shapes, odd lengths."""
+
+import pytest
+import torch
+
+import flexebt
+from flexebt import masks, mods
+from flexebt.reference.masking import dense_keep
+from helpers import rel_err
+from spec_tolerance import BOUND, check, eager_attention
+
+T = {"BACKEND": "TRITON"}
+R = {"BACKEND": "REFERENCE"}
+
+
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _doc():
+    return masks.generate_document_mask([9, 14, 10])
+
+
+# name -> (score_mod factory(H, Sq, Skv), mask_mod factory)
+VARIANTS = {
+    "none": (None, None),
+    "causal": (None, lambda: masks.causal_mask),
+    "alibi": (lambda H, Sq, Skv: mods.generate_alibi_bias(H), lambda: masks.causal_mask),
+    "softcap": (lambda H, Sq, Skv: mods.generate_tanh_softcap(2.0), None),
+    "learned_bias": (lambda H, Sq, Skv: mods.generate_bias_score_mod(
+        (0.5 * torch.randn(H, Sq, Skv)).requires_grad_()), None),
+    "document": (None, _doc),
+    "sliding_window": (None, lambda: masks.generate_sliding_window(7)),
+}
+
+
+def run_case(score_f, mask_f, dtype=torch.float32, B=1, H=2, Hkv=None, Sq=33, Skv=33, D=16, Dv=None,
+             block=16):
+    Hkv = Hkv or H
+    Dv = Dv or D
+    sm = score_f(H, Sq, Skv) if score_f else None
+    mm = mask_f() if mask_f else None
+    bm = flexebt.create_block_mask(mm, None, None, Sq, Skv, device="cpu", BLOCK_SIZE=block) if mm else None
+    q0, k0, v0 = torch.randn(B, H, Sq, D), torch.randn(B, Hkv, Skv, D), torch.randn(B, Hkv, Skv, Dv)
+    gqa = Hkv != H
+    captured = [t for t in (getattr(sm, "__closure__", None) or []) if isinstance(t.cell_contents, torch.Tensor)]
+    captured = [c.cell_contents for c in captured if c.cell_contents.requires_grad]
+
+    def run(x_dtype, backend):
+        q, k, v = (x.to(x_dtype).requires_grad_() for x in (q0, k0, v0))
+        out, lse = flexebt.flex_attention(q, k, v, score_mod=sm, block_mask=bm, enable_gqa=gqa, return_lse=True,
+                                          kernel_options=backend)
+        do = torch.ones_like(out) if x_dtype == torch.float64 else None
+        return q, k, v, out, lse
+
+    q, k, v, out, lse = run(dtype, T)
+    rq, rk, rv, rout, rlse = run(torch.float64, R)
+    g = torch.randn(rout.shape, dtype=torch.float64)
+    grads = torch.autograd.grad((out.double() * g).sum(), [q, k, v] + captured)
+    rgrads = torch.autograd.grad((rout * g).sum(), [rq, rk, rv] + captured)
+    # eager math in the same dtype, for the SPEC §5 relative criterion
+    eq, ek, ev = (x.to(dtype).requires_grad_() for x in (q0, k0, v0))
+    keep = dense_keep(bm, B, H, Sq, Skv, "cpu") if bm is not None else None
+    eout = eager_attention(eq, ek, ev, sm, keep)
+    egrads = torch.autograd.grad((eout.double() * g).sum(), [eq, ek, ev] + captured)
+    check("out", out, eout, rout, dtype, 2)
+    finite = torch.isfinite(rlse)
+    assert torch.equal(torch.isfinite(lse), finite) and lse.dtype == torch.float32
+    assert rel_err(lse[finite], rlse[finite]) < BOUND[dtype]
+    for name, a, e, r in zip(["dq", "dk", "dv", "dbias"], grads, egrads, rgrads):
+        check(name, a, e, r, dtype, 3)
+    return out
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variants_fp32(variant):
+    run_case(*VARIANTS[variant])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["causal", "alibi", "softcap", "learned_bias"])
+def test_variants_half(variant, dtype):
+    run_case(*VARIANTS[variant], dtype=dtype)
+
+
+@pytest.mark.parametrize("D,Dv", [(16, 16), (32, 32), (64, 64), (96, 96), (128, 128), (256, 256), (32, 48)])
+def test_head_dims(D, Dv):
+    run_case(*VARIANTS["causal"], Sq=19, Skv=19, D=D, Dv=Dv)
+
+
+@pytest.mark.parametrize("Hkv", [1, 2])
+def test_gqa_and_unequal_lengths(Hkv):
+    run_case(*VARIANTS["alibi"][:1], lambda: masks.generate_end_aligned_causal_mask(21, 50), H=4, Hkv=Hkv,
+             Sq=21, Skv=50, B=2, block=32)
+
+
+def test_fully_masked_rows_zero_and_finite():
+    def drop_rows(b, h, q_idx, kv_idx):
+        return (q_idx % 5 != 2) & (kv_idx <= q_idx)
+
+    q, k, v = (torch.randn(1, 2, 23, 16, requires_grad=True) for _ in range(3))
+    bm = flexebt.create_block_mask(drop_rows, None, None, 23, 23, device="cpu", BLOCK_SIZE=16)
+    out, lse = flexebt.flex_attention(q, k, v, block_mask=bm, return_lse=True, kernel_options=T)
+    assert torch.all(out[:, :, 2::5] == 0) and torch.all(lse[:, :, 2::5] == float("-inf"))
+    g = torch.autograd.grad(out.square().sum(), [q, k, v])
+    assert all(torch.isfinite(x).all() for x in g) and torch.all(g[0][:, :, 2::5] == 0)
+
+
+def test_lse_gradient_and_second_order_through_the_chain():
+    bias = (0.3 * torch.randn(2, 17, 17)).requires_grad_()
+    sm = mods.generate_bias_score_mod(bias)
+    bm = flexebt.create_block_mask(masks.causal_mask, None, None, 17, 17, device="cpu", BLOCK_SIZE=16)
+    x = [torch.randn(1, 2, 17, 16, requires_grad=True) for _ in range(3)]
+
+    def loss(backend):
+        out, lse = flexebt.flex_attention(*x, score_mod=sm, block_mask=bm, return_lse=True, kernel_options=backend)
+        energy = out.square().sum() + (lse * torch.linspace(0, 1, 17)).sum()
+        g = torch.autograd.grad(energy, x + [bias], create_graph=True)
+        return sum(t.square().sum() for t in g)
+
+    a = torch.autograd.grad(loss(T), x + [bias])
+    b = torch.autograd.grad(loss(R), x + [bias])
+    for ga, gb in zip(a, b):
+        assert rel_err(ga, gb) < 1e-4
+
+
+def test_block_size_must_fit_tiles():
+    bm = flexebt.create_block_mask(masks.causal_mask, None, None, 20, 20, device="cpu", BLOCK_SIZE=4)
+    x = torch.randn(1, 1, 20, 16)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        flexebt.flex_attention(x, x, x, block_mask=bm, kernel_options=T)
+
+
+def test_kernels_are_cached_not_regenerated():
+    from flexebt.codegen import source
+
+    bias = torch.randn(2, 17, 17)
+    x = torch.randn(1, 2, 17, 16)
+    flexebt.flex_attention(x, x, x, score_mod=mods.generate_bias_score_mod(bias), kernel_options=T)
+    n = len(source._CACHE)
+    other = torch.randn(2, 17, 17)  # same builder, new tensor values: same kernel
+    out = flexebt.flex_attention(x, x, x, score_mod=mods.generate_bias_score_mod(other), kernel_options=T)
+    assert len(source._CACHE) == n
+    ref = flexebt.flex_attention(x, x, x, score_mod=mods.generate_bias_score_mod(other), kernel_options=R)
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_unsupported_op_names_the_op():
+    def weird(score, b, h, q_idx, kv_idx):
+        return torch.erf(score)
+
+    x = torch.randn(1, 1, 16, 16)
+    with pytest.raises(NotImplementedError, match="erf"):
+        flexebt.flex_attention(x, x, x, score_mod=weird, kernel_options=T)
+
+
+def test_global_tensor_mod():
+    out = flexebt.flex_attention(*(torch.randn(1, 2, 17, 16) for _ in range(3)), score_mod=_global_bias_mod,
+                                 kernel_options=T)
+    ref = flexebt.flex_attention(*(torch.randn(1, 2, 17, 16) for _ in range(3)), score_mod=_global_bias_mod,
+                                 kernel_options=R)
+    assert out.shape == ref.shape
+
+
+GLOBAL_BIAS = torch.randn(17, 17)
+
+
+def _global_bias_mod(score, b, h, q_idx, kv_idx):
+    return score + GLOBAL_BIAS[q_idx, kv_idx]
