@@ -32,11 +32,10 @@ def requested_backend(kernel_options: Optional[dict]) -> str:
 
 
 def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    # find_spec, not import: importing triton fixes its interpreter mode for the process.
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 def resolve_backend(kernel_options: Optional[dict], device: torch.device, fn: str, has_kernels: bool = False,
@@ -61,10 +60,10 @@ def resolve_backend(kernel_options: Optional[dict], device: torch.device, fn: st
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(f"{fn}: the Triton kernels support head dims up to {MAX_HEAD_DIM}, got {head_dim}; "
                          f"use BACKEND='REFERENCE' (or 'AUTO').")
-    if not _triton_available():
-        raise RuntimeError(f"{fn}: BACKEND='TRITON' needs the triton package (pip install triton).")
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         raise RuntimeError(
             f"{fn}: BACKEND='TRITON' on CPU tensors runs the kernels in Triton's interpreter; set the environment "
-            f"variable TRITON_INTERPRET=1 before the first call (or move the tensors to CUDA).")
+            f"variable TRITON_INTERPRET=1 before triton is first imported (or move the tensors to CUDA).")
+    if not _triton_available():
+        raise RuntimeError(f"{fn}: BACKEND='TRITON' needs the triton package (pip install triton).")
     return "TRITON"

@@ -33,9 +33,31 @@ def test_other_kernel_options_are_accepted_like_torch():
     assert out.shape == (1, 1, 4, 8)
 
 
-def test_triton_backend_not_available_yet_says_so(monkeypatch):
-    with pytest.raises(NotImplementedError, match="Triton"):
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         flexebt.flex_attention(*_qkv(), kernel_options={"BACKEND": "TRITON"})
+
+
+def test_triton_rejects_float64_and_huge_head_dims(monkeypatch):
+    x = torch.randn(1, 1, 4, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float64"):
+        flexebt.flex_attention(x, x, x, kernel_options={"BACKEND": "TRITON"})
+    y = torch.randn(1, 1, 4, 512)
+    with pytest.raises(ValueError, match="head dims up to 256"):
+        flexebt.flex_attention(y, y, y, kernel_options={"BACKEND": "TRITON"})
+    # AUTO never fails for these: it takes the reference.
+    assert flexebt.flex_attention(y, y, y).shape == y.shape
+
+
+def test_auto_picks_reference_on_cpu(monkeypatch):
+    from flexebt.backends import resolve_backend
+
+    assert resolve_backend(None, torch.device("cpu"), "f", has_kernels=True, dtype=torch.float32) == "REFERENCE"
+    assert resolve_backend(None, torch.device("cuda"), "f", has_kernels=False, dtype=torch.float32) == "REFERENCE"
+
+
+def test_functions_without_kernels_say_so(monkeypatch):
     monkeypatch.setenv("FLEXEBT_BACKEND", "TRITON")
     x = [torch.randn(1, 1, 4, 8) for _ in range(6)]
     with pytest.raises(NotImplementedError, match="Triton"):

@@ -15,9 +15,7 @@ T = {"BACKEND": "TRITON"}
 R = {"BACKEND": "REFERENCE"}
 
 
-@pytest.fixture(autouse=True)
-def interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+pytestmark = pytest.mark.interpreter
 
 
 def _doc():
