@@ -1,0 +1,142 @@
+"""flexebt benchmarks (SPEC §6).  One CLI, fixed rows, run on a GPU.
+
+    python benchmarks/bench.py --suite B2 --dims 64,128 --seqs 1024,2048,4096,8192,16384 \
+        --out benchmarks/results/B2_h100 --commit $(git rev-parse --short HEAD)
+
+Every row: suite, device, torch, triton, commit, impl, variant, dtype, B, H, S, D, mode, ms,
+tflops, peak_mem_gib.  FLOPs: 4 B H S^2 D per forward (dense), halved for causal; a backward
+counts 2.5x a forward.  Times are medians of triton.testing.do_bench.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import flexebt  # noqa: E402
+from flexebt import masks, mods  # noqa: E402
+
+FIELDS = ["suite", "device", "torch", "triton", "commit", "impl", "variant", "dtype", "B", "H", "S", "D", "mode",
+          "ms", "tflops", "peak_mem_gib"]
+MODES = {"fwd": 1.0, "fwd+bwd": 3.5}
+
+
+def b2_variant(name, H, S, device):
+    """(score_mod, mask_mod, causal) of a B2 workload; all causal."""
+    if name == "causal":
+        return None, masks.causal_mask
+    if name == "alibi":
+        return mods.generate_alibi_bias(H), masks.causal_mask
+    if name == "softcap":
+        return mods.generate_tanh_softcap(30.0), masks.causal_mask
+    if name == "learned_bias":
+        bias = (0.1 * torch.randn(H, S, S, device=device, dtype=torch.bfloat16)).requires_grad_()
+        return mods.generate_bias_score_mod(bias), masks.causal_mask
+    raise KeyError(name)
+
+
+def timed(fn, mode, inputs):
+    """Median ms and peak memory of fwd or fwd+bwd."""
+    import triton.testing
+
+    def step():
+        out = fn()
+        if mode == "fwd+bwd":
+            torch.autograd.grad(out, inputs, grad_outputs=torch.ones_like(out) * 0.01)
+        return out
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
+    ms = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
+    return ms, peak
+
+
+def run_b2(args, meta, writer):
+    from torch.nn.attention.flex_attention import flex_attention as torch_flex
+
+    compiled = torch.compile(torch_flex, dynamic=False)
+    dtype = getattr(torch, args.dtype)
+    for D in args.dims:
+        for S in args.seqs:
+            B, H = args.batch, args.heads
+            for variant in args.variants:
+                sm, mm = b2_variant(variant, H, S, "cuda")
+                bm = flexebt.create_block_mask(mm, None, None, S, S, device="cuda")
+                q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+                flops = 4 * B * H * S * S * D / 2
+                impls = {
+                    "flexebt": lambda: flexebt.flex_attention(q, k, v, score_mod=sm, block_mask=bm),
+                    "torch_flex_compiled": lambda: compiled(q, k, v, score_mod=sm, block_mask=bm),
+                }
+                if variant == "causal":
+                    impls["sdpa_causal"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                for impl in args.impls:
+                    if impl not in impls:
+                        continue
+                    for mode in args.modes:
+                        try:
+                            ms, peak = timed(impls[impl], mode, [q, k, v])
+                        except torch.OutOfMemoryError:
+                            ms, peak = float("nan"), float("nan")
+                        row = dict(meta, suite="B2", impl=impl, variant=variant, dtype=args.dtype, B=B, H=H, S=S,
+                                   D=D, mode=mode, ms=round(ms, 4),
+                                   tflops=round(flops * MODES[mode] / ms / 1e9, 2), peak_mem_gib=round(peak, 3))
+                        writer(row)
+                del q, k, v
+                torch.cuda.empty_cache()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", default="B2", choices=["B2"])
+    p.add_argument("--dims", default="64,128", type=lambda s: [int(x) for x in s.split(",")])
+    p.add_argument("--seqs", default="1024,2048,4096,8192,16384", type=lambda s: [int(x) for x in s.split(",")])
+    p.add_argument("--variants", default="causal,alibi,softcap,learned_bias", type=lambda s: s.split(","))
+    p.add_argument("--impls", default="flexebt,torch_flex_compiled,sdpa_causal", type=lambda s: s.split(","))
+    p.add_argument("--modes", default="fwd,fwd+bwd", type=lambda s: s.split(","))
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--commit", default=os.environ.get("FLEXEBT_COMMIT", "unknown"))
+    p.add_argument("--out", required=True, help="path prefix; writes PREFIX.csv and PREFIX.json")
+    args = p.parse_args(argv)
+    import triton
+
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                commit=args.commit)
+    rows = []
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+
+        def writer(row):
+            rows.append(row)
+            w.writerow(row)
+            f.flush()
+            print(" ".join(f"{k}={row[k]}" for k in ("impl", "variant", "D", "S", "mode", "ms", "tflops",
+                                                     "peak_mem_gib")), flush=True)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run_b2(args, meta, writer)
+    with open(args.out + ".json", "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Plot benchmark rows: TFLOP/s against S, one panel per (variant, D, mode), one line per impl.
+
+    python benchmarks/plot.py benchmarks/results/B2_h100.csv   # writes B2_h100.png beside it
+"""
+
+import csv
+import sys
+from collections import defaultdict
+
+
+def main(path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(open(path)))
+    panels = sorted({(r["variant"], r["D"], r["mode"]) for r in rows})
+    cols = 4
+    fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(4 * cols, 3.2 * -(-len(panels) // cols)),
+                             squeeze=False)
+    for ax, key in zip(axes.flat, panels):
+        lines = defaultdict(list)
+        for r in rows:
+            if (r["variant"], r["D"], r["mode"]) == key and r["tflops"] not in ("", "nan"):
+                lines[r["impl"]].append((int(r["S"]), float(r["tflops"])))
+        for impl, pts in sorted(lines.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{key[0]} D{key[1]} {key[2]}", fontsize=9)
+        ax.set_xlabel("S")
+        ax.set_ylabel("TFLOP/s")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    dev = rows[0]["device"] if rows else ""
+    fig.suptitle(f"{rows[0]['suite'] if rows else ''} on {dev} (torch {rows[0]['torch'] if rows else ''}, "
+                 f"commit {rows[0]['commit'] if rows else ''})", fontsize=10)
+    fig.tight_layout()
+    out = path.rsplit(".", 1)[0] + ".png"
+    fig.savefig(out, dpi=110)
+    print(out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
