@@ -65,13 +65,13 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor, score_mod: Optiona
     backend = resolve_backend(kernel_options, query.device, fn, has_kernels=True, dtype=query.dtype,
                               head_dim=max(query.shape[-1], value.shape[-1]))
     if backend == "TRITON":
-        out, lse = _flex_attention_triton(query, key, value, score_mod, block_mask, scale)
+        out, lse = _flex_attention_triton(query, key, value, score_mod, block_mask, scale, kernel_options)
     else:
         out, lse = flex_attention_reference(query, key, value, score_mod, block_mask, scale)
     return (out, lse) if return_lse else out
 
 
-def _flex_attention_triton(query, key, value, score_mod, block_mask, scale):
+def _flex_attention_triton(query, key, value, score_mod, block_mask, scale, kernel_options):
     from .autograd import FlexAttention, FlexCall
     from .codegen.source import get_kernels
     from .kernels.flex import tables_from_block_mask
@@ -85,7 +85,7 @@ def _flex_attention_triton(query, key, value, score_mod, block_mask, scale):
             raise ValueError(f"flex_attention: a tensor captured by score_mod/mask_mod is on {t.device} but the "
                              f"inputs are on {query.device}; move it to {query.device}.")
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-    call = FlexCall(kernels, tables, score_mod, block_mask, scale, len(buffers))
+    call = FlexCall(kernels, tables, score_mod, block_mask, scale, len(buffers), kernel_options)
     return FlexAttention.apply(query.contiguous(), key.contiguous(), value.contiguous(), call, *buffers)
 
 

@@ -32,12 +32,13 @@ class FlexCall:
     block_mask: object
     scale: float
     n_buffers: int
+    options: Optional[dict] = None  # kernel_options (tile overrides)
 
 
 class FlexAttention(torch.autograd.Function):
     @staticmethod
     def forward(q, k, v, call: FlexCall, *buffers):
-        return flex_forward(call.kernels, q, k, v, call.scale, call.tables, list(buffers))
+        return flex_forward(call.kernels, q, k, v, call.scale, call.tables, list(buffers), call.options)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -60,7 +61,7 @@ class FlexAttentionBackward(torch.autograd.Function):
     @staticmethod
     def forward(q, k, v, out, lse, dout, dlse, call: FlexCall, *buffers):
         dq, dk, dv, dbuf = flex_backward(call.kernels, q, k, v, out, lse, dout, dlse, call.scale, call.tables,
-                                         list(buffers))
+                                         list(buffers), call.options)
         dbuf = [torch.zeros_like(b) if g is None else g for g, b in zip(dbuf, buffers)]
         return (dq, dk, dv, *dbuf)
 

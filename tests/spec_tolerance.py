@@ -18,10 +18,11 @@ def eager_attention(q, k, v, score_mod=None, keep=None, scale=None):
     s = (q @ k.transpose(-1, -2)) * scale
     if score_mod is not None:
         B, _, Sq, Skv = s.shape
-        b = torch.arange(B).view(B, 1, 1, 1)
-        h = torch.arange(H).view(1, H, 1, 1)
-        qi = torch.arange(Sq).view(1, 1, Sq, 1)
-        ki = torch.arange(Skv).view(1, 1, 1, Skv)
+        dev = s.device
+        b = torch.arange(B, device=dev).view(B, 1, 1, 1)
+        h = torch.arange(H, device=dev).view(1, H, 1, 1)
+        qi = torch.arange(Sq, device=dev).view(1, 1, Sq, 1)
+        ki = torch.arange(Skv, device=dev).view(1, 1, 1, Skv)
         s = score_mod(s, b, h, qi, ki).to(q.dtype)
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))

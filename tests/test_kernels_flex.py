@@ -168,3 +168,15 @@ GLOBAL_BIAS = torch.randn(17, 17)
 
 def _global_bias_mod(score, b, h, q_idx, kv_idx):
     return score + GLOBAL_BIAS[q_idx, kv_idx]
+
+
+def test_even_lengths_and_tile_overrides():
+    """Lengths that are multiples of the sparse block take the unmasked (EVEN) path; kernel_options
+    tiles are honoured and checked."""
+    x = [torch.randn(1, 2, 64, 32) for _ in range(3)]
+    bm = flexebt.create_block_mask(masks.causal_mask, None, None, 64, 64, device="cpu", BLOCK_SIZE=32)
+    ref = flexebt.flex_attention(*x, block_mask=bm, kernel_options=R)
+    out = flexebt.flex_attention(*x, block_mask=bm, kernel_options=dict(T, BLOCK_M=32, BLOCK_N=16))
+    assert rel_err(out, ref) < 1e-5
+    with pytest.raises(ValueError, match="BLOCK_N"):
+        flexebt.flex_attention(*x, block_mask=bm, kernel_options=dict(T, BLOCK_N=64))

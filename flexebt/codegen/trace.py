@@ -58,8 +58,13 @@ class TracedMod:
     name: str
 
 
-def _idx():
-    return torch.zeros((1,), dtype=torch.int32)
+def _idx(device="cpu"):
+    return torch.zeros((1,), dtype=torch.int32, device=device)
+
+
+def _trace_device(buffers: list[Buffer]):
+    """Trace where the captured tensors live, so indexing them with the trace's indices works."""
+    return buffers[0].tensor.device if buffers else torch.device("cpu")
 
 
 def _walk_tensors(fn: Callable, prefix: str, out: list[Buffer], seen: set) -> None:
@@ -126,7 +131,8 @@ def _trace(fn, args) -> torch.fx.GraphModule:
 
 def trace_mask_mod(mask_mod: Callable) -> TracedMod:
     buffers = captured_tensors(mask_mod)
-    gm = _trace(lambda b, h, q, kv: _as_bool(mask_mod(b, h, q, kv), q), (_idx(), _idx(), _idx(), _idx()))
+    dev = _trace_device(buffers)
+    gm = _trace(lambda b, h, q, kv: _as_bool(mask_mod(b, h, q, kv), q), tuple(_idx(dev) for _ in range(4)))
     consts = _constant_map(gm, buffers)
     return TracedMod("mask", gm, buffers, consts, [], {}, {}, getattr(mask_mod, "__name__", "mask_mod"))
 
@@ -145,7 +151,8 @@ def _as_float(x, like):
 
 def trace_score_mod(score_mod: Callable, want_second_order: bool = False) -> TracedMod:
     buffers = captured_tensors(score_mod)
-    args = (torch.zeros((1,), dtype=torch.float32), _idx(), _idx(), _idx(), _idx())
+    dev = _trace_device(buffers)
+    args = (torch.zeros((1,), dtype=torch.float32, device=dev), *(_idx(dev) for _ in range(4)))
     gm = _trace(lambda s, b, h, q, kv: _as_float(score_mod(s, b, h, q, kv), s), args)
     consts = _constant_map(gm, buffers)
 
@@ -158,7 +165,7 @@ def trace_score_mod(score_mod: Callable, want_second_order: bool = False) -> Tra
                 loads.append(Load(node.name, consts[src.target]))
     derivative, deriv_consts = {}, {}
     for which in (("bwd", "dbwd") if want_second_order else ("bwd",)):
-        dg = _trace_derivatives(gm, loads, second=(which == "dbwd"))
+        dg = _trace_derivatives(gm, loads, second=(which == "dbwd"), device=dev)
         derivative[which] = dg
         deriv_consts[which] = _constant_map(dg, buffers)
     return TracedMod("score", gm, buffers, consts, loads, derivative, deriv_consts,
@@ -178,7 +185,8 @@ class _LeafInterpreter(torch.fx.Interpreter):
         return super().run_node(n)
 
 
-def _trace_derivatives(gm: torch.fx.GraphModule, loads: list[Load], second: bool) -> torch.fx.GraphModule:
+def _trace_derivatives(gm: torch.fx.GraphModule, loads: list[Load], second: bool,
+                       device="cpu") -> torch.fx.GraphModule:
     names = [ld.node_name for ld in loads]
 
     def derivs(s, b, h, q, kv, *leaves):
@@ -200,5 +208,5 @@ def _trace_derivatives(gm: torch.fx.GraphModule, loads: list[Load], second: bool
                 outs += sec  # d2f/ds2, then d2f/(ds dc_k)
         return tuple(outs)
 
-    leaves = [torch.zeros((1,), dtype=torch.float32) for _ in loads]
-    return _trace(derivs, (torch.zeros((1,), dtype=torch.float32), _idx(), _idx(), _idx(), _idx(), *leaves))
+    f32 = lambda: torch.zeros((1,), dtype=torch.float32, device=device)  # noqa: E731
+    return _trace(derivs, (f32(), *(_idx(device) for _ in range(4)), *(f32() for _ in loads)))

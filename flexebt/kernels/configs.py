@@ -32,8 +32,31 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def flex_config(pass_name: str, head_dim: int, sparse_q: int, sparse_kv: int) -> TileConfig:
-    """Tiles for ``fwd`` / ``dq`` / ``dkdv`` of the single-stream family."""
+# kernel_options keys that override a pass's tiles (torch flex_attention's names where it has them)
+TILE_KEYS = {"fwd": ("BLOCK_M", "BLOCK_N"), "dq": ("BLOCK_M2", "BLOCK_N2"), "dkdv": ("BLOCK_M1", "BLOCK_N1")}
+
+
+def flex_config(pass_name: str, head_dim: int, sparse_q: int, sparse_kv: int, options=None) -> TileConfig:
+    """Tiles for ``fwd`` / ``dq`` / ``dkdv`` of the single-stream family.
+
+    ``options`` (the call's kernel_options) may set the tiles (``BLOCK_M``/``BLOCK_N`` forward,
+    ``BLOCK_M2``/``BLOCK_N2`` dq, ``BLOCK_M1``/``BLOCK_N1`` dk/dv) and ``num_warps`` /
+    ``num_stages`` (all passes) or ``<pass>_num_warps`` / ``<pass>_num_stages``.
+    """
+    cfg = _default_flex_config(pass_name, head_dim, sparse_q, sparse_kv)
+    options = options or {}
+    km, kn = TILE_KEYS[pass_name]
+    m, n = options.get(km, cfg.BLOCK_M), options.get(kn, cfg.BLOCK_N)
+    for key, tile, sparse in ((km, m, sparse_q), (kn, n, sparse_kv)):
+        if tile < MIN_TILE or tile & (tile - 1) or sparse % tile:
+            raise ValueError(f"kernel_options[{key!r}] = {tile} must be a power of two >= {MIN_TILE} dividing the "
+                             f"block mask's block size {sparse}.")
+    warps = options.get(f"{pass_name}_num_warps", options.get("num_warps", cfg.num_warps))
+    stages = options.get(f"{pass_name}_num_stages", options.get("num_stages", cfg.num_stages))
+    return TileConfig(m, n, warps, stages)
+
+
+def _default_flex_config(pass_name: str, head_dim: int, sparse_q: int, sparse_kv: int) -> TileConfig:
     if interpreting():  # tiny tiles keep the interpreter fast
         return TileConfig(MIN_TILE, MIN_TILE, 4, 1)
     big = head_dim > 128

@@ -92,26 +92,32 @@ def _precision(dtype) -> dict:
                 UPCAST=dtype == torch.bfloat16 and interpreting())
 
 
+def _even(Sq: int, Skv: int, tables: BlockTables) -> bool:
+    """No tile of any pass runs past the end: lengths are multiples of the sparse blocks."""
+    return Sq % tables.sparse_q == 0 and Skv % tables.sparse_kv == 0
+
+
 def flex_forward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, scale: float, tables: BlockTables,
-                 buffers: list[Tensor]) -> tuple[Tensor, Tensor]:
+                 buffers: list[Tensor], options: Optional[dict] = None) -> tuple[Tensor, Tensor]:
     B, H, Sq, D = q.shape
     Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
     out = torch.empty(B, H, Sq, DV, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
-    cfg = flex_config("fwd", max(D, DV), tables.sparse_q, tables.sparse_kv)
+    cfg = flex_config("fwd", max(D, DV), tables.sparse_q, tables.sparse_kv, options)
     grid = (triton_cdiv(Sq, cfg.BLOCK_M), B * H)
     kern.module.flex_fwd[grid](
         q, k, v, out, lse, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx,
         H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
         tables.full_kv_idx.shape[-1], scale, *_buffer_args(buffers, {}),
         D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-        SPARSE_Q=tables.sparse_q, SPARSE_KV=tables.sparse_kv, HAS_FULL=tables.has_full, **_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        SPARSE_Q=tables.sparse_q, SPARSE_KV=tables.sparse_kv, HAS_FULL=tables.has_full, EVEN=_even(Sq, Skv, tables),
+        **_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse
 
 
 def flex_backward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
-                  dlse: Optional[Tensor], scale: float, tables: BlockTables, buffers: list[Tensor]):
+                  dlse: Optional[Tensor], scale: float, tables: BlockTables, buffers: list[Tensor],
+                  options: Optional[dict] = None):
     """dq, dk, dv and the captured tensors' gradients (None where not accumulated)."""
     B, H, Sq, D = q.shape
     Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
@@ -127,14 +133,15 @@ def flex_backward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     gbufs = {slot: torch.zeros(buffers[slot].shape, dtype=torch.float32, device=q.device) for slot in kern.grad_slots}
     bargs = _buffer_args(buffers, gbufs)
     common = dict(D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), SPARSE_Q=tables.sparse_q,
-                  SPARSE_KV=tables.sparse_kv, HAS_FULL=tables.has_full, **_precision(q.dtype))
-    cfg = flex_config("dq", max(D, DV), tables.sparse_q, tables.sparse_kv)
+                  SPARSE_KV=tables.sparse_kv, HAS_FULL=tables.has_full, EVEN=_even(Sq, Skv, tables),
+                  **_precision(q.dtype))
+    cfg = flex_config("dq", max(D, DV), tables.sparse_q, tables.sparse_kv, options)
     kern.module.flex_bwd_dq[(triton_cdiv(Sq, cfg.BLOCK_M), B * H)](
         q, k, v, dout, lse, delta, dq, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx,
         H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
         tables.full_kv_idx.shape[-1], scale, *bargs, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
-    cfg = flex_config("dkdv", max(D, DV), tables.sparse_q, tables.sparse_kv)
+    cfg = flex_config("dkdv", max(D, DV), tables.sparse_q, tables.sparse_kv, options)
     kern.module.flex_bwd_dkdv[(triton_cdiv(Skv, cfg.BLOCK_N), B * Hkv)](
         q, k, v, dout, lse, delta, dk, dv, tables.q_num, tables.q_idx, tables.full_q_num, tables.full_q_idx,
         H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.q_num.shape[-1], tables.q_idx.shape[-1],

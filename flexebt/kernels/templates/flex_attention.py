@@ -36,28 +36,36 @@ def _mm(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(ptr, rows, n_rows, ncols: tl.constexpr, BLOCK_C: tl.constexpr, EVEN: tl.constexpr):
+    """Rows ``rows`` of a contiguous [n_rows, ncols] matrix as a [len(rows), BLOCK_C] tile (0-padded)."""
+    cols = tl.arange(0, BLOCK_C)
+    if EVEN and ncols == BLOCK_C:
+        return tl.load(ptr + rows[:, None] * ncols + cols[None, :])
+    return tl.load(ptr + rows[:, None] * ncols + cols[None, :],
+                   mask=(rows[:, None] < n_rows) & (cols[None, :] < ncols), other=0.0)
+
+
+@triton.jit
 def _fwd_tile(acc, l_i, m_i, q, K, V, kv_head_base, v_head_base, start_n, offs_m, off_b, off_h, Sq, Skv, scale,
               __BUFFERS__
               D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
+              IEEE: tl.constexpr, UPCAST: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    kT = tl.load(K + kv_head_base + offs_n[None, :] * D + offs_d[:, None],
-                 mask=(offs_n[None, :] < Skv) & (offs_d[:, None] < D), other=0.0)
-    v = tl.load(V + v_head_base + offs_n[:, None] * DV + offs_dv[None, :],
-                mask=(offs_n[:, None] < Skv) & (offs_dv[None, :] < DV), other=0.0)
-    s = _mm(q, kT, IEEE, UPCAST) * scale
+    k = _load_rows(K + kv_head_base, offs_n, Skv, D, BLOCK_D, EVEN)
+    v = _load_rows(V + v_head_base, offs_n, Skv, DV, BLOCK_DV, EVEN)
+    s = _mm(q, tl.trans(k), IEEE, UPCAST) * scale
     q_idx = offs_m[:, None]
     kv_idx = offs_n[None, :]
     VALID = (q_idx < Sq) & (kv_idx < Skv)
     ZERO = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     # @SCORE_FWD
-    keep = VALID
-    if not IS_FULL:
+    if IS_FULL:
+        if not EVEN:
+            t = tl.where(VALID, t, float("-inf"))
+    else:
         # @MASK
-        keep = keep & mask_keep
-    t = tl.where(keep, t, float("-inf"))
+        t = tl.where(VALID & mask_keep, t, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(t, 1))
     # A row with nothing kept yet has m = -inf: shift by 0 instead, so exp() gives 0, not NaN.
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -69,115 +77,97 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, kv_head_base, v_head_base, start_n, offs_m
 
 
 @triton.jit
+def _row_table(NUM, IDX, FULL_NUM, FULL_IDX, off_b, off_h, block, MB, MH, N_ROWS, N_LIST, N_LIST_FULL,
+               HAS_FULL: tl.constexpr):
+    """Where one row of the block tables starts, and its partial and full block counts.  A table
+    built with B/H = None has MB/MH = 1 and is shared by all batches/heads (x % 1 == 0)."""
+    row = ((off_b % MB) * MH + (off_h % MH)) * N_ROWS + block
+    n_partial = tl.load(NUM + row)
+    n_full = 0
+    if HAS_FULL:
+        n_full = tl.load(FULL_NUM + row)
+    return row * N_LIST, row * N_LIST_FULL, n_partial, n_full
+
+
+@triton.jit
 def flex_fwd(Q, K, V, O, LSE, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
              H, Hkv, Sq, Skv, MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, scale,
              __BUFFERS__
              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
-             HAS_FULL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+             HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = pid_bh // H
     off_h = pid_bh % H
     off_hk = off_h // (H // Hkv)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q_base = (off_b * H + off_h).to(tl.int64) * Sq * D
-    q = tl.load(Q + q_base + offs_m[:, None] * D + offs_d[None, :],
-                mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < D), other=0.0)
+    qh = (off_b * H + off_h).to(tl.int64)
+    q = _load_rows(Q + qh * Sq * D, offs_m, Sq, D, BLOCK_D, EVEN)
     kv_head_base = (off_b * Hkv + off_hk).to(tl.int64) * Skv * D
     v_head_base = (off_b * Hkv + off_hk).to(tl.int64) * Skv * DV
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-
-    # Row of the block tables: batch/head broadcast when the mask was built with B/H = None.
-    row = ((off_b % MB) * MH + (off_h % MH)) * NQ_BLOCKS + (pid_m * BLOCK_M) // SPARSE_Q
-    n_partial = tl.load(KV_NUM + row)
+    base, base_full, n_partial, n_full = _row_table(KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, off_b, off_h,
+                                                    (pid_m * BLOCK_M) // SPARSE_Q, MB, MH, NQ_BLOCKS, NKV_LIST,
+                                                    NKV_LIST_FULL, HAS_FULL)
     for i in range(n_partial):
-        kv_block = tl.load(KV_IDX + row * NKV_LIST + i)
+        kv_block = tl.load(KV_IDX + base + i)
         for j in range(SPARSE_KV // BLOCK_N):
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, kv_head_base, v_head_base,
                                       kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale,
                                       __BUFFERS__
-                                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, IEEE, UPCAST)
-    if HAS_FULL:
-        n_full = tl.load(FULL_NUM + row)
-        for i in range(n_full):
-            kv_block = tl.load(FULL_IDX + row * NKV_LIST_FULL + i)
-            for j in range(SPARSE_KV // BLOCK_N):
-                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, kv_head_base, v_head_base,
-                                          kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv,
-                                          scale, __BUFFERS__
-                                          D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, IEEE, UPCAST)
+                                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, EVEN, IEEE, UPCAST)
+    for i in range(n_full):
+        kv_block = tl.load(FULL_IDX + base_full + i)
+        for j in range(SPARSE_KV // BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, kv_head_base, v_head_base,
+                                      kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale,
+                                      __BUFFERS__
+                                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, EVEN, IEEE, UPCAST)
 
     # A query that kept nothing: output 0 and lse = -inf (never NaN).
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
-    o_base = (off_b * H + off_h).to(tl.int64) * Sq * DV
-    tl.store(O + o_base + offs_m[:, None] * DV + offs_dv[None, :], out.to(O.dtype.element_ty),
+    offs_dv = tl.arange(0, BLOCK_DV)
+    tl.store(O + qh * Sq * DV + offs_m[:, None] * DV + offs_dv[None, :], out.to(O.dtype.element_ty),
              mask=(offs_m[:, None] < Sq) & (offs_dv[None, :] < DV))
-    tl.store(LSE + (off_b * H + off_h).to(tl.int64) * Sq + offs_m, lse, mask=offs_m < Sq)
+    tl.store(LSE + qh * Sq + offs_m, lse, mask=offs_m < Sq)
 
 
 # Backward, given dO (do_i), O and L.  With D_i = do_i.o_i (computed before the launch):
 #   dP_ij = do_i.v_j,  dt_ij = P_ij (dP_ij - D_i),  ds_ij = dt_ij f'(s_ij),
 #   dq_i = scale sum_j ds_ij k_j,  dk_j = scale sum_i ds_ij q_i,  dv_j = sum_i P_ij do_i,
-#   and a captured tensor c read as c_k at one index gets dt_ij df/dc_k there.
+#   and a captured tensor c read as c_k at one index gets dt_ij df/dc_k there (the dq pass does it).
 @triton.jit
-def _bwd_tile_scores(q, kT, offs_m, offs_n, lse, off_b, off_h, Sq, Skv, scale,
-                     __BUFFERS__
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    # Recompute s, t = f(s), P and f'(s) of one tile (the dk/dv pass; the dq pass inlines the
-    # same steps because it also scatters the captured-tensor gradients).
-    s = _mm(q, kT, IEEE, UPCAST) * scale
-    q_idx = offs_m[:, None]
-    kv_idx = offs_n[None, :]
-    VALID = (q_idx < Sq) & (kv_idx < Skv)
-    ZERO = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-    # @SCORE_BWD
-    keep = VALID
-    if not IS_FULL:
-        # @MASK
-        keep = keep & mask_keep
-    # lse = -inf marks a row with nothing kept; shifting by 0 keeps exp() finite there.
-    lse_shift = tl.where(lse == float("-inf"), 0.0, lse)
-    p = tl.where(keep, tl.exp(t - lse_shift[:, None]), 0.0)
-    return p, dtds, keep
-
-
-@triton.jit
-def _dq_tile(dq, q, do, lse, delta, K, V, kv_head_base, v_head_base, start_n, offs_m, off_b, off_h, Sq, Skv, scale,
-             __BUFFERS__
+def _dq_tile(dq, q, do, lse_shift, delta, K, V, kv_head_base, v_head_base, start_n, offs_m, off_b, off_h, Sq, Skv,
+             scale, __BUFFERS__
              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
+             IEEE: tl.constexpr, UPCAST: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    kT = tl.load(K + kv_head_base + offs_n[None, :] * D + offs_d[:, None],
-                 mask=(offs_n[None, :] < Skv) & (offs_d[:, None] < D), other=0.0)
-    vT = tl.load(V + v_head_base + offs_n[None, :] * DV + offs_dv[:, None],
-                 mask=(offs_n[None, :] < Skv) & (offs_dv[:, None] < DV), other=0.0)
-    s = _mm(q, kT, IEEE, UPCAST) * scale
+    k = _load_rows(K + kv_head_base, offs_n, Skv, D, BLOCK_D, EVEN)
+    v = _load_rows(V + v_head_base, offs_n, Skv, DV, BLOCK_DV, EVEN)
+    s = _mm(q, tl.trans(k), IEEE, UPCAST) * scale
     q_idx = offs_m[:, None]
     kv_idx = offs_n[None, :]
     VALID = (q_idx < Sq) & (kv_idx < Skv)
     ZERO = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     # @SCORE_BWD
-    keep = VALID
-    if not IS_FULL:
+    if IS_FULL:
+        keep = VALID
+    else:
         # @MASK
-        keep = keep & mask_keep
-    lse_shift = tl.where(lse == float("-inf"), 0.0, lse)
+        keep = VALID & mask_keep
     p = tl.where(keep, tl.exp(t - lse_shift[:, None]), 0.0)
-    dp = _mm(do, vT, IEEE, UPCAST)
+    dp = _mm(do, tl.trans(v), IEEE, UPCAST)
     dt = p * (dp - delta[:, None])
     # @CAPTURED_GRAD
     ds = tl.where(keep, dt * dtds, 0.0)
-    dq += _mm(ds.to(kT.dtype), tl.trans(kT), IEEE, UPCAST)
+    dq += _mm(ds.to(k.dtype), k, IEEE, UPCAST)
     return dq
 
 
@@ -187,71 +177,77 @@ def flex_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
                 __BUFFERS__
                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
-                HAS_FULL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = pid_bh // H
     off_h = pid_bh % H
     off_hk = off_h // (H // Hkv)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < Sq
     qh = (off_b * H + off_h).to(tl.int64)
-    q = tl.load(Q + qh * Sq * D + offs_m[:, None] * D + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + qh * Sq * DV + offs_m[:, None] * DV + offs_dv[None, :],
-                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    q = _load_rows(Q + qh * Sq * D, offs_m, Sq, D, BLOCK_D, EVEN)
+    do = _load_rows(DO + qh * Sq * DV, offs_m, Sq, DV, BLOCK_DV, EVEN)
     lse = tl.load(LSE + qh * Sq + offs_m, mask=row_ok, other=float("-inf"))
+    # lse = -inf marks a row with nothing kept; shifting by 0 keeps exp() finite there.
+    lse_shift = tl.where(lse == float("-inf"), 0.0, lse)
     delta = tl.load(DELTA + qh * Sq + offs_m, mask=row_ok, other=0.0)
     kv_head_base = (off_b * Hkv + off_hk).to(tl.int64) * Skv * D
     v_head_base = (off_b * Hkv + off_hk).to(tl.int64) * Skv * DV
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-    row = ((off_b % MB) * MH + (off_h % MH)) * NQ_BLOCKS + (pid_m * BLOCK_M) // SPARSE_Q
-    n_partial = tl.load(KV_NUM + row)
+    base, base_full, n_partial, n_full = _row_table(KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, off_b, off_h,
+                                                    (pid_m * BLOCK_M) // SPARSE_Q, MB, MH, NQ_BLOCKS, NKV_LIST,
+                                                    NKV_LIST_FULL, HAS_FULL)
     for i in range(n_partial):
-        kv_block = tl.load(KV_IDX + row * NKV_LIST + i)
+        kv_block = tl.load(KV_IDX + base + i)
         for j in range(SPARSE_KV // BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse, delta, K, V, kv_head_base, v_head_base,
+            dq = _dq_tile(dq, q, do, lse_shift, delta, K, V, kv_head_base, v_head_base,
                           kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale,
                           __BUFFERS__
-                          D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, IEEE, UPCAST)
-    if HAS_FULL:
-        n_full = tl.load(FULL_NUM + row)
-        for i in range(n_full):
-            kv_block = tl.load(FULL_IDX + row * NKV_LIST_FULL + i)
-            for j in range(SPARSE_KV // BLOCK_N):
-                dq = _dq_tile(dq, q, do, lse, delta, K, V, kv_head_base, v_head_base,
-                              kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale,
-                              __BUFFERS__
-                              D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, IEEE, UPCAST)
+                          D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, EVEN, IEEE, UPCAST)
+    for i in range(n_full):
+        kv_block = tl.load(FULL_IDX + base_full + i)
+        for j in range(SPARSE_KV // BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse_shift, delta, K, V, kv_head_base, v_head_base,
+                          kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale,
+                          __BUFFERS__
+                          D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, EVEN, IEEE, UPCAST)
+    offs_d = tl.arange(0, BLOCK_D)
     tl.store(DQ + qh * Sq * D + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, kT, vT, Q, DO, LSE, DELTA, qh, start_m, offs_n, off_b, off_h, Sq, Skv, scale,
+def _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, qh, start_m, offs_n, off_b, off_h, Sq, Skv, scale,
                __BUFFERS__
                D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
+               IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """Transposed orientation: tiles are [BLOCK_N keys, BLOCK_M queries], so P^T and dS^T come
+    out of the products directly (the mod code is elementwise; only q_idx / kv_idx swap axes)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < Sq
-    q = tl.load(Q + qh * Sq * D + offs_m[:, None] * D + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + qh * Sq * DV + offs_m[:, None] * DV + offs_dv[None, :],
-                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    q = _load_rows(Q + qh * Sq * D, offs_m, Sq, D, BLOCK_D, EVEN)
+    do = _load_rows(DO + qh * Sq * DV, offs_m, Sq, DV, BLOCK_DV, EVEN)
     lse = tl.load(LSE + qh * Sq + offs_m, mask=row_ok, other=float("-inf"))
+    lse_shift = tl.where(lse == float("-inf"), 0.0, lse)
     delta = tl.load(DELTA + qh * Sq + offs_m, mask=row_ok, other=0.0)
-    p, dtds, keep = _bwd_tile_scores(q, kT, offs_m, offs_n, lse, off_b, off_h, Sq, Skv, scale,
-                                     __BUFFERS__
-                                     BLOCK_M, BLOCK_N, IS_FULL, IEEE, UPCAST)
-    dp = _mm(do, vT, IEEE, UPCAST)
-    dv += _mm(tl.trans(p.to(do.dtype)), do, IEEE, UPCAST)
-    ds = tl.where(keep, p * (dp - delta[:, None]) * dtds, 0.0)
-    dk += _mm(tl.trans(ds.to(q.dtype)), q, IEEE, UPCAST)
+    s = _mm(k, tl.trans(q), IEEE, UPCAST) * scale
+    q_idx = offs_m[None, :]
+    kv_idx = offs_n[:, None]
+    VALID = (q_idx < Sq) & (kv_idx < Skv)
+    ZERO = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
+    # @SCORE_BWD
+    if IS_FULL:
+        keep = VALID
+    else:
+        # @MASK
+        keep = VALID & mask_keep
+    pT = tl.where(keep, tl.exp(t - lse_shift[None, :]), 0.0)
+    dv += _mm(pT.to(do.dtype), do, IEEE, UPCAST)
+    dpT = _mm(v, tl.trans(do), IEEE, UPCAST)
+    dsT = tl.where(keep, pT * (dpT - delta[None, :]) * dtds, 0.0)
+    dk += _mm(dsT.to(q.dtype), q, IEEE, UPCAST)
     return dk, dv
 
 
@@ -261,7 +257,7 @@ def flex_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, Q_NUM, Q_IDX, FULL_Q_NUM,
                   __BUFFERS__
                   D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
-                  HAS_FULL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                  HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """One program per (kv tile, batch, kv head); loops over the query heads of its GQA group
     and the query blocks the transposed block tables list for its kv block."""
     pid_n = tl.program_id(0)
@@ -269,38 +265,35 @@ def flex_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, Q_NUM, Q_IDX, FULL_Q_NUM,
     off_b = pid_bh // Hkv
     off_hk = pid_bh % Hkv
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     col_ok = offs_n < Skv
     kvh = (off_b * Hkv + off_hk).to(tl.int64)
-    kT = tl.load(K + kvh * Skv * D + offs_n[None, :] * D + offs_d[:, None],
-                 mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)
-    vT = tl.load(V + kvh * Skv * DV + offs_n[None, :] * DV + offs_dv[:, None],
-                 mask=col_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+    k = _load_rows(K + kvh * Skv * D, offs_n, Skv, D, BLOCK_D, EVEN)
+    v = _load_rows(V + kvh * Skv * DV, offs_n, Skv, DV, BLOCK_DV, EVEN)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     group = H // Hkv
     for g in range(group):
         off_h = off_hk * group + g
         qh = (off_b * H + off_h).to(tl.int64)
-        col = ((off_b % MB) * MH + (off_h % MH)) * NKV_BLOCKS + (pid_n * BLOCK_N) // SPARSE_KV
-        n_partial = tl.load(Q_NUM + col)
+        base, base_full, n_partial, n_full = _row_table(Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX, off_b, off_h,
+                                                        (pid_n * BLOCK_N) // SPARSE_KV, MB, MH, NKV_BLOCKS, NQ_LIST,
+                                                        NQ_LIST_FULL, HAS_FULL)
         for i in range(n_partial):
-            q_block = tl.load(Q_IDX + col * NQ_LIST + i)
+            q_block = tl.load(Q_IDX + base + i)
             for j in range(SPARSE_Q // BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, kT, vT, Q, DO, LSE, DELTA, qh, q_block * SPARSE_Q + j * BLOCK_M,
+                dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, qh, q_block * SPARSE_Q + j * BLOCK_M,
                                     offs_n, off_b, off_h, Sq, Skv, scale,
                                     __BUFFERS__
-                                    D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, IEEE, UPCAST)
-        if HAS_FULL:
-            n_full = tl.load(FULL_Q_NUM + col)
-            for i in range(n_full):
-                q_block = tl.load(FULL_Q_IDX + col * NQ_LIST_FULL + i)
-                for j in range(SPARSE_Q // BLOCK_M):
-                    dk, dv = _dkdv_tile(dk, dv, kT, vT, Q, DO, LSE, DELTA, qh, q_block * SPARSE_Q + j * BLOCK_M,
-                                        offs_n, off_b, off_h, Sq, Skv, scale,
-                                        __BUFFERS__
-                                        D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, IEEE, UPCAST)
+                                    D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, EVEN, IEEE, UPCAST)
+        for i in range(n_full):
+            q_block = tl.load(FULL_Q_IDX + base_full + i)
+            for j in range(SPARSE_Q // BLOCK_M):
+                dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, qh, q_block * SPARSE_Q + j * BLOCK_M,
+                                    offs_n, off_b, off_h, Sq, Skv, scale,
+                                    __BUFFERS__
+                                    D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, EVEN, IEEE, UPCAST)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
     tl.store(DK + kvh * Skv * D + offs_n[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
              mask=col_ok[:, None] & (offs_d[None, :] < D))
     tl.store(DV_OUT + kvh * Skv * DV + offs_n[:, None] * DV + offs_dv[None, :], dv.to(DV_OUT.dtype.element_ty),

@@ -1,0 +1,87 @@
+"""Sweep tile configurations of the single-stream kernels, pass by pass (GPU).
+
+    python benchmarks/tune.py --dims 64,128 --S 4096 --variant causal
+
+Prints, per head dim: each config's median ms for fwd, dq and dk/dv separately, and torch's
+compiled flex_attention fwd and fwd+bwd for reference.  Used to choose the defaults in
+flexebt/kernels/configs.py; the numbers chosen are recorded in docs/design.md.
+"""
+
+import argparse
+import itertools
+import os
+import sys
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import flexebt  # noqa: E402
+from flexebt.codegen.source import get_kernels  # noqa: E402
+from flexebt.kernels.flex import flex_backward, flex_forward, tables_from_block_mask  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import b2_variant  # noqa: E402
+
+FWD = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4), (128, 32, 4, 3),
+       (64, 32, 4, 4), (128, 128, 8, 2)]
+DQ = [(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (128, 32, 4, 3), (64, 32, 4, 3), (128, 128, 8, 2),
+      (128, 64, 4, 3)]
+DKDV = [(32, 64, 4, 3), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3),
+        (32, 128, 8, 2), (64, 64, 8, 3)]
+
+
+def main():
+    import triton.testing
+    from torch.nn.attention.flex_attention import flex_attention as torch_flex
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--dims", default="64,128")
+    p.add_argument("--S", type=int, default=4096)
+    p.add_argument("--B", type=int, default=2)
+    p.add_argument("--H", type=int, default=16)
+    p.add_argument("--variant", default="causal")
+    a = p.parse_args()
+    bench = lambda f: triton.testing.do_bench(f, warmup=20, rep=60, return_mode="median")  # noqa: E731
+    compiled = torch.compile(torch_flex, dynamic=False)
+    for D in [int(x) for x in a.dims.split(",")]:
+        S, B, H = a.S, a.B, a.H
+        sm, mm = b2_variant(a.variant, H, S, "cuda")
+        bm = flexebt.create_block_mask(mm, None, None, S, S, device="cuda")
+        q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        tables = tables_from_block_mask(bm, S, S, "cuda")
+        kern = get_kernels("flex_attention", sm, tables.mask_mod)
+        bufs = kern.buffers(sm, tables.mask_mod)
+        scale = D ** -0.5
+        out, lse = flex_forward(kern, q, k, v, scale, tables, bufs)
+        do = torch.randn_like(out)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+            t_fwd = bench(lambda: compiled(q, k, v, score_mod=sm, block_mask=bm))
+            t_all = bench(lambda: torch.autograd.grad(compiled(qg, kg, vg, score_mod=sm, block_mask=bm), [qg, kg, vg],
+                                                      do))
+        print(f"D={D} S={S} {a.variant}: torch flex compiled fwd {t_fwd:.3f} ms, fwd+bwd {t_all:.3f} ms "
+              f"(bwd {t_all - t_fwd:.3f})", flush=True)
+        for m, n, w, st in FWD:
+            opts = dict(BLOCK_M=m, BLOCK_N=n, fwd_num_warps=w, fwd_num_stages=st)
+            try:
+                t = bench(lambda: flex_forward(kern, q, k, v, scale, tables, bufs, opts))
+                print(f"  fwd  M{m:<4}N{n:<4}w{w} s{st}: {t:.3f} ms", flush=True)
+            except Exception as e:  # out of resources etc.
+                print(f"  fwd  M{m:<4}N{n:<4}w{w} s{st}: failed {type(e).__name__}", flush=True)
+        for which, table in (("dq", DQ), ("dkdv", DKDV)):
+            for m, n, w, st in table:
+                if which == "dq":
+                    opts = dict(BLOCK_M2=m, BLOCK_N2=n, dq_num_warps=w, dq_num_stages=st)
+                else:
+                    opts = dict(BLOCK_M1=m, BLOCK_N1=n, dkdv_num_warps=w, dkdv_num_stages=st)
+                try:
+                    t = bench(lambda: flex_backward(kern, q, k, v, out, lse, do, None, scale, tables, bufs, opts))
+                    print(f"  bwd({which} varied) M{m:<4}N{n:<4}w{w} s{st}: {t:.3f} ms", flush=True)
+                except Exception as e:
+                    print(f"  bwd({which} varied) M{m:<4}N{n:<4}w{w} s{st}: failed {type(e).__name__}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
