@@ -5,10 +5,10 @@ The emitted lines run inside a kernel tile, where these names exist:
     s        fp32 [BLOCK_M, BLOCK_N]   the scaled score (score mods only)
     off_b    int32 scalar              batch index
     off_h    int32 scalar              query head index
-    q_idx    int32 [BLOCK_M, 1]        query position (frame position for EBT streams)
-    kv_idx   int32 [1, BLOCK_N]        key position
-    VALID    bool  [BLOCK_M, BLOCK_N]  the tile positions inside the tensors (guards loads)
-    ZERO     int32 [BLOCK_M, BLOCK_N]  zeros, to broadcast load offsets to the tile
+    q_idx    int32 [BLOCK_M, 1]        query position, clamped into [0, Sq) (frame position for EBT)
+    kv_idx   int32 [1, BLOCK_N]        key position, clamped into [0, Skv)
+    VALID    bool  [BLOCK_M, BLOCK_N]  the tile positions inside the tensors
+    ZERO     int32 [BLOCK_M, BLOCK_N]  zeros, to broadcast a value to the tile
     BUF{k}, BUF{k}_S{d}                pointer and strides of captured tensor k
     GBUF{k}                            fp32 gradient buffer of captured tensor k
 
@@ -224,11 +224,13 @@ class Emitter:
         if len(idx) != tensor.dim():
             raise NotImplementedError(f"flexebt codegen: captured tensor of {tensor.dim()} dims indexed with "
                                       f"{len(idx)} indices; give one index per dimension")
+        # Offsets keep their natural shape (doc_id[q_idx] is [BLOCK_M, 1]); q_idx / kv_idx are
+        # clamped into range by the templates, so every load is in bounds without a mask.
         off = " + ".join(f"({self._a(i, env)}) * BUF{k}_S{d}" for d, i in enumerate(idx))
         off_var = f"{self._var(node)}_off"
-        self.lines.append(f"{off_var} = {off} + ZERO")
+        self.lines.append(f"{off_var} = {off}")
         self.load_offsets[node.name] = off_var
-        load = f"tl.load(BUF{k} + {off_var}, mask=VALID, other=0)"
+        load = f"tl.load(BUF{k} + {off_var})"
         if tensor.is_floating_point():
             load += ".to(tl.float32)"
         return load

@@ -125,26 +125,27 @@ def _build(template: str, score_mod, mask_mod, second_order: bool) -> ModKernels
     if score is not None:
         em = Emitter("sm_", [b.tensor.dtype for b in buffers], score.name)
         (out,) = em.emit(score.graph, ["s", "off_b", "off_h", "q_idx", "kv_idx"], score.constants)
-        blocks["SCORE_FWD"] = em.lines + [f"t = {out}"]
+        blocks["SCORE_FWD"] = ["s = s_raw * scale"] + em.lines + [f"t2 = ({out}) * LOG2E"]
         # Backward: t, f'(s) and df/dc_k for the floating loads c_k.
         em = Emitter("sb_", [b.tensor.dtype for b in buffers], score.name)
         (t_out,) = em.emit(score.graph, ["s", "off_b", "off_h", "q_idx", "kv_idx"], score.constants)
         load_vals = [f"sb_{ld.node_name}" for ld in score.loads]
         outs = em.emit(score.derivative["bwd"], ["s", "off_b", "off_h", "q_idx", "kv_idx"] + load_vals,
                        score.deriv_constants["bwd"])
-        blocks["SCORE_BWD"] = em.lines + [f"t = {t_out}", f"dtds = {outs[1]}"]
+        blocks["SCORE_BWD"] = ["s = s_raw * scale"] + em.lines + [f"t2 = ({t_out}) * LOG2E", f"dtds = {outs[1]}"]
         grad_lines = []
         for k, ld in enumerate(score.loads):
             if buffers[ld.buffer].tensor.requires_grad:
                 off = em.load_offsets[ld.node_name]
-                grad_lines.append(f"tl.atomic_add(GBUF{ld.buffer} + {off}, tl.where(keep, dt * ({outs[2 + k]}), 0.0), "
-                                  f"mask=keep)")
+                grad_lines.append(f"tl.atomic_add(GBUF{ld.buffer} + ({off} + ZERO), "
+                                  f"tl.where(keep, dt * ({outs[2 + k]}), 0.0), mask=keep)")
                 if ld.buffer not in grad_slots:
                     grad_slots.append(ld.buffer)
         blocks["CAPTURED_GRAD"] = grad_lines or ["pass"]
     else:
-        blocks["SCORE_FWD"] = ["t = s"]
-        blocks["SCORE_BWD"] = ["t = s", "dtds = 1.0"]
+        # No score_mod: fold scale and log2(e) into one multiply.
+        blocks["SCORE_FWD"] = ["t2 = s_raw * (scale * LOG2E)"]
+        blocks["SCORE_BWD"] = ["t2 = s_raw * (scale * LOG2E)", "dtds = 1.0"]
         blocks["CAPTURED_GRAD"] = ["pass"]
     if mask is not None:
         em = Emitter("mm_", [b.tensor.dtype for b in buffers], mask.name)

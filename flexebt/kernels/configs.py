@@ -59,11 +59,12 @@ def flex_config(pass_name: str, head_dim: int, sparse_q: int, sparse_kv: int, op
 def _default_flex_config(pass_name: str, head_dim: int, sparse_q: int, sparse_kv: int) -> TileConfig:
     if interpreting():  # tiny tiles keep the interpreter fast
         return TileConfig(MIN_TILE, MIN_TILE, 4, 1)
-    big = head_dim > 128
-    if pass_name == "fwd":
-        m, n, warps = (64, 32, 4) if big else (128, 64, 8 if head_dim > 64 else 4)
-    elif pass_name == "dq":
-        m, n, warps = (32, 32, 4) if big else (64, 64, 4)
-    else:  # dkdv
-        m, n, warps = (32, 32, 4) if big else (32, 64, 4)
-    return TileConfig(_fit(m, sparse_q), _fit(n, sparse_kv), warps, 2 if big else 3)
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim class; measured on an H200, bf16,
+    # S = 4096 (benchmarks/tune.py, results in benchmarks/results/tune_*.txt).
+    table = {
+        "fwd": {64: (128, 64, 4, 3), 128: (128, 128, 8, 2), 256: (64, 32, 4, 2)},
+        "dq": {64: (64, 64, 4, 3), 128: (128, 64, 8, 3), 256: (32, 32, 4, 2)},
+        "dkdv": {64: (32, 128, 4, 3), 128: (32, 64, 4, 3), 256: (32, 32, 4, 2)},
+    }[pass_name]
+    m, n, warps, stages = table[64 if head_dim <= 64 else 128 if head_dim <= 128 else 256]
+    return TileConfig(_fit(m, sparse_q), _fit(n, sparse_kv), warps, stages)

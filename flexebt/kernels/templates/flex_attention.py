@@ -2,8 +2,8 @@
 #
 # This file is a *template*, never imported as is: flexebt.codegen replaces
 #   __BUFFERS__            with the captured-tensor parameters "BUF0, BUF0_S0, ..., GBUF0, "
-#   "# @SCORE_FWD"         with code computing `t = score_mod(s, ...)`
-#   "# @SCORE_BWD"         with code computing `t` and `dtds = d score_mod / d s` (+ captured leaves)
+#   "# @SCORE_FWD"         with code computing `t2 = score_mod(s_raw * scale, ...) * log2(e)`
+#   "# @SCORE_BWD"         the same `t2` and `dtds = d score_mod / d s` (+ the captured leaves)
 #   "# @MASK"              with code computing `mask_keep = mask_mod(...)`
 #   "# @CAPTURED_GRAD"     with atomic adds of `dt * d score_mod / d c_k` into GBUF{k}
 # and writes the result to the kernel cache.  Names the mod code may use: s, off_b, off_h,
@@ -18,9 +18,15 @@
 # Math (one query row i, keys j):  s_ij = scale q_i.k_j,  t_ij = f(s_ij),
 #   P_ij = exp(t_ij - L_i),  L_i = log sum_j exp(t_ij),  o_i = sum_j P_ij v_j.
 # The forward keeps a running max m_i and sum l_i (online softmax) and rescales the
-# accumulator by exp(m_old - m_new) whenever the max grows.
+# accumulator by exp(m_old - m_new) whenever the max grows.  Scores are kept in log2 units
+# (t2 = t log2 e) so every exponential is one exp2; lse is stored in natural log units.
+# Loops run over every tile of every block a table row lists, flat: tile `it` of a row sits in
+# listed block it // MULT at offset (it % MULT) * BLOCK, MULT = SPARSE / BLOCK.
 import triton
 import triton.language as tl
+
+LOG2E: tl.constexpr = 1.4426950408889634
+LN2: tl.constexpr = 0.6931471805599453
 
 
 @triton.jit
@@ -54,23 +60,23 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, kv_head_base, v_head_base, start_n, offs_m
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load_rows(K + kv_head_base, offs_n, Skv, D, BLOCK_D, EVEN)
     v = _load_rows(V + v_head_base, offs_n, Skv, DV, BLOCK_DV, EVEN)
-    s = _mm(q, tl.trans(k), IEEE, UPCAST) * scale
-    q_idx = offs_m[:, None]
-    kv_idx = offs_n[None, :]
-    VALID = (q_idx < Sq) & (kv_idx < Skv)
+    s_raw = _mm(q, tl.trans(k), IEEE, UPCAST)
+    VALID = (offs_m[:, None] < Sq) & (offs_n[None, :] < Skv)
+    q_idx = tl.minimum(offs_m, Sq - 1)[:, None]
+    kv_idx = tl.minimum(offs_n, Skv - 1)[None, :]
     ZERO = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     # @SCORE_FWD
     if IS_FULL:
         if not EVEN:
-            t = tl.where(VALID, t, float("-inf"))
+            t2 = tl.where(VALID, t2, float("-inf"))
     else:
         # @MASK
-        t = tl.where(VALID & mask_keep, t, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(t, 1))
-    # A row with nothing kept yet has m = -inf: shift by 0 instead, so exp() gives 0, not NaN.
+        t2 = tl.where(VALID & mask_keep, t2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(t2, 1))
+    # A row with nothing kept yet has m = -inf: shift by 0 instead, so exp2() gives 0, not NaN.
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m_i - m_shift)
-    p = tl.exp(t - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    p = tl.math.exp2(t2 - m_shift[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, IEEE, UPCAST)
     return acc, l_i, m_new
@@ -113,25 +119,25 @@ def flex_fwd(Q, K, V, O, LSE, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
     base, base_full, n_partial, n_full = _row_table(KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, off_b, off_h,
                                                     (pid_m * BLOCK_M) // SPARSE_Q, MB, MH, NQ_BLOCKS, NKV_LIST,
                                                     NKV_LIST_FULL, HAS_FULL)
-    for i in range(n_partial):
-        kv_block = tl.load(KV_IDX + base + i)
-        for j in range(SPARSE_KV // BLOCK_N):
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, kv_head_base, v_head_base,
-                                      kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale,
-                                      __BUFFERS__
-                                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, EVEN, IEEE, UPCAST)
-    for i in range(n_full):
-        kv_block = tl.load(FULL_IDX + base_full + i)
-        for j in range(SPARSE_KV // BLOCK_N):
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, kv_head_base, v_head_base,
-                                      kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale,
-                                      __BUFFERS__
-                                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, EVEN, IEEE, UPCAST)
+    for it in range(n_partial * (SPARSE_KV // BLOCK_N)):
+        kv_block = tl.load(KV_IDX + base + it // (SPARSE_KV // BLOCK_N))
+        j = it % (SPARSE_KV // BLOCK_N)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, kv_head_base, v_head_base,
+                                  kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale,
+                                  __BUFFERS__
+                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, EVEN, IEEE, UPCAST)
+    for it in range(n_full * (SPARSE_KV // BLOCK_N)):
+        kv_block = tl.load(FULL_IDX + base_full + it // (SPARSE_KV // BLOCK_N))
+        j = it % (SPARSE_KV // BLOCK_N)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, kv_head_base, v_head_base,
+                                  kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale,
+                                  __BUFFERS__
+                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, EVEN, IEEE, UPCAST)
 
     # A query that kept nothing: output 0 and lse = -inf (never NaN).
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
     offs_dv = tl.arange(0, BLOCK_DV)
     tl.store(O + qh * Sq * DV + offs_m[:, None] * DV + offs_dv[None, :], out.to(O.dtype.element_ty),
              mask=(offs_m[:, None] < Sq) & (offs_dv[None, :] < DV))
@@ -143,7 +149,7 @@ def flex_fwd(Q, K, V, O, LSE, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
 #   dq_i = scale sum_j ds_ij k_j,  dk_j = scale sum_i ds_ij q_i,  dv_j = sum_i P_ij do_i,
 #   and a captured tensor c read as c_k at one index gets dt_ij df/dc_k there (the dq pass does it).
 @triton.jit
-def _dq_tile(dq, q, do, lse_shift, delta, K, V, kv_head_base, v_head_base, start_n, offs_m, off_b, off_h, Sq, Skv,
+def _dq_tile(dq, q, do, lse2, delta, K, V, kv_head_base, v_head_base, start_n, offs_m, off_b, off_h, Sq, Skv,
              scale, __BUFFERS__
              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
@@ -151,10 +157,10 @@ def _dq_tile(dq, q, do, lse_shift, delta, K, V, kv_head_base, v_head_base, start
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load_rows(K + kv_head_base, offs_n, Skv, D, BLOCK_D, EVEN)
     v = _load_rows(V + v_head_base, offs_n, Skv, DV, BLOCK_DV, EVEN)
-    s = _mm(q, tl.trans(k), IEEE, UPCAST) * scale
-    q_idx = offs_m[:, None]
-    kv_idx = offs_n[None, :]
-    VALID = (q_idx < Sq) & (kv_idx < Skv)
+    s_raw = _mm(q, tl.trans(k), IEEE, UPCAST)
+    VALID = (offs_m[:, None] < Sq) & (offs_n[None, :] < Skv)
+    q_idx = tl.minimum(offs_m, Sq - 1)[:, None]
+    kv_idx = tl.minimum(offs_n, Skv - 1)[None, :]
     ZERO = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     # @SCORE_BWD
     if IS_FULL:
@@ -162,7 +168,7 @@ def _dq_tile(dq, q, do, lse_shift, delta, K, V, kv_head_base, v_head_base, start
     else:
         # @MASK
         keep = VALID & mask_keep
-    p = tl.where(keep, tl.exp(t - lse_shift[:, None]), 0.0)
+    p = tl.where(keep, tl.math.exp2(t2 - lse2[:, None]), 0.0)
     dp = _mm(do, tl.trans(v), IEEE, UPCAST)
     dt = p * (dp - delta[:, None])
     # @CAPTURED_GRAD
@@ -189,8 +195,8 @@ def flex_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
     q = _load_rows(Q + qh * Sq * D, offs_m, Sq, D, BLOCK_D, EVEN)
     do = _load_rows(DO + qh * Sq * DV, offs_m, Sq, DV, BLOCK_DV, EVEN)
     lse = tl.load(LSE + qh * Sq + offs_m, mask=row_ok, other=float("-inf"))
-    # lse = -inf marks a row with nothing kept; shifting by 0 keeps exp() finite there.
-    lse_shift = tl.where(lse == float("-inf"), 0.0, lse)
+    # lse = -inf marks a row with nothing kept; shifting by 0 keeps exp2() finite there.
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
     delta = tl.load(DELTA + qh * Sq + offs_m, mask=row_ok, other=0.0)
     kv_head_base = (off_b * Hkv + off_hk).to(tl.int64) * Skv * D
     v_head_base = (off_b * Hkv + off_hk).to(tl.int64) * Skv * DV
@@ -198,20 +204,20 @@ def flex_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
     base, base_full, n_partial, n_full = _row_table(KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, off_b, off_h,
                                                     (pid_m * BLOCK_M) // SPARSE_Q, MB, MH, NQ_BLOCKS, NKV_LIST,
                                                     NKV_LIST_FULL, HAS_FULL)
-    for i in range(n_partial):
-        kv_block = tl.load(KV_IDX + base + i)
-        for j in range(SPARSE_KV // BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse_shift, delta, K, V, kv_head_base, v_head_base,
-                          kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale,
-                          __BUFFERS__
-                          D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, EVEN, IEEE, UPCAST)
-    for i in range(n_full):
-        kv_block = tl.load(FULL_IDX + base_full + i)
-        for j in range(SPARSE_KV // BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse_shift, delta, K, V, kv_head_base, v_head_base,
-                          kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale,
-                          __BUFFERS__
-                          D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, EVEN, IEEE, UPCAST)
+    for it in range(n_partial * (SPARSE_KV // BLOCK_N)):
+        kv_block = tl.load(KV_IDX + base + it // (SPARSE_KV // BLOCK_N))
+        j = it % (SPARSE_KV // BLOCK_N)
+        dq = _dq_tile(dq, q, do, lse2, delta, K, V, kv_head_base, v_head_base,
+                      kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale,
+                      __BUFFERS__
+                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, EVEN, IEEE, UPCAST)
+    for it in range(n_full * (SPARSE_KV // BLOCK_N)):
+        kv_block = tl.load(FULL_IDX + base_full + it // (SPARSE_KV // BLOCK_N))
+        j = it % (SPARSE_KV // BLOCK_N)
+        dq = _dq_tile(dq, q, do, lse2, delta, K, V, kv_head_base, v_head_base,
+                      kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale,
+                      __BUFFERS__
+                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, EVEN, IEEE, UPCAST)
     offs_d = tl.arange(0, BLOCK_D)
     tl.store(DQ + qh * Sq * D + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < D))
@@ -230,12 +236,12 @@ def _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, qh, start_m, offs_n, off_b, off_
     q = _load_rows(Q + qh * Sq * D, offs_m, Sq, D, BLOCK_D, EVEN)
     do = _load_rows(DO + qh * Sq * DV, offs_m, Sq, DV, BLOCK_DV, EVEN)
     lse = tl.load(LSE + qh * Sq + offs_m, mask=row_ok, other=float("-inf"))
-    lse_shift = tl.where(lse == float("-inf"), 0.0, lse)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
     delta = tl.load(DELTA + qh * Sq + offs_m, mask=row_ok, other=0.0)
-    s = _mm(k, tl.trans(q), IEEE, UPCAST) * scale
-    q_idx = offs_m[None, :]
-    kv_idx = offs_n[:, None]
-    VALID = (q_idx < Sq) & (kv_idx < Skv)
+    s_raw = _mm(k, tl.trans(q), IEEE, UPCAST)
+    VALID = (offs_m[None, :] < Sq) & (offs_n[:, None] < Skv)
+    q_idx = tl.minimum(offs_m, Sq - 1)[None, :]
+    kv_idx = tl.minimum(offs_n, Skv - 1)[:, None]
     ZERO = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
     # @SCORE_BWD
     if IS_FULL:
@@ -243,7 +249,7 @@ def _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, qh, start_m, offs_n, off_b, off_
     else:
         # @MASK
         keep = VALID & mask_keep
-    pT = tl.where(keep, tl.exp(t - lse_shift[None, :]), 0.0)
+    pT = tl.where(keep, tl.math.exp2(t2 - lse2[None, :]), 0.0)
     dv += _mm(pT.to(do.dtype), do, IEEE, UPCAST)
     dpT = _mm(v, tl.trans(do), IEEE, UPCAST)
     dsT = tl.where(keep, pT * (dpT - delta[None, :]) * dtds, 0.0)
@@ -278,20 +284,20 @@ def flex_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, Q_NUM, Q_IDX, FULL_Q_NUM,
         base, base_full, n_partial, n_full = _row_table(Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX, off_b, off_h,
                                                         (pid_n * BLOCK_N) // SPARSE_KV, MB, MH, NKV_BLOCKS, NQ_LIST,
                                                         NQ_LIST_FULL, HAS_FULL)
-        for i in range(n_partial):
-            q_block = tl.load(Q_IDX + base + i)
-            for j in range(SPARSE_Q // BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, qh, q_block * SPARSE_Q + j * BLOCK_M,
-                                    offs_n, off_b, off_h, Sq, Skv, scale,
-                                    __BUFFERS__
-                                    D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, EVEN, IEEE, UPCAST)
-        for i in range(n_full):
-            q_block = tl.load(FULL_Q_IDX + base_full + i)
-            for j in range(SPARSE_Q // BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, qh, q_block * SPARSE_Q + j * BLOCK_M,
-                                    offs_n, off_b, off_h, Sq, Skv, scale,
-                                    __BUFFERS__
-                                    D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, EVEN, IEEE, UPCAST)
+        for it in range(n_partial * (SPARSE_Q // BLOCK_M)):
+            q_block = tl.load(Q_IDX + base + it // (SPARSE_Q // BLOCK_M))
+            j = it % (SPARSE_Q // BLOCK_M)
+            dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, qh, q_block * SPARSE_Q + j * BLOCK_M,
+                                offs_n, off_b, off_h, Sq, Skv, scale,
+                                __BUFFERS__
+                                D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, EVEN, IEEE, UPCAST)
+        for it in range(n_full * (SPARSE_Q // BLOCK_M)):
+            q_block = tl.load(FULL_Q_IDX + base_full + it // (SPARSE_Q // BLOCK_M))
+            j = it % (SPARSE_Q // BLOCK_M)
+            dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, qh, q_block * SPARSE_Q + j * BLOCK_M,
+                                offs_n, off_b, off_h, Sq, Skv, scale,
+                                __BUFFERS__
+                                D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, EVEN, IEEE, UPCAST)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     tl.store(DK + kvh * Skv * D + offs_n[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
