@@ -122,11 +122,8 @@ def flex_backward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     B, H, Sq, D = q.shape
     Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
     dout = dout.contiguous()
-    # D_i = do_i . o_i; a cotangent of lse adds P_ij dlse_i to dt_ij, i.e. D_i -> D_i - dlse_i.
-    delta = (dout.float() * out.float()).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.float()
-    delta = delta.contiguous()
+    delta = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)  # written by the dq pass
+    dlse_arg = dlse.contiguous() if dlse is not None else lse
     dq = torch.empty_like(q)
     dk = torch.empty(B, Hkv, Skv, D, dtype=k.dtype, device=k.device)
     dv = torch.empty(B, Hkv, Skv, DV, dtype=v.dtype, device=v.device)
@@ -137,10 +134,10 @@ def flex_backward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, out: Tensor
                   **_precision(q.dtype))
     cfg = flex_config("dq", max(D, DV), tables.sparse_q, tables.sparse_kv, options)
     kern.module.flex_bwd_dq[(triton_cdiv(Sq, cfg.BLOCK_M), B * H)](
-        q, k, v, dout, lse, delta, dq, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx,
+        q, k, v, out, dout, lse, dlse_arg, delta, dq, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx,
         H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
         tables.full_kv_idx.shape[-1], scale, *bargs, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, HAS_DLSE=dlse is not None, **common)
     cfg = flex_config("dkdv", max(D, DV), tables.sparse_q, tables.sparse_kv, options)
     kern.module.flex_bwd_dkdv[(triton_cdiv(Skv, cfg.BLOCK_N), B * Hkv)](
         q, k, v, dout, lse, delta, dk, dv, tables.q_num, tables.q_idx, tables.full_q_num, tables.full_q_idx,

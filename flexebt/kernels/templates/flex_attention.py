@@ -168,22 +168,33 @@ def _dq_tile(dq, q, do, lse2, delta, K, V, kv_head_base, v_head_base, start_n, o
     else:
         # @MASK
         keep = VALID & mask_keep
-    p = tl.where(keep, tl.math.exp2(t2 - lse2[:, None]), 0.0)
+    if IS_FULL and EVEN:
+        p = tl.math.exp2(t2 - lse2[:, None])
+    else:
+        p = tl.where(keep, tl.math.exp2(t2 - lse2[:, None]), 0.0)
     dp = _mm(do, tl.trans(v), IEEE, UPCAST)
     dt = p * (dp - delta[:, None])
     # @CAPTURED_GRAD
-    ds = tl.where(keep, dt * dtds, 0.0)
+    # Where nothing is masked, p > 0 everywhere; elsewhere guard against a mod whose derivative
+    # is not finite at a masked position (0 * nan).
+    if IS_FULL and EVEN:
+        ds = dt * dtds
+    else:
+        ds = tl.where(keep, dt * dtds, 0.0)
     dq += _mm(ds.to(k.dtype), k, IEEE, UPCAST)
     return dq
 
 
 @triton.jit
-def flex_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
+def flex_bwd_dq(Q, K, V, O, DO, LSE, DLSE, DELTA, DQ, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
                 H, Hkv, Sq, Skv, MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, scale,
                 __BUFFERS__
                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
-                HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                HAS_DLSE: tl.constexpr):
+    """dq for one query tile; also writes D_i = do_i.o_i - dlse_i for the dk/dv pass (a cotangent
+    of lse adds P_ij dlse_i to dt_ij, which is the same as lowering D_i by dlse_i)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = pid_bh // H
@@ -194,10 +205,14 @@ def flex_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
     qh = (off_b * H + off_h).to(tl.int64)
     q = _load_rows(Q + qh * Sq * D, offs_m, Sq, D, BLOCK_D, EVEN)
     do = _load_rows(DO + qh * Sq * DV, offs_m, Sq, DV, BLOCK_DV, EVEN)
+    o = _load_rows(O + qh * Sq * DV, offs_m, Sq, DV, BLOCK_DV, EVEN)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + qh * Sq + offs_m, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(DELTA + qh * Sq + offs_m, delta, mask=row_ok)
     lse = tl.load(LSE + qh * Sq + offs_m, mask=row_ok, other=float("-inf"))
     # lse = -inf marks a row with nothing kept; shifting by 0 keeps exp2() finite there.
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
-    delta = tl.load(DELTA + qh * Sq + offs_m, mask=row_ok, other=0.0)
     kv_head_base = (off_b * Hkv + off_hk).to(tl.int64) * Skv * D
     v_head_base = (off_b * Hkv + off_hk).to(tl.int64) * Skv * DV
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -249,10 +264,16 @@ def _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, qh, start_m, offs_n, off_b, off_
     else:
         # @MASK
         keep = VALID & mask_keep
-    pT = tl.where(keep, tl.math.exp2(t2 - lse2[None, :]), 0.0)
+    if IS_FULL and EVEN:
+        pT = tl.math.exp2(t2 - lse2[None, :])
+    else:
+        pT = tl.where(keep, tl.math.exp2(t2 - lse2[None, :]), 0.0)
     dv += _mm(pT.to(do.dtype), do, IEEE, UPCAST)
     dpT = _mm(v, tl.trans(do), IEEE, UPCAST)
-    dsT = tl.where(keep, pT * (dpT - delta[None, :]) * dtds, 0.0)
+    if IS_FULL and EVEN:
+        dsT = pT * (dpT - delta[None, :]) * dtds
+    else:
+        dsT = tl.where(keep, pT * (dpT - delta[None, :]) * dtds, 0.0)
     dk += _mm(dsT.to(q.dtype), q, IEEE, UPCAST)
     return dk, dv
 
