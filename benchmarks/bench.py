@@ -68,12 +68,16 @@ def timed(fn, mode, inputs):
 def run_b2(args, meta, writer):
     from torch.nn.attention.flex_attention import flex_attention as torch_flex
 
-    compiled = torch.compile(torch_flex, dynamic=False)
     dtype = getattr(torch, args.dtype)
     for D in args.dims:
         for S in args.seqs:
-            B, H = args.batch, args.heads
+            # Constant token count (B * S = args.tokens) unless --batch is given: small S still fills the GPU.
+            B, H = (args.batch or max(1, args.tokens // S)), args.heads
             for variant in args.variants:
+                # A fresh compile per shape: dynamo's recompile limit would otherwise silently fall
+                # back to eager (dense) FlexAttention after a few shapes.
+                torch._dynamo.reset()
+                compiled = torch.compile(torch_flex, dynamic=False)
                 sm, mm = b2_variant(variant, H, S, "cuda")
                 bm = flexebt.create_block_mask(mm, None, None, S, S, device="cuda")
                 q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
@@ -109,7 +113,8 @@ def main(argv=None):
     p.add_argument("--impls", default="flexebt,torch_flex_compiled,sdpa_causal", type=lambda s: s.split(","))
     p.add_argument("--modes", default="fwd,fwd+bwd", type=lambda s: s.split(","))
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--batch", type=int, default=0, help="fixed batch; default: tokens // S")
+    p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--commit", default=os.environ.get("FLEXEBT_COMMIT", "unknown"))
     p.add_argument("--out", required=True, help="path prefix; writes PREFIX.csv and PREFIX.json")

@@ -43,8 +43,9 @@ def main():
     p.add_argument("--variant", default="causal")
     a = p.parse_args()
     bench = lambda f: triton.testing.do_bench(f, warmup=20, rep=60, return_mode="median")  # noqa: E731
-    compiled = torch.compile(torch_flex, dynamic=False)
     for D in [int(x) for x in a.dims.split(",")]:
+        torch._dynamo.reset()
+        compiled = torch.compile(torch_flex, dynamic=False)
         S, B, H = a.S, a.B, a.H
         sm, mm = b2_variant(a.variant, H, S, "cuda")
         bm = flexebt.create_block_mask(mm, None, None, S, S, device="cuda")

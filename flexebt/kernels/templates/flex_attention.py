@@ -52,6 +52,16 @@ def _load_rows(ptr, rows, n_rows, ncols: tl.constexpr, BLOCK_C: tl.constexpr, EV
 
 
 @triton.jit
+def _mod_indices(offs_m, offs_n, Sq, Skv, EVEN: tl.constexpr):
+    """Positions the mods see.  Past the end of a sequence they are clamped to the last position so
+    a mod's loads stay in bounds (those scores are masked anyway); when every tile is inside
+    (EVEN) no clamp is needed, which keeps the offsets visibly contiguous for vectorized loads."""
+    if EVEN:
+        return offs_m, offs_n
+    return tl.minimum(offs_m, Sq - 1), tl.minimum(offs_n, Skv - 1)
+
+
+@triton.jit
 def _fwd_tile(acc, l_i, m_i, q, K, V, kv_head_base, v_head_base, start_n, offs_m, off_b, off_h, Sq, Skv, scale,
               __BUFFERS__
               D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -62,8 +72,9 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, kv_head_base, v_head_base, start_n, offs_m
     v = _load_rows(V + v_head_base, offs_n, Skv, DV, BLOCK_DV, EVEN)
     s_raw = _mm(q, tl.trans(k), IEEE, UPCAST)
     VALID = (offs_m[:, None] < Sq) & (offs_n[None, :] < Skv)
-    q_idx = tl.minimum(offs_m, Sq - 1)[:, None]
-    kv_idx = tl.minimum(offs_n, Skv - 1)[None, :]
+    q_idx, kv_idx = _mod_indices(offs_m, offs_n, Sq, Skv, EVEN)
+    q_idx = q_idx[:, None]
+    kv_idx = kv_idx[None, :]
     ZERO = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     # @SCORE_FWD
     if IS_FULL:
@@ -159,8 +170,9 @@ def _dq_tile(dq, q, do, lse2, delta, K, V, kv_head_base, v_head_base, start_n, o
     v = _load_rows(V + v_head_base, offs_n, Skv, DV, BLOCK_DV, EVEN)
     s_raw = _mm(q, tl.trans(k), IEEE, UPCAST)
     VALID = (offs_m[:, None] < Sq) & (offs_n[None, :] < Skv)
-    q_idx = tl.minimum(offs_m, Sq - 1)[:, None]
-    kv_idx = tl.minimum(offs_n, Skv - 1)[None, :]
+    q_idx, kv_idx = _mod_indices(offs_m, offs_n, Sq, Skv, EVEN)
+    q_idx = q_idx[:, None]
+    kv_idx = kv_idx[None, :]
     ZERO = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     # @SCORE_BWD
     if IS_FULL:
@@ -255,8 +267,9 @@ def _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, qh, start_m, offs_n, off_b, off_
     delta = tl.load(DELTA + qh * Sq + offs_m, mask=row_ok, other=0.0)
     s_raw = _mm(k, tl.trans(q), IEEE, UPCAST)
     VALID = (offs_m[None, :] < Sq) & (offs_n[:, None] < Skv)
-    q_idx = tl.minimum(offs_m, Sq - 1)[None, :]
-    kv_idx = tl.minimum(offs_n, Skv - 1)[:, None]
+    q_idx, kv_idx = _mod_indices(offs_m, offs_n, Sq, Skv, EVEN)
+    q_idx = q_idx[None, :]
+    kv_idx = kv_idx[:, None]
     ZERO = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
     # @SCORE_BWD
     if IS_FULL:
