@@ -226,7 +226,9 @@ class Emitter:
                                       f"{len(idx)} indices; give one index per dimension")
         # Offsets keep their natural shape (doc_id[q_idx] is [BLOCK_M, 1]); q_idx / kv_idx are
         # clamped into range by the templates, so every load is in bounds without a mask.
-        off = " + ".join(f"({self._a(i, env)}) * BUF{k}_S{d}" for d, i in enumerate(idx))
+        wide = tensor.numel() >= 2 ** 31  # int32 offsets would overflow: index in int64
+        off = " + ".join(f"({self._a(i, env)}){'.to(tl.int64)' if wide else ''} * BUF{k}_S{d}"
+                         for d, i in enumerate(idx))
         off_var = f"{self._var(node)}_off"
         self.lines.append(f"{off_var} = {off}")
         self.load_offsets[node.name] = off_var

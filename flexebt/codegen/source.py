@@ -31,7 +31,7 @@ def _fingerprint(obj, seen=None):
     dtype / rank / requires_grad of the tensors it reads (not their values)."""
     seen = set() if seen is None else seen
     if isinstance(obj, torch.Tensor):
-        return ("T", obj.dtype, obj.dim(), obj.requires_grad, obj.device.type)
+        return ("T", obj.dtype, obj.dim(), obj.requires_grad, obj.device.type, obj.numel() >= 2 ** 31)
     if isinstance(obj, (int, float, bool, str, type(None), torch.dtype)):
         return ("V", type(obj).__name__, obj)
     if isinstance(obj, (list, tuple)):
