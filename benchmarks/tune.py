@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import b2_variant  # noqa: E402
 
 FWD = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4), (128, 32, 4, 3),
-       (64, 32, 4, 4), (128, 128, 8, 2)]
+       (64, 32, 4, 4), (128, 128, 8, 2), (64, 128, 4, 3), (64, 64, 4, 4), (64, 64, 4, 2), (64, 128, 8, 3),
+       (64, 32, 4, 3), (128, 128, 4, 3)]
 DQ = [(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (128, 32, 4, 3), (64, 32, 4, 3), (128, 128, 8, 2),
       (128, 64, 4, 3)]
 DKDV = [(32, 64, 4, 3), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3),
@@ -41,6 +42,7 @@ def main():
     p.add_argument("--B", type=int, default=2)
     p.add_argument("--H", type=int, default=16)
     p.add_argument("--variant", default="causal")
+    p.add_argument("--passes", default="fwd,dq,dkdv")
     a = p.parse_args()
     bench = lambda f: triton.testing.do_bench(f, warmup=20, rep=60, return_mode="median")  # noqa: E731
     for D in [int(x) for x in a.dims.split(",")]:
@@ -64,14 +66,14 @@ def main():
                                                       do))
         print(f"D={D} S={S} {a.variant}: torch flex compiled fwd {t_fwd:.3f} ms, fwd+bwd {t_all:.3f} ms "
               f"(bwd {t_all - t_fwd:.3f})", flush=True)
-        for m, n, w, st in FWD:
+        for m, n, w, st in (FWD if "fwd" in a.passes else []):
             opts = dict(BLOCK_M=m, BLOCK_N=n, fwd_num_warps=w, fwd_num_stages=st)
             try:
                 t = bench(lambda: flex_forward(kern, q, k, v, scale, tables, bufs, opts))
                 print(f"  fwd  M{m:<4}N{n:<4}w{w} s{st}: {t:.3f} ms", flush=True)
             except Exception as e:  # out of resources etc.
                 print(f"  fwd  M{m:<4}N{n:<4}w{w} s{st}: failed {type(e).__name__}", flush=True)
-        for which, table in (("dq", DQ), ("dkdv", DKDV)):
+        for which, table in [(w, t) for w, t in (("dq", DQ), ("dkdv", DKDV)) if w in a.passes]:
             for m, n, w, st in table:
                 if which == "dq":
                     opts = dict(BLOCK_M2=m, BLOCK_N2=n, dq_num_warps=w, dq_num_stages=st)
