@@ -62,7 +62,7 @@ def _default_flex_config(pass_name: str, head_dim: int, sparse_q: int, sparse_kv
     # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim class; measured on an H200, bf16,
     # S = 4096 (benchmarks/tune.py, results in benchmarks/results/tune_*.txt).
     table = {
-        "fwd": {64: (64, 64, 4, 3), 128: (128, 128, 8, 3), 256: (64, 32, 4, 2)},
+        "fwd": {64: (128, 128, 4, 3), 128: (128, 128, 8, 3), 256: (64, 32, 4, 2)},
         "dq": {64: (64, 64, 4, 3), 128: (128, 64, 8, 3), 256: (32, 32, 4, 2)},
         "dkdv": {64: (32, 128, 4, 3), 128: (32, 64, 4, 3), 256: (32, 32, 4, 2)},
     }[pass_name]

@@ -76,6 +76,33 @@ def tables_from_block_mask(block_mask, Sq: int, Skv: int, device) -> BlockTables
         sparse_q=bq, sparse_kv=bkv, has_full=has_full, mask_mod=block_mask.mask_mod)
 
 
+_WORKING: dict = {}  # (kernel, shape key, requested config) -> config that fit in shared memory
+
+
+def _launch(kernel, grid_of, args, kwargs, cfg, key):
+    """Launch ``kernel``; if it does not fit in shared memory (a mod that gathers from captured
+    tensors adds pipelined tiles), retry with fewer stages, then smaller tiles, and remember
+    the configuration that worked."""
+    from triton.runtime.errors import OutOfResources
+
+    want = (id(kernel), key, cfg)
+    cfg = _WORKING.get(want, cfg)
+    while True:
+        try:
+            kernel[grid_of(cfg)](*args, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps,
+                                 num_stages=cfg.num_stages, **kwargs)
+            _WORKING[want] = cfg
+            return
+        except OutOfResources:
+            if cfg.num_stages > 1:
+                cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+            elif max(cfg.BLOCK_M, cfg.BLOCK_N) > MIN_TILE:
+                big = "BLOCK_N" if cfg.BLOCK_N >= cfg.BLOCK_M else "BLOCK_M"
+                cfg = dataclasses.replace(cfg, **{big: getattr(cfg, big) // 2}, num_stages=2)
+            else:
+                raise
+
+
 def _buffer_args(buffers: list[Tensor], grads: dict[int, Tensor]) -> list:
     args = []
     for k, b in enumerate(buffers):
@@ -104,14 +131,13 @@ def flex_forward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, scale: float
     out = torch.empty(B, H, Sq, DV, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
     cfg = flex_config("fwd", max(D, DV), tables.sparse_q, tables.sparse_kv, options)
-    grid = (triton_cdiv(Sq, cfg.BLOCK_M), B * H)
-    kern.module.flex_fwd[grid](
-        q, k, v, out, lse, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx,
-        H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
-        tables.full_kv_idx.shape[-1], scale, *_buffer_args(buffers, {}),
-        D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-        SPARSE_Q=tables.sparse_q, SPARSE_KV=tables.sparse_kv, HAS_FULL=tables.has_full, EVEN=_even(Sq, Skv, tables),
-        **_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _launch(kern.module.flex_fwd, lambda c: (triton_cdiv(Sq, c.BLOCK_M), B * H),
+            (q, k, v, out, lse, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx,
+             H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
+             tables.full_kv_idx.shape[-1], scale, *_buffer_args(buffers, {})),
+            dict(D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), SPARSE_Q=tables.sparse_q,
+                 SPARSE_KV=tables.sparse_kv, HAS_FULL=tables.has_full, EVEN=_even(Sq, Skv, tables),
+                 **_precision(q.dtype)), cfg, (D, DV, q.dtype))
     return out, lse
 
 
@@ -133,17 +159,16 @@ def flex_backward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, out: Tensor
                   SPARSE_KV=tables.sparse_kv, HAS_FULL=tables.has_full, EVEN=_even(Sq, Skv, tables),
                   **_precision(q.dtype))
     cfg = flex_config("dq", max(D, DV), tables.sparse_q, tables.sparse_kv, options)
-    kern.module.flex_bwd_dq[(triton_cdiv(Sq, cfg.BLOCK_M), B * H)](
-        q, k, v, out, dout, lse, dlse_arg, delta, dq, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx,
-        H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
-        tables.full_kv_idx.shape[-1], scale, *bargs, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, HAS_DLSE=dlse is not None, **common)
+    _launch(kern.module.flex_bwd_dq, lambda c: (triton_cdiv(Sq, c.BLOCK_M), B * H),
+            (q, k, v, out, dout, lse, dlse_arg, delta, dq, tables.kv_num, tables.kv_idx, tables.full_kv_num,
+             tables.full_kv_idx, H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1],
+             tables.kv_idx.shape[-1], tables.full_kv_idx.shape[-1], scale, *bargs),
+            dict(HAS_DLSE=dlse is not None, **common), cfg, (D, DV, q.dtype))
     cfg = flex_config("dkdv", max(D, DV), tables.sparse_q, tables.sparse_kv, options)
-    kern.module.flex_bwd_dkdv[(triton_cdiv(Skv, cfg.BLOCK_N), B * Hkv)](
-        q, k, v, dout, lse, delta, dk, dv, tables.q_num, tables.q_idx, tables.full_q_num, tables.full_q_idx,
-        H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.q_num.shape[-1], tables.q_idx.shape[-1],
-        tables.full_q_idx.shape[-1], scale, *bargs, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
+    _launch(kern.module.flex_bwd_dkdv, lambda c: (triton_cdiv(Skv, c.BLOCK_N), B * Hkv),
+            (q, k, v, dout, lse, delta, dk, dv, tables.q_num, tables.q_idx, tables.full_q_num, tables.full_q_idx,
+             H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.q_num.shape[-1], tables.q_idx.shape[-1],
+             tables.full_q_idx.shape[-1], scale, *bargs), common, cfg, (D, DV, q.dtype))
     grads = [gbufs[s].to(buffers[s].dtype) if s in gbufs else None for s in range(len(buffers))]
     return dq, dk, dv, grads
 
