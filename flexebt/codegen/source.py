@@ -68,6 +68,7 @@ class ModKernels:
     n_buffers: int
     grad_slots: list[int]          # buffer slots whose gradient the kernels accumulate
     internal: dict[int, torch.Tensor]  # slots of tensors created inside the mod at trace time
+    gathers: bool = False          # the score_mod loads from a captured tensor (tile choice)
 
     def buffers(self, score_mod, mask_mod) -> list[torch.Tensor]:
         """The tensors of the current call, in kernel-argument order."""
@@ -177,4 +178,4 @@ def _build(template: str, score_mod, mask_mod, second_order: bool) -> ModKernels
         spec.loader.exec_module(module)
         sys.modules[mod_name] = module
     internal = {i: b.tensor for i, b in enumerate(buffers) if b.path.startswith("internal:")}
-    return ModKernels(module, score, mask, len(buffers), grad_slots, internal)
+    return ModKernels(module, score, mask, len(buffers), grad_slots, internal, gathers=bool(score and score.loads))
