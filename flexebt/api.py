@@ -5,6 +5,7 @@ from __future__ import annotations
 import numbers
 from typing import Callable, Optional
 
+import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
@@ -64,7 +65,11 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor, score_mod: Optiona
     V.check_kernel_options(fn, kernel_options)
     backend = resolve_backend(kernel_options, query.device, fn, has_kernels=True, dtype=query.dtype,
                               head_dim=max(query.shape[-1], value.shape[-1]))
-    if backend == "TRITON":
+    if backend == "TRITON" and torch.compiler.is_compiling():
+        from .compiled import flex_attention_compiled
+
+        out, lse = flex_attention_compiled(query, key, value, score_mod, block_mask, scale, kernel_options)
+    elif backend == "TRITON":
         out, lse = _flex_attention_triton(query, key, value, score_mod, block_mask, scale, kernel_options)
     else:
         out, lse = flex_attention_reference(query, key, value, score_mod, block_mask, scale)

@@ -36,6 +36,7 @@ class Buffer:
 
     tensor: torch.Tensor
     path: str  # where it was found, e.g. "closure[0]" or "global:bias"
+    steps: tuple = ()  # the same as access steps: ("cell", i), ("item", j), ("global", name)
 
 
 @dataclasses.dataclass
@@ -67,7 +68,7 @@ def _trace_device(buffers: list[Buffer]):
     return buffers[0].tensor.device if buffers else torch.device("cpu")
 
 
-def _walk_tensors(fn: Callable, prefix: str, out: list[Buffer], seen: set) -> None:
+def _walk_tensors(fn: Callable, prefix: str, out: list[Buffer], seen: set, steps: tuple = ()) -> None:
     """Tensors reachable from ``fn``: closure cells, nested functions, named globals."""
     if id(fn) in seen:
         return
@@ -78,25 +79,38 @@ def _walk_tensors(fn: Callable, prefix: str, out: list[Buffer], seen: set) -> No
             val = cell.cell_contents
         except ValueError:  # empty cell
             continue
-        _visit(val, f"{prefix}closure[{i}]", out, seen)
+        _visit(val, f"{prefix}closure[{i}]", out, seen, steps + (("cell", i),))
     if code is not None:
         g = getattr(fn, "__globals__", {})
         for name in code.co_names:
             if name in g:
-                _visit(g[name], f"{prefix}global:{name}", out, seen, globals_only=True)
+                _visit(g[name], f"{prefix}global:{name}", out, seen, steps + (("global", name),), globals_only=True)
 
 
-def _visit(val, path, out, seen, globals_only=False):
+def _visit(val, path, out, seen, steps, globals_only=False):
     if isinstance(val, torch.Tensor):
         if not any(b.tensor is val for b in out):
-            out.append(Buffer(val, path))
+            out.append(Buffer(val, path, steps))
     elif isinstance(val, types.FunctionType):
         # Nested closures (and_masks, attn_gym builders) and module-level helper functions.
         if not (globals_only and (val.__module__ or "").startswith("torch")):
-            _walk_tensors(val, path + ".", out, seen)
+            _walk_tensors(val, path + ".", out, seen, steps)
     elif isinstance(val, (list, tuple)) and not globals_only:
         for j, item in enumerate(val):
-            _visit(item, f"{path}[{j}]", out, seen)
+            _visit(item, f"{path}[{j}]", out, seen, steps + (("item", j),))
+
+
+def resolve(fn: Callable, steps: tuple):
+    """Follow access steps from ``fn`` (plain attribute and index reads, traceable by dynamo)."""
+    obj = fn
+    for kind, arg in steps:
+        if kind == "cell":
+            obj = obj.__closure__[arg].cell_contents
+        elif kind == "item":
+            obj = obj[arg]
+        else:
+            obj = obj.__globals__[arg]
+    return obj
 
 
 def captured_tensors(fn: Callable) -> list[Buffer]:

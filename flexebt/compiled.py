@@ -1,0 +1,121 @@
+"""flex_attention inside ``torch.compile``: the kernels as ``torch.library`` custom ops.
+
+Under ``torch.compile`` the call goes through two public mechanisms, so a model compiles with
+``fullgraph=True`` and no graph break:
+
+- ``torch.compiler.assume_constant_result``: ``_kernel_key(score_mod, mask_mod)`` builds (or finds)
+  the generated kernels at trace time and returns a string key -- a constant in the graph, so a
+  second call with the same mods does not recompile.
+- ``torch.library.custom_op`` with ``register_autograd``: forward and backward kernels as opaque
+  ops taking the captured tensors as a ``list[Tensor]``, read from the mods' closures by paths
+  recorded when the kernels were built.
+
+First order only: a double backward through a compiled region is refused by torch's
+aot_autograd with an error ("does not currently support double backward"), never silently
+wrong.  Eager mode keeps the ``autograd.Function`` chain, which does support it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .codegen.source import get_kernels
+from .codegen.trace import captured_tensors, resolve
+from .kernels.flex import BlockTables, flex_backward, flex_forward, tables_from_block_mask
+
+_REGISTRY: dict[str, tuple] = {}  # key -> (ModKernels, buffer paths)
+
+
+@torch.compiler.assume_constant_result
+def _kernel_key(score_mod, mask_mod) -> str:
+    kern = get_kernels("flex_attention", score_mod, mask_mod)
+    key = f"flex_attention:{id(kern)}"
+    if key not in _REGISTRY:
+        if kern.internal:
+            raise NotImplementedError("flexebt under torch.compile: a mod that creates tensors inside its body is "
+                                      "not supported; create them outside and capture them.")
+        paths = ([("score", b.steps) for b in captured_tensors(score_mod)] if score_mod is not None else []) + \
+                ([("mask", b.steps) for b in captured_tensors(mask_mod)] if mask_mod is not None else [])
+        _REGISTRY[key] = (kern, paths)
+    return key
+
+
+def _options(text: str) -> dict:
+    """Tile overrides travel through the op as "KEY=int;..." (a str argument)."""
+    return {k: int(v) for k, v in (item.split("=") for item in text.split(";") if item)}
+
+
+def _tables_list(t: BlockTables) -> list[Tensor]:
+    return [t.kv_num, t.kv_idx, t.full_kv_num, t.full_kv_idx, t.q_num, t.q_idx, t.full_q_num, t.full_q_idx]
+
+
+def _tables_from_list(ts: list[Tensor], sparse_q: int, sparse_kv: int, has_full: bool) -> BlockTables:
+    return BlockTables(*ts, sparse_q=sparse_q, sparse_kv=sparse_kv, has_full=has_full, mask_mod=None)
+
+
+@torch.library.custom_op("flexebt::flex_attention_fwd", mutates_args=())
+def flex_attention_fwd(q: Tensor, k: Tensor, v: Tensor, tables: list[Tensor], buffers: list[Tensor], key: str,
+                       scale: float, sparse_q: int, sparse_kv: int, has_full: bool,
+                       options: str) -> tuple[Tensor, Tensor]:
+    kern = _REGISTRY[key][0]
+    return flex_forward(kern, q, k, v, scale, _tables_from_list(tables, sparse_q, sparse_kv, has_full), buffers,
+                        _options(options))
+
+
+@flex_attention_fwd.register_fake
+def _(q, k, v, tables, buffers, key, scale, sparse_q, sparse_kv, has_full, options):
+    B, H, Sq, _ = q.shape
+    return q.new_empty(B, H, Sq, v.shape[-1]), q.new_empty(B, H, Sq, dtype=torch.float32)
+
+
+@torch.library.custom_op("flexebt::flex_attention_bwd", mutates_args=())
+def flex_attention_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
+                       dlse: Optional[Tensor], tables: list[Tensor], buffers: list[Tensor], key: str, scale: float,
+                       sparse_q: int, sparse_kv: int, has_full: bool, options: str) -> list[Tensor]:
+    kern = _REGISTRY[key][0]
+    dq, dk, dv, dbuf = flex_backward(kern, q, k, v, out, lse, dout, dlse, scale,
+                                     _tables_from_list(tables, sparse_q, sparse_kv, has_full), buffers,
+                                     _options(options))
+    return [dq, dk, dv] + [torch.zeros_like(b) if g is None else g for g, b in zip(dbuf, buffers)]
+
+
+@flex_attention_bwd.register_fake
+def _(q, k, v, out, lse, dout, dlse, tables, buffers, key, scale, sparse_q, sparse_kv, has_full, options):
+    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)] + [torch.empty_like(b) for b in buffers]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, tables, buffers, key, scale, sparse_q, sparse_kv, has_full, options = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, *tables, *buffers)
+    ctx.meta = (len(tables), key, scale, sparse_q, sparse_kv, has_full, options)
+
+
+def _backward(ctx, dout, dlse):
+    n_tables, key, scale, sparse_q, sparse_kv, has_full, options = ctx.meta
+    q, k, v, out, lse, *rest = ctx.saved_tensors
+    tables, buffers = list(rest[:n_tables]), list(rest[n_tables:])
+    grads = flex_attention_bwd(q, k, v, out, lse, dout.contiguous(), dlse, tables, buffers, key, scale, sparse_q,
+                               sparse_kv, has_full, options)
+    dq, dk, dv, dbuf = grads[0], grads[1], grads[2], grads[3:]
+    return dq, dk, dv, [None] * n_tables, list(dbuf), None, None, None, None, None, None
+
+
+flex_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def flex_attention_compiled(query, key, value, score_mod, block_mask, scale, kernel_options):
+    """The Triton path as custom ops (used while ``torch.compiler.is_compiling()``)."""
+    Sq, Skv = query.shape[2], key.shape[2]
+    tables = tables_from_block_mask(block_mask, Sq, Skv, query.device)
+    mask_mod = block_mask.mask_mod if block_mask is not None else None
+    k_ = _kernel_key(score_mod, mask_mod)
+    _, paths = _REGISTRY[k_]
+    buffers = [resolve(score_mod if which == "score" else mask_mod, p) for which, p in paths]
+    scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
+    opts = ";".join(f"{k}={int(v)}" for k, v in sorted((kernel_options or {}).items()) if k != "BACKEND")
+    return flex_attention_fwd(query.contiguous(), key.contiguous(), value.contiguous(), _tables_list(tables), buffers,
+                              k_, scale, tables.sparse_q, tables.sparse_kv, tables.has_full, opts)
