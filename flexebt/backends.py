@@ -31,8 +31,10 @@ def requested_backend(kernel_options: Optional[dict]) -> str:
     return value.upper()
 
 
+@torch.compiler.assume_constant_result
 def _triton_available() -> bool:
     # find_spec, not import: importing triton fixes its interpreter mode for the process.
+    # A constant result for torch.compile (dynamo does not trace find_spec).
     import importlib.util
 
     return importlib.util.find_spec("triton") is not None
