@@ -64,8 +64,8 @@ def _default_flex_config(pass_name: str, head_dim: int, sparse_q: int, sparse_kv
     # S = 4096 (benchmarks/tune.py, results in benchmarks/results/tune_*.txt).
     table = {
         "fwd": {64: (128, 128, 4, 3), 128: (128, 128, 8, 3), 256: (64, 32, 4, 2)},
-        "dq": {64: (64, 64, 4, 3), 128: (128, 64, 8, 3), 256: (32, 32, 4, 2)},
-        "dkdv": {64: (32, 128, 4, 3), 128: (32, 64, 4, 3), 256: (32, 32, 4, 2)},
+        "dq": {64: (64, 64, 4, 3), 128: (128, 128, 8, 2), 256: (32, 32, 4, 2)},
+        "dkdv": {64: (32, 128, 4, 3), 128: (64, 128, 8, 3), 256: (32, 32, 4, 2)},
     }[pass_name]
     m, n, warps, stages = table[64 if head_dim <= 64 else 128 if head_dim <= 128 else 256]
     if gathers and pass_name == "fwd" and head_dim <= 64:
