@@ -7,6 +7,9 @@ import csv
 import sys
 from collections import defaultdict
 
+COLORS = {"flexebt": "tab:blue", "torch_flex_compiled": "tab:orange", "sdpa_causal": "tab:gray",
+          "ebt_flash_attention": "tab:red", "eager_math": "tab:green"}
+
 
 def main(path):
     import matplotlib
@@ -26,7 +29,7 @@ def main(path):
                 lines[r["impl"]].append((int(r["S"]), float(r["tflops"])))
         for impl, pts in sorted(lines.items()):
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl, color=COLORS.get(impl))
         ax.set_xscale("log", base=2)
         ax.set_title(f"{key[0]} D{key[1]} {key[2]}", fontsize=9)
         ax.set_xlabel("S")
