@@ -43,6 +43,7 @@ def main():
     p.add_argument("--H", type=int, default=16)
     p.add_argument("--variant", default="causal")
     p.add_argument("--passes", default="fwd,dq,dkdv")
+    p.add_argument("--ab-reverse", action="store_true", help="A/B the heavy-first query order at default tiles")
     a = p.parse_args()
     bench = lambda f: triton.testing.do_bench(f, warmup=20, rep=60, return_mode="median")  # noqa: E731
     for D in [int(x) for x in a.dims.split(",")]:
@@ -66,6 +67,13 @@ def main():
                                                       do))
         print(f"D={D} S={S} {a.variant}: torch flex compiled fwd {t_fwd:.3f} ms, fwd+bwd {t_all:.3f} ms "
               f"(bwd {t_all - t_fwd:.3f})", flush=True)
+        if a.ab_reverse:
+            for rev in (0, 1, 0, 1):
+                o = dict(REVERSE_Q_ORDER=rev)
+                tf = bench(lambda: flex_forward(kern, q, k, v, scale, tables, bufs, o))
+                tb = bench(lambda: flex_backward(kern, q, k, v, out, lse, do, None, scale, tables, bufs, o))
+                print(f"  reverse={rev}: fwd {tf:.3f} ms, bwd {tb:.3f} ms", flush=True)
+            continue
         for m, n, w, st in (FWD if "fwd" in a.passes else []):
             opts = dict(BLOCK_M=m, BLOCK_N=n, fwd_num_warps=w, fwd_num_stages=st)
             try:

@@ -119,6 +119,11 @@ def _precision(dtype) -> dict:
                 UPCAST=dtype == torch.bfloat16 and interpreting())
 
 
+def _reverse(options: Optional[dict]) -> bool:
+    """Heavy-first order of query tiles (kernel_options["REVERSE_Q_ORDER"], default on)."""
+    return bool((options or {}).get("REVERSE_Q_ORDER", 1))
+
+
 def _even(Sq: int, Skv: int, tables: BlockTables) -> bool:
     """No tile of any pass runs past the end: lengths are multiples of the sparse blocks."""
     return Sq % tables.sparse_q == 0 and Skv % tables.sparse_kv == 0
@@ -137,7 +142,7 @@ def flex_forward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, scale: float
              tables.full_kv_idx.shape[-1], scale, *_buffer_args(buffers, {})),
             dict(D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), SPARSE_Q=tables.sparse_q,
                  SPARSE_KV=tables.sparse_kv, HAS_FULL=tables.has_full, EVEN=_even(Sq, Skv, tables),
-                 **_precision(q.dtype)), cfg, (D, DV, q.dtype))
+                 REVERSE=_reverse(options), **_precision(q.dtype)), cfg, (D, DV, q.dtype))
     return out, lse
 
 
@@ -163,7 +168,7 @@ def flex_backward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, out: Tensor
             (q, k, v, out, dout, lse, dlse_arg, delta, dq, tables.kv_num, tables.kv_idx, tables.full_kv_num,
              tables.full_kv_idx, H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1],
              tables.kv_idx.shape[-1], tables.full_kv_idx.shape[-1], scale, *bargs),
-            dict(HAS_DLSE=dlse is not None, **common), cfg, (D, DV, q.dtype))
+            dict(HAS_DLSE=dlse is not None, REVERSE=_reverse(options), **common), cfg, (D, DV, q.dtype))
     cfg = flex_config("dkdv", max(D, DV), tables.sparse_q, tables.sparse_kv, options)
     _launch(kern.module.flex_bwd_dkdv, lambda c: (triton_cdiv(Skv, c.BLOCK_N), B * Hkv),
             (q, k, v, dout, lse, delta, dk, dv, tables.q_num, tables.q_idx, tables.full_q_num, tables.full_q_idx,

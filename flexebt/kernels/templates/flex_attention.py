@@ -112,8 +112,13 @@ def flex_fwd(Q, K, V, O, LSE, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
              __BUFFERS__
              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
-             HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+             HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+             REVERSE: tl.constexpr):
+    # REVERSE: launch the last query tiles first; under a causal mask they see the most keys, so
+    # heavy tiles start early and the launch has a shorter tail.
     pid_m = tl.program_id(0)
+    if REVERSE:
+        pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     off_b = pid_bh // H
     off_h = pid_bh % H
@@ -204,10 +209,12 @@ def flex_bwd_dq(Q, K, V, O, DO, LSE, DLSE, DELTA, DQ, KV_NUM, KV_IDX, FULL_NUM, 
                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
                 HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                HAS_DLSE: tl.constexpr):
+                HAS_DLSE: tl.constexpr, REVERSE: tl.constexpr):
     """dq for one query tile; also writes D_i = do_i.o_i - dlse_i for the dk/dv pass (a cotangent
     of lse adds P_ij dlse_i to dt_ij, which is the same as lowering D_i by dlse_i)."""
     pid_m = tl.program_id(0)
+    if REVERSE:
+        pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     off_b = pid_bh // H
     off_h = pid_bh % H
