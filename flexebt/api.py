@@ -82,7 +82,8 @@ def _flex_attention_triton(query, key, value, score_mod, block_mask, scale, kern
     from .kernels.flex import tables_from_block_mask
 
     Sq, Skv = query.shape[2], key.shape[2]
-    tables = tables_from_block_mask(block_mask, Sq, Skv, query.device)
+    with torch._C._DisableFuncTorch():  # plain int32 tables even inside torch.func transforms
+        tables = tables_from_block_mask(block_mask, Sq, Skv, query.device)
     kernels = get_kernels("flex_attention", score_mod, tables.mask_mod)
     buffers = kernels.buffers(score_mod, tables.mask_mod)
     for t in buffers:

@@ -38,7 +38,10 @@ class FlexCall:
 class FlexAttention(torch.autograd.Function):
     @staticmethod
     def forward(q, k, v, call: FlexCall, *buffers):
-        return flex_forward(call.kernels, q, k, v, call.scale, call.tables, list(buffers), call.options)
+        # Under torch.func, functorch hands forward plain tensors but would wrap the tensors the
+        # launcher allocates; Triton needs plain storage, and functorch wraps our outputs itself.
+        with torch._C._DisableFuncTorch():
+            return flex_forward(call.kernels, q, k, v, call.scale, call.tables, list(buffers), call.options)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -60,8 +63,9 @@ class FlexAttention(torch.autograd.Function):
 class FlexAttentionBackward(torch.autograd.Function):
     @staticmethod
     def forward(q, k, v, out, lse, dout, dlse, call: FlexCall, *buffers):
-        dq, dk, dv, dbuf = flex_backward(call.kernels, q, k, v, out, lse, dout, dlse, call.scale, call.tables,
-                                         list(buffers), call.options)
+        with torch._C._DisableFuncTorch():  # see FlexAttention.forward
+            dq, dk, dv, dbuf = flex_backward(call.kernels, q, k, v, out, lse, dout, dlse, call.scale, call.tables,
+                                             list(buffers), call.options)
         dbuf = [torch.zeros_like(b) if g is None else g for g, b in zip(dbuf, buffers)]
         return (dq, dk, dv, *dbuf)
 

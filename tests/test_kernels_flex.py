@@ -180,3 +180,20 @@ def test_even_lengths_and_tile_overrides():
     assert rel_err(out, ref) < 1e-5
     with pytest.raises(ValueError, match="BLOCK_N"):
         flexebt.flex_attention(*x, block_mask=bm, kernel_options=dict(T, BLOCK_N=64))
+
+
+def test_torch_func_grad_through_the_kernels():
+    """torch.func.grad builds kernels and launches them inside the transform (plain tensors for
+    Triton, functorch wraps the results); forward-mode is refused clearly until the JVP kernels."""
+    bm = flexebt.create_block_mask(masks.causal_mask, None, None, 32, 32, device="cpu", BLOCK_SIZE=16)
+    k, v = torch.randn(1, 2, 32, 16), torch.randn(1, 2, 32, 16)
+    sm = mods.generate_tanh_softcap(2.0)
+
+    def energy(q, backend):
+        return flexebt.flex_attention(q, k, v, score_mod=sm, block_mask=bm, kernel_options=backend).square().sum()
+
+    q = torch.randn(1, 2, 32, 16)
+    g = torch.func.grad(lambda x: energy(x, T))(q)
+    assert rel_err(g, torch.func.grad(lambda x: energy(x, R))(q)) < 1e-5
+    with pytest.raises(NotImplementedError, match="jvp"):
+        torch.func.jvp(lambda x: energy(x, T), (q,), (torch.randn_like(q),))

@@ -100,8 +100,23 @@ def get_kernels(template: str, score_mod: Optional[Callable], mask_mod: Optional
     key = (template, _fingerprint(score_mod), _fingerprint(mask_mod), second_order, _interpret())
     hit = _CACHE.get(key)
     if hit is None:
-        hit = _CACHE[key] = _build(template, score_mod, mask_mod, second_order)
+        # Building traces the mods with make_fx and autograd. That is code generation, not part of
+        # the caller's math, so it runs on a worker thread: torch.func transforms, no_grad,
+        # inference_mode and autocast are thread-local and do not follow it there.
+        hit = _CACHE[key] = _builder().submit(_build, template, score_mod, mask_mod, second_order).result()
     return hit
+
+
+_POOL = None
+
+
+def _builder():
+    global _POOL
+    if _POOL is None:
+        import concurrent.futures
+
+        _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="flexebt-codegen")
+    return _POOL
 
 
 def _merge_buffers(score: Optional[TracedMod], mask: Optional[TracedMod]):
