@@ -157,9 +157,34 @@ def flex_ebt_attention(q_o: Tensor, k_o: Tensor, v_o: Tensor, q_p: Tensor, k_p: 
     V.check_callable(fn, "score_mod", score_mod)
     _check_ebt_block_mask(fn, block_mask, q_o.shape[0], q_o.shape[1], S_o, S_p)
     V.check_kernel_options(fn, kernel_options)
-    resolve_backend(kernel_options, q_o.device, fn)
-    out_o, out_p, lse_o, lse_p = ebt_attention_reference(q_o, k_o, v_o, q_p, k_p, v_p, score_mod, block_mask, scale)
+    backend = resolve_backend(kernel_options, q_o.device, fn, has_kernels=True, dtype=q_o.dtype,
+                              head_dim=max(q_o.shape[-1], v_o.shape[-1]))
+    if backend == "TRITON":
+        out_o, out_p, lse_o, lse_p = _flex_ebt_attention_triton(q_o, k_o, v_o, q_p, k_p, v_p, score_mod, block_mask,
+                                                                scale, kernel_options)
+    else:
+        out_o, out_p, lse_o, lse_p = ebt_attention_reference(q_o, k_o, v_o, q_p, k_p, v_p, score_mod, block_mask,
+                                                             scale)
     return (out_o, out_p, lse_o, lse_p) if return_lse else (out_o, out_p)
+
+
+def _flex_ebt_attention_triton(q_o, k_o, v_o, q_p, k_p, v_p, score_mod, block_mask, scale, kernel_options):
+    from .autograd import EBTAttention, EBTCall
+    from .kernels.ebt import plan, structure_mask
+
+    B, H, S_o = q_o.shape[:3]
+    if block_mask is None:
+        structure_mask(S_o, q_p.shape[2], q_o.device)  # build (and cache) outside the guard below
+    with torch._C._DisableFuncTorch():  # plain tables even inside torch.func transforms
+        pl = plan(score_mod, block_mask, B, H, S_o, q_p.shape[2], q_o.device)
+    for t in pl.buffers_o + pl.buffers_p:
+        if t.device != q_o.device:
+            raise ValueError(f"flex_ebt_attention: a tensor captured by score_mod/mask_mod is on {t.device} but the "
+                             f"inputs are on {q_o.device}; move it to {q_o.device}.")
+    scale = q_o.shape[-1] ** -0.5 if scale is None else float(scale)
+    call = EBTCall(pl, score_mod, block_mask, scale, kernel_options)
+    c = [x.contiguous() for x in (q_o, k_o, v_o, q_p, k_p, v_p)]
+    return EBTAttention.apply(*c, call, *pl.buffers_o)
 
 
 def _check_ebt_block_mask(fn: str, block_mask, B: int, H: int, S_o: int, S_p: int) -> None:

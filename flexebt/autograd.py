@@ -1,12 +1,14 @@
 """The autograd chain of the kernel path: Attention -> AttentionBackward -> (double backward).
 
-``FlexAttention.backward`` calls ``FlexAttentionBackward.apply``, so the backward is itself a
-differentiable op.  Until the fused double-backward kernels land (issue #5), the backward of
-``FlexAttentionBackward`` recomputes the first-order gradients with the dense reference under
+``FlexAttention.backward`` calls ``FlexAttentionBackward.apply`` (likewise for EBT), so the
+backward is itself a differentiable op.  Until the fused double-backward kernels land (issue #5),
+the backward of ``*Backward`` recomputes the first-order gradients with the dense reference under
 autograd and differentiates those: exact at every order, but O(S^2) memory.  Nothing is ever
 dropped silently.
 
-Captured tensors of the mods are extra inputs of both Functions, so gradients reach them.
+Captured tensors of the mods are extra inputs of the Functions, so gradients reach them.
+Kernel launches run with functorch dispatch off: under ``torch.func`` the Functions receive plain
+tensors, but tensors allocated inside would be wrapped, and Triton needs plain storage.
 """
 
 from __future__ import annotations
@@ -19,12 +21,44 @@ from torch import Tensor
 
 from .codegen.source import ModKernels
 from .kernels.flex import BlockTables, flex_backward, flex_forward
+from .reference.ebt import ebt_attention_reference
 from .reference.flex import flex_attention_reference
+
+
+def _reference_double_backward(reference: Callable, primals: list, buffers: list, cts: list, grad_cts: list):
+    """Backward of a first-order backward, by autograd through the dense reference.
+
+    ``reference(*primals)`` returns the forward outputs; ``cts`` are the cotangents the first-order
+    backward received for them (None: none); ``grad_cts`` are the cotangents of its results, the
+    gradients of ``primals`` then of the buffers that require grad.  Returns the gradients of
+    ``primals``, of ``cts`` and of ``buffers`` (None where there are none).  The forward outputs
+    themselves (saved by the first backward) are recomputed here, so the total derivative already
+    flows to ``primals`` and they get no gradient of their own.
+    """
+    with torch.enable_grad():
+        p = [x.detach().requires_grad_() for x in primals]
+        c = [None if t is None else t.detach().requires_grad_() for t in cts]
+        grad_bufs = [b for b in buffers if b.requires_grad]
+        outs = reference(*p)
+        pairs = [(o, ct) for o, ct in zip(outs, c) if ct is not None]
+        wrt = p + grad_bufs
+        first = torch.autograd.grad([o for o, _ in pairs], wrt, [ct for _, ct in pairs], create_graph=True,
+                                    allow_unused=True)
+        sel = [(f, g) for f, g in zip(first, grad_cts) if f is not None and g is not None and f.requires_grad]
+        targets = p + [x for x in c if x is not None] + grad_bufs
+        res = (torch.autograd.grad([f for f, _ in sel], targets, [g for _, g in sel], allow_unused=True)
+               if sel else [None] * len(targets))
+    res = list(res)
+    g_primals = res[:len(p)]
+    rest = res[len(p):]
+    g_cts = [None if x is None else rest.pop(0) for x in c]
+    g_bufs = [rest.pop(0) if b.requires_grad else None for b in buffers]
+    return g_primals, g_cts, g_bufs
 
 
 @dataclasses.dataclass
 class FlexCall:
-    """Everything about one call that is not a tensor input."""
+    """Everything about one single-stream call that is not a tensor input."""
 
     kernels: ModKernels
     tables: BlockTables
@@ -38,8 +72,6 @@ class FlexCall:
 class FlexAttention(torch.autograd.Function):
     @staticmethod
     def forward(q, k, v, call: FlexCall, *buffers):
-        # Under torch.func, functorch hands forward plain tensors but would wrap the tensors the
-        # launcher allocates; Triton needs plain storage, and functorch wraps our outputs itself.
         with torch._C._DisableFuncTorch():
             return flex_forward(call.kernels, q, k, v, call.scale, call.tables, list(buffers), call.options)
 
@@ -55,15 +87,14 @@ class FlexAttention(torch.autograd.Function):
         q, k, v, out, lse, *buffers = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        grads = FlexAttentionBackward.apply(q, k, v, out, lse, dout, dlse, ctx.call, *buffers)
-        dq, dk, dv, *dbuf = grads
+        dq, dk, dv, *dbuf = FlexAttentionBackward.apply(q, k, v, out, lse, dout, dlse, ctx.call, *buffers)
         return (dq, dk, dv, None, *dbuf)
 
 
 class FlexAttentionBackward(torch.autograd.Function):
     @staticmethod
     def forward(q, k, v, out, lse, dout, dlse, call: FlexCall, *buffers):
-        with torch._C._DisableFuncTorch():  # see FlexAttention.forward
+        with torch._C._DisableFuncTorch():
             dq, dk, dv, dbuf = flex_backward(call.kernels, q, k, v, out, lse, dout, dlse, call.scale, call.tables,
                                              list(buffers), call.options)
         dbuf = [torch.zeros_like(b) if g is None else g for g, b in zip(dbuf, buffers)]
@@ -78,34 +109,80 @@ class FlexAttentionBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gdq, gdk, gdv, *gdbuf):
-        """Double backward by differentiating the reference's first-order gradients.
-
-        (dq, dk, dv, dbuf) are functions of (q, k, v, dout, dlse, buffers); out and lse are
-        recomputed inside, so their own gradients are returned as None (the total derivative
-        already flows to q, k, v)."""
         q, k, v, dout, dlse, *buffers = ctx.saved_tensors
         call: FlexCall = ctx.call
-        with torch.enable_grad():
-            qd, kd, vd, dod = (x.detach().requires_grad_() for x in (q, k, v, dout))
-            dlsed = dlse.detach().requires_grad_() if ctx.has_dlse else None
-            grad_bufs = [b for b in buffers if b.requires_grad]
-            out, lse = flex_attention_reference(qd, kd, vd, call.score_mod, call.block_mask, call.scale)
-            outs, cts = [out], [dod]
-            if dlsed is not None:
-                outs.append(lse)
-                cts.append(dlsed)
-            wrt = [qd, kd, vd] + grad_bufs
-            first = torch.autograd.grad(outs, wrt, cts, create_graph=True, allow_unused=True)
-            first = [torch.zeros_like(w) if f is None else f for f, w in zip(first, wrt)]
-            cot = [gdq, gdk, gdv] + [g for g, b in zip(gdbuf, buffers) if b.requires_grad]
-            pairs = [(f, c) for f, c in zip(first, cot) if c is not None and f.requires_grad]
-            targets = [qd, kd, vd, dod] + ([dlsed] if dlsed is not None else []) + grad_bufs
-            if pairs:
-                res = torch.autograd.grad([p[0] for p in pairs], targets, [p[1] for p in pairs], allow_unused=True)
-            else:
-                res = [None] * len(targets)
-        gq, gk, gv, gdo = res[:4]
-        gdlse = res[4] if dlsed is not None else None
-        rest = list(res[5:] if dlsed is not None else res[4:])
-        gbuf = [rest.pop(0) if b.requires_grad else None for b in buffers]
+
+        def reference(q, k, v):
+            return flex_attention_reference(q, k, v, call.score_mod, call.block_mask, call.scale)
+
+        gbuf_cts = [g for g, b in zip(gdbuf, buffers) if b.requires_grad]
+        (gq, gk, gv), (gdo, gdlse), gbuf = _reference_double_backward(
+            reference, [q, k, v], buffers, [dout, dlse if ctx.has_dlse else None], [gdq, gdk, gdv] + gbuf_cts)
         return (gq, gk, gv, None, None, gdo, gdlse, None, *gbuf)
+
+
+@dataclasses.dataclass
+class EBTCall:
+    plan: object  # kernels.ebt.EBTPlan
+    score_mod: Optional[Callable]
+    block_mask: object
+    scale: float
+    options: Optional[dict] = None
+
+
+class EBTAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(q_o, k_o, v_o, q_p, k_p, v_p, call: EBTCall, *buffers):
+        from .kernels.ebt import ebt_forward
+
+        with torch._C._DisableFuncTorch():
+            return ebt_forward(call.plan, q_o, k_o, v_o, q_p, k_p, v_p, call.scale, call.options)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.call = inputs[6]
+        ctx.n_buffers = len(inputs) - 7
+        ctx.save_for_backward(*inputs[:6], *output, *inputs[7:])
+
+    @staticmethod
+    def backward(ctx, do_o, do_p, dlse_o, dlse_p):
+        saved = ctx.saved_tensors
+        qkv, outs, buffers = saved[:6], saved[6:10], saved[10:]
+        do_o = torch.zeros_like(outs[0]) if do_o is None else do_o
+        do_p = torch.zeros_like(outs[1]) if do_p is None else do_p
+        grads = EBTAttentionBackward.apply(*qkv, *outs, do_o, do_p, dlse_o, dlse_p, ctx.call, *buffers)
+        return (*grads[:6], None, *grads[6:])
+
+
+class EBTAttentionBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(q_o, k_o, v_o, q_p, k_p, v_p, out_o, out_p, lse_o, lse_p, do_o, do_p, dlse_o, dlse_p,
+                call: EBTCall, *buffers):
+        from .kernels.ebt import ebt_backward
+
+        with torch._C._DisableFuncTorch():
+            *g, dbuf = ebt_backward(call.plan, q_o, k_o, v_o, q_p, k_p, v_p, out_o, out_p, lse_o, lse_p, do_o, do_p,
+                                    dlse_o, dlse_p, call.scale, call.options)
+        dbuf = [torch.zeros_like(b) if d is None else d for d, b in zip(dbuf, buffers)]
+        return (*g, *dbuf)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        qkv, cts, call, buffers = inputs[:6], inputs[10:14], inputs[14], inputs[15:]
+        ctx.call = call
+        ctx.has_ct = [c is not None for c in cts]
+        ctx.save_for_backward(*qkv, *[c if c is not None else torch.empty(0) for c in cts], *buffers)
+
+    @staticmethod
+    def backward(ctx, *gouts):
+        saved = ctx.saved_tensors
+        qkv, cts, buffers = list(saved[:6]), list(saved[6:10]), saved[10:]
+        cts = [c if has else None for c, has in zip(cts, ctx.has_ct)]
+        call: EBTCall = ctx.call
+
+        def reference(*x):
+            return ebt_attention_reference(*x, call.score_mod, call.block_mask, call.scale)
+
+        gbuf_cts = [g for g, b in zip(gouts[6:], buffers) if b.requires_grad]
+        g_qkv, g_cts, gbuf = _reference_double_backward(reference, qkv, buffers, cts, list(gouts[:6]) + gbuf_cts)
+        return (*g_qkv, None, None, None, None, *g_cts, None, *gbuf)

@@ -165,7 +165,8 @@ def _build(template: str, score_mod, mask_mod, second_order: bool) -> ModKernels
         blocks["CAPTURED_GRAD"] = ["pass"]
     if mask is not None:
         em = Emitter("mm_", [b.tensor.dtype for b in buffers], mask.name)
-        (out,) = em.emit(mask.graph, ["off_b", "off_h", "q_idx", "kv_idx"], mask_consts)
+        # block-mask mods see stream-local query positions (mq_idx); score_mods see frame positions
+        (out,) = em.emit(mask.graph, ["off_b", "off_h", "mq_idx", "kv_idx"], mask_consts)
         blocks["MASK"] = em.lines + [f"mask_keep = {out}"]
     else:
         blocks["MASK"] = ["mask_keep = VALID"]

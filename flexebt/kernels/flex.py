@@ -129,53 +129,105 @@ def _even(Sq: int, Skv: int, tables: BlockTables) -> bool:
     return Sq % tables.sparse_q == 0 and Skv % tables.sparse_kv == 0
 
 
+@dataclasses.dataclass
+class OwnKeys:
+    """The EBT predicted stream's own keys: query i also attends to kp[i], vp[i] when keep[b, h, i]."""
+
+    kp: Tensor    # [B, Hkv, Sq, D]
+    vp: Tensor    # [B, Hkv, Sq, DV]
+    keep: Tensor  # int8 [B, H, Sq]
+
+
 def flex_forward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, scale: float, tables: BlockTables,
-                 buffers: list[Tensor], options: Optional[dict] = None) -> tuple[Tensor, Tensor]:
+                 buffers: list[Tensor], options: Optional[dict] = None, q_off: int = 0,
+                 own: Optional[OwnKeys] = None) -> tuple[Tensor, Tensor]:
     B, H, Sq, D = q.shape
     Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
     out = torch.empty(B, H, Sq, DV, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
     cfg = flex_config("fwd", max(D, DV), tables.sparse_q, tables.sparse_kv, options, kern.gathers)
+    kp, vp, keep = (own.kp, own.vp, own.keep) if own is not None else (q, v, lse)
     _launch(kern.module.flex_fwd, lambda c: (triton_cdiv(Sq, c.BLOCK_M), B * H),
             (q, k, v, out, lse, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx,
              H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
-             tables.full_kv_idx.shape[-1], scale, *_buffer_args(buffers, {})),
+             tables.full_kv_idx.shape[-1], scale, q_off, kp, vp, keep, *_buffer_args(buffers, {})),
             dict(D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), SPARSE_Q=tables.sparse_q,
                  SPARSE_KV=tables.sparse_kv, HAS_FULL=tables.has_full, EVEN=_even(Sq, Skv, tables),
-                 REVERSE=_reverse(options), **_precision(q.dtype)), cfg, (D, DV, q.dtype))
+                 REVERSE=_reverse(options), HAS_SELF=own is not None, **_precision(q.dtype)), cfg, (D, DV, q.dtype))
     return out, lse
+
+
+def _common(q, k, v, tables):
+    D, Sq, Skv, DV = q.shape[3], q.shape[2], k.shape[2], v.shape[3]
+    return dict(D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), SPARSE_Q=tables.sparse_q,
+                SPARSE_KV=tables.sparse_kv, HAS_FULL=tables.has_full, EVEN=_even(Sq, Skv, tables),
+                **_precision(q.dtype))
+
+
+def dq_pass(kern: ModKernels, q, k, v, out, lse, dout, dlse, scale, tables: BlockTables, bargs: list,
+            options=None, q_off: int = 0, own: Optional[OwnKeys] = None):
+    """dq, Delta (for the dk/dv pass) and, with own keys, their per-query-head dk, dv."""
+    B, H, Sq, D = q.shape
+    Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
+    delta = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)  # written by this pass
+    dq = torch.empty_like(q)
+    if own is not None:
+        dkp = torch.empty(B, H, Sq, D, dtype=torch.float32, device=q.device)
+        dvp = torch.empty(B, H, Sq, DV, dtype=torch.float32, device=q.device)
+        kp, vp, keep = own.kp, own.vp, own.keep
+    else:
+        dkp = dvp = kp = vp = keep = lse
+    cfg = flex_config("dq", max(D, DV), tables.sparse_q, tables.sparse_kv, options)
+    _launch(kern.module.flex_bwd_dq, lambda c: (triton_cdiv(Sq, c.BLOCK_M), B * H),
+            (q, k, v, out, dout, lse, dlse if dlse is not None else lse, delta, dq, tables.kv_num, tables.kv_idx,
+             tables.full_kv_num, tables.full_kv_idx, H, Hkv, Sq, Skv, tables.MB, tables.MH,
+             tables.kv_num.shape[-1], tables.kv_idx.shape[-1], tables.full_kv_idx.shape[-1], scale, q_off,
+             kp, vp, keep, dkp, dvp, *bargs),
+            dict(HAS_DLSE=dlse is not None, REVERSE=_reverse(options), HAS_SELF=own is not None,
+                 **_common(q, k, v, tables)), cfg, (D, DV, q.dtype))
+    return dq, delta, ((dkp, dvp) if own is not None else None)
+
+
+def dkdv_pass(kern: ModKernels, q, k, v, lse, delta, dout, scale, tables: BlockTables, bargs: list, options=None,
+              q_off: int = 0, into: Optional[tuple] = None, accumulate: bool = False):
+    """dk, dv of the keys from these queries, written to ``into=(dk, dv)`` if given (added to its
+    contents with ``accumulate``), else to new tensors of k's / v's dtype."""
+    B, H, Sq, D = q.shape
+    Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
+    if into is None:
+        dk = torch.empty(B, Hkv, Skv, D, dtype=k.dtype, device=k.device)
+        dv = torch.empty(B, Hkv, Skv, DV, dtype=v.dtype, device=v.device)
+    else:
+        dk, dv = into
+    cfg = flex_config("dkdv", max(D, DV), tables.sparse_q, tables.sparse_kv, options)
+    _launch(kern.module.flex_bwd_dkdv, lambda c: (triton_cdiv(Skv, c.BLOCK_N), B * Hkv),
+            (q, k, v, dout, lse, delta, dk, dv, tables.q_num, tables.q_idx, tables.full_q_num, tables.full_q_idx,
+             H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.q_num.shape[-1], tables.q_idx.shape[-1],
+             tables.full_q_idx.shape[-1], scale, q_off, *bargs),
+            dict(ACCUMULATE=accumulate, **_common(q, k, v, tables)), cfg, (D, DV, q.dtype))
+    return dk, dv
+
+
+def captured_grad_buffers(kern: ModKernels, buffers: list[Tensor], device) -> dict[int, Tensor]:
+    """fp32 accumulators for the captured tensors whose gradient the kernels scatter."""
+    return {slot: torch.zeros(buffers[slot].shape, dtype=torch.float32, device=device) for slot in kern.grad_slots}
+
+
+def finish_captured_grads(buffers: list[Tensor], gbufs: dict[int, Tensor]) -> list[Optional[Tensor]]:
+    return [gbufs[s].to(buffers[s].dtype) if s in gbufs else None for s in range(len(buffers))]
 
 
 def flex_backward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
                   dlse: Optional[Tensor], scale: float, tables: BlockTables, buffers: list[Tensor],
                   options: Optional[dict] = None):
     """dq, dk, dv and the captured tensors' gradients (None where not accumulated)."""
-    B, H, Sq, D = q.shape
-    Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
     dout = dout.contiguous()
-    delta = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)  # written by the dq pass
-    dlse_arg = dlse.contiguous() if dlse is not None else lse
-    dq = torch.empty_like(q)
-    dk = torch.empty(B, Hkv, Skv, D, dtype=k.dtype, device=k.device)
-    dv = torch.empty(B, Hkv, Skv, DV, dtype=v.dtype, device=v.device)
-    gbufs = {slot: torch.zeros(buffers[slot].shape, dtype=torch.float32, device=q.device) for slot in kern.grad_slots}
+    dlse = dlse.contiguous() if dlse is not None else None
+    gbufs = captured_grad_buffers(kern, buffers, q.device)
     bargs = _buffer_args(buffers, gbufs)
-    common = dict(D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), SPARSE_Q=tables.sparse_q,
-                  SPARSE_KV=tables.sparse_kv, HAS_FULL=tables.has_full, EVEN=_even(Sq, Skv, tables),
-                  **_precision(q.dtype))
-    cfg = flex_config("dq", max(D, DV), tables.sparse_q, tables.sparse_kv, options)
-    _launch(kern.module.flex_bwd_dq, lambda c: (triton_cdiv(Sq, c.BLOCK_M), B * H),
-            (q, k, v, out, dout, lse, dlse_arg, delta, dq, tables.kv_num, tables.kv_idx, tables.full_kv_num,
-             tables.full_kv_idx, H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1],
-             tables.kv_idx.shape[-1], tables.full_kv_idx.shape[-1], scale, *bargs),
-            dict(HAS_DLSE=dlse is not None, REVERSE=_reverse(options), **common), cfg, (D, DV, q.dtype))
-    cfg = flex_config("dkdv", max(D, DV), tables.sparse_q, tables.sparse_kv, options)
-    _launch(kern.module.flex_bwd_dkdv, lambda c: (triton_cdiv(Skv, c.BLOCK_N), B * Hkv),
-            (q, k, v, dout, lse, delta, dk, dv, tables.q_num, tables.q_idx, tables.full_q_num, tables.full_q_idx,
-             H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.q_num.shape[-1], tables.q_idx.shape[-1],
-             tables.full_q_idx.shape[-1], scale, *bargs), common, cfg, (D, DV, q.dtype))
-    grads = [gbufs[s].to(buffers[s].dtype) if s in gbufs else None for s in range(len(buffers))]
-    return dq, dk, dv, grads
+    dq, delta, _ = dq_pass(kern, q, k, v, out, lse, dout, dlse, scale, tables, bargs, options)
+    dk, dv = dkdv_pass(kern, q, k, v, lse, delta, dout, scale, tables, bargs, options)
+    return dq, dk, dv, finish_captured_grads(buffers, gbufs)
 
 
 def triton_cdiv(a: int, b: int) -> int:

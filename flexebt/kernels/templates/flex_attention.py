@@ -62,7 +62,55 @@ def _mod_indices(offs_m, offs_n, Sq, Skv, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, K, V, kv_head_base, v_head_base, start_n, offs_m, off_b, off_h, Sq, Skv, scale,
+def _own_key_scores(q, KP, VP, SELF_KEEP, kv_head_base, v_head_base, qh, offs_m, off_b, off_h, Sq, scale, Q_OFF,
+                    __BUFFERS__
+                    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                    BLOCK_M: tl.constexpr, EVEN: tl.constexpr):
+    """EBT own key as a row-wise term: t2_i = f(scale q_i.kp_i) log2 e at frame (t, t), t = i + Q_OFF,
+    or -inf where it is dropped; one [BLOCK_M] column, no tile.  Returns (t2, keep, vp)."""
+    kp = _load_rows(KP + kv_head_base, offs_m, Sq, D, BLOCK_D, EVEN)
+    vp = _load_rows(VP + v_head_base, offs_m, Sq, DV, BLOCK_DV, EVEN)
+    s_raw = tl.sum(q.to(tl.float32) * kp.to(tl.float32), 1)[:, None]  # [BLOCK_M, 1]
+    VALID = (offs_m < Sq)[:, None]
+    mq_idx, _unused = _mod_indices(offs_m, offs_m, Sq, Sq, EVEN)
+    q_idx = mq_idx[:, None] + Q_OFF
+    kv_idx = q_idx
+    ZERO = tl.zeros([BLOCK_M, 1], dtype=tl.int32)
+    # @SCORE_FWD
+    keep = VALID & (tl.load(SELF_KEEP + qh * Sq + offs_m, mask=offs_m < Sq, other=0) != 0)[:, None]
+    t2 = tl.sum(tl.where(keep, t2, float("-inf")), 1)
+    return t2, tl.sum(keep.to(tl.int32), 1) > 0, vp
+
+
+@triton.jit
+def _own_key_grads(q, do, lse2, delta, KP, VP, SELF_KEEP, kv_head_base, v_head_base, qh, offs_m, off_b, off_h, Sq,
+                   scale, Q_OFF, __BUFFERS__
+                   D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                   BLOCK_M: tl.constexpr, EVEN: tl.constexpr):
+    """Backward of the own-key term of one query tile: returns (ds_self [BLOCK_M, 1], kp, dkp
+    without scale, dvp) and scatters its captured-tensor gradients.  p_i = exp(t_i - L_i),
+    dt_i = p_i (do_i.vp_i - D_i), ds_i = dt_i f'(s_i); dq_i += ds_i kp_i, dkp_i = ds_i q_i,
+    dvp_i = p_i do_i (times scale where the score had it)."""
+    kp = _load_rows(KP + kv_head_base, offs_m, Sq, D, BLOCK_D, EVEN)
+    vp = _load_rows(VP + v_head_base, offs_m, Sq, DV, BLOCK_DV, EVEN)
+    s_raw = tl.sum(q.to(tl.float32) * kp.to(tl.float32), 1)[:, None]
+    VALID = (offs_m < Sq)[:, None]
+    mq_idx, _unused = _mod_indices(offs_m, offs_m, Sq, Sq, EVEN)
+    q_idx = mq_idx[:, None] + Q_OFF
+    kv_idx = q_idx
+    ZERO = tl.zeros([BLOCK_M, 1], dtype=tl.int32)
+    # @SCORE_BWD
+    keep = VALID & (tl.load(SELF_KEEP + qh * Sq + offs_m, mask=offs_m < Sq, other=0) != 0)[:, None]
+    p = tl.where(keep, tl.math.exp2(t2 - lse2[:, None]), 0.0)
+    dp = tl.sum(do.to(tl.float32) * vp.to(tl.float32), 1)[:, None]
+    dt = p * (dp - delta[:, None])
+    # @CAPTURED_GRAD
+    ds = tl.where(keep, dt * dtds, 0.0)
+    return ds, kp, ds * q.to(tl.float32), p * do.to(tl.float32)
+
+
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, q, K, V, kv_head_base, v_head_base, start_n, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
               __BUFFERS__
               D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
@@ -72,8 +120,9 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, kv_head_base, v_head_base, start_n, offs_m
     v = _load_rows(V + v_head_base, offs_n, Skv, DV, BLOCK_DV, EVEN)
     s_raw = _mm(q, tl.trans(k), IEEE, UPCAST)
     VALID = (offs_m[:, None] < Sq) & (offs_n[None, :] < Skv)
-    q_idx, kv_idx = _mod_indices(offs_m, offs_n, Sq, Skv, EVEN)
-    q_idx = q_idx[:, None]
+    mq_idx, kv_idx = _mod_indices(offs_m, offs_n, Sq, Skv, EVEN)
+    mq_idx = mq_idx[:, None]
+    q_idx = mq_idx + Q_OFF
     kv_idx = kv_idx[None, :]
     ZERO = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     # @SCORE_FWD
@@ -108,12 +157,15 @@ def _row_table(NUM, IDX, FULL_NUM, FULL_IDX, off_b, off_h, block, MB, MH, N_ROWS
 
 @triton.jit
 def flex_fwd(Q, K, V, O, LSE, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
-             H, Hkv, Sq, Skv, MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, scale,
+             H, Hkv, Sq, Skv, MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, scale, Q_OFF, KP, VP, SELF_KEEP,
              __BUFFERS__
              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
              HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-             REVERSE: tl.constexpr):
+             REVERSE: tl.constexpr, HAS_SELF: tl.constexpr):
+    """One query tile.  Q_OFF shifts the query positions the score_mod sees (frame coordinates of
+    the EBT predicted stream; 0 otherwise).  HAS_SELF: each query i also attends to its own key
+    KP[i], VP[i] (EBT), kept iff SELF_KEEP[b, h, i]; that key seeds the online softmax."""
     # REVERSE: launch the last query tiles first; under a causal mask they see the most keys, so
     # heavy tiles start early and the launch has a shorter tail.
     pid_m = tl.program_id(0)
@@ -129,9 +181,18 @@ def flex_fwd(Q, K, V, O, LSE, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
     kv_head_base = (off_b * Hkv + off_hk).to(tl.int64) * Skv * D
     v_head_base = (off_b * Hkv + off_hk).to(tl.int64) * Skv * DV
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    if HAS_SELF:
+        own = (off_b * Hkv + off_hk).to(tl.int64) * Sq  # own keys: [B, Hkv, Sq, D] like q's rows
+        t2_self, keep_self, vp = _own_key_scores(q, KP, VP, SELF_KEEP, own * D, own * DV, qh, offs_m, off_b,
+                                                 off_h, Sq, scale, Q_OFF, __BUFFERS__
+                                                 D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, EVEN)
+        m_i = t2_self  # -inf where the own key is dropped
+        l_i = tl.where(keep_self, 1.0, 0.0)
+        acc = tl.where(keep_self[:, None], vp.to(tl.float32), 0.0)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     base, base_full, n_partial, n_full = _row_table(KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, off_b, off_h,
                                                     (pid_m * BLOCK_M) // SPARSE_Q, MB, MH, NQ_BLOCKS, NKV_LIST,
                                                     NKV_LIST_FULL, HAS_FULL)
@@ -139,14 +200,14 @@ def flex_fwd(Q, K, V, O, LSE, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
         kv_block = tl.load(KV_IDX + base + it // (SPARSE_KV // BLOCK_N))
         j = it % (SPARSE_KV // BLOCK_N)
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, kv_head_base, v_head_base,
-                                  kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale,
+                                  kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
                                   __BUFFERS__
                                   D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, EVEN, IEEE, UPCAST)
     for it in range(n_full * (SPARSE_KV // BLOCK_N)):
         kv_block = tl.load(FULL_IDX + base_full + it // (SPARSE_KV // BLOCK_N))
         j = it % (SPARSE_KV // BLOCK_N)
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, kv_head_base, v_head_base,
-                                  kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale,
+                                  kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
                                   __BUFFERS__
                                   D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, EVEN, IEEE, UPCAST)
 
@@ -166,7 +227,7 @@ def flex_fwd(Q, K, V, O, LSE, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
 #   and a captured tensor c read as c_k at one index gets dt_ij df/dc_k there (the dq pass does it).
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, K, V, kv_head_base, v_head_base, start_n, offs_m, off_b, off_h, Sq, Skv,
-             scale, __BUFFERS__
+             scale, Q_OFF, __BUFFERS__
              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
              IEEE: tl.constexpr, UPCAST: tl.constexpr):
@@ -175,8 +236,9 @@ def _dq_tile(dq, q, do, lse2, delta, K, V, kv_head_base, v_head_base, start_n, o
     v = _load_rows(V + v_head_base, offs_n, Skv, DV, BLOCK_DV, EVEN)
     s_raw = _mm(q, tl.trans(k), IEEE, UPCAST)
     VALID = (offs_m[:, None] < Sq) & (offs_n[None, :] < Skv)
-    q_idx, kv_idx = _mod_indices(offs_m, offs_n, Sq, Skv, EVEN)
-    q_idx = q_idx[:, None]
+    mq_idx, kv_idx = _mod_indices(offs_m, offs_n, Sq, Skv, EVEN)
+    mq_idx = mq_idx[:, None]
+    q_idx = mq_idx + Q_OFF
     kv_idx = kv_idx[None, :]
     ZERO = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     # @SCORE_BWD
@@ -204,14 +266,15 @@ def _dq_tile(dq, q, do, lse2, delta, K, V, kv_head_base, v_head_base, start_n, o
 
 @triton.jit
 def flex_bwd_dq(Q, K, V, O, DO, LSE, DLSE, DELTA, DQ, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
-                H, Hkv, Sq, Skv, MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, scale,
-                __BUFFERS__
+                H, Hkv, Sq, Skv, MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, scale, Q_OFF, KP, VP, SELF_KEEP,
+                DKP, DVP, __BUFFERS__
                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
                 HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                HAS_DLSE: tl.constexpr, REVERSE: tl.constexpr):
+                HAS_DLSE: tl.constexpr, REVERSE: tl.constexpr, HAS_SELF: tl.constexpr):
     """dq for one query tile; also writes D_i = do_i.o_i - dlse_i for the dk/dv pass (a cotangent
-    of lse adds P_ij dlse_i to dt_ij, which is the same as lowering D_i by dlse_i)."""
+    of lse adds P_ij dlse_i to dt_ij, which is the same as lowering D_i by dlse_i).  With HAS_SELF
+    (EBT) it also writes the own keys' gradients DKP, DVP, per query head [B, H, Sq, D]."""
     pid_m = tl.program_id(0)
     if REVERSE:
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -242,23 +305,34 @@ def flex_bwd_dq(Q, K, V, O, DO, LSE, DLSE, DELTA, DQ, KV_NUM, KV_IDX, FULL_NUM, 
         kv_block = tl.load(KV_IDX + base + it // (SPARSE_KV // BLOCK_N))
         j = it % (SPARSE_KV // BLOCK_N)
         dq = _dq_tile(dq, q, do, lse2, delta, K, V, kv_head_base, v_head_base,
-                      kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale,
+                      kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
                       __BUFFERS__
                       D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, EVEN, IEEE, UPCAST)
     for it in range(n_full * (SPARSE_KV // BLOCK_N)):
         kv_block = tl.load(FULL_IDX + base_full + it // (SPARSE_KV // BLOCK_N))
         j = it % (SPARSE_KV // BLOCK_N)
         dq = _dq_tile(dq, q, do, lse2, delta, K, V, kv_head_base, v_head_base,
-                      kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale,
+                      kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
                       __BUFFERS__
                       D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, EVEN, IEEE, UPCAST)
     offs_d = tl.arange(0, BLOCK_D)
+    if HAS_SELF:
+        own = (off_b * Hkv + off_hk).to(tl.int64) * Sq
+        ds_self, kp, dkp, dvp = _own_key_grads(q, do, lse2, delta, KP, VP, SELF_KEEP, own * D, own * DV, qh, offs_m,
+                                               off_b, off_h, Sq, scale, Q_OFF, __BUFFERS__
+                                               D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, EVEN)
+        dq += ds_self * kp.to(tl.float32)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        tl.store(DKP + qh * Sq * D + offs_m[:, None] * D + offs_d[None, :], (dkp * scale).to(DKP.dtype.element_ty),
+                 mask=row_ok[:, None] & (offs_d[None, :] < D))
+        tl.store(DVP + qh * Sq * DV + offs_m[:, None] * DV + offs_dv[None, :], dvp.to(DVP.dtype.element_ty),
+                 mask=row_ok[:, None] & (offs_dv[None, :] < DV))
     tl.store(DQ + qh * Sq * D + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, qh, start_m, offs_n, off_b, off_h, Sq, Skv, scale,
+def _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, qh, start_m, offs_n, off_b, off_h, Sq, Skv, scale, Q_OFF,
                __BUFFERS__
                D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
@@ -274,8 +348,9 @@ def _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, qh, start_m, offs_n, off_b, off_
     delta = tl.load(DELTA + qh * Sq + offs_m, mask=row_ok, other=0.0)
     s_raw = _mm(k, tl.trans(q), IEEE, UPCAST)
     VALID = (offs_m[None, :] < Sq) & (offs_n[:, None] < Skv)
-    q_idx, kv_idx = _mod_indices(offs_m, offs_n, Sq, Skv, EVEN)
-    q_idx = q_idx[None, :]
+    mq_idx, kv_idx = _mod_indices(offs_m, offs_n, Sq, Skv, EVEN)
+    mq_idx = mq_idx[None, :]
+    q_idx = mq_idx + Q_OFF
     kv_idx = kv_idx[:, None]
     ZERO = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
     # @SCORE_BWD
@@ -300,13 +375,16 @@ def _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, qh, start_m, offs_n, off_b, off_
 
 @triton.jit
 def flex_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX,
-                  H, Hkv, Sq, Skv, MB, MH, NKV_BLOCKS, NQ_LIST, NQ_LIST_FULL, scale,
+                  H, Hkv, Sq, Skv, MB, MH, NKV_BLOCKS, NQ_LIST, NQ_LIST_FULL, scale, Q_OFF,
                   __BUFFERS__
                   D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
-                  HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                  HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                  ACCUMULATE: tl.constexpr):
     """One program per (kv tile, batch, kv head); loops over the query heads of its GQA group
-    and the query blocks the transposed block tables list for its kv block."""
+    and the query blocks the transposed block tables list for its kv block.  ACCUMULATE adds to
+    DK / DV instead of overwriting them (EBT: observed keys get a second pass for the predicted
+    queries)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = pid_bh // Hkv
@@ -329,19 +407,25 @@ def flex_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, Q_NUM, Q_IDX, FULL_Q_NUM,
             q_block = tl.load(Q_IDX + base + it // (SPARSE_Q // BLOCK_M))
             j = it % (SPARSE_Q // BLOCK_M)
             dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, qh, q_block * SPARSE_Q + j * BLOCK_M,
-                                offs_n, off_b, off_h, Sq, Skv, scale,
+                                offs_n, off_b, off_h, Sq, Skv, scale, Q_OFF,
                                 __BUFFERS__
                                 D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, EVEN, IEEE, UPCAST)
         for it in range(n_full * (SPARSE_Q // BLOCK_M)):
             q_block = tl.load(FULL_Q_IDX + base_full + it // (SPARSE_Q // BLOCK_M))
             j = it % (SPARSE_Q // BLOCK_M)
             dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, qh, q_block * SPARSE_Q + j * BLOCK_M,
-                                offs_n, off_b, off_h, Sq, Skv, scale,
+                                offs_n, off_b, off_h, Sq, Skv, scale, Q_OFF,
                                 __BUFFERS__
                                 D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, EVEN, IEEE, UPCAST)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    tl.store(DK + kvh * Skv * D + offs_n[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
-             mask=col_ok[:, None] & (offs_d[None, :] < D))
-    tl.store(DV_OUT + kvh * Skv * DV + offs_n[:, None] * DV + offs_dv[None, :], dv.to(DV_OUT.dtype.element_ty),
-             mask=col_ok[:, None] & (offs_dv[None, :] < DV))
+    dk_ptr = DK + kvh * Skv * D + offs_n[:, None] * D + offs_d[None, :]
+    dv_ptr = DV_OUT + kvh * Skv * DV + offs_n[:, None] * DV + offs_dv[None, :]
+    dk_ok = col_ok[:, None] & (offs_d[None, :] < D)
+    dv_ok = col_ok[:, None] & (offs_dv[None, :] < DV)
+    dk = dk * scale
+    if ACCUMULATE:
+        dk += tl.load(dk_ptr, mask=dk_ok, other=0.0).to(tl.float32)
+        dv += tl.load(dv_ptr, mask=dv_ok, other=0.0).to(tl.float32)
+    tl.store(dk_ptr, dk.to(DK.dtype.element_ty), mask=dk_ok)
+    tl.store(dv_ptr, dv.to(DV_OUT.dtype.element_ty), mask=dv_ok)

@@ -1,0 +1,106 @@
+"""Launchers of EBT two-stream attention on the single-stream kernel family.
+
+No concatenation: the observed stream is one ordinary pass over the observed keys; the
+predicted stream is one pass over the *same* observed keys (its block mask already drops the
+key at each query's own frame) whose score_mod sees frame positions (``Q_OFF = r + 1``), with
+each query's own key as a row-wise term that seeds the online softmax -- no predicted x
+predicted tile.  Backward: dq passes for both streams (the predicted one also yields the own
+keys' dk, dv), then dk/dv of the observed keys accumulated over both query streams in fp32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..codegen.source import ModKernels, get_kernels
+from .flex import (BlockTables, OwnKeys, _buffer_args, captured_grad_buffers, dkdv_pass, dq_pass,
+                   finish_captured_grads, flex_forward, tables_from_block_mask)
+
+
+@dataclasses.dataclass
+class EBTPlan:
+    """Kernels, tables and captured tensors of one EBT call."""
+
+    kern_o: ModKernels
+    kern_p: ModKernels
+    tables_o: BlockTables
+    tables_p: BlockTables
+    buffers_o: list
+    buffers_p: list
+    self_keep: Tensor  # int8 [B, H, S_p]
+    offset: int        # r + 1: frame of predicted query 0
+
+
+_STRUCTURE: dict = {}
+
+
+def _keep_all(b, h, q_idx, kv_idx):
+    return q_idx >= 0
+
+
+def structure_mask(S_o: int, S_p: int, device):
+    """The block mask of the bare two-stream structure (block_mask=None): every frame pair kept,
+    except that a predicted query never sees the observed key at its own frame.  Built once per
+    shape on the code-generation thread (create_block_mask uses vmap; the caller may be inside a
+    torch.func transform), then cached."""
+    from ..blockmask import create_ebt_block_mask
+    from ..codegen.source import _builder
+
+    key = (S_o, S_p, str(device))
+    if key not in _STRUCTURE:
+        _STRUCTURE[key] = _builder().submit(create_ebt_block_mask, _keep_all, None, None, S_o, S_p,
+                                            device=device).result()
+    return _STRUCTURE[key]
+
+
+def plan(score_mod, block_mask, B: int, H: int, S_o: int, S_p: int, device) -> EBTPlan:
+    """Tables, kernels and captured tensors of one call (call with functorch dispatch off)."""
+    if block_mask is None:
+        block_mask = structure_mask(S_o, S_p, device)
+    tables_o = tables_from_block_mask(block_mask.observed, S_o, S_o, device)
+    tables_p = tables_from_block_mask(block_mask.predicted, S_p, S_o, device)
+    kern_o = get_kernels("flex_attention", score_mod, tables_o.mask_mod)
+    kern_p = get_kernels("flex_attention", score_mod, tables_p.mask_mod)
+    keep = block_mask.self_keep(B, H, device).to(torch.int8).contiguous()
+    return EBTPlan(kern_o, kern_p, tables_o, tables_p, kern_o.buffers(score_mod, tables_o.mask_mod),
+                   kern_p.buffers(score_mod, tables_p.mask_mod), keep, S_o - S_p + 1)
+
+
+
+def ebt_forward(pl: EBTPlan, q_o, k_o, v_o, q_p, k_p, v_p, scale: float, options: Optional[dict] = None):
+    out_o, lse_o = flex_forward(pl.kern_o, q_o, k_o, v_o, scale, pl.tables_o, pl.buffers_o, options)
+    out_p, lse_p = flex_forward(pl.kern_p, q_p, k_o, v_o, scale, pl.tables_p, pl.buffers_p, options,
+                                q_off=pl.offset, own=OwnKeys(k_p, v_p, pl.self_keep))
+    return out_o, out_p, lse_o, lse_p
+
+
+def ebt_backward(pl: EBTPlan, q_o, k_o, v_o, q_p, k_p, v_p, out_o, out_p, lse_o, lse_p, dout_o, dout_p,
+                 dlse_o, dlse_p, scale: float, options: Optional[dict] = None):
+    """Gradients of q_o, k_o, v_o, q_p, k_p, v_p and of the score_mod's captured tensors."""
+    B, H, S_p, D = q_p.shape
+    Hkv, DV = k_p.shape[1], v_p.shape[3]
+    c = lambda t: t.contiguous() if t is not None else None  # noqa: E731
+    dout_o, dout_p, dlse_o, dlse_p = c(dout_o), c(dout_p), c(dlse_o), c(dlse_p)
+    # Captured-tensor gradients come from the score_mod only: its tensors hold the same slots in
+    # both streams' buffer lists, so one set of accumulators serves both passes.
+    gbufs = captured_grad_buffers(pl.kern_o, pl.buffers_o, q_o.device)
+    bargs_o, bargs_p = _buffer_args(pl.buffers_o, gbufs), _buffer_args(pl.buffers_p, gbufs)
+    own = OwnKeys(k_p, v_p, pl.self_keep)
+    dq_o, delta_o, _ = dq_pass(pl.kern_o, q_o, k_o, v_o, out_o, lse_o, dout_o, dlse_o, scale, pl.tables_o, bargs_o,
+                               options)
+    dq_p, delta_p, (dkp, dvp) = dq_pass(pl.kern_p, q_p, k_o, v_o, out_p, lse_p, dout_p, dlse_p, scale, pl.tables_p,
+                                        bargs_p, options, q_off=pl.offset, own=own)
+    acc = (torch.empty(k_o.shape, dtype=torch.float32, device=k_o.device),
+           torch.empty(v_o.shape, dtype=torch.float32, device=v_o.device))
+    dkdv_pass(pl.kern_o, q_o, k_o, v_o, lse_o, delta_o, dout_o, scale, pl.tables_o, bargs_o, options, into=acc)
+    dkdv_pass(pl.kern_p, q_p, k_o, v_o, lse_p, delta_p, dout_p, scale, pl.tables_p, bargs_p, options,
+              q_off=pl.offset, into=acc, accumulate=True)
+    group = H // Hkv  # own keys are shared by the query heads of a GQA group
+    dk_p = dkp.view(B, Hkv, group, S_p, D).sum(2).to(k_p.dtype)
+    dv_p = dvp.view(B, Hkv, group, S_p, DV).sum(2).to(v_p.dtype)
+    grads = finish_captured_grads(pl.buffers_o, gbufs)
+    return dq_o, acc[0].to(k_o.dtype), acc[1].to(v_o.dtype), dq_p, dk_p, dv_p, grads
