@@ -61,6 +61,4 @@ def test_functions_without_kernels_say_so(monkeypatch):
     monkeypatch.setenv("FLEXEBT_BACKEND", "TRITON")
     x = [torch.randn(1, 1, 4, 8) for _ in range(6)]
     with pytest.raises(NotImplementedError, match="Triton"):
-        flexebt.flex_ebt_attention(*x)
-    with pytest.raises(NotImplementedError, match="Triton"):
         flexebt.piecewise_attention(*x[:5], dist_threshold=1)
