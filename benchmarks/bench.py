@@ -45,13 +45,14 @@ def b2_variant(name, H, S, device):
 
 
 def timed(fn, mode, inputs):
-    """Median ms and peak memory of fwd or fwd+bwd."""
+    """Median ms and peak memory of fwd or fwd+bwd (fn may return a tuple of outputs)."""
     import triton.testing
 
     def step():
         out = fn()
+        outs = out if isinstance(out, (tuple, list)) else (out,)
         if mode == "fwd+bwd":
-            torch.autograd.grad(out, inputs, grad_outputs=torch.ones_like(out) * 0.01)
+            torch.autograd.grad(outs, inputs, grad_outputs=[torch.ones_like(o) * 0.01 for o in outs])
         return out
 
     step()
@@ -104,13 +105,81 @@ def run_b2(args, meta, writer):
                 torch.cuda.empty_cache()
 
 
+def _concat_ebt_mask(S):
+    """r = 0 EBT over the concatenated streams [o; p] as one causal-style mask (the oracle of SPEC §2)."""
+
+    def ebt_concat_mask(b, h, q, kv):
+        obs_q, obs_kv = q < S, kv < S
+        i = q - S  # predicted row i sits at frame i + 1: sees observed 0..i and itself
+        return (obs_q & obs_kv & (kv <= q)) | (~obs_q & ((obs_kv & (kv <= i)) | (kv == q)))
+
+    return ebt_concat_mask
+
+
+def run_b1(args, meta, writer):
+    """EBT attention, r = 0, causal, B8 H8: flexebt vs ebt_flash_attention 0.2.0, torch flex_attention
+    (compiled) over the concatenated streams, eager math (small S) and 2 x SDPA causal (the floor)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import flex_attention as torch_flex
+
+    try:
+        from ebt_flash_attention.ebt_attention import ebt_attention as efa
+    except ImportError:
+        efa = None
+    B, H = 8, 8
+    for dtype_name, D in args.b1_configs:
+        dtype = getattr(torch, dtype_name)
+        for S in args.seqs:
+            torch._dynamo.reset()
+            compiled = torch.compile(torch_flex, dynamic=False)
+            x = [torch.randn(B, H, S, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(6)]
+            bm = flexebt.create_ebt_block_mask(None, None, None, S, S, device="cuda")
+            bm_cat = create_block_mask(_concat_ebt_mask(S), None, None, 2 * S, 2 * S, device="cuda")
+            tril = torch.tril(torch.ones(S + 1, S + 1, dtype=torch.bool, device="cuda"))
+            flops = 4 * B * H * S * S * D  # two causal attentions of length S
+
+            def concat():
+                q, k, v = (torch.cat([x[i], x[i + 3]], dim=2) for i in range(3))
+                return compiled(q, k, v, block_mask=bm_cat)
+
+            impls = {
+                "flexebt": lambda: flexebt.flex_ebt_attention(*x, block_mask=bm),
+                "torch_flex_concat_compiled": concat,
+                "sdpa_2x_causal": lambda: (F.scaled_dot_product_attention(x[0], x[1], x[2], is_causal=True),
+                                           F.scaled_dot_product_attention(x[3], x[4], x[5], is_causal=True)),
+            }
+            if efa is not None:
+                impls["ebt_flash_attention"] = lambda: efa(*x, attn_mask=tril, causal=True)
+            if S <= args.eager_max_s:
+                impls["eager_math"] = lambda: flexebt.flex_ebt_attention(*x, block_mask=bm,
+                                                                        kernel_options={"BACKEND": "REFERENCE"})
+            for impl in args.impls:
+                if impl not in impls:
+                    continue
+                for mode in args.modes:
+                    try:
+                        ms, peak = timed(impls[impl], mode, x)
+                    except torch.OutOfMemoryError:
+                        ms, peak = float("nan"), float("nan")
+                        torch.cuda.empty_cache()
+                    writer(dict(meta, suite="B1", impl=impl, variant="ebt_causal_r0", dtype=dtype_name, B=B, H=H,
+                                S=S, D=D, mode=mode, ms=round(ms, 4), tflops=round(flops * MODES[mode] / ms / 1e9, 2),
+                                peak_mem_gib=round(peak, 3)))
+            del x
+            torch.cuda.empty_cache()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", default="B2", choices=["B2"])
+    p.add_argument("--suite", default="B2", choices=["B1", "B2"])
+    p.add_argument("--b1-configs", default="float32:32,bfloat16:64,bfloat16:128",
+                   type=lambda s: [(a, int(b)) for a, b in (x.split(":") for x in s.split(","))])
+    p.add_argument("--eager-max-s", type=int, default=2048)
     p.add_argument("--dims", default="64,128", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--seqs", default="1024,2048,4096,8192,16384", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--variants", default="causal,alibi,softcap,learned_bias", type=lambda s: s.split(","))
-    p.add_argument("--impls", default="flexebt,torch_flex_compiled,sdpa_causal", type=lambda s: s.split(","))
+    p.add_argument("--impls", default="flexebt,torch_flex_compiled,sdpa_causal,torch_flex_concat_compiled,"
+                   "sdpa_2x_causal,ebt_flash_attention,eager_math", type=lambda s: s.split(","))
     p.add_argument("--modes", default="fwd,fwd+bwd", type=lambda s: s.split(","))
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--batch", type=int, default=0, help="fixed batch; default: tokens // S")
@@ -138,7 +207,7 @@ def main(argv=None):
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            run_b2(args, meta, writer)
+            (run_b1 if args.suite == "B1" else run_b2)(args, meta, writer)
     with open(args.out + ".json", "w") as f:
         json.dump(rows, f, indent=1)
 
