@@ -120,3 +120,20 @@ def test_compat_runs_on_the_kernels(monkeypatch):
     monkeypatch.setenv("FLEXEBT_BACKEND", "REFERENCE")
     ref = flexebt.compat.ebt_attention(*x, attn_mask=mask, causal=True)
     assert rel_err(out[0], ref[0]) < 1e-5 and rel_err(out[1], ref[1]) < 1e-5
+
+
+def test_plan_cache_rereads_captured_tensors():
+    """A repeated call reuses the cached plan but the mod's current tensors (a new bias object
+    bound in the same closure cell, e.g. after an optimizer replaced it)."""
+    holder = [torch.zeros(20, 20)]
+
+    def bias_mod(score, b, h, q_idx, kv_idx):
+        return score + holder[0][q_idx, kv_idx]
+
+    bm = flexebt.create_ebt_block_mask(None, None, None, 19, 19, BLOCK_SIZE=16)
+    x = [torch.randn(1, 2, 19, 16) for _ in range(6)]
+    flexebt.flex_ebt_attention(*x, score_mod=bias_mod, block_mask=bm, kernel_options=T)
+    holder[0] = torch.randn(20, 20)
+    out = flexebt.flex_ebt_attention(*x, score_mod=bias_mod, block_mask=bm, kernel_options=T)
+    ref = flexebt.flex_ebt_attention(*x, score_mod=bias_mod, block_mask=bm, kernel_options=R)
+    assert rel_err(out[1], ref[1]) < 1e-5

@@ -57,10 +57,31 @@ def structure_mask(S_o: int, S_p: int, device):
     return _STRUCTURE[key]
 
 
+_PLANS: dict = {}  # (ids, shapes) -> (block_mask, score_mod, EBTPlan); identity-checked, small
+
+
 def plan(score_mod, block_mask, B: int, H: int, S_o: int, S_p: int, device) -> EBTPlan:
-    """Tables, kernels and captured tensors of one call (call with functorch dispatch off)."""
+    """Tables, kernels and captured tensors of one call (call with functorch dispatch off).
+
+    Everything but the captured tensors is cached per (block mask, score_mod, shape): repeated
+    calls in a training loop skip the table conversion, the own-key mask evaluation and the
+    kernel lookup; the tensors are re-read from the closures every call."""
     if block_mask is None:
         block_mask = structure_mask(S_o, S_p, device)
+    key = (id(block_mask), id(score_mod), B, H, S_o, S_p, str(device))
+    hit = _PLANS.get(key)
+    if hit is not None and hit[0] is block_mask and hit[1] is score_mod:
+        cached = hit[2]
+        return dataclasses.replace(cached, buffers_o=cached.kern_o.buffers(score_mod, cached.tables_o.mask_mod),
+                                   buffers_p=cached.kern_p.buffers(score_mod, cached.tables_p.mask_mod))
+    fresh = _plan(score_mod, block_mask, B, H, S_o, S_p, device)
+    if len(_PLANS) > 64:
+        _PLANS.clear()
+    _PLANS[key] = (block_mask, score_mod, fresh)
+    return fresh
+
+
+def _plan(score_mod, block_mask, B, H, S_o, S_p, device) -> EBTPlan:
     tables_o = tables_from_block_mask(block_mask.observed, S_o, S_o, device)
     tables_p = tables_from_block_mask(block_mask.predicted, S_p, S_o, device)
     kern_o = get_kernels("flex_attention", score_mod, tables_o.mask_mod)
