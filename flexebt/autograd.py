@@ -80,6 +80,7 @@ class FlexAttention(torch.autograd.Function):
         q, k, v, call, *buffers = inputs
         out, lse = output
         ctx.call = call
+        ctx.set_materialize_grads(False)  # an unused lse gets None, not a zeros tensor to read
         ctx.save_for_backward(q, k, v, out, lse, *buffers)
 
     @staticmethod
@@ -142,6 +143,7 @@ class EBTAttention(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         ctx.call = inputs[6]
         ctx.n_buffers = len(inputs) - 7
+        ctx.set_materialize_grads(False)  # unused outputs (usually both lse) arrive as None
         ctx.save_for_backward(*inputs[:6], *output, *inputs[7:])
 
     @staticmethod
