@@ -1,0 +1,94 @@
+"""The closed-form double backward of attention (DESIGN appendix), as dense torch math.
+
+This is the specification the fused double-backward kernels (issue #5) implement tile by tile:
+the row statistics ``U, W, Bbar`` are O(S) and every S x S quantity below is recomputed per tile.
+Here it is written densely so tests can pin it against autograd in float64.
+
+One row ``i`` over keys ``j`` (batch and heads dropped); ``f`` is the score_mod as a function
+of the score, ``f'``, ``f''`` its derivatives (0 where masked)::
+
+    s = scale q k^T,  t = f(s),  P = exp(t - L),  o = P v
+    dP = do v^T,  D = rowsum(do * o) - dlse,  dt = P (dP - D),  ds = dt f'
+    dq = scale ds k,  dk = scale ds^T q,  dv = P^T do
+
+Given cotangents ``Gq, Gk, Gv`` of ``dq, dk, dv``::
+
+    A = scale (Gq k^T + q Gk^T),  u = f' A,  B = do Gv^T
+    U = rowsum(P u),  W = rowsum(P dP u),  Bbar = rowsum(P B)
+    gP = (dP - D) u + B - U dP
+    gs = f' P (gP - W + (D0 + D) U - Bbar) + dt f'' A    (D0 = rowsum(do * o), D = D0 - dlse)
+    g_do   = (P (u - U)) v + P Gv
+    g_v    = (P (u - U))^T do
+    g_q    = scale (gs k + ds Gk)
+    g_k    = scale (gs^T q + ds^T Gq)
+    g_dlse = U
+
+The ``dlse`` term: a cotangent of lse shifts ``D`` (dt gains ``+P dlse``). In the softmax backward
+of ``gP`` the row sum ``sum_j P gP = W - D U + Bbar - D0 U`` mixes the shifted ``D`` (from ``dt``)
+and the unshifted ``D0`` (from ``D``'s dependence on ``o``), giving ``(D0 + D) U``; the DESIGN
+appendix's ``2 D U`` is the ``dlse = 0`` case.  The gradient of ``dlse`` itself is ``U``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .core import compute_dtype, expand_kv_heads, index_grid, masked_softmax
+from .masking import dense_keep
+
+
+def _mod_derivatives(score_mod: Optional[Callable], s: Tensor, b, h, qi, ki):
+    """t = f(s), f'(s), f''(s) elementwise (autograd on the dense scores; no captured leaves)."""
+    if score_mod is None:
+        return s, torch.ones_like(s), torch.zeros_like(s)
+    with torch.enable_grad():
+        x = s.detach().requires_grad_()
+        t = score_mod(x, b, h, qi, ki)
+        (d1,) = torch.autograd.grad(t.sum(), x, create_graph=True)
+        d2 = torch.autograd.grad(d1.sum(), x, allow_unused=True)[0] if d1.requires_grad else None
+    return t.detach(), d1.detach(), (torch.zeros_like(s) if d2 is None else d2.detach())
+
+
+def attention_double_backward(q: Tensor, k: Tensor, v: Tensor, do: Tensor, dlse: Optional[Tensor],
+                              gq: Tensor, gk: Tensor, gv: Tensor, score_mod=None, block_mask=None,
+                              scale: Optional[float] = None):
+    """``(g_q, g_k, g_v, g_do, g_dlse)`` for single-stream attention (no GQA; score_mods that
+    capture no tensors).  Dense: the oracle of the fused kernels, not a fast path."""
+    B, H, Sq, D = q.shape
+    Skv = k.shape[2]
+    cdt = compute_dtype(q.dtype)
+    scale = D ** -0.5 if scale is None else scale
+    q, k, v, do, gq, gk, gv = (x.to(cdt) for x in (q, k, v, do, gq, gk, gv))
+    b, h, qi, ki = index_grid(B, H, Sq, Skv, q.device)
+    s = q @ k.transpose(-1, -2) * scale
+    t, f1, f2 = _mod_derivatives(score_mod, s, b, h, qi, ki)
+    keep = dense_keep(block_mask, B, H, Sq, Skv, q.device)
+    f1 = torch.where(keep, f1, torch.zeros_like(f1))
+    f2 = torch.where(keep, f2, torch.zeros_like(f2))
+    P, _ = masked_softmax(t, keep)
+    o = P @ v
+    dP = do @ v.transpose(-1, -2)
+    D0 = (do * o).sum(-1, keepdim=True)
+    Dsh = D0 - (dlse.to(cdt).unsqueeze(-1) if dlse is not None else 0.0)
+    dt = P * (dP - Dsh)
+    ds = dt * f1
+
+    A = scale * (gq @ k.transpose(-1, -2) + q @ gk.transpose(-1, -2))
+    u = f1 * A
+    Bm = do @ gv.transpose(-1, -2)
+    U = (P * u).sum(-1, keepdim=True)
+    W = (P * dP * u).sum(-1, keepdim=True)
+    Bbar = (P * Bm).sum(-1, keepdim=True)
+    gP = (dP - Dsh) * u + Bm - U * dP
+    # Softmax backward of gP: sum_j P gP = W - Dsh U + Bbar - D0 U, hence the (D0 + Dsh) U term
+    # (the appendix's 2 D U is the dlse = 0 case).
+    gs = f1 * P * (gP - W + (D0 + Dsh) * U - Bbar) + dt * f2 * A
+
+    g_do = (P * (u - U)) @ v + P @ gv
+    g_v = (P * (u - U)).transpose(-1, -2) @ do
+    g_q = scale * (gs @ k + ds @ gk)
+    g_k = scale * (gs.transpose(-1, -2) @ q + ds.transpose(-1, -2) @ gq)
+    return g_q, g_k, g_v, g_do, U.squeeze(-1)
