@@ -112,6 +112,13 @@ class FlexAttentionBackward(torch.autograd.Function):
     def backward(ctx, gdq, gdk, gdv, *gdbuf):
         q, k, v, dout, dlse, *buffers = ctx.saved_tensors
         call: FlexCall = ctx.call
+        if call.kernels.fused_second_order and q.shape[1] == k.shape[1] and not any(b.requires_grad for b in buffers):
+            # Fused double-backward kernels (O(S) memory); their own backward (third order) is exact
+            # through the dense closed form.
+            z = lambda g, like: torch.zeros_like(like) if g is None else g  # noqa: E731
+            gq, gk, gv, gdo, gdlse = FlexAttentionDoubleBackward.apply(
+                q, k, v, dout, dlse if ctx.has_dlse else None, z(gdq, q), z(gdk, k), z(gdv, v), call, *buffers)
+            return (gq, gk, gv, None, None, gdo, gdlse if ctx.has_dlse else None, None, *([None] * len(buffers)))
 
         def reference(q, k, v):
             return flex_attention_reference(q, k, v, call.score_mod, call.block_mask, call.scale)
@@ -120,6 +127,50 @@ class FlexAttentionBackward(torch.autograd.Function):
         (gq, gk, gv), (gdo, gdlse), gbuf = _reference_double_backward(
             reference, [q, k, v], buffers, [dout, dlse if ctx.has_dlse else None], [gdq, gdk, gdv] + gbuf_cts)
         return (gq, gk, gv, None, None, gdo, gdlse, None, *gbuf)
+
+
+class FlexAttentionDoubleBackward(torch.autograd.Function):
+    """Fused double backward of single-stream attention: given (q, k, v, dout, dlse) and the
+    cotangents (Gq, Gk, Gv) of (dq, dk, dv), returns the gradients of (q, k, v, dout) and of dlse.
+    The forward outputs (out, lse) are recomputed by a forward pass, so no S x S tensor exists."""
+
+    @staticmethod
+    def forward(q, k, v, dout, dlse, gq, gk, gv, call: FlexCall, *buffers):
+        from .kernels.flex import flex_double_backward
+
+        with torch._C._DisableFuncTorch():
+            out, lse = flex_forward(call.kernels, q, k, v, call.scale, call.tables, list(buffers), call.options)
+            g_q, g_k, g_v, g_do, u = flex_double_backward(call.kernels, q, k, v, out, lse, dout, dlse, gq, gk, gv,
+                                                          call.scale, call.tables, list(buffers), call.options)
+        return g_q, g_k, g_v, g_do, (u if dlse is not None else torch.zeros_like(lse))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, dout, dlse, gq, gk, gv, call, *buffers = inputs
+        ctx.call = call
+        ctx.has_dlse = dlse is not None
+        ctx.save_for_backward(q, k, v, dout, dlse if dlse is not None else torch.empty(0), gq, gk, gv)
+
+    @staticmethod
+    def backward(ctx, *gouts):
+        """Third order: autograd through the dense closed form (reference/double_backward.py)."""
+        from .reference.double_backward import attention_double_backward
+
+        q, k, v, dout, dlse, gq, gk, gv = ctx.saved_tensors
+        call: FlexCall = ctx.call
+        with torch.enable_grad():
+            ins = [x.detach().requires_grad_() for x in (q, k, v, dout)]
+            dl = dlse.detach().requires_grad_() if ctx.has_dlse else None
+            g = [x.detach().requires_grad_() for x in (gq, gk, gv)]
+            res = attention_double_backward(*ins, dl, *g, call.score_mod, call.block_mask, call.scale)
+            pairs = [(r, c) for r, c in zip(res, gouts) if c is not None and r.requires_grad]
+            wrt = ins + ([dl] if dl is not None else []) + g
+            grads = torch.autograd.grad([r for r, _ in pairs], wrt, [c for _, c in pairs], allow_unused=True) \
+                if pairs else [None] * len(wrt)
+        grads = list(grads)
+        gq_, gk_, gv_, gdo_ = grads[:4]
+        gdl = grads.pop(4) if dl is not None else None
+        return (gq_, gk_, gv_, gdo_, gdl, grads[4], grads[5], grads[6], None)
 
 
 @dataclasses.dataclass

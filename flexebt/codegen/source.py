@@ -69,6 +69,7 @@ class ModKernels:
     grad_slots: list[int]          # buffer slots whose gradient the kernels accumulate
     internal: dict[int, torch.Tensor]  # slots of tensors created inside the mod at trace time
     gathers: bool = False          # the score_mod loads from a captured tensor (tile choice)
+    fused_second_order: bool = True  # double-backward kernels apply (no floating loads in the score_mod)
 
     def buffers(self, score_mod, mask_mod) -> list[torch.Tensor]:
         """The tensors of the current call, in kernel-argument order."""
@@ -95,15 +96,14 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def get_kernels(template: str, score_mod: Optional[Callable], mask_mod: Optional[Callable],
-                second_order: bool = False) -> ModKernels:
-    key = (template, _fingerprint(score_mod), _fingerprint(mask_mod), second_order, _interpret())
+def get_kernels(template: str, score_mod: Optional[Callable], mask_mod: Optional[Callable]) -> ModKernels:
+    key = (template, _fingerprint(score_mod), _fingerprint(mask_mod), _interpret())
     hit = _CACHE.get(key)
     if hit is None:
         # Building traces the mods with make_fx and autograd. That is code generation, not part of
         # the caller's math, so it runs on a worker thread: torch.func transforms, no_grad,
         # inference_mode and autocast are thread-local and do not follow it there.
-        hit = _CACHE[key] = _builder().submit(_build, template, score_mod, mask_mod, second_order).result()
+        hit = _CACHE[key] = _builder().submit(_build, template, score_mod, mask_mod).result()
     return hit
 
 
@@ -128,8 +128,8 @@ def _merge_buffers(score: Optional[TracedMod], mask: Optional[TracedMod]):
     return n_score, shift
 
 
-def _build(template: str, score_mod, mask_mod, second_order: bool) -> ModKernels:
-    score = trace_score_mod(score_mod, want_second_order=second_order) if score_mod is not None else None
+def _build(template: str, score_mod, mask_mod) -> ModKernels:
+    score = trace_score_mod(score_mod, want_second_order=True) if score_mod is not None else None
     mask = trace_mask_mod(mask_mod) if mask_mod is not None else None
     n_score, mask_consts = _merge_buffers(score, mask)
     buffers = (score.buffers if score else []) + (mask.buffers if mask else [])
@@ -158,11 +158,21 @@ def _build(template: str, score_mod, mask_mod, second_order: bool) -> ModKernels
                 if ld.buffer not in grad_slots:
                     grad_slots.append(ld.buffer)
         blocks["CAPTURED_GRAD"] = grad_lines or ["pass"]
+        # Double backward: t, f'(s) and f''(s) (outputs t, ds, dc_0.., dss, dsc_0.. of the dbwd graph).
+        em = Emitter("sd_", [b.tensor.dtype for b in buffers], score.name)
+        (t_out,) = em.emit(score.graph, ["s", "off_b", "off_h", "q_idx", "kv_idx"], score.constants)
+        outs = em.emit(score.derivative["dbwd"], ["s", "off_b", "off_h", "q_idx", "kv_idx"] +
+                       [f"sd_{ld.node_name}" for ld in score.loads], score.deriv_constants["dbwd"])
+        blocks["SCORE_DBWD"] = ["s = s_raw * scale"] + em.lines + [
+            f"t2 = ({t_out}) * LOG2E", f"dtds = ({outs[1]}) + ZERO.to(tl.float32)",
+            f"d2tds2 = ({outs[2 + len(score.loads)]}) + ZERO.to(tl.float32)"]
     else:
         # No score_mod: fold scale and log2(e) into one multiply.
         blocks["SCORE_FWD"] = ["t2 = s_raw * (scale * LOG2E)"]
         blocks["SCORE_BWD"] = ["t2 = s_raw * (scale * LOG2E)", "dtds = 1.0"]
         blocks["CAPTURED_GRAD"] = ["pass"]
+        blocks["SCORE_DBWD"] = ["t2 = s_raw * (scale * LOG2E)", "dtds = ZERO.to(tl.float32) + 1.0",
+                                "d2tds2 = ZERO.to(tl.float32)"]
     if mask is not None:
         em = Emitter("mm_", [b.tensor.dtype for b in buffers], mask.name)
         # block-mask mods see stream-local query positions (mq_idx); score_mods see frame positions
@@ -194,4 +204,5 @@ def _build(template: str, score_mod, mask_mod, second_order: bool) -> ModKernels
         spec.loader.exec_module(module)
         sys.modules[mod_name] = module
     internal = {i: b.tensor for i, b in enumerate(buffers) if b.path.startswith("internal:")}
-    return ModKernels(module, score, mask, len(buffers), grad_slots, internal, gathers=bool(score and score.loads))
+    return ModKernels(module, score, mask, len(buffers), grad_slots, internal, gathers=bool(score and score.loads),
+                      fused_second_order=not (score and score.loads))

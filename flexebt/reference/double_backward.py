@@ -41,15 +41,19 @@ from .masking import dense_keep
 
 
 def _mod_derivatives(score_mod: Optional[Callable], s: Tensor, b, h, qi, ki):
-    """t = f(s), f'(s), f''(s) elementwise (autograd on the dense scores; no captured leaves)."""
+    """t = f(s), f'(s), f''(s) elementwise.  Differentiable in s (so in q, k) when s requires
+    grad -- the closed form is itself differentiated for third order -- else computed on a leaf."""
     if score_mod is None:
         return s, torch.ones_like(s), torch.zeros_like(s)
     with torch.enable_grad():
-        x = s.detach().requires_grad_()
+        x = s if s.requires_grad else s.detach().requires_grad_()
         t = score_mod(x, b, h, qi, ki)
         (d1,) = torch.autograd.grad(t.sum(), x, create_graph=True)
-        d2 = torch.autograd.grad(d1.sum(), x, allow_unused=True)[0] if d1.requires_grad else None
-    return t.detach(), d1.detach(), (torch.zeros_like(s) if d2 is None else d2.detach())
+        d2 = torch.autograd.grad(d1.sum(), x, create_graph=True, allow_unused=True)[0] if d1.requires_grad else None
+    d2 = torch.zeros_like(s) if d2 is None else d2
+    if not s.requires_grad:
+        t, d1, d2 = t.detach(), d1.detach(), d2.detach()
+    return t, d1, d2
 
 
 def attention_double_backward(q: Tensor, k: Tensor, v: Tensor, do: Tensor, dlse: Optional[Tensor],

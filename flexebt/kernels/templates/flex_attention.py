@@ -429,3 +429,287 @@ def flex_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, Q_NUM, Q_IDX, FULL_Q_NUM,
         dv += tl.load(dv_ptr, mask=dv_ok, other=0.0).to(tl.float32)
     tl.store(dk_ptr, dk.to(DK.dtype.element_ty), mask=dk_ok)
     tl.store(dv_ptr, dv.to(DV_OUT.dtype.element_ty), mask=dv_ok)
+
+
+# Double backward (DESIGN appendix; flexebt/reference/double_backward.py is the dense spec).
+# Given cotangents Gq, Gk, Gv of dq, dk, dv, with D0 = do.o and D = D0 - dlse:
+#   A = scale (Gq k^T + q Gk^T),  u = f' A,  Bm = do Gv^T,  dt = P (dP - D),  ds = dt f'
+#   U = sum_j P u,  W = sum_j P dP u,  Bbar = sum_j P Bm                       (row statistics)
+#   gP = (dP - D) u + Bm - U dP,  gs = f' P (gP - W + (D0 + D) U - Bbar) + dt f'' A
+#   g_do = P u v - U o + P Gv,  g_v = (P (u - U))^T do,  g_q = scale (gs k + ds Gk),
+#   g_k = scale (gs^T q + ds^T Gq),  g_dlse = U.
+@triton.jit
+def _dbwd_scores(q, k, v, do, gq, gk, gv, lse2, offs_m, offs_n, off_b, off_h, Sq, Skv, scale, Q_OFF,
+                 __BUFFERS__
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
+                 IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """Per tile: P, dP, A, u = f' A, Bm, f', f'' (zero where masked)."""
+    s_raw = _mm(q, tl.trans(k), IEEE, UPCAST)
+    VALID = (offs_m[:, None] < Sq) & (offs_n[None, :] < Skv)
+    mq_idx, kv_idx = _mod_indices(offs_m, offs_n, Sq, Skv, EVEN)
+    mq_idx = mq_idx[:, None]
+    q_idx = mq_idx + Q_OFF
+    kv_idx = kv_idx[None, :]
+    ZERO = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    # @SCORE_DBWD
+    if IS_FULL:
+        keep = VALID
+    else:
+        # @MASK
+        keep = VALID & mask_keep
+    p = tl.where(keep, tl.math.exp2(t2 - lse2[:, None]), 0.0)
+    f1 = tl.where(keep, dtds, 0.0)
+    f2 = tl.where(keep, d2tds2, 0.0)
+    dp = _mm(do, tl.trans(v), IEEE, UPCAST)
+    a = (_mm(gq, tl.trans(k), IEEE, UPCAST) + _mm(q, tl.trans(gk), IEEE, UPCAST)) * scale
+    bm = _mm(do, tl.trans(gv), IEEE, UPCAST)
+    return p, dp, a, f1 * a, bm, f1, f2
+
+
+@triton.jit
+def _dbwd_gs(p, dp, a, u, bm, f1, f2, d0, dsh, U, W, Bbar):
+    """gs and ds of one tile from its scores and the row statistics (all row vectors [BLOCK_M])."""
+    dt = p * (dp - dsh[:, None])
+    gp = (dp - dsh[:, None]) * u + bm - U[:, None] * dp
+    gs = f1 * p * (gp - W[:, None] + ((d0 + dsh) * U)[:, None] - Bbar[:, None]) + dt * f2 * a
+    return gs, dt * f1
+
+
+@triton.jit
+def _dbwd_row_inputs(Q, O, DO, GQ, LSE, DLSE, qh, offs_m, Sq, D: tl.constexpr, DV: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN: tl.constexpr, HAS_DLSE: tl.constexpr):
+    row_ok = offs_m < Sq
+    q = _load_rows(Q + qh * Sq * D, offs_m, Sq, D, BLOCK_D, EVEN)
+    gq = _load_rows(GQ + qh * Sq * D, offs_m, Sq, D, BLOCK_D, EVEN)
+    do = _load_rows(DO + qh * Sq * DV, offs_m, Sq, DV, BLOCK_DV, EVEN)
+    o = _load_rows(O + qh * Sq * DV, offs_m, Sq, DV, BLOCK_DV, EVEN)
+    lse = tl.load(LSE + qh * Sq + offs_m, mask=row_ok, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+    d0 = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    dsh = d0
+    if HAS_DLSE:
+        dsh = d0 - tl.load(DLSE + qh * Sq + offs_m, mask=row_ok, other=0.0).to(tl.float32)
+    return q, gq, do, o, lse2, d0, dsh
+
+
+@triton.jit
+def _dbwd_kv_rows(K, V, GK, GV, kvh, offs_n, Skv, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_DV: tl.constexpr, EVEN: tl.constexpr):
+    k = _load_rows(K + kvh * Skv * D, offs_n, Skv, D, BLOCK_D, EVEN)
+    v = _load_rows(V + kvh * Skv * DV, offs_n, Skv, DV, BLOCK_DV, EVEN)
+    gk = _load_rows(GK + kvh * Skv * D, offs_n, Skv, D, BLOCK_D, EVEN)
+    gv = _load_rows(GV + kvh * Skv * DV, offs_n, Skv, DV, BLOCK_DV, EVEN)
+    return k, v, gk, gv
+
+
+@triton.jit
+def _dbwd_rows_tile(U, W, Bbar, puv, pgv, q, gq, do, lse2, K, V, GK, GV, kvh, start_n, offs_m, off_b, off_h, Sq,
+                    Skv, scale, Q_OFF, __BUFFERS__
+                    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
+                    IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k, v, gk, gv = _dbwd_kv_rows(K, V, GK, GV, kvh, offs_n, Skv, D, DV, BLOCK_D, BLOCK_DV, EVEN)
+    p, dp, a, u, bm, f1, f2 = _dbwd_scores(q, k, v, do, gq, gk, gv, lse2, offs_m, offs_n, off_b, off_h, Sq, Skv,
+                                           scale, Q_OFF, __BUFFERS__
+                                           BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST)
+    pu = p * u
+    U += tl.sum(pu, 1)
+    W += tl.sum(pu * dp, 1)
+    Bbar += tl.sum(p * bm, 1)
+    puv += _mm(pu.to(v.dtype), v, IEEE, UPCAST)
+    pgv += _mm(p.to(gv.dtype), gv, IEEE, UPCAST)
+    return U, W, Bbar, puv, pgv
+
+
+@triton.jit
+def flex_dbwd_rows(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_DO, STATS, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
+                   H, Hkv, Sq, Skv, MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, scale, Q_OFF,
+                   __BUFFERS__
+                   D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
+                   HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                   HAS_DLSE: tl.constexpr):
+    """Pass 1 of the double backward, per query tile: the row statistics U, W, Bbar (stored with
+    D0 and D in STATS [B, H, Sq, 5]) and g_do."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = pid_bh // H
+    off_h = pid_bh % H
+    off_hk = off_h // (H // Hkv)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    qh = (off_b * H + off_h).to(tl.int64)
+    q, gq, do, o, lse2, d0, dsh = _dbwd_row_inputs(Q, O, DO, GQ, LSE, DLSE, qh, offs_m, Sq, D, DV, BLOCK_D,
+                                                   BLOCK_DV, EVEN, HAS_DLSE)
+    kvh = (off_b * Hkv + off_hk).to(tl.int64)
+    U = tl.zeros([BLOCK_M], dtype=tl.float32)
+    W = tl.zeros([BLOCK_M], dtype=tl.float32)
+    Bbar = tl.zeros([BLOCK_M], dtype=tl.float32)
+    puv = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    pgv = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    base, base_full, n_partial, n_full = _row_table(KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, off_b, off_h,
+                                                    (pid_m * BLOCK_M) // SPARSE_Q, MB, MH, NQ_BLOCKS, NKV_LIST,
+                                                    NKV_LIST_FULL, HAS_FULL)
+    for it in range(n_partial * (SPARSE_KV // BLOCK_N)):
+        kv_block = tl.load(KV_IDX + base + it // (SPARSE_KV // BLOCK_N))
+        j = it % (SPARSE_KV // BLOCK_N)
+        U, W, Bbar, puv, pgv = _dbwd_rows_tile(U, W, Bbar, puv, pgv, q, gq, do, lse2, K, V, GK, GV, kvh,
+                                               kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv,
+                                               scale, Q_OFF, __BUFFERS__
+                                               D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, EVEN, IEEE, UPCAST)
+    for it in range(n_full * (SPARSE_KV // BLOCK_N)):
+        kv_block = tl.load(FULL_IDX + base_full + it // (SPARSE_KV // BLOCK_N))
+        j = it % (SPARSE_KV // BLOCK_N)
+        U, W, Bbar, puv, pgv = _dbwd_rows_tile(U, W, Bbar, puv, pgv, q, gq, do, lse2, K, V, GK, GV, kvh,
+                                               kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv,
+                                               scale, Q_OFF, __BUFFERS__
+                                               D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, EVEN, IEEE, UPCAST)
+    g_do = puv - U[:, None] * o.to(tl.float32) + pgv
+    row_ok = offs_m < Sq
+    offs_dv = tl.arange(0, BLOCK_DV)
+    tl.store(G_DO + qh * Sq * DV + offs_m[:, None] * DV + offs_dv[None, :], g_do.to(G_DO.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+    st = STATS + (qh * Sq + offs_m) * 5
+    tl.store(st + 0, U, mask=row_ok)
+    tl.store(st + 1, W, mask=row_ok)
+    tl.store(st + 2, Bbar, mask=row_ok)
+    tl.store(st + 3, d0, mask=row_ok)
+    tl.store(st + 4, dsh, mask=row_ok)
+
+
+@triton.jit
+def _load_stats(STATS, qh, offs_m, Sq):
+    row_ok = offs_m < Sq
+    st = STATS + (qh * Sq + offs_m) * 5
+    return (tl.load(st + 0, mask=row_ok, other=0.0), tl.load(st + 1, mask=row_ok, other=0.0),
+            tl.load(st + 2, mask=row_ok, other=0.0), tl.load(st + 3, mask=row_ok, other=0.0),
+            tl.load(st + 4, mask=row_ok, other=0.0))
+
+
+@triton.jit
+def _dbwd_dq_tile(g_q, q, gq, do, lse2, U, W, Bbar, d0, dsh, K, V, GK, GV, kvh, start_n, offs_m, off_b, off_h,
+                  Sq, Skv, scale, Q_OFF, __BUFFERS__
+                  D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
+                  IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k, v, gk, gv = _dbwd_kv_rows(K, V, GK, GV, kvh, offs_n, Skv, D, DV, BLOCK_D, BLOCK_DV, EVEN)
+    p, dp, a, u, bm, f1, f2 = _dbwd_scores(q, k, v, do, gq, gk, gv, lse2, offs_m, offs_n, off_b, off_h, Sq, Skv,
+                                           scale, Q_OFF, __BUFFERS__
+                                           BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST)
+    gs, ds = _dbwd_gs(p, dp, a, u, bm, f1, f2, d0, dsh, U, W, Bbar)
+    g_q += _mm(gs.to(k.dtype), k, IEEE, UPCAST) + _mm(ds.to(gk.dtype), gk, IEEE, UPCAST)
+    return g_q
+
+
+@triton.jit
+def flex_dbwd_dq(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_Q, STATS, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
+                 H, Hkv, Sq, Skv, MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, scale, Q_OFF,
+                 __BUFFERS__
+                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
+                 HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                 HAS_DLSE: tl.constexpr):
+    """Pass 2 of the double backward, per query tile: g_q = scale sum_j (gs k + ds Gk)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = pid_bh // H
+    off_h = pid_bh % H
+    off_hk = off_h // (H // Hkv)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    qh = (off_b * H + off_h).to(tl.int64)
+    q, gq, do, o, lse2, d0, dsh = _dbwd_row_inputs(Q, O, DO, GQ, LSE, DLSE, qh, offs_m, Sq, D, DV, BLOCK_D,
+                                                   BLOCK_DV, EVEN, HAS_DLSE)
+    U, W, Bbar, d0, dsh = _load_stats(STATS, qh, offs_m, Sq)
+    kvh = (off_b * Hkv + off_hk).to(tl.int64)
+    g_q = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    base, base_full, n_partial, n_full = _row_table(KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, off_b, off_h,
+                                                    (pid_m * BLOCK_M) // SPARSE_Q, MB, MH, NQ_BLOCKS, NKV_LIST,
+                                                    NKV_LIST_FULL, HAS_FULL)
+    for it in range(n_partial * (SPARSE_KV // BLOCK_N)):
+        kv_block = tl.load(KV_IDX + base + it // (SPARSE_KV // BLOCK_N))
+        j = it % (SPARSE_KV // BLOCK_N)
+        g_q = _dbwd_dq_tile(g_q, q, gq, do, lse2, U, W, Bbar, d0, dsh, K, V, GK, GV, kvh,
+                            kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
+                            __BUFFERS__
+                            D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, EVEN, IEEE, UPCAST)
+    for it in range(n_full * (SPARSE_KV // BLOCK_N)):
+        kv_block = tl.load(FULL_IDX + base_full + it // (SPARSE_KV // BLOCK_N))
+        j = it % (SPARSE_KV // BLOCK_N)
+        g_q = _dbwd_dq_tile(g_q, q, gq, do, lse2, U, W, Bbar, d0, dsh, K, V, GK, GV, kvh,
+                            kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
+                            __BUFFERS__
+                            D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, EVEN, IEEE, UPCAST)
+    offs_d = tl.arange(0, BLOCK_D)
+    tl.store(G_Q + qh * Sq * D + offs_m[:, None] * D + offs_d[None, :], (g_q * scale).to(G_Q.dtype.element_ty),
+             mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _dbwd_dkdv_tile(g_k, g_v, k, v, gk, gv, Q, O, DO, GQ, LSE, DLSE, STATS, qh, start_m, offs_n, off_b, off_h,
+                    Sq, Skv, scale, Q_OFF, __BUFFERS__
+                    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
+                    IEEE: tl.constexpr, UPCAST: tl.constexpr, HAS_DLSE: tl.constexpr):
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q, gq, do, o, lse2, d0, dsh = _dbwd_row_inputs(Q, O, DO, GQ, LSE, DLSE, qh, offs_m, Sq, D, DV, BLOCK_D,
+                                                   BLOCK_DV, EVEN, HAS_DLSE)
+    U, W, Bbar, d0, dsh = _load_stats(STATS, qh, offs_m, Sq)
+    p, dp, a, u, bm, f1, f2 = _dbwd_scores(q, k, v, do, gq, gk, gv, lse2, offs_m, offs_n, off_b, off_h, Sq, Skv,
+                                           scale, Q_OFF, __BUFFERS__
+                                           BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST)
+    gs, ds = _dbwd_gs(p, dp, a, u, bm, f1, f2, d0, dsh, U, W, Bbar)
+    g_k += _mm(tl.trans(gs.to(q.dtype)), q, IEEE, UPCAST) + _mm(tl.trans(ds.to(gq.dtype)), gq, IEEE, UPCAST)
+    g_v += _mm(tl.trans((p * (u - U[:, None])).to(do.dtype)), do, IEEE, UPCAST)
+    return g_k, g_v
+
+
+@triton.jit
+def flex_dbwd_dkdv(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_K, G_V, STATS, Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX,
+                   H, Hkv, Sq, Skv, MB, MH, NKV_BLOCKS, NQ_LIST, NQ_LIST_FULL, scale, Q_OFF,
+                   __BUFFERS__
+                   D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
+                   HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                   HAS_DLSE: tl.constexpr):
+    """Pass 3 of the double backward, per key tile: g_k = scale sum_i (gs^T q + ds^T Gq) and
+    g_v = sum_i (P (u - U))^T do, over the query heads of a GQA group."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = pid_bh // Hkv
+    off_hk = pid_bh % Hkv
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    kvh = (off_b * Hkv + off_hk).to(tl.int64)
+    k, v, gk, gv = _dbwd_kv_rows(K, V, GK, GV, kvh, offs_n, Skv, D, DV, BLOCK_D, BLOCK_DV, EVEN)
+    g_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    g_v = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    group = H // Hkv
+    for g in range(group):
+        off_h = off_hk * group + g
+        qh = (off_b * H + off_h).to(tl.int64)
+        base, base_full, n_partial, n_full = _row_table(Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX, off_b, off_h,
+                                                        (pid_n * BLOCK_N) // SPARSE_KV, MB, MH, NKV_BLOCKS, NQ_LIST,
+                                                        NQ_LIST_FULL, HAS_FULL)
+        for it in range(n_partial * (SPARSE_Q // BLOCK_M)):
+            q_block = tl.load(Q_IDX + base + it // (SPARSE_Q // BLOCK_M))
+            j = it % (SPARSE_Q // BLOCK_M)
+            g_k, g_v = _dbwd_dkdv_tile(g_k, g_v, k, v, gk, gv, Q, O, DO, GQ, LSE, DLSE, STATS, qh,
+                                       q_block * SPARSE_Q + j * BLOCK_M, offs_n, off_b, off_h, Sq, Skv, scale, Q_OFF,
+                                       __BUFFERS__
+                                       D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, EVEN, IEEE, UPCAST,
+                                       HAS_DLSE)
+        for it in range(n_full * (SPARSE_Q // BLOCK_M)):
+            q_block = tl.load(FULL_Q_IDX + base_full + it // (SPARSE_Q // BLOCK_M))
+            j = it % (SPARSE_Q // BLOCK_M)
+            g_k, g_v = _dbwd_dkdv_tile(g_k, g_v, k, v, gk, gv, Q, O, DO, GQ, LSE, DLSE, STATS, qh,
+                                       q_block * SPARSE_Q + j * BLOCK_M, offs_n, off_b, off_h, Sq, Skv, scale, Q_OFF,
+                                       __BUFFERS__
+                                       D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, EVEN, IEEE, UPCAST,
+                                       HAS_DLSE)
+    col_ok = offs_n < Skv
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    tl.store(G_K + kvh * Skv * D + offs_n[:, None] * D + offs_d[None, :], (g_k * scale).to(G_K.dtype.element_ty),
+             mask=col_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(G_V + kvh * Skv * DV + offs_n[:, None] * DV + offs_dv[None, :], g_v.to(G_V.dtype.element_ty),
+             mask=col_ok[:, None] & (offs_dv[None, :] < DV))
