@@ -25,7 +25,8 @@ from .reference.ebt import ebt_attention_reference
 from .reference.flex import flex_attention_reference
 
 
-def _reference_double_backward(reference: Callable, primals: list, buffers: list, cts: list, grad_cts: list):
+def _reference_double_backward(reference: Callable, primals: list, buffers: list, cts: list, grad_cts: list,
+                               create_graph: bool = False):
     """Backward of a first-order backward, by autograd through the dense reference.
 
     ``reference(*primals)`` returns the forward outputs; ``cts`` are the cotangents the first-order
@@ -36,8 +37,8 @@ def _reference_double_backward(reference: Callable, primals: list, buffers: list
     flows to ``primals`` and they get no gradient of their own.
     """
     with torch.enable_grad():
-        p = [x.detach().requires_grad_() for x in primals]
-        c = [None if t is None else t.detach().requires_grad_() for t in cts]
+        p = [x if create_graph else x.detach().requires_grad_() for x in primals]
+        c = [None if t is None else (t if create_graph else t.detach().requires_grad_()) for t in cts]
         grad_bufs = [b for b in buffers if b.requires_grad]
         outs = reference(*p)
         pairs = [(o, ct) for o, ct in zip(outs, c) if ct is not None]
@@ -46,8 +47,8 @@ def _reference_double_backward(reference: Callable, primals: list, buffers: list
                                     allow_unused=True)
         sel = [(f, g) for f, g in zip(first, grad_cts) if f is not None and g is not None and f.requires_grad]
         targets = p + [x for x in c if x is not None] + grad_bufs
-        res = (torch.autograd.grad([f for f, _ in sel], targets, [g for _, g in sel], allow_unused=True)
-               if sel else [None] * len(targets))
+        res = (torch.autograd.grad([f for f, _ in sel], targets, [g for _, g in sel], allow_unused=True,
+                                   create_graph=create_graph) if sel else [None] * len(targets))
     res = list(res)
     g_primals = res[:len(p)]
     rest = res[len(p):]
@@ -233,9 +234,68 @@ class EBTAttentionBackward(torch.autograd.Function):
         cts = [c if has else None for c, has in zip(cts, ctx.has_ct)]
         call: EBTCall = ctx.call
 
+        pl = call.plan
+        if (pl.kern_o.fused_second_order and pl.kern_p.fused_second_order and qkv[0].shape[1] == qkv[1].shape[1]
+                and not any(b.requires_grad for b in buffers)):
+            gcts = [torch.zeros_like(x) if g is None else g for g, x in zip(gouts[:6], qkv)]
+            res = EBTAttentionDoubleBackward.apply(*qkv, *cts, *gcts, call, *buffers)
+            g_cts = [g if c is not None else None for g, c in zip(res[6:], cts)]
+            return (*res[:6], None, None, None, None, *g_cts, None, *([None] * len(buffers)))
+
         def reference(*x):
             return ebt_attention_reference(*x, call.score_mod, call.block_mask, call.scale)
 
         gbuf_cts = [g for g, b in zip(gouts[6:], buffers) if b.requires_grad]
         g_qkv, g_cts, gbuf = _reference_double_backward(reference, qkv, buffers, cts, list(gouts[:6]) + gbuf_cts)
         return (*g_qkv, None, None, None, None, *g_cts, None, *gbuf)
+
+
+class EBTAttentionDoubleBackward(torch.autograd.Function):
+    """Fused double backward of EBT attention.  Inputs: qkv (6), cotangents do_o, do_p, dlse_o,
+    dlse_p (dlse may be None), the cotangents of the six first-order gradients, call, buffers.
+    Outputs: gradients of qkv (6) and of do_o, do_p, dlse_o, dlse_p (zeros for an absent dlse).
+    Third order: autograd through the reference double backward."""
+
+    @staticmethod
+    def forward(q_o, k_o, v_o, q_p, k_p, v_p, do_o, do_p, dlse_o, dlse_p, gq_o, gk_o, gv_o, gq_p, gk_p, gv_p,
+                call: EBTCall, *buffers):
+        from .kernels.ebt import ebt_double_backward, ebt_forward
+
+        qkv = [q_o, k_o, v_o, q_p, k_p, v_p]
+        with torch._C._DisableFuncTorch():
+            outs = ebt_forward(call.plan, *qkv, call.scale, call.options)
+            res = ebt_double_backward(call.plan, qkv, list(outs), [do_o, do_p, dlse_o, dlse_p],
+                                      [gq_o, gk_o, gv_o, gq_p, gk_p, gv_p], call.scale, call.options)
+        res[8] = res[8] if res[8] is not None else torch.zeros_like(outs[2])
+        res[9] = res[9] if res[9] is not None else torch.zeros_like(outs[3])
+        return tuple(res)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.call = inputs[16]
+        ctx.has = [t is not None for t in inputs[6:10]]
+        ctx.save_for_backward(*inputs[:6], *[t if t is not None else torch.empty(0) for t in inputs[6:10]],
+                              *inputs[10:16])
+
+    @staticmethod
+    def backward(ctx, *gouts):
+        saved = ctx.saved_tensors
+        call: EBTCall = ctx.call
+        with torch.enable_grad():
+            qkv = [x.detach().requires_grad_() for x in saved[:6]]
+            cts = [x.detach().requires_grad_() if h else None for x, h in zip(saved[6:10], ctx.has)]
+            gcts = [x.detach().requires_grad_() for x in saved[10:16]]
+
+            def reference(*x):
+                return ebt_attention_reference(*x, call.score_mod, call.block_mask, call.scale)
+
+            g_qkv, g_cts, _ = _reference_double_backward(reference, qkv, [], cts, gcts, create_graph=True)
+            results = list(g_qkv) + list(g_cts)
+            pairs = [(r, g) for r, g in zip(results, gouts) if r is not None and g is not None and r.requires_grad]
+            wrt = qkv + [c for c in cts if c is not None] + gcts
+            grads = list(torch.autograd.grad([r for r, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+                         if pairs else [None] * len(wrt))
+        g_qkv3 = grads[:6]
+        rest = grads[6:]
+        g_cts3 = [rest.pop(0) if h else None for h in ctx.has]
+        return (*g_qkv3, *g_cts3, *rest[:6], None)

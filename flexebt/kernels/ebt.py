@@ -125,3 +125,36 @@ def ebt_backward(pl: EBTPlan, q_o, k_o, v_o, q_p, k_p, v_p, out_o, out_p, lse_o,
     dv_p = dvp.view(B, Hkv, group, S_p, DV).sum(2).to(v_p.dtype)
     grads = finish_captured_grads(pl.buffers_o, gbufs)
     return dq_o, acc[0].to(k_o.dtype), acc[1].to(v_o.dtype), dq_p, dk_p, dv_p, grads
+
+
+def ebt_double_backward(pl: EBTPlan, qkv: list, outs: list, cts: list, gcts: list, scale: float,
+                        options: Optional[dict] = None):
+    """Fused double backward of EBT attention (score_mods without floating loads, Hq == Hkv).
+
+    qkv = (q_o, k_o, v_o, q_p, k_p, v_p), outs = (out_o, out_p, lse_o, lse_p), cts = (do_o, do_p,
+    dlse_o, dlse_p) (dlse may be None), gcts = cotangents of (dq_o, dk_o, dv_o, dq_p, dk_p, dv_p).
+    Both query streams see the observed keys with the same cotangents Gk_o, Gv_o; the predicted
+    stream's own keys carry Gk_p, Gv_p as one more column per row.  Returns the gradients of
+    qkv (6), then of do_o, do_p, dlse_o, dlse_p."""
+    from .flex import dbwd_dkdv_pass, dbwd_dq_pass, dbwd_rows_pass
+
+    q_o, k_o, v_o, q_p, k_p, v_p = qkv
+    out_o, out_p, lse_o, lse_p = outs
+    do_o, do_p, dlse_o, dlse_p = cts
+    gq_o, gk_o, gv_o, gq_p, gk_p, gv_p = gcts
+    bargs_o, bargs_p = _buffer_args(pl.buffers_o, {}), _buffer_args(pl.buffers_p, {})
+    own, own_cts = OwnKeys(k_p, v_p, pl.self_keep), (gk_p, gv_p)
+    obs = (pl.kern_o, q_o, k_o, v_o, out_o, do_o, lse_o, dlse_o, gq_o, gk_o, gv_o)
+    pred = (pl.kern_p, q_p, k_o, v_o, out_p, do_p, lse_p, dlse_p, gq_p, gk_o, gv_o)
+    gdo_o, st_o = dbwd_rows_pass(*obs, scale, pl.tables_o, bargs_o, options)
+    gdo_p, st_p = dbwd_rows_pass(*pred, scale, pl.tables_p, bargs_p, options, q_off=pl.offset, own=own,
+                                 own_cts=own_cts)
+    g_q_o, _ = dbwd_dq_pass(*obs, st_o, scale, pl.tables_o, bargs_o, options)
+    g_q_p, (g_kp, g_vp) = dbwd_dq_pass(*pred, st_p, scale, pl.tables_p, bargs_p, options, q_off=pl.offset, own=own,
+                                       own_cts=own_cts)
+    acc = (torch.empty(k_o.shape, dtype=torch.float32, device=k_o.device),
+           torch.empty(v_o.shape, dtype=torch.float32, device=v_o.device))
+    dbwd_dkdv_pass(*obs, st_o, scale, pl.tables_o, bargs_o, options, into=acc)
+    dbwd_dkdv_pass(*pred, st_p, scale, pl.tables_p, bargs_p, options, q_off=pl.offset, into=acc, accumulate=True)
+    return [g_q_o, acc[0].to(k_o.dtype), acc[1].to(v_o.dtype), g_q_p, g_kp.to(k_p.dtype), g_vp.to(v_p.dtype),
+            gdo_o, gdo_p, st_o[..., 0] if dlse_o is not None else None, st_p[..., 0] if dlse_p is not None else None]

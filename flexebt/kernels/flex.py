@@ -234,38 +234,83 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _dbwd_args(q, k, v, out, dout, lse, dlse, gq, gk, gv):
+    c = lambda t: t.contiguous()  # noqa: E731
+    return (q, k, v, out, c(dout), lse, c(dlse) if dlse is not None else lse, c(gq), c(gk), c(gv))
+
+
+def _own_args(own: Optional[OwnKeys], own_cts, fallback):
+    if own is None:
+        return (fallback,) * 5
+    return own.kp, own.vp, own_cts[0].contiguous(), own_cts[1].contiguous(), own.keep
+
+
+def dbwd_rows_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, scale, tables: BlockTables,
+                   bargs: list, options=None, q_off: int = 0, own: Optional[OwnKeys] = None, own_cts=None):
+    """Row statistics (U, W, Bbar, D0, D) and g_do of the double backward."""
+    B, H, Sq, D = q.shape
+    Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
+    args = _dbwd_args(q, k, v, out, dout, lse, dlse, gq, gk, gv)
+    stats = torch.empty(B, H, Sq, 5, dtype=torch.float32, device=q.device)
+    g_do = torch.empty_like(args[4])
+    cfg = flex_config("dq", max(D, DV), tables.sparse_q, tables.sparse_kv, options)
+    _launch(kern.module.flex_dbwd_rows, lambda c_: (triton_cdiv(Sq, c_.BLOCK_M), B * H),
+            (*args, g_do, stats, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx, H, Hkv, Sq,
+             Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
+             tables.full_kv_idx.shape[-1], scale, q_off, *_own_args(own, own_cts, lse), *bargs),
+            dict(HAS_DLSE=dlse is not None, HAS_SELF=own is not None, **_common(q, k, v, tables)), cfg,
+            (D, DV, q.dtype, "dbwd_rows"))
+    return g_do, stats
+
+
+def dbwd_dq_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, stats, scale, tables: BlockTables,
+                 bargs: list, options=None, q_off: int = 0, own: Optional[OwnKeys] = None, own_cts=None):
+    """g_q of the double backward; with own keys also their g_kp, g_vp per query head (fp32)."""
+    B, H, Sq, D = q.shape
+    Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
+    args = _dbwd_args(q, k, v, out, dout, lse, dlse, gq, gk, gv)
+    g_q = torch.empty_like(q)
+    if own is not None:
+        g_kp = torch.empty(B, H, Sq, D, dtype=torch.float32, device=q.device)
+        g_vp = torch.empty(B, H, Sq, DV, dtype=torch.float32, device=q.device)
+    else:
+        g_kp = g_vp = lse
+    cfg = flex_config("dq", max(D, DV), tables.sparse_q, tables.sparse_kv, options)
+    _launch(kern.module.flex_dbwd_dq, lambda c_: (triton_cdiv(Sq, c_.BLOCK_M), B * H),
+            (*args, g_q, stats, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx, H, Hkv, Sq,
+             Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
+             tables.full_kv_idx.shape[-1], scale, q_off, *_own_args(own, own_cts, lse), g_kp, g_vp, *bargs),
+            dict(HAS_DLSE=dlse is not None, HAS_SELF=own is not None, **_common(q, k, v, tables)), cfg,
+            (D, DV, q.dtype, "dbwd_dq"))
+    return g_q, ((g_kp, g_vp) if own is not None else None)
+
+
+def dbwd_dkdv_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, stats, scale, tables: BlockTables,
+                   bargs: list, options=None, q_off: int = 0, into: Optional[tuple] = None, accumulate: bool = False):
+    """g_k, g_v of the double backward from these queries (into / accumulate as in dkdv_pass)."""
+    B, H, Sq, D = q.shape
+    Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
+    args = _dbwd_args(q, k, v, out, dout, lse, dlse, gq, gk, gv)
+    g_k, g_v = into if into is not None else (torch.empty_like(k), torch.empty_like(v))
+    cfg = flex_config("dkdv", max(D, DV), tables.sparse_q, tables.sparse_kv, options)
+    _launch(kern.module.flex_dbwd_dkdv, lambda c_: (triton_cdiv(Skv, c_.BLOCK_N), B * Hkv),
+            (*args, g_k, g_v, stats, tables.q_num, tables.q_idx, tables.full_q_num, tables.full_q_idx, H, Hkv, Sq,
+             Skv, tables.MB, tables.MH, tables.q_num.shape[-1], tables.q_idx.shape[-1],
+             tables.full_q_idx.shape[-1], scale, q_off, *bargs),
+            dict(HAS_DLSE=dlse is not None, ACCUMULATE=accumulate, **_common(q, k, v, tables)), cfg,
+            (D, DV, q.dtype, "dbwd_dkdv"))
+    return g_k, g_v
+
+
 def flex_double_backward(kern: ModKernels, q, k, v, out, lse, dout, dlse, gq, gk, gv, scale: float,
                          tables: BlockTables, buffers: list[Tensor], options: Optional[dict] = None):
     """Fused double backward (score_mods without floating loads): g_q, g_k, g_v, g_do, g_dlse.
 
     Three passes, O(S) extra memory: row statistics (U, W, Bbar, D0, D) and g_do per query tile;
     g_q per query tile; g_k, g_v per key tile.  See the template's comment for the math."""
-    B, H, Sq, D = q.shape
-    Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
-    c = lambda t: t.contiguous()  # noqa: E731
-    dout, gq, gk, gv = c(dout), c(gq), c(gk), c(gv)
-    dlse_arg = c(dlse) if dlse is not None else lse
-    stats = torch.empty(B, H, Sq, 5, dtype=torch.float32, device=q.device)
-    g_do = torch.empty_like(dout)
-    g_q = torch.empty_like(q)
-    g_k = torch.empty_like(k)
-    g_v = torch.empty_like(v)
     bargs = _buffer_args(buffers, {})
-    kw = dict(HAS_DLSE=dlse is not None, **_common(q, k, v, tables))
-    row_tables = (tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx)
-    row_sizes = (H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
-                 tables.full_kv_idx.shape[-1], scale, 0)
-    cfg = flex_config("dq", max(D, DV), tables.sparse_q, tables.sparse_kv, options)
-    _launch(kern.module.flex_dbwd_rows, lambda c_: (triton_cdiv(Sq, c_.BLOCK_M), B * H),
-            (q, k, v, out, dout, lse, dlse_arg, gq, gk, gv, g_do, stats, *row_tables, *row_sizes, *bargs),
-            kw, cfg, (D, DV, q.dtype, "dbwd_rows"))
-    _launch(kern.module.flex_dbwd_dq, lambda c_: (triton_cdiv(Sq, c_.BLOCK_M), B * H),
-            (q, k, v, out, dout, lse, dlse_arg, gq, gk, gv, g_q, stats, *row_tables, *row_sizes, *bargs),
-            kw, cfg, (D, DV, q.dtype, "dbwd_dq"))
-    cfg = flex_config("dkdv", max(D, DV), tables.sparse_q, tables.sparse_kv, options)
-    _launch(kern.module.flex_dbwd_dkdv, lambda c_: (triton_cdiv(Skv, c_.BLOCK_N), B * Hkv),
-            (q, k, v, out, dout, lse, dlse_arg, gq, gk, gv, g_k, g_v, stats, tables.q_num, tables.q_idx,
-             tables.full_q_num, tables.full_q_idx, H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.q_num.shape[-1],
-             tables.q_idx.shape[-1], tables.full_q_idx.shape[-1], scale, 0, *bargs),
-            kw, cfg, (D, DV, q.dtype, "dbwd_dkdv"))
+    g_do, stats = dbwd_rows_pass(kern, q, k, v, out, dout, lse, dlse, gq, gk, gv, scale, tables, bargs, options)
+    g_q, _ = dbwd_dq_pass(kern, q, k, v, out, dout, lse, dlse, gq, gk, gv, stats, scale, tables, bargs, options)
+    g_k, g_v = dbwd_dkdv_pass(kern, q, k, v, out, dout, lse, dlse, gq, gk, gv, stats, scale, tables, bargs,
+                              options)
     return g_q, g_k, g_v, g_do, stats[..., 0]

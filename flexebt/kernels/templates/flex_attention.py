@@ -523,15 +523,44 @@ def _dbwd_rows_tile(U, W, Bbar, puv, pgv, q, gq, do, lse2, K, V, GK, GV, kvh, st
 
 
 @triton.jit
+def _dbwd_own(q, gq, do, lse2, KP, VP, GKP, GVP, SELF_KEEP, kp_base, vp_base, qh, offs_m, off_b, off_h, Sq, scale,
+              Q_OFF, __BUFFERS__
+              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+              BLOCK_M: tl.constexpr, EVEN: tl.constexpr):
+    """The EBT own key of each row as one [BLOCK_M, 1] column of the double backward:
+    (p, dP, A, u, Bm, f', f'') of that column, and the rows kp, vp, gkp, gvp."""
+    kp = _load_rows(KP + kp_base, offs_m, Sq, D, BLOCK_D, EVEN)
+    vp = _load_rows(VP + vp_base, offs_m, Sq, DV, BLOCK_DV, EVEN)
+    gkp = _load_rows(GKP + kp_base, offs_m, Sq, D, BLOCK_D, EVEN)
+    gvp = _load_rows(GVP + vp_base, offs_m, Sq, DV, BLOCK_DV, EVEN)
+    s_raw = tl.sum(q.to(tl.float32) * kp.to(tl.float32), 1)[:, None]
+    VALID = (offs_m < Sq)[:, None]
+    mq_idx, _unused = _mod_indices(offs_m, offs_m, Sq, Sq, EVEN)
+    q_idx = mq_idx[:, None] + Q_OFF
+    kv_idx = q_idx
+    ZERO = tl.zeros([BLOCK_M, 1], dtype=tl.int32)
+    # @SCORE_DBWD
+    keep = VALID & (tl.load(SELF_KEEP + qh * Sq + offs_m, mask=offs_m < Sq, other=0) != 0)[:, None]
+    p = tl.where(keep, tl.math.exp2(t2 - lse2[:, None]), 0.0)
+    f1 = tl.where(keep, dtds, 0.0)
+    f2 = tl.where(keep, d2tds2, 0.0)
+    dp = tl.sum(do.to(tl.float32) * vp.to(tl.float32), 1)[:, None]
+    a = (tl.sum(gq.to(tl.float32) * kp.to(tl.float32), 1) + tl.sum(q.to(tl.float32) * gkp.to(tl.float32), 1))[:, None]
+    a = a * scale
+    bm = tl.sum(do.to(tl.float32) * gvp.to(tl.float32), 1)[:, None]
+    return p, dp, a, f1 * a, bm, f1, f2, kp, vp, gkp, gvp
+
+
+@triton.jit
 def flex_dbwd_rows(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_DO, STATS, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
                    H, Hkv, Sq, Skv, MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, scale, Q_OFF,
-                   __BUFFERS__
+                   KP, VP, GKP, GVP, SELF_KEEP, __BUFFERS__
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
                    HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                   HAS_DLSE: tl.constexpr):
+                   HAS_DLSE: tl.constexpr, HAS_SELF: tl.constexpr):
     """Pass 1 of the double backward, per query tile: the row statistics U, W, Bbar (stored with
-    D0 and D in STATS [B, H, Sq, 5]) and g_do."""
+    D0 and D in STATS [B, H, Sq, 5]) and g_do.  HAS_SELF: the EBT own key is one more column."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = pid_bh // H
@@ -542,11 +571,23 @@ def flex_dbwd_rows(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_DO, STATS, KV_NUM, K
     q, gq, do, o, lse2, d0, dsh = _dbwd_row_inputs(Q, O, DO, GQ, LSE, DLSE, qh, offs_m, Sq, D, DV, BLOCK_D,
                                                    BLOCK_DV, EVEN, HAS_DLSE)
     kvh = (off_b * Hkv + off_hk).to(tl.int64)
-    U = tl.zeros([BLOCK_M], dtype=tl.float32)
-    W = tl.zeros([BLOCK_M], dtype=tl.float32)
-    Bbar = tl.zeros([BLOCK_M], dtype=tl.float32)
-    puv = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    pgv = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    if HAS_SELF:
+        own = kvh * Sq
+        p_s, dp_s, a_s, u_s, bm_s, f1_s, f2_s, kp, vp, gkp, gvp = _dbwd_own(
+            q, gq, do, lse2, KP, VP, GKP, GVP, SELF_KEEP, own * D, own * DV, qh, offs_m, off_b, off_h, Sq, scale,
+            Q_OFF, __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, EVEN)
+        pu_s = p_s * u_s
+        U = tl.sum(pu_s, 1)
+        W = tl.sum(pu_s * dp_s, 1)
+        Bbar = tl.sum(p_s * bm_s, 1)
+        puv = pu_s * vp.to(tl.float32)
+        pgv = p_s * gvp.to(tl.float32)
+    else:
+        U = tl.zeros([BLOCK_M], dtype=tl.float32)
+        W = tl.zeros([BLOCK_M], dtype=tl.float32)
+        Bbar = tl.zeros([BLOCK_M], dtype=tl.float32)
+        puv = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        pgv = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     base, base_full, n_partial, n_full = _row_table(KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, off_b, off_h,
                                                     (pid_m * BLOCK_M) // SPARSE_Q, MB, MH, NQ_BLOCKS, NKV_LIST,
                                                     NKV_LIST_FULL, HAS_FULL)
@@ -605,12 +646,13 @@ def _dbwd_dq_tile(g_q, q, gq, do, lse2, U, W, Bbar, d0, dsh, K, V, GK, GV, kvh, 
 @triton.jit
 def flex_dbwd_dq(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_Q, STATS, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
                  H, Hkv, Sq, Skv, MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, scale, Q_OFF,
-                 __BUFFERS__
+                 KP, VP, GKP, GVP, SELF_KEEP, G_KP, G_VP, __BUFFERS__
                  D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
                  HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                 HAS_DLSE: tl.constexpr):
-    """Pass 2 of the double backward, per query tile: g_q = scale sum_j (gs k + ds Gk)."""
+                 HAS_DLSE: tl.constexpr, HAS_SELF: tl.constexpr):
+    """Pass 2 of the double backward, per query tile: g_q = scale sum_j (gs k + ds Gk).  HAS_SELF:
+    the own key's column adds to g_q and gives its g_kp, g_vp (per query head, fp32)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = pid_bh // H
@@ -641,8 +683,23 @@ def flex_dbwd_dq(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_Q, STATS, KV_NUM, KV_I
                             __BUFFERS__
                             D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, EVEN, IEEE, UPCAST)
     offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < Sq
+    if HAS_SELF:
+        own = kvh * Sq
+        p_s, dp_s, a_s, u_s, bm_s, f1_s, f2_s, kp, vp, gkp, gvp = _dbwd_own(
+            q, gq, do, lse2, KP, VP, GKP, GVP, SELF_KEEP, own * D, own * DV, qh, offs_m, off_b, off_h, Sq, scale,
+            Q_OFF, __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, EVEN)
+        gs_s, ds_s = _dbwd_gs(p_s, dp_s, a_s, u_s, bm_s, f1_s, f2_s, d0, dsh, U, W, Bbar)
+        g_q += gs_s * kp.to(tl.float32) + ds_s * gkp.to(tl.float32)
+        g_kp = (gs_s * q.to(tl.float32) + ds_s * gq.to(tl.float32)) * scale
+        g_vp = p_s * (u_s - U[:, None]) * do.to(tl.float32)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        tl.store(G_KP + qh * Sq * D + offs_m[:, None] * D + offs_d[None, :], g_kp,
+                 mask=row_ok[:, None] & (offs_d[None, :] < D))
+        tl.store(G_VP + qh * Sq * DV + offs_m[:, None] * DV + offs_dv[None, :], g_vp,
+                 mask=row_ok[:, None] & (offs_dv[None, :] < DV))
     tl.store(G_Q + qh * Sq * D + offs_m[:, None] * D + offs_d[None, :], (g_q * scale).to(G_Q.dtype.element_ty),
-             mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < D))
+             mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
 @triton.jit
@@ -671,9 +728,9 @@ def flex_dbwd_dkdv(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_K, G_V, STATS, Q_NUM
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
                    HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                   HAS_DLSE: tl.constexpr):
+                   HAS_DLSE: tl.constexpr, ACCUMULATE: tl.constexpr):
     """Pass 3 of the double backward, per key tile: g_k = scale sum_i (gs^T q + ds^T Gq) and
-    g_v = sum_i (P (u - U))^T do, over the query heads of a GQA group."""
+    g_v = sum_i (P (u - U))^T do, over the query heads of a GQA group (ACCUMULATE: add to G_K, G_V)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = pid_bh // Hkv
@@ -709,7 +766,13 @@ def flex_dbwd_dkdv(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_K, G_V, STATS, Q_NUM
     col_ok = offs_n < Skv
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    tl.store(G_K + kvh * Skv * D + offs_n[:, None] * D + offs_d[None, :], (g_k * scale).to(G_K.dtype.element_ty),
-             mask=col_ok[:, None] & (offs_d[None, :] < D))
-    tl.store(G_V + kvh * Skv * DV + offs_n[:, None] * DV + offs_dv[None, :], g_v.to(G_V.dtype.element_ty),
-             mask=col_ok[:, None] & (offs_dv[None, :] < DV))
+    gk_ptr = G_K + kvh * Skv * D + offs_n[:, None] * D + offs_d[None, :]
+    gv_ptr = G_V + kvh * Skv * DV + offs_n[:, None] * DV + offs_dv[None, :]
+    gk_ok = col_ok[:, None] & (offs_d[None, :] < D)
+    gv_ok = col_ok[:, None] & (offs_dv[None, :] < DV)
+    g_k = g_k * scale
+    if ACCUMULATE:
+        g_k += tl.load(gk_ptr, mask=gk_ok, other=0.0).to(tl.float32)
+        g_v += tl.load(gv_ptr, mask=gv_ok, other=0.0).to(tl.float32)
+    tl.store(gk_ptr, g_k.to(G_K.dtype.element_ty), mask=gk_ok)
+    tl.store(gv_ptr, g_v.to(G_V.dtype.element_ty), mask=gv_ok)
