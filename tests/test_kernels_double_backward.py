@@ -89,3 +89,63 @@ def test_mods_with_learned_tensors_use_the_exact_reference_path(fused_calls):
     assert not fused_calls
     for a, b in zip(got, torch.autograd.grad(loss(R), x + [bias])):
         assert rel_err(a, b) < 1e-5
+
+
+EBT_CASES = {"plain": (None, None), "causal_softcap": (lambda H: mods.generate_tanh_softcap(2.0),
+                                                       lambda: masks.ebt_causal_mask),
+             "alibi_window": (lambda H: mods.generate_alibi_bias(H), lambda: masks.generate_sliding_window(6))}
+
+
+@pytest.fixture
+def fused_ebt_calls(monkeypatch):
+    import flexebt.kernels.ebt as kernels_ebt
+
+    calls = []
+    original = kernels_ebt.ebt_double_backward
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernels_ebt, "ebt_double_backward", spy)
+    return calls
+
+
+def _ebt_fn(sm, bm, backend):
+    def f(*a):
+        o = flexebt.flex_ebt_attention(*a, score_mod=sm, block_mask=bm, return_lse=True, kernel_options=backend)
+        return o[0], o[1], torch.where(torch.isfinite(o[3]), o[3], 0)  # the lse cotangent path too
+    return f
+
+
+@pytest.mark.parametrize("r", [0, 1, 3])
+@pytest.mark.parametrize("case", list(EBT_CASES))
+def test_ebt_second_order_matches_reference(case, r, fused_ebt_calls):
+    from helpers import second_order
+
+    S_p, H = 21, 2
+    S_o = S_p + r
+    sf, mf = EBT_CASES[case]
+    sm = sf(H) if sf else None
+    bm = flexebt.create_ebt_block_mask(mf(), None, None, S_o, S_p, BLOCK_SIZE=16) if mf else None
+    x = [torch.randn(1, H, S, 16, requires_grad=True) for S in (S_o, S_o, S_o, S_p, S_p, S_p)]
+    got = second_order(_ebt_fn(sm, bm, T), x)
+    assert fused_ebt_calls, "the fused EBT double-backward kernels did not run"
+    want = second_order(_ebt_fn(sm, bm, R), x)
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        assert torch.isfinite(a).all() and rel_err(a, b) < 1e-5
+
+
+def test_ebt_third_order_is_exact():
+    bm = flexebt.create_ebt_block_mask(None, None, None, 18, 17, BLOCK_SIZE=16)
+    sm = mods.generate_tanh_softcap(2.0)
+    x = [torch.randn(1, 2, S, 16, requires_grad=True) for S in (18, 18, 18, 17, 17, 17)]
+
+    def third(backend):
+        o = flexebt.flex_ebt_attention(*x, score_mod=sm, block_mask=bm, kernel_options=backend)
+        g = torch.autograd.grad(o[1].square().sum() + o[0].sum(), x, create_graph=True)
+        h = torch.autograd.grad(sum((t * t).sum() for t in g), x, create_graph=True)
+        return torch.autograd.grad(sum((t * t).sum() for t in h), x)
+
+    for a, b in zip(third(T), third(R)):
+        assert rel_err(a, b) < 1e-5
