@@ -10,7 +10,7 @@ EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
 
 def load(name):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name.replace("/", "_"), EXAMPLES / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -34,3 +34,14 @@ def test_ebt_attention(capsys):
 def test_second_order():
     exact, fd = load("second_order").main()
     assert exact < 1e-12 and fd < 1e-6
+
+
+def test_ebt_language_model_trains(capsys):
+    """The EBT example: loss on MCMC-refined predictions (second order through flexebt attention)
+    falls in a short CPU run."""
+    import sys
+
+    sys.path.insert(0, str(EXAMPLES / "ebt"))
+    first, last = load("ebt/train").main(["--steps", "40", "--context", "32"])
+    assert last < first - 0.2
+    assert "sample:" in capsys.readouterr().out
