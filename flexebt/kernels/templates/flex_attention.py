@@ -62,6 +62,18 @@ def _mod_indices(offs_m, offs_n, Sq, Skv, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _tile_positions(offs_m, offs_n, Sq, Skv, Q_OFF, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    EVEN: tl.constexpr):
+    """What the mod code of a [BLOCK_M queries, BLOCK_N keys] tile sees: VALID (inside both
+    sequences), mq_idx (stream-local query position, for block-mask mods), q_idx (frame position,
+    for score_mods), kv_idx, and ZERO (to broadcast values to the tile)."""
+    VALID = (offs_m[:, None] < Sq) & (offs_n[None, :] < Skv)
+    mq_idx, kv_idx = _mod_indices(offs_m, offs_n, Sq, Skv, EVEN)
+    return (VALID, mq_idx[:, None], mq_idx[:, None] + Q_OFF, kv_idx[None, :],
+            tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32))
+
+
+@triton.jit
 def _own_key_scores(q, KP, VP, SELF_KEEP, kv_head_base, v_head_base, qh, offs_m, off_b, off_h, Sq, scale, Q_OFF,
                     __BUFFERS__
                     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -119,12 +131,7 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, kv_head_base, v_head_base, start_n, offs_m
     k = _load_rows(K + kv_head_base, offs_n, Skv, D, BLOCK_D, EVEN)
     v = _load_rows(V + v_head_base, offs_n, Skv, DV, BLOCK_DV, EVEN)
     s_raw = _mm(q, tl.trans(k), IEEE, UPCAST)
-    VALID = (offs_m[:, None] < Sq) & (offs_n[None, :] < Skv)
-    mq_idx, kv_idx = _mod_indices(offs_m, offs_n, Sq, Skv, EVEN)
-    mq_idx = mq_idx[:, None]
-    q_idx = mq_idx + Q_OFF
-    kv_idx = kv_idx[None, :]
-    ZERO = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    VALID, mq_idx, q_idx, kv_idx, ZERO = _tile_positions(offs_m, offs_n, Sq, Skv, Q_OFF, BLOCK_M, BLOCK_N, EVEN)
     # @SCORE_FWD
     if IS_FULL:
         if not EVEN:
@@ -235,12 +242,7 @@ def _dq_tile(dq, q, do, lse2, delta, K, V, kv_head_base, v_head_base, start_n, o
     k = _load_rows(K + kv_head_base, offs_n, Skv, D, BLOCK_D, EVEN)
     v = _load_rows(V + v_head_base, offs_n, Skv, DV, BLOCK_DV, EVEN)
     s_raw = _mm(q, tl.trans(k), IEEE, UPCAST)
-    VALID = (offs_m[:, None] < Sq) & (offs_n[None, :] < Skv)
-    mq_idx, kv_idx = _mod_indices(offs_m, offs_n, Sq, Skv, EVEN)
-    mq_idx = mq_idx[:, None]
-    q_idx = mq_idx + Q_OFF
-    kv_idx = kv_idx[None, :]
-    ZERO = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    VALID, mq_idx, q_idx, kv_idx, ZERO = _tile_positions(offs_m, offs_n, Sq, Skv, Q_OFF, BLOCK_M, BLOCK_N, EVEN)
     # @SCORE_BWD
     if IS_FULL:
         keep = VALID
@@ -445,12 +447,7 @@ def _dbwd_scores(q, k, v, do, gq, gk, gv, lse2, offs_m, offs_n, off_b, off_h, Sq
                  IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """Per tile: P, dP, A, u = f' A, Bm, f', f'' (zero where masked)."""
     s_raw = _mm(q, tl.trans(k), IEEE, UPCAST)
-    VALID = (offs_m[:, None] < Sq) & (offs_n[None, :] < Skv)
-    mq_idx, kv_idx = _mod_indices(offs_m, offs_n, Sq, Skv, EVEN)
-    mq_idx = mq_idx[:, None]
-    q_idx = mq_idx + Q_OFF
-    kv_idx = kv_idx[None, :]
-    ZERO = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    VALID, mq_idx, q_idx, kv_idx, ZERO = _tile_positions(offs_m, offs_n, Sq, Skv, Q_OFF, BLOCK_M, BLOCK_N, EVEN)
     # @SCORE_DBWD
     if IS_FULL:
         keep = VALID
