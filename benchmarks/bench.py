@@ -169,9 +169,62 @@ def run_b1(args, meta, writer):
             torch.cuda.empty_cache()
 
 
+def b3_step(model, tokens, targets):
+    """One EBT training step: MCMC refinement with create_graph=True, loss, backward."""
+    model.zero_grad(set_to_none=True)
+    loss = model.loss(tokens, targets)
+    loss.backward()
+    return loss
+
+
+def run_b3(args, meta, writer):
+    """B3: EBT training step, 12 layers, d 384, 12 heads (D32), B16, 3 MCMC steps, vs the same
+    model with eager (dense reference) attention.  Time per step and peak memory."""
+    import os as _os
+
+    sys.path.insert(0, _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "..", "examples", "ebt"))
+    from model import CharEBT
+
+    vocab = 256
+    for dtype_name in args.b3_dtypes:
+        dtype = getattr(torch, dtype_name)
+        for S in args.seqs:
+            for impl, backend in (("flexebt", "AUTO"), ("eager_math", "REFERENCE")):
+                os.environ["FLEXEBT_BACKEND"] = backend
+                torch.manual_seed(0)
+                model = CharEBT(vocab, S, dim=384, heads=12, layers=12, mcmc_steps=3).to("cuda", dtype)
+                tokens = torch.randint(0, vocab, (16, S), device="cuda")
+                targets = torch.randint(0, vocab, (16, S), device="cuda")
+                try:
+                    b3_step(model, tokens, targets)  # warm-up (kernel builds)
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                    times = []
+                    for _ in range(args.b3_reps):
+                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        start.record()
+                        b3_step(model, tokens, targets)
+                        end.record()
+                        torch.cuda.synchronize()
+                        times.append(start.elapsed_time(end))
+                    ms = sorted(times)[len(times) // 2]
+                    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
+                except torch.OutOfMemoryError:
+                    ms, peak = float("nan"), float("nan")
+                del model
+                torch.cuda.empty_cache()
+                writer(dict(meta, suite="B3", impl=impl, variant="ebt_train_step_12L_d384_mcmc3", dtype=dtype_name,
+                            B=16, H=12, S=S, D=32, mode="train_step", ms=round(ms, 2), tflops=float("nan"),
+                            peak_mem_gib=round(peak, 3)))
+    os.environ.pop("FLEXEBT_BACKEND", None)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", default="B2", choices=["B1", "B2"])
+    p.add_argument("--suite", default="B2", choices=["B1", "B2", "B3"])
+    p.add_argument("--b3-dtypes", default="float32,bfloat16", type=lambda s: s.split(","))
+    p.add_argument("--b3-reps", type=int, default=5)
     p.add_argument("--b1-configs", default="float32:32,bfloat16:64,bfloat16:128",
                    type=lambda s: [(a, int(b)) for a, b in (x.split(":") for x in s.split(","))])
     p.add_argument("--eager-max-s", type=int, default=2048)
@@ -207,7 +260,7 @@ def main(argv=None):
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            (run_b1 if args.suite == "B1" else run_b2)(args, meta, writer)
+            {"B1": run_b1, "B2": run_b2, "B3": run_b3}[args.suite](args, meta, writer)
     with open(args.out + ".json", "w") as f:
         json.dump(rows, f, indent=1)
 
