@@ -57,6 +57,20 @@ def _reference_double_backward(reference: Callable, primals: list, buffers: list
     return g_primals, g_cts, g_bufs
 
 
+def _one_level(t):
+    """Under torch.func.jvp the jvp rule sees tensors wrapped by the jvp level.  Unwrap exactly
+    that level when it holds a plain tensor; refuse anything nested (another transform or an
+    outer autograd graph underneath) rather than drop its terms."""
+    if t is None or not torch._C._functorch.is_functorch_wrapped_tensor(t):
+        return t
+    inner = torch._C._functorch.get_unwrapped(t)
+    if torch._C._functorch.is_functorch_wrapped_tensor(inner) or inner.requires_grad:
+        raise NotImplementedError(
+            "flexebt: forward-mode AD of the Triton kernels nested inside another transform or an autograd graph "
+            "is not supported yet; use kernel_options={'BACKEND': 'REFERENCE'} for this call.")
+    return inner
+
+
 @dataclasses.dataclass
 class FlexCall:
     """Everything about one single-stream call that is not a tensor input."""
@@ -83,6 +97,31 @@ class FlexAttention(torch.autograd.Function):
         ctx.call = call
         ctx.set_materialize_grads(False)  # an unused lse gets None, not a zeros tensor to read
         ctx.save_for_backward(q, k, v, out, lse, *buffers)
+        ctx.jvp_inputs = (q, k, v, buffers)
+
+    @staticmethod
+    def jvp(ctx, dq, dk, dv, _call, *dbuf):
+        """Forward mode, fused: one pass gives out, lse and their tangents (SPEC: torch.func.jvp,
+        torch.autograd.forward_ad).  Tangents of captured tensors need the reference."""
+        from .kernels.flex import flex_jvp
+
+        q, k, v, buffers = (*(_one_level(t) for t in ctx.jvp_inputs[:3]), ctx.jvp_inputs[3])
+        dq, dk, dv = (_one_level(t) for t in (dq, dk, dv))
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, dq, dk, dv)):
+            # The kernel's tangents carry no graph: reverse mode over them would silently lose terms.
+            raise NotImplementedError(
+                "flexebt: reverse-mode AD through forward-mode tangents of the Triton kernels is not supported yet; "
+                "use kernel_options={'BACKEND': 'REFERENCE'} for this call (or torch.no_grad around the JVP).")
+        if any(t is not None for t in dbuf):
+            raise NotImplementedError("flexebt: forward-mode AD with tangents on tensors captured by a score_mod "
+                                      "is not supported by the kernels yet; use kernel_options={'BACKEND': "
+                                      "'REFERENCE'} for this call.")
+        z = lambda t, like: torch.zeros_like(like) if t is None else t  # noqa: E731
+        call: FlexCall = ctx.call
+        with torch._C._DisableFuncTorch():
+            _, _, d_out, d_lse = flex_jvp(call.kernels, q, k, v, z(dq, q), z(dk, k), z(dv, v), call.scale,
+                                          call.tables, list(buffers), call.options)
+        return d_out, d_lse
 
     @staticmethod
     def backward(ctx, dout, dlse):

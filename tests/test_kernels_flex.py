@@ -184,7 +184,7 @@ def test_even_lengths_and_tile_overrides():
 
 def test_torch_func_grad_through_the_kernels():
     """torch.func.grad builds kernels and launches them inside the transform (plain tensors for
-    Triton, functorch wraps the results); forward-mode is refused clearly until the JVP kernels."""
+    Triton, functorch wraps the results); forward-over-reverse is refused clearly, not dropped."""
     bm = flexebt.create_block_mask(masks.causal_mask, None, None, 32, 32, device="cpu", BLOCK_SIZE=16)
     k, v = torch.randn(1, 2, 32, 16), torch.randn(1, 2, 32, 16)
     sm = mods.generate_tanh_softcap(2.0)
@@ -196,4 +196,4 @@ def test_torch_func_grad_through_the_kernels():
     g = torch.func.grad(lambda x: energy(x, T))(q)
     assert rel_err(g, torch.func.grad(lambda x: energy(x, R))(q)) < 1e-5
     with pytest.raises(NotImplementedError, match="jvp"):
-        torch.func.jvp(lambda x: energy(x, T), (q,), (torch.randn_like(q),))
+        torch.func.jvp(torch.func.grad(lambda x: energy(x, T)), (q,), (torch.randn_like(q),))

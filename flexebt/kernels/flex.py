@@ -314,3 +314,23 @@ def flex_double_backward(kern: ModKernels, q, k, v, out, lse, dout, dlse, gq, gk
     g_k, g_v = dbwd_dkdv_pass(kern, q, k, v, out, dout, lse, dlse, gq, gk, gv, stats, scale, tables, bargs,
                               options)
     return g_q, g_k, g_v, g_do, stats[..., 0]
+
+
+def flex_jvp(kern: ModKernels, q, k, v, dq, dk, dv, scale: float, tables: BlockTables, buffers: list[Tensor],
+             options: Optional[dict] = None):
+    """Forward and forward-mode tangents in one pass: (out, lse, d_out, d_lse)."""
+    B, H, Sq, D = q.shape
+    Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
+    c = lambda t: t.contiguous()  # noqa: E731
+    dq, dk, dv = c(dq), c(dk), c(dv)
+    out = torch.empty(B, H, Sq, DV, dtype=q.dtype, device=q.device)
+    d_out = torch.empty_like(out)
+    lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
+    d_lse = torch.empty_like(lse)
+    cfg = flex_config("fwd", max(D, DV), tables.sparse_q, tables.sparse_kv, options, kern.gathers)
+    _launch(kern.module.flex_jvp, lambda c_: (triton_cdiv(Sq, c_.BLOCK_M), B * H),
+            (q, k, v, dq, dk, dv, out, lse, d_out, d_lse, tables.kv_num, tables.kv_idx, tables.full_kv_num,
+             tables.full_kv_idx, H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1],
+             tables.kv_idx.shape[-1], tables.full_kv_idx.shape[-1], scale, 0, *_buffer_args(buffers, {})),
+            _common(q, k, v, tables), cfg, (D, DV, q.dtype, "jvp"))
+    return out, lse, d_out, d_lse

@@ -773,3 +773,98 @@ def flex_dbwd_dkdv(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_K, G_V, STATS, Q_NUM
         g_v += tl.load(gv_ptr, mask=gv_ok, other=0.0).to(tl.float32)
     tl.store(gk_ptr, g_k.to(G_K.dtype.element_ty), mask=gk_ok)
     tl.store(gv_ptr, g_v.to(G_V.dtype.element_ty), mask=gv_ok)
+
+
+# Forward-mode (JVP).  With tangents dq, dk, dv of q, k, v:
+#   ds = scale (dq k^T + q dk^T),  dt = f'(s) ds,  dP = P (dt - m),  m_i = sum_j P_ij dt_ij,
+#   d o_i = sum_j P_ij (dt_ij - m_i) v_j + sum_j P_ij dv_j,   d lse_i = m_i.
+# One pass with the forward's online softmax: sum P dt v, sum P dv and sum P dt are rescaled by the
+# same factor as the output accumulator, so the tangents come out normalised at the end.
+@triton.jit
+def _jvp_tile(acc, tacc, macc, l_i, m_i, q, dq, K, V, DK, DVT, kv_head_base, v_head_base, start_n, offs_m, off_b,
+              off_h, Sq, Skv, scale, Q_OFF, __BUFFERS__
+              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
+              IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = _load_rows(K + kv_head_base, offs_n, Skv, D, BLOCK_D, EVEN)
+    v = _load_rows(V + v_head_base, offs_n, Skv, DV, BLOCK_DV, EVEN)
+    dk = _load_rows(DK + kv_head_base, offs_n, Skv, D, BLOCK_D, EVEN)
+    dv = _load_rows(DVT + v_head_base, offs_n, Skv, DV, BLOCK_DV, EVEN)
+    s_raw = _mm(q, tl.trans(k), IEEE, UPCAST)
+    VALID, mq_idx, q_idx, kv_idx, ZERO = _tile_positions(offs_m, offs_n, Sq, Skv, Q_OFF, BLOCK_M, BLOCK_N, EVEN)
+    # @SCORE_BWD
+    if IS_FULL:
+        keep = VALID
+    else:
+        # @MASK
+        keep = VALID & mask_keep
+    t2 = tl.where(keep, t2, float("-inf"))
+    dt = tl.where(keep, dtds * (_mm(dq, tl.trans(k), IEEE, UPCAST) + _mm(q, tl.trans(dk), IEEE, UPCAST)) * scale, 0.0)
+    m_new = tl.maximum(m_i, tl.max(t2, 1))
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_shift)
+    p = tl.math.exp2(t2 - m_shift[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, IEEE, UPCAST)
+    pdt = p * dt
+    tacc = tacc * alpha[:, None] + _mm(pdt.to(v.dtype), v, IEEE, UPCAST) + _mm(p.to(dv.dtype), dv, IEEE, UPCAST)
+    macc = macc * alpha + tl.sum(pdt, 1)
+    return acc, tacc, macc, l_i, m_new
+
+
+@triton.jit
+def flex_jvp(Q, K, V, DQ, DK, DVT, O, LSE, DO, DLSE, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
+             H, Hkv, Sq, Skv, MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, scale, Q_OFF,
+             __BUFFERS__
+             D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
+             HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """Forward and JVP in one pass: O, LSE and their tangents DO (d out), DLSE (d lse)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = pid_bh // H
+    off_h = pid_bh % H
+    off_hk = off_h // (H // Hkv)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    qh = (off_b * H + off_h).to(tl.int64)
+    q = _load_rows(Q + qh * Sq * D, offs_m, Sq, D, BLOCK_D, EVEN)
+    dq = _load_rows(DQ + qh * Sq * D, offs_m, Sq, D, BLOCK_D, EVEN)
+    kv_head_base = (off_b * Hkv + off_hk).to(tl.int64) * Skv * D
+    v_head_base = (off_b * Hkv + off_hk).to(tl.int64) * Skv * DV
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    tacc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    macc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    base, base_full, n_partial, n_full = _row_table(KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, off_b, off_h,
+                                                    (pid_m * BLOCK_M) // SPARSE_Q, MB, MH, NQ_BLOCKS, NKV_LIST,
+                                                    NKV_LIST_FULL, HAS_FULL)
+    for it in range(n_partial * (SPARSE_KV // BLOCK_N)):
+        kv_block = tl.load(KV_IDX + base + it // (SPARSE_KV // BLOCK_N))
+        j = it % (SPARSE_KV // BLOCK_N)
+        acc, tacc, macc, l_i, m_i = _jvp_tile(acc, tacc, macc, l_i, m_i, q, dq, K, V, DK, DVT, kv_head_base,
+                                              v_head_base, kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h,
+                                              Sq, Skv, scale, Q_OFF, __BUFFERS__
+                                              D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, EVEN, IEEE, UPCAST)
+    for it in range(n_full * (SPARSE_KV // BLOCK_N)):
+        kv_block = tl.load(FULL_IDX + base_full + it // (SPARSE_KV // BLOCK_N))
+        j = it % (SPARSE_KV // BLOCK_N)
+        acc, tacc, macc, l_i, m_i = _jvp_tile(acc, tacc, macc, l_i, m_i, q, dq, K, V, DK, DVT, kv_head_base,
+                                              v_head_base, kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h,
+                                              Sq, Skv, scale, Q_OFF, __BUFFERS__
+                                              D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, EVEN, IEEE, UPCAST)
+    empty = l_i == 0.0
+    inv = 1.0 / tl.where(empty, 1.0, l_i)
+    out = acc * inv[:, None]
+    mbar = macc * inv
+    dout = tacc * inv[:, None] - mbar[:, None] * out
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    row_ok = offs_m < Sq
+    offs_dv = tl.arange(0, BLOCK_DV)
+    o_ptr = qh * Sq * DV + offs_m[:, None] * DV + offs_dv[None, :]
+    o_ok = row_ok[:, None] & (offs_dv[None, :] < DV)
+    tl.store(O + o_ptr, out.to(O.dtype.element_ty), mask=o_ok)
+    tl.store(DO + o_ptr, dout.to(DO.dtype.element_ty), mask=o_ok)
+    tl.store(LSE + qh * Sq + offs_m, lse, mask=row_ok)
+    tl.store(DLSE + qh * Sq + offs_m, mbar, mask=row_ok)

@@ -1,0 +1,74 @@
+"""Forward mode (JVP) through the fused kernel (one pass: out, lse and their tangents) against the
+reference, for torch.func.jvp and torch.autograd.forward_ad; compositions the kernels cannot
+differentiate further raise instead of dropping terms."""
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+
+import flexebt
+from flexebt import masks, mods
+from helpers import rel_err
+
+pytestmark = pytest.mark.interpreter
+T = {"BACKEND": "TRITON"}
+R = {"BACKEND": "REFERENCE"}
+S, D = 37, 16
+CASES = {"plain": (None, None), "causal": (None, lambda: masks.causal_mask),
+         "softcap": (lambda: mods.generate_tanh_softcap(2.0), lambda: masks.causal_mask),
+         "alibi_window": (lambda: mods.generate_alibi_bias(2), lambda: masks.generate_sliding_window(9)),
+         "empty_rows": (None, lambda: (lambda b, h, q, kv: (q % 7 != 3) & (kv <= q)))}
+
+
+def _setup(case):
+    sf, mf = CASES[case]
+    sm = sf() if sf else None
+    bm = flexebt.create_block_mask(mf(), None, None, S, S, device="cpu", BLOCK_SIZE=16) if mf else None
+    x = tuple(torch.randn(1, 2, S, D) for _ in range(3))
+    t = tuple(torch.randn_like(a) for a in x)
+    return sm, bm, x, t
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_func_jvp_matches_reference(case):
+    sm, bm, x, t = _setup(case)
+
+    def f(backend):
+        return lambda q, k, v: flexebt.flex_attention(q, k, v, score_mod=sm, block_mask=bm, return_lse=True,
+                                                      kernel_options=backend)
+
+    (o, lse), (do, dlse) = torch.func.jvp(f(T), x, t)
+    (ro, rlse), (rdo, rdlse) = torch.func.jvp(f(R), x, t)
+    assert rel_err(o, ro) < 1e-5 and rel_err(do, rdo) < 1e-5
+    finite = torch.isfinite(rlse)
+    assert rel_err(lse[finite], rlse[finite]) < 1e-5 and rel_err(dlse[finite], rdlse[finite]) < 1e-5
+    assert torch.isfinite(do).all()
+
+
+def test_forward_ad_matches_reference():
+    sm, bm, x, t = _setup("softcap")
+    res = {}
+    for backend in (T, R):
+        with fwAD.dual_level():
+            duals = [fwAD.make_dual(a, b) for a, b in zip(x, t)]
+            out = flexebt.flex_attention(*duals, score_mod=sm, block_mask=bm, kernel_options=backend)
+            res[backend["BACKEND"]] = fwAD.unpack_dual(out).tangent
+    assert rel_err(res["TRITON"], res["REFERENCE"]) < 1e-5
+
+
+def test_nested_compositions_raise_instead_of_dropping_terms():
+    sm, bm, x, t = _setup("plain")
+    k, v = x[1], x[2]
+
+    def energy(q):
+        return flexebt.flex_attention(q, k, v, kernel_options=T).square().sum()
+
+    with pytest.raises(NotImplementedError):  # forward over reverse
+        torch.func.jvp(torch.func.grad(energy), (x[0],), (t[0],))
+    with pytest.raises(NotImplementedError):  # reverse over forward (functorch)
+        torch.func.grad(lambda q: torch.func.jvp(energy, (q,), (t[0],))[1])(x[0])
+    q = x[0].clone().requires_grad_()
+    with pytest.raises(NotImplementedError):  # reverse over forward (autograd)
+        with fwAD.dual_level():
+            out = flexebt.flex_attention(fwAD.make_dual(q, t[0]), k, v, kernel_options=T)
+            torch.autograd.grad(fwAD.unpack_dual(out).tangent.sum(), q)
