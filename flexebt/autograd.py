@@ -71,6 +71,17 @@ def _one_level(t):
     return inner
 
 
+def _check_jvp_inputs(tensors, buffer_tangents):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        # The kernel's tangents carry no graph: reverse mode over them would silently lose terms.
+        raise NotImplementedError(
+            "flexebt: reverse-mode AD through forward-mode tangents of the Triton kernels is not supported yet; "
+            "use kernel_options={'BACKEND': 'REFERENCE'} for this call (or torch.no_grad around the JVP).")
+    if any(t is not None for t in buffer_tangents):
+        raise NotImplementedError("flexebt: forward-mode AD with tangents on tensors captured by a score_mod is not "
+                                  "supported by the kernels yet; use kernel_options={'BACKEND': 'REFERENCE'}.")
+
+
 @dataclasses.dataclass
 class FlexCall:
     """Everything about one single-stream call that is not a tensor input."""
@@ -107,15 +118,7 @@ class FlexAttention(torch.autograd.Function):
 
         q, k, v, buffers = (*(_one_level(t) for t in ctx.jvp_inputs[:3]), ctx.jvp_inputs[3])
         dq, dk, dv = (_one_level(t) for t in (dq, dk, dv))
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, dq, dk, dv)):
-            # The kernel's tangents carry no graph: reverse mode over them would silently lose terms.
-            raise NotImplementedError(
-                "flexebt: reverse-mode AD through forward-mode tangents of the Triton kernels is not supported yet; "
-                "use kernel_options={'BACKEND': 'REFERENCE'} for this call (or torch.no_grad around the JVP).")
-        if any(t is not None for t in dbuf):
-            raise NotImplementedError("flexebt: forward-mode AD with tangents on tensors captured by a score_mod "
-                                      "is not supported by the kernels yet; use kernel_options={'BACKEND': "
-                                      "'REFERENCE'} for this call.")
+        _check_jvp_inputs((q, k, v, dq, dk, dv), dbuf)
         z = lambda t, like: torch.zeros_like(like) if t is None else t  # noqa: E731
         call: FlexCall = ctx.call
         with torch._C._DisableFuncTorch():
@@ -235,7 +238,20 @@ class EBTAttention(torch.autograd.Function):
         ctx.call = inputs[6]
         ctx.n_buffers = len(inputs) - 7
         ctx.set_materialize_grads(False)  # unused outputs (usually both lse) arrive as None
+        ctx.jvp_inputs = inputs[:6]
         ctx.save_for_backward(*inputs[:6], *output, *inputs[7:])
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        """Forward mode, fused: one pass per stream gives the outputs' tangents."""
+        from .kernels.ebt import ebt_jvp
+
+        qkv = [_one_level(t) for t in ctx.jvp_inputs]
+        tans = [_one_level(t) for t in tangents[:6]]
+        _check_jvp_inputs(qkv + tans, tangents[7:])
+        tans = [torch.zeros_like(x) if t is None else t for t, x in zip(tans, qkv)]
+        with torch._C._DisableFuncTorch():
+            return ebt_jvp(ctx.call.plan, qkv, tans, ctx.call.scale, ctx.call.options)
 
     @staticmethod
     def backward(ctx, do_o, do_p, dlse_o, dlse_p):

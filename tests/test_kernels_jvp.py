@@ -72,3 +72,26 @@ def test_nested_compositions_raise_instead_of_dropping_terms():
         with fwAD.dual_level():
             out = flexebt.flex_attention(fwAD.make_dual(q, t[0]), k, v, kernel_options=T)
             torch.autograd.grad(fwAD.unpack_dual(out).tangent.sum(), q)
+
+
+@pytest.mark.parametrize("r", [0, 1, 3])
+@pytest.mark.parametrize("case", ["plain", "softcap", "alibi_window"])
+def test_ebt_func_jvp_matches_reference(case, r):
+    sf, mf = {"plain": (None, None), "softcap": (lambda: mods.generate_tanh_softcap(2.0), lambda: masks.ebt_causal_mask),
+              "alibi_window": (lambda: mods.generate_alibi_bias(2), lambda: masks.generate_sliding_window(6))}[case]
+    S_p = 21
+    S_o = S_p + r
+    sm = sf() if sf else None
+    bm = flexebt.create_ebt_block_mask(mf(), None, None, S_o, S_p, BLOCK_SIZE=16) if mf else None
+    x = tuple(torch.randn(1, 2, S, 16) for S in (S_o, S_o, S_o, S_p, S_p, S_p))
+    t = tuple(torch.randn_like(a) for a in x)
+
+    def f(backend):
+        return lambda *a: flexebt.flex_ebt_attention(*a, score_mod=sm, block_mask=bm, return_lse=True,
+                                                     kernel_options=backend)
+
+    _, got = torch.func.jvp(f(T), x, t)
+    _, want = torch.func.jvp(f(R), x, t)
+    for a, b in zip(got, want):
+        finite = torch.isfinite(b)
+        assert rel_err(a[finite], b[finite]) < 1e-5

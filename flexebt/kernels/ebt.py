@@ -158,3 +158,17 @@ def ebt_double_backward(pl: EBTPlan, qkv: list, outs: list, cts: list, gcts: lis
     dbwd_dkdv_pass(*pred, st_p, scale, pl.tables_p, bargs_p, options, q_off=pl.offset, into=acc, accumulate=True)
     return [g_q_o, acc[0].to(k_o.dtype), acc[1].to(v_o.dtype), g_q_p, g_kp.to(k_p.dtype), g_vp.to(v_p.dtype),
             gdo_o, gdo_p, st_o[..., 0] if dlse_o is not None else None, st_p[..., 0] if dlse_p is not None else None]
+
+
+def ebt_jvp(pl: EBTPlan, qkv: list, tangents: list, scale: float, options: Optional[dict] = None):
+    """Tangents of (out_o, out_p, lse_o, lse_p) along tangents of (q_o, k_o, v_o, q_p, k_p, v_p)."""
+    from .flex import flex_jvp
+
+    q_o, k_o, v_o, q_p, k_p, v_p = qkv
+    dq_o, dk_o, dv_o, dq_p, dk_p, dv_p = tangents
+    _, _, d_out_o, d_lse_o = flex_jvp(pl.kern_o, q_o, k_o, v_o, dq_o, dk_o, dv_o, scale, pl.tables_o, pl.buffers_o,
+                                      options)
+    _, _, d_out_p, d_lse_p = flex_jvp(pl.kern_p, q_p, k_o, v_o, dq_p, dk_o, dv_o, scale, pl.tables_p, pl.buffers_p,
+                                      options, q_off=pl.offset, own=OwnKeys(k_p, v_p, pl.self_keep),
+                                      own_tangents=(dk_p, dv_p))
+    return d_out_o, d_out_p, d_lse_o, d_lse_p

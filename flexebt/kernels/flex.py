@@ -317,7 +317,7 @@ def flex_double_backward(kern: ModKernels, q, k, v, out, lse, dout, dlse, gq, gk
 
 
 def flex_jvp(kern: ModKernels, q, k, v, dq, dk, dv, scale: float, tables: BlockTables, buffers: list[Tensor],
-             options: Optional[dict] = None):
+             options: Optional[dict] = None, q_off: int = 0, own: Optional[OwnKeys] = None, own_tangents=None):
     """Forward and forward-mode tangents in one pass: (out, lse, d_out, d_lse)."""
     B, H, Sq, D = q.shape
     Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
@@ -331,6 +331,8 @@ def flex_jvp(kern: ModKernels, q, k, v, dq, dk, dv, scale: float, tables: BlockT
     _launch(kern.module.flex_jvp, lambda c_: (triton_cdiv(Sq, c_.BLOCK_M), B * H),
             (q, k, v, dq, dk, dv, out, lse, d_out, d_lse, tables.kv_num, tables.kv_idx, tables.full_kv_num,
              tables.full_kv_idx, H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1],
-             tables.kv_idx.shape[-1], tables.full_kv_idx.shape[-1], scale, 0, *_buffer_args(buffers, {})),
-            _common(q, k, v, tables), cfg, (D, DV, q.dtype, "jvp"))
+             tables.kv_idx.shape[-1], tables.full_kv_idx.shape[-1], scale, q_off,
+             *((own.kp, own.vp, c(own_tangents[0]), c(own_tangents[1]), own.keep) if own is not None else (lse,) * 5),
+             *_buffer_args(buffers, {})),
+            dict(HAS_SELF=own is not None, **_common(q, k, v, tables)), cfg, (D, DV, q.dtype, "jvp"))
     return out, lse, d_out, d_lse

@@ -814,13 +814,39 @@ def _jvp_tile(acc, tacc, macc, l_i, m_i, q, dq, K, V, DK, DVT, kv_head_base, v_h
 
 
 @triton.jit
+def _own_key_jvp(q, dq, KP, VP, DKP, DVP, SELF_KEEP, kp_base, vp_base, qh, offs_m, off_b, off_h, Sq, scale, Q_OFF,
+                 __BUFFERS__
+                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                 BLOCK_M: tl.constexpr, EVEN: tl.constexpr):
+    """The EBT own key's column for the JVP: (t2, d t, keep) per row and the rows vp, d vp."""
+    kp = _load_rows(KP + kp_base, offs_m, Sq, D, BLOCK_D, EVEN)
+    vp = _load_rows(VP + vp_base, offs_m, Sq, DV, BLOCK_DV, EVEN)
+    dkp = _load_rows(DKP + kp_base, offs_m, Sq, D, BLOCK_D, EVEN)
+    dvp = _load_rows(DVP + vp_base, offs_m, Sq, DV, BLOCK_DV, EVEN)
+    s_raw = tl.sum(q.to(tl.float32) * kp.to(tl.float32), 1)[:, None]
+    VALID = (offs_m < Sq)[:, None]
+    mq_idx, _unused = _mod_indices(offs_m, offs_m, Sq, Sq, EVEN)
+    q_idx = mq_idx[:, None] + Q_OFF
+    kv_idx = q_idx
+    ZERO = tl.zeros([BLOCK_M, 1], dtype=tl.int32)
+    # @SCORE_BWD
+    keep = VALID & (tl.load(SELF_KEEP + qh * Sq + offs_m, mask=offs_m < Sq, other=0) != 0)[:, None]
+    ds = (tl.sum(dq.to(tl.float32) * kp.to(tl.float32), 1) + tl.sum(q.to(tl.float32) * dkp.to(tl.float32), 1))
+    dt = tl.sum(tl.where(keep, dtds * ds[:, None] * scale, 0.0), 1)
+    t2 = tl.sum(tl.where(keep, t2, float("-inf")), 1)
+    return t2, dt, tl.sum(keep.to(tl.int32), 1) > 0, vp, dvp
+
+
+@triton.jit
 def flex_jvp(Q, K, V, DQ, DK, DVT, O, LSE, DO, DLSE, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
              H, Hkv, Sq, Skv, MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, scale, Q_OFF,
-             __BUFFERS__
+             KP, VP, DKP, DVP, SELF_KEEP, __BUFFERS__
              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
-             HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """Forward and JVP in one pass: O, LSE and their tangents DO (d out), DLSE (d lse)."""
+             HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+             HAS_SELF: tl.constexpr):
+    """Forward and JVP in one pass: O, LSE and their tangents DO (d out), DLSE (d lse).  HAS_SELF:
+    the EBT own key (and its tangents DKP, DVP) seeds the accumulators, as in the forward."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = pid_bh // H
@@ -832,11 +858,22 @@ def flex_jvp(Q, K, V, DQ, DK, DVT, O, LSE, DO, DLSE, KV_NUM, KV_IDX, FULL_NUM, F
     dq = _load_rows(DQ + qh * Sq * D, offs_m, Sq, D, BLOCK_D, EVEN)
     kv_head_base = (off_b * Hkv + off_hk).to(tl.int64) * Skv * D
     v_head_base = (off_b * Hkv + off_hk).to(tl.int64) * Skv * DV
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    tacc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    macc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_SELF:
+        own = (off_b * Hkv + off_hk).to(tl.int64) * Sq
+        t2_s, dt_s, keep_s, vp, dvp = _own_key_jvp(q, dq, KP, VP, DKP, DVP, SELF_KEEP, own * D, own * DV, qh,
+                                                   offs_m, off_b, off_h, Sq, scale, Q_OFF, __BUFFERS__
+                                                   D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, EVEN)
+        m_i = t2_s
+        l_i = tl.where(keep_s, 1.0, 0.0)
+        acc = tl.where(keep_s[:, None], vp.to(tl.float32), 0.0)
+        tacc = tl.where(keep_s[:, None], dt_s[:, None] * vp.to(tl.float32) + dvp.to(tl.float32), 0.0)
+        macc = tl.where(keep_s, dt_s, 0.0)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        tacc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        macc = tl.zeros([BLOCK_M], dtype=tl.float32)
     base, base_full, n_partial, n_full = _row_table(KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, off_b, off_h,
                                                     (pid_m * BLOCK_M) // SPARSE_Q, MB, MH, NQ_BLOCKS, NKV_LIST,
                                                     NKV_LIST_FULL, HAS_FULL)
