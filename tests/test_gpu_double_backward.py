@@ -45,3 +45,19 @@ def test_double_backward_memory_is_linear_in_S():
         torch.cuda.synchronize()
         peaks.append(torch.cuda.max_memory_allocated() - base)
     assert peaks[1] < 2.5 * peaks[0]  # linear: ~2x; an S x S tensor would be ~4x
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_jvp_cuda(dtype, tol):
+    S = 700
+    bm = flexebt.create_block_mask(masks.causal_mask, None, None, S, S, device="cuda")
+    sm = mods.generate_tanh_softcap(20.0)
+    x = tuple(torch.randn(2, 4, S, 64, device="cuda") for _ in range(3))
+    t = tuple(torch.randn_like(a) for a in x)
+
+    def f(backend):
+        return lambda q, k, v: flexebt.flex_attention(q, k, v, score_mod=sm, block_mask=bm, kernel_options=backend)
+
+    _, got = torch.func.jvp(f(T), tuple(a.to(dtype) for a in x), tuple(a.to(dtype) for a in t))
+    _, want = torch.func.jvp(f(R), tuple(a.double() for a in x), tuple(a.double() for a in t))
+    assert rel_err(got, want) < tol
