@@ -109,13 +109,6 @@ flex_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def flex_attention_compiled(query, key, value, score_mod, block_mask, scale, kernel_options):
     """The Triton path as custom ops (used while ``torch.compiler.is_compiling()``)."""
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        # The kernels enter the graph as custom ops, which torch.func transforms cannot differentiate
-        # inside a compiled region: say so instead of failing deep inside fake-tensor tracing.
-        raise NotImplementedError(
-            "flexebt.flex_attention under torch.compile inside a torch.func transform (grad, jvp, vmap, ...) is not "
-            "supported yet. Apply torch.func outside the compiled function, compile without torch.func (use "
-            "torch.autograd.grad), or pass kernel_options={'BACKEND': 'REFERENCE'}.")
     Sq, Skv = query.shape[2], key.shape[2]
     tables = tables_from_block_mask(block_mask, Sq, Skv, query.device)
     mask_mod = block_mask.mask_mod if block_mask is not None else None

@@ -59,21 +59,3 @@ def test_double_backward_in_compiled_region_raises():
 @pytest.mark.gpu
 def test_fullgraph_inductor_gpu():
     _check("cuda", "inductor")
-
-
-@pytest.mark.interpreter
-@pytest.mark.parametrize("order", [1, 2])
-def test_func_grad_inside_compiled_region_raises_clearly(order):
-    """torch.func.grad of flexebt inside a fullgraph compiled region: a clear error naming the
-    limitation (first and second order), never a silent drop."""
-    S = 32
-    bm = flexebt.create_block_mask(masks.causal_mask, None, None, S, S, device="cpu", BLOCK_SIZE=16)
-    k, v = torch.randn(1, 2, S, 16), torch.randn(1, 2, S, 16)
-
-    def energy(q):
-        return flexebt.flex_attention(q, k, v, block_mask=bm, kernel_options=T).square().sum()
-
-    fn = torch.func.grad(energy) if order == 1 else torch.func.grad(lambda q: torch.func.grad(energy)(q).square().sum())
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    with pytest.raises(Exception, match="inside a torch.func transform"):
-        compiled(torch.randn(1, 2, S, 16))
