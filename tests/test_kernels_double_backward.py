@@ -149,3 +149,21 @@ def test_ebt_third_order_is_exact():
 
     for a, b in zip(third(T), third(R)):
         assert rel_err(a, b) < 1e-5
+
+
+def test_torch_func_grad_of_grad_through_the_fused_kernels(fused_calls):
+    S = 32
+    bm = flexebt.create_block_mask(masks.causal_mask, None, None, S, S, device="cpu", BLOCK_SIZE=16)
+    k, v = torch.randn(1, 2, S, 16), torch.randn(1, 2, S, 16)
+    sm = mods.generate_tanh_softcap(2.0)
+
+    def energy(q, backend):
+        return flexebt.flex_attention(q, k, v, score_mod=sm, block_mask=bm, kernel_options=backend).square().sum()
+
+    def hess_loss(backend):
+        return torch.func.grad(lambda x: torch.func.grad(lambda y: energy(y, backend))(x).square().sum())
+
+    q = torch.randn(1, 2, S, 16)
+    got = hess_loss(T)(q)
+    assert fused_calls
+    assert rel_err(got, hess_loss(R)(q)) < 1e-5
