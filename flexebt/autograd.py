@@ -155,7 +155,7 @@ class FlexAttentionBackward(torch.autograd.Function):
     def backward(ctx, gdq, gdk, gdv, *gdbuf):
         q, k, v, dout, dlse, *buffers = ctx.saved_tensors
         call: FlexCall = ctx.call
-        if call.kernels.fused_second_order and q.shape[1] == k.shape[1] and not any(b.requires_grad for b in buffers):
+        if call.kernels.fused_second_order and not any(b.requires_grad for b in buffers):
             # Fused double-backward kernels (O(S) memory); their own backward (third order) is exact
             # through the dense closed form.
             z = lambda g, like: torch.zeros_like(like) if g is None else g  # noqa: E731
@@ -290,8 +290,7 @@ class EBTAttentionBackward(torch.autograd.Function):
         call: EBTCall = ctx.call
 
         pl = call.plan
-        if (pl.kern_o.fused_second_order and pl.kern_p.fused_second_order and qkv[0].shape[1] == qkv[1].shape[1]
-                and not any(b.requires_grad for b in buffers)):
+        if pl.kern_o.fused_second_order and pl.kern_p.fused_second_order and not any(b.requires_grad for b in buffers):
             gcts = [torch.zeros_like(x) if g is None else g for g, x in zip(gouts[:6], qkv)]
             res = EBTAttentionDoubleBackward.apply(*qkv, *cts, *gcts, call, *buffers)
             g_cts = [g if c is not None else None for g, c in zip(res[6:], cts)]

@@ -167,3 +167,49 @@ def test_torch_func_grad_of_grad_through_the_fused_kernels(fused_calls):
     got = hess_loss(T)(q)
     assert fused_calls
     assert rel_err(got, hess_loss(R)(q)) < 1e-5
+
+
+@pytest.mark.parametrize("Hkv", [1, 2])
+def test_gqa_second_order(Hkv, fused_calls, fused_ebt_calls):
+    from helpers import second_order
+
+    Hq, S = 4, 29
+    bm = flexebt.create_block_mask(masks.causal_mask, None, None, S, S, device="cpu", BLOCK_SIZE=16)
+    sm = mods.generate_alibi_bias(Hq)
+    x = [torch.randn(1, h, S, 16, requires_grad=True) for h in (Hq, Hkv, Hkv)]
+
+    def f(backend):
+        return lambda *a: flexebt.flex_attention(*a, score_mod=sm, block_mask=bm, enable_gqa=True,
+                                                 kernel_options=backend)
+
+    got, want = second_order(f(T), x), second_order(f(R), x)
+    assert fused_calls
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        assert rel_err(a, b) < 1e-5
+    ebm = flexebt.create_ebt_block_mask(None, None, None, 21, 20, BLOCK_SIZE=16)
+    y = [torch.randn(1, h, L, 16, requires_grad=True) for h, L in ((Hq, 21), (Hkv, 21), (Hkv, 21), (Hq, 20),
+                                                                       (Hkv, 20), (Hkv, 20))]
+
+    def g(backend):
+        return lambda *a: flexebt.flex_ebt_attention(*a, score_mod=sm, block_mask=ebm, enable_gqa=True,
+                                                     kernel_options=backend)
+
+    got, want = second_order(g(T), y), second_order(g(R), y)
+    assert fused_ebt_calls
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_gqa_third_order():
+    Hq, Hkv, S = 4, 2, 21
+    bm = flexebt.create_block_mask(masks.causal_mask, None, None, S, S, device="cpu", BLOCK_SIZE=16)
+    x = [torch.randn(1, h, S, 16, requires_grad=True) for h in (Hq, Hkv, Hkv)]
+
+    def third(backend):
+        out = flexebt.flex_attention(*x, block_mask=bm, enable_gqa=True, kernel_options=backend)
+        g = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        h = torch.autograd.grad(sum((t * t).sum() for t in g), x, create_graph=True)
+        return torch.autograd.grad(sum((t * t).sum() for t in h), x)
+
+    for a, b in zip(third(T), third(R)):
+        assert rel_err(a, b) < 1e-5

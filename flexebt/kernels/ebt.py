@@ -129,7 +129,7 @@ def ebt_backward(pl: EBTPlan, q_o, k_o, v_o, q_p, k_p, v_p, out_o, out_p, lse_o,
 
 def ebt_double_backward(pl: EBTPlan, qkv: list, outs: list, cts: list, gcts: list, scale: float,
                         options: Optional[dict] = None):
-    """Fused double backward of EBT attention (score_mods without floating loads, Hq == Hkv).
+    """Fused double backward of EBT attention (score_mods without floating loads; GQA allowed).
 
     qkv = (q_o, k_o, v_o, q_p, k_p, v_p), outs = (out_o, out_p, lse_o, lse_p), cts = (do_o, do_p,
     dlse_o, dlse_p) (dlse may be None), gcts = cotangents of (dq_o, dk_o, dv_o, dq_p, dk_p, dv_p).
@@ -156,6 +156,10 @@ def ebt_double_backward(pl: EBTPlan, qkv: list, outs: list, cts: list, gcts: lis
            torch.empty(v_o.shape, dtype=torch.float32, device=v_o.device))
     dbwd_dkdv_pass(*obs, st_o, scale, pl.tables_o, bargs_o, options, into=acc)
     dbwd_dkdv_pass(*pred, st_p, scale, pl.tables_p, bargs_p, options, q_off=pl.offset, into=acc, accumulate=True)
+    B, H, S_p, D = q_p.shape
+    group = H // k_p.shape[1]  # own keys are shared by the query heads of a GQA group
+    g_kp = g_kp.view(B, k_p.shape[1], group, S_p, D).sum(2)
+    g_vp = g_vp.view(B, v_p.shape[1], group, S_p, v_p.shape[3]).sum(2)
     return [g_q_o, acc[0].to(k_o.dtype), acc[1].to(v_o.dtype), g_q_p, g_kp.to(k_p.dtype), g_vp.to(v_p.dtype),
             gdo_o, gdo_p, st_o[..., 0] if dlse_o is not None else None, st_p[..., 0] if dlse_p is not None else None]
 

@@ -59,9 +59,16 @@ def _mod_derivatives(score_mod: Optional[Callable], s: Tensor, b, h, qi, ki):
 def attention_double_backward(q: Tensor, k: Tensor, v: Tensor, do: Tensor, dlse: Optional[Tensor],
                               gq: Tensor, gk: Tensor, gv: Tensor, score_mod=None, block_mask=None,
                               scale: Optional[float] = None):
-    """``(g_q, g_k, g_v, g_do, g_dlse)`` for single-stream attention (no GQA; score_mods that
+    """``(g_q, g_k, g_v, g_do, g_dlse)`` for single-stream attention (GQA allowed; score_mods that
     capture no tensors).  Dense: the oracle of the fused kernels, not a fast path."""
     B, H, Sq, D = q.shape
+    Hkv = k.shape[1]
+    if Hkv != H:  # GQA: compute on expanded heads, sum the key/value gradients back per group
+        res = attention_double_backward(q, expand_kv_heads(k, H), expand_kv_heads(v, H), do, dlse, gq,
+                                        expand_kv_heads(gk, H), expand_kv_heads(gv, H), score_mod, block_mask, scale)
+        g_q, g_k, g_v, g_do, g_dlse = res
+        fold = lambda t: t.view(B, Hkv, H // Hkv, *t.shape[2:]).sum(2)  # noqa: E731
+        return g_q, fold(g_k), fold(g_v), g_do, g_dlse
     Skv = k.shape[2]
     cdt = compute_dtype(q.dtype)
     scale = D ** -0.5 if scale is None else scale
