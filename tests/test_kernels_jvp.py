@@ -95,3 +95,22 @@ def test_ebt_func_jvp_matches_reference(case, r):
     for a, b in zip(got, want):
         finite = torch.isfinite(b)
         assert rel_err(a[finite], b[finite]) < 1e-5
+
+
+def test_gqa_jvp():
+    x = (torch.randn(1, 4, 29, 16), torch.randn(1, 2, 29, 16), torch.randn(1, 2, 29, 16))
+    t = tuple(torch.randn_like(a) for a in x)
+    sm = mods.generate_alibi_bias(4)
+
+    def f(backend):
+        return lambda *a: flexebt.flex_attention(*a, score_mod=sm, enable_gqa=True, kernel_options=backend)
+
+    assert rel_err(torch.func.jvp(f(T), x, t)[1], torch.func.jvp(f(R), x, t)[1]) < 1e-5
+    y = tuple(torch.randn(1, h, L, 16) for h, L in ((4, 21), (2, 21), (2, 21), (4, 20), (2, 20), (2, 20)))
+    u = tuple(torch.randn_like(a) for a in y)
+
+    def g(backend):
+        return lambda *a: flexebt.flex_ebt_attention(*a, enable_gqa=True, kernel_options=backend)
+
+    for a, b in zip(torch.func.jvp(g(T), y, u)[1], torch.func.jvp(g(R), y, u)[1]):
+        assert rel_err(a, b) < 1e-5
