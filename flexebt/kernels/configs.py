@@ -7,6 +7,7 @@ power of two that divides the sparse block and does not exceed the preferred siz
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 
@@ -38,14 +39,21 @@ TILE_KEYS = {"fwd": ("BLOCK_M", "BLOCK_N"), "dq": ("BLOCK_M2", "BLOCK_N2"), "dkd
 
 def flex_config(pass_name: str, head_dim: int, sparse_q: int, sparse_kv: int, options=None,
                 gathers: bool = False) -> TileConfig:
+    key = tuple(sorted((k, v) for k, v in options.items() if k != "BACKEND")) if options else ()
+    return _flex_config(pass_name, head_dim, sparse_q, sparse_kv, key, gathers, interpreting())
+
+
+@functools.lru_cache(maxsize=1024)
+def _flex_config(pass_name: str, head_dim: int, sparse_q: int, sparse_kv: int, option_items: tuple,
+                 gathers: bool, interp: bool) -> TileConfig:
     """Tiles for ``fwd`` / ``dq`` / ``dkdv`` of the single-stream family.
 
     ``options`` (the call's kernel_options) may set the tiles (``BLOCK_M``/``BLOCK_N`` forward,
     ``BLOCK_M2``/``BLOCK_N2`` dq, ``BLOCK_M1``/``BLOCK_N1`` dk/dv) and ``num_warps`` /
     ``num_stages`` (all passes) or ``<pass>_num_warps`` / ``<pass>_num_stages``.
     """
-    cfg = _default_flex_config(pass_name, head_dim, sparse_q, sparse_kv, gathers)
-    options = options or {}
+    cfg = _default_flex_config(pass_name, head_dim, sparse_q, sparse_kv, gathers, interp)
+    options = dict(option_items)
     km, kn = TILE_KEYS[pass_name]
     m, n = options.get(km, cfg.BLOCK_M), options.get(kn, cfg.BLOCK_N)
     for key, tile, sparse in ((km, m, sparse_q), (kn, n, sparse_kv)):
@@ -57,8 +65,9 @@ def flex_config(pass_name: str, head_dim: int, sparse_q: int, sparse_kv: int, op
     return TileConfig(m, n, warps, stages)
 
 
-def _default_flex_config(pass_name: str, head_dim: int, sparse_q: int, sparse_kv: int, gathers: bool) -> TileConfig:
-    if interpreting():  # tiny tiles keep the interpreter fast
+def _default_flex_config(pass_name: str, head_dim: int, sparse_q: int, sparse_kv: int, gathers: bool,
+                         interp: bool) -> TileConfig:
+    if interp:  # tiny tiles keep the interpreter fast
         return TileConfig(MIN_TILE, MIN_TILE, 4, 1)
     # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim class; measured on an H200, bf16,
     # S = 4096 (benchmarks/tune.py, results in benchmarks/results/tune_*.txt).

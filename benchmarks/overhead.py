@@ -1,0 +1,54 @@
+"""flexebt's own Python work per call (CPU; the Triton launches are stubbed out), to keep the
+dispatch path lean: small-S steps and many-layer models are CPU-bound on a GPU machine.
+
+    python benchmarks/overhead.py
+"""
+
+import os
+import sys
+import time
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels are never launched here; no GPU needed
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+
+import flexebt  # noqa: E402
+import flexebt.kernels.flex as kernels_flex  # noqa: E402
+from flexebt import masks, mods  # noqa: E402
+
+
+def main(S: int = 256, n: int = 200):
+    kernels_flex._launch = lambda *a, **k: None  # measure flexebt's Python only
+    T = {"BACKEND": "TRITON"}
+    bm = flexebt.create_block_mask(masks.causal_mask, None, None, S, S, device="cpu")
+    x = [torch.randn(1, 2, S, 64, requires_grad=True) for _ in range(3)]
+    sm = mods.generate_alibi_bias(2)
+    ebm = flexebt.create_ebt_block_mask(None, None, None, S, S)
+    y = [torch.randn(1, 2, S, 64, requires_grad=True) for _ in range(6)]
+
+    def fwd():
+        return flexebt.flex_attention(*x, score_mod=sm, block_mask=bm, kernel_options=T)
+
+    def fwd_bwd():
+        o = fwd()
+        torch.autograd.grad(o, x, torch.ones_like(o))
+
+    def ebt_fwd():
+        return flexebt.flex_ebt_attention(*y, block_mask=ebm, kernel_options=T)
+
+    def ebt_fwd_bwd():
+        o = ebt_fwd()
+        torch.autograd.grad(o, y, [torch.ones_like(t) for t in o])
+
+    for name, f in [("flex fwd", fwd), ("flex fwd+bwd", fwd_bwd), ("ebt fwd", ebt_fwd), ("ebt fwd+bwd", ebt_fwd_bwd)]:
+        for _ in range(3):
+            f()
+        t = time.perf_counter()
+        for _ in range(n):
+            f()
+        print(f"{name:14s} {(time.perf_counter() - t) / n * 1e6:6.0f} us per call (Python only)")
+
+
+if __name__ == "__main__":
+    main()
