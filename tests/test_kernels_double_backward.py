@@ -24,17 +24,29 @@ CASES = {
 }
 
 
-@pytest.fixture
-def fused_calls(monkeypatch):
+def _spy(monkeypatch, module, name):
+    """Record the calls of ``module.name`` (to assert that the fused kernels really ran)."""
     calls = []
-    original = kernels_flex.flex_double_backward
+    original = getattr(module, name)
 
     def spy(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(kernels_flex, "flex_double_backward", spy)
+    monkeypatch.setattr(module, name, spy)
     return calls
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    return _spy(monkeypatch, kernels_flex, "flex_double_backward")
+
+
+@pytest.fixture
+def fused_ebt_calls(monkeypatch):
+    import flexebt.kernels.ebt as kernels_ebt
+
+    return _spy(monkeypatch, kernels_ebt, "ebt_double_backward")
 
 
 def _loss(x, sm, bm, backend, lse_weight, S):
@@ -94,21 +106,6 @@ def test_mods_with_learned_tensors_use_the_exact_reference_path(fused_calls):
 EBT_CASES = {"plain": (None, None), "causal_softcap": (lambda H: mods.generate_tanh_softcap(2.0),
                                                        lambda: masks.ebt_causal_mask),
              "alibi_window": (lambda H: mods.generate_alibi_bias(H), lambda: masks.generate_sliding_window(6))}
-
-
-@pytest.fixture
-def fused_ebt_calls(monkeypatch):
-    import flexebt.kernels.ebt as kernels_ebt
-
-    calls = []
-    original = kernels_ebt.ebt_double_backward
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(kernels_ebt, "ebt_double_backward", spy)
-    return calls
 
 
 def _ebt_fn(sm, bm, backend):
