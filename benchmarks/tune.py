@@ -43,8 +43,17 @@ def main():
     p.add_argument("--H", type=int, default=16)
     p.add_argument("--variant", default="causal")
     p.add_argument("--passes", default="fwd,dq,dkdv")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--tf32", action="store_true", help="fp32 with tf32 products (matmul precision 'high')")
+    p.add_argument("--configs", default="", help="'M,N,w,s;M,N,w,s;...' tried for every pass instead of the lists")
     p.add_argument("--ab-reverse", action="store_true", help="A/B the heavy-first query order at default tiles")
     a = p.parse_args()
+    if a.tf32:
+        torch.set_float32_matmul_precision("high")
+    if a.configs:
+        global FWD, DQ, DKDV
+        FWD = DQ = DKDV = [tuple(int(x) for x in c.split(",")) for c in a.configs.split(";")]
+    dtype = getattr(torch, a.dtype)
     bench = lambda f: triton.testing.do_bench(f, warmup=20, rep=60, return_mode="median")  # noqa: E731
     for D in [int(x) for x in a.dims.split(",")]:
         torch._dynamo.reset()
@@ -52,7 +61,7 @@ def main():
         S, B, H = a.S, a.B, a.H
         sm, mm = b2_variant(a.variant, H, S, "cuda")
         bm = flexebt.create_block_mask(mm, None, None, S, S, device="cuda")
-        q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=dtype) for _ in range(3))
         tables = tables_from_block_mask(bm, S, S, "cuda")
         kern = get_kernels("flex_attention", sm, tables.mask_mod)
         bufs = kern.buffers(sm, tables.mask_mod)
@@ -65,7 +74,8 @@ def main():
             t_fwd = bench(lambda: compiled(q, k, v, score_mod=sm, block_mask=bm))
             t_all = bench(lambda: torch.autograd.grad(compiled(qg, kg, vg, score_mod=sm, block_mask=bm), [qg, kg, vg],
                                                       do))
-        print(f"D={D} S={S} {a.variant}: torch flex compiled fwd {t_fwd:.3f} ms, fwd+bwd {t_all:.3f} ms "
+        print(f"D={D} S={S} {a.variant} {a.dtype}{' tf32' if a.tf32 else ''}: torch flex compiled fwd {t_fwd:.3f} ms, "
+              f"fwd+bwd {t_all:.3f} ms "
               f"(bwd {t_all - t_fwd:.3f})", flush=True)
         if a.ab_reverse:
             for rev in (0, 1, 0, 1):

@@ -33,26 +33,32 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-# kernel_options keys that override a pass's tiles (torch flex_attention's names where it has them)
-TILE_KEYS = {"fwd": ("BLOCK_M", "BLOCK_N"), "dq": ("BLOCK_M2", "BLOCK_N2"), "dkdv": ("BLOCK_M1", "BLOCK_N1")}
+# kernel_options keys that override a pass's tiles (torch flex_attention's names where it has them).
+# The double-backward and JVP passes walk the same loops as dq / dk-dv / fwd and share their keys.
+TILE_KEYS = {"fwd": ("BLOCK_M", "BLOCK_N"), "dq": ("BLOCK_M2", "BLOCK_N2"), "dkdv": ("BLOCK_M1", "BLOCK_N1"),
+             "dbwd_rows": ("BLOCK_M2", "BLOCK_N2"), "dbwd_dq": ("BLOCK_M2", "BLOCK_N2"),
+             "dbwd_dkdv": ("BLOCK_M1", "BLOCK_N1"), "jvp": ("BLOCK_M", "BLOCK_N")}
 
 
 def flex_config(pass_name: str, head_dim: int, sparse_q: int, sparse_kv: int, options=None,
-                gathers: bool = False) -> TileConfig:
+                gathers: bool = False, tiles: str = "bf16") -> TileConfig:
+    """``tiles`` names the table: ``"bf16"`` (2-byte inputs), ``"tf32"`` or ``"ieee"`` (fp32 inputs,
+    by the matmul-precision policy of SPEC §5)."""
     key = tuple(sorted((k, v) for k, v in options.items() if k != "BACKEND")) if options else ()
-    return _flex_config(pass_name, head_dim, sparse_q, sparse_kv, key, gathers, interpreting())
+    return _flex_config(pass_name, head_dim, sparse_q, sparse_kv, key, gathers, tiles, interpreting())
 
 
 @functools.lru_cache(maxsize=1024)
 def _flex_config(pass_name: str, head_dim: int, sparse_q: int, sparse_kv: int, option_items: tuple,
-                 gathers: bool, interp: bool) -> TileConfig:
-    """Tiles for ``fwd`` / ``dq`` / ``dkdv`` of the single-stream family.
+                 gathers: bool, tiles: str, interp: bool) -> TileConfig:
+    """Tiles of one pass of the single-stream family.
 
-    ``options`` (the call's kernel_options) may set the tiles (``BLOCK_M``/``BLOCK_N`` forward,
-    ``BLOCK_M2``/``BLOCK_N2`` dq, ``BLOCK_M1``/``BLOCK_N1`` dk/dv) and ``num_warps`` /
+    ``options`` (the call's kernel_options) may set the tiles (``BLOCK_M``/``BLOCK_N`` forward and
+    JVP, ``BLOCK_M2``/``BLOCK_N2`` dq and the double backward's row and dq passes,
+    ``BLOCK_M1``/``BLOCK_N1`` dk/dv and the double backward's dk/dv pass) and ``num_warps`` /
     ``num_stages`` (all passes) or ``<pass>_num_warps`` / ``<pass>_num_stages``.
     """
-    cfg = _default_flex_config(pass_name, head_dim, sparse_q, sparse_kv, gathers, interp)
+    cfg = _default_flex_config(pass_name, head_dim, sparse_q, sparse_kv, gathers, tiles, interp)
     options = dict(option_items)
     km, kn = TILE_KEYS[pass_name]
     m, n = options.get(km, cfg.BLOCK_M), options.get(kn, cfg.BLOCK_N)
@@ -65,19 +71,51 @@ def _flex_config(pass_name: str, head_dim: int, sparse_q: int, sparse_kv: int, o
     return TileConfig(m, n, warps, stages)
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass and head-dim class (64 / 128 / 256).
+# bf16: measured on an H200, bf16, S = 4096 (benchmarks/tune.py; benchmarks/results/tune_*.txt).
+# The double backward keeps ~3x the tiles of a first-order pass live, the JVP two extra
+# accumulators: they take the dq / dk-dv tiles with fewer stages.
+_BF16 = {
+    "fwd": {64: (128, 128, 4, 3), 128: (128, 128, 8, 3), 256: (64, 32, 4, 2)},
+    "dq": {64: (64, 64, 4, 3), 128: (128, 128, 8, 2), 256: (32, 32, 4, 2)},
+    "dkdv": {64: (32, 128, 4, 3), 128: (64, 128, 8, 3), 256: (32, 32, 4, 2)},
+    "dbwd_rows": {64: (64, 64, 4, 3), 128: (64, 64, 4, 2), 256: (32, 32, 4, 1)},
+    "dbwd_dq": {64: (64, 64, 4, 3), 128: (64, 64, 4, 2), 256: (32, 32, 4, 1)},
+    "dbwd_dkdv": {64: (32, 128, 4, 3), 128: (32, 64, 4, 2), 256: (32, 32, 4, 1)},
+    "jvp": {64: (128, 128, 4, 3), 128: (64, 64, 4, 2), 256: (32, 32, 4, 1)},
+}
+# fp32 with IEEE products: Triton computes the dot with FMAs, not tensor cores, and keeps its
+# operands in registers; 128-wide tiles spill and the compiler takes minutes on the second-order
+# kernels (H200: the fp32 JVP at 128 x 128 did not finish compiling in 300 s). Small tiles.
+_IEEE = {
+    "fwd": {64: (64, 32, 4, 2), 128: (32, 32, 4, 2), 256: (16, 32, 4, 1)},
+    "dq": {64: (64, 32, 4, 2), 128: (32, 32, 4, 2), 256: (16, 32, 4, 1)},
+    "dkdv": {64: (32, 64, 4, 2), 128: (32, 32, 4, 2), 256: (16, 32, 4, 1)},
+    "dbwd_rows": {64: (32, 32, 4, 1), 128: (16, 32, 4, 1), 256: (16, 16, 4, 1)},
+    "dbwd_dq": {64: (32, 32, 4, 1), 128: (16, 32, 4, 1), 256: (16, 16, 4, 1)},
+    "dbwd_dkdv": {64: (32, 32, 4, 1), 128: (16, 32, 4, 1), 256: (16, 16, 4, 1)},
+    "jvp": {64: (32, 32, 4, 2), 128: (16, 32, 4, 1), 256: (16, 16, 4, 1)},
+}
+# fp32 with tf32 products: tensor cores, but fp32 tiles take twice the shared memory of bf16.
+_TF32 = {
+    "fwd": {64: (64, 64, 4, 3), 128: (64, 64, 4, 2), 256: (32, 32, 4, 1)},
+    "dq": {64: (64, 64, 4, 2), 128: (64, 32, 4, 2), 256: (32, 32, 4, 1)},
+    "dkdv": {64: (64, 64, 4, 2), 128: (32, 64, 4, 2), 256: (32, 32, 4, 1)},
+    "dbwd_rows": {64: (32, 64, 4, 2), 128: (32, 32, 4, 1), 256: (16, 32, 4, 1)},
+    "dbwd_dq": {64: (32, 64, 4, 2), 128: (32, 32, 4, 1), 256: (16, 32, 4, 1)},
+    "dbwd_dkdv": {64: (32, 64, 4, 2), 128: (32, 32, 4, 1), 256: (16, 32, 4, 1)},
+    "jvp": {64: (64, 32, 4, 2), 128: (32, 32, 4, 1), 256: (16, 32, 4, 1)},
+}
+_TABLES = {"bf16": _BF16, "ieee": _IEEE, "tf32": _TF32}
+
+
 def _default_flex_config(pass_name: str, head_dim: int, sparse_q: int, sparse_kv: int, gathers: bool,
-                         interp: bool) -> TileConfig:
+                         tiles: str, interp: bool) -> TileConfig:
     if interp:  # tiny tiles keep the interpreter fast
         return TileConfig(MIN_TILE, MIN_TILE, 4, 1)
-    # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim class; measured on an H200, bf16,
-    # S = 4096 (benchmarks/tune.py, results in benchmarks/results/tune_*.txt).
-    table = {
-        "fwd": {64: (128, 128, 4, 3), 128: (128, 128, 8, 3), 256: (64, 32, 4, 2)},
-        "dq": {64: (64, 64, 4, 3), 128: (128, 128, 8, 2), 256: (32, 32, 4, 2)},
-        "dkdv": {64: (32, 128, 4, 3), 128: (64, 128, 8, 3), 256: (32, 32, 4, 2)},
-    }[pass_name]
+    table = _TABLES[tiles][pass_name]
     m, n, warps, stages = table[64 if head_dim <= 64 else 128 if head_dim <= 128 else 256]
-    if gathers and pass_name == "fwd" and head_dim <= 64:
+    if gathers and pass_name == "fwd" and head_dim <= 64 and tiles == "bf16":
         # A mod that gathers a [BLOCK_M, BLOCK_N] tile from a tensor (a learned bias) runs best
         # on 64 x 64 tiles: 0.66 ms vs 0.95 ms at 128 x 128 (H200, bf16, B4 H16 S4096).
         m, n, warps, stages = 64, 64, 4, 3

@@ -119,6 +119,13 @@ def _precision(dtype) -> dict:
                 UPCAST=dtype == torch.bfloat16 and interpreting())
 
 
+def _tiles_for(dtype) -> str:
+    """Which tile table of kernels/configs.py fits these inputs."""
+    if dtype != torch.float32:
+        return "bf16"
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
 def _reverse(options: Optional[dict]) -> bool:
     """Heavy-first order of query tiles (kernel_options["REVERSE_Q_ORDER"], default on)."""
     return bool((options or {}).get("REVERSE_Q_ORDER", 1))
@@ -145,7 +152,8 @@ def flex_forward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, scale: float
     Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
     out = torch.empty(B, H, Sq, DV, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
-    cfg = flex_config("fwd", max(D, DV), tables.sparse_q, tables.sparse_kv, options, kern.gathers)
+    cfg = flex_config("fwd", max(D, DV), tables.sparse_q, tables.sparse_kv, options, kern.gathers,
+                      _tiles_for(q.dtype))
     kp, vp, keep = (own.kp, own.vp, own.keep) if own is not None else (q, v, lse)
     _launch(kern.module.flex_fwd, lambda c: (triton_cdiv(Sq, c.BLOCK_M), B * H),
             (q, k, v, out, lse, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx,
@@ -177,7 +185,8 @@ def dq_pass(kern: ModKernels, q, k, v, out, lse, dout, dlse, scale, tables: Bloc
         kp, vp, keep = own.kp, own.vp, own.keep
     else:
         dkp = dvp = kp = vp = keep = lse
-    cfg = flex_config("dq", max(D, DV), tables.sparse_q, tables.sparse_kv, options)
+    cfg = flex_config("dq", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
+                      tiles=_tiles_for(q.dtype))
     _launch(kern.module.flex_bwd_dq, lambda c: (triton_cdiv(Sq, c.BLOCK_M), B * H),
             (q, k, v, out, dout, lse, dlse if dlse is not None else lse, delta, dq, tables.kv_num, tables.kv_idx,
              tables.full_kv_num, tables.full_kv_idx, H, Hkv, Sq, Skv, tables.MB, tables.MH,
@@ -199,7 +208,8 @@ def dkdv_pass(kern: ModKernels, q, k, v, lse, delta, dout, scale, tables: BlockT
         dv = torch.empty(B, Hkv, Skv, DV, dtype=v.dtype, device=v.device)
     else:
         dk, dv = into
-    cfg = flex_config("dkdv", max(D, DV), tables.sparse_q, tables.sparse_kv, options)
+    cfg = flex_config("dkdv", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
+                      tiles=_tiles_for(q.dtype))
     _launch(kern.module.flex_bwd_dkdv, lambda c: (triton_cdiv(Skv, c.BLOCK_N), B * Hkv),
             (q, k, v, dout, lse, delta, dk, dv, tables.q_num, tables.q_idx, tables.full_q_num, tables.full_q_idx,
              H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.q_num.shape[-1], tables.q_idx.shape[-1],
@@ -253,7 +263,8 @@ def dbwd_rows_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, 
     args = _dbwd_args(q, k, v, out, dout, lse, dlse, gq, gk, gv)
     stats = torch.empty(B, H, Sq, 5, dtype=torch.float32, device=q.device)
     g_do = torch.empty_like(args[4])
-    cfg = flex_config("dq", max(D, DV), tables.sparse_q, tables.sparse_kv, options)
+    cfg = flex_config("dbwd_rows", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
+                      tiles=_tiles_for(q.dtype))
     _launch(kern.module.flex_dbwd_rows, lambda c_: (triton_cdiv(Sq, c_.BLOCK_M), B * H),
             (*args, g_do, stats, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx, H, Hkv, Sq,
              Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
@@ -275,7 +286,8 @@ def dbwd_dq_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, st
         g_vp = torch.empty(B, H, Sq, DV, dtype=torch.float32, device=q.device)
     else:
         g_kp = g_vp = lse
-    cfg = flex_config("dq", max(D, DV), tables.sparse_q, tables.sparse_kv, options)
+    cfg = flex_config("dbwd_dq", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
+                      tiles=_tiles_for(q.dtype))
     _launch(kern.module.flex_dbwd_dq, lambda c_: (triton_cdiv(Sq, c_.BLOCK_M), B * H),
             (*args, g_q, stats, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx, H, Hkv, Sq,
              Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
@@ -292,7 +304,8 @@ def dbwd_dkdv_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, 
     Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
     args = _dbwd_args(q, k, v, out, dout, lse, dlse, gq, gk, gv)
     g_k, g_v = into if into is not None else (torch.empty_like(k), torch.empty_like(v))
-    cfg = flex_config("dkdv", max(D, DV), tables.sparse_q, tables.sparse_kv, options)
+    cfg = flex_config("dbwd_dkdv", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
+                      tiles=_tiles_for(q.dtype))
     _launch(kern.module.flex_dbwd_dkdv, lambda c_: (triton_cdiv(Skv, c_.BLOCK_N), B * Hkv),
             (*args, g_k, g_v, stats, tables.q_num, tables.q_idx, tables.full_q_num, tables.full_q_idx, H, Hkv, Sq,
              Skv, tables.MB, tables.MH, tables.q_num.shape[-1], tables.q_idx.shape[-1],
@@ -327,7 +340,8 @@ def flex_jvp(kern: ModKernels, q, k, v, dq, dk, dv, scale: float, tables: BlockT
     d_out = torch.empty_like(out)
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
     d_lse = torch.empty_like(lse)
-    cfg = flex_config("fwd", max(D, DV), tables.sparse_q, tables.sparse_kv, options, kern.gathers)
+    cfg = flex_config("jvp", max(D, DV), tables.sparse_q, tables.sparse_kv, options, kern.gathers,
+                      _tiles_for(q.dtype))
     _launch(kern.module.flex_jvp, lambda c_: (triton_cdiv(Sq, c_.BLOCK_M), B * H),
             (q, k, v, dq, dk, dv, out, lse, d_out, d_lse, tables.kv_num, tables.kv_idx, tables.full_kv_num,
              tables.full_kv_idx, H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1],
