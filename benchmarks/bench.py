@@ -27,7 +27,9 @@ from flexebt import masks, mods  # noqa: E402
 
 FIELDS = ["suite", "device", "torch", "triton", "commit", "impl", "variant", "dtype", "B", "H", "S", "D", "mode",
           "ms", "tflops", "peak_mem_gib"]
-MODES = {"fwd": 1.0, "fwd+bwd": 3.5}
+# FLOPs per mode in units of one forward: a backward counts 2.5; the double backward (the
+# backward of the backward: row statistics, g_q and g_k/g_v passes) is counted as 2x fwd+bwd.
+MODES = {"fwd": 1.0, "fwd+bwd": 3.5, "fwd+bwd+dbwd": 10.5}
 
 
 def b2_variant(name, H, S, device):
@@ -53,6 +55,11 @@ def timed(fn, mode, inputs):
         outs = out if isinstance(out, (tuple, list)) else (out,)
         if mode == "fwd+bwd":
             torch.autograd.grad(outs, inputs, grad_outputs=[torch.ones_like(o) * 0.01 for o in outs])
+        elif mode == "fwd+bwd+dbwd":
+            # EBT-style: gradients with create_graph, a loss on them, its gradient w.r.t. the inputs
+            g = torch.autograd.grad(outs, inputs, grad_outputs=[torch.ones_like(o) * 0.01 for o in outs],
+                                    create_graph=True)
+            torch.autograd.grad(sum((t.float() ** 2).sum() for t in g), inputs)
         return out
 
     step()
@@ -129,6 +136,10 @@ def run_b1(args, meta, writer):
     B, H = 8, 8
     for dtype_name, D in args.b1_configs:
         dtype = getattr(torch, dtype_name)
+        # fp32: ebt_flash_attention's tl.dot takes tf32 products, so both sides run under the same
+        # policy (matmul precision "high" lets flexebt use tf32, SPEC §5); the variant says so.
+        torch.set_float32_matmul_precision("high" if dtype == torch.float32 else "highest")
+        variant = "ebt_causal_r0_tf32" if dtype == torch.float32 else "ebt_causal_r0"
         for S in args.seqs:
             torch._dynamo.reset()
             compiled = torch.compile(torch_flex, dynamic=False)
@@ -162,7 +173,10 @@ def run_b1(args, meta, writer):
                     except torch.OutOfMemoryError:
                         ms, peak = float("nan"), float("nan")
                         torch.cuda.empty_cache()
-                    writer(dict(meta, suite="B1", impl=impl, variant="ebt_causal_r0", dtype=dtype_name, B=B, H=H,
+                    except (RuntimeError, NotImplementedError) as e:  # no double backward (torch flex, SDPA flash, ebt_flash_attention)
+                        print(f"# {impl} {mode} S={S}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
+                        ms, peak = float("nan"), float("nan")
+                    writer(dict(meta, suite="B1", impl=impl, variant=variant, dtype=dtype_name, B=B, H=H,
                                 S=S, D=D, mode=mode, ms=round(ms, 4), tflops=round(flops * MODES[mode] / ms / 1e9, 2),
                                 peak_mem_gib=round(peak, 3)))
             del x
