@@ -41,8 +41,8 @@ def _report(title, out):
     _LOG.clear()
 
 
-def _cases(S, dtype):
-    x = [torch.randn(2, 4, S, 64, device="cuda", dtype=dtype) for _ in range(3)]
+def _cases(S, dtype, B=2, H=4):
+    x = [torch.randn(B, H, S, 64, device="cuda", dtype=dtype) for _ in range(3)]
     bm = flexebt.create_block_mask(masks.causal_mask, None, None, S, S, device="cuda")
     sm = mods.generate_tanh_softcap(20.0)
 
@@ -56,8 +56,8 @@ def _cases(S, dtype):
         t = tuple(torch.randn_like(a) for a in x)
         torch.func.jvp(lambda q, k, v: flexebt.flex_attention(q, k, v, score_mod=sm, block_mask=bm), tuple(x), t)
 
-    ebt = [torch.randn(2, 4, S, 64, device="cuda", dtype=dtype) for _ in range(6)]
-    ebm = flexebt.create_ebt_block_mask(None, 2, 4, S, S, device="cuda")
+    ebt = [torch.randn(B, H, S, 64, device="cuda", dtype=dtype) for _ in range(6)]
+    ebm = flexebt.create_ebt_block_mask(None, None, None, S, S, device="cuda")
 
     def ebt_second_order():
         xs = [t.detach().requires_grad_() for t in ebt]
@@ -73,6 +73,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--S", type=int, default=600)
+    p.add_argument("--B", type=int, default=2)
+    p.add_argument("--H", type=int, default=4)
     p.add_argument("--cases", default="", help="comma-separated substrings of case names; empty: all")
     p.add_argument("--out", default="-")
     a = p.parse_args(argv)
@@ -80,7 +82,7 @@ def main(argv=None):
     flex_kernels._launch = _timed_launch(flex_kernels._launch)
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}", file=out, flush=True)
     for dt in a.dtypes.split(","):
-        for name, fn in _cases(a.S, getattr(torch, dt)).items():
+        for name, fn in _cases(a.S, getattr(torch, dt), a.B, a.H).items():
             if a.cases and not any(c in name for c in a.cases.split(",")):
                 continue
             for rep in ("first", "warm"):

@@ -81,7 +81,8 @@ class CharEBT(nn.Module):
 
     def refine(self, tokens, create_graph: bool):
         """MCMC on the energy: candidate <- candidate - step * dE/dcandidate, a few times."""
-        logits = torch.zeros(*tokens.shape, self.embed.num_embeddings, device=tokens.device, requires_grad=True)
+        logits = torch.zeros(*tokens.shape, self.embed.num_embeddings, device=tokens.device,
+                             dtype=self.embed.weight.dtype, requires_grad=True)
         for _ in range(self.mcmc_steps):
             e = self.energy(tokens, logits).sum()
             (g,) = torch.autograd.grad(e, logits, create_graph=create_graph)

@@ -1,0 +1,70 @@
+"""Sweep tiles of the double-backward passes on the EBT second-order step (GPU).
+
+    python benchmarks/tune_second_order.py --S 4096
+
+Times every launch of fwd + bwd(create_graph) + double backward at each config (second of two
+runs) and prints the summed time of the passes the config changes.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import first_call as fc  # noqa: E402
+
+import flexebt  # noqa: E402
+from flexebt.kernels import flex as fk  # noqa: E402
+
+DKDV = [(32, 128, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 2),
+        (64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3)]
+DQ = [(64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 3)]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--S", type=int, default=4096)
+    p.add_argument("--D", type=int, default=64)
+    a = p.parse_args()
+    fk._launch = fc._timed_launch(fk._launch)
+    S = a.S
+    x = [torch.randn(8, 8, S, a.D, device="cuda", dtype=torch.bfloat16) for _ in range(6)]
+    bm = flexebt.create_ebt_block_mask(None, None, None, S, S, device="cuda")
+
+    def step(opts):
+        xs = [t.detach().requires_grad_() for t in x]
+        o = flexebt.flex_ebt_attention(*xs, block_mask=bm, kernel_options=opts)
+        g = torch.autograd.grad(o, xs, [torch.ones_like(t) * 0.01 for t in o], create_graph=True)
+        torch.autograd.grad(sum((t.float() ** 2).sum() for t in g), xs)
+
+    def timed(opts, names):
+        step(opts)
+        torch.cuda.synchronize()
+        fc._LOG.clear()
+        step(opts)
+        torch.cuda.synchronize()
+        out = {n: sum(sec for name, _, sec in fc._LOG if name == n) * 1e3 for n in names}
+        fc._LOG.clear()
+        return " ".join(f"{n} {t:.2f}" for n, t in out.items())
+
+    for m, n, w, s in DKDV:
+        o = dict(BLOCK_M1=m, BLOCK_N1=n, dbwd_dkdv_num_warps=w, dbwd_dkdv_num_stages=s)
+        try:
+            print(f"dkdv M{m} N{n} w{w} s{s}: {timed(o, ['flex_dbwd_dkdv', 'flex_bwd_dkdv'])} ms", flush=True)
+        except Exception as e:  # out of resources
+            print(f"dkdv M{m} N{n} w{w} s{s}: failed {type(e).__name__}", flush=True)
+    for m, n, w, s in DQ:
+        o = dict(BLOCK_M2=m, BLOCK_N2=n, dbwd_dq_num_warps=w, dbwd_dq_num_stages=s, dbwd_rows_num_warps=w,
+                 dbwd_rows_num_stages=s)
+        try:
+            print(f"dq   M{m} N{n} w{w} s{s}: {timed(o, ['flex_dbwd_rows', 'flex_dbwd_dq', 'flex_bwd_dq'])} ms",
+                  flush=True)
+        except Exception as e:
+            print(f"dq   M{m} N{n} w{w} s{s}: failed {type(e).__name__}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
