@@ -129,9 +129,17 @@ class FlexAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, *buffers = ctx.saved_tensors
+        if dout is None and dlse is None:
+            # Reached in a double backward when out/lse feed nothing that needs a gradient:
+            # the engine still visits this node; there is nothing to compute.
+            return (None,) * (4 + len(buffers))
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv, *dbuf = FlexAttentionBackward.apply(q, k, v, out, lse, dout, dlse, ctx.call, *buffers)
+        # out and lse enter the backward as constants: its backward (FlexAttentionDoubleBackward
+        # or the reference) differentiates the total dependence on q, k, v, so a graph edge
+        # back to this node would only add a first-order pass on zero cotangents.
+        dq, dk, dv, *dbuf = FlexAttentionBackward.apply(q, k, v, out.detach(), lse.detach(), dout, dlse, ctx.call,
+                                                        *buffers)
         return (dq, dk, dv, None, *dbuf)
 
 
@@ -149,18 +157,19 @@ class FlexAttentionBackward(torch.autograd.Function):
         q, k, v, out, lse, dout, dlse, call, *buffers = inputs
         ctx.call = call
         ctx.has_dlse = dlse is not None
-        ctx.save_for_backward(q, k, v, dout, dlse if dlse is not None else torch.empty(0), *buffers)
+        ctx.save_for_backward(q, k, v, out, lse, dout, dlse if dlse is not None else torch.empty(0), *buffers)
 
     @staticmethod
     def backward(ctx, gdq, gdk, gdv, *gdbuf):
-        q, k, v, dout, dlse, *buffers = ctx.saved_tensors
+        q, k, v, out, lse, dout, dlse, *buffers = ctx.saved_tensors
         call: FlexCall = ctx.call
         if call.kernels.fused_second_order and not any(b.requires_grad for b in buffers):
             # Fused double-backward kernels (O(S) memory); their own backward (third order) is exact
             # through the dense closed form.
             z = lambda g, like: torch.zeros_like(like) if g is None else g  # noqa: E731
             gq, gk, gv, gdo, gdlse = FlexAttentionDoubleBackward.apply(
-                q, k, v, dout, dlse if ctx.has_dlse else None, z(gdq, q), z(gdk, k), z(gdv, v), call, *buffers)
+                q, k, v, dout, dlse if ctx.has_dlse else None, z(gdq, q), z(gdk, k), z(gdv, v), out, lse, call,
+                *buffers)
             return (gq, gk, gv, None, None, gdo, gdlse if ctx.has_dlse else None, None, *([None] * len(buffers)))
 
         def reference(q, k, v):
@@ -174,22 +183,22 @@ class FlexAttentionBackward(torch.autograd.Function):
 
 class FlexAttentionDoubleBackward(torch.autograd.Function):
     """Fused double backward of single-stream attention: given (q, k, v, dout, dlse) and the
-    cotangents (Gq, Gk, Gv) of (dq, dk, dv), returns the gradients of (q, k, v, dout) and of dlse.
-    The forward outputs (out, lse) are recomputed by a forward pass, so no S x S tensor exists."""
+    cotangents (Gq, Gk, Gv) of (dq, dk, dv), returns the gradients of (q, k, v, dout) and of dlse
+    (total derivatives: through out and lse too).  out and lse, saved by the forward, are
+    constants here; no S x S tensor exists."""
 
     @staticmethod
-    def forward(q, k, v, dout, dlse, gq, gk, gv, call: FlexCall, *buffers):
+    def forward(q, k, v, dout, dlse, gq, gk, gv, out, lse, call: FlexCall, *buffers):
         from .kernels.flex import flex_double_backward
 
         with torch._C._DisableFuncTorch():
-            out, lse = flex_forward(call.kernels, q, k, v, call.scale, call.tables, list(buffers), call.options)
             g_q, g_k, g_v, g_do, u = flex_double_backward(call.kernels, q, k, v, out, lse, dout, dlse, gq, gk, gv,
                                                           call.scale, call.tables, list(buffers), call.options)
         return g_q, g_k, g_v, g_do, (u if dlse is not None else torch.zeros_like(lse))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, dout, dlse, gq, gk, gv, call, *buffers = inputs
+        q, k, v, dout, dlse, gq, gk, gv, _out, _lse, call, *buffers = inputs
         ctx.call = call
         ctx.has_dlse = dlse is not None
         ctx.save_for_backward(q, k, v, dout, dlse if dlse is not None else torch.empty(0), gq, gk, gv)
@@ -213,7 +222,7 @@ class FlexAttentionDoubleBackward(torch.autograd.Function):
         grads = list(grads)
         gq_, gk_, gv_, gdo_ = grads[:4]
         gdl = grads.pop(4) if dl is not None else None
-        return (gq_, gk_, gv_, gdo_, gdl, grads[4], grads[5], grads[6], None)
+        return (gq_, gk_, gv_, gdo_, gdl, grads[4], grads[5], grads[6], None, None, None)
 
 
 @dataclasses.dataclass
@@ -257,8 +266,12 @@ class EBTAttention(torch.autograd.Function):
     def backward(ctx, do_o, do_p, dlse_o, dlse_p):
         saved = ctx.saved_tensors
         qkv, outs, buffers = saved[:6], saved[6:10], saved[10:]
+        if do_o is None and do_p is None and dlse_o is None and dlse_p is None:
+            return (None,) * (7 + len(buffers))  # nothing flows back (see FlexAttention.backward)
         do_o = torch.zeros_like(outs[0]) if do_o is None else do_o
         do_p = torch.zeros_like(outs[1]) if do_p is None else do_p
+        # outputs enter as constants: the double backward differentiates their dependence on qkv
+        outs = [o.detach() for o in outs]
         grads = EBTAttentionBackward.apply(*qkv, *outs, do_o, do_p, dlse_o, dlse_p, ctx.call, *buffers)
         return (*grads[:6], None, *grads[6:])
 
@@ -277,22 +290,22 @@ class EBTAttentionBackward(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        qkv, cts, call, buffers = inputs[:6], inputs[10:14], inputs[14], inputs[15:]
+        qkv, outs, cts, call, buffers = inputs[:6], inputs[6:10], inputs[10:14], inputs[14], inputs[15:]
         ctx.call = call
         ctx.has_ct = [c is not None for c in cts]
-        ctx.save_for_backward(*qkv, *[c if c is not None else torch.empty(0) for c in cts], *buffers)
+        ctx.save_for_backward(*qkv, *outs, *[c if c is not None else torch.empty(0) for c in cts], *buffers)
 
     @staticmethod
     def backward(ctx, *gouts):
         saved = ctx.saved_tensors
-        qkv, cts, buffers = list(saved[:6]), list(saved[6:10]), saved[10:]
+        qkv, outs, cts, buffers = list(saved[:6]), list(saved[6:10]), list(saved[10:14]), saved[14:]
         cts = [c if has else None for c, has in zip(cts, ctx.has_ct)]
         call: EBTCall = ctx.call
 
         pl = call.plan
         if pl.kern_o.fused_second_order and pl.kern_p.fused_second_order and not any(b.requires_grad for b in buffers):
             gcts = [torch.zeros_like(x) if g is None else g for g, x in zip(gouts[:6], qkv)]
-            res = EBTAttentionDoubleBackward.apply(*qkv, *cts, *gcts, call, *buffers)
+            res = EBTAttentionDoubleBackward.apply(*qkv, *cts, *gcts, *outs, call, *buffers)
             g_cts = [g if c is not None else None for g, c in zip(res[6:], cts)]
             return (*res[:6], None, None, None, None, *g_cts, None, *([None] * len(buffers)))
 
@@ -306,19 +319,20 @@ class EBTAttentionBackward(torch.autograd.Function):
 
 class EBTAttentionDoubleBackward(torch.autograd.Function):
     """Fused double backward of EBT attention.  Inputs: qkv (6), cotangents do_o, do_p, dlse_o,
-    dlse_p (dlse may be None), the cotangents of the six first-order gradients, call, buffers.
-    Outputs: gradients of qkv (6) and of do_o, do_p, dlse_o, dlse_p (zeros for an absent dlse).
-    Third order: autograd through the reference double backward."""
+    dlse_p (dlse may be None), the cotangents of the six first-order gradients, the saved outputs
+    (out_o, out_p, lse_o, lse_p; constants), call, buffers.  Outputs: total gradients of qkv (6)
+    and of do_o, do_p, dlse_o, dlse_p (zeros for an absent dlse).  Third order: autograd through
+    the reference double backward."""
 
     @staticmethod
     def forward(q_o, k_o, v_o, q_p, k_p, v_p, do_o, do_p, dlse_o, dlse_p, gq_o, gk_o, gv_o, gq_p, gk_p, gv_p,
-                call: EBTCall, *buffers):
-        from .kernels.ebt import ebt_double_backward, ebt_forward
+                out_o, out_p, lse_o, lse_p, call: EBTCall, *buffers):
+        from .kernels.ebt import ebt_double_backward
 
         qkv = [q_o, k_o, v_o, q_p, k_p, v_p]
+        outs = [out_o, out_p, lse_o, lse_p]
         with torch._C._DisableFuncTorch():
-            outs = ebt_forward(call.plan, *qkv, call.scale, call.options)
-            res = ebt_double_backward(call.plan, qkv, list(outs), [do_o, do_p, dlse_o, dlse_p],
+            res = ebt_double_backward(call.plan, qkv, outs, [do_o, do_p, dlse_o, dlse_p],
                                       [gq_o, gk_o, gv_o, gq_p, gk_p, gv_p], call.scale, call.options)
         res[8] = res[8] if res[8] is not None else torch.zeros_like(outs[2])
         res[9] = res[9] if res[9] is not None else torch.zeros_like(outs[3])
@@ -326,7 +340,7 @@ class EBTAttentionDoubleBackward(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.call = inputs[16]
+        ctx.call = inputs[20]
         ctx.has = [t is not None for t in inputs[6:10]]
         ctx.save_for_backward(*inputs[:6], *[t if t is not None else torch.empty(0) for t in inputs[6:10]],
                               *inputs[10:16])
@@ -352,7 +366,7 @@ class EBTAttentionDoubleBackward(torch.autograd.Function):
         g_qkv3 = grads[:6]
         rest = grads[6:]
         g_cts3 = [rest.pop(0) if h else None for h in ctx.has]
-        return (*g_qkv3, *g_cts3, *rest[:6], None)
+        return (*g_qkv3, *g_cts3, *rest[:6], None, None, None, None, None)
 
 
 # torch's Function.apply binds default arguments with inspect.signature(forward) on every call

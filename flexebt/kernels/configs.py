@@ -74,14 +74,16 @@ def _flex_config(pass_name: str, head_dim: int, sparse_q: int, sparse_kv: int, o
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass and head-dim class (64 / 128 / 256).
 # bf16: measured on an H200, bf16, S = 4096 (benchmarks/tune.py; benchmarks/results/tune_*.txt).
 # The double backward keeps ~3x the tiles of a first-order pass live, the JVP two extra
-# accumulators: they take the dq / dk-dv tiles with fewer stages.
+# accumulators: smaller tiles, fewer stages.  D64 second order: EBT step, B8 H8 S4096
+# (benchmarks/tune_second_order.py; results/tune_dbwd_h200_ebt_s4096.txt): g_k/g_v pass
+# 8.5 -> 4.0 ms at 64 x 64 with 2 stages, row + g_q passes 5.9 -> 5.1 ms at 64 x 32.
 _BF16 = {
     "fwd": {64: (128, 128, 4, 3), 128: (128, 128, 8, 3), 256: (64, 32, 4, 2)},
     "dq": {64: (64, 64, 4, 3), 128: (128, 128, 8, 2), 256: (32, 32, 4, 2)},
     "dkdv": {64: (32, 128, 4, 3), 128: (64, 128, 8, 3), 256: (32, 32, 4, 2)},
-    "dbwd_rows": {64: (64, 64, 4, 3), 128: (64, 64, 4, 2), 256: (32, 32, 4, 1)},
-    "dbwd_dq": {64: (64, 64, 4, 3), 128: (64, 64, 4, 2), 256: (32, 32, 4, 1)},
-    "dbwd_dkdv": {64: (32, 128, 4, 3), 128: (32, 64, 4, 2), 256: (32, 32, 4, 1)},
+    "dbwd_rows": {64: (64, 32, 4, 3), 128: (64, 32, 4, 2), 256: (32, 32, 4, 1)},
+    "dbwd_dq": {64: (64, 32, 4, 3), 128: (64, 32, 4, 2), 256: (32, 32, 4, 1)},
+    "dbwd_dkdv": {64: (64, 64, 4, 2), 128: (32, 64, 4, 2), 256: (32, 32, 4, 1)},
     "jvp": {64: (128, 128, 4, 3), 128: (64, 64, 4, 2), 256: (32, 32, 4, 1)},
 }
 # fp32 with IEEE products: Triton computes the dot with FMAs, not tensor cores, and keeps its
