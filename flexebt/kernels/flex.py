@@ -112,18 +112,26 @@ def _buffer_args(buffers: list[Tensor], grads: dict[int, Tensor]) -> list:
     return args
 
 
-def _precision(dtype) -> dict:
-    """IEEE fp32 products unless the matmul precision allows tf32 (SPEC §5); UPCAST works around
-    the Triton interpreter's wrong bf16 dot (interpreter only)."""
-    return dict(IEEE=dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest",
-                UPCAST=dtype == torch.bfloat16 and interpreting())
+def _precision(dtype, options: Optional[dict] = None) -> dict:
+    """How tl.dot multiplies (SPEC §5): bf16/fp16 and tf32-allowed fp32 take the tensor cores'
+    default; fp32 under matmul precision "highest" takes IEEE-exact products (IEEE=1, FMA units)
+    or, with kernel_options["FP32_PRODUCTS"] = "tf32x3", three tf32 products per product
+    (IEEE=2: hi*hi + hi*lo + lo*hi on the tensor cores, ~2^-22 relative error per product).
+    UPCAST works around the Triton interpreter's wrong bf16 dot (interpreter only)."""
+    ieee = 0
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        mode = (options or {}).get("FP32_PRODUCTS", "ieee")
+        if mode not in ("ieee", "tf32x3"):
+            raise ValueError(f"kernel_options['FP32_PRODUCTS'] must be 'ieee' or 'tf32x3', got {mode!r}.")
+        ieee = 1 if mode == "ieee" else 2
+    return dict(IEEE=ieee, UPCAST=dtype == torch.bfloat16 and interpreting())
 
 
-def _tiles_for(dtype) -> str:
+def _tiles_for(dtype, options: Optional[dict] = None) -> str:
     """Which tile table of kernels/configs.py fits these inputs."""
     if dtype != torch.float32:
         return "bf16"
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return "tf32" if _precision(dtype, options)["IEEE"] != 1 else "ieee"
 
 
 def _reverse(options: Optional[dict]) -> bool:
@@ -153,7 +161,7 @@ def flex_forward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, scale: float
     out = torch.empty(B, H, Sq, DV, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
     cfg = flex_config("fwd", max(D, DV), tables.sparse_q, tables.sparse_kv, options, kern.gathers,
-                      _tiles_for(q.dtype))
+                      _tiles_for(q.dtype, options))
     kp, vp, keep = (own.kp, own.vp, own.keep) if own is not None else (q, v, lse)
     _launch(kern.module.flex_fwd, lambda c: (triton_cdiv(Sq, c.BLOCK_M), B * H),
             (q, k, v, out, lse, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx,
@@ -161,15 +169,15 @@ def flex_forward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, scale: float
              tables.full_kv_idx.shape[-1], scale, q_off, kp, vp, keep, *_buffer_args(buffers, {})),
             dict(D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), SPARSE_Q=tables.sparse_q,
                  SPARSE_KV=tables.sparse_kv, HAS_FULL=tables.has_full, EVEN=_even(Sq, Skv, tables),
-                 REVERSE=_reverse(options), HAS_SELF=own is not None, **_precision(q.dtype)), cfg, (D, DV, q.dtype))
+                 REVERSE=_reverse(options), HAS_SELF=own is not None, **_precision(q.dtype, options)), cfg, (D, DV, q.dtype))
     return out, lse
 
 
-def _common(q, k, v, tables):
+def _common(q, k, v, tables, options=None):
     D, Sq, Skv, DV = q.shape[3], q.shape[2], k.shape[2], v.shape[3]
     return dict(D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), SPARSE_Q=tables.sparse_q,
                 SPARSE_KV=tables.sparse_kv, HAS_FULL=tables.has_full, EVEN=_even(Sq, Skv, tables),
-                **_precision(q.dtype))
+                **_precision(q.dtype, options))
 
 
 def dq_pass(kern: ModKernels, q, k, v, out, lse, dout, dlse, scale, tables: BlockTables, bargs: list,
@@ -186,14 +194,14 @@ def dq_pass(kern: ModKernels, q, k, v, out, lse, dout, dlse, scale, tables: Bloc
     else:
         dkp = dvp = kp = vp = keep = lse
     cfg = flex_config("dq", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
-                      tiles=_tiles_for(q.dtype))
+                      tiles=_tiles_for(q.dtype, options))
     _launch(kern.module.flex_bwd_dq, lambda c: (triton_cdiv(Sq, c.BLOCK_M), B * H),
             (q, k, v, out, dout, lse, dlse if dlse is not None else lse, delta, dq, tables.kv_num, tables.kv_idx,
              tables.full_kv_num, tables.full_kv_idx, H, Hkv, Sq, Skv, tables.MB, tables.MH,
              tables.kv_num.shape[-1], tables.kv_idx.shape[-1], tables.full_kv_idx.shape[-1], scale, q_off,
              kp, vp, keep, dkp, dvp, *bargs),
             dict(HAS_DLSE=dlse is not None, REVERSE=_reverse(options), HAS_SELF=own is not None,
-                 **_common(q, k, v, tables)), cfg, (D, DV, q.dtype))
+                 **_common(q, k, v, tables, options)), cfg, (D, DV, q.dtype))
     return dq, delta, ((dkp, dvp) if own is not None else None)
 
 
@@ -209,12 +217,12 @@ def dkdv_pass(kern: ModKernels, q, k, v, lse, delta, dout, scale, tables: BlockT
     else:
         dk, dv = into
     cfg = flex_config("dkdv", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
-                      tiles=_tiles_for(q.dtype))
+                      tiles=_tiles_for(q.dtype, options))
     _launch(kern.module.flex_bwd_dkdv, lambda c: (triton_cdiv(Skv, c.BLOCK_N), B * Hkv),
             (q, k, v, dout, lse, delta, dk, dv, tables.q_num, tables.q_idx, tables.full_q_num, tables.full_q_idx,
              H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.q_num.shape[-1], tables.q_idx.shape[-1],
              tables.full_q_idx.shape[-1], scale, q_off, *bargs),
-            dict(ACCUMULATE=accumulate, **_common(q, k, v, tables)), cfg, (D, DV, q.dtype))
+            dict(ACCUMULATE=accumulate, **_common(q, k, v, tables, options)), cfg, (D, DV, q.dtype))
     return dk, dv
 
 
@@ -264,12 +272,12 @@ def dbwd_rows_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, 
     stats = torch.empty(B, H, Sq, 5, dtype=torch.float32, device=q.device)
     g_do = torch.empty_like(args[4])
     cfg = flex_config("dbwd_rows", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
-                      tiles=_tiles_for(q.dtype))
+                      tiles=_tiles_for(q.dtype, options))
     _launch(kern.module.flex_dbwd_rows, lambda c_: (triton_cdiv(Sq, c_.BLOCK_M), B * H),
             (*args, g_do, stats, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx, H, Hkv, Sq,
              Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
              tables.full_kv_idx.shape[-1], scale, q_off, *_own_args(own, own_cts, lse), *bargs),
-            dict(HAS_DLSE=dlse is not None, HAS_SELF=own is not None, **_common(q, k, v, tables)), cfg,
+            dict(HAS_DLSE=dlse is not None, HAS_SELF=own is not None, **_common(q, k, v, tables, options)), cfg,
             (D, DV, q.dtype, "dbwd_rows"))
     return g_do, stats
 
@@ -287,12 +295,12 @@ def dbwd_dq_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, st
     else:
         g_kp = g_vp = lse
     cfg = flex_config("dbwd_dq", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
-                      tiles=_tiles_for(q.dtype))
+                      tiles=_tiles_for(q.dtype, options))
     _launch(kern.module.flex_dbwd_dq, lambda c_: (triton_cdiv(Sq, c_.BLOCK_M), B * H),
             (*args, g_q, stats, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx, H, Hkv, Sq,
              Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
              tables.full_kv_idx.shape[-1], scale, q_off, *_own_args(own, own_cts, lse), g_kp, g_vp, *bargs),
-            dict(HAS_DLSE=dlse is not None, HAS_SELF=own is not None, **_common(q, k, v, tables)), cfg,
+            dict(HAS_DLSE=dlse is not None, HAS_SELF=own is not None, **_common(q, k, v, tables, options)), cfg,
             (D, DV, q.dtype, "dbwd_dq"))
     return g_q, ((g_kp, g_vp) if own is not None else None)
 
@@ -305,12 +313,12 @@ def dbwd_dkdv_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, 
     args = _dbwd_args(q, k, v, out, dout, lse, dlse, gq, gk, gv)
     g_k, g_v = into if into is not None else (torch.empty_like(k), torch.empty_like(v))
     cfg = flex_config("dbwd_dkdv", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
-                      tiles=_tiles_for(q.dtype))
+                      tiles=_tiles_for(q.dtype, options))
     _launch(kern.module.flex_dbwd_dkdv, lambda c_: (triton_cdiv(Skv, c_.BLOCK_N), B * Hkv),
             (*args, g_k, g_v, stats, tables.q_num, tables.q_idx, tables.full_q_num, tables.full_q_idx, H, Hkv, Sq,
              Skv, tables.MB, tables.MH, tables.q_num.shape[-1], tables.q_idx.shape[-1],
              tables.full_q_idx.shape[-1], scale, q_off, *bargs),
-            dict(HAS_DLSE=dlse is not None, ACCUMULATE=accumulate, **_common(q, k, v, tables)), cfg,
+            dict(HAS_DLSE=dlse is not None, ACCUMULATE=accumulate, **_common(q, k, v, tables, options)), cfg,
             (D, DV, q.dtype, "dbwd_dkdv"))
     return g_k, g_v
 
@@ -341,12 +349,12 @@ def flex_jvp(kern: ModKernels, q, k, v, dq, dk, dv, scale: float, tables: BlockT
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
     d_lse = torch.empty_like(lse)
     cfg = flex_config("jvp", max(D, DV), tables.sparse_q, tables.sparse_kv, options, kern.gathers,
-                      _tiles_for(q.dtype))
+                      _tiles_for(q.dtype, options))
     _launch(kern.module.flex_jvp, lambda c_: (triton_cdiv(Sq, c_.BLOCK_M), B * H),
             (q, k, v, dq, dk, dv, out, lse, d_out, d_lse, tables.kv_num, tables.kv_idx, tables.full_kv_num,
              tables.full_kv_idx, H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1],
              tables.kv_idx.shape[-1], tables.full_kv_idx.shape[-1], scale, q_off,
              *((own.kp, own.vp, c(own_tangents[0]), c(own_tangents[1]), own.keep) if own is not None else (lse,) * 5),
              *_buffer_args(buffers, {})),
-            dict(HAS_SELF=own is not None, **_common(q, k, v, tables)), cfg, (D, DV, q.dtype, "jvp"))
+            dict(HAS_SELF=own is not None, **_common(q, k, v, tables, options)), cfg, (D, DV, q.dtype, "jvp"))
     return out, lse, d_out, d_lse

@@ -31,12 +31,15 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 @triton.jit
 def _mm(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """a @ b with fp32 accumulation.  IEEE: exact fp32 products (no tf32).  UPCAST: compute in fp32
-    (only for bf16 under Triton's CPU interpreter, whose bf16 dot is wrong)."""
+    """a @ b with fp32 accumulation.  IEEE = 1: exact fp32 products (no tf32); IEEE = 2: fp32
+    products as three tf32 products (tensor cores).  UPCAST: compute in fp32 (only for bf16 under
+    Triton's CPU interpreter, whose bf16 dot is wrong)."""
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    elif IEEE:
+    elif IEEE == 1:
         return tl.dot(a, b, input_precision="ieee")
+    elif IEEE == 2:
+        return tl.dot(a, b, input_precision="tf32x3")
     else:
         return tl.dot(a, b)
 
