@@ -112,26 +112,29 @@ def _buffer_args(buffers: list[Tensor], grads: dict[int, Tensor]) -> list:
     return args
 
 
-def _precision(dtype, options: Optional[dict] = None) -> dict:
-    """How tl.dot multiplies (SPEC §5): bf16/fp16 and tf32-allowed fp32 take the tensor cores'
-    default; fp32 under matmul precision "highest" takes IEEE-exact products (IEEE=1, FMA units)
-    or, with kernel_options["FP32_PRODUCTS"] = "tf32x3", three tf32 products per product
-    (IEEE=2: hi*hi + hi*lo + lo*hi on the tensor cores, ~2^-22 relative error per product).
+def _precision(dtype, options: Optional[dict] = None, second_order: bool = False) -> dict:
+    """How tl.dot multiplies (SPEC §5).  bf16/fp16, and fp32 when the matmul precision allows
+    tf32: the tensor cores' default.  fp32 under matmul precision "highest": fp32-accurate products,
+    either IEEE-exact (IEEE=1, FMA units) or as three tf32 products hi*hi + hi*lo + lo*hi on the
+    tensor cores (IEEE=2, "tf32x3": ~2^-22 relative error per product, as accurate as fp32 eager
+    math in our measurements -- docs/design.md D31).  Default: tf32x3 for the forward, first-order
+    and JVP passes, IEEE for the double backward (its many live tiles make tf32x3 slower there);
+    kernel_options["FP32_PRODUCTS"] = "ieee" | "tf32x3" picks one for all passes.
     UPCAST works around the Triton interpreter's wrong bf16 dot (interpreter only)."""
     ieee = 0
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        mode = (options or {}).get("FP32_PRODUCTS", "ieee")
+        mode = (options or {}).get("FP32_PRODUCTS", "ieee" if second_order else "tf32x3")
         if mode not in ("ieee", "tf32x3"):
             raise ValueError(f"kernel_options['FP32_PRODUCTS'] must be 'ieee' or 'tf32x3', got {mode!r}.")
         ieee = 1 if mode == "ieee" else 2
     return dict(IEEE=ieee, UPCAST=dtype == torch.bfloat16 and interpreting())
 
 
-def _tiles_for(dtype, options: Optional[dict] = None) -> str:
+def _tiles_for(dtype, options: Optional[dict] = None, second_order: bool = False) -> str:
     """Which tile table of kernels/configs.py fits these inputs."""
     if dtype != torch.float32:
         return "bf16"
-    return "tf32" if _precision(dtype, options)["IEEE"] != 1 else "ieee"
+    return "ieee" if _precision(dtype, options, second_order)["IEEE"] == 1 else "tf32"
 
 
 def _reverse(options: Optional[dict]) -> bool:
@@ -169,15 +172,16 @@ def flex_forward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, scale: float
              tables.full_kv_idx.shape[-1], scale, q_off, kp, vp, keep, *_buffer_args(buffers, {})),
             dict(D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), SPARSE_Q=tables.sparse_q,
                  SPARSE_KV=tables.sparse_kv, HAS_FULL=tables.has_full, EVEN=_even(Sq, Skv, tables),
-                 REVERSE=_reverse(options), HAS_SELF=own is not None, **_precision(q.dtype, options)), cfg, (D, DV, q.dtype))
+                 REVERSE=_reverse(options), HAS_SELF=own is not None, **_precision(q.dtype, options)), cfg,
+            (D, DV, q.dtype))
     return out, lse
 
 
-def _common(q, k, v, tables, options=None):
+def _common(q, k, v, tables, options=None, second_order=False):
     D, Sq, Skv, DV = q.shape[3], q.shape[2], k.shape[2], v.shape[3]
     return dict(D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), SPARSE_Q=tables.sparse_q,
                 SPARSE_KV=tables.sparse_kv, HAS_FULL=tables.has_full, EVEN=_even(Sq, Skv, tables),
-                **_precision(q.dtype, options))
+                **_precision(q.dtype, options, second_order))
 
 
 def dq_pass(kern: ModKernels, q, k, v, out, lse, dout, dlse, scale, tables: BlockTables, bargs: list,
@@ -272,12 +276,12 @@ def dbwd_rows_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, 
     stats = torch.empty(B, H, Sq, 5, dtype=torch.float32, device=q.device)
     g_do = torch.empty_like(args[4])
     cfg = flex_config("dbwd_rows", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
-                      tiles=_tiles_for(q.dtype, options))
+                      tiles=_tiles_for(q.dtype, options, True))
     _launch(kern.module.flex_dbwd_rows, lambda c_: (triton_cdiv(Sq, c_.BLOCK_M), B * H),
             (*args, g_do, stats, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx, H, Hkv, Sq,
              Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
              tables.full_kv_idx.shape[-1], scale, q_off, *_own_args(own, own_cts, lse), *bargs),
-            dict(HAS_DLSE=dlse is not None, HAS_SELF=own is not None, **_common(q, k, v, tables, options)), cfg,
+            dict(HAS_DLSE=dlse is not None, HAS_SELF=own is not None, **_common(q, k, v, tables, options, True)), cfg,
             (D, DV, q.dtype, "dbwd_rows"))
     return g_do, stats
 
@@ -295,12 +299,12 @@ def dbwd_dq_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, st
     else:
         g_kp = g_vp = lse
     cfg = flex_config("dbwd_dq", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
-                      tiles=_tiles_for(q.dtype, options))
+                      tiles=_tiles_for(q.dtype, options, True))
     _launch(kern.module.flex_dbwd_dq, lambda c_: (triton_cdiv(Sq, c_.BLOCK_M), B * H),
             (*args, g_q, stats, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx, H, Hkv, Sq,
              Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
              tables.full_kv_idx.shape[-1], scale, q_off, *_own_args(own, own_cts, lse), g_kp, g_vp, *bargs),
-            dict(HAS_DLSE=dlse is not None, HAS_SELF=own is not None, **_common(q, k, v, tables, options)), cfg,
+            dict(HAS_DLSE=dlse is not None, HAS_SELF=own is not None, **_common(q, k, v, tables, options, True)), cfg,
             (D, DV, q.dtype, "dbwd_dq"))
     return g_q, ((g_kp, g_vp) if own is not None else None)
 
@@ -313,12 +317,12 @@ def dbwd_dkdv_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, 
     args = _dbwd_args(q, k, v, out, dout, lse, dlse, gq, gk, gv)
     g_k, g_v = into if into is not None else (torch.empty_like(k), torch.empty_like(v))
     cfg = flex_config("dbwd_dkdv", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
-                      tiles=_tiles_for(q.dtype, options))
+                      tiles=_tiles_for(q.dtype, options, True))
     _launch(kern.module.flex_dbwd_dkdv, lambda c_: (triton_cdiv(Skv, c_.BLOCK_N), B * Hkv),
             (*args, g_k, g_v, stats, tables.q_num, tables.q_idx, tables.full_q_num, tables.full_q_idx, H, Hkv, Sq,
              Skv, tables.MB, tables.MH, tables.q_num.shape[-1], tables.q_idx.shape[-1],
              tables.full_q_idx.shape[-1], scale, q_off, *bargs),
-            dict(HAS_DLSE=dlse is not None, ACCUMULATE=accumulate, **_common(q, k, v, tables, options)), cfg,
+            dict(HAS_DLSE=dlse is not None, ACCUMULATE=accumulate, **_common(q, k, v, tables, options, True)), cfg,
             (D, DV, q.dtype, "dbwd_dkdv"))
     return g_k, g_v
 
