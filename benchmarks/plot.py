@@ -1,4 +1,5 @@
 """Plot benchmark rows: TFLOP/s against S, one panel per (variant, D, mode), one line per impl.
+B3 rows (a training step has no FLOP count) plot ms per step and peak memory instead.
 
     python benchmarks/plot.py benchmarks/results/B2_h100.csv   # writes B2_h100.png beside it
 """
@@ -18,6 +19,9 @@ def main(path):
     import matplotlib.pyplot as plt
 
     rows = list(csv.DictReader(open(path)))
+    if rows and rows[0]["suite"] == "B3":  # one panel per (dtype, quantity)
+        rows = [dict(r, variant=f"{r['variant']} {r['dtype']}", mode=m, tflops=r[field])
+                for r in rows for m, field in (("ms/step", "ms"), ("peak GiB", "peak_mem_gib"))]
     panels = sorted({(r["variant"], r["D"], r["mode"]) for r in rows})
     cols = 4
     fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(4 * cols, 3.2 * -(-len(panels) // cols)),
@@ -33,7 +37,7 @@ def main(path):
         ax.set_xscale("log", base=2)
         ax.set_title(f"{key[0]} D{key[1]} {key[2]}", fontsize=9)
         ax.set_xlabel("S")
-        ax.set_ylabel("TFLOP/s")
+        ax.set_ylabel(key[2] if key[2] in ("ms/step", "peak GiB") else "TFLOP/s")
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
