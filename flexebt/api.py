@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
 from . import _validation as V
-from .backends import resolve_backend
+from .backends import composition_needs_reference, resolve_backend
 from .blockmask import EBTBlockMask
 from .reference import ebt_attention_reference, flex_attention_reference, piecewise_attention_reference
 
@@ -65,6 +65,9 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor, score_mod: Optiona
     V.check_kernel_options(fn, kernel_options)
     backend = resolve_backend(kernel_options, query.device, fn, has_kernels=True, dtype=query.dtype,
                               head_dim=max(query.shape[-1], value.shape[-1]))
+    if backend == "TRITON" and not torch.compiler.is_compiling() and \
+            composition_needs_reference(fn, (query, key, value)):
+        backend = "REFERENCE"
     if backend == "TRITON" and torch.compiler.is_compiling():
         from .compiled import flex_attention_compiled
 
@@ -159,6 +162,9 @@ def flex_ebt_attention(q_o: Tensor, k_o: Tensor, v_o: Tensor, q_p: Tensor, k_p: 
     V.check_kernel_options(fn, kernel_options)
     backend = resolve_backend(kernel_options, q_o.device, fn, has_kernels=True, dtype=q_o.dtype,
                               head_dim=max(q_o.shape[-1], v_o.shape[-1]))
+    if backend == "TRITON" and not torch.compiler.is_compiling() and \
+            composition_needs_reference(fn, (q_o, k_o, v_o, q_p, k_p, v_p)):
+        backend = "REFERENCE"
     if backend == "TRITON":
         out_o, out_p, lse_o, lse_p = _flex_ebt_attention_triton(q_o, k_o, v_o, q_p, k_p, v_p, score_mod, block_mask,
                                                                 scale, kernel_options)

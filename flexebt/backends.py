@@ -9,6 +9,7 @@ must be switched on with ``TRITON_INTERPRET=1`` before the first kernel is built
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -69,3 +70,54 @@ def resolve_backend(kernel_options: Optional[dict], device: torch.device, fn: st
     if not _triton_available():
         raise RuntimeError(f"{fn}: BACKEND='TRITON' needs the triton package (pip install triton).")
     return "TRITON"
+
+
+_WARNED: set = set()
+
+
+def _requires_grad_underneath(tensors) -> bool:
+    """Whether a tensor wrapped by torch.func transforms is, at the bottom, part of an autograd graph."""
+    from torch._C import _functorch
+
+    for t in tensors:
+        while _functorch.is_functorch_wrapped_tensor(t):
+            t = _functorch.get_unwrapped(t)
+        if t.requires_grad:
+            return True
+    return False
+
+
+def composition_needs_reference(fn: str, tensors) -> bool:
+    """True (with a one-time warning) when the active torch.func transforms ask for something the
+    kernels' autograd Functions do not provide, so the call must run the dense reference instead:
+
+    * ``vmap`` (``jacrev``, ``jacfwd``, ``hessian`` batch their products with it): the Functions
+      have no batching rule;
+    * forward mode over or under reverse mode (``jvp(grad(f))``, ``hessian``; ``jvp`` inside an
+      autograd graph): the kernels' JVP covers the forward outputs, not the backward's.
+
+    Plain ``grad``, ``grad(grad)``, ``jvp`` and ``autograd.grad(create_graph=True)`` stay on the
+    kernels.  The reference gives the same values with O(S^2) memory (small inputs)."""
+    if not any(_is_wrapped(t) for t in tensors):  # no transform reaches this call's inputs
+        return False
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    kinds = {i.key() for i in retrieve_all_functorch_interpreters()}
+    reason = None
+    if TransformType.Vmap in kinds:
+        reason = "torch.func.vmap (also used by jacrev / jacfwd / hessian)"
+    elif TransformType.Jvp in kinds and (TransformType.Grad in kinds or
+                                          (torch.is_grad_enabled() and _requires_grad_underneath(tensors))):
+        reason = "forward-mode AD combined with reverse mode (e.g. jvp(grad(f)), hessian)"
+    if reason is None:
+        return False
+    if (fn, reason) not in _WARNED:
+        _WARNED.add((fn, reason))
+        warnings.warn(f"{fn}: {reason} is not fused in the Triton kernels yet; such calls run the dense "
+                      f"reference implementation (same values, O(S^2) memory).", stacklevel=3)
+    return True
+
+
+def _is_wrapped(t) -> bool:
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)

@@ -44,8 +44,9 @@ def _kernel_key(score_mod, mask_mod) -> str:
 
 
 def _options(text: str) -> dict:
-    """Tile overrides travel through the op as "KEY=int;..." (a str argument)."""
-    return {k: int(v) for k, v in (item.split("=") for item in text.split(";") if item)}
+    """kernel_options travel through the op as "KEY=value;..." (a str argument); values are ints
+    except the few string-valued options (FP32_PRODUCTS)."""
+    return {k: int(v) if v.lstrip("-").isdigit() else v for k, v in (item.split("=") for item in text.split(";") if item)}
 
 
 def _tables_list(t: BlockTables) -> list[Tensor]:
@@ -107,8 +108,26 @@ def _backward(ctx, dout, dlse):
 flex_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.compiler.assume_constant_result
+def _active_transforms() -> str:
+    """torch.func transforms active while dynamo traces this call (Grad/Jvp/Vmap levels it has
+    entered), as a constant string for the graph."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    wanted = {TransformType.Grad: "grad", TransformType.Jvp: "jvp", TransformType.Vmap: "vmap"}
+    return ",".join(wanted[i.key()] for i in retrieve_all_functorch_interpreters() if i.key() in wanted)
+
+
 def flex_attention_compiled(query, key, value, score_mod, block_mask, scale, kernel_options):
     """The Triton path as custom ops (used while ``torch.compiler.is_compiling()``)."""
+    transforms = _active_transforms()
+    if transforms:
+        raise NotImplementedError(
+            f"flexebt.flex_attention inside torch.compile under torch.func transforms ({transforms}) is not supported: "
+            "the compiled path's custom ops have no functorch rules, and torch.compile does not support double "
+            "backward. Run the torch.func transform outside torch.compile (eager flexebt kernels support "
+            "torch.func.grad, grad of grad and jvp), or use kernel_options={'BACKEND': 'REFERENCE'} inside it.")
     Sq, Skv = query.shape[2], key.shape[2]
     tables = tables_from_block_mask(block_mask, Sq, Skv, query.device)
     mask_mod = block_mask.mask_mod if block_mask is not None else None
@@ -116,6 +135,7 @@ def flex_attention_compiled(query, key, value, score_mod, block_mask, scale, ker
     _, paths = _REGISTRY[k_]
     buffers = [resolve(score_mod if which == "score" else mask_mod, p) for which, p in paths]
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-    opts = ";".join(f"{k}={int(v)}" for k, v in sorted((kernel_options or {}).items()) if k != "BACKEND")
+    opts = ";".join(f"{k}={v if isinstance(v, str) else int(v)}"
+                    for k, v in sorted((kernel_options or {}).items()) if k != "BACKEND")
     return flex_attention_fwd(query.contiguous(), key.contiguous(), value.contiguous(), _tables_list(tables), buffers,
                               k_, scale, tables.sparse_q, tables.sparse_kv, tables.has_full, opts)

@@ -1,6 +1,7 @@
 """flexebt.flex_attention inside torch.compile(fullgraph=True): no graph break, eager-equal results
 for forward and backward (captured tensors included), no recompile on a second call, and a
-clear error -- never a silent drop -- for double backward through the compiled region."""
+clear error -- never a silent drop -- for double backward through the compiled region and for
+torch.func transforms inside it."""
 
 import pytest
 import torch
@@ -54,6 +55,22 @@ def test_double_backward_in_compiled_region_raises():
     with pytest.raises(RuntimeError, match="double backward"):
         g = torch.autograd.grad(out.square().sum(), x, create_graph=True)
         torch.autograd.grad(sum(t.square().sum() for t in g), x)
+
+
+@pytest.mark.interpreter
+def test_torch_func_grad_in_fullgraph_compile_raises_clearly():
+    """torch.func.grad (and grad of grad) inside torch.compile(fullgraph=True): a clear error that
+    names the limitation, never a silently dropped term."""
+    attend, bias, x = _model("cpu")
+    q, k, v = (t.detach() for t in x)
+
+    def energy(q):
+        return attend(q, k, v).square().sum()
+
+    for fn in (torch.func.grad(energy), torch.func.grad(lambda t: torch.func.grad(energy)(t).square().sum())):
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match="under torch.func transforms"):
+            torch.compile(fn, fullgraph=True, backend="aot_eager")(q)
 
 
 @pytest.mark.gpu

@@ -137,3 +137,18 @@ def test_plan_cache_rereads_captured_tensors():
     out = flexebt.flex_ebt_attention(*x, score_mod=bias_mod, block_mask=bm, kernel_options=T)
     ref = flexebt.flex_ebt_attention(*x, score_mod=bias_mod, block_mask=bm, kernel_options=R)
     assert rel_err(out[1], ref[1]) < 1e-5
+
+
+def test_ebt_hessian_matches_the_reference():
+    """torch.func.hessian over the EBT kernels' path (falls back to the reference: vmap + jvp)."""
+    x = [torch.randn(1, 1, 5, 16) for _ in range(6)]
+    bm = flexebt.create_ebt_block_mask(None, None, None, 5, 5)
+
+    def energy(q_p, backend, dtype):
+        xs = [t.to(dtype) for t in x]
+        return flexebt.flex_ebt_attention(*xs[:3], q_p, *xs[4:], block_mask=bm,
+                                          kernel_options={"BACKEND": backend})[1].square().sum()
+
+    h = torch.func.hessian(lambda q: energy(q, "TRITON", torch.float32))(x[3])
+    want = torch.func.hessian(lambda q: energy(q, "REFERENCE", torch.float64))(x[3].double())
+    assert rel_err(h, want) < 1e-5

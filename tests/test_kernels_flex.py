@@ -198,7 +198,7 @@ def test_even_lengths_and_tile_overrides():
 
 def test_torch_func_grad_through_the_kernels():
     """torch.func.grad builds kernels and launches them inside the transform (plain tensors for
-    Triton, functorch wraps the results); forward-over-reverse is refused clearly, not dropped."""
+    Triton, functorch wraps the results)."""
     bm = flexebt.create_block_mask(masks.causal_mask, None, None, 32, 32, device="cpu", BLOCK_SIZE=16)
     k, v = torch.randn(1, 2, 32, 16), torch.randn(1, 2, 32, 16)
     sm = mods.generate_tanh_softcap(2.0)
@@ -209,5 +209,37 @@ def test_torch_func_grad_through_the_kernels():
     q = torch.randn(1, 2, 32, 16)
     g = torch.func.grad(lambda x: energy(x, T))(q)
     assert rel_err(g, torch.func.grad(lambda x: energy(x, R))(q)) < 1e-5
-    with pytest.raises(NotImplementedError, match="jvp"):
-        torch.func.jvp(torch.func.grad(lambda x: energy(x, T)), (q,), (torch.randn_like(q),))
+
+
+def test_compositions_beyond_the_kernels_run_the_reference():
+    """Forward-over-reverse (jvp(grad)), hessian (vmap + jvp + grad) and reverse-over-forward
+    give the reference's values: the call falls back to the dense reference, with a warning."""
+    S = 20
+    bm = flexebt.create_block_mask(masks.causal_mask, None, None, S, S, device="cpu", BLOCK_SIZE=16)
+    k, v = torch.randn(1, 2, S, 16), torch.randn(1, 2, S, 16)
+    sm = mods.generate_tanh_softcap(2.0)
+
+    def energy(q, backend):
+        return flexebt.flex_attention(q, k.to(q.dtype), v.to(q.dtype), score_mod=sm, block_mask=bm,
+                                      kernel_options=backend).square().sum()
+
+    q, t = torch.randn(1, 2, S, 16), torch.randn(1, 2, S, 16)
+    with pytest.warns(UserWarning, match="reference"):
+        _, hvp = torch.func.jvp(torch.func.grad(lambda x: energy(x, T)), (q,), (t,))
+    _, want = torch.func.jvp(torch.func.grad(lambda x: energy(x, R)), (q.double(),), (t.double(),))
+    assert rel_err(hvp, want) < 1e-5
+    q1 = torch.randn(1, 1, 6, 16)
+    k1, v1 = torch.randn(1, 1, 6, 16), torch.randn(1, 1, 6, 16)
+
+    def f(x, backend):
+        return flexebt.flex_attention(x, k1.to(x.dtype), v1.to(x.dtype), kernel_options=backend).square().sum()
+
+    h = torch.func.hessian(lambda x: f(x, T))(q1)
+    assert rel_err(h, torch.func.hessian(lambda x: f(x, R))(q1.double())) < 1e-5
+    # reverse over forward: a JVP inside an autograd graph
+    qg = q.clone().requires_grad_()
+    _, jv = torch.func.jvp(lambda x: energy(x, T), (qg,), (t,))
+    (g,) = torch.autograd.grad(jv, qg)
+    qd = q.double().requires_grad_()
+    _, jv_ref = torch.func.jvp(lambda x: energy(x, R), (qd,), (t.double(),))
+    assert rel_err(g, torch.autograd.grad(jv_ref, qd)[0]) < 1e-5
