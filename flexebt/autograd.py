@@ -13,7 +13,9 @@ tensors, but tensors allocated inside would be wrapped, and Triton needs plain s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import types
 from typing import Callable, Optional
 
 import torch
@@ -25,8 +27,69 @@ from .reference.ebt import ebt_attention_reference
 from .reference.flex import flex_attention_reference
 
 
+def _alias(x: Tensor) -> Tensor:
+    """A differentiable stand-in for ``x``: gradients taken w.r.t. it count only the paths
+    through it, while results keep their graph back to ``x`` (for the next order)."""
+    return x.view_as(x) if x.requires_grad else x.detach().requires_grad_()
+
+
+@contextlib.contextmanager
+def _captured_swapped(mods: list, mapping: dict):
+    """Temporarily replace captured tensors (by identity, ``mapping``: id -> tensor) in the
+    closures, nested closures, lists and named globals of ``mods``."""
+    undo = []
+    seen = set()
+
+    def swap_in(container, key, val):
+        new = mapping.get(id(val)) if isinstance(val, torch.Tensor) else None
+        if new is not None:
+            undo.append((container, key, val))
+            if isinstance(container, dict) or isinstance(container, list):
+                container[key] = new
+            else:
+                container.cell_contents = new
+            return True
+        return False
+
+    def walk(fn):
+        if not isinstance(fn, types.FunctionType) or id(fn) in seen:
+            return
+        seen.add(id(fn))
+        for cell in fn.__closure__ or ():
+            try:
+                val = cell.cell_contents
+            except ValueError:
+                continue
+            if not swap_in(cell, None, val):
+                if isinstance(val, list):
+                    for j, item in enumerate(val):
+                        swap_in(val, j, item)
+                walk(val)
+        for name in fn.__code__.co_names:
+            val = fn.__globals__.get(name)
+            if not swap_in(fn.__globals__, name, val) and not (getattr(val, "__module__", "") or "").startswith("torch"):
+                walk(val)
+
+    try:
+        for m in mods:
+            walk(m)
+        missing = set(mapping) - {id(val) for _, _, val in undo}
+        if missing:
+            raise NotImplementedError(
+                "flexebt: a tensor that needs a gradient is captured by the score_mod where it cannot be swapped "
+                "for the third-order computation (inside a tuple?); capture it directly in the closure, a list or "
+                "a module global.")
+        yield
+    finally:
+        for container, key, val in reversed(undo):
+            if isinstance(container, (dict, list)):
+                container[key] = val
+            else:
+                container.cell_contents = val
+
+
 def _reference_double_backward(reference: Callable, primals: list, buffers: list, cts: list, grad_cts: list,
-                               create_graph: bool = False):
+                               create_graph: bool = False, mods: tuple = ()):
     """Backward of a first-order backward, by autograd through the dense reference.
 
     ``reference(*primals)`` returns the forward outputs; ``cts`` are the cotangents the first-order
@@ -35,12 +98,22 @@ def _reference_double_backward(reference: Callable, primals: list, buffers: list
     ``primals``, of ``cts`` and of ``buffers`` (None where there are none).  The forward outputs
     themselves (saved by the first backward) are recomputed here, so the total derivative already
     flows to ``primals`` and they get no gradient of their own.
+
+    Every input enters as an independent variable: the cotangents usually depend on the primals
+    and buffers themselves (dout = dL/dout), and a derivative w.r.t. a primal must not run
+    through them.  Without ``create_graph`` they are detached leaves.  With it (a third order
+    follows) they are aliases (``_alias``), so the results keep their graph to the real inputs;
+    the captured tensors that need gradients are swapped for aliases inside ``mods`` (the
+    score_mod / mask_mod that ``reference`` calls) while it runs.
     """
+    indep = _alias if create_graph else (lambda x: x.detach().requires_grad_())
     with torch.enable_grad():
-        p = [x if create_graph else x.detach().requires_grad_() for x in primals]
-        c = [None if t is None else (t if create_graph else t.detach().requires_grad_()) for t in cts]
-        grad_bufs = [b for b in buffers if b.requires_grad]
-        outs = reference(*p)
+        p = [indep(x) for x in primals]
+        c = [None if t is None else indep(t) for t in cts]
+        grad_bufs = [indep(b) for b in buffers if b.requires_grad]
+        swap = {id(b): a for b, a in zip([b for b in buffers if b.requires_grad], grad_bufs)}
+        with _captured_swapped(list(mods), swap):
+            outs = reference(*p)
         pairs = [(o, ct) for o, ct in zip(outs, c) if ct is not None]
         wrt = p + grad_bufs
         first = torch.autograd.grad([o for o, _ in pairs], wrt, [ct for _, ct in pairs], create_graph=True,
@@ -163,22 +236,32 @@ class FlexAttentionBackward(torch.autograd.Function):
     def backward(ctx, gdq, gdk, gdv, *gdbuf):
         q, k, v, out, lse, dout, dlse, *buffers = ctx.saved_tensors
         call: FlexCall = ctx.call
-        if call.kernels.fused_second_order and not any(b.requires_grad for b in buffers):
-            # Fused double-backward kernels (O(S) memory); their own backward (third order) is exact
-            # through the dense closed form.
+        if _fused_double_backward(call.kernels, buffers):
+            # Fused double-backward kernels (O(S) memory), captured tensors' terms included.
             z = lambda g, like: torch.zeros_like(like) if g is None else g  # noqa: E731
-            gq, gk, gv, gdo, gdlse = FlexAttentionDoubleBackward.apply(
+            gq, gk, gv, gdo, gdlse, *gbuf = FlexAttentionDoubleBackward.apply(
                 q, k, v, dout, dlse if ctx.has_dlse else None, z(gdq, q), z(gdk, k), z(gdv, v), out, lse, call,
-                *buffers)
-            return (gq, gk, gv, None, None, gdo, gdlse if ctx.has_dlse else None, None, *([None] * len(buffers)))
+                *buffers, *gdbuf)
+            gbuf = [g if b.requires_grad else None for g, b in zip(gbuf, buffers)]
+            return (gq, gk, gv, None, None, gdo, gdlse if ctx.has_dlse else None, None, *gbuf)
 
         def reference(q, k, v):
             return flex_attention_reference(q, k, v, call.score_mod, call.block_mask, call.scale)
 
         gbuf_cts = [g for g, b in zip(gdbuf, buffers) if b.requires_grad]
+        # create_graph when this double backward is itself differentiated (third order)
         (gq, gk, gv), (gdo, gdlse), gbuf = _reference_double_backward(
-            reference, [q, k, v], buffers, [dout, dlse if ctx.has_dlse else None], [gdq, gdk, gdv] + gbuf_cts)
+            reference, [q, k, v], buffers, [dout, dlse if ctx.has_dlse else None], [gdq, gdk, gdv] + gbuf_cts,
+            create_graph=torch.is_grad_enabled(), mods=(call.score_mod,))
         return (gq, gk, gv, None, None, gdo, gdlse, None, *gbuf)
+
+
+def _fused_double_backward(kernels, buffers) -> bool:
+    """The fused double-backward kernels serve every score_mod the codegen accepts, captured
+    tensors with gradients included.  Their own backward (third order) is the dense closed form,
+    which has no captured-tensor terms: when a captured tensor needs a gradient and this double
+    backward builds a graph (create_graph=True), the reference double backward runs instead."""
+    return kernels.fused_second_order and not (torch.is_grad_enabled() and any(b.requires_grad for b in buffers))
 
 
 class FlexAttentionDoubleBackward(torch.autograd.Function):
@@ -188,18 +271,25 @@ class FlexAttentionDoubleBackward(torch.autograd.Function):
     constants here; no S x S tensor exists."""
 
     @staticmethod
-    def forward(q, k, v, dout, dlse, gq, gk, gv, out, lse, call: FlexCall, *buffers):
+    def forward(q, k, v, dout, dlse, gq, gk, gv, out, lse, call: FlexCall, *buffers_and_cts):
+        """``buffers_and_cts``: the captured tensors, then the cotangents of their first-order
+        gradients (None: zero).  Returns g_q, g_k, g_v, g_do, g_dlse and one gradient per
+        captured tensor (zeros where none flows)."""
         from .kernels.flex import flex_double_backward
 
+        buffers, bcts = buffers_and_cts[:call.n_buffers], buffers_and_cts[call.n_buffers:]
         with torch._C._DisableFuncTorch():
-            g_q, g_k, g_v, g_do, u = flex_double_backward(call.kernels, q, k, v, out, lse, dout, dlse, gq, gk, gv,
-                                                          call.scale, call.tables, list(buffers), call.options)
-        return g_q, g_k, g_v, g_do, (u if dlse is not None else torch.zeros_like(lse))
+            g_q, g_k, g_v, g_do, u, gbuf = flex_double_backward(call.kernels, q, k, v, out, lse, dout, dlse, gq, gk,
+                                                                gv, call.scale, call.tables, list(buffers),
+                                                                call.options, list(bcts))
+        gbuf = [torch.zeros_like(b) if g is None else g for g, b in zip(gbuf, buffers)]
+        return (g_q, g_k, g_v, g_do, (u if dlse is not None else torch.zeros_like(lse)), *gbuf)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, dout, dlse, gq, gk, gv, _out, _lse, call, *buffers = inputs
+        q, k, v, dout, dlse, gq, gk, gv, _out, _lse, call, *buffers_and_cts = inputs
         ctx.call = call
+        ctx.n_extra = len(buffers_and_cts)
         ctx.has_dlse = dlse is not None
         ctx.save_for_backward(q, k, v, dout, dlse if dlse is not None else torch.empty(0), gq, gk, gv)
 
@@ -222,7 +312,7 @@ class FlexAttentionDoubleBackward(torch.autograd.Function):
         grads = list(grads)
         gq_, gk_, gv_, gdo_ = grads[:4]
         gdl = grads.pop(4) if dl is not None else None
-        return (gq_, gk_, gv_, gdo_, gdl, grads[4], grads[5], grads[6], None, None, None)
+        return (gq_, gk_, gv_, gdo_, gdl, grads[4], grads[5], grads[6], None, None, None, *([None] * ctx.n_extra))
 
 
 @dataclasses.dataclass
@@ -303,17 +393,19 @@ class EBTAttentionBackward(torch.autograd.Function):
         call: EBTCall = ctx.call
 
         pl = call.plan
-        if pl.kern_o.fused_second_order and pl.kern_p.fused_second_order and not any(b.requires_grad for b in buffers):
+        if _fused_double_backward(pl.kern_o, buffers) and _fused_double_backward(pl.kern_p, buffers):
             gcts = [torch.zeros_like(x) if g is None else g for g, x in zip(gouts[:6], qkv)]
-            res = EBTAttentionDoubleBackward.apply(*qkv, *cts, *gcts, *outs, call, *buffers)
-            g_cts = [g if c is not None else None for g, c in zip(res[6:], cts)]
-            return (*res[:6], None, None, None, None, *g_cts, None, *([None] * len(buffers)))
+            res = EBTAttentionDoubleBackward.apply(*qkv, *cts, *gcts, *outs, call, *buffers, *gouts[6:])
+            g_cts = [g if c is not None else None for g, c in zip(res[6:10], cts)]
+            gbuf = [g if b.requires_grad else None for g, b in zip(res[10:], buffers)]
+            return (*res[:6], None, None, None, None, *g_cts, None, *gbuf)
 
         def reference(*x):
             return ebt_attention_reference(*x, call.score_mod, call.block_mask, call.scale)
 
         gbuf_cts = [g for g, b in zip(gouts[6:], buffers) if b.requires_grad]
-        g_qkv, g_cts, gbuf = _reference_double_backward(reference, qkv, buffers, cts, list(gouts[:6]) + gbuf_cts)
+        g_qkv, g_cts, gbuf = _reference_double_backward(reference, qkv, buffers, cts, list(gouts[:6]) + gbuf_cts,
+                                                        create_graph=torch.is_grad_enabled(), mods=(call.score_mod,))
         return (*g_qkv, None, None, None, None, *g_cts, None, *gbuf)
 
 
@@ -326,21 +418,26 @@ class EBTAttentionDoubleBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(q_o, k_o, v_o, q_p, k_p, v_p, do_o, do_p, dlse_o, dlse_p, gq_o, gk_o, gv_o, gq_p, gk_p, gv_p,
-                out_o, out_p, lse_o, lse_p, call: EBTCall, *buffers):
+                out_o, out_p, lse_o, lse_p, call: EBTCall, *buffers_and_cts):
         from .kernels.ebt import ebt_double_backward
 
+        n = len(buffers_and_cts) // 2  # the captured tensors, then their gradients' cotangents
+        buffers, bcts = buffers_and_cts[:n], buffers_and_cts[n:]
         qkv = [q_o, k_o, v_o, q_p, k_p, v_p]
         outs = [out_o, out_p, lse_o, lse_p]
         with torch._C._DisableFuncTorch():
-            res = ebt_double_backward(call.plan, qkv, outs, [do_o, do_p, dlse_o, dlse_p],
-                                      [gq_o, gk_o, gv_o, gq_p, gk_p, gv_p], call.scale, call.options)
+            *res, gbuf = ebt_double_backward(call.plan, qkv, outs, [do_o, do_p, dlse_o, dlse_p],
+                                             [gq_o, gk_o, gv_o, gq_p, gk_p, gv_p], call.scale, call.options,
+                                             list(bcts))
         res[8] = res[8] if res[8] is not None else torch.zeros_like(outs[2])
         res[9] = res[9] if res[9] is not None else torch.zeros_like(outs[3])
-        return tuple(res)
+        gbuf = [torch.zeros_like(b) if g is None else g for g, b in zip(gbuf, buffers)]
+        return (*res, *gbuf)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.call = inputs[20]
+        ctx.n_extra = len(inputs) - 21
         ctx.has = [t is not None for t in inputs[6:10]]
         ctx.save_for_backward(*inputs[:6], *[t if t is not None else torch.empty(0) for t in inputs[6:10]],
                               *inputs[10:16])
@@ -366,7 +463,7 @@ class EBTAttentionDoubleBackward(torch.autograd.Function):
         g_qkv3 = grads[:6]
         rest = grads[6:]
         g_cts3 = [rest.pop(0) if h else None for h in ctx.has]
-        return (*g_qkv3, *g_cts3, *rest[:6], None, None, None, None, None)
+        return (*g_qkv3, *g_cts3, *rest[:6], None, None, None, None, None, *([None] * ctx.n_extra))
 
 
 # torch's Function.apply binds default arguments with inspect.signature(forward) on every call

@@ -72,8 +72,6 @@ def resolve_backend(kernel_options: Optional[dict], device: torch.device, fn: st
     return "TRITON"
 
 
-_WARNED: set = set()
-
 
 def _requires_grad_underneath(tensors) -> bool:
     """Whether a tensor wrapped by torch.func transforms is, at the bottom, part of an autograd graph."""
@@ -93,11 +91,15 @@ def composition_needs_reference(fn: str, tensors) -> bool:
 
     * ``vmap`` (``jacrev``, ``jacfwd``, ``hessian`` batch their products with it): the Functions
       have no batching rule;
-    * forward mode over or under reverse mode (``jvp(grad(f))``, ``hessian``; ``jvp`` inside an
-      autograd graph): the kernels' JVP covers the forward outputs, not the backward's.
+    * forward mode over or under reverse mode (``jvp(grad(f))``, ``hessian``; ``jvp`` or
+      ``torch.autograd.forward_ad`` inside an autograd graph): the kernels' JVP covers the
+      forward outputs, not the backward's.
 
     Plain ``grad``, ``grad(grad)``, ``jvp`` and ``autograd.grad(create_graph=True)`` stay on the
     kernels.  The reference gives the same values with O(S^2) memory (small inputs)."""
+    if torch.is_grad_enabled() and any(t.requires_grad and _has_forward_tangent(t) for t in tensors):
+        reason = "forward-mode AD (torch.autograd.forward_ad) inside an autograd graph"
+        return _warn_once(fn, reason)
     if not any(_is_wrapped(t) for t in tensors):  # no transform reaches this call's inputs
         return False
     from torch._C._functorch import TransformType
@@ -112,11 +114,20 @@ def composition_needs_reference(fn: str, tensors) -> bool:
         reason = "forward-mode AD combined with reverse mode (e.g. jvp(grad(f)), hessian)"
     if reason is None:
         return False
-    if (fn, reason) not in _WARNED:
-        _WARNED.add((fn, reason))
-        warnings.warn(f"{fn}: {reason} is not fused in the Triton kernels yet; such calls run the dense "
-                      f"reference implementation (same values, O(S^2) memory).", stacklevel=3)
+    return _warn_once(fn, reason)
+
+
+def _warn_once(fn: str, reason: str) -> bool:
+    # Python's default warning filter shows this once per calling line
+    warnings.warn(f"{fn}: {reason} is not fused in the Triton kernels yet; such calls run the dense "
+                  f"reference implementation (same values, O(S^2) memory).", stacklevel=4)
     return True
+
+
+def _has_forward_tangent(t) -> bool:
+    from torch.autograd import forward_ad
+
+    return forward_ad.unpack_dual(t).tangent is not None
 
 
 def _is_wrapped(t) -> bool:

@@ -61,3 +61,23 @@ def test_jvp_cuda(dtype, tol):
     _, got = torch.func.jvp(f(T), tuple(a.to(dtype) for a in x), tuple(a.to(dtype) for a in t))
     _, want = torch.func.jvp(f(R), tuple(a.double() for a in x), tuple(a.double() for a in t))
     assert rel_err(got, want) < tol
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 6e-2)])
+def test_second_order_learned_bias_cuda(dtype, tol):
+    """A learned bias through the fused double backward: gradients of q, k, v and of the bias."""
+    S, D, H = 520, 64, 4
+    bias0 = 0.3 * torch.randn(H, S, S, device="cuda")
+    bm = flexebt.create_block_mask(masks.causal_mask, None, None, S, S, device="cuda")
+    x0 = [torch.randn(2, H, S, D, device="cuda") for _ in range(3)]
+
+    def grads(xd, backend):
+        x = [t.to(xd).requires_grad_() for t in x0]
+        bias = bias0.to(xd).requires_grad_()
+        sm = mods.generate_bias_score_mod(bias)
+        out = flexebt.flex_attention(*x, score_mod=sm, block_mask=bm, kernel_options=backend)
+        g = torch.autograd.grad(out.float().square().sum(), x + [bias], create_graph=True)
+        return torch.autograd.grad(sum((t.float() ** 2).sum() for t in g), x + [bias])
+
+    for a, b in zip(grads(dtype, T), grads(torch.float64, R)):
+        assert rel_err(a, b) < tol

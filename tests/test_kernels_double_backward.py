@@ -87,19 +87,74 @@ def test_third_order_is_exact():
         assert rel_err(a, b) < 1e-5
 
 
-def test_mods_with_learned_tensors_use_the_exact_reference_path(fused_calls):
-    bias = (0.3 * torch.randn(2, 17, 17)).requires_grad_()
+def _learned_mod(H, S):
+    """t = tanh(s + bias[h, q, kv]) * gain[h]: two learned tensors, every second derivative
+    (f_ss, f_sc, f_cc, and the bias-gain cross term) non-zero."""
+    bias = (0.3 * torch.randn(H, S, S)).requires_grad_()
+    gain = (1.0 + 0.2 * torch.randn(H)).requires_grad_()
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return torch.tanh(score + bias[h, q_idx, kv_idx]) * gain[h]
+
+    return score_mod, [bias, gain]
+
+
+@pytest.mark.parametrize("which", ["bias", "tanh_bias_gain"])
+def test_second_order_with_learned_tensors_is_fused(which, fused_calls):
+    """Learned captured tensors: the fused kernels give the reference's gradients of q, k, v and
+    of the tensors themselves (their second-order terms included)."""
+    S, H = 17, 2
+    if which == "bias":
+        bias = (0.3 * torch.randn(H, S, S)).requires_grad_()
+        sm, learned = mods.generate_bias_score_mod(bias), [bias]
+    else:
+        sm, learned = _learned_mod(H, S)
+    bm = flexebt.create_block_mask(masks.causal_mask, None, None, S, S, device="cpu", BLOCK_SIZE=16)
+    x = [torch.randn(1, H, S, 16, requires_grad=True) for _ in range(3)]
+
+    def loss(backend):
+        out = flexebt.flex_attention(*x, score_mod=sm, block_mask=bm, kernel_options=backend)
+        g = torch.autograd.grad(out.square().sum(), x + learned, create_graph=True)
+        return sum((t * t).sum() for t in g)
+
+    got = torch.autograd.grad(loss(T), x + learned)
+    assert fused_calls
+    for a, b in zip(got, torch.autograd.grad(loss(R), x + learned)):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_frozen_captured_tensor_is_fused(fused_calls):
+    """A captured tensor without gradient (a fixed bias table) takes the fused kernels."""
+    bias = 0.3 * torch.randn(2, 19, 19)
     sm = mods.generate_bias_score_mod(bias)
-    x = [torch.randn(1, 2, 17, 16, requires_grad=True) for _ in range(3)]
+    x = [torch.randn(1, 2, 19, 16, requires_grad=True) for _ in range(3)]
 
     def loss(backend):
         out = flexebt.flex_attention(*x, score_mod=sm, kernel_options=backend)
-        g = torch.autograd.grad(out.square().sum(), x + [bias], create_graph=True)
+        g = torch.autograd.grad(out.square().sum(), x, create_graph=True)
         return sum((t * t).sum() for t in g)
 
-    got = torch.autograd.grad(loss(T), x + [bias])
-    assert not fused_calls
-    for a, b in zip(got, torch.autograd.grad(loss(R), x + [bias])):
+    got = torch.autograd.grad(loss(T), x)
+    assert fused_calls
+    for a, b in zip(got, torch.autograd.grad(loss(R), x)):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_third_order_with_learned_tensor_is_exact():
+    """A double backward that builds a graph while a captured tensor needs a gradient runs the
+    reference double backward (its third order must carry the tensor's terms); the fused kernels
+    still serve the double backwards that build no graph."""
+    bias = (0.3 * torch.randn(2, 9, 9)).requires_grad_()
+    sm = mods.generate_bias_score_mod(bias)
+    x = [torch.randn(1, 2, 9, 16, requires_grad=True) for _ in range(3)]
+
+    def third(backend):
+        out = flexebt.flex_attention(*x, score_mod=sm, kernel_options=backend)
+        g = torch.autograd.grad(out.square().sum(), x + [bias], create_graph=True)
+        h = torch.autograd.grad(sum((t * t).sum() for t in g), x + [bias], create_graph=True)
+        return torch.autograd.grad(sum((t * t).sum() for t in h), x + [bias])
+
+    for a, b in zip(third(T), third(R)):
         assert rel_err(a, b) < 1e-5
 
 
@@ -129,6 +184,29 @@ def test_ebt_second_order_matches_reference(case, r, fused_ebt_calls):
     got = second_order(_ebt_fn(sm, bm, T), x)
     assert fused_ebt_calls, "the fused EBT double-backward kernels did not run"
     want = second_order(_ebt_fn(sm, bm, R), x)
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        assert torch.isfinite(a).all() and rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("r", [0, 1])
+def test_ebt_second_order_with_learned_frame_bias(r, fused_ebt_calls):
+    """A learned (S_o+1) x (S_o+1) frame bias: fused kernels, gradients of the six inputs and of
+    the bias itself equal to the reference's (own-key column included)."""
+    from helpers import second_order
+
+    S_p, H = 19, 2
+    S_o = S_p + r
+    bias = (0.3 * torch.randn(H, S_o + 1, S_o + 1)).requires_grad_()
+    sm = mods.generate_bias_score_mod(bias)
+    bm = flexebt.create_ebt_block_mask(masks.ebt_causal_mask, None, None, S_o, S_p, BLOCK_SIZE=16)
+    x = [torch.randn(1, H, S, 16, requires_grad=True) for S in (S_o, S_o, S_o, S_p, S_p, S_p)]
+
+    def fn(backend):
+        return lambda *a: _ebt_fn(sm, bm, backend)(*a[:6])
+
+    got = second_order(fn(T), x + [bias])
+    assert fused_ebt_calls
+    want = second_order(fn(R), x + [bias])
     for a, b in zip(got[0] + got[1], want[0] + want[1]):
         assert torch.isfinite(a).all() and rel_err(a, b) < 1e-5
 

@@ -56,22 +56,35 @@ def test_forward_ad_matches_reference():
     assert rel_err(res["TRITON"], res["REFERENCE"]) < 1e-5
 
 
-def test_nested_compositions_raise_instead_of_dropping_terms():
+def test_nested_compositions_give_the_reference_values():
+    """Forward over reverse, reverse over forward (functorch and torch.autograd.forward_ad): the
+    call runs the reference (with a warning) rather than drop terms."""
     sm, bm, x, t = _setup("plain")
     k, v = x[1], x[2]
 
-    def energy(q):
-        return flexebt.flex_attention(q, k, v, kernel_options=T).square().sum()
+    def energy(q, backend=T):
+        return flexebt.flex_attention(q, k.to(q.dtype), v.to(q.dtype), kernel_options=backend).square().sum()
 
-    with pytest.raises(NotImplementedError):  # forward over reverse
-        torch.func.jvp(torch.func.grad(energy), (x[0],), (t[0],))
-    with pytest.raises(NotImplementedError):  # reverse over forward (functorch)
-        torch.func.grad(lambda q: torch.func.jvp(energy, (q,), (t[0],))[1])(x[0])
-    q = x[0].clone().requires_grad_()
-    with pytest.raises(NotImplementedError):  # reverse over forward (autograd)
+    def close(a, b):
+        assert rel_err(a, b) < 1e-5
+
+    xd, td = x[0].double(), t[0].double()
+    with pytest.warns(UserWarning):
+        close(torch.func.jvp(torch.func.grad(energy), (x[0],), (t[0],))[1],
+              torch.func.jvp(torch.func.grad(lambda q: energy(q, R)), (xd,), (td,))[1])
+    close(torch.func.grad(lambda q: torch.func.jvp(energy, (q,), (t[0],))[1])(x[0]),
+          torch.func.grad(lambda q: torch.func.jvp(lambda y: energy(y, R), (q,), (td,))[1])(xd))
+
+    def fwad_then_grad(q, tangent, backend):
+        q = q.clone().requires_grad_()
         with fwAD.dual_level():
-            out = flexebt.flex_attention(fwAD.make_dual(q, t[0]), k, v, kernel_options=T)
-            torch.autograd.grad(fwAD.unpack_dual(out).tangent.sum(), q)
+            out = flexebt.flex_attention(fwAD.make_dual(q, tangent), k.to(q.dtype), v.to(q.dtype),
+                                         kernel_options=backend)
+            return torch.autograd.grad(fwAD.unpack_dual(out).tangent.square().sum(), q)[0]
+
+    with pytest.warns(UserWarning, match="forward_ad"):
+        got = fwad_then_grad(x[0], t[0], T)
+    close(got, fwad_then_grad(xd, td, R))
 
 
 @pytest.mark.parametrize("r", [0, 1, 3])

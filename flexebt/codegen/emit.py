@@ -11,6 +11,7 @@ The emitted lines run inside a kernel tile, where these names exist:
     ZERO     int32 [BLOCK_M, BLOCK_N]  zeros, to broadcast a value to the tile
     BUF{k}, BUF{k}_S{d}                pointer and strides of captured tensor k
     GBUF{k}                            fp32 gradient buffer of captured tensor k
+    CBUF{k}                            cotangent of its first-order gradient (double backward)
 
 Each graph node becomes one assignment ``{prefix}{name} = <expr>``.  Unsupported ops raise
 ``NotImplementedError`` naming the op and listing the supported ones.

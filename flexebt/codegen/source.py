@@ -69,7 +69,7 @@ class ModKernels:
     grad_slots: list[int]          # buffer slots whose gradient the kernels accumulate
     internal: dict[int, torch.Tensor]  # slots of tensors created inside the mod at trace time
     gathers: bool = False          # the score_mod loads from a captured tensor (tile choice)
-    fused_second_order: bool = True  # double-backward kernels apply (no floating loads in the score_mod)
+    fused_second_order: bool = True  # double-backward kernels apply (all score_mods the codegen accepts)
 
     def buffers(self, score_mod, mask_mod) -> list[torch.Tensor]:
         """The tensors of the current call, in kernel-argument order."""
@@ -163,16 +163,35 @@ def _build(template: str, score_mod, mask_mod) -> ModKernels:
         (t_out,) = em.emit(score.graph, ["s", "off_b", "off_h", "q_idx", "kv_idx"], score.constants)
         outs = em.emit(score.derivative["dbwd"], ["s", "off_b", "off_h", "q_idx", "kv_idx"] +
                        [f"sd_{ld.node_name}" for ld in score.loads], score.deriv_constants["dbwd"])
+        L = len(score.loads)
+        f32 = " + ZERO.to(tl.float32)"
+        learned = [k for k, ld in enumerate(score.loads) if buffers[ld.buffer].tensor.requires_grad]
+        extra, grad2 = [], []
+        for k in learned:  # Gc_k: the cotangent of dc_k, read where c_k was read
+            ld = score.loads[k]
+            extra.append(f"gc{k} = tl.load(CBUF{ld.buffer} + ({em.load_offsets[ld.node_name]} + ZERO)).to(tl.float32)")
+            extra.append(f"fc{k} = ({outs[2 + k]}){f32}")
+            extra.append(f"fsc{k} = ({outs[3 + L + k]}){f32}")
+        # u gains sum_k Gc_k f_c_k, du/ds gains sum_k Gc_k f_sc_k (template comment above _dbwd_scores)
+        extra.append("ew = " + " + ".join([f"gc{k} * fc{k}" for k in learned] + [f"ZERO.to(tl.float32)"]))
+        extra.append("ewds = " + " + ".join([f"gc{k} * fsc{k}" for k in learned] + [f"ZERO.to(tl.float32)"]))
         blocks["SCORE_DBWD"] = ["s = s_raw * scale"] + em.lines + [
-            f"t2 = ({t_out}) * LOG2E", f"dtds = ({outs[1]}) + ZERO.to(tl.float32)",
-            f"d2tds2 = ({outs[2 + len(score.loads)]}) + ZERO.to(tl.float32)"]
+            f"t2 = ({t_out}) * LOG2E", f"dtds = ({outs[1]}){f32}", f"d2tds2 = ({outs[2 + L]}){f32}"] + extra
+        for k in learned:  # g_c_k += gt f_c_k + dt (f_sc_k A + sum_l f_c_k c_l Gc_l)
+            ld = score.loads[k]
+            cross = "".join(f" + ({outs[3 + 2 * L + k * L + l]}) * gc{l}" for l in learned)
+            grad2.append(f"tl.atomic_add(GBUF{ld.buffer} + ({em.load_offsets[ld.node_name]} + ZERO), "
+                         f"tl.where(keep, gt * fc{k} + dt * (fsc{k} * a{cross}), 0.0), mask=keep)")
+        blocks["DBWD_CAPTURED_GRAD"] = grad2 or ["pass"]
     else:
         # No score_mod: fold scale and log2(e) into one multiply.
         blocks["SCORE_FWD"] = ["t2 = s_raw * (scale * LOG2E)"]
         blocks["SCORE_BWD"] = ["t2 = s_raw * (scale * LOG2E)", "dtds = 1.0"]
         blocks["CAPTURED_GRAD"] = ["pass"]
         blocks["SCORE_DBWD"] = ["t2 = s_raw * (scale * LOG2E)", "dtds = ZERO.to(tl.float32) + 1.0",
-                                "d2tds2 = ZERO.to(tl.float32)"]
+                                "d2tds2 = ZERO.to(tl.float32)", "ew = ZERO.to(tl.float32)",
+                                "ewds = ZERO.to(tl.float32)"]
+        blocks["DBWD_CAPTURED_GRAD"] = ["pass"]
     if mask is not None:
         em = Emitter("mm_", [b.tensor.dtype for b in buffers], mask.name)
         # block-mask mods see stream-local query positions (mq_idx); score_mods see frame positions
@@ -181,7 +200,9 @@ def _build(template: str, score_mod, mask_mod) -> ModKernels:
     else:
         blocks["MASK"] = ["mask_keep = VALID"]
 
-    params = "".join(f"BUF{k}, " + "".join(f"BUF{k}_S{d}, " for d in range(b.tensor.dim())) + f"GBUF{k}, "
+    # Per captured tensor: its pointer and strides, GBUF (fp32 gradient accumulator) and CBUF (the
+    # cotangent of its first-order gradient, read by the double backward).
+    params = "".join(f"BUF{k}, " + "".join(f"BUF{k}_S{d}, " for d in range(b.tensor.dim())) + f"GBUF{k}, CBUF{k}, "
                      for k, b in enumerate(buffers))
     text = (TEMPLATES / f"{template}.py").read_text()
     text = text.replace("__BUFFERS__", params)
@@ -204,5 +225,4 @@ def _build(template: str, score_mod, mask_mod) -> ModKernels:
         spec.loader.exec_module(module)
         sys.modules[mod_name] = module
     internal = {i: b.tensor for i, b in enumerate(buffers) if b.path.startswith("internal:")}
-    return ModKernels(module, score, mask, len(buffers), grad_slots, internal, gathers=bool(score and score.loads),
-                      fused_second_order=not (score and score.loads))
+    return ModKernels(module, score, mask, len(buffers), grad_slots, internal, gathers=bool(score and score.loads))

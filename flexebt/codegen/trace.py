@@ -11,7 +11,7 @@ inputs of a second function, which runs the first graph and ``torch.autograd.gra
 
     fwd  graph -> t
     bwd  graph -> t, df/ds, df/dc_k              (c_k = each floating load)
-    dbwd graph -> t, df/ds, d2f/ds2, df/dc_k, d2f/(ds dc_k)
+    dbwd graph -> t, df/ds, df/dc_k, d2f/ds2, d2f/(ds dc_k), d2f/(dc_k dc_l)
 
 ``c_k`` is the *value* loaded from a captured tensor at one index; the kernels scatter
 ``dt * df/dc_k`` back to that index (atomic adds) to form the captured tensor's gradient.
@@ -215,11 +215,17 @@ def _trace_derivatives(gm: torch.fx.GraphModule, loads: list[Load], second: bool
             if second:
                 ds = first[0]
                 if ds.requires_grad:
-                    sec = torch.autograd.grad(ds.sum(), wrt, allow_unused=True)
+                    sec = torch.autograd.grad(ds.sum(), wrt, allow_unused=True, retain_graph=True)
                     sec = [torch.zeros_like(s) if g is None else g for g in sec]
                 else:
                     sec = [torch.zeros_like(s) for _ in wrt]
                 outs += sec  # d2f/ds2, then d2f/(ds dc_k)
+                for k in range(len(leaves)):  # then d2f/(dc_k dc_l), k-major
+                    fc = first[1 + k]
+                    cc = torch.autograd.grad(fc.sum(), leaves, allow_unused=True, retain_graph=True) \
+                        if fc.requires_grad \
+                        else [None] * len(leaves)
+                    outs += [torch.zeros_like(s) if g is None else g for g in cc]
         return tuple(outs)
 
     f32 = lambda: torch.zeros((1,), dtype=torch.float32, device=device)  # noqa: E731

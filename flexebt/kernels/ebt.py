@@ -128,30 +128,34 @@ def ebt_backward(pl: EBTPlan, q_o, k_o, v_o, q_p, k_p, v_p, out_o, out_p, lse_o,
 
 
 def ebt_double_backward(pl: EBTPlan, qkv: list, outs: list, cts: list, gcts: list, scale: float,
-                        options: Optional[dict] = None):
-    """Fused double backward of EBT attention (score_mods without floating loads; GQA allowed).
+                        options: Optional[dict] = None, buffer_cts: Optional[list] = None):
+    """Fused double backward of EBT attention (GQA allowed).
 
     qkv = (q_o, k_o, v_o, q_p, k_p, v_p), outs = (out_o, out_p, lse_o, lse_p), cts = (do_o, do_p,
     dlse_o, dlse_p) (dlse may be None), gcts = cotangents of (dq_o, dk_o, dv_o, dq_p, dk_p, dv_p).
     Both query streams see the observed keys with the same cotangents Gk_o, Gv_o; the predicted
-    stream's own keys carry Gk_p, Gv_p as one more column per row.  Returns the gradients of
-    qkv (6), then of do_o, do_p, dlse_o, dlse_p."""
-    from .flex import dbwd_dkdv_pass, dbwd_dq_pass, dbwd_rows_pass
+    stream's own keys carry Gk_p, Gv_p as one more column per row.  ``buffer_cts``: cotangents of
+    the captured tensors' first-order gradients.  Returns the gradients of qkv (6), then of do_o,
+    do_p, dlse_o, dlse_p, then the list of the captured tensors' gradients (None: not scattered)."""
+    from .flex import captured_cotangents, dbwd_dkdv_pass, dbwd_dq_pass, dbwd_rows_pass
 
     q_o, k_o, v_o, q_p, k_p, v_p = qkv
     out_o, out_p, lse_o, lse_p = outs
     do_o, do_p, dlse_o, dlse_p = cts
     gq_o, gk_o, gv_o, gq_p, gk_p, gv_p = gcts
-    bargs_o, bargs_p = _buffer_args(pl.buffers_o, {}), _buffer_args(pl.buffers_p, {})
+    # one set of accumulators and cotangents serves both streams (same slots, as in ebt_backward)
+    gbufs = captured_grad_buffers(pl.kern_o, pl.buffers_o, q_o.device)
+    cbufs = captured_cotangents(pl.kern_o, pl.buffers_o, buffer_cts or [])
+    bargs_o, bargs_p = _buffer_args(pl.buffers_o, gbufs, cbufs), _buffer_args(pl.buffers_p, gbufs, cbufs)
     own, own_cts = OwnKeys(k_p, v_p, pl.self_keep), (gk_p, gv_p)
     obs = (pl.kern_o, q_o, k_o, v_o, out_o, do_o, lse_o, dlse_o, gq_o, gk_o, gv_o)
     pred = (pl.kern_p, q_p, k_o, v_o, out_p, do_p, lse_p, dlse_p, gq_p, gk_o, gv_o)
     gdo_o, st_o = dbwd_rows_pass(*obs, scale, pl.tables_o, bargs_o, options)
     gdo_p, st_p = dbwd_rows_pass(*pred, scale, pl.tables_p, bargs_p, options, q_off=pl.offset, own=own,
                                  own_cts=own_cts)
-    g_q_o, _ = dbwd_dq_pass(*obs, st_o, scale, pl.tables_o, bargs_o, options)
+    g_q_o, _ = dbwd_dq_pass(*obs, st_o, scale, pl.tables_o, bargs_o, options, captured_grads=bool(gbufs))
     g_q_p, (g_kp, g_vp) = dbwd_dq_pass(*pred, st_p, scale, pl.tables_p, bargs_p, options, q_off=pl.offset, own=own,
-                                       own_cts=own_cts)
+                                       own_cts=own_cts, captured_grads=bool(gbufs))
     acc = (torch.empty(k_o.shape, dtype=torch.float32, device=k_o.device),
            torch.empty(v_o.shape, dtype=torch.float32, device=v_o.device))
     dbwd_dkdv_pass(*obs, st_o, scale, pl.tables_o, bargs_o, options, into=acc)
@@ -161,7 +165,8 @@ def ebt_double_backward(pl: EBTPlan, qkv: list, outs: list, cts: list, gcts: lis
     g_kp = g_kp.view(B, k_p.shape[1], group, S_p, D).sum(2)
     g_vp = g_vp.view(B, v_p.shape[1], group, S_p, v_p.shape[3]).sum(2)
     return [g_q_o, acc[0].to(k_o.dtype), acc[1].to(v_o.dtype), g_q_p, g_kp.to(k_p.dtype), g_vp.to(v_p.dtype),
-            gdo_o, gdo_p, st_o[..., 0] if dlse_o is not None else None, st_p[..., 0] if dlse_p is not None else None]
+            gdo_o, gdo_p, st_o[..., 0] if dlse_o is not None else None, st_p[..., 0] if dlse_p is not None else None,
+            finish_captured_grads(pl.buffers_o, gbufs)]
 
 
 def ebt_jvp(pl: EBTPlan, qkv: list, tangents: list, scale: float, options: Optional[dict] = None):

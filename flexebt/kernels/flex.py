@@ -103,13 +103,29 @@ def _launch(kernel, grid_of, args, kwargs, cfg, key):
                 raise
 
 
-def _buffer_args(buffers: list[Tensor], grads: dict[int, Tensor]) -> list:
+def _buffer_args(buffers: list[Tensor], grads: dict[int, Tensor], cts: Optional[dict] = None) -> list:
+    """Kernel arguments of the captured tensors: pointer, strides, gradient accumulator (GBUF) and
+    cotangent of the first-order gradient (CBUF); the tensor itself stands in for absent ones."""
     args = []
     for k, b in enumerate(buffers):
         args.append(b)
         args.extend(b.stride())
         args.append(grads.get(k, b))
+        args.append((cts or {}).get(k, b))
     return args
+
+
+def captured_cotangents(kern: ModKernels, buffers: list[Tensor], cts: list) -> dict[int, Tensor]:
+    """fp32 copies (same strides as the tensors) of the cotangents of the captured tensors'
+    first-order gradients, for the slots whose gradient the kernels scatter."""
+    out = {}
+    for slot in kern.grad_slots:
+        g = cts[slot] if slot < len(cts) else None
+        buf = torch.zeros_like(buffers[slot], dtype=torch.float32)
+        if g is not None:
+            buf.copy_(g)
+        out[slot] = buf
+    return out
 
 
 def _precision(dtype, options: Optional[dict] = None, second_order: bool = False) -> dict:
@@ -232,7 +248,8 @@ def dkdv_pass(kern: ModKernels, q, k, v, lse, delta, dout, scale, tables: BlockT
 
 def captured_grad_buffers(kern: ModKernels, buffers: list[Tensor], device) -> dict[int, Tensor]:
     """fp32 accumulators for the captured tensors whose gradient the kernels scatter."""
-    return {slot: torch.zeros(buffers[slot].shape, dtype=torch.float32, device=device) for slot in kern.grad_slots}
+    # zeros_like keeps the tensor's strides, which the kernels' offsets use
+    return {slot: torch.zeros_like(buffers[slot], dtype=torch.float32, device=device) for slot in kern.grad_slots}
 
 
 def finish_captured_grads(buffers: list[Tensor], gbufs: dict[int, Tensor]) -> list[Optional[Tensor]]:
@@ -287,8 +304,10 @@ def dbwd_rows_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, 
 
 
 def dbwd_dq_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, stats, scale, tables: BlockTables,
-                 bargs: list, options=None, q_off: int = 0, own: Optional[OwnKeys] = None, own_cts=None):
-    """g_q of the double backward; with own keys also their g_kp, g_vp per query head (fp32)."""
+                 bargs: list, options=None, q_off: int = 0, own: Optional[OwnKeys] = None, own_cts=None,
+                 captured_grads: bool = False):
+    """g_q of the double backward; with own keys also their g_kp, g_vp per query head (fp32);
+    with ``captured_grads`` also the captured tensors' gradients (into the GBUFs of ``bargs``)."""
     B, H, Sq, D = q.shape
     Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
     args = _dbwd_args(q, k, v, out, dout, lse, dlse, gq, gk, gv)
@@ -304,8 +323,8 @@ def dbwd_dq_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, st
             (*args, g_q, stats, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx, H, Hkv, Sq,
              Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
              tables.full_kv_idx.shape[-1], scale, q_off, *_own_args(own, own_cts, lse), g_kp, g_vp, *bargs),
-            dict(HAS_DLSE=dlse is not None, HAS_SELF=own is not None, **_common(q, k, v, tables, options, True)), cfg,
-            (D, DV, q.dtype, "dbwd_dq"))
+            dict(HAS_DLSE=dlse is not None, HAS_SELF=own is not None, CAPTURED_GRADS=captured_grads,
+                 **_common(q, k, v, tables, options, True)), cfg, (D, DV, q.dtype, "dbwd_dq"))
     return g_q, ((g_kp, g_vp) if own is not None else None)
 
 
@@ -328,17 +347,23 @@ def dbwd_dkdv_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, 
 
 
 def flex_double_backward(kern: ModKernels, q, k, v, out, lse, dout, dlse, gq, gk, gv, scale: float,
-                         tables: BlockTables, buffers: list[Tensor], options: Optional[dict] = None):
-    """Fused double backward (score_mods without floating loads): g_q, g_k, g_v, g_do, g_dlse.
+                         tables: BlockTables, buffers: list[Tensor], options: Optional[dict] = None,
+                         buffer_cts: Optional[list] = None):
+    """Fused double backward: g_q, g_k, g_v, g_do, g_dlse and the captured tensors' gradients
+    (None where the kernels scatter none).  ``buffer_cts``: cotangents of the captured tensors'
+    first-order gradients (None entries: zero).
 
     Three passes, O(S) extra memory: row statistics (U, W, Bbar, D0, D) and g_do per query tile;
-    g_q per query tile; g_k, g_v per key tile.  See the template's comment for the math."""
-    bargs = _buffer_args(buffers, {})
+    g_q (and the captured tensors' gradients) per query tile; g_k, g_v per key tile.  See the
+    template's comment for the math."""
+    gbufs = captured_grad_buffers(kern, buffers, q.device)
+    bargs = _buffer_args(buffers, gbufs, captured_cotangents(kern, buffers, buffer_cts or []))
     g_do, stats = dbwd_rows_pass(kern, q, k, v, out, dout, lse, dlse, gq, gk, gv, scale, tables, bargs, options)
-    g_q, _ = dbwd_dq_pass(kern, q, k, v, out, dout, lse, dlse, gq, gk, gv, stats, scale, tables, bargs, options)
+    g_q, _ = dbwd_dq_pass(kern, q, k, v, out, dout, lse, dlse, gq, gk, gv, stats, scale, tables, bargs, options,
+                          captured_grads=bool(gbufs))
     g_k, g_v = dbwd_dkdv_pass(kern, q, k, v, out, dout, lse, dlse, gq, gk, gv, stats, scale, tables, bargs,
                               options)
-    return g_q, g_k, g_v, g_do, stats[..., 0]
+    return g_q, g_k, g_v, g_do, stats[..., 0], finish_captured_grads(buffers, gbufs)
 
 
 def flex_jvp(kern: ModKernels, q, k, v, dq, dk, dv, scale: float, tables: BlockTables, buffers: list[Tensor],

@@ -440,15 +440,19 @@ def flex_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, Q_NUM, Q_IDX, FULL_Q_NUM,
 # Given cotangents Gq, Gk, Gv of dq, dk, dv, with D0 = do.o and D = D0 - dlse:
 #   A = scale (Gq k^T + q Gk^T),  u = f' A,  Bm = do Gv^T,  dt = P (dP - D),  ds = dt f'
 #   U = sum_j P u,  W = sum_j P dP u,  Bbar = sum_j P Bm                       (row statistics)
-#   gP = (dP - D) u + Bm - U dP,  gs = f' P (gP - W + (D0 + D) U - Bbar) + dt f'' A
+#   gP = (dP - D) u + Bm - U dP,  gt = P (gP - W + (D0 + D) U - Bbar),  gs = f' gt + dt du/ds
 #   g_do = P u v - U o + P Gv,  g_v = (P (u - U))^T do,  g_q = scale (gs k + ds Gk),
 #   g_k = scale (gs^T q + ds^T Gq),  g_dlse = U.
+# The whole second-order loss is  sum dt u + sum P Bm,  so a captured tensor c read by the
+# score_mod (t = f(s, c)) with cotangent Gc of its first-order gradient dc = sum dt df/dc adds
+# Gc df/dc to u:   u = f' A + sum_c Gc f_c,   du/ds = f'' A + sum_c Gc f_sc,
+# and its own gradient  g_c = sum [gt f_c + dt (f_sc A + sum_c' f_cc' Gc')]  (atomics, dq pass).
 @triton.jit
 def _dbwd_scores(q, k, v, do, gq, gk, gv, lse2, offs_m, offs_n, off_b, off_h, Sq, Skv, scale, Q_OFF,
                  __BUFFERS__
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
                  IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """Per tile: P, dP, A, u = f' A, Bm, f', f'' (zero where masked)."""
+    """Per tile: P, dP, A, u, Bm, f', du/ds (zero where masked) and the raw scores."""
     s_raw = _mm(q, tl.trans(k), IEEE, UPCAST)
     VALID, mq_idx, q_idx, kv_idx, ZERO = _tile_positions(offs_m, offs_n, Sq, Skv, Q_OFF, BLOCK_M, BLOCK_N, EVEN)
     # @SCORE_DBWD
@@ -459,20 +463,35 @@ def _dbwd_scores(q, k, v, do, gq, gk, gv, lse2, offs_m, offs_n, off_b, off_h, Sq
         keep = VALID & mask_keep
     p = tl.where(keep, tl.math.exp2(t2 - lse2[:, None]), 0.0)
     f1 = tl.where(keep, dtds, 0.0)
-    f2 = tl.where(keep, d2tds2, 0.0)
     dp = _mm(do, tl.trans(v), IEEE, UPCAST)
     a = (_mm(gq, tl.trans(k), IEEE, UPCAST) + _mm(q, tl.trans(gk), IEEE, UPCAST)) * scale
     bm = _mm(do, tl.trans(gv), IEEE, UPCAST)
-    return p, dp, a, f1 * a, bm, f1, f2
+    u = tl.where(keep, dtds * a + ew, 0.0)
+    duds = tl.where(keep, d2tds2 * a + ewds, 0.0)
+    return p, dp, a, u, bm, f1, duds, s_raw
 
 
 @triton.jit
-def _dbwd_gs(p, dp, a, u, bm, f1, f2, d0, dsh, U, W, Bbar):
-    """gs and ds of one tile from its scores and the row statistics (all row vectors [BLOCK_M])."""
+def _dbwd_gs(p, dp, u, bm, f1, duds, d0, dsh, U, W, Bbar):
+    """gs, ds, gt and dt of one tile from its scores and the row statistics ([BLOCK_M] each)."""
     dt = p * (dp - dsh[:, None])
     gp = (dp - dsh[:, None]) * u + bm - U[:, None] * dp
-    gs = f1 * p * (gp - W[:, None] + ((d0 + dsh) * U)[:, None] - Bbar[:, None]) + dt * f2 * a
-    return gs, dt * f1
+    gt = p * (gp - W[:, None] + ((d0 + dsh) * U)[:, None] - Bbar[:, None])
+    return f1 * gt + dt * duds, dt * f1, gt, dt
+
+
+@triton.jit
+def _dbwd_captured(s_raw, gt, dt, a, offs_m, offs_n, off_b, off_h, Sq, Skv, scale, Q_OFF, __BUFFERS__
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr):
+    """Scatter one tile's share of the captured tensors' second-order gradient g_c (fp32 atomics)."""
+    VALID, mq_idx, q_idx, kv_idx, ZERO = _tile_positions(offs_m, offs_n, Sq, Skv, Q_OFF, BLOCK_M, BLOCK_N, EVEN)
+    # @SCORE_DBWD
+    if IS_FULL:
+        keep = VALID
+    else:
+        # @MASK
+        keep = VALID & mask_keep
+    # @DBWD_CAPTURED_GRAD
 
 
 @triton.jit
@@ -510,9 +529,9 @@ def _dbwd_rows_tile(U, W, Bbar, puv, pgv, q, gq, do, lse2, K, V, GK, GV, kvh, st
                     IEEE: tl.constexpr, UPCAST: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k, v, gk, gv = _dbwd_kv_rows(K, V, GK, GV, kvh, offs_n, Skv, D, DV, BLOCK_D, BLOCK_DV, EVEN)
-    p, dp, a, u, bm, f1, f2 = _dbwd_scores(q, k, v, do, gq, gk, gv, lse2, offs_m, offs_n, off_b, off_h, Sq, Skv,
-                                           scale, Q_OFF, __BUFFERS__
-                                           BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST)
+    p, dp, a, u, bm, f1, duds, s_raw = _dbwd_scores(q, k, v, do, gq, gk, gv, lse2, offs_m, offs_n, off_b, off_h,
+                                                    Sq, Skv, scale, Q_OFF, __BUFFERS__
+                                                    BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST)
     pu = p * u
     U += tl.sum(pu, 1)
     W += tl.sum(pu * dp, 1)
@@ -528,7 +547,7 @@ def _dbwd_own(q, gq, do, lse2, KP, VP, GKP, GVP, SELF_KEEP, kp_base, vp_base, qh
               D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
               BLOCK_M: tl.constexpr, EVEN: tl.constexpr):
     """The EBT own key of each row as one [BLOCK_M, 1] column of the double backward:
-    (p, dP, A, u, Bm, f', f'') of that column, and the rows kp, vp, gkp, gvp."""
+    (p, dP, A, u, Bm, f', du/ds) of that column, its raw score, and the rows kp, vp, gkp, gvp."""
     kp = _load_rows(KP + kp_base, offs_m, Sq, D, BLOCK_D, EVEN)
     vp = _load_rows(VP + vp_base, offs_m, Sq, DV, BLOCK_DV, EVEN)
     gkp = _load_rows(GKP + kp_base, offs_m, Sq, D, BLOCK_D, EVEN)
@@ -543,12 +562,27 @@ def _dbwd_own(q, gq, do, lse2, KP, VP, GKP, GVP, SELF_KEEP, kp_base, vp_base, qh
     keep = VALID & (tl.load(SELF_KEEP + qh * Sq + offs_m, mask=offs_m < Sq, other=0) != 0)[:, None]
     p = tl.where(keep, tl.math.exp2(t2 - lse2[:, None]), 0.0)
     f1 = tl.where(keep, dtds, 0.0)
-    f2 = tl.where(keep, d2tds2, 0.0)
     dp = tl.sum(do.to(tl.float32) * vp.to(tl.float32), 1)[:, None]
     a = (tl.sum(gq.to(tl.float32) * kp.to(tl.float32), 1) + tl.sum(q.to(tl.float32) * gkp.to(tl.float32), 1))[:, None]
     a = a * scale
     bm = tl.sum(do.to(tl.float32) * gvp.to(tl.float32), 1)[:, None]
-    return p, dp, a, f1 * a, bm, f1, f2, kp, vp, gkp, gvp
+    u = tl.where(keep, dtds * a + ew, 0.0)
+    duds = tl.where(keep, d2tds2 * a + ewds, 0.0)
+    return p, dp, a, u, bm, f1, duds, s_raw, kp, vp, gkp, gvp
+
+
+@triton.jit
+def _dbwd_own_captured(s_raw, gt, dt, a, SELF_KEEP, qh, offs_m, off_b, off_h, Sq, scale, Q_OFF, __BUFFERS__
+                       BLOCK_M: tl.constexpr, EVEN: tl.constexpr):
+    """g_c of the EBT own-key column (see _dbwd_captured)."""
+    VALID = (offs_m < Sq)[:, None]
+    mq_idx, _unused = _mod_indices(offs_m, offs_m, Sq, Sq, EVEN)
+    q_idx = mq_idx[:, None] + Q_OFF
+    kv_idx = q_idx
+    ZERO = tl.zeros([BLOCK_M, 1], dtype=tl.int32)
+    # @SCORE_DBWD
+    keep = VALID & (tl.load(SELF_KEEP + qh * Sq + offs_m, mask=offs_m < Sq, other=0) != 0)[:, None]
+    # @DBWD_CAPTURED_GRAD
 
 
 @triton.jit
@@ -573,7 +607,7 @@ def flex_dbwd_rows(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_DO, STATS, KV_NUM, K
     kvh = (off_b * Hkv + off_hk).to(tl.int64)
     if HAS_SELF:
         own = kvh * Sq
-        p_s, dp_s, a_s, u_s, bm_s, f1_s, f2_s, kp, vp, gkp, gvp = _dbwd_own(
+        p_s, dp_s, a_s, u_s, bm_s, f1_s, duds_s, s_s, kp, vp, gkp, gvp = _dbwd_own(
             q, gq, do, lse2, KP, VP, GKP, GVP, SELF_KEEP, own * D, own * DV, qh, offs_m, off_b, off_h, Sq, scale,
             Q_OFF, __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, EVEN)
         pu_s = p_s * u_s
@@ -632,13 +666,16 @@ def _dbwd_dq_tile(g_q, q, gq, do, lse2, U, W, Bbar, d0, dsh, K, V, GK, GV, kvh, 
                   Sq, Skv, scale, Q_OFF, __BUFFERS__
                   D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
-                  IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                  IEEE: tl.constexpr, UPCAST: tl.constexpr, CAPTURED_GRADS: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k, v, gk, gv = _dbwd_kv_rows(K, V, GK, GV, kvh, offs_n, Skv, D, DV, BLOCK_D, BLOCK_DV, EVEN)
-    p, dp, a, u, bm, f1, f2 = _dbwd_scores(q, k, v, do, gq, gk, gv, lse2, offs_m, offs_n, off_b, off_h, Sq, Skv,
-                                           scale, Q_OFF, __BUFFERS__
-                                           BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST)
-    gs, ds = _dbwd_gs(p, dp, a, u, bm, f1, f2, d0, dsh, U, W, Bbar)
+    p, dp, a, u, bm, f1, duds, s_raw = _dbwd_scores(q, k, v, do, gq, gk, gv, lse2, offs_m, offs_n, off_b, off_h,
+                                                    Sq, Skv, scale, Q_OFF, __BUFFERS__
+                                                    BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST)
+    gs, ds, gt, dt = _dbwd_gs(p, dp, u, bm, f1, duds, d0, dsh, U, W, Bbar)
+    if CAPTURED_GRADS:
+        _dbwd_captured(s_raw, gt, dt, a, offs_m, offs_n, off_b, off_h, Sq, Skv, scale, Q_OFF, __BUFFERS__
+                       BLOCK_M, BLOCK_N, IS_FULL, EVEN)
     g_q += _mm(gs.to(k.dtype), k, IEEE, UPCAST) + _mm(ds.to(gk.dtype), gk, IEEE, UPCAST)
     return g_q
 
@@ -650,9 +687,10 @@ def flex_dbwd_dq(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_Q, STATS, KV_NUM, KV_I
                  D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
                  HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                 HAS_DLSE: tl.constexpr, HAS_SELF: tl.constexpr):
+                 HAS_DLSE: tl.constexpr, HAS_SELF: tl.constexpr, CAPTURED_GRADS: tl.constexpr):
     """Pass 2 of the double backward, per query tile: g_q = scale sum_j (gs k + ds Gk).  HAS_SELF:
-    the own key's column adds to g_q and gives its g_kp, g_vp (per query head, fp32)."""
+    the own key's column adds to g_q and gives its g_kp, g_vp (per query head, fp32).
+    CAPTURED_GRADS: also scatter the captured tensors' second-order gradients."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = pid_bh // H
@@ -674,22 +712,25 @@ def flex_dbwd_dq(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_Q, STATS, KV_NUM, KV_I
         g_q = _dbwd_dq_tile(g_q, q, gq, do, lse2, U, W, Bbar, d0, dsh, K, V, GK, GV, kvh,
                             kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
                             __BUFFERS__
-                            D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, EVEN, IEEE, UPCAST)
+                            D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, EVEN, IEEE, UPCAST, CAPTURED_GRADS)
     for it in range(n_full * (SPARSE_KV // BLOCK_N)):
         kv_block = tl.load(FULL_IDX + base_full + it // (SPARSE_KV // BLOCK_N))
         j = it % (SPARSE_KV // BLOCK_N)
         g_q = _dbwd_dq_tile(g_q, q, gq, do, lse2, U, W, Bbar, d0, dsh, K, V, GK, GV, kvh,
                             kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
                             __BUFFERS__
-                            D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, EVEN, IEEE, UPCAST)
+                            D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, EVEN, IEEE, UPCAST, CAPTURED_GRADS)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < Sq
     if HAS_SELF:
         own = kvh * Sq
-        p_s, dp_s, a_s, u_s, bm_s, f1_s, f2_s, kp, vp, gkp, gvp = _dbwd_own(
+        p_s, dp_s, a_s, u_s, bm_s, f1_s, duds_s, s_s, kp, vp, gkp, gvp = _dbwd_own(
             q, gq, do, lse2, KP, VP, GKP, GVP, SELF_KEEP, own * D, own * DV, qh, offs_m, off_b, off_h, Sq, scale,
             Q_OFF, __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, EVEN)
-        gs_s, ds_s = _dbwd_gs(p_s, dp_s, a_s, u_s, bm_s, f1_s, f2_s, d0, dsh, U, W, Bbar)
+        gs_s, ds_s, gt_s, dt_s = _dbwd_gs(p_s, dp_s, u_s, bm_s, f1_s, duds_s, d0, dsh, U, W, Bbar)
+        if CAPTURED_GRADS:
+            _dbwd_own_captured(s_s, gt_s, dt_s, a_s, SELF_KEEP, qh, offs_m, off_b, off_h, Sq, scale, Q_OFF,
+                               __BUFFERS__ BLOCK_M, EVEN)
         g_q += gs_s * kp.to(tl.float32) + ds_s * gkp.to(tl.float32)
         g_kp = (gs_s * q.to(tl.float32) + ds_s * gq.to(tl.float32)) * scale
         g_vp = p_s * (u_s - U[:, None]) * do.to(tl.float32)
@@ -712,10 +753,10 @@ def _dbwd_dkdv_tile(g_k, g_v, k, v, gk, gv, Q, O, DO, GQ, LSE, DLSE, STATS, qh, 
     q, gq, do, o, lse2, d0, dsh = _dbwd_row_inputs(Q, O, DO, GQ, LSE, DLSE, qh, offs_m, Sq, D, DV, BLOCK_D,
                                                    BLOCK_DV, EVEN, HAS_DLSE)
     U, W, Bbar, d0, dsh = _load_stats(STATS, qh, offs_m, Sq)
-    p, dp, a, u, bm, f1, f2 = _dbwd_scores(q, k, v, do, gq, gk, gv, lse2, offs_m, offs_n, off_b, off_h, Sq, Skv,
-                                           scale, Q_OFF, __BUFFERS__
-                                           BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST)
-    gs, ds = _dbwd_gs(p, dp, a, u, bm, f1, f2, d0, dsh, U, W, Bbar)
+    p, dp, a, u, bm, f1, duds, s_raw = _dbwd_scores(q, k, v, do, gq, gk, gv, lse2, offs_m, offs_n, off_b, off_h,
+                                                    Sq, Skv, scale, Q_OFF, __BUFFERS__
+                                                    BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST)
+    gs, ds, gt, dt = _dbwd_gs(p, dp, u, bm, f1, duds, d0, dsh, U, W, Bbar)
     g_k += _mm(tl.trans(gs.to(q.dtype)), q, IEEE, UPCAST) + _mm(tl.trans(ds.to(gq.dtype)), gq, IEEE, UPCAST)
     g_v += _mm(tl.trans((p * (u - U[:, None])).to(do.dtype)), do, IEEE, UPCAST)
     return g_k, g_v
