@@ -77,6 +77,16 @@ def _tile_positions(offs_m, offs_n, Sq, Skv, Q_OFF, BLOCK_M: tl.constexpr, BLOCK
 
 
 @triton.jit
+def _own_positions(offs_m, Sq, Q_OFF, BLOCK_M: tl.constexpr, EVEN: tl.constexpr):
+    """Mod inputs of the EBT own-key column ([BLOCK_M, 1]): query i meets its own key at its
+    own frame position (kv_idx = q_idx), the one-column form of _tile_positions."""
+    VALID = (offs_m < Sq)[:, None]
+    mq_idx, _unused = _mod_indices(offs_m, offs_m, Sq, Sq, EVEN)
+    q_idx = mq_idx[:, None] + Q_OFF
+    return VALID, mq_idx, q_idx, q_idx, tl.zeros([BLOCK_M, 1], dtype=tl.int32)
+
+
+@triton.jit
 def _own_key_scores(q, KP, VP, SELF_KEEP, kv_head_base, v_head_base, qh, offs_m, off_b, off_h, Sq, scale, Q_OFF,
                     __BUFFERS__
                     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -86,11 +96,7 @@ def _own_key_scores(q, KP, VP, SELF_KEEP, kv_head_base, v_head_base, qh, offs_m,
     kp = _load_rows(KP + kv_head_base, offs_m, Sq, D, BLOCK_D, EVEN)
     vp = _load_rows(VP + v_head_base, offs_m, Sq, DV, BLOCK_DV, EVEN)
     s_raw = tl.sum(q.to(tl.float32) * kp.to(tl.float32), 1)[:, None]  # [BLOCK_M, 1]
-    VALID = (offs_m < Sq)[:, None]
-    mq_idx, _unused = _mod_indices(offs_m, offs_m, Sq, Sq, EVEN)
-    q_idx = mq_idx[:, None] + Q_OFF
-    kv_idx = q_idx
-    ZERO = tl.zeros([BLOCK_M, 1], dtype=tl.int32)
+    VALID, mq_idx, q_idx, kv_idx, ZERO = _own_positions(offs_m, Sq, Q_OFF, BLOCK_M, EVEN)
     # @SCORE_FWD
     keep = VALID & (tl.load(SELF_KEEP + qh * Sq + offs_m, mask=offs_m < Sq, other=0) != 0)[:, None]
     t2 = tl.sum(tl.where(keep, t2, float("-inf")), 1)
@@ -109,11 +115,7 @@ def _own_key_grads(q, do, lse2, delta, KP, VP, SELF_KEEP, kv_head_base, v_head_b
     kp = _load_rows(KP + kv_head_base, offs_m, Sq, D, BLOCK_D, EVEN)
     vp = _load_rows(VP + v_head_base, offs_m, Sq, DV, BLOCK_DV, EVEN)
     s_raw = tl.sum(q.to(tl.float32) * kp.to(tl.float32), 1)[:, None]
-    VALID = (offs_m < Sq)[:, None]
-    mq_idx, _unused = _mod_indices(offs_m, offs_m, Sq, Sq, EVEN)
-    q_idx = mq_idx[:, None] + Q_OFF
-    kv_idx = q_idx
-    ZERO = tl.zeros([BLOCK_M, 1], dtype=tl.int32)
+    VALID, mq_idx, q_idx, kv_idx, ZERO = _own_positions(offs_m, Sq, Q_OFF, BLOCK_M, EVEN)
     # @SCORE_BWD
     keep = VALID & (tl.load(SELF_KEEP + qh * Sq + offs_m, mask=offs_m < Sq, other=0) != 0)[:, None]
     p = tl.where(keep, tl.math.exp2(t2 - lse2[:, None]), 0.0)
@@ -553,11 +555,7 @@ def _dbwd_own(q, gq, do, lse2, KP, VP, GKP, GVP, SELF_KEEP, kp_base, vp_base, qh
     gkp = _load_rows(GKP + kp_base, offs_m, Sq, D, BLOCK_D, EVEN)
     gvp = _load_rows(GVP + vp_base, offs_m, Sq, DV, BLOCK_DV, EVEN)
     s_raw = tl.sum(q.to(tl.float32) * kp.to(tl.float32), 1)[:, None]
-    VALID = (offs_m < Sq)[:, None]
-    mq_idx, _unused = _mod_indices(offs_m, offs_m, Sq, Sq, EVEN)
-    q_idx = mq_idx[:, None] + Q_OFF
-    kv_idx = q_idx
-    ZERO = tl.zeros([BLOCK_M, 1], dtype=tl.int32)
+    VALID, mq_idx, q_idx, kv_idx, ZERO = _own_positions(offs_m, Sq, Q_OFF, BLOCK_M, EVEN)
     # @SCORE_DBWD
     keep = VALID & (tl.load(SELF_KEEP + qh * Sq + offs_m, mask=offs_m < Sq, other=0) != 0)[:, None]
     p = tl.where(keep, tl.math.exp2(t2 - lse2[:, None]), 0.0)
@@ -575,11 +573,7 @@ def _dbwd_own(q, gq, do, lse2, KP, VP, GKP, GVP, SELF_KEEP, kp_base, vp_base, qh
 def _dbwd_own_captured(s_raw, gt, dt, a, SELF_KEEP, qh, offs_m, off_b, off_h, Sq, scale, Q_OFF, __BUFFERS__
                        BLOCK_M: tl.constexpr, EVEN: tl.constexpr):
     """g_c of the EBT own-key column (see _dbwd_captured)."""
-    VALID = (offs_m < Sq)[:, None]
-    mq_idx, _unused = _mod_indices(offs_m, offs_m, Sq, Sq, EVEN)
-    q_idx = mq_idx[:, None] + Q_OFF
-    kv_idx = q_idx
-    ZERO = tl.zeros([BLOCK_M, 1], dtype=tl.int32)
+    VALID, mq_idx, q_idx, kv_idx, ZERO = _own_positions(offs_m, Sq, Q_OFF, BLOCK_M, EVEN)
     # @SCORE_DBWD
     keep = VALID & (tl.load(SELF_KEEP + qh * Sq + offs_m, mask=offs_m < Sq, other=0) != 0)[:, None]
     # @DBWD_CAPTURED_GRAD
@@ -868,11 +862,7 @@ def _own_key_jvp(q, dq, KP, VP, DKP, DVP, SELF_KEEP, kp_base, vp_base, qh, offs_
     dkp = _load_rows(DKP + kp_base, offs_m, Sq, D, BLOCK_D, EVEN)
     dvp = _load_rows(DVP + vp_base, offs_m, Sq, DV, BLOCK_DV, EVEN)
     s_raw = tl.sum(q.to(tl.float32) * kp.to(tl.float32), 1)[:, None]
-    VALID = (offs_m < Sq)[:, None]
-    mq_idx, _unused = _mod_indices(offs_m, offs_m, Sq, Sq, EVEN)
-    q_idx = mq_idx[:, None] + Q_OFF
-    kv_idx = q_idx
-    ZERO = tl.zeros([BLOCK_M, 1], dtype=tl.int32)
+    VALID, mq_idx, q_idx, kv_idx, ZERO = _own_positions(offs_m, Sq, Q_OFF, BLOCK_M, EVEN)
     # @SCORE_BWD
     keep = VALID & (tl.load(SELF_KEEP + qh * Sq + offs_m, mask=offs_m < Sq, other=0) != 0)[:, None]
     ds = (tl.sum(dq.to(tl.float32) * kp.to(tl.float32), 1) + tl.sum(q.to(tl.float32) * dkp.to(tl.float32), 1))
