@@ -213,7 +213,8 @@ def _check_ebt_block_mask(fn: str, block_mask, B: int, H: int, S_o: int, S_p: in
 
 
 def piecewise_attention(q1: Tensor, k1: Tensor, q2: Tensor, k2: Tensor, v: Tensor, dist_threshold,
-                        causal: bool = False, scale: Optional[float] = None) -> Tensor:
+                        causal: bool = False, scale: Optional[float] = None, score_mod: Optional[Callable] = None,
+                        block_mask: Optional[BlockMask] = None, kernel_options: Optional[dict] = None) -> Tensor:
     """Piecewise attention (NLPE, FlagAttention semantics; SPEC §3) with second-order gradients.
 
     Queries are aligned to the end of the keys: with ``P = N - M``, query ``m`` and key ``n``
@@ -223,11 +224,21 @@ def piecewise_attention(q1: Tensor, k1: Tensor, q2: Tensor, k2: Tensor, v: Tenso
     Args:
         q1, q2: ``[B, H, M, D]``.  k1, k2: ``[B, H, N, D]``.  v: ``[B, H, N, Dv]``.
         dist_threshold: ``w >= 0`` (int or float); pairs at distance ``>= w`` use ``(q2, k2)``.
+            A runtime value: a new threshold does not recompile the kernels.
         causal: keep only keys ``n <= P + m``.
         scale: default ``D ** -0.5``.
+        score_mod: optional, applied to the chosen score as in ``flex_attention`` (positions
+            ``(m, n)``).
+        block_mask: optional ``BlockMask`` over ``M x N`` (``create_block_mask``), ANDed with
+            the piecewise structure, e.g. a sliding window.
+        kernel_options: ``{"BACKEND": ...}`` and tile options, as in ``flex_attention``.
 
     Returns:
-        ``[B, H, M, Dv]`` in the input dtype.  A query with no key (causal, ``P + m < 0``) gives 0.
+        ``[B, H, M, Dv]`` in the input dtype.  A query with no key gives 0.
+
+    On the kernels each region (near, far) is one block-sparse ``flex_attention`` pass, so a tile
+    wholly on one side of the threshold computes one product; the two passes merge exactly
+    through their log-sum-exps (``flexebt/piecewise.py``).
 
     Example:
         >>> import torch, flexebt
@@ -246,6 +257,20 @@ def piecewise_attention(q1: Tensor, k1: Tensor, q2: Tensor, k2: Tensor, v: Tenso
     if dist_threshold < 0:
         raise ValueError(f"{fn}: dist_threshold must be >= 0, got {dist_threshold}.")
     V.check_scale(fn, scale)
-    resolve_backend(None, q1.device, fn)
-    out, _ = piecewise_attention_reference(q1, k1, q2, k2, v, dist_threshold, causal, scale)
+    V.check_callable(fn, "score_mod", score_mod)
+    V.check_block_mask(fn, block_mask, q1.shape[0], q1.shape[1], q1.shape[2], k1.shape[2])
+    V.check_kernel_options(fn, kernel_options)
+    backend = resolve_backend(kernel_options, q1.device, fn, has_kernels=True, dtype=q1.dtype,
+                              head_dim=max(q1.shape[-1], v.shape[-1]))
+    if backend == "TRITON" and not torch.compiler.is_compiling() and \
+            composition_needs_reference(fn, (q1, k1, q2, k2, v)):
+        backend = "REFERENCE"
+    if backend == "TRITON":
+        from .piecewise import piecewise_attention_kernels
+
+        out, _ = piecewise_attention_kernels(q1, k1, q2, k2, v, dist_threshold, causal, scale, score_mod, block_mask,
+                                             kernel_options)
+    else:
+        out, _ = piecewise_attention_reference(q1, k1, q2, k2, v, dist_threshold, causal, scale, score_mod,
+                                               block_mask)
     return out

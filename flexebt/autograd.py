@@ -189,7 +189,8 @@ class FlexAttention(torch.autograd.Function):
         torch.autograd.forward_ad).  Tangents of captured tensors need the reference."""
         from .kernels.flex import flex_jvp
 
-        q, k, v, buffers = (*(_one_level(t) for t in ctx.jvp_inputs[:3]), ctx.jvp_inputs[3])
+        q, k, v = (_one_level(t) for t in ctx.jvp_inputs[:3])
+        buffers = [_one_level(b) for b in ctx.jvp_inputs[3]]  # captured tensors arrive wrapped too
         dq, dk, dv = (_one_level(t) for t in (dq, dk, dv))
         _check_jvp_inputs((q, k, v, dq, dk, dv), dbuf)
         z = lambda t, like: torch.zeros_like(like) if t is None else t  # noqa: E731

@@ -55,10 +55,3 @@ def test_auto_picks_reference_on_cpu(monkeypatch):
 
     assert resolve_backend(None, torch.device("cpu"), "f", has_kernels=True, dtype=torch.float32) == "REFERENCE"
     assert resolve_backend(None, torch.device("cuda"), "f", has_kernels=False, dtype=torch.float32) == "REFERENCE"
-
-
-def test_functions_without_kernels_say_so(monkeypatch):
-    monkeypatch.setenv("FLEXEBT_BACKEND", "TRITON")
-    x = [torch.randn(1, 1, 4, 8) for _ in range(6)]
-    with pytest.raises(NotImplementedError, match="Triton"):
-        flexebt.piecewise_attention(*x[:5], dist_threshold=1)

@@ -117,7 +117,14 @@ class Emitter:
             if node.op == "placeholder":
                 env[node.name] = next(ph)
             elif node.op == "get_attr":
-                env[node.name] = f"@buf{constants[node.target]}"
+                k = constants[node.target]
+                env[node.name] = f"@buf{k}"  # read through aten.index (see _load)
+                if any(not (u.target is aten.index.Tensor and u.args[0] is node) for u in node.users):
+                    # used as a value: a one-element tensor (checked when tracing), read as a scalar
+                    var = self._var(node)
+                    cast = ".to(tl.float32)" if getattr(gm, node.target).is_floating_point() else ""
+                    self.lines.append(f"{var} = tl.load(BUF{k}){cast}")
+                    env[node.name] = var
             elif node.op == "call_function":
                 expr = self._expr(node, env, gm, constants)
                 if expr is None:

@@ -136,6 +136,29 @@ def _constant_map(gm: torch.fx.GraphModule, buffers: list[Buffer]) -> dict[str, 
     return mapping
 
 
+def direct_uses(node: torch.fx.Node) -> list:
+    """Users of a captured tensor's get_attr node other than ``tensor[indices]`` loads."""
+    return [u for u in node.users if not (u.target is aten.index.Tensor and u.args[0] is node)]
+
+
+def _check_direct_uses(gm: torch.fx.GraphModule, buffers: list[Buffer], consts: dict[str, int]) -> None:
+    """A captured tensor used as a value (``score * temperature``, ``dist < w``) must hold one
+    element; the kernels read it as a scalar.  Its gradient is not scattered, so one that needs a
+    gradient must be indexed instead (``temperature[h]`` with one value per head, say)."""
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or not direct_uses(node):
+            continue
+        t = buffers[consts[node.target]].tensor
+        if t.numel() != 1:
+            raise NotImplementedError(
+                f"flexebt codegen: a captured tensor of shape {tuple(t.shape)} is used without indexing; index it "
+                f"with the mod's positions (e.g. bias[h, q_idx, kv_idx]) or capture a one-element tensor.")
+        if t.is_floating_point() and t.requires_grad:
+            raise NotImplementedError(
+                "flexebt codegen: a captured scalar that requires grad is used without indexing, so its gradient "
+                "cannot be scattered; index it (e.g. a temperature of shape [H] read as temperature[h]).")
+
+
 def _trace(fn, args) -> torch.fx.GraphModule:
     gm = make_fx(fn, tracing_mode="real", _allow_non_fake_inputs=True)(*args)
     gm.graph.eliminate_dead_code()
@@ -148,6 +171,7 @@ def trace_mask_mod(mask_mod: Callable) -> TracedMod:
     dev = _trace_device(buffers)
     gm = _trace(lambda b, h, q, kv: _as_bool(mask_mod(b, h, q, kv), q), tuple(_idx(dev) for _ in range(4)))
     consts = _constant_map(gm, buffers)
+    _check_direct_uses(gm, buffers, consts)
     return TracedMod("mask", gm, buffers, consts, [], {}, {}, getattr(mask_mod, "__name__", "mask_mod"))
 
 
@@ -169,6 +193,7 @@ def trace_score_mod(score_mod: Callable, want_second_order: bool = False) -> Tra
     args = (torch.zeros((1,), dtype=torch.float32, device=dev), *(_idx(dev) for _ in range(4)))
     gm = _trace(lambda s, b, h, q, kv: _as_float(score_mod(s, b, h, q, kv), s), args)
     consts = _constant_map(gm, buffers)
+    _check_direct_uses(gm, buffers, consts)
 
     # Floating loads become derivative leaves.
     loads = []

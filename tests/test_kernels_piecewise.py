@@ -1,0 +1,105 @@
+"""Piecewise attention on the kernels (interpreter) against the float64 reference: thresholds at
+0, inside and beyond the sequence, M < N (end-aligned), causal and not, score_mod / block_mask
+on top, first and second order, JVP; one product per tile outside the crossing tiles; a new
+threshold reuses the kernels."""
+
+import pytest
+import torch
+
+import flexebt
+from flexebt import masks, mods
+from flexebt.codegen import source
+from flexebt.piecewise import region_block_masks
+from helpers import rel_err, second_order
+from spec_tolerance import BOUND
+
+pytestmark = pytest.mark.interpreter
+T = {"BACKEND": "TRITON"}
+R = {"BACKEND": "REFERENCE"}
+
+
+def _inputs(M, N, D=16, H=2, dtype=torch.float32, grad=False):
+    shapes = ((M, D), (N, D), (M, D), (N, D), (N, D))
+    return [torch.randn(1, H, S, d, dtype=dtype, requires_grad=grad) for S, d in shapes]
+
+
+def _f(w, causal, backend, **kw):
+    return lambda *a: flexebt.piecewise_attention(*a, dist_threshold=w, causal=causal, kernel_options=backend, **kw)
+
+
+@pytest.mark.parametrize("M,N,w,causal", [(21, 21, 5, True), (17, 29, 0, True), (17, 29, 100, False),
+                                          (33, 33, 7, False), (19, 40, 9.5, True)])
+def test_forward_matches_reference(M, N, w, causal):
+    x = _inputs(M, N)
+    got = _f(w, causal, T)(*x)
+    want = _f(w, causal, R)(*[t.double() for t in x])
+    assert rel_err(got, want) < BOUND[torch.float32]
+
+
+def test_bf16():
+    x = _inputs(40, 40, dtype=torch.bfloat16)
+    got = _f(6, True, T)(*x)
+    want = _f(6, True, R)(*[t.double() for t in x])
+    assert rel_err(got, want) < BOUND[torch.bfloat16]
+
+
+@pytest.mark.parametrize("M,N,w,causal", [(21, 21, 5, True), (17, 29, 0, False), (18, 30, 40, True)])
+def test_first_and_second_order(M, N, w, causal):
+    x = _inputs(M, N, grad=True)
+    got = second_order(_f(w, causal, T), x)
+    want = second_order(_f(w, causal, R), x)
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        assert torch.isfinite(a).all() and rel_err(a, b) < 1e-5
+
+
+def test_score_mod_and_block_mask_compose():
+    """Soft-cap on the chosen score and a sliding window on top of the piecewise structure."""
+    M = N = 37
+    x = _inputs(M, N, grad=True)
+    bm = flexebt.create_block_mask(masks.generate_sliding_window(12), None, None, M, N, device="cpu",
+                                   BLOCK_SIZE=16)
+    sm = mods.generate_tanh_softcap(3.0)
+    got = second_order(_f(4, True, T, score_mod=sm, block_mask=bm), x)
+    want = second_order(_f(4, True, R, score_mod=sm, block_mask=bm), x)
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_jvp():
+    x = tuple(_inputs(23, 23))
+    t = tuple(torch.randn_like(a) for a in x)
+    _, got = torch.func.jvp(_f(5, True, T), x, t)
+    _, want = torch.func.jvp(_f(5, True, R), tuple(a.double() for a in x), tuple(a.double() for a in t))
+    assert rel_err(got, want) < 1e-5
+
+
+def test_new_threshold_reuses_the_kernels():
+    x = _inputs(20, 20)
+    _f(3, True, T)(*x)
+    built = len(source._CACHE)
+    for w in (4, 9, 0, 50):
+        got = _f(w, True, T)(*x)
+        assert rel_err(got, _f(w, True, R)(*[t.double() for t in x])) < BOUND[torch.float32]
+    assert len(source._CACHE) == built
+
+
+def test_one_product_per_tile_off_the_threshold():
+    """Each tile runs in the near pass, the far pass, or -- only where the threshold crosses it --
+    both; a causal S = 1024, w = 300 layout with 128-blocks has 8 + 28 tiles of one region."""
+    S, w, blk = 1024, 300, 128
+    near, far = region_block_masks(S, S, w, True, "cpu")
+
+    def tiles(bm):
+        n = bm.kv_num_blocks.sum().item()
+        return n + (bm.full_kv_num_blocks.sum().item() if bm.full_kv_num_blocks is not None else 0)
+
+    dist_lo = lambda i, j: i * blk - (j * blk + blk - 1)  # noqa: E731  smallest q - kv in tile (i, j)
+    dist_hi = lambda i, j: i * blk + blk - 1 - j * blk  # noqa: E731
+    nb = S // blk
+    causal_tiles = [(i, j) for i in range(nb) for j in range(i + 1)]
+    crossing = [(i, j) for i, j in causal_tiles if dist_lo(i, j) < w <= dist_hi(i, j)]
+    only_near = [(i, j) for i, j in causal_tiles if dist_hi(i, j) < w]
+    only_far = [(i, j) for i, j in causal_tiles if dist_lo(i, j) >= w]
+    assert tiles(near) == len(only_near) + len(crossing)
+    assert tiles(far) == len(only_far) + len(crossing)
+    assert len(only_near) + len(only_far) + len(crossing) == len(causal_tiles)
