@@ -112,6 +112,42 @@ def run_b2(args, meta, writer):
                 torch.cuda.empty_cache()
 
 
+def run_b4(args, meta, writer):
+    """B4: piecewise (NLPE) attention, causal, threshold w = S / 8 (--piecewise-w overrides),
+    fwd and fwd+bwd: flexebt piecewise vs a plain causal flexebt attention of the same size (the
+    issue's yardstick: piecewise <= 1.6x of it) and eager math (dense, small S).  FLOPs as a
+    causal attention (each kept pair is scored once)."""
+    dtype = getattr(torch, args.dtype)
+    for D in args.dims:
+        for S in args.seqs:
+            B, H = (args.batch or max(1, args.tokens // S)), args.heads
+            w = args.piecewise_w or S // 8
+            x = [torch.randn(B, H, S, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(5)]
+            bm = flexebt.create_block_mask(masks.causal_mask, None, None, S, S, device="cuda")
+            flops = 4 * B * H * S * S * D / 2
+            impls = {
+                "flexebt_piecewise": lambda: flexebt.piecewise_attention(*x, dist_threshold=w, causal=True),
+                "flexebt_causal": lambda: flexebt.flex_attention(x[0], x[1], x[4], block_mask=bm),
+            }
+            if S <= args.eager_max_s:
+                impls["eager_math"] = lambda: flexebt.piecewise_attention(
+                    *x, dist_threshold=w, causal=True, kernel_options={"BACKEND": "REFERENCE"})
+            for impl in args.impls:
+                if impl not in impls:
+                    continue
+                for mode in args.modes:
+                    try:
+                        ms, peak = timed(impls[impl], mode, x if impl != "flexebt_causal" else [x[0], x[1], x[4]])
+                    except torch.OutOfMemoryError:
+                        ms, peak = float("nan"), float("nan")
+                        torch.cuda.empty_cache()
+                    writer(dict(meta, suite="B4", impl=impl, variant=f"piecewise_causal_w{w}", dtype=args.dtype, B=B,
+                                H=H, S=S, D=D, mode=mode, ms=round(ms, 4),
+                                tflops=round(flops * MODES[mode] / ms / 1e9, 2), peak_mem_gib=round(peak, 3)))
+            del x
+            torch.cuda.empty_cache()
+
+
 def _concat_ebt_mask(S):
     """r = 0 EBT over the concatenated streams [o; p] as one causal-style mask (the oracle of SPEC §2)."""
 
@@ -236,7 +272,8 @@ def run_b3(args, meta, writer):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", default="B2", choices=["B1", "B2", "B3"])
+    p.add_argument("--suite", default="B2", choices=["B1", "B2", "B3", "B4"])
+    p.add_argument("--piecewise-w", type=int, default=0, help="B4 threshold; default S // 8")
     p.add_argument("--b3-dtypes", default="float32,bfloat16", type=lambda s: s.split(","))
     p.add_argument("--b3-reps", type=int, default=5)
     p.add_argument("--b1-configs", default="float32:32,bfloat16:64,bfloat16:128",
@@ -246,7 +283,8 @@ def main(argv=None):
     p.add_argument("--seqs", default="1024,2048,4096,8192,16384", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--variants", default="causal,alibi,softcap,learned_bias", type=lambda s: s.split(","))
     p.add_argument("--impls", default="flexebt,torch_flex_compiled,sdpa_causal,torch_flex_concat_compiled,"
-                   "sdpa_2x_causal,ebt_flash_attention,eager_math", type=lambda s: s.split(","))
+                   "sdpa_2x_causal,ebt_flash_attention,eager_math,flexebt_piecewise,flexebt_causal",
+                   type=lambda s: s.split(","))
     p.add_argument("--modes", default="fwd,fwd+bwd", type=lambda s: s.split(","))
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--batch", type=int, default=0, help="fixed batch; default: tokens // S")
@@ -274,7 +312,7 @@ def main(argv=None):
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            {"B1": run_b1, "B2": run_b2, "B3": run_b3}[args.suite](args, meta, writer)
+            {"B1": run_b1, "B2": run_b2, "B3": run_b3, "B4": run_b4}[args.suite](args, meta, writer)
     with open(args.out + ".json", "w") as f:
         json.dump(rows, f, indent=1)
 
