@@ -165,7 +165,13 @@ def flex_ebt_attention(q_o: Tensor, k_o: Tensor, v_o: Tensor, q_p: Tensor, k_p: 
     if backend == "TRITON" and not torch.compiler.is_compiling() and \
             composition_needs_reference(fn, (q_o, k_o, v_o, q_p, k_p, v_p)):
         backend = "REFERENCE"
-    if backend == "TRITON":
+    if backend == "TRITON" and torch.compiler.is_compiling():
+        from .compiled import refuse_torch_func
+
+        refuse_torch_func(fn)
+        out_o, out_p, lse_o, lse_p = _ebt_kernels_run_outside_the_compiled_graph(
+            q_o, k_o, v_o, q_p, k_p, v_p, score_mod, block_mask, scale, kernel_options)
+    elif backend == "TRITON":
         out_o, out_p, lse_o, lse_p = _flex_ebt_attention_triton(q_o, k_o, v_o, q_p, k_p, v_p, score_mod, block_mask,
                                                                 scale, kernel_options)
     else:
@@ -191,6 +197,21 @@ def _flex_ebt_attention_triton(q_o, k_o, v_o, q_p, k_p, v_p, score_mod, block_ma
     call = EBTCall(pl, score_mod, block_mask, scale, kernel_options)
     c = [x.contiguous() for x in (q_o, k_o, v_o, q_p, k_p, v_p)]
     return EBTAttention.apply(*c, call, *pl.buffers_o)
+
+
+# flex_ebt_attention and piecewise_attention have no custom-op path yet (flex_attention does,
+# compiled.py): under torch.compile their kernels run eagerly, as a graph break (fullgraph=True
+# reports it with this function's name).  Eager autograd Functions are exact at every order.
+@torch.compiler.disable
+def _ebt_kernels_run_outside_the_compiled_graph(*args):
+    return _flex_ebt_attention_triton(*args)
+
+
+@torch.compiler.disable
+def _piecewise_kernels_run_outside_the_compiled_graph(*args):
+    from .piecewise import piecewise_attention_kernels
+
+    return piecewise_attention_kernels(*args)[0]
 
 
 def _check_ebt_block_mask(fn: str, block_mask, B: int, H: int, S_o: int, S_p: int) -> None:
@@ -265,7 +286,13 @@ def piecewise_attention(q1: Tensor, k1: Tensor, q2: Tensor, k2: Tensor, v: Tenso
     if backend == "TRITON" and not torch.compiler.is_compiling() and \
             composition_needs_reference(fn, (q1, k1, q2, k2, v)):
         backend = "REFERENCE"
-    if backend == "TRITON":
+    if backend == "TRITON" and torch.compiler.is_compiling():
+        from .compiled import refuse_torch_func
+
+        refuse_torch_func(fn)
+        out = _piecewise_kernels_run_outside_the_compiled_graph(q1, k1, q2, k2, v, dist_threshold, causal, scale,
+                                                                score_mod, block_mask, kernel_options)
+    elif backend == "TRITON":
         from .piecewise import piecewise_attention_kernels
 
         out, _ = piecewise_attention_kernels(q1, k1, q2, k2, v, dist_threshold, causal, scale, score_mod, block_mask,

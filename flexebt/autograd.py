@@ -475,3 +475,10 @@ import inspect as _inspect  # noqa: E402
 for _fn in (FlexAttention, FlexAttentionBackward, FlexAttentionDoubleBackward, EBTAttention, EBTAttentionBackward,
             EBTAttentionDoubleBackward):
     _fn.forward.__signature__ = _inspect.signature(_fn.forward)
+    # The backward (and jvp) rules launch kernels eagerly.  When autograd runs them from inside a
+    # torch.compile'd frame (autograd.grad in a compiled function, after its graph break), dynamo
+    # would otherwise try to trace them -- into Triton's launcher -- and a traced autograd.Function
+    # backward is not differentiable again (SPEC §7: a silent drop).  So dynamo skips them.
+    _fn.backward = staticmethod(torch.compiler.disable(_fn.backward))
+    if "jvp" in _fn.__dict__:
+        _fn.jvp = staticmethod(torch.compiler.disable(_fn.jvp))

@@ -119,15 +119,20 @@ def _active_transforms() -> str:
     return ",".join(wanted[i.key()] for i in retrieve_all_functorch_interpreters() if i.key() in wanted)
 
 
-def flex_attention_compiled(query, key, value, score_mod, block_mask, scale, kernel_options):
-    """The Triton path as custom ops (used while ``torch.compiler.is_compiling()``)."""
+def refuse_torch_func(fn: str) -> None:
+    """Raise, while dynamo traces, when torch.func transforms are active (see _active_transforms)."""
     transforms = _active_transforms()
     if transforms:
         raise NotImplementedError(
-            f"flexebt.flex_attention inside torch.compile under torch.func transforms ({transforms}) is not supported: "
-            "the compiled path's custom ops have no functorch rules, and torch.compile does not support double "
-            "backward. Run the torch.func transform outside torch.compile (eager flexebt kernels support "
-            "torch.func.grad, grad of grad and jvp), or use kernel_options={'BACKEND': 'REFERENCE'} inside it.")
+            f"flexebt.{fn} inside torch.compile under torch.func transforms ({transforms}) is not supported: "
+            "the compiled path has no functorch rules, and torch.compile does not support double backward. Run the "
+            "torch.func transform outside torch.compile (eager flexebt kernels support torch.func.grad, grad of "
+            "grad and jvp), or use kernel_options={'BACKEND': 'REFERENCE'} inside it.")
+
+
+def flex_attention_compiled(query, key, value, score_mod, block_mask, scale, kernel_options):
+    """The Triton path as custom ops (used while ``torch.compiler.is_compiling()``)."""
+    refuse_torch_func("flex_attention")
     Sq, Skv = query.shape[2], key.shape[2]
     tables = tables_from_block_mask(block_mask, Sq, Skv, query.device)
     mask_mod = block_mask.mask_mod if block_mask is not None else None

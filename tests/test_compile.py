@@ -76,3 +76,52 @@ def test_torch_func_grad_in_fullgraph_compile_raises_clearly():
 @pytest.mark.gpu
 def test_fullgraph_inductor_gpu():
     _check("cuda", "inductor")
+
+
+def _ebt_energy(S=20):
+    bm = flexebt.create_ebt_block_mask(None, None, None, S, S, BLOCK_SIZE=16)
+    x = [torch.randn(1, 2, S, 16) for _ in range(6)]
+
+    def energy(q_p, backend=T):
+        return flexebt.flex_ebt_attention(*x[:3], q_p, *x[4:], block_mask=bm, kernel_options=backend)[1].square().sum()
+
+    return energy, torch.randn(1, 2, S, 16)
+
+
+@pytest.mark.interpreter
+def test_ebt_and_piecewise_in_a_compiled_model():
+    """Their kernels run eagerly inside a compiled function (a graph break): same values."""
+    energy, q = _ebt_energy()
+    got = torch.compile(energy, backend="aot_eager")(q)
+    assert rel_err(got, energy(q, {"BACKEND": "REFERENCE"})) < 1e-5
+    x = [torch.randn(1, 2, 24, 16) for _ in range(5)]
+
+    def pw(*a):
+        return flexebt.piecewise_attention(*a, dist_threshold=5, causal=True, kernel_options=T)
+
+    assert rel_err(torch.compile(pw, backend="aot_eager")(*x), pw(*x)) < 1e-6
+
+
+@pytest.mark.interpreter
+def test_ebt_second_order_under_compile_is_exact_or_refused():
+    """autograd.grad(create_graph=True) inside a compiled function: exact with backend='eager'
+    (the kernels' autograd Functions run eagerly), refused by torch under aot_autograd; torch.func
+    inside a fullgraph compile: a clear error.  Never a silent drop."""
+    energy, q = _ebt_energy()
+    want = torch.func.grad(lambda t: torch.func.grad(lambda y: energy(y, {"BACKEND": "REFERENCE"}))(t)
+                           .square().sum())(q)
+
+    def step(qq):
+        qq = qq.clone().requires_grad_()
+        (g,) = torch.autograd.grad(energy(qq), qq, create_graph=True)
+        return torch.autograd.grad(g.square().sum(), qq)[0]
+
+    torch._dynamo.reset()
+    assert rel_err(torch.compile(step, backend="eager")(q), want) < 1e-5
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.compile(step, backend="aot_eager")(q)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="under torch.func transforms"):
+        torch.compile(torch.func.grad(lambda t: torch.func.grad(energy)(t).square().sum()), fullgraph=True,
+                      backend="aot_eager")(q)
