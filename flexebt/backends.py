@@ -97,7 +97,8 @@ def composition_needs_reference(fn: str, tensors) -> bool:
 
     Plain ``grad``, ``grad(grad)``, ``jvp`` and ``autograd.grad(create_graph=True)`` stay on the
     kernels.  The reference gives the same values with O(S^2) memory (small inputs)."""
-    if torch.is_grad_enabled() and any(t.requires_grad and _has_forward_tangent(t) for t in tensors):
+    if _in_dual_level() and torch.is_grad_enabled() and any(t.requires_grad and _has_forward_tangent(t)
+                                                            for t in tensors):
         reason = "forward-mode AD (torch.autograd.forward_ad) inside an autograd graph"
         return _warn_once(fn, reason)
     if not any(_is_wrapped(t) for t in tensors):  # no transform reaches this call's inputs
@@ -122,6 +123,13 @@ def _warn_once(fn: str, reason: str) -> bool:
     warnings.warn(f"{fn}: {reason} is not fused in the Triton kernels yet; such calls run the dense "
                   f"reference implementation (same values, O(S^2) memory).", stacklevel=4)
     return True
+
+
+def _in_dual_level() -> bool:
+    """Inside torch.autograd.forward_ad.dual_level() (a cheap check before unpacking tensors)."""
+    from torch.autograd import forward_ad
+
+    return forward_ad._current_level >= 0
 
 
 def _has_forward_tangent(t) -> bool:
