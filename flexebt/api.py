@@ -257,6 +257,11 @@ def piecewise_attention(q1: Tensor, k1: Tensor, q2: Tensor, k2: Tensor, v: Tenso
     Returns:
         ``[B, H, M, Dv]`` in the input dtype.  A query with no key gives 0.
 
+    Raises:
+        ValueError: mismatched shapes (``q1``/``q2``, ``k1``/``k2``, heads, head dims), a negative
+            threshold, a ``block_mask`` of the wrong size, a bad backend or kernel option.
+        TypeError: a non-tensor input, a non-numeric threshold, a ``score_mod`` that is not callable.
+
     On the kernels each region (near, far) is one block-sparse ``flex_attention`` pass, so a tile
     wholly on one side of the threshold computes one product; the two passes merge exactly
     through their log-sum-exps (``flexebt/piecewise.py``).

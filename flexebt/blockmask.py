@@ -104,13 +104,18 @@ def create_ebt_block_mask(mask_mod: Optional[Callable], B: Optional[int], H: Opt
             token ``j`` at frame ``j``, predicted token ``i`` at frame ``i + r + 1`` with
             ``r = S_obs - S_pred``).  ``None`` means causal (``q_idx >= kv_idx``), the
             autoregressive EBT.
-        B, H: batch size and number of query heads, or ``None`` to broadcast over them.
+        B, H: batch size and number of query heads of the ``[B, H, S, D]`` inputs, or ``None`` to
+            broadcast over them.
         S_obs, S_pred: lengths of the observed and predicted streams, ``S_obs >= S_pred``.
         device: where the block tables live (default: the current default device).
         BLOCK_SIZE: tile size (int or ``(BLOCK_Q, BLOCK_KV)``), as in ``create_block_mask``.
 
     Returns:
         An :class:`EBTBlockMask` to pass as ``block_mask`` to :func:`flexebt.flex_ebt_attention`.
+
+    Raises:
+        ValueError: non-positive lengths, ``S_obs < S_pred``, or a bad ``B`` / ``H`` / ``BLOCK_SIZE``.
+        TypeError: a ``mask_mod`` that is not callable.
 
     Example:
         >>> bm = create_ebt_block_mask(None, 1, 1, S_obs=5, S_pred=4)

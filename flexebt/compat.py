@@ -33,6 +33,13 @@ def ebt_attention(q_o: Tensor, k_o: Tensor, v_o: Tensor, q_p: Tensor, k_p: Tenso
             bool (True = attend) or floating additive (natural log units; ``-inf`` drops).
         causal: AND the causal frame mask.
 
+    Returns:
+        ``(out_o, out_p)``: ``[B, H, S_o, D]`` and ``[B, H, S_p, D]`` in the input dtype.
+
+    Raises:
+        ValueError: stream lengths with ``S_o < S_p``, or an ``attn_mask`` of the wrong shape.
+        TypeError: an ``attn_mask`` that is not a tensor.
+
     Unlike ebt_flash_attention, second-order gradients (``create_graph=True``) are exact.
 
     Example:
