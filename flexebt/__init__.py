@@ -8,7 +8,8 @@ Public API (SPEC §1)::
                            enable_gqa=False, return_lse=False, kernel_options=None)
     flexebt.flex_ebt_attention(q_o, k_o, v_o, q_p, k_p, v_p, ...)
     flexebt.create_ebt_block_mask(mask_mod, B, H, S_obs, S_pred, device=None, BLOCK_SIZE=128)
-    flexebt.piecewise_attention(q1, k1, q2, k2, v, dist_threshold, causal=False, scale=None)
+    flexebt.piecewise_attention(q1, k1, q2, k2, v, dist_threshold, causal=False, scale=None,
+                                score_mod=None, block_mask=None, kernel_options=None)
     flexebt.compat.ebt_attention(q_o, k_o, v_o, q_p, k_p, v_p, sm_scale=None, attn_mask=None, causal=False)
     flexebt.mods / flexebt.masks
 """

@@ -123,6 +123,28 @@ def test_second_order_with_learned_tensors_is_fused(which, fused_calls):
         assert rel_err(a, b) < 1e-5
 
 
+def test_one_learned_tensor_read_twice(fused_calls):
+    """A symmetric bias read at (q, kv) and at (kv, q): two loads of one tensor, each with its own
+    cotangent and atomic scatter, and their cross second derivative."""
+    S, H = 18, 2
+    bias = (0.3 * torch.randn(H, S, S)).requires_grad_()
+
+    def sym_bias(score, b, h, q_idx, kv_idx):
+        return score + bias[h, q_idx, kv_idx] * bias[h, kv_idx, q_idx]
+
+    x = [torch.randn(1, H, S, 16, requires_grad=True) for _ in range(3)]
+
+    def loss(backend):
+        out = flexebt.flex_attention(*x, score_mod=sym_bias, kernel_options=backend)
+        g = torch.autograd.grad(out.square().sum(), x + [bias], create_graph=True)
+        return sum((t * t).sum() for t in g)
+
+    got = torch.autograd.grad(loss(T), x + [bias])
+    assert fused_calls
+    for a, b in zip(got, torch.autograd.grad(loss(R), x + [bias])):
+        assert rel_err(a, b) < 1e-5
+
+
 def test_frozen_captured_tensor_is_fused(fused_calls):
     """A captured tensor without gradient (a fixed bias table) takes the fused kernels."""
     bias = 0.3 * torch.randn(2, 19, 19)

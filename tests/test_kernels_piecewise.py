@@ -36,11 +36,16 @@ def test_forward_matches_reference(M, N, w, causal):
     assert rel_err(got, want) < BOUND[torch.float32]
 
 
-def test_bf16():
-    x = _inputs(40, 40, dtype=torch.bfloat16)
-    got = _f(6, True, T)(*x)
-    want = _f(6, True, R)(*[t.double() for t in x])
-    assert rel_err(got, want) < BOUND[torch.bfloat16]
+def test_bf16_output_and_gradients():
+    x = _inputs(40, 40, dtype=torch.bfloat16, grad=True)
+    xd = [t.detach().double().requires_grad_() for t in x]
+    out, ref = _f(6, True, T)(*x), _f(6, True, R)(*xd)
+    assert rel_err(out, ref) < BOUND[torch.bfloat16]
+    ct = torch.randn(out.shape, dtype=torch.float64)
+    got = torch.autograd.grad(out, x, ct.to(out.dtype))
+    want = torch.autograd.grad(ref, xd, ct)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 3 * BOUND[torch.bfloat16]
 
 
 @pytest.mark.parametrize("M,N,w,causal", [(21, 21, 5, True), (17, 29, 0, False), (18, 30, 40, True)])
