@@ -1,6 +1,7 @@
 """Sweep tiles of the double-backward passes on the EBT second-order step (GPU).
 
     python benchmarks/tune_second_order.py --S 4096
+    python benchmarks/tune_second_order.py --S 2048 --D 32 --dtype float32 --fp32-products tf32x3
 
 Times every launch of fwd + bwd(create_graph) + double backward at each config (second of two
 runs) and prints the summed time of the passes the config changes.
@@ -28,15 +29,19 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--S", type=int, default=4096)
     p.add_argument("--D", type=int, default=64)
+    p.add_argument("--dtype", default="bfloat16", help="float32 runs under matmul precision 'highest'")
+    p.add_argument("--fp32-products", default="", help="'ieee' or 'tf32x3' (fp32 only; default: the library's)")
     a = p.parse_args()
+    dtype = getattr(torch, a.dtype)
+    extra = {"FP32_PRODUCTS": a.fp32_products} if a.fp32_products else {}
     fk._launch = fc._timed_launch(fk._launch)
     S = a.S
-    x = [torch.randn(8, 8, S, a.D, device="cuda", dtype=torch.bfloat16) for _ in range(6)]
+    x = [torch.randn(8, 8, S, a.D, device="cuda", dtype=dtype) for _ in range(6)]
     bm = flexebt.create_ebt_block_mask(None, None, None, S, S, device="cuda")
 
     def step(opts):
         xs = [t.detach().requires_grad_() for t in x]
-        o = flexebt.flex_ebt_attention(*xs, block_mask=bm, kernel_options=opts)
+        o = flexebt.flex_ebt_attention(*xs, block_mask=bm, kernel_options={**opts, **extra})
         g = torch.autograd.grad(o, xs, [torch.ones_like(t) * 0.01 for t in o], create_graph=True)
         torch.autograd.grad(sum((t.float() ** 2).sum() for t in g), xs)
 
