@@ -28,3 +28,15 @@ def test_notebook_runs(path, monkeypatch):
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit notebooks without outputs"
     nbclient.NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(EXAMPLES)}}
                             ).execute()
+
+
+def test_run_notebooks_without_jupyter(capsys):
+    """examples/run_notebooks.py (for machines without Jupyter) runs a notebook's cells in order."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_notebooks", EXAMPLES / "run_notebooks.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["quickstart"])
+    out = capsys.readouterr().out
+    assert "quickstart.ipynb: ok" in out and "flexebt vs float64 reference" in out
