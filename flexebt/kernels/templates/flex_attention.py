@@ -431,7 +431,6 @@ def _bwd_dkdv_program(pid_n, pid_bh, Q, K, V, DO, LSE, DELTA, DK, DV_OUT, Q_NUM,
     off_b = pid_bh // Hkv
     off_hk = pid_bh % Hkv
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = offs_n < Skv
     kvh = (off_b * Hkv + off_hk).to(tl.int64)
     k = _load_rows(K + kvh * Skv * D, offs_n, Skv, D, BLOCK_D, EVEN)
     v = _load_rows(V + kvh * Skv * DV, offs_n, Skv, DV, BLOCK_DV, EVEN)
@@ -458,13 +457,20 @@ def _bwd_dkdv_program(pid_n, pid_bh, Q, K, V, DO, LSE, DELTA, DK, DV_OUT, Q_NUM,
                                 offs_n, off_b, off_h, Sq, Skv, scale, Q_OFF,
                                 __BUFFERS__
                                 D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, EVEN, IEEE, UPCAST)
+    _store_key_grads(DK, DV_OUT, dk * scale, dv, kvh, offs_n, Skv, D, DV, BLOCK_D, BLOCK_DV, ACCUMULATE)
+
+
+@triton.jit
+def _store_key_grads(DK, DV_OUT, dk, dv, kvh, offs_n, Skv, D: tl.constexpr, DV: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """Write one key tile's gradients [BLOCK_N, D] / [BLOCK_N, DV] (ACCUMULATE: add to what is there)."""
+    col_ok = offs_n < Skv
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     dk_ptr = DK + kvh * Skv * D + offs_n[:, None] * D + offs_d[None, :]
     dv_ptr = DV_OUT + kvh * Skv * DV + offs_n[:, None] * DV + offs_dv[None, :]
     dk_ok = col_ok[:, None] & (offs_d[None, :] < D)
     dv_ok = col_ok[:, None] & (offs_dv[None, :] < DV)
-    dk = dk * scale
     if ACCUMULATE:
         dk += tl.load(dk_ptr, mask=dk_ok, other=0.0).to(tl.float32)
         dv += tl.load(dv_ptr, mask=dv_ok, other=0.0).to(tl.float32)
@@ -860,19 +866,7 @@ def flex_dbwd_dkdv(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_K, G_V, STATS, Q_NUM
                                        __BUFFERS__
                                        D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, EVEN, IEEE, UPCAST,
                                        HAS_DLSE)
-    col_ok = offs_n < Skv
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    gk_ptr = G_K + kvh * Skv * D + offs_n[:, None] * D + offs_d[None, :]
-    gv_ptr = G_V + kvh * Skv * DV + offs_n[:, None] * DV + offs_dv[None, :]
-    gk_ok = col_ok[:, None] & (offs_d[None, :] < D)
-    gv_ok = col_ok[:, None] & (offs_dv[None, :] < DV)
-    g_k = g_k * scale
-    if ACCUMULATE:
-        g_k += tl.load(gk_ptr, mask=gk_ok, other=0.0).to(tl.float32)
-        g_v += tl.load(gv_ptr, mask=gv_ok, other=0.0).to(tl.float32)
-    tl.store(gk_ptr, g_k.to(G_K.dtype.element_ty), mask=gk_ok)
-    tl.store(gv_ptr, g_v.to(G_V.dtype.element_ty), mask=gv_ok)
+    _store_key_grads(G_K, G_V, g_k * scale, g_v, kvh, offs_n, Skv, D, DV, BLOCK_D, BLOCK_DV, ACCUMULATE)
 
 
 # Forward-mode (JVP).  With tangents dq, dk, dv of q, k, v:
