@@ -47,8 +47,6 @@ def main():
     p.add_argument("--tf32", action="store_true", help="fp32 with tf32 products (matmul precision 'high')")
     p.add_argument("--configs", default="", help="'M,N,w,s;M,N,w,s;...' tried for every pass instead of the lists")
     p.add_argument("--ab-reverse", action="store_true", help="A/B the heavy-first query order at default tiles")
-    p.add_argument("--ab-one-launch", action="store_true",
-                   help="A/B the backward in one launch (kernel_options BWD_ONE_LAUNCH) at default tiles")
     a = p.parse_args()
     if a.tf32:
         torch.set_float32_matmul_precision("high")
@@ -79,12 +77,6 @@ def main():
         print(f"D={D} S={S} {a.variant} {a.dtype}{' tf32' if a.tf32 else ''}: torch flex compiled fwd {t_fwd:.3f} ms, "
               f"fwd+bwd {t_all:.3f} ms "
               f"(bwd {t_all - t_fwd:.3f})", flush=True)
-        if a.ab_one_launch:
-            for one in (0, 1, 0, 1):
-                o = dict(BWD_ONE_LAUNCH=one)
-                tb = bench(lambda: flex_backward(kern, q, k, v, out, lse, do, None, scale, tables, bufs, o))
-                print(f"  one_launch={one}: bwd {tb:.3f} ms", flush=True)
-            continue
         if a.ab_reverse:
             for rev in (0, 1, 0, 1):
                 o = dict(REVERSE_Q_ORDER=rev)

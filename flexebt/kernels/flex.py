@@ -264,43 +264,9 @@ def flex_backward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     dlse = dlse.contiguous() if dlse is not None else None
     gbufs = captured_grad_buffers(kern, buffers, q.device)
     bargs = _buffer_args(buffers, gbufs)
-    if (options or {}).get("BWD_ONE_LAUNCH"):
-        dq, dk, dv = _backward_one_launch(kern, q, k, v, out, lse, dout, dlse, scale, tables, bargs, options)
-    else:
-        dq, delta, _ = dq_pass(kern, q, k, v, out, lse, dout, dlse, scale, tables, bargs, options)
-        dk, dv = dkdv_pass(kern, q, k, v, lse, delta, dout, scale, tables, bargs, options)
+    dq, delta, _ = dq_pass(kern, q, k, v, out, lse, dout, dlse, scale, tables, bargs, options)
+    dk, dv = dkdv_pass(kern, q, k, v, lse, delta, dout, scale, tables, bargs, options)
     return dq, dk, dv, finish_captured_grads(buffers, gbufs)
-
-
-def _backward_one_launch(kern: ModKernels, q, k, v, out, lse, dout, dlse, scale, tables: BlockTables, bargs,
-                         options):
-    """dq and dk/dv in one launch (kernel_options["BWD_ONE_LAUNCH"] = 1, an experiment against
-    the two-launch default): D_i = do_i.o_i - dlse_i first, then the key-tile and query-tile
-    programs side by side, as torch's FlexAttention backward does.  Tiles: the dq and dk/dv
-    entries of the tile table; warps and stages: those of the dk/dv pass."""
-    B, H, Sq, D = q.shape
-    Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
-    delta = (dout.float() * out.float()).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.float()
-    delta = delta.contiguous()
-    dq = torch.empty_like(q)
-    dk = torch.empty(B, Hkv, Skv, D, dtype=k.dtype, device=k.device)
-    dv = torch.empty(B, Hkv, Skv, DV, dtype=v.dtype, device=v.device)
-    c_dq = flex_config("dq", max(D, DV), tables.sparse_q, tables.sparse_kv, options, tiles=_tiles_for(q.dtype, options))
-    c_kv = flex_config("dkdv", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
-                       tiles=_tiles_for(q.dtype, options))
-    n_kv, n_q = triton_cdiv(Skv, c_kv.BLOCK_N), triton_cdiv(Sq, c_dq.BLOCK_M)
-    kern.module.flex_bwd[(n_kv + n_q, B * H)](
-        q, k, v, out, dout, lse, dlse if dlse is not None else lse, delta, dq, dk, dv,
-        tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx,
-        tables.q_num, tables.q_idx, tables.full_q_num, tables.full_q_idx, H, Hkv, Sq, Skv, tables.MB, tables.MH,
-        tables.kv_num.shape[-1], tables.q_num.shape[-1], tables.kv_idx.shape[-1], tables.full_kv_idx.shape[-1],
-        tables.q_idx.shape[-1], tables.full_q_idx.shape[-1], n_kv, n_q, scale, *bargs,
-        BLOCK_M1=c_kv.BLOCK_M, BLOCK_N1=c_kv.BLOCK_N, BLOCK_M2=c_dq.BLOCK_M, BLOCK_N2=c_dq.BLOCK_N,
-        HAS_DLSE=dlse is not None, REVERSE=_reverse(options), num_warps=c_kv.num_warps, num_stages=c_kv.num_stages,
-        **_common(q, k, v, tables, options))
-    return dq, dk, dv
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -287,7 +287,7 @@ def flex_bwd_dq(Q, K, V, O, DO, LSE, DLSE, DELTA, DQ, KV_NUM, KV_IDX, FULL_NUM, 
                     H, Hkv, Sq, Skv, MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, scale, Q_OFF, KP, VP, SELF_KEEP,
                     DKP, DVP, __BUFFERS__
                     D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, SPARSE_Q, SPARSE_KV, HAS_FULL, EVEN, IEEE, UPCAST,
-                    HAS_DLSE, REVERSE, HAS_SELF, False)
+                    HAS_DLSE, REVERSE, HAS_SELF)
 
 
 @triton.jit
@@ -297,10 +297,8 @@ def _bwd_dq_program(pid_m, pid_bh, n_prog_m, Q, K, V, O, DO, LSE, DLSE, DELTA, D
                     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
                     HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                    HAS_DLSE: tl.constexpr, REVERSE: tl.constexpr, HAS_SELF: tl.constexpr,
-                    DELTA_GIVEN: tl.constexpr):
-    """The dq program of query tile pid_m (of n_prog_m).  DELTA_GIVEN: read D_i from DELTA
-    (computed before the launch) instead of computing and writing it."""
+                    HAS_DLSE: tl.constexpr, REVERSE: tl.constexpr, HAS_SELF: tl.constexpr):
+    """The dq program of query tile pid_m (of n_prog_m)."""
     if REVERSE:
         pid_m = n_prog_m - 1 - pid_m
     off_b = pid_bh // H
@@ -311,14 +309,11 @@ def _bwd_dq_program(pid_m, pid_bh, n_prog_m, Q, K, V, O, DO, LSE, DLSE, DELTA, D
     qh = (off_b * H + off_h).to(tl.int64)
     q = _load_rows(Q + qh * Sq * D, offs_m, Sq, D, BLOCK_D, EVEN)
     do = _load_rows(DO + qh * Sq * DV, offs_m, Sq, DV, BLOCK_DV, EVEN)
-    if DELTA_GIVEN:
-        delta = tl.load(DELTA + qh * Sq + offs_m, mask=row_ok, other=0.0)
-    else:
-        o = _load_rows(O + qh * Sq * DV, offs_m, Sq, DV, BLOCK_DV, EVEN)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-        if HAS_DLSE:
-            delta -= tl.load(DLSE + qh * Sq + offs_m, mask=row_ok, other=0.0).to(tl.float32)
-        tl.store(DELTA + qh * Sq + offs_m, delta, mask=row_ok)
+    o = _load_rows(O + qh * Sq * DV, offs_m, Sq, DV, BLOCK_DV, EVEN)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + qh * Sq + offs_m, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(DELTA + qh * Sq + offs_m, delta, mask=row_ok)
     lse = tl.load(LSE + qh * Sq + offs_m, mask=row_ok, other=float("-inf"))
     # lse = -inf marks a row with nothing kept; shifting by 0 keeps exp2() finite there.
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
@@ -476,34 +471,6 @@ def _store_key_grads(DK, DV_OUT, dk, dv, kvh, offs_n, Skv, D: tl.constexpr, DV: 
         dv += tl.load(dv_ptr, mask=dv_ok, other=0.0).to(tl.float32)
     tl.store(dk_ptr, dk.to(DK.dtype.element_ty), mask=dk_ok)
     tl.store(dv_ptr, dv.to(DV_OUT.dtype.element_ty), mask=dv_ok)
-
-
-@triton.jit
-def flex_bwd(Q, K, V, O, DO, LSE, DLSE, DELTA, DQ, DK, DV_OUT, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
-             Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX, H, Hkv, Sq, Skv, MB, MH, NQ_BLOCKS, NKV_BLOCKS,
-             NKV_LIST, NKV_LIST_FULL, NQ_LIST, NQ_LIST_FULL, N_KV_PROGRAMS, N_Q_PROGRAMS, scale, __BUFFERS__
-             D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-             BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
-             SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr, HAS_FULL: tl.constexpr, EVEN: tl.constexpr,
-             IEEE: tl.constexpr, UPCAST: tl.constexpr, HAS_DLSE: tl.constexpr, REVERSE: tl.constexpr):
-    """dq and dk/dv in one launch (single stream): programs [0, N_KV_PROGRAMS) are dk/dv programs
-    (key tiles, heavy work first), the rest dq programs; D_i comes precomputed in DELTA.  Grid:
-    (N_KV_PROGRAMS + N_Q_PROGRAMS, B * H); dk/dv programs of a head index >= B * Hkv exit."""
-    pid = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    if pid < N_KV_PROGRAMS:
-        if pid_bh < tl.num_programs(1) // (H // Hkv):
-            _bwd_dkdv_program(pid, pid_bh, Q, K, V, DO, LSE, DELTA, DK, DV_OUT, Q_NUM, Q_IDX, FULL_Q_NUM,
-                              FULL_Q_IDX, H, Hkv, Sq, Skv, MB, MH, NKV_BLOCKS, NQ_LIST, NQ_LIST_FULL, scale, 0,
-                              __BUFFERS__
-                              D, DV, BLOCK_D, BLOCK_DV, BLOCK_M1, BLOCK_N1, SPARSE_Q, SPARSE_KV, HAS_FULL, EVEN,
-                              IEEE, UPCAST, False)
-    else:
-        _bwd_dq_program(pid - N_KV_PROGRAMS, pid_bh, N_Q_PROGRAMS, Q, K, V, O, DO, LSE, DLSE, DELTA, DQ, KV_NUM,
-                        KV_IDX, FULL_NUM, FULL_IDX, H, Hkv, Sq, Skv, MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, scale,
-                        0, LSE, LSE, LSE, LSE, LSE, __BUFFERS__
-                        D, DV, BLOCK_D, BLOCK_DV, BLOCK_M2, BLOCK_N2, SPARSE_Q, SPARSE_KV, HAS_FULL, EVEN, IEEE,
-                        UPCAST, HAS_DLSE, REVERSE, False, True)
 
 
 # Double backward (DESIGN appendix; flexebt/reference/double_backward.py is the dense spec).
