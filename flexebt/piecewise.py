@@ -8,15 +8,27 @@ log-sum-exps:
 
     lse = logaddexp(lse_near, lse_far),   out = e^(lse_near - lse) out_near + e^(lse_far - lse) out_far.
 
-Every derivative order follows: the kernels differentiate (out, lse) of each pass -- backward,
-fused double backward, JVP -- and the merge is plain torch.  The offset P and the threshold enter
-the mask_mods as captured one-element int32 tensors, so a new threshold reuses the compiled
-kernels; only the block masks are rebuilt (and cached).
+First order (``PiecewiseAttention``): the forward merges in one fused launch
+(kernels/merge.py), and the backward needs no merge at all.  With the merged ``(out, lse)``,
+``P_mn = e^(s_mn - lse_m)`` is the final probability of every pair whichever pass scored it, and
+``dS_mn = P_mn (dP_mn - D_m)`` with ``D_m = do_m . out_m`` is the exact score gradient; so each
+pass's ordinary backward kernels, given the merged ``(out, lse)``, return exactly their pairs'
+share: ``dq1, dk1`` from the near pass, ``dq2, dk2`` from the far one, and ``dv`` summed (in
+fp32) over both.
+
+Higher orders (``create_graph=True``), forward mode and torch.func transforms differentiate the
+composition instead: two ``flex_attention`` calls (fused backward, double backward and JVP
+kernels each) and the merge in plain torch, which autograd differentiates at every order.  A
+double backward recomputes that composition once from the saved inputs.
+
+The offset P and the threshold enter the mask_mods as captured one-element int32 tensors, so a
+new threshold reuses the compiled kernels; only the block masks are rebuilt (and cached).
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 from typing import Callable, Optional
 
@@ -95,8 +107,10 @@ def merge_partial_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: 
     return out.to(out_a.dtype), torch.where(empty, float("-inf"), lse)
 
 
-def piecewise_attention_kernels(q1, k1, q2, k2, v, dist_threshold, causal, scale, score_mod, block_mask,
-                                kernel_options) -> tuple[Tensor, Tensor]:
+def composed_piecewise(q1, k1, q2, k2, v, dist_threshold, causal, scale, score_mod, block_mask,
+                       kernel_options) -> tuple[Tensor, Tensor]:
+    """(out, lse) as a composition autograd differentiates at every order: two flex_attention
+    passes and the torch merge."""
     from .api import flex_attention
 
     M, N = q1.shape[2], k1.shape[2]
@@ -106,3 +120,122 @@ def piecewise_attention_kernels(q1, k1, q2, k2, v, dist_threshold, causal, scale
     out_f, lse_f = flex_attention(q2, k2, v, score_mod=score_mod, block_mask=far, scale=scale, return_lse=True,
                                   kernel_options=kernel_options)
     return merge_partial_attention(out_n, lse_n, out_f, lse_f)
+
+
+@dataclasses.dataclass
+class PiecewiseCall:
+    """The two passes of one call (kernels, tables) and what the composed fallback needs."""
+
+    kern_near: object
+    kern_far: object
+    tables_near: object
+    tables_far: object
+    n_near: int  # captured tensors of the near pass come first among the Function's extra inputs
+    scale: float
+    options: Optional[dict]
+    score_mod: Optional[Callable]
+    composed: Callable  # (q1, k1, q2, k2, v) -> (out, lse), differentiable at every order
+
+
+class PiecewiseAttention(torch.autograd.Function):
+    """First-order fused piecewise attention (see the module docstring for the math)."""
+
+    @staticmethod
+    def forward(q1, k1, q2, k2, v, call: PiecewiseCall, *buffers):
+        from .kernels.flex import flex_forward
+        from .kernels.merge import merge_partial_softmax
+
+        b_near, b_far = list(buffers[:call.n_near]), list(buffers[call.n_near:])
+        out_n, lse_n = flex_forward(call.kern_near, q1, k1, v, call.scale, call.tables_near, b_near, call.options)
+        out_f, lse_f = flex_forward(call.kern_far, q2, k2, v, call.scale, call.tables_far, b_far, call.options)
+        return merge_partial_softmax(out_n, lse_n, out_f, lse_f)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q1, k1, q2, k2, v, call, *buffers = inputs
+        out, lse = output
+        ctx.call = call
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(q1, k1, q2, k2, v, out, lse, *buffers)
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q1, k1, q2, k2, v, out, lse, *buffers = ctx.saved_tensors
+        call: PiecewiseCall = ctx.call
+        if dout is None:
+            return (None,) * (6 + len(buffers))
+        if torch.is_grad_enabled():  # create_graph=True: a higher order follows
+            return _composed_backward(ctx, (q1, k1, q2, k2, v), buffers, dout)
+        from .kernels.flex import (_buffer_args, captured_grad_buffers, dkdv_pass, dq_pass,
+                                   finish_captured_grads)
+
+        dout = dout.contiguous()
+        grads, dv32 = [], torch.empty(v.shape, dtype=torch.float32, device=v.device)
+        passes = ((call.kern_near, call.tables_near, q1, k1, buffers[:call.n_near]),
+                  (call.kern_far, call.tables_far, q2, k2, buffers[call.n_near:]))
+        for i, (kern, tables, q, k, bufs) in enumerate(passes):
+            gbufs = captured_grad_buffers(kern, list(bufs), q.device)
+            bargs = _buffer_args(list(bufs), gbufs)
+            dq, delta, _ = dq_pass(kern, q, k, v, out, lse, dout, None, call.scale, tables, bargs, call.options)
+            # dv of both passes accumulates in fp32 (one rounding); the far pass adds onto zeros for dk2
+            dk = torch.empty_like(k) if i == 0 else torch.zeros_like(k)
+            dkdv_pass(kern, q, k, v, lse, delta, dout, call.scale, tables, bargs, call.options, into=(dk, dv32),
+                      accumulate=i == 1)
+            grads.append((dq, dk, finish_captured_grads(list(bufs), gbufs)))
+        (dq1, dk1, gb_near), (dq2, dk2, gb_far) = grads
+        return (dq1, dk1, dq2, dk2, dv32.to(v.dtype), None, *gb_near, *gb_far)
+
+
+def _composed_backward(ctx, primals, buffers, dout):
+    """The first-order gradients as a differentiable function of the inputs (for create_graph):
+    autograd through the composition, w.r.t. aliases of the inputs (so each input gets only the
+    paths through itself, while the results keep their graph to the real inputs) and w.r.t. the
+    captured tensors that need gradients (they appear in both passes' lists; the near slots
+    carry their gradient)."""
+    from .autograd import _alias
+
+    call: PiecewiseCall = ctx.call
+    near = buffers[:call.n_near]
+    learned = [b for b in near if b.requires_grad]
+    with torch.enable_grad():
+        p = [_alias(x) for x in primals]
+        out, _ = call.composed(*p)
+        g = torch.autograd.grad(out, p + learned, dout, create_graph=True, allow_unused=True)
+    g_primals = [gi if need else None for gi, need in zip(g[:5], ctx.needs_input_grad[:5])]
+    rest = list(g[5:])
+    g_near = [rest.pop(0) if b.requires_grad else None for b in near]
+    return (*g_primals, None, *g_near, *([None] * (len(buffers) - call.n_near)))
+
+
+def _needs_composition(tensors) -> bool:
+    """torch.func transforms and forward-mode tangents differentiate the composition (the fused
+    Function has no jvp or batching rule)."""
+    from .backends import _has_forward_tangent, _in_dual_level, _is_wrapped
+
+    return any(_is_wrapped(t) for t in tensors) or (_in_dual_level() and any(_has_forward_tangent(t)
+                                                                             for t in tensors))
+
+
+def piecewise_attention_kernels(q1, k1, q2, k2, v, dist_threshold, causal, scale, score_mod, block_mask,
+                                kernel_options) -> tuple[Tensor, Tensor]:
+    from .codegen.source import get_kernels
+    from .kernels.flex import tables_from_block_mask
+
+    args = (dist_threshold, causal, scale, score_mod, block_mask, kernel_options)
+    if _needs_composition((q1, k1, q2, k2, v)):
+        return composed_piecewise(q1, k1, q2, k2, v, *args)
+    M, N = q1.shape[2], k1.shape[2]
+    near, far = region_block_masks(M, N, dist_threshold, causal, q1.device, block_mask)
+    t_near, t_far = (tables_from_block_mask(bm, M, N, q1.device) for bm in (near, far))
+    k_near, k_far = (get_kernels("flex_attention", score_mod, t.mask_mod) for t in (t_near, t_far))
+    b_near, b_far = k_near.buffers(score_mod, t_near.mask_mod), k_far.buffers(score_mod, t_far.mask_mod)
+    for t in b_near + b_far:
+        if t.device != q1.device:
+            raise ValueError(f"piecewise_attention: a tensor captured by score_mod/mask_mod is on {t.device} but "
+                             f"the inputs are on {q1.device}; move it to {q1.device}.")
+    call = PiecewiseCall(k_near, k_far, t_near, t_far, len(b_near), q1.shape[-1] ** -0.5 if scale is None
+                         else float(scale), kernel_options, score_mod,
+                         lambda *p: composed_piecewise(*p, *args))
+    c = [x.contiguous() for x in (q1, k1, q2, k2, v)]
+    return PiecewiseAttention.apply(*c, call, *b_near, *b_far)

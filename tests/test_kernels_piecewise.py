@@ -108,3 +108,69 @@ def test_one_product_per_tile_off_the_threshold():
     assert tiles(near) == len(only_near) + len(crossing)
     assert tiles(far) == len(only_far) + len(crossing)
     assert len(only_near) + len(only_far) + len(crossing) == len(causal_tiles)
+
+
+def test_first_order_is_fused_and_exact():
+    """Without create_graph the backward is the two passes' kernels with the merged (out, lse):
+    no composition node in the graph; q1 is q2 (one tensor, gradients summed), a learned bias
+    read by both passes, an lse-free loss."""
+    M, N, H = 26, 34, 2
+    q, k1, k2, v = (torch.randn(1, H, S, 16, requires_grad=True) for S in (M, N, N, N))
+    bias = (0.5 * torch.randn(H, M, N)).requires_grad_()
+    sm = mods.generate_bias_score_mod(bias)
+    out = _f(7, True, T, score_mod=sm)(q, k1, q, k2, v)
+    assert type(out.grad_fn).__name__ == "PiecewiseAttentionBackward"
+    ct = torch.randn_like(out)
+    got = torch.autograd.grad(out, [q, k1, k2, v, bias], ct)
+    xd = [t.detach().double().requires_grad_() for t in (q, k1, k2, v, bias)]
+    ref = _f(7, True, R, score_mod=mods.generate_bias_score_mod(xd[4]))(xd[0], xd[1], xd[0], xd[2], xd[3])
+    want = torch.autograd.grad(ref, xd, ct.double())
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_second_order_with_a_learned_bias():
+    """create_graph differentiates the composition; the bias's gradients come out of it too."""
+    M = N = 29
+    x = _inputs(M, N, grad=True)
+    bias = (0.5 * torch.randn(2, M, N)).requires_grad_()
+    got = second_order(lambda *a: _f(6, True, T, score_mod=mods.generate_bias_score_mod(a[5]))(*a[:5]), x + [bias])
+    want = second_order(lambda *a: _f(6, True, R, score_mod=mods.generate_bias_score_mod(a[5]))(*a[:5]), x + [bias])
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_rows_with_no_key_give_zero_and_zero_gradients():
+    """A block mask that keeps nothing for the first queries: out 0, finite zero gradients there."""
+    M = N = 40
+    bm = flexebt.create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= 9, None, None, M, N, device="cpu",
+                                   BLOCK_SIZE=16)
+    x = _inputs(M, N, grad=True)
+    out = _f(5, False, T, block_mask=bm)(*x)
+    assert (out[:, :, :9] == 0).all()
+    grads = torch.autograd.grad(out.square().sum(), x)
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert (grads[0][:, :, :9] == 0).all() and (grads[2][:, :, :9] == 0).all()
+    want = torch.autograd.grad(_f(5, False, R, block_mask=bm)(*[t.double() for t in x]).square().sum(), x)
+    # the reference's autograd: compare each input's gradient
+    for a, b in zip(grads, want):
+        assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("DV", [16, 24])
+def test_merge_kernel_matches_the_torch_merge(DV):
+    from flexebt.kernels.merge import merge_partial_softmax
+    from flexebt.piecewise import merge_partial_attention
+
+    oa, ob = torch.randn(2, 3, 70, DV), torch.randn(2, 3, 70, DV)
+    la, lb = torch.randn(2, 3, 70) * 4, torch.randn(2, 3, 70) * 4
+    la[0, 0, :5] = float("-inf")             # only b
+    lb[0, 1, 3:9] = float("-inf")            # only a
+    la[1, 2, 10:12] = lb[1, 2, 10:12] = float("-inf")  # neither
+    got_o, got_l = merge_partial_softmax(oa, la, ob, lb)
+    want_o, want_l = merge_partial_attention(oa.double(), la.double(), ob.double(), lb.double())
+    assert rel_err(got_o, want_o) < 1e-6
+    assert torch.equal(torch.isneginf(got_l), torch.isneginf(want_l))
+    fin = torch.isfinite(want_l)
+    assert rel_err(got_l[fin], want_l[fin]) < 1e-6
+    assert (got_o[1, 2, 10:12] == 0).all()
