@@ -122,6 +122,7 @@ def run_b4(args, meta, writer):
         for S in args.seqs:
             B, H = (args.batch or max(1, args.tokens // S)), args.heads
             w = args.piecewise_w or S // 8
+            variant = f"piecewise_causal_w{w}" if args.piecewise_w else "piecewise_causal_w=S/8"
             x = [torch.randn(B, H, S, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(5)]
             bm = flexebt.create_block_mask(masks.causal_mask, None, None, S, S, device="cuda")
             flops = 4 * B * H * S * S * D / 2
@@ -141,7 +142,7 @@ def run_b4(args, meta, writer):
                     except torch.OutOfMemoryError:
                         ms, peak = float("nan"), float("nan")
                         torch.cuda.empty_cache()
-                    writer(dict(meta, suite="B4", impl=impl, variant=f"piecewise_causal_w{w}", dtype=args.dtype, B=B,
+                    writer(dict(meta, suite="B4", impl=impl, variant=variant, dtype=args.dtype, B=B,
                                 H=H, S=S, D=D, mode=mode, ms=round(ms, 4),
                                 tflops=round(flops * MODES[mode] / ms / 1e9, 2), peak_mem_gib=round(peak, 3)))
             del x

@@ -9,7 +9,8 @@ import sys
 from collections import defaultdict
 
 COLORS = {"flexebt": "tab:blue", "torch_flex_compiled": "tab:orange", "sdpa_causal": "tab:gray",
-          "ebt_flash_attention": "tab:red", "eager_math": "tab:green"}
+          "ebt_flash_attention": "tab:red", "eager_math": "tab:green", "flexebt_piecewise": "tab:blue",
+          "flexebt_causal": "tab:gray"}
 
 
 def main(path):
