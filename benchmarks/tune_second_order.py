@@ -23,6 +23,10 @@ from flexebt.kernels import flex as fk  # noqa: E402
 DKDV = [(32, 128, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 2),
         (64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3)]
 DQ = [(64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 3)]
+# fp32 tiles take twice the registers and shared memory: smaller candidates, fewer stages
+FP32 = [(32, 32, 4, 1), (32, 32, 4, 2), (16, 32, 4, 1), (32, 64, 4, 1), (64, 32, 4, 1), (32, 64, 4, 2),
+        (64, 64, 4, 1), (16, 64, 4, 1)]
+PASSES = ["flex_fwd", "flex_bwd_dq", "flex_bwd_dkdv", "flex_dbwd_rows", "flex_dbwd_dq", "flex_dbwd_dkdv"]
 
 
 def main():
@@ -31,12 +35,14 @@ def main():
     p.add_argument("--D", type=int, default=64)
     p.add_argument("--dtype", default="bfloat16", help="float32 runs under matmul precision 'highest'")
     p.add_argument("--fp32-products", default="", help="'ieee' or 'tf32x3' (fp32 only; default: the library's)")
+    p.add_argument("--B", type=int, default=8)
+    p.add_argument("--H", type=int, default=8)
     a = p.parse_args()
     dtype = getattr(torch, a.dtype)
     extra = {"FP32_PRODUCTS": a.fp32_products} if a.fp32_products else {}
     fk._launch = fc._timed_launch(fk._launch)
     S = a.S
-    x = [torch.randn(8, 8, S, a.D, device="cuda", dtype=dtype) for _ in range(6)]
+    x = [torch.randn(a.B, a.H, S, a.D, device="cuda", dtype=dtype) for _ in range(6)]
     bm = flexebt.create_ebt_block_mask(None, None, None, S, S, device="cuda")
 
     def step(opts):
@@ -55,13 +61,14 @@ def main():
         fc._LOG.clear()
         return " ".join(f"{n} {t:.2f}" for n, t in out.items())
 
-    for m, n, w, s in DKDV:
+    print(f"default tiles: {timed({}, PASSES)} ms", flush=True)
+    for m, n, w, s in (FP32 if dtype == torch.float32 else DKDV):
         o = dict(BLOCK_M1=m, BLOCK_N1=n, dbwd_dkdv_num_warps=w, dbwd_dkdv_num_stages=s)
         try:
             print(f"dkdv M{m} N{n} w{w} s{s}: {timed(o, ['flex_dbwd_dkdv', 'flex_bwd_dkdv'])} ms", flush=True)
         except Exception as e:  # out of resources
             print(f"dkdv M{m} N{n} w{w} s{s}: failed {type(e).__name__}", flush=True)
-    for m, n, w, s in DQ:
+    for m, n, w, s in (FP32 if dtype == torch.float32 else DQ):
         o = dict(BLOCK_M2=m, BLOCK_N2=n, dbwd_dq_num_warps=w, dbwd_dq_num_stages=s, dbwd_rows_num_warps=w,
                  dbwd_rows_num_stages=s)
         try:

@@ -243,3 +243,23 @@ def test_compositions_beyond_the_kernels_run_the_reference():
     qd = q.double().requires_grad_()
     _, jv_ref = torch.func.jvp(lambda x: energy(x, R), (qd,), (t.double(),))
     assert rel_err(g, torch.autograd.grad(jv_ref, qd)[0]) < 1e-5
+
+
+def test_fp32_product_mode_and_tile_table_per_pass():
+    """fp32 under "highest": tf32x3 everywhere up to D64 (the double backward on its own tile
+    table, with a D32 class), IEEE in the double backward above D64; FP32_PRODUCTS overrides."""
+    from flexebt.kernels import configs
+    from flexebt.kernels.flex import _precision, _tiles_for
+
+    f32 = torch.float32
+    assert torch.get_float32_matmul_precision() == "highest"
+    assert _precision(f32, None, False, 128)["IEEE"] == 2 and _tiles_for(f32, None, False, 128) == "tf32"
+    assert _precision(f32, None, True, 64)["IEEE"] == 2 and _tiles_for(f32, None, True, 64) == "tf32x3"
+    assert _precision(f32, None, True, 128)["IEEE"] == 1 and _tiles_for(f32, None, True, 128) == "ieee"
+    assert _tiles_for(f32, {"FP32_PRODUCTS": "tf32x3"}, True, 128) == "tf32x3"
+    assert _tiles_for(f32, {"FP32_PRODUCTS": "ieee"}, True, 32) == "ieee"
+    assert _tiles_for(torch.bfloat16, None, True, 32) == "bf16"
+    cfg = lambda D, table: configs._default_flex_config("dbwd_dq", D, 128, 128, False, table, False)  # noqa: E731
+    assert (cfg(32, "tf32x3").BLOCK_M, cfg(32, "tf32x3").BLOCK_N) == (64, 64)
+    assert (cfg(64, "tf32x3").BLOCK_M, cfg(64, "tf32x3").BLOCK_N) == (32, 32)
+    assert cfg(32, "bf16") == cfg(64, "bf16")  # other tables have no D32 class

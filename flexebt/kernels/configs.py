@@ -108,7 +108,19 @@ _TF32 = {
     "dbwd_dkdv": {64: (32, 64, 4, 2), 128: (32, 32, 4, 1), 256: (16, 32, 4, 1)},
     "jvp": {64: (64, 32, 4, 2), 128: (32, 32, 4, 1), 256: (16, 32, 4, 1)},
 }
-_TABLES = {"bf16": _BF16, "ieee": _IEEE, "tf32": _TF32}
+# fp32 double backward with tf32x3 products (three tf32 dots per product: each operand split
+# into hi and lo parts, so ~2x the live registers of a tf32 tile).  A head-dim class 32 of its
+# own: the best tiles at D32 spill at D64.  H200, EBT step (benchmarks/tune_second_order.py;
+# results/tune_dbwd_fp32_*.txt): D32 S512 B16 H12 rows + dq + g_k/g_v 37.8 + 6.5 + 1.4 ms at the
+# tf32 table's 32 x 64 tiles -> 0.85 + 0.88 + 1.05 ms (IEEE: 3.1 + 3.0 + 3.0); D64 S1024 B8 H8
+# 3.4 + 23.2 + 5.9 -> ~2.7 + 2.3 + 2.4 ms.  At D128 every tile tried spilled (> 10 ms), so the
+# default there stays IEEE (flex._precision); these entries serve an explicit FP32_PRODUCTS.
+_TF32X3_SECOND_ORDER = {
+    "dbwd_rows": {32: (64, 64, 4, 1), 64: (32, 32, 4, 1), 128: (16, 32, 4, 1), 256: (16, 16, 4, 1)},
+    "dbwd_dq": {32: (64, 64, 4, 1), 64: (32, 32, 4, 1), 128: (16, 32, 4, 1), 256: (16, 16, 4, 1)},
+    "dbwd_dkdv": {32: (64, 64, 4, 1), 64: (16, 32, 4, 1), 128: (16, 32, 4, 1), 256: (16, 16, 4, 1)},
+}
+_TABLES = {"bf16": _BF16, "ieee": _IEEE, "tf32": _TF32, "tf32x3": _TF32X3_SECOND_ORDER}
 
 
 def _default_flex_config(pass_name: str, head_dim: int, sparse_q: int, sparse_kv: int, gathers: bool,
@@ -116,7 +128,8 @@ def _default_flex_config(pass_name: str, head_dim: int, sparse_q: int, sparse_kv
     if interp:  # tiny tiles keep the interpreter fast
         return TileConfig(MIN_TILE, MIN_TILE, 4, 1)
     table = _TABLES[tiles][pass_name]
-    m, n, warps, stages = table[64 if head_dim <= 64 else 128 if head_dim <= 128 else 256]
+    cls = 32 if head_dim <= 32 and 32 in table else 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+    m, n, warps, stages = table[cls]
     if gathers and pass_name == "fwd" and head_dim <= 64 and tiles == "bf16":
         # A mod that gathers a [BLOCK_M, BLOCK_N] tile from a tensor (a learned bias) runs best
         # on 64 x 64 tiles: 0.66 ms vs 0.95 ms at 128 x 128 (H200, bf16, B4 H16 S4096).

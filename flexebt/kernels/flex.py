@@ -128,29 +128,31 @@ def captured_cotangents(kern: ModKernels, buffers: list[Tensor], cts: list) -> d
     return out
 
 
-def _precision(dtype, options: Optional[dict] = None, second_order: bool = False) -> dict:
+def _precision(dtype, options: Optional[dict] = None, second_order: bool = False, head_dim: int = 0) -> dict:
     """How tl.dot multiplies (SPEC §5).  bf16/fp16, and fp32 when the matmul precision allows
     tf32: the tensor cores' default.  fp32 under matmul precision "highest": fp32-accurate products,
     either IEEE-exact (IEEE=1, FMA units) or as three tf32 products hi*hi + hi*lo + lo*hi on the
     tensor cores (IEEE=2, "tf32x3": ~2^-22 relative error per product, as accurate as fp32 eager
-    math in our measurements -- docs/design.md D31).  Default: tf32x3 for the forward, first-order
-    and JVP passes, IEEE for the double backward (its many live tiles make tf32x3 slower there);
+    math in our measurements -- docs/design.md D31).  Default: tf32x3, except IEEE for the double
+    backward at head dims > 64, where tf32x3's split operands spill at every tile we tried (D40);
     kernel_options["FP32_PRODUCTS"] = "ieee" | "tf32x3" picks one for all passes.
     UPCAST works around the Triton interpreter's wrong bf16 dot (interpreter only)."""
     ieee = 0
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        mode = (options or {}).get("FP32_PRODUCTS", "ieee" if second_order else "tf32x3")
+        default = "ieee" if second_order and head_dim > 64 else "tf32x3"
+        mode = (options or {}).get("FP32_PRODUCTS", default)
         if mode not in ("ieee", "tf32x3"):
             raise ValueError(f"kernel_options['FP32_PRODUCTS'] must be 'ieee' or 'tf32x3', got {mode!r}.")
         ieee = 1 if mode == "ieee" else 2
     return dict(IEEE=ieee, UPCAST=dtype == torch.bfloat16 and interpreting())
 
 
-def _tiles_for(dtype, options: Optional[dict] = None, second_order: bool = False) -> str:
+def _tiles_for(dtype, options: Optional[dict] = None, second_order: bool = False, head_dim: int = 0) -> str:
     """Which tile table of kernels/configs.py fits these inputs."""
     if dtype != torch.float32:
         return "bf16"
-    return "ieee" if _precision(dtype, options, second_order)["IEEE"] == 1 else "tf32"
+    ieee = _precision(dtype, options, second_order, head_dim)["IEEE"]
+    return "ieee" if ieee == 1 else "tf32x3" if ieee == 2 and second_order else "tf32"
 
 
 def _reverse(options: Optional[dict]) -> bool:
@@ -197,7 +199,7 @@ def _common(q, k, v, tables, options=None, second_order=False):
     D, Sq, Skv, DV = q.shape[3], q.shape[2], k.shape[2], v.shape[3]
     return dict(D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), SPARSE_Q=tables.sparse_q,
                 SPARSE_KV=tables.sparse_kv, HAS_FULL=tables.has_full, EVEN=_even(Sq, Skv, tables),
-                **_precision(q.dtype, options, second_order))
+                **_precision(q.dtype, options, second_order, max(D, DV)))
 
 
 def dq_pass(kern: ModKernels, q, k, v, out, lse, dout, dlse, scale, tables: BlockTables, bargs: list,
@@ -293,7 +295,7 @@ def dbwd_rows_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, 
     stats = torch.empty(B, H, Sq, 5, dtype=torch.float32, device=q.device)
     g_do = torch.empty_like(args[4])
     cfg = flex_config("dbwd_rows", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
-                      tiles=_tiles_for(q.dtype, options, True))
+                      tiles=_tiles_for(q.dtype, options, True, max(D, DV)))
     _launch(kern.module.flex_dbwd_rows, lambda c_: (triton_cdiv(Sq, c_.BLOCK_M), B * H),
             (*args, g_do, stats, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx, H, Hkv, Sq,
              Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
@@ -318,7 +320,7 @@ def dbwd_dq_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, st
     else:
         g_kp = g_vp = lse
     cfg = flex_config("dbwd_dq", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
-                      tiles=_tiles_for(q.dtype, options, True))
+                      tiles=_tiles_for(q.dtype, options, True, max(D, DV)))
     _launch(kern.module.flex_dbwd_dq, lambda c_: (triton_cdiv(Sq, c_.BLOCK_M), B * H),
             (*args, g_q, stats, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx, H, Hkv, Sq,
              Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
@@ -336,7 +338,7 @@ def dbwd_dkdv_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, 
     args = _dbwd_args(q, k, v, out, dout, lse, dlse, gq, gk, gv)
     g_k, g_v = into if into is not None else (torch.empty_like(k), torch.empty_like(v))
     cfg = flex_config("dbwd_dkdv", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
-                      tiles=_tiles_for(q.dtype, options, True))
+                      tiles=_tiles_for(q.dtype, options, True, max(D, DV)))
     _launch(kern.module.flex_dbwd_dkdv, lambda c_: (triton_cdiv(Skv, c_.BLOCK_N), B * Hkv),
             (*args, g_k, g_v, stats, tables.q_num, tables.q_idx, tables.full_q_num, tables.full_q_idx, H, Hkv, Sq,
              Skv, tables.MB, tables.MH, tables.q_num.shape[-1], tables.q_idx.shape[-1],
