@@ -241,6 +241,8 @@ def run_b3(args, meta, writer):
         dtype = getattr(torch, dtype_name)
         for S in args.seqs:
             for impl, backend in (("flexebt", "AUTO"), ("eager_math", "REFERENCE")):
+                if impl not in args.impls:
+                    continue
                 os.environ["FLEXEBT_BACKEND"] = backend
                 torch.manual_seed(0)
                 model = CharEBT(vocab, S, dim=384, heads=12, layers=12, mcmc_steps=3).to("cuda", dtype)
