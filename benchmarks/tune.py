@@ -47,6 +47,7 @@ def main():
     p.add_argument("--tf32", action="store_true", help="fp32 with tf32 products (matmul precision 'high')")
     p.add_argument("--configs", default="", help="'M,N,w,s;M,N,w,s;...' tried for every pass instead of the lists")
     p.add_argument("--ab-reverse", action="store_true", help="A/B the heavy-first query order at default tiles")
+    p.add_argument("--ab-tma", action="store_true", help="A/B the forward's TMA loads (USE_TMA) at default tiles")
     a = p.parse_args()
     if a.tf32:
         torch.set_float32_matmul_precision("high")
@@ -77,6 +78,11 @@ def main():
         print(f"D={D} S={S} {a.variant} {a.dtype}{' tf32' if a.tf32 else ''}: torch flex compiled fwd {t_fwd:.3f} ms, "
               f"fwd+bwd {t_all:.3f} ms "
               f"(bwd {t_all - t_fwd:.3f})", flush=True)
+        if a.ab_tma:
+            for tma in (0, 1, 0, 1):
+                tf = bench(lambda: flex_forward(kern, q, k, v, scale, tables, bufs, dict(USE_TMA=tma)))
+                print(f"  use_tma={tma}: fwd {tf:.3f} ms", flush=True)
+            continue
         if a.ab_reverse:
             for rev in (0, 1, 0, 1):
                 o = dict(REVERSE_Q_ORDER=rev)

@@ -263,3 +263,29 @@ def test_fp32_product_mode_and_tile_table_per_pass():
     assert (cfg(32, "tf32x3").BLOCK_M, cfg(32, "tf32x3").BLOCK_N) == (64, 64)
     assert (cfg(64, "tf32x3").BLOCK_M, cfg(64, "tf32x3").BLOCK_N) == (32, 32)
     assert cfg(32, "bf16") == cfg(64, "bf16")  # other tables have no D32 class
+
+
+@pytest.mark.parametrize("D,Hkv", [(16, 2), (24, 1)])
+def test_tma_loads_match_pointer_loads(D, Hkv):
+    """kernel_options USE_TMA (K/V tiles through tensor descriptors over [B * Hkv, Skv, D]): same
+    output and lse as the pointer loads -- odd lengths (zero-filled rows past Skv), a head dim
+    below its tile (zero-filled columns), GQA, a causal mask with partial and full blocks."""
+    S, H = 45, 2
+    bm = flexebt.create_block_mask(masks.causal_mask, None, None, S, S, device="cpu", BLOCK_SIZE=16)
+    q = torch.randn(2, H, S, D)
+    k, v = (torch.randn(2, Hkv, S, D) for _ in range(2))
+    kw = dict(block_mask=bm, enable_gqa=True, return_lse=True)
+    got = flexebt.flex_attention(q, k, v, kernel_options={**T, "USE_TMA": True}, **kw)
+    want = flexebt.flex_attention(q, k, v, kernel_options=T, **kw)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_tma_is_a_hint():
+    """Rows that are not 16-byte aligned (bf16, D = 20: 40 bytes) take the pointer loads."""
+    from flexebt.kernels.flex import _use_tma
+
+    x16 = torch.randn(1, 1, 8, 16)
+    assert _use_tma({"USE_TMA": True}, x16, x16)
+    assert not _use_tma({"USE_TMA": True}, torch.randn(1, 1, 8, 20, dtype=torch.bfloat16), x16)
+    assert not _use_tma(None, x16, x16) and not _use_tma({"USE_TMA": False}, x16, x16)

@@ -89,7 +89,8 @@ def _launch(kernel, grid_of, args, kwargs, cfg, key):
     cfg = _WORKING.get(want, cfg)
     while True:
         try:
-            kernel[grid_of(cfg)](*args, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps,
+            # args may depend on the tiles (tensor descriptors carry their block shape)
+            kernel[grid_of(cfg)](*(args(cfg) if callable(args) else args), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps,
                                  num_stages=cfg.num_stages, **kwargs)
             _WORKING[want] = cfg
             return
@@ -174,6 +175,28 @@ class OwnKeys:
     keep: Tensor  # int8 [B, H, Sq]
 
 
+def _use_tma(options: Optional[dict], *tensors: Tensor) -> bool:
+    """kernel_options["USE_TMA"] (torch's name): load K and V tiles through tensor descriptors
+    (Hopper's TMA copy engine) in the forward.  A hint: where the GPU has no TMA (compute
+    capability < 9) or a row is not 16-byte aligned, the pointer loads run instead."""
+    if not (options or {}).get("USE_TMA"):
+        return False
+    t0 = tensors[0]
+    if t0.device.type == "cuda" and torch.cuda.get_device_capability(t0.device)[0] < 9:
+        return False
+    return all(t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0 for t in tensors)
+
+
+def _kv_descriptors(k: Tensor, v: Tensor, block_n: int, block_d: int, block_dv: int):
+    """3-d descriptors over [B * Hkv, Skv, D]: a tile never crosses into the next head, and rows
+    past Skv / columns past D read as zeros."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    B, Hkv, Skv = k.shape[:3]
+    return (TensorDescriptor.from_tensor(k.view(B * Hkv, Skv, k.shape[3]), [1, block_n, block_d]),
+            TensorDescriptor.from_tensor(v.view(B * Hkv, Skv, v.shape[3]), [1, block_n, block_dv]))
+
+
 def flex_forward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, scale: float, tables: BlockTables,
                  buffers: list[Tensor], options: Optional[dict] = None, q_off: int = 0,
                  own: Optional[OwnKeys] = None) -> tuple[Tensor, Tensor]:
@@ -184,14 +207,19 @@ def flex_forward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, scale: float
     cfg = flex_config("fwd", max(D, DV), tables.sparse_q, tables.sparse_kv, options, kern.gathers,
                       _tiles_for(q.dtype, options))
     kp, vp, keep = (own.kp, own.vp, own.keep) if own is not None else (q, v, lse)
-    _launch(kern.module.flex_fwd, lambda c: (triton_cdiv(Sq, c.BLOCK_M), B * H),
-            (q, k, v, out, lse, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx,
-             H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
-             tables.full_kv_idx.shape[-1], scale, q_off, kp, vp, keep, *_buffer_args(buffers, {})),
+    tma = _use_tma(options, k, v)
+
+    def args(c):
+        descs = _kv_descriptors(k, v, c.BLOCK_N, _pow2(D), _pow2(DV)) if tma else (k, v)
+        return (q, k, v, out, lse, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx,
+                H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
+                tables.full_kv_idx.shape[-1], scale, q_off, kp, vp, keep, *descs, *_buffer_args(buffers, {}))
+
+    _launch(kern.module.flex_fwd, lambda c: (triton_cdiv(Sq, c.BLOCK_M), B * H), args,
             dict(D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), SPARSE_Q=tables.sparse_q,
                  SPARSE_KV=tables.sparse_kv, HAS_FULL=tables.has_full, EVEN=_even(Sq, Skv, tables),
-                 REVERSE=_reverse(options), HAS_SELF=own is not None, **_precision(q.dtype, options)), cfg,
-            (D, DV, q.dtype))
+                 REVERSE=_reverse(options), HAS_SELF=own is not None, USE_TMA=tma, **_precision(q.dtype, options)),
+            cfg, (D, DV, q.dtype, tma))
     return out, lse
 
 

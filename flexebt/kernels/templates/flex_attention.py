@@ -127,14 +127,20 @@ def _own_key_grads(q, do, lse2, delta, KP, VP, SELF_KEEP, kv_head_base, v_head_b
 
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, K, V, kv_head_base, v_head_base, start_n, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
-              __BUFFERS__
+def _fwd_tile(acc, l_i, m_i, q, K, V, K_DESC, V_DESC, kvh, kv_head_base, v_head_base, start_n, offs_m, off_b, off_h,
+              Sq, Skv, scale, Q_OFF, __BUFFERS__
               D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
-              IEEE: tl.constexpr, UPCAST: tl.constexpr):
+              IEEE: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = _load_rows(K + kv_head_base, offs_n, Skv, D, BLOCK_D, EVEN)
-    v = _load_rows(V + v_head_base, offs_n, Skv, DV, BLOCK_DV, EVEN)
+    if USE_TMA:
+        # tensor descriptors over [B * Hkv, Skv, D]: the copy engine fetches the tile and fills
+        # rows past Skv and columns past D with zeros, as the pointer loads below do
+        k = K_DESC.load([kvh, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        v = V_DESC.load([kvh, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
+    else:
+        k = _load_rows(K + kv_head_base, offs_n, Skv, D, BLOCK_D, EVEN)
+        v = _load_rows(V + v_head_base, offs_n, Skv, DV, BLOCK_DV, EVEN)
     s_raw = _mm(q, tl.trans(k), IEEE, UPCAST)
     VALID, mq_idx, q_idx, kv_idx, ZERO = _tile_positions(offs_m, offs_n, Sq, Skv, Q_OFF, BLOCK_M, BLOCK_N, EVEN)
     # @SCORE_FWD
@@ -170,14 +176,15 @@ def _row_table(NUM, IDX, FULL_NUM, FULL_IDX, off_b, off_h, block, MB, MH, N_ROWS
 @triton.jit
 def flex_fwd(Q, K, V, O, LSE, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
              H, Hkv, Sq, Skv, MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, scale, Q_OFF, KP, VP, SELF_KEEP,
-             __BUFFERS__
+             K_DESC, V_DESC, __BUFFERS__
              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
              HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-             REVERSE: tl.constexpr, HAS_SELF: tl.constexpr):
+             REVERSE: tl.constexpr, HAS_SELF: tl.constexpr, USE_TMA: tl.constexpr):
     """One query tile.  Q_OFF shifts the query positions the score_mod sees (frame coordinates of
     the EBT predicted stream; 0 otherwise).  HAS_SELF: each query i also attends to its own key
-    KP[i], VP[i] (EBT), kept iff SELF_KEEP[b, h, i]; that key seeds the online softmax."""
+    KP[i], VP[i] (EBT), kept iff SELF_KEEP[b, h, i]; that key seeds the online softmax.
+    USE_TMA: K and V tiles come through the tensor descriptors K_DESC, V_DESC (Hopper's TMA)."""
     # REVERSE: launch the last query tiles first; under a causal mask they see the most keys, so
     # heavy tiles start early and the launch has a shorter tail.
     pid_m = tl.program_id(0)
@@ -190,8 +197,9 @@ def flex_fwd(Q, K, V, O, LSE, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     qh = (off_b * H + off_h).to(tl.int64)
     q = _load_rows(Q + qh * Sq * D, offs_m, Sq, D, BLOCK_D, EVEN)
-    kv_head_base = (off_b * Hkv + off_hk).to(tl.int64) * Skv * D
-    v_head_base = (off_b * Hkv + off_hk).to(tl.int64) * Skv * DV
+    kvh = off_b * Hkv + off_hk
+    kv_head_base = kvh.to(tl.int64) * Skv * D
+    v_head_base = kvh.to(tl.int64) * Skv * DV
 
     if HAS_SELF:
         own = (off_b * Hkv + off_hk).to(tl.int64) * Sq  # own keys: [B, Hkv, Sq, D] like q's rows
@@ -211,17 +219,17 @@ def flex_fwd(Q, K, V, O, LSE, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
     for it in range(n_partial * (SPARSE_KV // BLOCK_N)):
         kv_block = tl.load(KV_IDX + base + it // (SPARSE_KV // BLOCK_N))
         j = it % (SPARSE_KV // BLOCK_N)
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, kv_head_base, v_head_base,
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, K_DESC, V_DESC, kvh, kv_head_base, v_head_base,
                                   kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
                                   __BUFFERS__
-                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, EVEN, IEEE, UPCAST)
+                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, EVEN, IEEE, UPCAST, USE_TMA)
     for it in range(n_full * (SPARSE_KV // BLOCK_N)):
         kv_block = tl.load(FULL_IDX + base_full + it // (SPARSE_KV // BLOCK_N))
         j = it % (SPARSE_KV // BLOCK_N)
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, kv_head_base, v_head_base,
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, K_DESC, V_DESC, kvh, kv_head_base, v_head_base,
                                   kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
                                   __BUFFERS__
-                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, EVEN, IEEE, UPCAST)
+                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, EVEN, IEEE, UPCAST, USE_TMA)
 
     # A query that kept nothing: output 0 and lse = -inf (never NaN).
     empty = l_i == 0.0
