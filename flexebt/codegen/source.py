@@ -128,6 +128,31 @@ def _merge_buffers(score: Optional[TracedMod], mask: Optional[TracedMod]):
     return n_score, shift
 
 
+# In the templates, ``for start, IS_FULL in _visited_tiles(IDX, FULL_IDX, base, base_full, n_partial,
+# n_full, SPARSE, BLOCK):`` walks the tiles of one row of the block tables: first those of the
+# partial blocks (IS_FULL = False: the mask_mod runs), then those of the full blocks (IS_FULL =
+# True: no mask).  IS_FULL must be a compile-time constant in the tile functions, so the loop is
+# written once and unrolled here into two Triton loops, one per block kind.
+_VISITED_TILES = re.compile(
+    r"^(?P<ind>[ \t]*)for (?P<start>\w+), IS_FULL in _visited_tiles\((?P<args>[^)]*)\):[ \t]*\n"
+    r"(?P<body>(?:(?P=ind)[ \t]+\S[^\n]*\n)+)", re.M)
+
+
+def _unroll_visited_tiles(text: str) -> str:
+    def expand(m):
+        ind, start = m["ind"], m["start"]
+        idx, full_idx, base, base_full, n_partial, n_full, sparse, block = (a.strip() for a in m["args"].split(","))
+        per = f"({sparse} // {block})"  # tiles per sparse block
+        out = []
+        for table, row, count, full in ((idx, base, n_partial, "False"), (full_idx, base_full, n_full, "True")):
+            out.append(f"{ind}for it in range({count} * {per}):")
+            out.append(f"{ind}    {start} = tl.load({table} + {row} + it // {per}) * {sparse} + (it % {per}) * {block}")
+            out.append(re.sub(r"\bIS_FULL\b", full, m["body"]).rstrip("\n"))
+        return "\n".join(out) + "\n"
+
+    return _VISITED_TILES.sub(expand, text)
+
+
 def _build(template: str, score_mod, mask_mod) -> ModKernels:
     score = trace_score_mod(score_mod, want_second_order=True) if score_mod is not None else None
     mask = trace_mask_mod(mask_mod) if mask_mod is not None else None
@@ -205,7 +230,8 @@ def _build(template: str, score_mod, mask_mod) -> ModKernels:
     params = "".join(f"BUF{k}, " + "".join(f"BUF{k}_S{d}, " for d in range(b.tensor.dim())) + f"GBUF{k}, CBUF{k}, "
                      for k, b in enumerate(buffers))
     text = (TEMPLATES / f"{template}.py").read_text()
-    text = text.replace("__BUFFERS__", params)
+    # unroll first: with no captured tensors __BUFFERS__ leaves blank lines inside loop bodies
+    text = _unroll_visited_tiles(text).replace("__BUFFERS__", params)
     for marker, lines in blocks.items():
         text = re.sub(rf"^([ \t]*)# @{marker}[^\n]*$",
                       lambda m, lines=lines: "\n".join(m.group(1) + ln for ln in lines), text, flags=re.M)

@@ -6,6 +6,9 @@
 #   "# @SCORE_BWD"         the same `t2` and `dtds = d score_mod / d s` (+ the captured leaves)
 #   "# @MASK"              with code computing `mask_keep = mask_mod(...)`
 #   "# @CAPTURED_GRAD"     with atomic adds of `dt * d score_mod / d c_k` into GBUF{k}
+#   `for start, IS_FULL in _visited_tiles(IDX, FULL_IDX, base, base_full, n_partial, n_full,
+#   SPARSE, BLOCK):` with two loops, over the tiles of the row's partial blocks (IS_FULL =
+#   False, the mask_mod runs) and then of its full blocks (IS_FULL = True, a constant: no mask)
 # and writes the result to the kernel cache.  Names the mod code may use: s, off_b, off_h,
 # q_idx [BLOCK_M, 1], kv_idx [1, BLOCK_N], VALID, ZERO (see flexebt/codegen/emit.py).
 #
@@ -21,7 +24,8 @@
 # accumulator by exp(m_old - m_new) whenever the max grows.  Scores are kept in log2 units
 # (t2 = t log2 e) so every exponential is one exp2; lse is stored in natural log units.
 # Loops run over every tile of every block a table row lists, flat: tile `it` of a row sits in
-# listed block it // MULT at offset (it % MULT) * BLOCK, MULT = SPARSE / BLOCK.
+# listed block it // MULT at offset (it % MULT) * BLOCK, MULT = SPARSE / BLOCK (the unrolled
+# `_visited_tiles` loops, flexebt/codegen/source.py).
 import triton
 import triton.language as tl
 
@@ -216,20 +220,12 @@ def flex_fwd(Q, K, V, O, LSE, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
     base, base_full, n_partial, n_full = _row_table(KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, off_b, off_h,
                                                     (pid_m * BLOCK_M) // SPARSE_Q, MB, MH, NQ_BLOCKS, NKV_LIST,
                                                     NKV_LIST_FULL, HAS_FULL)
-    for it in range(n_partial * (SPARSE_KV // BLOCK_N)):
-        kv_block = tl.load(KV_IDX + base + it // (SPARSE_KV // BLOCK_N))
-        j = it % (SPARSE_KV // BLOCK_N)
+    for start_n, IS_FULL in _visited_tiles(KV_IDX, FULL_IDX, base, base_full, n_partial, n_full,
+                                           SPARSE_KV, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, K_DESC, V_DESC, kvh, kv_head_base, v_head_base,
-                                  kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
+                                  start_n, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
                                   __BUFFERS__
-                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, EVEN, IEEE, UPCAST, USE_TMA)
-    for it in range(n_full * (SPARSE_KV // BLOCK_N)):
-        kv_block = tl.load(FULL_IDX + base_full + it // (SPARSE_KV // BLOCK_N))
-        j = it % (SPARSE_KV // BLOCK_N)
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, K_DESC, V_DESC, kvh, kv_head_base, v_head_base,
-                                  kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
-                                  __BUFFERS__
-                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, EVEN, IEEE, UPCAST, USE_TMA)
+                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST, USE_TMA)
 
     # A query that kept nothing: output 0 and lse = -inf (never NaN).
     empty = l_i == 0.0
@@ -331,20 +327,12 @@ def _bwd_dq_program(pid_m, pid_bh, n_prog_m, Q, K, V, O, DO, LSE, DLSE, DELTA, D
     base, base_full, n_partial, n_full = _row_table(KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, off_b, off_h,
                                                     (pid_m * BLOCK_M) // SPARSE_Q, MB, MH, NQ_BLOCKS, NKV_LIST,
                                                     NKV_LIST_FULL, HAS_FULL)
-    for it in range(n_partial * (SPARSE_KV // BLOCK_N)):
-        kv_block = tl.load(KV_IDX + base + it // (SPARSE_KV // BLOCK_N))
-        j = it % (SPARSE_KV // BLOCK_N)
+    for start_n, IS_FULL in _visited_tiles(KV_IDX, FULL_IDX, base, base_full, n_partial, n_full,
+                                           SPARSE_KV, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse2, delta, K, V, kv_head_base, v_head_base,
-                      kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
+                      start_n, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
                       __BUFFERS__
-                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, EVEN, IEEE, UPCAST)
-    for it in range(n_full * (SPARSE_KV // BLOCK_N)):
-        kv_block = tl.load(FULL_IDX + base_full + it // (SPARSE_KV // BLOCK_N))
-        j = it % (SPARSE_KV // BLOCK_N)
-        dq = _dq_tile(dq, q, do, lse2, delta, K, V, kv_head_base, v_head_base,
-                      kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
-                      __BUFFERS__
-                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, EVEN, IEEE, UPCAST)
+                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST)
     offs_d = tl.arange(0, BLOCK_D)
     if HAS_SELF:
         own = (off_b * Hkv + off_hk).to(tl.int64) * Sq
@@ -446,20 +434,12 @@ def _bwd_dkdv_program(pid_n, pid_bh, Q, K, V, DO, LSE, DELTA, DK, DV_OUT, Q_NUM,
         base, base_full, n_partial, n_full = _row_table(Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX, off_b, off_h,
                                                         (pid_n * BLOCK_N) // SPARSE_KV, MB, MH, NKV_BLOCKS, NQ_LIST,
                                                         NQ_LIST_FULL, HAS_FULL)
-        for it in range(n_partial * (SPARSE_Q // BLOCK_M)):
-            q_block = tl.load(Q_IDX + base + it // (SPARSE_Q // BLOCK_M))
-            j = it % (SPARSE_Q // BLOCK_M)
-            dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, qh, q_block * SPARSE_Q + j * BLOCK_M,
+        for start_m, IS_FULL in _visited_tiles(Q_IDX, FULL_Q_IDX, base, base_full, n_partial, n_full,
+                                               SPARSE_Q, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, qh, start_m,
                                 offs_n, off_b, off_h, Sq, Skv, scale, Q_OFF,
                                 __BUFFERS__
-                                D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, EVEN, IEEE, UPCAST)
-        for it in range(n_full * (SPARSE_Q // BLOCK_M)):
-            q_block = tl.load(FULL_Q_IDX + base_full + it // (SPARSE_Q // BLOCK_M))
-            j = it % (SPARSE_Q // BLOCK_M)
-            dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, qh, q_block * SPARSE_Q + j * BLOCK_M,
-                                offs_n, off_b, off_h, Sq, Skv, scale, Q_OFF,
-                                __BUFFERS__
-                                D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, EVEN, IEEE, UPCAST)
+                                D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST)
     _store_key_grads(DK, DV_OUT, dk * scale, dv, kvh, offs_n, Skv, D, DV, BLOCK_D, BLOCK_DV, ACCUMULATE)
 
 
@@ -662,20 +642,12 @@ def flex_dbwd_rows(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_DO, STATS, KV_NUM, K
     base, base_full, n_partial, n_full = _row_table(KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, off_b, off_h,
                                                     (pid_m * BLOCK_M) // SPARSE_Q, MB, MH, NQ_BLOCKS, NKV_LIST,
                                                     NKV_LIST_FULL, HAS_FULL)
-    for it in range(n_partial * (SPARSE_KV // BLOCK_N)):
-        kv_block = tl.load(KV_IDX + base + it // (SPARSE_KV // BLOCK_N))
-        j = it % (SPARSE_KV // BLOCK_N)
+    for start_n, IS_FULL in _visited_tiles(KV_IDX, FULL_IDX, base, base_full, n_partial, n_full,
+                                           SPARSE_KV, BLOCK_N):
         U, W, Bbar, puv, pgv = _dbwd_rows_tile(U, W, Bbar, puv, pgv, q, gq, do, lse2, K, V, GK, GV, kvh,
-                                               kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv,
+                                               start_n, offs_m, off_b, off_h, Sq, Skv,
                                                scale, Q_OFF, __BUFFERS__
-                                               D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, EVEN, IEEE, UPCAST)
-    for it in range(n_full * (SPARSE_KV // BLOCK_N)):
-        kv_block = tl.load(FULL_IDX + base_full + it // (SPARSE_KV // BLOCK_N))
-        j = it % (SPARSE_KV // BLOCK_N)
-        U, W, Bbar, puv, pgv = _dbwd_rows_tile(U, W, Bbar, puv, pgv, q, gq, do, lse2, K, V, GK, GV, kvh,
-                                               kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv,
-                                               scale, Q_OFF, __BUFFERS__
-                                               D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, EVEN, IEEE, UPCAST)
+                                               D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST)
     g_do = puv - U[:, None] * o.to(tl.float32) + pgv
     row_ok = offs_m < Sq
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -743,20 +715,12 @@ def flex_dbwd_dq(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_Q, STATS, KV_NUM, KV_I
     base, base_full, n_partial, n_full = _row_table(KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, off_b, off_h,
                                                     (pid_m * BLOCK_M) // SPARSE_Q, MB, MH, NQ_BLOCKS, NKV_LIST,
                                                     NKV_LIST_FULL, HAS_FULL)
-    for it in range(n_partial * (SPARSE_KV // BLOCK_N)):
-        kv_block = tl.load(KV_IDX + base + it // (SPARSE_KV // BLOCK_N))
-        j = it % (SPARSE_KV // BLOCK_N)
+    for start_n, IS_FULL in _visited_tiles(KV_IDX, FULL_IDX, base, base_full, n_partial, n_full,
+                                           SPARSE_KV, BLOCK_N):
         g_q = _dbwd_dq_tile(g_q, q, gq, do, lse2, U, W, Bbar, d0, dsh, K, V, GK, GV, kvh,
-                            kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
+                            start_n, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
                             __BUFFERS__
-                            D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, EVEN, IEEE, UPCAST, CAPTURED_GRADS)
-    for it in range(n_full * (SPARSE_KV // BLOCK_N)):
-        kv_block = tl.load(FULL_IDX + base_full + it // (SPARSE_KV // BLOCK_N))
-        j = it % (SPARSE_KV // BLOCK_N)
-        g_q = _dbwd_dq_tile(g_q, q, gq, do, lse2, U, W, Bbar, d0, dsh, K, V, GK, GV, kvh,
-                            kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
-                            __BUFFERS__
-                            D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, EVEN, IEEE, UPCAST, CAPTURED_GRADS)
+                            D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST, CAPTURED_GRADS)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < Sq
     if HAS_SELF:
@@ -825,21 +789,12 @@ def flex_dbwd_dkdv(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_K, G_V, STATS, Q_NUM
         base, base_full, n_partial, n_full = _row_table(Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX, off_b, off_h,
                                                         (pid_n * BLOCK_N) // SPARSE_KV, MB, MH, NKV_BLOCKS, NQ_LIST,
                                                         NQ_LIST_FULL, HAS_FULL)
-        for it in range(n_partial * (SPARSE_Q // BLOCK_M)):
-            q_block = tl.load(Q_IDX + base + it // (SPARSE_Q // BLOCK_M))
-            j = it % (SPARSE_Q // BLOCK_M)
+        for start_m, IS_FULL in _visited_tiles(Q_IDX, FULL_Q_IDX, base, base_full, n_partial, n_full,
+                                               SPARSE_Q, BLOCK_M):
             g_k, g_v = _dbwd_dkdv_tile(g_k, g_v, k, v, gk, gv, Q, O, DO, GQ, LSE, DLSE, STATS, qh,
-                                       q_block * SPARSE_Q + j * BLOCK_M, offs_n, off_b, off_h, Sq, Skv, scale, Q_OFF,
+                                       start_m, offs_n, off_b, off_h, Sq, Skv, scale, Q_OFF,
                                        __BUFFERS__
-                                       D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, EVEN, IEEE, UPCAST,
-                                       HAS_DLSE)
-        for it in range(n_full * (SPARSE_Q // BLOCK_M)):
-            q_block = tl.load(FULL_Q_IDX + base_full + it // (SPARSE_Q // BLOCK_M))
-            j = it % (SPARSE_Q // BLOCK_M)
-            g_k, g_v = _dbwd_dkdv_tile(g_k, g_v, k, v, gk, gv, Q, O, DO, GQ, LSE, DLSE, STATS, qh,
-                                       q_block * SPARSE_Q + j * BLOCK_M, offs_n, off_b, off_h, Sq, Skv, scale, Q_OFF,
-                                       __BUFFERS__
-                                       D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, EVEN, IEEE, UPCAST,
+                                       D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST,
                                        HAS_DLSE)
     _store_key_grads(G_K, G_V, g_k * scale, g_v, kvh, offs_n, Skv, D, DV, BLOCK_D, BLOCK_DV, ACCUMULATE)
 
@@ -942,20 +897,12 @@ def flex_jvp(Q, K, V, DQ, DK, DVT, O, LSE, DO, DLSE, KV_NUM, KV_IDX, FULL_NUM, F
     base, base_full, n_partial, n_full = _row_table(KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, off_b, off_h,
                                                     (pid_m * BLOCK_M) // SPARSE_Q, MB, MH, NQ_BLOCKS, NKV_LIST,
                                                     NKV_LIST_FULL, HAS_FULL)
-    for it in range(n_partial * (SPARSE_KV // BLOCK_N)):
-        kv_block = tl.load(KV_IDX + base + it // (SPARSE_KV // BLOCK_N))
-        j = it % (SPARSE_KV // BLOCK_N)
+    for start_n, IS_FULL in _visited_tiles(KV_IDX, FULL_IDX, base, base_full, n_partial, n_full,
+                                           SPARSE_KV, BLOCK_N):
         acc, tacc, macc, l_i, m_i = _jvp_tile(acc, tacc, macc, l_i, m_i, q, dq, K, V, DK, DVT, kv_head_base,
-                                              v_head_base, kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h,
+                                              v_head_base, start_n, offs_m, off_b, off_h,
                                               Sq, Skv, scale, Q_OFF, __BUFFERS__
-                                              D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, EVEN, IEEE, UPCAST)
-    for it in range(n_full * (SPARSE_KV // BLOCK_N)):
-        kv_block = tl.load(FULL_IDX + base_full + it // (SPARSE_KV // BLOCK_N))
-        j = it % (SPARSE_KV // BLOCK_N)
-        acc, tacc, macc, l_i, m_i = _jvp_tile(acc, tacc, macc, l_i, m_i, q, dq, K, V, DK, DVT, kv_head_base,
-                                              v_head_base, kv_block * SPARSE_KV + j * BLOCK_N, offs_m, off_b, off_h,
-                                              Sq, Skv, scale, Q_OFF, __BUFFERS__
-                                              D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, EVEN, IEEE, UPCAST)
+                                              D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST)
     empty = l_i == 0.0
     inv = 1.0 / tl.where(empty, 1.0, l_i)
     out = acc * inv[:, None]
