@@ -63,11 +63,7 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor, score_mod: Optiona
     V.check_callable(fn, "score_mod", score_mod)
     V.check_block_mask(fn, block_mask, query.shape[0], query.shape[1], query.shape[2], key.shape[2])
     V.check_kernel_options(fn, kernel_options)
-    backend = resolve_backend(kernel_options, query.device, fn, has_kernels=True, dtype=query.dtype,
-                              head_dim=max(query.shape[-1], value.shape[-1]))
-    if backend == "TRITON" and not torch.compiler.is_compiling() and \
-            composition_needs_reference(fn, (query, key, value)):
-        backend = "REFERENCE"
+    backend = _backend_for(fn, kernel_options, (query, key, value), value)
     if backend == "TRITON" and torch.compiler.is_compiling():
         from .compiled import flex_attention_compiled
 
@@ -77,6 +73,18 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor, score_mod: Optiona
     else:
         out, lse = flex_attention_reference(query, key, value, score_mod, block_mask, scale)
     return (out, lse) if return_lse else out
+
+
+def _backend_for(fn: str, kernel_options, tensors, value) -> str:
+    """"TRITON" or "REFERENCE" for this call: the requested backend (backends.resolve_backend),
+    except that torch.func compositions the kernels' Functions do not cover take the reference
+    (backends.composition_needs_reference; not decided while torch.compile traces)."""
+    q = tensors[0]
+    backend = resolve_backend(kernel_options, q.device, fn, has_kernels=True, dtype=q.dtype,
+                              head_dim=max(q.shape[-1], value.shape[-1]))
+    if backend == "TRITON" and not torch.compiler.is_compiling() and composition_needs_reference(fn, tensors):
+        backend = "REFERENCE"
+    return backend
 
 
 def _flex_attention_triton(query, key, value, score_mod, block_mask, scale, kernel_options):
@@ -160,11 +168,7 @@ def flex_ebt_attention(q_o: Tensor, k_o: Tensor, v_o: Tensor, q_p: Tensor, k_p: 
     V.check_callable(fn, "score_mod", score_mod)
     _check_ebt_block_mask(fn, block_mask, q_o.shape[0], q_o.shape[1], S_o, S_p)
     V.check_kernel_options(fn, kernel_options)
-    backend = resolve_backend(kernel_options, q_o.device, fn, has_kernels=True, dtype=q_o.dtype,
-                              head_dim=max(q_o.shape[-1], v_o.shape[-1]))
-    if backend == "TRITON" and not torch.compiler.is_compiling() and \
-            composition_needs_reference(fn, (q_o, k_o, v_o, q_p, k_p, v_p)):
-        backend = "REFERENCE"
+    backend = _backend_for(fn, kernel_options, (q_o, k_o, v_o, q_p, k_p, v_p), v_o)
     if backend == "TRITON" and torch.compiler.is_compiling():
         from .compiled import refuse_torch_func
 
@@ -286,11 +290,7 @@ def piecewise_attention(q1: Tensor, k1: Tensor, q2: Tensor, k2: Tensor, v: Tenso
     V.check_callable(fn, "score_mod", score_mod)
     V.check_block_mask(fn, block_mask, q1.shape[0], q1.shape[1], q1.shape[2], k1.shape[2])
     V.check_kernel_options(fn, kernel_options)
-    backend = resolve_backend(kernel_options, q1.device, fn, has_kernels=True, dtype=q1.dtype,
-                              head_dim=max(q1.shape[-1], v.shape[-1]))
-    if backend == "TRITON" and not torch.compiler.is_compiling() and \
-            composition_needs_reference(fn, (q1, k1, q2, k2, v)):
-        backend = "REFERENCE"
+    backend = _backend_for(fn, kernel_options, (q1, k1, q2, k2, v), v)
     if backend == "TRITON" and torch.compiler.is_compiling():
         from .compiled import refuse_torch_func
 

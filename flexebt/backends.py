@@ -121,7 +121,7 @@ def composition_needs_reference(fn: str, tensors) -> bool:
 def _warn_once(fn: str, reason: str) -> bool:
     # Python's default warning filter shows this once per calling line
     warnings.warn(f"{fn}: {reason} is not fused in the Triton kernels yet; such calls run the dense "
-                  f"reference implementation (same values, O(S^2) memory).", stacklevel=4)
+                  f"reference implementation (same values, O(S^2) memory).", stacklevel=5)
     return True
 
 
