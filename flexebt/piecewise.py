@@ -133,7 +133,6 @@ class PiecewiseCall:
     n_near: int  # captured tensors of the near pass come first among the Function's extra inputs
     scale: float
     options: Optional[dict]
-    score_mod: Optional[Callable]
     composed: Callable  # (q1, k1, q2, k2, v) -> (out, lse), differentiable at every order
 
 
@@ -235,7 +234,6 @@ def piecewise_attention_kernels(q1, k1, q2, k2, v, dist_threshold, causal, scale
             raise ValueError(f"piecewise_attention: a tensor captured by score_mod/mask_mod is on {t.device} but "
                              f"the inputs are on {q1.device}; move it to {q1.device}.")
     call = PiecewiseCall(k_near, k_far, t_near, t_far, len(b_near), q1.shape[-1] ** -0.5 if scale is None
-                         else float(scale), kernel_options, score_mod,
-                         lambda *p: composed_piecewise(*p, *args))
+                         else float(scale), kernel_options, lambda *p: composed_piecewise(*p, *args))
     c = [x.contiguous() for x in (q1, k1, q2, k2, v)]
     return PiecewiseAttention.apply(*c, call, *b_near, *b_far)

@@ -90,8 +90,8 @@ def _launch(kernel, grid_of, args, kwargs, cfg, key):
     while True:
         try:
             # args may depend on the tiles (tensor descriptors carry their block shape)
-            kernel[grid_of(cfg)](*(args(cfg) if callable(args) else args), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps,
-                                 num_stages=cfg.num_stages, **kwargs)
+            kernel[grid_of(cfg)](*(args(cfg) if callable(args) else args), BLOCK_M=cfg.BLOCK_M,
+                                 BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **kwargs)
             _WORKING[want] = cfg
             return
         except OutOfResources:
