@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import flexebt  # noqa: E402
 from flexebt.codegen.source import get_kernels  # noqa: E402
+from flexebt.kernels import flex as flex_mod  # noqa: E402
 from flexebt.kernels.flex import flex_backward, flex_forward, tables_from_block_mask  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -46,15 +47,18 @@ def main():
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--tf32", action="store_true", help="fp32 with tf32 products (matmul precision 'high')")
     p.add_argument("--configs", default="", help="'M,N,w,s;M,N,w,s;...' tried for every pass instead of the lists")
-    p.add_argument("--ab-reverse", action="store_true", help="A/B the heavy-first query order at default tiles")
-    p.add_argument("--ab-tma", action="store_true", help="A/B the forward's TMA loads (USE_TMA) at default tiles")
+    p.add_argument("--options", default="", help="kernel_options for every run, 'KEY=int,KEY=int' (e.g. USE_TMA=1)")
+    p.add_argument("--ab", default="", help="A/B one kernel option at the default tiles, 'KEY=v1,v2' (e.g. "
+                   "USE_TMA=0,1 or REVERSE_Q_ORDER=0,1); LINEAR_SCORE=0,1 switches the forward's raw-max path")
     a = p.parse_args()
+    base = {k: int(v) for k, v in (x.split("=") for x in a.options.split(",") if x)}
     if a.tf32:
         torch.set_float32_matmul_precision("high")
     if a.configs:
         global FWD, DQ, DKDV
         FWD = DQ = DKDV = [tuple(int(x) for x in c.split(",")) for c in a.configs.split(";")]
     dtype = getattr(torch, a.dtype)
+    linear_default = flex_mod._linear_score
     bench = lambda f: triton.testing.do_bench(f, warmup=20, rep=60, return_mode="median")  # noqa: E731
     for D in [int(x) for x in a.dims.split(",")]:
         torch._dynamo.reset()
@@ -67,7 +71,7 @@ def main():
         kern = get_kernels("flex_attention", sm, tables.mask_mod)
         bufs = kern.buffers(sm, tables.mask_mod)
         scale = D ** -0.5
-        out, lse = flex_forward(kern, q, k, v, scale, tables, bufs)
+        out, lse = flex_forward(kern, q, k, v, scale, tables, bufs, base)
         do = torch.randn_like(out)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -78,20 +82,20 @@ def main():
         print(f"D={D} S={S} {a.variant} {a.dtype}{' tf32' if a.tf32 else ''}: torch flex compiled fwd {t_fwd:.3f} ms, "
               f"fwd+bwd {t_all:.3f} ms "
               f"(bwd {t_all - t_fwd:.3f})", flush=True)
-        if a.ab_tma:
-            for tma in (0, 1, 0, 1):
-                tf = bench(lambda: flex_forward(kern, q, k, v, scale, tables, bufs, dict(USE_TMA=tma)))
-                print(f"  use_tma={tma}: fwd {tf:.3f} ms", flush=True)
-            continue
-        if a.ab_reverse:
-            for rev in (0, 1, 0, 1):
-                o = dict(REVERSE_Q_ORDER=rev)
+        if a.ab:
+            key, values = a.ab.split("=")
+            for val in [int(x) for x in values.split(",")] * 2:  # twice, interleaved
+                o = dict(base, **{key: val})
+                if key == "LINEAR_SCORE":  # not a kernel option: the launcher decides it
+                    flex_mod._linear_score = (lambda kern, scale: kern.traced_score is None and scale > 0) if val \
+                        else (lambda kern, scale: False)
                 tf = bench(lambda: flex_forward(kern, q, k, v, scale, tables, bufs, o))
                 tb = bench(lambda: flex_backward(kern, q, k, v, out, lse, do, None, scale, tables, bufs, o))
-                print(f"  reverse={rev}: fwd {tf:.3f} ms, bwd {tb:.3f} ms", flush=True)
+                print(f"  {key}={val}: fwd {tf:.3f} ms, bwd {tb:.3f} ms, fwd+bwd {tf + tb:.3f} ms", flush=True)
+            flex_mod._linear_score = linear_default
             continue
         for m, n, w, st in (FWD if "fwd" in a.passes else []):
-            opts = dict(BLOCK_M=m, BLOCK_N=n, fwd_num_warps=w, fwd_num_stages=st)
+            opts = dict(base, BLOCK_M=m, BLOCK_N=n, fwd_num_warps=w, fwd_num_stages=st)
             try:
                 t = bench(lambda: flex_forward(kern, q, k, v, scale, tables, bufs, opts))
                 print(f"  fwd  M{m:<4}N{n:<4}w{w} s{st}: {t:.3f} ms", flush=True)
@@ -100,9 +104,9 @@ def main():
         for which, table in [(w, t) for w, t in (("dq", DQ), ("dkdv", DKDV)) if w in a.passes]:
             for m, n, w, st in table:
                 if which == "dq":
-                    opts = dict(BLOCK_M2=m, BLOCK_N2=n, dq_num_warps=w, dq_num_stages=st)
+                    opts = dict(base, BLOCK_M2=m, BLOCK_N2=n, dq_num_warps=w, dq_num_stages=st)
                 else:
-                    opts = dict(BLOCK_M1=m, BLOCK_N1=n, dkdv_num_warps=w, dkdv_num_stages=st)
+                    opts = dict(base, BLOCK_M1=m, BLOCK_N1=n, dkdv_num_warps=w, dkdv_num_stages=st)
                 try:
                     t = bench(lambda: flex_backward(kern, q, k, v, out, lse, do, None, scale, tables, bufs, opts))
                     print(f"  bwd({which} varied) M{m:<4}N{n:<4}w{w} s{st}: {t:.3f} ms", flush=True)

@@ -87,15 +87,20 @@ def test_second_order_matches_reference():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("D,Hkv,S", [(64, 4, 1000), (128, 2, 2048), (80, 4, 777)])
-def test_tma_forward_matches_pointer_loads(dtype, D, Hkv, S):
-    """kernel_options USE_TMA: K/V tiles through tensor descriptors give the pointer loads'
-    output and lse (odd lengths, head dim 80 below its 128 tile, GQA, causal and ALiBi)."""
-    q = torch.randn(2, 4, S, D, device="cuda", dtype=dtype)
-    k, v = (torch.randn(2, Hkv, S, D, device="cuda", dtype=dtype) for _ in range(2))
+def test_tma_matches_pointer_loads(dtype, D, Hkv, S):
+    """kernel_options USE_TMA: tiles through tensor descriptors give the pointer loads' output,
+    lse and gradients (odd lengths, head dim 80 below its 128 tile, GQA, causal and ALiBi)."""
+    q0 = torch.randn(2, 4, S, D, device="cuda", dtype=dtype)
+    k0, v0 = (torch.randn(2, Hkv, S, D, device="cuda", dtype=dtype) for _ in range(2))
+    g_out = torch.randn_like(q0)
     bm = flexebt.create_block_mask(masks.causal_mask, None, None, S, S, device="cuda")
+
+    def run(sm, options):
+        q, k, v = (x.clone().requires_grad_() for x in (q0, k0, v0))
+        out, lse = flexebt.flex_attention(q, k, v, score_mod=sm, block_mask=bm, enable_gqa=True, return_lse=True,
+                                          kernel_options=options)
+        return (out, lse) + torch.autograd.grad(out, [q, k, v], g_out)
+
     for sm in (None, mods.generate_alibi_bias(4)):
-        kw = dict(score_mod=sm, block_mask=bm, enable_gqa=True, return_lse=True)
-        got = flexebt.flex_attention(q, k, v, kernel_options={**T, "USE_TMA": True}, **kw)
-        want = flexebt.flex_attention(q, k, v, kernel_options=T, **kw)
-        for a, b in zip(got, want):
+        for a, b in zip(run(sm, {**T, "USE_TMA": True}), run(sm, T)):
             assert rel_err(a, b) < 1e-6

@@ -267,18 +267,36 @@ def test_fp32_product_mode_and_tile_table_per_pass():
 
 @pytest.mark.parametrize("D,Hkv", [(16, 2), (24, 1)])
 def test_tma_loads_match_pointer_loads(D, Hkv):
-    """kernel_options USE_TMA (K/V tiles through tensor descriptors over [B * Hkv, Skv, D]): same
-    output and lse as the pointer loads -- odd lengths (zero-filled rows past Skv), a head dim
-    below its tile (zero-filled columns), GQA, a causal mask with partial and full blocks."""
+    """kernel_options USE_TMA (tiles through tensor descriptors over [B * heads, S, D]: K/V in the
+    forward and the dq pass, q/dO in the dk/dv pass): same output, lse and gradients as the
+    pointer loads -- odd lengths (zero-filled rows past S), a head dim below its tile
+    (zero-filled columns), GQA, a causal mask with partial and full blocks."""
     S, H = 45, 2
     bm = flexebt.create_block_mask(masks.causal_mask, None, None, S, S, device="cpu", BLOCK_SIZE=16)
-    q = torch.randn(2, H, S, D)
-    k, v = (torch.randn(2, Hkv, S, D) for _ in range(2))
-    kw = dict(block_mask=bm, enable_gqa=True, return_lse=True)
-    got = flexebt.flex_attention(q, k, v, kernel_options={**T, "USE_TMA": True}, **kw)
-    want = flexebt.flex_attention(q, k, v, kernel_options=T, **kw)
-    for a, b in zip(got, want):
+    q0 = torch.randn(2, H, S, D)
+    k0, v0 = (torch.randn(2, Hkv, S, D) for _ in range(2))
+    g_out, g_lse = torch.randn(2, H, S, D), torch.randn(2, H, S)
+
+    def run(options):
+        q, k, v = (x.clone().requires_grad_() for x in (q0, k0, v0))
+        out, lse = flexebt.flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True,
+                                          kernel_options=options)
+        return (out, lse) + torch.autograd.grad([out, lse], [q, k, v], [g_out, g_lse])
+
+    for a, b in zip(run({**T, "USE_TMA": True}), run(T)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("scale", [0.3, -0.3])
+def test_scale_sign_without_score_mod(scale):
+    """With no score_mod the forward takes its row max on the raw products when scale > 0
+    (LINEAR_SCORE); a negative scale must take the general path and still be exact."""
+    q, k, v = (torch.randn(1, 2, 37, 16, dtype=torch.float64) for _ in range(3))
+    bm = flexebt.create_block_mask(masks.causal_mask, None, None, 37, 37, device="cpu", BLOCK_SIZE=16)
+    out, lse = flexebt.flex_attention(q.float(), k.float(), v.float(), block_mask=bm, scale=scale,
+                                      return_lse=True, kernel_options=T)
+    rout, rlse = flexebt.flex_attention(q, k, v, block_mask=bm, scale=scale, return_lse=True, kernel_options=R)
+    assert rel_err(out, rout) < BOUND[torch.float32] and rel_err(lse, rlse) < BOUND[torch.float32]
 
 
 def test_tma_is_a_hint():

@@ -175,26 +175,35 @@ class OwnKeys:
     keep: Tensor  # int8 [B, H, Sq]
 
 
+def _linear_score(kern: ModKernels, scale: float) -> bool:
+    """No score_mod and a positive scale: the forward takes its row max on the raw products
+    (template comment in _fwd_tile)."""
+    return kern.traced_score is None and scale > 0
+
+
 def _use_tma(options: Optional[dict], *tensors: Tensor) -> bool:
-    """kernel_options["USE_TMA"] (torch's name): load K and V tiles through tensor descriptors
-    (Hopper's TMA copy engine) in the forward.  A hint: where the GPU has no TMA (compute
+    """kernel_options["USE_TMA"] (torch's name): load the tiles of the inner loops through tensor
+    descriptors (Hopper's TMA copy engine): K and V in the forward and the dq pass, q and dO in
+    the dk/dv pass.  A hint: where the GPU has no TMA (compute
     capability < 9) or a row is not 16-byte aligned, the pointer loads run instead."""
     if not (options or {}).get("USE_TMA"):
         return False
     t0 = tensors[0]
     if t0.device.type == "cuda" and torch.cuda.get_device_capability(t0.device)[0] < 9:
         return False
-    return all(t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0 for t in tensors)
+    return all(t.is_contiguous() and t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0
+               for t in tensors)
 
 
-def _kv_descriptors(k: Tensor, v: Tensor, block_n: int, block_d: int, block_dv: int):
-    """3-d descriptors over [B * Hkv, Skv, D]: a tile never crosses into the next head, and rows
-    past Skv / columns past D read as zeros."""
+def _row_descriptors(a: Tensor, b: Tensor, block: int, block_d: int, block_db: int):
+    """3-d descriptors over [B * heads, S, D] of two [B, heads, S, D] tensors (K and V, or Q and
+    dO), tiles of ``block`` rows: a tile never crosses into the next head, and rows past S /
+    columns past D read as zeros."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    B, Hkv, Skv = k.shape[:3]
-    return (TensorDescriptor.from_tensor(k.view(B * Hkv, Skv, k.shape[3]), [1, block_n, block_d]),
-            TensorDescriptor.from_tensor(v.view(B * Hkv, Skv, v.shape[3]), [1, block_n, block_dv]))
+    B, Hx, S = a.shape[:3]
+    return (TensorDescriptor.from_tensor(a.view(B * Hx, S, a.shape[3]), [1, block, block_d]),
+            TensorDescriptor.from_tensor(b.view(B * Hx, S, b.shape[3]), [1, block, block_db]))
 
 
 def flex_forward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, scale: float, tables: BlockTables,
@@ -210,7 +219,7 @@ def flex_forward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, scale: float
     tma = _use_tma(options, k, v)
 
     def args(c):
-        descs = _kv_descriptors(k, v, c.BLOCK_N, _pow2(D), _pow2(DV)) if tma else (k, v)
+        descs = _row_descriptors(k, v, c.BLOCK_N, _pow2(D), _pow2(DV)) if tma else (k, v)
         return (q, k, v, out, lse, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx,
                 H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
                 tables.full_kv_idx.shape[-1], scale, q_off, kp, vp, keep, *descs, *_buffer_args(buffers, {}))
@@ -218,7 +227,8 @@ def flex_forward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, scale: float
     _launch(kern.module.flex_fwd, lambda c: (triton_cdiv(Sq, c.BLOCK_M), B * H), args,
             dict(D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), SPARSE_Q=tables.sparse_q,
                  SPARSE_KV=tables.sparse_kv, HAS_FULL=tables.has_full, EVEN=_even(Sq, Skv, tables),
-                 REVERSE=_reverse(options), HAS_SELF=own is not None, USE_TMA=tma, **_precision(q.dtype, options)),
+                 REVERSE=_reverse(options), HAS_SELF=own is not None, USE_TMA=tma,
+                 LINEAR_SCORE=_linear_score(kern, scale), **_precision(q.dtype, options)),
             cfg, (D, DV, q.dtype, tma))
     return out, lse
 
@@ -245,13 +255,18 @@ def dq_pass(kern: ModKernels, q, k, v, out, lse, dout, dlse, scale, tables: Bloc
         dkp = dvp = kp = vp = keep = lse
     cfg = flex_config("dq", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
                       tiles=_tiles_for(q.dtype, options))
-    _launch(kern.module.flex_bwd_dq, lambda c: (triton_cdiv(Sq, c.BLOCK_M), B * H),
-            (q, k, v, out, dout, lse, dlse if dlse is not None else lse, delta, dq, tables.kv_num, tables.kv_idx,
-             tables.full_kv_num, tables.full_kv_idx, H, Hkv, Sq, Skv, tables.MB, tables.MH,
-             tables.kv_num.shape[-1], tables.kv_idx.shape[-1], tables.full_kv_idx.shape[-1], scale, q_off,
-             kp, vp, keep, dkp, dvp, *bargs),
-            dict(HAS_DLSE=dlse is not None, REVERSE=_reverse(options), HAS_SELF=own is not None,
-                 **_common(q, k, v, tables, options)), cfg, (D, DV, q.dtype))
+    tma = _use_tma(options, k, v)
+
+    def args(c):
+        descs = _row_descriptors(k, v, c.BLOCK_N, _pow2(D), _pow2(DV)) if tma else (k, v)
+        return (q, k, v, out, dout, lse, dlse if dlse is not None else lse, delta, dq, tables.kv_num, tables.kv_idx,
+                tables.full_kv_num, tables.full_kv_idx, H, Hkv, Sq, Skv, tables.MB, tables.MH,
+                tables.kv_num.shape[-1], tables.kv_idx.shape[-1], tables.full_kv_idx.shape[-1], scale, q_off,
+                kp, vp, keep, dkp, dvp, *descs, *bargs)
+
+    _launch(kern.module.flex_bwd_dq, lambda c: (triton_cdiv(Sq, c.BLOCK_M), B * H), args,
+            dict(HAS_DLSE=dlse is not None, REVERSE=_reverse(options), HAS_SELF=own is not None, USE_TMA=tma,
+                 **_common(q, k, v, tables, options)), cfg, (D, DV, q.dtype, tma))
     return dq, delta, ((dkp, dvp) if own is not None else None)
 
 
@@ -268,11 +283,17 @@ def dkdv_pass(kern: ModKernels, q, k, v, lse, delta, dout, scale, tables: BlockT
         dk, dv = into
     cfg = flex_config("dkdv", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
                       tiles=_tiles_for(q.dtype, options))
-    _launch(kern.module.flex_bwd_dkdv, lambda c: (triton_cdiv(Skv, c.BLOCK_N), B * Hkv),
-            (q, k, v, dout, lse, delta, dk, dv, tables.q_num, tables.q_idx, tables.full_q_num, tables.full_q_idx,
-             H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.q_num.shape[-1], tables.q_idx.shape[-1],
-             tables.full_q_idx.shape[-1], scale, q_off, *bargs),
-            dict(ACCUMULATE=accumulate, **_common(q, k, v, tables, options)), cfg, (D, DV, q.dtype))
+    tma = _use_tma(options, q, dout)
+
+    def args(c):
+        descs = _row_descriptors(q, dout, c.BLOCK_M, _pow2(D), _pow2(DV)) if tma else (q, dout)
+        return (q, k, v, dout, lse, delta, dk, dv, tables.q_num, tables.q_idx, tables.full_q_num, tables.full_q_idx,
+                H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.q_num.shape[-1], tables.q_idx.shape[-1],
+                tables.full_q_idx.shape[-1], scale, q_off, *descs, *bargs)
+
+    _launch(kern.module.flex_bwd_dkdv, lambda c: (triton_cdiv(Skv, c.BLOCK_N), B * Hkv), args,
+            dict(ACCUMULATE=accumulate, USE_TMA=tma, **_common(q, k, v, tables, options)), cfg,
+            (D, DV, q.dtype, tma))
     return dk, dv
 
 

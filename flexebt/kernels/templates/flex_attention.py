@@ -59,6 +59,18 @@ def _load_rows(ptr, rows, n_rows, ncols: tl.constexpr, BLOCK_C: tl.constexpr, EV
 
 
 @triton.jit
+def _load_tile(ptr, DESC, head, start, n_rows, ncols: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+               EVEN: tl.constexpr, USE_TMA: tl.constexpr):
+    """Rows start .. start + BLOCK of one head's contiguous [n_rows, ncols] matrix at ``ptr``.
+    USE_TMA: through the tensor descriptor DESC over [heads, n_rows, ncols] instead -- the copy
+    engine fetches the tile and fills rows past n_rows and columns past ncols with zeros, as the
+    pointer loads do."""
+    if USE_TMA:
+        return DESC.load([head.to(tl.int32), start, 0]).reshape(BLOCK, BLOCK_C)
+    return _load_rows(ptr, start + tl.arange(0, BLOCK), n_rows, ncols, BLOCK_C, EVEN)
+
+
+@triton.jit
 def _mod_indices(offs_m, offs_n, Sq, Skv, EVEN: tl.constexpr):
     """Positions the mods see.  Past the end of a sequence they are clamped to the last position so
     a mod's loads stay in bounds (those scores are masked anyway); when every tile is inside
@@ -135,30 +147,33 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, K_DESC, V_DESC, kvh, kv_head_base, v_head_
               Sq, Skv, scale, Q_OFF, __BUFFERS__
               D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
-              IEEE: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
+              IEEE: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr, LINEAR_SCORE: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    if USE_TMA:
-        # tensor descriptors over [B * Hkv, Skv, D]: the copy engine fetches the tile and fills
-        # rows past Skv and columns past D with zeros, as the pointer loads below do
-        k = K_DESC.load([kvh, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-        v = V_DESC.load([kvh, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
-    else:
-        k = _load_rows(K + kv_head_base, offs_n, Skv, D, BLOCK_D, EVEN)
-        v = _load_rows(V + v_head_base, offs_n, Skv, DV, BLOCK_DV, EVEN)
+    k = _load_tile(K + kv_head_base, K_DESC, kvh, start_n, Skv, D, BLOCK_N, BLOCK_D, EVEN, USE_TMA)
+    v = _load_tile(V + v_head_base, V_DESC, kvh, start_n, Skv, DV, BLOCK_N, BLOCK_DV, EVEN, USE_TMA)
     s_raw = _mm(q, tl.trans(k), IEEE, UPCAST)
     VALID, mq_idx, q_idx, kv_idx, ZERO = _tile_positions(offs_m, offs_n, Sq, Skv, Q_OFF, BLOCK_M, BLOCK_N, EVEN)
     # @SCORE_FWD
+    # The log2-unit score is x * x_mul.  LINEAR_SCORE (no score_mod, scale > 0): x = s_raw and
+    # x_mul = scale log2(e) > 0, so the row max is x_mul * max_j x and each exponent
+    # x * x_mul - m is one fused multiply-add.  Otherwise x = t2 and x_mul = 1 (folded away).
+    if LINEAR_SCORE:
+        x = s_raw
+        x_mul = scale * LOG2E
+    else:
+        x = t2
+        x_mul = 1.0
     if IS_FULL:
         if not EVEN:
-            t2 = tl.where(VALID, t2, float("-inf"))
+            x = tl.where(VALID, x, float("-inf"))
     else:
         # @MASK
-        t2 = tl.where(VALID & mask_keep, t2, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(t2, 1))
+        x = tl.where(VALID & mask_keep, x, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(x, 1) * x_mul)
     # A row with nothing kept yet has m = -inf: shift by 0 instead, so exp2() gives 0, not NaN.
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m_i - m_shift)
-    p = tl.math.exp2(t2 - m_shift[:, None])
+    p = tl.math.exp2(x * x_mul - m_shift[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, IEEE, UPCAST)
     return acc, l_i, m_new
@@ -184,7 +199,7 @@ def flex_fwd(Q, K, V, O, LSE, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
              HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-             REVERSE: tl.constexpr, HAS_SELF: tl.constexpr, USE_TMA: tl.constexpr):
+             REVERSE: tl.constexpr, HAS_SELF: tl.constexpr, USE_TMA: tl.constexpr, LINEAR_SCORE: tl.constexpr):
     """One query tile.  Q_OFF shifts the query positions the score_mod sees (frame coordinates of
     the EBT predicted stream; 0 otherwise).  HAS_SELF: each query i also attends to its own key
     KP[i], VP[i] (EBT), kept iff SELF_KEEP[b, h, i]; that key seeds the online softmax.
@@ -225,7 +240,8 @@ def flex_fwd(Q, K, V, O, LSE, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, K_DESC, V_DESC, kvh, kv_head_base, v_head_base,
                                   start_n, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
                                   __BUFFERS__
-                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST, USE_TMA)
+                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST, USE_TMA,
+                                  LINEAR_SCORE)
 
     # A query that kept nothing: output 0 and lse = -inf (never NaN).
     empty = l_i == 0.0
@@ -242,14 +258,14 @@ def flex_fwd(Q, K, V, O, LSE, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
 #   dq_i = scale sum_j ds_ij k_j,  dk_j = scale sum_i ds_ij q_i,  dv_j = sum_i P_ij do_i,
 #   and a captured tensor c read as c_k at one index gets dt_ij df/dc_k there (the dq pass does it).
 @triton.jit
-def _dq_tile(dq, q, do, lse2, delta, K, V, kv_head_base, v_head_base, start_n, offs_m, off_b, off_h, Sq, Skv,
-             scale, Q_OFF, __BUFFERS__
+def _dq_tile(dq, q, do, lse2, delta, K, V, K_DESC, V_DESC, kvh, kv_head_base, v_head_base, start_n, offs_m, off_b,
+             off_h, Sq, Skv, scale, Q_OFF, __BUFFERS__
              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
-             IEEE: tl.constexpr, UPCAST: tl.constexpr):
+             IEEE: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = _load_rows(K + kv_head_base, offs_n, Skv, D, BLOCK_D, EVEN)
-    v = _load_rows(V + v_head_base, offs_n, Skv, DV, BLOCK_DV, EVEN)
+    k = _load_tile(K + kv_head_base, K_DESC, kvh, start_n, Skv, D, BLOCK_N, BLOCK_D, EVEN, USE_TMA)
+    v = _load_tile(V + v_head_base, V_DESC, kvh, start_n, Skv, DV, BLOCK_N, BLOCK_DV, EVEN, USE_TMA)
     s_raw = _mm(q, tl.trans(k), IEEE, UPCAST)
     VALID, mq_idx, q_idx, kv_idx, ZERO = _tile_positions(offs_m, offs_n, Sq, Skv, Q_OFF, BLOCK_M, BLOCK_N, EVEN)
     # @SCORE_BWD
@@ -278,30 +294,32 @@ def _dq_tile(dq, q, do, lse2, delta, K, V, kv_head_base, v_head_base, start_n, o
 @triton.jit
 def flex_bwd_dq(Q, K, V, O, DO, LSE, DLSE, DELTA, DQ, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
                 H, Hkv, Sq, Skv, MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, scale, Q_OFF, KP, VP, SELF_KEEP,
-                DKP, DVP, __BUFFERS__
+                DKP, DVP, K_DESC, V_DESC, __BUFFERS__
                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
                 HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                HAS_DLSE: tl.constexpr, REVERSE: tl.constexpr, HAS_SELF: tl.constexpr):
+                HAS_DLSE: tl.constexpr, REVERSE: tl.constexpr, HAS_SELF: tl.constexpr, USE_TMA: tl.constexpr):
     """dq for one query tile; also writes D_i = do_i.o_i - dlse_i for the dk/dv pass (a cotangent
     of lse adds P_ij dlse_i to dt_ij, which is the same as lowering D_i by dlse_i).  With HAS_SELF
-    (EBT) it also writes the own keys' gradients DKP, DVP, per query head [B, H, Sq, D]."""
+    (EBT) it also writes the own keys' gradients DKP, DVP, per query head [B, H, Sq, D].
+    USE_TMA: K and V tiles through the descriptors K_DESC, V_DESC."""
     _bwd_dq_program(tl.program_id(0), tl.program_id(1), tl.num_programs(0),
                     Q, K, V, O, DO, LSE, DLSE, DELTA, DQ, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
                     H, Hkv, Sq, Skv, MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, scale, Q_OFF, KP, VP, SELF_KEEP,
-                    DKP, DVP, __BUFFERS__
+                    DKP, DVP, K_DESC, V_DESC, __BUFFERS__
                     D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, SPARSE_Q, SPARSE_KV, HAS_FULL, EVEN, IEEE, UPCAST,
-                    HAS_DLSE, REVERSE, HAS_SELF)
+                    HAS_DLSE, REVERSE, HAS_SELF, USE_TMA)
 
 
 @triton.jit
 def _bwd_dq_program(pid_m, pid_bh, n_prog_m, Q, K, V, O, DO, LSE, DLSE, DELTA, DQ, KV_NUM, KV_IDX, FULL_NUM,
                     FULL_IDX, H, Hkv, Sq, Skv, MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, scale, Q_OFF, KP, VP,
-                    SELF_KEEP, DKP, DVP, __BUFFERS__
+                    SELF_KEEP, DKP, DVP, K_DESC, V_DESC, __BUFFERS__
                     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
                     HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                    HAS_DLSE: tl.constexpr, REVERSE: tl.constexpr, HAS_SELF: tl.constexpr):
+                    HAS_DLSE: tl.constexpr, REVERSE: tl.constexpr, HAS_SELF: tl.constexpr,
+                    USE_TMA: tl.constexpr):
     """The dq program of query tile pid_m (of n_prog_m)."""
     if REVERSE:
         pid_m = n_prog_m - 1 - pid_m
@@ -321,18 +339,19 @@ def _bwd_dq_program(pid_m, pid_bh, n_prog_m, Q, K, V, O, DO, LSE, DLSE, DELTA, D
     lse = tl.load(LSE + qh * Sq + offs_m, mask=row_ok, other=float("-inf"))
     # lse = -inf marks a row with nothing kept; shifting by 0 keeps exp2() finite there.
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
-    kv_head_base = (off_b * Hkv + off_hk).to(tl.int64) * Skv * D
-    v_head_base = (off_b * Hkv + off_hk).to(tl.int64) * Skv * DV
+    kvh = off_b * Hkv + off_hk
+    kv_head_base = kvh.to(tl.int64) * Skv * D
+    v_head_base = kvh.to(tl.int64) * Skv * DV
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     base, base_full, n_partial, n_full = _row_table(KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, off_b, off_h,
                                                     (pid_m * BLOCK_M) // SPARSE_Q, MB, MH, NQ_BLOCKS, NKV_LIST,
                                                     NKV_LIST_FULL, HAS_FULL)
     for start_n, IS_FULL in _visited_tiles(KV_IDX, FULL_IDX, base, base_full, n_partial, n_full,
                                            SPARSE_KV, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse2, delta, K, V, kv_head_base, v_head_base,
+        dq = _dq_tile(dq, q, do, lse2, delta, K, V, K_DESC, V_DESC, kvh, kv_head_base, v_head_base,
                       start_n, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
                       __BUFFERS__
-                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST)
+                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST, USE_TMA)
     offs_d = tl.arange(0, BLOCK_D)
     if HAS_SELF:
         own = (off_b * Hkv + off_hk).to(tl.int64) * Sq
@@ -350,17 +369,17 @@ def _bwd_dq_program(pid_m, pid_bh, n_prog_m, Q, K, V, O, DO, LSE, DLSE, DELTA, D
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, qh, start_m, offs_n, off_b, off_h, Sq, Skv, scale, Q_OFF,
-               __BUFFERS__
+def _dkdv_tile(dk, dv, k, v, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, qh, start_m, offs_n, off_b, off_h, Sq, Skv, scale,
+               Q_OFF, __BUFFERS__
                D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
-               IEEE: tl.constexpr, UPCAST: tl.constexpr):
+               IEEE: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
     """Transposed orientation: tiles are [BLOCK_N keys, BLOCK_M queries], so P^T and dS^T come
     out of the products directly (the mod code is elementwise; only q_idx / kv_idx swap axes)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     row_ok = offs_m < Sq
-    q = _load_rows(Q + qh * Sq * D, offs_m, Sq, D, BLOCK_D, EVEN)
-    do = _load_rows(DO + qh * Sq * DV, offs_m, Sq, DV, BLOCK_DV, EVEN)
+    q = _load_tile(Q + qh * Sq * D, Q_DESC, qh, start_m, Sq, D, BLOCK_M, BLOCK_D, EVEN, USE_TMA)
+    do = _load_tile(DO + qh * Sq * DV, DO_DESC, qh, start_m, Sq, DV, BLOCK_M, BLOCK_DV, EVEN, USE_TMA)
     lse = tl.load(LSE + qh * Sq + offs_m, mask=row_ok, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
     delta = tl.load(DELTA + qh * Sq + offs_m, mask=row_ok, other=0.0)
@@ -393,31 +412,31 @@ def _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, qh, start_m, offs_n, off_b, off_
 
 @triton.jit
 def flex_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX,
-                  H, Hkv, Sq, Skv, MB, MH, NKV_BLOCKS, NQ_LIST, NQ_LIST_FULL, scale, Q_OFF,
+                  H, Hkv, Sq, Skv, MB, MH, NKV_BLOCKS, NQ_LIST, NQ_LIST_FULL, scale, Q_OFF, Q_DESC, DO_DESC,
                   __BUFFERS__
                   D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
                   HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                  ACCUMULATE: tl.constexpr):
+                  ACCUMULATE: tl.constexpr, USE_TMA: tl.constexpr):
     """One program per (kv tile, batch, kv head); loops over the query heads of its GQA group
     and the query blocks the transposed block tables list for its kv block.  ACCUMULATE adds to
     DK / DV instead of overwriting them (EBT: observed keys get a second pass for the predicted
-    queries)."""
+    queries).  USE_TMA: q and dO tiles through the descriptors Q_DESC, DO_DESC."""
     _bwd_dkdv_program(tl.program_id(0), tl.program_id(1), Q, K, V, DO, LSE, DELTA, DK, DV_OUT, Q_NUM, Q_IDX,
                       FULL_Q_NUM, FULL_Q_IDX, H, Hkv, Sq, Skv, MB, MH, NKV_BLOCKS, NQ_LIST, NQ_LIST_FULL, scale,
-                      Q_OFF, __BUFFERS__
+                      Q_OFF, Q_DESC, DO_DESC, __BUFFERS__
                       D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, SPARSE_Q, SPARSE_KV, HAS_FULL, EVEN, IEEE, UPCAST,
-                      ACCUMULATE)
+                      ACCUMULATE, USE_TMA)
 
 
 @triton.jit
 def _bwd_dkdv_program(pid_n, pid_bh, Q, K, V, DO, LSE, DELTA, DK, DV_OUT, Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX,
-                      H, Hkv, Sq, Skv, MB, MH, NKV_BLOCKS, NQ_LIST, NQ_LIST_FULL, scale, Q_OFF,
+                      H, Hkv, Sq, Skv, MB, MH, NKV_BLOCKS, NQ_LIST, NQ_LIST_FULL, scale, Q_OFF, Q_DESC, DO_DESC,
                       __BUFFERS__
                       D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
                       HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                      ACCUMULATE: tl.constexpr):
+                      ACCUMULATE: tl.constexpr, USE_TMA: tl.constexpr):
     """The dk/dv program of key tile pid_n for (batch, kv head) pid_bh."""
     off_b = pid_bh // Hkv
     off_hk = pid_bh % Hkv
@@ -436,10 +455,10 @@ def _bwd_dkdv_program(pid_n, pid_bh, Q, K, V, DO, LSE, DELTA, DK, DV_OUT, Q_NUM,
                                                         NQ_LIST_FULL, HAS_FULL)
         for start_m, IS_FULL in _visited_tiles(Q_IDX, FULL_Q_IDX, base, base_full, n_partial, n_full,
                                                SPARSE_Q, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, qh, start_m,
+            dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, qh, start_m,
                                 offs_n, off_b, off_h, Sq, Skv, scale, Q_OFF,
                                 __BUFFERS__
-                                D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST)
+                                D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST, USE_TMA)
     _store_key_grads(DK, DV_OUT, dk * scale, dv, kvh, offs_n, Skv, D, DV, BLOCK_D, BLOCK_DV, ACCUMULATE)
 
 
