@@ -177,13 +177,18 @@ class PiecewiseAttention(torch.autograd.Function):
             gbufs = captured_grad_buffers(kern, list(bufs), q.device)
             bargs = _buffer_args(list(bufs), gbufs)
             dq, delta, _ = dq_pass(kern, q, k, v, out, lse, dout, None, call.scale, tables, bargs, call.options)
-            # dv of both passes accumulates in fp32 (one rounding); the far pass adds onto zeros for dk2
-            dk = torch.empty_like(k) if i == 0 else torch.zeros_like(k)
-            dkdv_pass(kern, q, k, v, lse, delta, dout, call.scale, tables, bargs, call.options, into=(dk, dv32),
-                      accumulate=i == 1)
+            # dv of both passes sums in fp32 (one rounding): the near pass writes its part to dv32,
+            # the far pass adds it and writes v's dtype (and adds zeros to its own dk2)
+            if i == 0:
+                dk = torch.empty_like(k)
+                dkdv_pass(kern, q, k, v, lse, delta, dout, call.scale, tables, bargs, call.options, into=(dk, dv32))
+            else:
+                dk, dv = torch.zeros_like(k), torch.empty_like(v)
+                dkdv_pass(kern, q, k, v, lse, delta, dout, call.scale, tables, bargs, call.options, into=(dk, dv),
+                          add=(dk, dv32))
             grads.append((dq, dk, finish_captured_grads(list(bufs), gbufs)))
         (dq1, dk1, gb_near), (dq2, dk2, gb_far) = grads
-        return (dq1, dk1, dq2, dk2, dv32.to(v.dtype), None, *gb_near, *gb_far)
+        return (dq1, dk1, dq2, dk2, dv, None, *gb_near, *gb_far)
 
 
 def _composed_backward(ctx, primals, buffers, dout):

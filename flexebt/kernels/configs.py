@@ -41,16 +41,17 @@ TILE_KEYS = {"fwd": ("BLOCK_M", "BLOCK_N"), "dq": ("BLOCK_M2", "BLOCK_N2"), "dkd
 
 
 def flex_config(pass_name: str, head_dim: int, sparse_q: int, sparse_kv: int, options=None,
-                gathers: bool = False, tiles: str = "bf16") -> TileConfig:
+                gathers: bool = False, tiles: str = "bf16", tma: bool = False) -> TileConfig:
     """``tiles`` names the table: ``"bf16"`` (2-byte inputs), ``"tf32"`` or ``"ieee"`` (fp32 inputs,
-    by the matmul-precision policy of SPEC §5)."""
+    by the matmul-precision policy of SPEC §5); ``tma``: the pass loads its tiles through tensor
+    descriptors (some passes prefer other tiles then)."""
     key = tuple(sorted((k, v) for k, v in options.items() if k != "BACKEND")) if options else ()
-    return _flex_config(pass_name, head_dim, sparse_q, sparse_kv, key, gathers, tiles, interpreting())
+    return _flex_config(pass_name, head_dim, sparse_q, sparse_kv, key, gathers, tiles, interpreting(), tma)
 
 
 @functools.lru_cache(maxsize=1024)
 def _flex_config(pass_name: str, head_dim: int, sparse_q: int, sparse_kv: int, option_items: tuple,
-                 gathers: bool, tiles: str, interp: bool) -> TileConfig:
+                 gathers: bool, tiles: str, interp: bool, tma: bool = False) -> TileConfig:
     """Tiles of one pass of the single-stream family.
 
     ``options`` (the call's kernel_options) may set the tiles (``BLOCK_M``/``BLOCK_N`` forward and
@@ -58,7 +59,7 @@ def _flex_config(pass_name: str, head_dim: int, sparse_q: int, sparse_kv: int, o
     ``BLOCK_M1``/``BLOCK_N1`` dk/dv and the double backward's dk/dv pass) and ``num_warps`` /
     ``num_stages`` (all passes) or ``<pass>_num_warps`` / ``<pass>_num_stages``.
     """
-    cfg = _default_flex_config(pass_name, head_dim, sparse_q, sparse_kv, gathers, tiles, interp)
+    cfg = _default_flex_config(pass_name, head_dim, sparse_q, sparse_kv, gathers, tiles, interp, tma)
     options = dict(option_items)
     km, kn = TILE_KEYS[pass_name]
     m, n = options.get(km, cfg.BLOCK_M), options.get(kn, cfg.BLOCK_N)
@@ -120,14 +121,20 @@ _TF32X3_SECOND_ORDER = {
     "dbwd_dq": {32: (64, 64, 4, 1), 64: (32, 32, 4, 1), 128: (16, 32, 4, 1), 256: (16, 16, 4, 1)},
     "dbwd_dkdv": {32: (64, 64, 4, 1), 64: (16, 32, 4, 1), 128: (16, 32, 4, 1), 256: (16, 16, 4, 1)},
 }
+# bf16 with TMA loads, where other tiles win (H100, bf16 causal S4096 B2 H16, benchmarks/tune.py
+# --options USE_TMA=1; results/tune_bwd_tma_*_h100_*.txt): the dk/dv pass at D64 takes 64 x 64
+# tiles, 0.668 -> 0.620 ms for the whole backward (torch's compiled flex_attention: 0.668).
+_BF16_TMA = {"dkdv": {64: (64, 64, 4, 3)}}
 _TABLES = {"bf16": _BF16, "ieee": _IEEE, "tf32": _TF32, "tf32x3": _TF32X3_SECOND_ORDER}
 
 
 def _default_flex_config(pass_name: str, head_dim: int, sparse_q: int, sparse_kv: int, gathers: bool,
-                         tiles: str, interp: bool) -> TileConfig:
+                         tiles: str, interp: bool, tma: bool = False) -> TileConfig:
     if interp:  # tiny tiles keep the interpreter fast
         return TileConfig(MIN_TILE, MIN_TILE, 4, 1)
     table = _TABLES[tiles][pass_name]
+    if tma and tiles == "bf16":
+        table = {**table, **_BF16_TMA.get(pass_name, {})}
     cls = 32 if head_dim <= 32 and 32 in table else 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
     m, n, warps, stages = table[cls]
     if gathers and pass_name == "fwd" and head_dim <= 64 and tiles == "bf16":

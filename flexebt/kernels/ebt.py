@@ -115,16 +115,26 @@ def ebt_backward(pl: EBTPlan, q_o, k_o, v_o, q_p, k_p, v_p, out_o, out_p, lse_o,
                                options)
     dq_p, delta_p, (dkp, dvp) = dq_pass(pl.kern_p, q_p, k_o, v_o, out_p, lse_p, dout_p, dlse_p, scale, pl.tables_p,
                                         bargs_p, options, q_off=pl.offset, own=own)
+    # the observed stream's partial sums stay fp32; the predicted pass adds them and writes k's dtype
     acc = (torch.empty(k_o.shape, dtype=torch.float32, device=k_o.device),
            torch.empty(v_o.shape, dtype=torch.float32, device=v_o.device))
     dkdv_pass(pl.kern_o, q_o, k_o, v_o, lse_o, delta_o, dout_o, scale, pl.tables_o, bargs_o, options, into=acc)
-    dkdv_pass(pl.kern_p, q_p, k_o, v_o, lse_p, delta_p, dout_p, scale, pl.tables_p, bargs_p, options,
-              q_off=pl.offset, into=acc, accumulate=True)
-    group = H // Hkv  # own keys are shared by the query heads of a GQA group
-    dk_p = dkp.view(B, Hkv, group, S_p, D).sum(2).to(k_p.dtype)
-    dv_p = dvp.view(B, Hkv, group, S_p, DV).sum(2).to(v_p.dtype)
+    dk_o, dv_o = dkdv_pass(pl.kern_p, q_p, k_o, v_o, lse_p, delta_p, dout_p, scale, pl.tables_p, bargs_p, options,
+                           q_off=pl.offset, add=acc)
     grads = finish_captured_grads(pl.buffers_o, gbufs)
-    return dq_o, acc[0].to(k_o.dtype), acc[1].to(v_o.dtype), dq_p, dk_p, dv_p, grads
+    return dq_o, dk_o, dv_o, dq_p, *_own_key_grads(dkp, dvp, k_p, v_p), grads
+
+
+def _own_key_grads(dkp: Tensor, dvp: Tensor, k_p: Tensor, v_p: Tensor):
+    """The own keys' gradients from the per-query-head ones [B, H, S_p, D]: summed over the query
+    heads of a GQA group; without GQA the kernel already wrote them in k_p's dtype."""
+    B, H, S_p, D = dkp.shape
+    Hkv = k_p.shape[1]
+    if Hkv == H:
+        return dkp, dvp
+    dk = dkp.view(B, Hkv, H // Hkv, S_p, D).sum(2, dtype=torch.float32)
+    dv = dvp.view(B, Hkv, H // Hkv, S_p, dvp.shape[3]).sum(2, dtype=torch.float32)
+    return dk.to(k_p.dtype), dv.to(v_p.dtype)
 
 
 def ebt_double_backward(pl: EBTPlan, qkv: list, outs: list, cts: list, gcts: list, scale: float,
@@ -159,12 +169,8 @@ def ebt_double_backward(pl: EBTPlan, qkv: list, outs: list, cts: list, gcts: lis
     acc = (torch.empty(k_o.shape, dtype=torch.float32, device=k_o.device),
            torch.empty(v_o.shape, dtype=torch.float32, device=v_o.device))
     dbwd_dkdv_pass(*obs, st_o, scale, pl.tables_o, bargs_o, options, into=acc)
-    dbwd_dkdv_pass(*pred, st_p, scale, pl.tables_p, bargs_p, options, q_off=pl.offset, into=acc, accumulate=True)
-    B, H, S_p, D = q_p.shape
-    group = H // k_p.shape[1]  # own keys are shared by the query heads of a GQA group
-    g_kp = g_kp.view(B, k_p.shape[1], group, S_p, D).sum(2)
-    g_vp = g_vp.view(B, v_p.shape[1], group, S_p, v_p.shape[3]).sum(2)
-    return [g_q_o, acc[0].to(k_o.dtype), acc[1].to(v_o.dtype), g_q_p, g_kp.to(k_p.dtype), g_vp.to(v_p.dtype),
+    g_k_o, g_v_o = dbwd_dkdv_pass(*pred, st_p, scale, pl.tables_p, bargs_p, options, q_off=pl.offset, add=acc)
+    return [g_q_o, g_k_o, g_v_o, g_q_p, *_own_key_grads(g_kp, g_vp, k_p, v_p),
             gdo_o, gdo_p, st_o[..., 0] if dlse_o is not None else None, st_p[..., 0] if dlse_p is not None else None,
             finish_captured_grads(pl.buffers_o, gbufs)]
 

@@ -184,11 +184,15 @@ def _linear_score(kern: ModKernels, scale: float) -> bool:
 def _use_tma(options: Optional[dict], *tensors: Tensor) -> bool:
     """kernel_options["USE_TMA"] (torch's name): load the tiles of the inner loops through tensor
     descriptors (Hopper's TMA copy engine): K and V in the forward and the dq pass, q and dO in
-    the dk/dv pass.  A hint: where the GPU has no TMA (compute
-    capability < 9) or a row is not 16-byte aligned, the pointer loads run instead."""
-    if not (options or {}).get("USE_TMA"):
-        return False
+    the dk/dv pass.  Default: on for fp16/bf16 CUDA tensors (measured faster on Hopper, design
+    D42), off elsewhere.  A hint: where the GPU has no TMA (compute capability < 9) or a tensor
+    is not contiguous with 16-byte aligned rows, the pointer loads run instead."""
     t0 = tensors[0]
+    want = (options or {}).get("USE_TMA")
+    if want is None:
+        want = t0.device.type == "cuda" and t0.element_size() == 2
+    if not want:
+        return False
     if t0.device.type == "cuda" and torch.cuda.get_device_capability(t0.device)[0] < 9:
         return False
     return all(t.is_contiguous() and t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0
@@ -248,8 +252,7 @@ def dq_pass(kern: ModKernels, q, k, v, out, lse, dout, dlse, scale, tables: Bloc
     delta = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)  # written by this pass
     dq = torch.empty_like(q)
     if own is not None:
-        dkp = torch.empty(B, H, Sq, D, dtype=torch.float32, device=q.device)
-        dvp = torch.empty(B, H, Sq, DV, dtype=torch.float32, device=q.device)
+        dkp, dvp = _own_key_grad_buffers(own, H)
         kp, vp, keep = own.kp, own.vp, own.keep
     else:
         dkp = dvp = kp = vp = keep = lse
@@ -271,9 +274,10 @@ def dq_pass(kern: ModKernels, q, k, v, out, lse, dout, dlse, scale, tables: Bloc
 
 
 def dkdv_pass(kern: ModKernels, q, k, v, lse, delta, dout, scale, tables: BlockTables, bargs: list, options=None,
-              q_off: int = 0, into: Optional[tuple] = None, accumulate: bool = False):
-    """dk, dv of the keys from these queries, written to ``into=(dk, dv)`` if given (added to its
-    contents with ``accumulate``), else to new tensors of k's / v's dtype."""
+              q_off: int = 0, into: Optional[tuple] = None, add: Optional[tuple] = None):
+    """dk, dv of the keys from these queries, plus ``add=(dk0, dv0)`` if given (an earlier pass's
+    partial sums, fp32), written to ``into=(dk, dv)`` if given (it may be ``add`` itself), else
+    to new tensors of k's / v's dtype."""
     B, H, Sq, D = q.shape
     Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
     if into is None:
@@ -281,18 +285,18 @@ def dkdv_pass(kern: ModKernels, q, k, v, lse, delta, dout, scale, tables: BlockT
         dv = torch.empty(B, Hkv, Skv, DV, dtype=v.dtype, device=v.device)
     else:
         dk, dv = into
-    cfg = flex_config("dkdv", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
-                      tiles=_tiles_for(q.dtype, options))
     tma = _use_tma(options, q, dout)
+    cfg = flex_config("dkdv", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
+                      tiles=_tiles_for(q.dtype, options), tma=tma)
 
     def args(c):
         descs = _row_descriptors(q, dout, c.BLOCK_M, _pow2(D), _pow2(DV)) if tma else (q, dout)
-        return (q, k, v, dout, lse, delta, dk, dv, tables.q_num, tables.q_idx, tables.full_q_num, tables.full_q_idx,
+        return (q, k, v, dout, lse, delta, dk, dv, *(add or (dk, dv)), tables.q_num, tables.q_idx, tables.full_q_num, tables.full_q_idx,
                 H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.q_num.shape[-1], tables.q_idx.shape[-1],
                 tables.full_q_idx.shape[-1], scale, q_off, *descs, *bargs)
 
     _launch(kern.module.flex_bwd_dkdv, lambda c: (triton_cdiv(Skv, c.BLOCK_N), B * Hkv), args,
-            dict(ACCUMULATE=accumulate, USE_TMA=tma, **_common(q, k, v, tables, options)), cfg,
+            dict(ACCUMULATE=add is not None, USE_TMA=tma, **_common(q, k, v, tables, options)), cfg,
             (D, DV, q.dtype, tma))
     return dk, dv
 
@@ -327,6 +331,15 @@ def triton_cdiv(a: int, b: int) -> int:
 def _dbwd_args(q, k, v, out, dout, lse, dlse, gq, gk, gv):
     c = lambda t: t.contiguous()  # noqa: E731
     return (q, k, v, out, c(dout), lse, c(dlse) if dlse is not None else lse, c(gq), c(gk), c(gv))
+
+
+def _own_key_grad_buffers(own: OwnKeys, H: int):
+    """The own keys' gradients per query head, [B, H, Sq, D]: fp32 under GQA (the caller sums a
+    group's heads), else in the own keys' dtype (they are the final gradients)."""
+    B, Hp, Sq, D = own.kp.shape
+    dtypes = (own.kp.dtype, own.vp.dtype) if Hp == H else (torch.float32, torch.float32)
+    return (torch.empty(B, H, Sq, D, dtype=dtypes[0], device=own.kp.device),
+            torch.empty(B, H, Sq, own.vp.shape[3], dtype=dtypes[1], device=own.kp.device))
 
 
 def _own_args(own: Optional[OwnKeys], own_cts, fallback):
@@ -364,8 +377,7 @@ def dbwd_dq_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, st
     args = _dbwd_args(q, k, v, out, dout, lse, dlse, gq, gk, gv)
     g_q = torch.empty_like(q)
     if own is not None:
-        g_kp = torch.empty(B, H, Sq, D, dtype=torch.float32, device=q.device)
-        g_vp = torch.empty(B, H, Sq, DV, dtype=torch.float32, device=q.device)
+        g_kp, g_vp = _own_key_grad_buffers(own, H)
     else:
         g_kp = g_vp = lse
     cfg = flex_config("dbwd_dq", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
@@ -380,8 +392,8 @@ def dbwd_dq_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, st
 
 
 def dbwd_dkdv_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, stats, scale, tables: BlockTables,
-                   bargs: list, options=None, q_off: int = 0, into: Optional[tuple] = None, accumulate: bool = False):
-    """g_k, g_v of the double backward from these queries (into / accumulate as in dkdv_pass)."""
+                   bargs: list, options=None, q_off: int = 0, into: Optional[tuple] = None, add: Optional[tuple] = None):
+    """g_k, g_v of the double backward from these queries (into / add as in dkdv_pass)."""
     B, H, Sq, D = q.shape
     Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
     args = _dbwd_args(q, k, v, out, dout, lse, dlse, gq, gk, gv)
@@ -389,10 +401,11 @@ def dbwd_dkdv_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, 
     cfg = flex_config("dbwd_dkdv", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
                       tiles=_tiles_for(q.dtype, options, True, max(D, DV)))
     _launch(kern.module.flex_dbwd_dkdv, lambda c_: (triton_cdiv(Skv, c_.BLOCK_N), B * Hkv),
-            (*args, g_k, g_v, stats, tables.q_num, tables.q_idx, tables.full_q_num, tables.full_q_idx, H, Hkv, Sq,
+            (*args, g_k, g_v, *(add or (g_k, g_v)), stats, tables.q_num, tables.q_idx, tables.full_q_num, tables.full_q_idx, H, Hkv, Sq,
              Skv, tables.MB, tables.MH, tables.q_num.shape[-1], tables.q_idx.shape[-1],
              tables.full_q_idx.shape[-1], scale, q_off, *bargs),
-            dict(HAS_DLSE=dlse is not None, ACCUMULATE=accumulate, **_common(q, k, v, tables, options, True)), cfg,
+            dict(HAS_DLSE=dlse is not None, ACCUMULATE=add is not None, **_common(q, k, v, tables, options, True)),
+            cfg,
             (D, DV, q.dtype, "dbwd_dkdv"))
     return g_k, g_v
 

@@ -411,7 +411,7 @@ def _dkdv_tile(dk, dv, k, v, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, qh, start_m, of
 
 
 @triton.jit
-def flex_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX,
+def flex_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, ADD_K, ADD_V, Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX,
                   H, Hkv, Sq, Skv, MB, MH, NKV_BLOCKS, NQ_LIST, NQ_LIST_FULL, scale, Q_OFF, Q_DESC, DO_DESC,
                   __BUFFERS__
                   D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -419,10 +419,11 @@ def flex_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, Q_NUM, Q_IDX, FULL_Q_NUM,
                   HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                   ACCUMULATE: tl.constexpr, USE_TMA: tl.constexpr):
     """One program per (kv tile, batch, kv head); loops over the query heads of its GQA group
-    and the query blocks the transposed block tables list for its kv block.  ACCUMULATE adds to
-    DK / DV instead of overwriting them (EBT: observed keys get a second pass for the predicted
+    and the query blocks the transposed block tables list for its kv block.  ACCUMULATE adds
+    ADD_K / ADD_V to what it writes (EBT: observed keys get a second pass for the predicted
     queries).  USE_TMA: q and dO tiles through the descriptors Q_DESC, DO_DESC."""
-    _bwd_dkdv_program(tl.program_id(0), tl.program_id(1), Q, K, V, DO, LSE, DELTA, DK, DV_OUT, Q_NUM, Q_IDX,
+    _bwd_dkdv_program(tl.program_id(0), tl.program_id(1), Q, K, V, DO, LSE, DELTA, DK, DV_OUT, ADD_K, ADD_V,
+                      Q_NUM, Q_IDX,
                       FULL_Q_NUM, FULL_Q_IDX, H, Hkv, Sq, Skv, MB, MH, NKV_BLOCKS, NQ_LIST, NQ_LIST_FULL, scale,
                       Q_OFF, Q_DESC, DO_DESC, __BUFFERS__
                       D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, SPARSE_Q, SPARSE_KV, HAS_FULL, EVEN, IEEE, UPCAST,
@@ -430,7 +431,8 @@ def flex_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, Q_NUM, Q_IDX, FULL_Q_NUM,
 
 
 @triton.jit
-def _bwd_dkdv_program(pid_n, pid_bh, Q, K, V, DO, LSE, DELTA, DK, DV_OUT, Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX,
+def _bwd_dkdv_program(pid_n, pid_bh, Q, K, V, DO, LSE, DELTA, DK, DV_OUT, ADD_K, ADD_V, Q_NUM, Q_IDX, FULL_Q_NUM,
+                      FULL_Q_IDX,
                       H, Hkv, Sq, Skv, MB, MH, NKV_BLOCKS, NQ_LIST, NQ_LIST_FULL, scale, Q_OFF, Q_DESC, DO_DESC,
                       __BUFFERS__
                       D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -459,25 +461,28 @@ def _bwd_dkdv_program(pid_n, pid_bh, Q, K, V, DO, LSE, DELTA, DK, DV_OUT, Q_NUM,
                                 offs_n, off_b, off_h, Sq, Skv, scale, Q_OFF,
                                 __BUFFERS__
                                 D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST, USE_TMA)
-    _store_key_grads(DK, DV_OUT, dk * scale, dv, kvh, offs_n, Skv, D, DV, BLOCK_D, BLOCK_DV, ACCUMULATE)
+    _store_key_grads(DK, DV_OUT, ADD_K, ADD_V, dk * scale, dv, kvh, offs_n, Skv, D, DV, BLOCK_D, BLOCK_DV,
+                     ACCUMULATE)
 
 
 @triton.jit
-def _store_key_grads(DK, DV_OUT, dk, dv, kvh, offs_n, Skv, D: tl.constexpr, DV: tl.constexpr,
+def _store_key_grads(DK, DV_OUT, ADD_K, ADD_V, dk, dv, kvh, offs_n, Skv, D: tl.constexpr, DV: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, ACCUMULATE: tl.constexpr):
-    """Write one key tile's gradients [BLOCK_N, D] / [BLOCK_N, DV] (ACCUMULATE: add to what is there)."""
+    """Write one key tile's gradients [BLOCK_N, D] / [BLOCK_N, DV].  ACCUMULATE: first add what
+    ADD_K / ADD_V hold (an earlier pass's fp32 partial sums; they may be DK / DV_OUT themselves),
+    so the last pass can write the final dtype directly."""
     col_ok = offs_n < Skv
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    dk_ptr = DK + kvh * Skv * D + offs_n[:, None] * D + offs_d[None, :]
-    dv_ptr = DV_OUT + kvh * Skv * DV + offs_n[:, None] * DV + offs_dv[None, :]
+    dk_off = kvh * Skv * D + offs_n[:, None] * D + offs_d[None, :]
+    dv_off = kvh * Skv * DV + offs_n[:, None] * DV + offs_dv[None, :]
     dk_ok = col_ok[:, None] & (offs_d[None, :] < D)
     dv_ok = col_ok[:, None] & (offs_dv[None, :] < DV)
     if ACCUMULATE:
-        dk += tl.load(dk_ptr, mask=dk_ok, other=0.0).to(tl.float32)
-        dv += tl.load(dv_ptr, mask=dv_ok, other=0.0).to(tl.float32)
-    tl.store(dk_ptr, dk.to(DK.dtype.element_ty), mask=dk_ok)
-    tl.store(dv_ptr, dv.to(DV_OUT.dtype.element_ty), mask=dv_ok)
+        dk += tl.load(ADD_K + dk_off, mask=dk_ok, other=0.0).to(tl.float32)
+        dv += tl.load(ADD_V + dv_off, mask=dv_ok, other=0.0).to(tl.float32)
+    tl.store(DK + dk_off, dk.to(DK.dtype.element_ty), mask=dk_ok)
+    tl.store(DV_OUT + dv_off, dv.to(DV_OUT.dtype.element_ty), mask=dv_ok)
 
 
 # Double backward (DESIGN appendix; flexebt/reference/double_backward.py is the dense spec).
@@ -755,9 +760,9 @@ def flex_dbwd_dq(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_Q, STATS, KV_NUM, KV_I
         g_kp = (gs_s * q.to(tl.float32) + ds_s * gq.to(tl.float32)) * scale
         g_vp = p_s * (u_s - U[:, None]) * do.to(tl.float32)
         offs_dv = tl.arange(0, BLOCK_DV)
-        tl.store(G_KP + qh * Sq * D + offs_m[:, None] * D + offs_d[None, :], g_kp,
+        tl.store(G_KP + qh * Sq * D + offs_m[:, None] * D + offs_d[None, :], g_kp.to(G_KP.dtype.element_ty),
                  mask=row_ok[:, None] & (offs_d[None, :] < D))
-        tl.store(G_VP + qh * Sq * DV + offs_m[:, None] * DV + offs_dv[None, :], g_vp,
+        tl.store(G_VP + qh * Sq * DV + offs_m[:, None] * DV + offs_dv[None, :], g_vp.to(G_VP.dtype.element_ty),
                  mask=row_ok[:, None] & (offs_dv[None, :] < DV))
     tl.store(G_Q + qh * Sq * D + offs_m[:, None] * D + offs_d[None, :], (g_q * scale).to(G_Q.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < D))
@@ -783,7 +788,8 @@ def _dbwd_dkdv_tile(g_k, g_v, k, v, gk, gv, Q, O, DO, GQ, LSE, DLSE, STATS, qh, 
 
 
 @triton.jit
-def flex_dbwd_dkdv(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_K, G_V, STATS, Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX,
+def flex_dbwd_dkdv(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_K, G_V, ADD_K, ADD_V, STATS, Q_NUM, Q_IDX, FULL_Q_NUM,
+                   FULL_Q_IDX,
                    H, Hkv, Sq, Skv, MB, MH, NKV_BLOCKS, NQ_LIST, NQ_LIST_FULL, scale, Q_OFF,
                    __BUFFERS__
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -791,7 +797,7 @@ def flex_dbwd_dkdv(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_K, G_V, STATS, Q_NUM
                    HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                    HAS_DLSE: tl.constexpr, ACCUMULATE: tl.constexpr):
     """Pass 3 of the double backward, per key tile: g_k = scale sum_i (gs^T q + ds^T Gq) and
-    g_v = sum_i (P (u - U))^T do, over the query heads of a GQA group (ACCUMULATE: add to G_K, G_V)."""
+    g_v = sum_i (P (u - U))^T do, over the query heads of a GQA group (ACCUMULATE: add ADD_K, ADD_V)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = pid_bh // Hkv
@@ -815,7 +821,8 @@ def flex_dbwd_dkdv(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_K, G_V, STATS, Q_NUM
                                        __BUFFERS__
                                        D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST,
                                        HAS_DLSE)
-    _store_key_grads(G_K, G_V, g_k * scale, g_v, kvh, offs_n, Skv, D, DV, BLOCK_D, BLOCK_DV, ACCUMULATE)
+    _store_key_grads(G_K, G_V, ADD_K, ADD_V, g_k * scale, g_v, kvh, offs_n, Skv, D, DV, BLOCK_D, BLOCK_DV,
+                     ACCUMULATE)
 
 
 # Forward-mode (JVP).  With tangents dq, dk, dv of q, k, v:
