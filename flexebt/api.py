@@ -90,11 +90,11 @@ def _backend_for(fn: str, kernel_options, tensors, value) -> str:
 def _flex_attention_triton(query, key, value, score_mod, block_mask, scale, kernel_options):
     from .autograd import FlexAttention, FlexCall
     from .codegen.source import get_kernels
-    from .kernels.flex import tables_from_block_mask
+    from .kernels.flex import cached_tables
 
     Sq, Skv = query.shape[2], key.shape[2]
     with torch._C._DisableFuncTorch():  # plain int32 tables even inside torch.func transforms
-        tables = tables_from_block_mask(block_mask, Sq, Skv, query.device)
+        tables = cached_tables(block_mask, Sq, Skv, query.device)
     kernels = get_kernels("flex_attention", score_mod, tables.mask_mod)
     buffers = kernels.buffers(score_mod, tables.mask_mod)
     for t in buffers:

@@ -160,6 +160,25 @@ def test_kernels_are_cached_not_regenerated():
     assert rel_err(out, ref) < 1e-5
 
 
+def test_block_tables_are_converted_once_per_mask():
+    """The kernel tables of a block mask are cached per mask object and lengths: a second call
+    with the same mask reuses them; another mask (even a freed one's reused id) gets its own."""
+    from flexebt.kernels import flex as kernels_flex
+
+    x = torch.randn(1, 2, 40, 16)
+    bm = flexebt.create_block_mask(masks.causal_mask, None, None, 40, 40, device="cpu", BLOCK_SIZE=16)
+    first = kernels_flex.cached_tables(bm, 40, 40, x.device)
+    out = flexebt.flex_attention(x, x, x, block_mask=bm, kernel_options=T)
+    assert kernels_flex.cached_tables(bm, 40, 40, x.device) is first
+    window = flexebt.create_block_mask(masks.generate_sliding_window(5), None, None, 40, 40, device="cpu",
+                                       BLOCK_SIZE=16)
+    assert kernels_flex.cached_tables(window, 40, 40, x.device) is not first
+    got = flexebt.flex_attention(x, x, x, block_mask=window, kernel_options=T)
+    want = flexebt.flex_attention(x, x, x, block_mask=window, kernel_options=R)
+    assert rel_err(got, want) < 1e-5 and rel_err(out, flexebt.flex_attention(x, x, x, block_mask=bm,
+                                                                           kernel_options=R)) < 1e-5
+
+
 def test_unsupported_op_names_the_op():
     def weird(score, b, h, q_idx, kv_idx):
         return torch.erf(score)

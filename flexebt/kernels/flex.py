@@ -76,6 +76,24 @@ def tables_from_block_mask(block_mask, Sq: int, Skv: int, device) -> BlockTables
         sparse_q=bq, sparse_kv=bkv, has_full=has_full, mask_mod=block_mask.mask_mod)
 
 
+_TABLES: dict = {}  # (id(block_mask), Sq, Skv, device) -> (block_mask, tables); identity-checked, small
+
+
+def cached_tables(block_mask, Sq: int, Skv: int, device) -> BlockTables:
+    """tables_from_block_mask, converted once per block mask and lengths: a training loop calls
+    attention with the same mask every step, and the conversion (eight int32 copies, or the
+    all-full tables) costs more host time than the launch itself at small sizes."""
+    key = (id(block_mask), Sq, Skv, str(device))
+    hit = _TABLES.get(key)
+    if hit is not None and hit[0] is block_mask:
+        return hit[1]
+    tables = tables_from_block_mask(block_mask, Sq, Skv, device)
+    if len(_TABLES) > 64:
+        _TABLES.clear()
+    _TABLES[key] = (block_mask, tables)
+    return tables
+
+
 _WORKING: dict = {}  # (kernel, shape key, requested config) -> config that fit in shared memory
 
 
