@@ -10,7 +10,8 @@ from collections import defaultdict
 
 COLORS = {"flexebt": "tab:blue", "torch_flex_compiled": "tab:orange", "sdpa_causal": "tab:gray",
           "ebt_flash_attention": "tab:red", "eager_math": "tab:green", "flexebt_piecewise": "tab:blue",
-          "flexebt_causal": "tab:gray"}
+          "flexebt_causal": "tab:gray", "sdpa_2x_causal": "tab:gray", "sdpa_2x_causal_flash": "tab:purple",
+          "sdpa_2x_causal_cudnn": "tab:brown", "torch_flex_concat_compiled": "tab:orange"}
 
 
 def main(path):
