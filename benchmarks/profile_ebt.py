@@ -56,6 +56,7 @@ def main():
     p.add_argument("--ab", default="", help="A/B one kernel option, 'KEY=v1,v2' (LINEAR_SCORE: the forward's "
                    "raw-max path, switched in the launcher)")
     p.add_argument("--options", default="", help="kernel_options for every flexebt run, 'KEY=int,...'")
+    p.add_argument("--modes", default="fwd,fwd+bwd", help="modes of the A/B (fwd, fwd+bwd, fwd+bwd+dbwd)")
     p.add_argument("--no-profile", action="store_true")
     a = p.parse_args()
     base = {k: int(v) for k, v in (x.split("=") for x in a.options.split(",") if x)}
@@ -74,8 +75,8 @@ def main():
             if key == "LINEAR_SCORE":
                 flex_mod._linear_score = linear_default if val else (lambda kern, scale: False)
             f = lambda: flexebt.flex_ebt_attention(*x, block_mask=bm, kernel_options=opts)  # noqa: E731
-            t = {mode: timed(f, mode, x)[0] for mode in ("fwd", "fwd+bwd")}
-            print(f"  flexebt {key}={val}: fwd {t['fwd']:.3f} ms, fwd+bwd {t['fwd+bwd']:.3f} ms", flush=True)
+            t = {mode: timed(f, mode, x)[0] for mode in a.modes.split(",")}
+            print(f"  flexebt {key}={val}: " + ", ".join(f"{m} {ms:.3f} ms" for m, ms in t.items()), flush=True)
         flex_mod._linear_score = linear_default
     if a.no_profile:
         return

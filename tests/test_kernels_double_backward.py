@@ -310,3 +310,37 @@ def test_gqa_third_order():
 
     for a, b in zip(third(T), third(R)):
         assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("stream", ["flex", "ebt"])
+def test_tma_loads_in_the_double_backward(stream):
+    """kernel_options USE_TMA in the three double-backward passes (key-side tiles k, v, Gk, Gv in
+    the row and g_q passes; query-side q, O, dO, Gq in the g_k/g_v pass): the same second-order
+    gradients, bit for bit, as the pointer loads -- odd lengths, GQA, a causal mask, soft-cap."""
+    torch.manual_seed(0)
+    sm = mods.generate_tanh_softcap(2.0)
+    if stream == "flex":
+        S, D = 37, 16
+        bm = flexebt.create_block_mask(masks.causal_mask, None, None, S, S, device="cpu", BLOCK_SIZE=16)
+        x0 = [torch.randn(1, 4, S, D), torch.randn(1, 2, S, D), torch.randn(1, 2, S, D)]
+
+        def attend(x, options):
+            return (flexebt.flex_attention(*x, score_mod=sm, block_mask=bm, enable_gqa=True, kernel_options=options),)
+    else:
+        S, D = 29, 16
+        bm = flexebt.create_ebt_block_mask(None, None, None, S + 2, S, device="cpu", BLOCK_SIZE=16)
+        x0 = [torch.randn(1, 4, S + 2, D), torch.randn(1, 2, S + 2, D), torch.randn(1, 2, S + 2, D),
+              torch.randn(1, 4, S, D), torch.randn(1, 2, S, D), torch.randn(1, 2, S, D)]
+
+        def attend(x, options):
+            return flexebt.flex_ebt_attention(*x, score_mod=sm, block_mask=bm, enable_gqa=True,
+                                              kernel_options=options)
+
+    def second_order(options):
+        x = [t.clone().requires_grad_() for t in x0]
+        outs = attend(x, options)
+        g = torch.autograd.grad(sum((o * o).sum() for o in outs), x, create_graph=True)
+        return torch.autograd.grad(sum((t * t).sum() for t in g), x)
+
+    for a, b in zip(second_order({**T, "USE_TMA": True}), second_order(T)):
+        assert torch.equal(a, b)

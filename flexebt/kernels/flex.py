@@ -217,15 +217,14 @@ def _use_tma(options: Optional[dict], *tensors: Tensor) -> bool:
                for t in tensors)
 
 
-def _row_descriptors(a: Tensor, b: Tensor, block: int, block_d: int, block_db: int):
-    """3-d descriptors over [B * heads, S, D] of two [B, heads, S, D] tensors (K and V, or Q and
-    dO), tiles of ``block`` rows: a tile never crosses into the next head, and rows past S /
-    columns past D read as zeros."""
+def _row_descriptors(block: int, *tensors: Tensor) -> tuple:
+    """3-d descriptors over [B * heads, S, D] of [B, heads, S, D] tensors (K and V, or Q and dO,
+    ...), tiles of ``block`` rows by the head dim's power of two: a tile never crosses into the
+    next head, and rows past S / columns past D read as zeros."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    B, Hx, S = a.shape[:3]
-    return (TensorDescriptor.from_tensor(a.view(B * Hx, S, a.shape[3]), [1, block, block_d]),
-            TensorDescriptor.from_tensor(b.view(B * Hx, S, b.shape[3]), [1, block, block_db]))
+    return tuple(TensorDescriptor.from_tensor(t.view(t.shape[0] * t.shape[1], t.shape[2], t.shape[3]),
+                                              [1, block, _pow2(t.shape[3])]) for t in tensors)
 
 
 def flex_forward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, scale: float, tables: BlockTables,
@@ -241,7 +240,7 @@ def flex_forward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, scale: float
     tma = _use_tma(options, k, v)
 
     def args(c):
-        descs = _row_descriptors(k, v, c.BLOCK_N, _pow2(D), _pow2(DV)) if tma else (k, v)
+        descs = _row_descriptors(c.BLOCK_N, k, v) if tma else (k, v)
         return (q, k, v, out, lse, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx,
                 H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
                 tables.full_kv_idx.shape[-1], scale, q_off, kp, vp, keep, *descs, *_buffer_args(buffers, {}))
@@ -279,7 +278,7 @@ def dq_pass(kern: ModKernels, q, k, v, out, lse, dout, dlse, scale, tables: Bloc
     tma = _use_tma(options, k, v)
 
     def args(c):
-        descs = _row_descriptors(k, v, c.BLOCK_N, _pow2(D), _pow2(DV)) if tma else (k, v)
+        descs = _row_descriptors(c.BLOCK_N, k, v) if tma else (k, v)
         return (q, k, v, out, dout, lse, dlse if dlse is not None else lse, delta, dq, tables.kv_num, tables.kv_idx,
                 tables.full_kv_num, tables.full_kv_idx, H, Hkv, Sq, Skv, tables.MB, tables.MH,
                 tables.kv_num.shape[-1], tables.kv_idx.shape[-1], tables.full_kv_idx.shape[-1], scale, q_off,
@@ -308,8 +307,9 @@ def dkdv_pass(kern: ModKernels, q, k, v, lse, delta, dout, scale, tables: BlockT
                       tiles=_tiles_for(q.dtype, options), tma=tma)
 
     def args(c):
-        descs = _row_descriptors(q, dout, c.BLOCK_M, _pow2(D), _pow2(DV)) if tma else (q, dout)
-        return (q, k, v, dout, lse, delta, dk, dv, *(add or (dk, dv)), tables.q_num, tables.q_idx, tables.full_q_num, tables.full_q_idx,
+        descs = _row_descriptors(c.BLOCK_M, q, dout) if tma else (q, dout)
+        return (q, k, v, dout, lse, delta, dk, dv, *(add or (dk, dv)), tables.q_num, tables.q_idx, tables.full_q_num,
+                tables.full_q_idx,
                 H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.q_num.shape[-1], tables.q_idx.shape[-1],
                 tables.full_q_idx.shape[-1], scale, q_off, *descs, *bargs)
 
@@ -376,12 +376,15 @@ def dbwd_rows_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, 
     g_do = torch.empty_like(args[4])
     cfg = flex_config("dbwd_rows", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
                       tiles=_tiles_for(q.dtype, options, True, max(D, DV)))
+    kv_side = (args[1], args[2], args[8], args[9])  # k, v, Gk, Gv
+    tma = _use_tma(options, *kv_side)
     _launch(kern.module.flex_dbwd_rows, lambda c_: (triton_cdiv(Sq, c_.BLOCK_M), B * H),
-            (*args, g_do, stats, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx, H, Hkv, Sq,
-             Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
-             tables.full_kv_idx.shape[-1], scale, q_off, *_own_args(own, own_cts, lse), *bargs),
-            dict(HAS_DLSE=dlse is not None, HAS_SELF=own is not None, **_common(q, k, v, tables, options, True)), cfg,
-            (D, DV, q.dtype, "dbwd_rows"))
+            lambda c_: (*args, g_do, stats, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx, H,
+                        Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
+                        tables.full_kv_idx.shape[-1], scale, q_off, *_own_args(own, own_cts, lse),
+                        *(_row_descriptors(c_.BLOCK_N, *kv_side) if tma else kv_side), *bargs),
+            dict(HAS_DLSE=dlse is not None, HAS_SELF=own is not None, USE_TMA=tma,
+                 **_common(q, k, v, tables, options, True)), cfg, (D, DV, q.dtype, "dbwd_rows", tma))
     return g_do, stats
 
 
@@ -400,17 +403,21 @@ def dbwd_dq_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, st
         g_kp = g_vp = lse
     cfg = flex_config("dbwd_dq", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
                       tiles=_tiles_for(q.dtype, options, True, max(D, DV)))
+    kv_side = (args[1], args[2], args[8], args[9])  # k, v, Gk, Gv
+    tma = _use_tma(options, *kv_side)
     _launch(kern.module.flex_dbwd_dq, lambda c_: (triton_cdiv(Sq, c_.BLOCK_M), B * H),
-            (*args, g_q, stats, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx, H, Hkv, Sq,
-             Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
-             tables.full_kv_idx.shape[-1], scale, q_off, *_own_args(own, own_cts, lse), g_kp, g_vp, *bargs),
-            dict(HAS_DLSE=dlse is not None, HAS_SELF=own is not None, CAPTURED_GRADS=captured_grads,
-                 **_common(q, k, v, tables, options, True)), cfg, (D, DV, q.dtype, "dbwd_dq"))
+            lambda c_: (*args, g_q, stats, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx, H,
+                        Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
+                        tables.full_kv_idx.shape[-1], scale, q_off, *_own_args(own, own_cts, lse), g_kp, g_vp,
+                        *(_row_descriptors(c_.BLOCK_N, *kv_side) if tma else kv_side), *bargs),
+            dict(HAS_DLSE=dlse is not None, HAS_SELF=own is not None, CAPTURED_GRADS=captured_grads, USE_TMA=tma,
+                 **_common(q, k, v, tables, options, True)), cfg, (D, DV, q.dtype, "dbwd_dq", tma))
     return g_q, ((g_kp, g_vp) if own is not None else None)
 
 
 def dbwd_dkdv_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, stats, scale, tables: BlockTables,
-                   bargs: list, options=None, q_off: int = 0, into: Optional[tuple] = None, add: Optional[tuple] = None):
+                   bargs: list, options=None, q_off: int = 0, into: Optional[tuple] = None,
+                   add: Optional[tuple] = None):
     """g_k, g_v of the double backward from these queries (into / add as in dkdv_pass)."""
     B, H, Sq, D = q.shape
     Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
@@ -418,13 +425,15 @@ def dbwd_dkdv_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, 
     g_k, g_v = into if into is not None else (torch.empty_like(k), torch.empty_like(v))
     cfg = flex_config("dbwd_dkdv", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
                       tiles=_tiles_for(q.dtype, options, True, max(D, DV)))
+    q_side = (args[0], args[3], args[4], args[7])  # q, O, dO, Gq
+    tma = _use_tma(options, *q_side)
     _launch(kern.module.flex_dbwd_dkdv, lambda c_: (triton_cdiv(Skv, c_.BLOCK_N), B * Hkv),
-            (*args, g_k, g_v, *(add or (g_k, g_v)), stats, tables.q_num, tables.q_idx, tables.full_q_num, tables.full_q_idx, H, Hkv, Sq,
-             Skv, tables.MB, tables.MH, tables.q_num.shape[-1], tables.q_idx.shape[-1],
-             tables.full_q_idx.shape[-1], scale, q_off, *bargs),
-            dict(HAS_DLSE=dlse is not None, ACCUMULATE=add is not None, **_common(q, k, v, tables, options, True)),
-            cfg,
-            (D, DV, q.dtype, "dbwd_dkdv"))
+            lambda c_: (*args, g_k, g_v, *(add or (g_k, g_v)), stats, tables.q_num, tables.q_idx, tables.full_q_num,
+                        tables.full_q_idx, H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.q_num.shape[-1],
+                        tables.q_idx.shape[-1], tables.full_q_idx.shape[-1], scale, q_off,
+                        *(_row_descriptors(c_.BLOCK_M, *q_side) if tma else q_side), *bargs),
+            dict(HAS_DLSE=dlse is not None, ACCUMULATE=add is not None, USE_TMA=tma,
+                 **_common(q, k, v, tables, options, True)), cfg, (D, DV, q.dtype, "dbwd_dkdv", tma))
     return g_k, g_v
 
 

@@ -544,13 +544,17 @@ def _dbwd_captured(s_raw, gt, dt, a, offs_m, offs_n, off_b, off_h, Sq, Skv, scal
 
 
 @triton.jit
-def _dbwd_row_inputs(Q, O, DO, GQ, LSE, DLSE, qh, offs_m, Sq, D: tl.constexpr, DV: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN: tl.constexpr, HAS_DLSE: tl.constexpr):
+def _dbwd_row_inputs(Q, O, DO, GQ, Q_DESC, O_DESC, DO_DESC, GQ_DESC, LSE, DLSE, qh, start_m, Sq, D: tl.constexpr,
+                     DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                     EVEN: tl.constexpr, HAS_DLSE: tl.constexpr, USE_TMA: tl.constexpr):
+    """The query-side rows of tile start_m (q, Gq, dO, O through the descriptors with USE_TMA),
+    lse in log2 units, D0 = do.o and D = D0 - dlse."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     row_ok = offs_m < Sq
-    q = _load_rows(Q + qh * Sq * D, offs_m, Sq, D, BLOCK_D, EVEN)
-    gq = _load_rows(GQ + qh * Sq * D, offs_m, Sq, D, BLOCK_D, EVEN)
-    do = _load_rows(DO + qh * Sq * DV, offs_m, Sq, DV, BLOCK_DV, EVEN)
-    o = _load_rows(O + qh * Sq * DV, offs_m, Sq, DV, BLOCK_DV, EVEN)
+    q = _load_tile(Q + qh * Sq * D, Q_DESC, qh, start_m, Sq, D, BLOCK_M, BLOCK_D, EVEN, USE_TMA)
+    gq = _load_tile(GQ + qh * Sq * D, GQ_DESC, qh, start_m, Sq, D, BLOCK_M, BLOCK_D, EVEN, USE_TMA)
+    do = _load_tile(DO + qh * Sq * DV, DO_DESC, qh, start_m, Sq, DV, BLOCK_M, BLOCK_DV, EVEN, USE_TMA)
+    o = _load_tile(O + qh * Sq * DV, O_DESC, qh, start_m, Sq, DV, BLOCK_M, BLOCK_DV, EVEN, USE_TMA)
     lse = tl.load(LSE + qh * Sq + offs_m, mask=row_ok, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
     d0 = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
@@ -561,23 +565,26 @@ def _dbwd_row_inputs(Q, O, DO, GQ, LSE, DLSE, qh, offs_m, Sq, D: tl.constexpr, D
 
 
 @triton.jit
-def _dbwd_kv_rows(K, V, GK, GV, kvh, offs_n, Skv, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_DV: tl.constexpr, EVEN: tl.constexpr):
-    k = _load_rows(K + kvh * Skv * D, offs_n, Skv, D, BLOCK_D, EVEN)
-    v = _load_rows(V + kvh * Skv * DV, offs_n, Skv, DV, BLOCK_DV, EVEN)
-    gk = _load_rows(GK + kvh * Skv * D, offs_n, Skv, D, BLOCK_D, EVEN)
-    gv = _load_rows(GV + kvh * Skv * DV, offs_n, Skv, DV, BLOCK_DV, EVEN)
+def _dbwd_kv_rows(K, V, GK, GV, K_DESC, V_DESC, GK_DESC, GV_DESC, kvh, start_n, Skv, D: tl.constexpr,
+                  DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  EVEN: tl.constexpr, USE_TMA: tl.constexpr):
+    """The key-side rows of tile start_n: k, v, Gk, Gv (through the descriptors with USE_TMA)."""
+    k = _load_tile(K + kvh * Skv * D, K_DESC, kvh, start_n, Skv, D, BLOCK_N, BLOCK_D, EVEN, USE_TMA)
+    v = _load_tile(V + kvh * Skv * DV, V_DESC, kvh, start_n, Skv, DV, BLOCK_N, BLOCK_DV, EVEN, USE_TMA)
+    gk = _load_tile(GK + kvh * Skv * D, GK_DESC, kvh, start_n, Skv, D, BLOCK_N, BLOCK_D, EVEN, USE_TMA)
+    gv = _load_tile(GV + kvh * Skv * DV, GV_DESC, kvh, start_n, Skv, DV, BLOCK_N, BLOCK_DV, EVEN, USE_TMA)
     return k, v, gk, gv
 
 
 @triton.jit
-def _dbwd_rows_tile(U, W, Bbar, puv, pgv, q, gq, do, lse2, K, V, GK, GV, kvh, start_n, offs_m, off_b, off_h, Sq,
-                    Skv, scale, Q_OFF, __BUFFERS__
+def _dbwd_rows_tile(U, W, Bbar, puv, pgv, q, gq, do, lse2, K, V, GK, GV, K_DESC, V_DESC, GK_DESC, GV_DESC, kvh,
+                    start_n, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF, __BUFFERS__
                     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
-                    IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                    IEEE: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k, v, gk, gv = _dbwd_kv_rows(K, V, GK, GV, kvh, offs_n, Skv, D, DV, BLOCK_D, BLOCK_DV, EVEN)
+    k, v, gk, gv = _dbwd_kv_rows(K, V, GK, GV, K_DESC, V_DESC, GK_DESC, GV_DESC, kvh, start_n, Skv, D, DV, BLOCK_N,
+                                 BLOCK_D, BLOCK_DV, EVEN, USE_TMA)
     p, dp, a, u, bm, f1, duds, s_raw = _dbwd_scores(q, k, v, do, gq, gk, gv, lse2, offs_m, offs_n, off_b, off_h,
                                                     Sq, Skv, scale, Q_OFF, __BUFFERS__
                                                     BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST)
@@ -629,13 +636,14 @@ def _dbwd_own_captured(s_raw, gt, dt, a, SELF_KEEP, qh, offs_m, off_b, off_h, Sq
 @triton.jit
 def flex_dbwd_rows(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_DO, STATS, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
                    H, Hkv, Sq, Skv, MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, scale, Q_OFF,
-                   KP, VP, GKP, GVP, SELF_KEEP, __BUFFERS__
+                   KP, VP, GKP, GVP, SELF_KEEP, K_DESC, V_DESC, GK_DESC, GV_DESC, __BUFFERS__
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
                    HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                   HAS_DLSE: tl.constexpr, HAS_SELF: tl.constexpr):
+                   HAS_DLSE: tl.constexpr, HAS_SELF: tl.constexpr, USE_TMA: tl.constexpr):
     """Pass 1 of the double backward, per query tile: the row statistics U, W, Bbar (stored with
-    D0 and D in STATS [B, H, Sq, 5]) and g_do.  HAS_SELF: the EBT own key is one more column."""
+    D0 and D in STATS [B, H, Sq, 5]) and g_do.  HAS_SELF: the EBT own key is one more column.
+    USE_TMA: the key-side tiles through the descriptors."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = pid_bh // H
@@ -643,8 +651,8 @@ def flex_dbwd_rows(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_DO, STATS, KV_NUM, K
     off_hk = off_h // (H // Hkv)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     qh = (off_b * H + off_h).to(tl.int64)
-    q, gq, do, o, lse2, d0, dsh = _dbwd_row_inputs(Q, O, DO, GQ, LSE, DLSE, qh, offs_m, Sq, D, DV, BLOCK_D,
-                                                   BLOCK_DV, EVEN, HAS_DLSE)
+    q, gq, do, o, lse2, d0, dsh = _dbwd_row_inputs(Q, O, DO, GQ, Q, O, DO, GQ, LSE, DLSE, qh, pid_m * BLOCK_M, Sq,
+                                                   D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN, HAS_DLSE, False)
     kvh = (off_b * Hkv + off_hk).to(tl.int64)
     if HAS_SELF:
         own = kvh * Sq
@@ -668,10 +676,12 @@ def flex_dbwd_rows(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_DO, STATS, KV_NUM, K
                                                     NKV_LIST_FULL, HAS_FULL)
     for start_n, IS_FULL in _visited_tiles(KV_IDX, FULL_IDX, base, base_full, n_partial, n_full,
                                            SPARSE_KV, BLOCK_N):
-        U, W, Bbar, puv, pgv = _dbwd_rows_tile(U, W, Bbar, puv, pgv, q, gq, do, lse2, K, V, GK, GV, kvh,
+        U, W, Bbar, puv, pgv = _dbwd_rows_tile(U, W, Bbar, puv, pgv, q, gq, do, lse2, K, V, GK, GV,
+                                               K_DESC, V_DESC, GK_DESC, GV_DESC, kvh,
                                                start_n, offs_m, off_b, off_h, Sq, Skv,
                                                scale, Q_OFF, __BUFFERS__
-                                               D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST)
+                                               D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST,
+                                               USE_TMA)
     g_do = puv - U[:, None] * o.to(tl.float32) + pgv
     row_ok = offs_m < Sq
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -695,13 +705,14 @@ def _load_stats(STATS, qh, offs_m, Sq):
 
 
 @triton.jit
-def _dbwd_dq_tile(g_q, q, gq, do, lse2, U, W, Bbar, d0, dsh, K, V, GK, GV, kvh, start_n, offs_m, off_b, off_h,
-                  Sq, Skv, scale, Q_OFF, __BUFFERS__
+def _dbwd_dq_tile(g_q, q, gq, do, lse2, U, W, Bbar, d0, dsh, K, V, GK, GV, K_DESC, V_DESC, GK_DESC, GV_DESC, kvh,
+                  start_n, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF, __BUFFERS__
                   D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
-                  IEEE: tl.constexpr, UPCAST: tl.constexpr, CAPTURED_GRADS: tl.constexpr):
+                  IEEE: tl.constexpr, UPCAST: tl.constexpr, CAPTURED_GRADS: tl.constexpr, USE_TMA: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k, v, gk, gv = _dbwd_kv_rows(K, V, GK, GV, kvh, offs_n, Skv, D, DV, BLOCK_D, BLOCK_DV, EVEN)
+    k, v, gk, gv = _dbwd_kv_rows(K, V, GK, GV, K_DESC, V_DESC, GK_DESC, GV_DESC, kvh, start_n, Skv, D, DV, BLOCK_N,
+                                 BLOCK_D, BLOCK_DV, EVEN, USE_TMA)
     p, dp, a, u, bm, f1, duds, s_raw = _dbwd_scores(q, k, v, do, gq, gk, gv, lse2, offs_m, offs_n, off_b, off_h,
                                                     Sq, Skv, scale, Q_OFF, __BUFFERS__
                                                     BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST)
@@ -716,14 +727,16 @@ def _dbwd_dq_tile(g_q, q, gq, do, lse2, U, W, Bbar, d0, dsh, K, V, GK, GV, kvh, 
 @triton.jit
 def flex_dbwd_dq(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_Q, STATS, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
                  H, Hkv, Sq, Skv, MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, scale, Q_OFF,
-                 KP, VP, GKP, GVP, SELF_KEEP, G_KP, G_VP, __BUFFERS__
+                 KP, VP, GKP, GVP, SELF_KEEP, G_KP, G_VP, K_DESC, V_DESC, GK_DESC, GV_DESC, __BUFFERS__
                  D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
                  HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                 HAS_DLSE: tl.constexpr, HAS_SELF: tl.constexpr, CAPTURED_GRADS: tl.constexpr):
+                 HAS_DLSE: tl.constexpr, HAS_SELF: tl.constexpr, CAPTURED_GRADS: tl.constexpr,
+                 USE_TMA: tl.constexpr):
     """Pass 2 of the double backward, per query tile: g_q = scale sum_j (gs k + ds Gk).  HAS_SELF:
-    the own key's column adds to g_q and gives its g_kp, g_vp (per query head, fp32).
-    CAPTURED_GRADS: also scatter the captured tensors' second-order gradients."""
+    the own key's column adds to g_q and gives its g_kp, g_vp (per query head; fp32 under GQA).
+    CAPTURED_GRADS: also scatter the captured tensors' second-order gradients.  USE_TMA: the
+    key-side tiles through the descriptors."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = pid_bh // H
@@ -731,8 +744,8 @@ def flex_dbwd_dq(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_Q, STATS, KV_NUM, KV_I
     off_hk = off_h // (H // Hkv)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     qh = (off_b * H + off_h).to(tl.int64)
-    q, gq, do, o, lse2, d0, dsh = _dbwd_row_inputs(Q, O, DO, GQ, LSE, DLSE, qh, offs_m, Sq, D, DV, BLOCK_D,
-                                                   BLOCK_DV, EVEN, HAS_DLSE)
+    q, gq, do, o, lse2, d0, dsh = _dbwd_row_inputs(Q, O, DO, GQ, Q, O, DO, GQ, LSE, DLSE, qh, pid_m * BLOCK_M, Sq,
+                                                   D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN, HAS_DLSE, False)
     U, W, Bbar, d0, dsh = _load_stats(STATS, qh, offs_m, Sq)
     kvh = (off_b * Hkv + off_hk).to(tl.int64)
     g_q = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -741,10 +754,11 @@ def flex_dbwd_dq(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_Q, STATS, KV_NUM, KV_I
                                                     NKV_LIST_FULL, HAS_FULL)
     for start_n, IS_FULL in _visited_tiles(KV_IDX, FULL_IDX, base, base_full, n_partial, n_full,
                                            SPARSE_KV, BLOCK_N):
-        g_q = _dbwd_dq_tile(g_q, q, gq, do, lse2, U, W, Bbar, d0, dsh, K, V, GK, GV, kvh,
-                            start_n, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
+        g_q = _dbwd_dq_tile(g_q, q, gq, do, lse2, U, W, Bbar, d0, dsh, K, V, GK, GV, K_DESC, V_DESC, GK_DESC, GV_DESC,
+                            kvh, start_n, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
                             __BUFFERS__
-                            D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST, CAPTURED_GRADS)
+                            D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST, CAPTURED_GRADS,
+                            USE_TMA)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < Sq
     if HAS_SELF:
@@ -769,14 +783,15 @@ def flex_dbwd_dq(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_Q, STATS, KV_NUM, KV_I
 
 
 @triton.jit
-def _dbwd_dkdv_tile(g_k, g_v, k, v, gk, gv, Q, O, DO, GQ, LSE, DLSE, STATS, qh, start_m, offs_n, off_b, off_h,
-                    Sq, Skv, scale, Q_OFF, __BUFFERS__
+def _dbwd_dkdv_tile(g_k, g_v, k, v, gk, gv, Q, O, DO, GQ, Q_DESC, O_DESC, DO_DESC, GQ_DESC, LSE, DLSE, STATS, qh,
+                    start_m, offs_n, off_b, off_h, Sq, Skv, scale, Q_OFF, __BUFFERS__
                     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
-                    IEEE: tl.constexpr, UPCAST: tl.constexpr, HAS_DLSE: tl.constexpr):
+                    IEEE: tl.constexpr, UPCAST: tl.constexpr, HAS_DLSE: tl.constexpr, USE_TMA: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q, gq, do, o, lse2, d0, dsh = _dbwd_row_inputs(Q, O, DO, GQ, LSE, DLSE, qh, offs_m, Sq, D, DV, BLOCK_D,
-                                                   BLOCK_DV, EVEN, HAS_DLSE)
+    q, gq, do, o, lse2, d0, dsh = _dbwd_row_inputs(Q, O, DO, GQ, Q_DESC, O_DESC, DO_DESC, GQ_DESC, LSE, DLSE, qh,
+                                                   start_m, Sq, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN, HAS_DLSE,
+                                                   USE_TMA)
     U, W, Bbar, d0, dsh = _load_stats(STATS, qh, offs_m, Sq)
     p, dp, a, u, bm, f1, duds, s_raw = _dbwd_scores(q, k, v, do, gq, gk, gv, lse2, offs_m, offs_n, off_b, off_h,
                                                     Sq, Skv, scale, Q_OFF, __BUFFERS__
@@ -791,20 +806,22 @@ def _dbwd_dkdv_tile(g_k, g_v, k, v, gk, gv, Q, O, DO, GQ, LSE, DLSE, STATS, qh, 
 def flex_dbwd_dkdv(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_K, G_V, ADD_K, ADD_V, STATS, Q_NUM, Q_IDX, FULL_Q_NUM,
                    FULL_Q_IDX,
                    H, Hkv, Sq, Skv, MB, MH, NKV_BLOCKS, NQ_LIST, NQ_LIST_FULL, scale, Q_OFF,
-                   __BUFFERS__
+                   Q_DESC, O_DESC, DO_DESC, GQ_DESC, __BUFFERS__
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
                    HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                   HAS_DLSE: tl.constexpr, ACCUMULATE: tl.constexpr):
+                   HAS_DLSE: tl.constexpr, ACCUMULATE: tl.constexpr, USE_TMA: tl.constexpr):
     """Pass 3 of the double backward, per key tile: g_k = scale sum_i (gs^T q + ds^T Gq) and
-    g_v = sum_i (P (u - U))^T do, over the query heads of a GQA group (ACCUMULATE: add ADD_K, ADD_V)."""
+    g_v = sum_i (P (u - U))^T do, over the query heads of a GQA group (ACCUMULATE: add ADD_K, ADD_V).
+    USE_TMA: the query-side tiles through the descriptors."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = pid_bh // Hkv
     off_hk = pid_bh % Hkv
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     kvh = (off_b * Hkv + off_hk).to(tl.int64)
-    k, v, gk, gv = _dbwd_kv_rows(K, V, GK, GV, kvh, offs_n, Skv, D, DV, BLOCK_D, BLOCK_DV, EVEN)
+    k, v, gk, gv = _dbwd_kv_rows(K, V, GK, GV, K, V, GK, GV, kvh, pid_n * BLOCK_N, Skv, D, DV, BLOCK_N, BLOCK_D,
+                                 BLOCK_DV, EVEN, False)
     g_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     g_v = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     group = H // Hkv
@@ -816,11 +833,11 @@ def flex_dbwd_dkdv(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_K, G_V, ADD_K, ADD_V
                                                         NQ_LIST_FULL, HAS_FULL)
         for start_m, IS_FULL in _visited_tiles(Q_IDX, FULL_Q_IDX, base, base_full, n_partial, n_full,
                                                SPARSE_Q, BLOCK_M):
-            g_k, g_v = _dbwd_dkdv_tile(g_k, g_v, k, v, gk, gv, Q, O, DO, GQ, LSE, DLSE, STATS, qh,
-                                       start_m, offs_n, off_b, off_h, Sq, Skv, scale, Q_OFF,
+            g_k, g_v = _dbwd_dkdv_tile(g_k, g_v, k, v, gk, gv, Q, O, DO, GQ, Q_DESC, O_DESC, DO_DESC, GQ_DESC,
+                                       LSE, DLSE, STATS, qh, start_m, offs_n, off_b, off_h, Sq, Skv, scale, Q_OFF,
                                        __BUFFERS__
                                        D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST,
-                                       HAS_DLSE)
+                                       HAS_DLSE, USE_TMA)
     _store_key_grads(G_K, G_V, ADD_K, ADD_V, g_k * scale, g_v, kvh, offs_n, Skv, D, DV, BLOCK_D, BLOCK_DV,
                      ACCUMULATE)
 
