@@ -326,3 +326,5 @@ def test_tma_is_a_hint():
     assert _use_tma({"USE_TMA": True}, x16, x16)
     assert not _use_tma({"USE_TMA": True}, torch.randn(1, 1, 8, 20, dtype=torch.bfloat16), x16)
     assert not _use_tma(None, x16, x16) and not _use_tma({"USE_TMA": False}, x16, x16)
+    # the double backward's passes take TMA only when asked (slower there by default, design D42)
+    assert _use_tma({"USE_TMA": True}, x16, by_default=False) and not _use_tma(None, x16, by_default=False)

@@ -199,16 +199,18 @@ def _linear_score(kern: ModKernels, scale: float) -> bool:
     return kern.traced_score is None and scale > 0
 
 
-def _use_tma(options: Optional[dict], *tensors: Tensor) -> bool:
+def _use_tma(options: Optional[dict], *tensors: Tensor, by_default: bool = True) -> bool:
     """kernel_options["USE_TMA"] (torch's name): load the tiles of the inner loops through tensor
     descriptors (Hopper's TMA copy engine): K and V in the forward and the dq pass, q and dO in
-    the dk/dv pass.  Default: on for fp16/bf16 CUDA tensors (measured faster on Hopper, design
-    D42), off elsewhere.  A hint: where the GPU has no TMA (compute capability < 9) or a tensor
-    is not contiguous with 16-byte aligned rows, the pointer loads run instead."""
+    the dk/dv pass, the key- or query-side tiles in the double backward's passes.  Default: on
+    for fp16/bf16 CUDA tensors in the first-order passes (measured faster on Hopper), off in the
+    double backward (``by_default=False``: measured 7 % slower there; design D42) and elsewhere.
+    A hint: where the GPU has no TMA (compute capability < 9) or a tensor is not contiguous with
+    16-byte aligned rows, the pointer loads run instead."""
     t0 = tensors[0]
     want = (options or {}).get("USE_TMA")
     if want is None:
-        want = t0.device.type == "cuda" and t0.element_size() == 2
+        want = by_default and t0.device.type == "cuda" and t0.element_size() == 2
     if not want:
         return False
     if t0.device.type == "cuda" and torch.cuda.get_device_capability(t0.device)[0] < 9:
@@ -377,7 +379,7 @@ def dbwd_rows_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, 
     cfg = flex_config("dbwd_rows", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
                       tiles=_tiles_for(q.dtype, options, True, max(D, DV)))
     kv_side = (args[1], args[2], args[8], args[9])  # k, v, Gk, Gv
-    tma = _use_tma(options, *kv_side)
+    tma = _use_tma(options, *kv_side, by_default=False)
     _launch(kern.module.flex_dbwd_rows, lambda c_: (triton_cdiv(Sq, c_.BLOCK_M), B * H),
             lambda c_: (*args, g_do, stats, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx, H,
                         Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
@@ -404,7 +406,7 @@ def dbwd_dq_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, st
     cfg = flex_config("dbwd_dq", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
                       tiles=_tiles_for(q.dtype, options, True, max(D, DV)))
     kv_side = (args[1], args[2], args[8], args[9])  # k, v, Gk, Gv
-    tma = _use_tma(options, *kv_side)
+    tma = _use_tma(options, *kv_side, by_default=False)
     _launch(kern.module.flex_dbwd_dq, lambda c_: (triton_cdiv(Sq, c_.BLOCK_M), B * H),
             lambda c_: (*args, g_q, stats, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx, H,
                         Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
@@ -426,7 +428,7 @@ def dbwd_dkdv_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, 
     cfg = flex_config("dbwd_dkdv", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
                       tiles=_tiles_for(q.dtype, options, True, max(D, DV)))
     q_side = (args[0], args[3], args[4], args[7])  # q, O, dO, Gq
-    tma = _use_tma(options, *q_side)
+    tma = _use_tma(options, *q_side, by_default=False)
     _launch(kern.module.flex_dbwd_dkdv, lambda c_: (triton_cdiv(Skv, c_.BLOCK_N), B * Hkv),
             lambda c_: (*args, g_k, g_v, *(add or (g_k, g_v)), stats, tables.q_num, tables.q_idx, tables.full_q_num,
                         tables.full_q_idx, H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.q_num.shape[-1],
