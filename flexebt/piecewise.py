@@ -35,6 +35,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from .autograd import eager_function
+
 _MASKS: "collections.OrderedDict" = collections.OrderedDict()  # a few recent (near, far) block-mask pairs
 _MAX_CACHED = 16
 
@@ -136,6 +138,7 @@ class PiecewiseCall:
     composed: Callable  # (q1, k1, q2, k2, v) -> (out, lse), differentiable at every order
 
 
+@eager_function
 class PiecewiseAttention(torch.autograd.Function):
     """First-order fused piecewise attention (see the module docstring for the math)."""
 
