@@ -651,6 +651,7 @@ def flex_dbwd_rows(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_DO, STATS, KV_NUM, K
     off_hk = off_h // (H // Hkv)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     qh = (off_b * H + off_h).to(tl.int64)
+    # the program's own rows, loaded once: pointer loads (the descriptor slots are unused)
     q, gq, do, o, lse2, d0, dsh = _dbwd_row_inputs(Q, O, DO, GQ, Q, O, DO, GQ, LSE, DLSE, qh, pid_m * BLOCK_M, Sq,
                                                    D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN, HAS_DLSE, False)
     kvh = (off_b * Hkv + off_hk).to(tl.int64)
@@ -744,6 +745,7 @@ def flex_dbwd_dq(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_Q, STATS, KV_NUM, KV_I
     off_hk = off_h // (H // Hkv)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     qh = (off_b * H + off_h).to(tl.int64)
+    # the program's own rows, loaded once: pointer loads (the descriptor slots are unused)
     q, gq, do, o, lse2, d0, dsh = _dbwd_row_inputs(Q, O, DO, GQ, Q, O, DO, GQ, LSE, DLSE, qh, pid_m * BLOCK_M, Sq,
                                                    D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN, HAS_DLSE, False)
     U, W, Bbar, d0, dsh = _load_stats(STATS, qh, offs_m, Sq)
@@ -820,6 +822,7 @@ def flex_dbwd_dkdv(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_K, G_V, ADD_K, ADD_V
     off_hk = pid_bh % Hkv
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     kvh = (off_b * Hkv + off_hk).to(tl.int64)
+    # the program's own keys, loaded once: pointer loads (the descriptor slots are unused)
     k, v, gk, gv = _dbwd_kv_rows(K, V, GK, GV, K, V, GK, GV, kvh, pid_n * BLOCK_N, Skv, D, DV, BLOCK_N, BLOCK_D,
                                  BLOCK_DV, EVEN, False)
     g_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
