@@ -303,26 +303,10 @@ def flex_bwd_dq(Q, K, V, O, DO, LSE, DLSE, DELTA, DQ, KV_NUM, KV_IDX, FULL_NUM, 
     of lse adds P_ij dlse_i to dt_ij, which is the same as lowering D_i by dlse_i).  With HAS_SELF
     (EBT) it also writes the own keys' gradients DKP, DVP, per query head [B, H, Sq, D].
     USE_TMA: K and V tiles through the descriptors K_DESC, V_DESC."""
-    _bwd_dq_program(tl.program_id(0), tl.program_id(1), tl.num_programs(0),
-                    Q, K, V, O, DO, LSE, DLSE, DELTA, DQ, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
-                    H, Hkv, Sq, Skv, MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, scale, Q_OFF, KP, VP, SELF_KEEP,
-                    DKP, DVP, K_DESC, V_DESC, __BUFFERS__
-                    D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, SPARSE_Q, SPARSE_KV, HAS_FULL, EVEN, IEEE, UPCAST,
-                    HAS_DLSE, REVERSE, HAS_SELF, USE_TMA)
-
-
-@triton.jit
-def _bwd_dq_program(pid_m, pid_bh, n_prog_m, Q, K, V, O, DO, LSE, DLSE, DELTA, DQ, KV_NUM, KV_IDX, FULL_NUM,
-                    FULL_IDX, H, Hkv, Sq, Skv, MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, scale, Q_OFF, KP, VP,
-                    SELF_KEEP, DKP, DVP, K_DESC, V_DESC, __BUFFERS__
-                    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
-                    HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                    HAS_DLSE: tl.constexpr, REVERSE: tl.constexpr, HAS_SELF: tl.constexpr,
-                    USE_TMA: tl.constexpr):
-    """The dq program of query tile pid_m (of n_prog_m)."""
+    pid_m = tl.program_id(0)
     if REVERSE:
-        pid_m = n_prog_m - 1 - pid_m
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
     off_b = pid_bh // H
     off_h = pid_bh % H
     off_hk = off_h // (H // Hkv)
@@ -422,24 +406,8 @@ def flex_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, ADD_K, ADD_V, Q_NUM, Q_ID
     and the query blocks the transposed block tables list for its kv block.  ACCUMULATE adds
     ADD_K / ADD_V to what it writes (EBT: observed keys get a second pass for the predicted
     queries).  USE_TMA: q and dO tiles through the descriptors Q_DESC, DO_DESC."""
-    _bwd_dkdv_program(tl.program_id(0), tl.program_id(1), Q, K, V, DO, LSE, DELTA, DK, DV_OUT, ADD_K, ADD_V,
-                      Q_NUM, Q_IDX,
-                      FULL_Q_NUM, FULL_Q_IDX, H, Hkv, Sq, Skv, MB, MH, NKV_BLOCKS, NQ_LIST, NQ_LIST_FULL, scale,
-                      Q_OFF, Q_DESC, DO_DESC, __BUFFERS__
-                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, SPARSE_Q, SPARSE_KV, HAS_FULL, EVEN, IEEE, UPCAST,
-                      ACCUMULATE, USE_TMA)
-
-
-@triton.jit
-def _bwd_dkdv_program(pid_n, pid_bh, Q, K, V, DO, LSE, DELTA, DK, DV_OUT, ADD_K, ADD_V, Q_NUM, Q_IDX, FULL_Q_NUM,
-                      FULL_Q_IDX,
-                      H, Hkv, Sq, Skv, MB, MH, NKV_BLOCKS, NQ_LIST, NQ_LIST_FULL, scale, Q_OFF, Q_DESC, DO_DESC,
-                      __BUFFERS__
-                      D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
-                      HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                      ACCUMULATE: tl.constexpr, USE_TMA: tl.constexpr):
-    """The dk/dv program of key tile pid_n for (batch, kv head) pid_bh."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
     off_b = pid_bh // Hkv
     off_hk = pid_bh % Hkv
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
