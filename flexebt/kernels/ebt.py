@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..codegen.source import ModKernels, get_kernels
-from .flex import (BlockTables, OwnKeys, _buffer_args, atomic_dq, captured_grad_buffers, dkdv_pass, dq_pass,
+from .flex import (BlockTables, OwnKeys, _buffer_args, captured_grad_buffers, dkdv_pass, dq_pass,
                    finish_captured_grads, flex_forward, tables_from_block_mask)
 
 
@@ -111,20 +111,6 @@ def ebt_backward(pl: EBTPlan, q_o, k_o, v_o, q_p, k_p, v_p, out_o, out_p, lse_o,
     gbufs = captured_grad_buffers(pl.kern_o, pl.buffers_o, q_o.device)
     bargs_o, bargs_p = _buffer_args(pl.buffers_o, gbufs), _buffer_args(pl.buffers_p, gbufs)
     own = OwnKeys(k_p, v_p, pl.self_keep)
-    if atomic_dq(pl.kern_o, q_o, options) and atomic_dq(pl.kern_p, q_p, options):
-        # dq from the dk/dv passes' atomics; the row passes give Delta and the own-key terms
-        dq_o, delta_o, _ = dq_pass(pl.kern_o, q_o, k_o, v_o, out_o, lse_o, dout_o, dlse_o, scale, pl.tables_o,
-                                   bargs_o, options, rows_only=True)
-        dq_p, delta_p, (dkp, dvp) = dq_pass(pl.kern_p, q_p, k_o, v_o, out_p, lse_p, dout_p, dlse_p, scale,
-                                            pl.tables_p, bargs_p, options, q_off=pl.offset, own=own, rows_only=True)
-        acc = (torch.empty(k_o.shape, dtype=torch.float32, device=k_o.device),
-               torch.empty(v_o.shape, dtype=torch.float32, device=v_o.device))
-        dkdv_pass(pl.kern_o, q_o, k_o, v_o, lse_o, delta_o, dout_o, scale, pl.tables_o, bargs_o, options, into=acc,
-                  dq_acc=dq_o)
-        dk_o, dv_o = dkdv_pass(pl.kern_p, q_p, k_o, v_o, lse_p, delta_p, dout_p, scale, pl.tables_p, bargs_p,
-                               options, q_off=pl.offset, add=acc, dq_acc=dq_p)
-        return (dq_o.to(q_o.dtype), dk_o, dv_o, dq_p.to(q_p.dtype), *_own_key_grads(dkp, dvp, k_p, v_p),
-                finish_captured_grads(pl.buffers_o, gbufs))
     dq_o, delta_o, _ = dq_pass(pl.kern_o, q_o, k_o, v_o, out_o, lse_o, dout_o, dlse_o, scale, pl.tables_o, bargs_o,
                                options)
     dq_p, delta_p, (dkp, dvp) = dq_pass(pl.kern_p, q_p, k_o, v_o, out_p, lse_p, dout_p, dlse_p, scale, pl.tables_p,

@@ -264,14 +264,12 @@ def _common(q, k, v, tables, options=None, second_order=False):
 
 
 def dq_pass(kern: ModKernels, q, k, v, out, lse, dout, dlse, scale, tables: BlockTables, bargs: list,
-            options=None, q_off: int = 0, own: Optional[OwnKeys] = None, rows_only: bool = False):
-    """dq, Delta (for the dk/dv pass) and, with own keys, their per-query-head dk, dv.
-    ``rows_only``: no key loop; dq comes back in fp32 holding only the own keys' share, for a
-    dk/dv pass with ``dq_acc=`` to complete."""
+            options=None, q_off: int = 0, own: Optional[OwnKeys] = None):
+    """dq, Delta (for the dk/dv pass) and, with own keys, their per-query-head dk, dv."""
     B, H, Sq, D = q.shape
     Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
     delta = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)  # written by this pass
-    dq = torch.empty(q.shape, dtype=torch.float32, device=q.device) if rows_only else torch.empty_like(q)
+    dq = torch.empty_like(q)
     if own is not None:
         dkp, dvp = _own_key_grad_buffers(own, H)
         kp, vp, keep = own.kp, own.vp, own.keep
@@ -290,17 +288,15 @@ def dq_pass(kern: ModKernels, q, k, v, out, lse, dout, dlse, scale, tables: Bloc
 
     _launch(kern.module.flex_bwd_dq, lambda c: (triton_cdiv(Sq, c.BLOCK_M), B * H), args,
             dict(HAS_DLSE=dlse is not None, REVERSE=_reverse(options), HAS_SELF=own is not None, USE_TMA=tma,
-                 ROWS_ONLY=rows_only, **_common(q, k, v, tables, options)), cfg, (D, DV, q.dtype, tma))
+                 **_common(q, k, v, tables, options)), cfg, (D, DV, q.dtype, tma))
     return dq, delta, ((dkp, dvp) if own is not None else None)
 
 
 def dkdv_pass(kern: ModKernels, q, k, v, lse, delta, dout, scale, tables: BlockTables, bargs: list, options=None,
-              q_off: int = 0, into: Optional[tuple] = None, add: Optional[tuple] = None,
-              dq_acc: Optional[Tensor] = None):
+              q_off: int = 0, into: Optional[tuple] = None, add: Optional[tuple] = None):
     """dk, dv of the keys from these queries, plus ``add=(dk0, dv0)`` if given (an earlier pass's
     partial sums, fp32), written to ``into=(dk, dv)`` if given (it may be ``add`` itself), else
-    to new tensors of k's / v's dtype.  ``dq_acc`` (fp32, q's shape): also add the queries' dq
-    over these keys to it, with atomics (the dq pass ran ``rows_only``)."""
+    to new tensors of k's / v's dtype."""
     B, H, Sq, D = q.shape
     Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
     if into is None:
@@ -312,35 +308,17 @@ def dkdv_pass(kern: ModKernels, q, k, v, lse, delta, dout, scale, tables: BlockT
     cfg = flex_config("dkdv", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
                       tiles=_tiles_for(q.dtype, options), tma=tma)
 
-    # dq's atomic adds: TMA bulk reductions where the loads use TMA too, else pointer atomics
-    pointer = (options or {}).get("BWD_DQ_ATOMIC") in ("pointer", 2)
-    # (Triton's interpreter has no descriptor reductions: pointer atomics there)
-    dq_mode = 0 if dq_acc is None else 2 if (tma and not pointer and not interpreting()
-                                             and _use_tma({"USE_TMA": True}, dq_acc)) else 1
-
     def args(c):
         descs = _row_descriptors(c.BLOCK_M, q, dout) if tma else (q, dout)
-        dq_args = (dq_acc, *_row_descriptors(c.BLOCK_M, dq_acc)) if dq_mode == 2 else (dq_acc, dq_acc) if dq_mode \
-            else (lse, lse)
         return (q, k, v, dout, lse, delta, dk, dv, *(add or (dk, dv)), tables.q_num, tables.q_idx, tables.full_q_num,
                 tables.full_q_idx,
                 H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.q_num.shape[-1], tables.q_idx.shape[-1],
-                tables.full_q_idx.shape[-1], scale, q_off, *descs, *dq_args, *bargs)
+                tables.full_q_idx.shape[-1], scale, q_off, *descs, *bargs)
 
     _launch(kern.module.flex_bwd_dkdv, lambda c: (triton_cdiv(Skv, c.BLOCK_N), B * Hkv), args,
-            dict(ACCUMULATE=add is not None, USE_TMA=tma, DQ_ATOMIC=dq_mode, **_common(q, k, v, tables, options)),
-            cfg, (D, DV, q.dtype, tma, dq_mode))
+            dict(ACCUMULATE=add is not None, USE_TMA=tma, **_common(q, k, v, tables, options)), cfg,
+            (D, DV, q.dtype, tma))
     return dk, dv
-
-
-def atomic_dq(kern: ModKernels, q: Tensor, options: Optional[dict] = None) -> bool:
-    """kernel_options["BWD_DQ_ATOMIC"]: the dk/dv pass also produces dq, adding each tile pair's
-    share to an fp32 buffer with atomics, instead of a dq pass that recomputes the scores (five
-    products per tile pair instead of seven; dq's summation order then varies from run to run).
-    Not with captured tensors that take gradients (their atomics live in the dq pass) or under
-    torch.use_deterministic_algorithms."""
-    want = (options or {}).get("BWD_DQ_ATOMIC", False)
-    return bool(want) and not kern.grad_slots and not torch.are_deterministic_algorithms_enabled()
 
 
 def captured_grad_buffers(kern: ModKernels, buffers: list[Tensor], device) -> dict[int, Tensor]:
@@ -361,10 +339,6 @@ def flex_backward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     dlse = dlse.contiguous() if dlse is not None else None
     gbufs = captured_grad_buffers(kern, buffers, q.device)
     bargs = _buffer_args(buffers, gbufs)
-    if atomic_dq(kern, q, options):
-        dq32, delta, _ = dq_pass(kern, q, k, v, out, lse, dout, dlse, scale, tables, bargs, options, rows_only=True)
-        dk, dv = dkdv_pass(kern, q, k, v, lse, delta, dout, scale, tables, bargs, options, dq_acc=dq32)
-        return dq32.to(q.dtype), dk, dv, finish_captured_grads(buffers, gbufs)
     dq, delta, _ = dq_pass(kern, q, k, v, out, lse, dout, dlse, scale, tables, bargs, options)
     dk, dv = dkdv_pass(kern, q, k, v, lse, delta, dout, scale, tables, bargs, options)
     return dq, dk, dv, finish_captured_grads(buffers, gbufs)

@@ -298,14 +298,11 @@ def flex_bwd_dq(Q, K, V, O, DO, LSE, DLSE, DELTA, DQ, KV_NUM, KV_IDX, FULL_NUM, 
                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
                 HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                HAS_DLSE: tl.constexpr, REVERSE: tl.constexpr, HAS_SELF: tl.constexpr, USE_TMA: tl.constexpr,
-                ROWS_ONLY: tl.constexpr):
+                HAS_DLSE: tl.constexpr, REVERSE: tl.constexpr, HAS_SELF: tl.constexpr, USE_TMA: tl.constexpr):
     """dq for one query tile; also writes D_i = do_i.o_i - dlse_i for the dk/dv pass (a cotangent
     of lse adds P_ij dlse_i to dt_ij, which is the same as lowering D_i by dlse_i).  With HAS_SELF
     (EBT) it also writes the own keys' gradients DKP, DVP, per query head [B, H, Sq, D].
-    USE_TMA: K and V tiles through the descriptors K_DESC, V_DESC.
-    ROWS_ONLY: skip the key loop -- D_i, the own-key terms and DQ = the own-key part of dq only
-    (fp32); the dk/dv pass then adds the key tiles' part of dq with atomics (DQ_ATOMIC)."""
+    USE_TMA: K and V tiles through the descriptors K_DESC, V_DESC."""
     pid_m = tl.program_id(0)
     if REVERSE:
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -333,13 +330,12 @@ def flex_bwd_dq(Q, K, V, O, DO, LSE, DLSE, DELTA, DQ, KV_NUM, KV_IDX, FULL_NUM, 
     base, base_full, n_partial, n_full = _row_table(KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, off_b, off_h,
                                                     (pid_m * BLOCK_M) // SPARSE_Q, MB, MH, NQ_BLOCKS, NKV_LIST,
                                                     NKV_LIST_FULL, HAS_FULL)
-    if not ROWS_ONLY:
-        for start_n, IS_FULL in _visited_tiles(KV_IDX, FULL_IDX, base, base_full, n_partial, n_full,
-                                               SPARSE_KV, BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse2, delta, K, V, K_DESC, V_DESC, kvh, kv_head_base, v_head_base,
-                          start_n, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
-                          __BUFFERS__
-                          D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST, USE_TMA)
+    for start_n, IS_FULL in _visited_tiles(KV_IDX, FULL_IDX, base, base_full, n_partial, n_full,
+                                           SPARSE_KV, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse2, delta, K, V, K_DESC, V_DESC, kvh, kv_head_base, v_head_base,
+                      start_n, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
+                      __BUFFERS__
+                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST, USE_TMA)
     offs_d = tl.arange(0, BLOCK_D)
     if HAS_SELF:
         own = (off_b * Hkv + off_hk).to(tl.int64) * Sq
@@ -357,16 +353,13 @@ def flex_bwd_dq(Q, K, V, O, DO, LSE, DLSE, DELTA, DQ, KV_NUM, KV_IDX, FULL_NUM, 
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, DQ_ACC, DQ_DESC, qh, start_m, offs_n, off_b, off_h,
-               Sq, Skv, scale, Q_OFF, __BUFFERS__
+def _dkdv_tile(dk, dv, k, v, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, qh, start_m, offs_n, off_b, off_h, Sq, Skv, scale,
+               Q_OFF, __BUFFERS__
                D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
-               IEEE: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr, DQ_ATOMIC: tl.constexpr):
+               IEEE: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
     """Transposed orientation: tiles are [BLOCK_N keys, BLOCK_M queries], so P^T and dS^T come
-    out of the products directly (the mod code is elementwise; only q_idx / kv_idx swap axes).
-    DQ_ATOMIC: also add this tile's share of dq, scale dS k, to the fp32 rows of DQ_ACC
-    (1: atomic adds through pointers, 2: TMA reductions through DQ_DESC), so no dq pass has to
-    recompute the scores (five products per tile pair instead of seven)."""
+    out of the products directly (the mod code is elementwise; only q_idx / kv_idx swap axes)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     row_ok = offs_m < Sq
     q = _load_tile(Q + qh * Sq * D, Q_DESC, qh, start_m, Sq, D, BLOCK_M, BLOCK_D, EVEN, USE_TMA)
@@ -397,42 +390,22 @@ def _dkdv_tile(dk, dv, k, v, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, DQ_ACC, DQ_DESC
         dsT = pT * (dpT - delta[None, :]) * dtds
     else:
         dsT = tl.where(keep, pT * (dpT - delta[None, :]) * dtds, 0.0)
-    dsT = dsT.to(q.dtype)
-    dk += _mm(dsT, q, IEEE, UPCAST)
-    if DQ_ATOMIC:
-        _add_rows(DQ_ACC, DQ_DESC, qh, start_m, Sq, D, BLOCK_M, BLOCK_D, _mm(tl.trans(dsT), k, IEEE, UPCAST) * scale,
-                  DQ_ATOMIC == 2)
+    dk += _mm(dsT.to(q.dtype), q, IEEE, UPCAST)
     return dk, dv
-
-
-@triton.jit
-def _add_rows(ptr, DESC, head, start, n_rows, ncols: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, val,
-              USE_TMA: tl.constexpr):
-    """Atomically add ``val`` [BLOCK, BLOCK_C] (fp32) to rows start .. start + BLOCK of one head's
-    contiguous [n_rows, ncols] matrix (the inverse of _load_tile; rows past n_rows are dropped).
-    USE_TMA: one bulk reduction through the descriptor DESC over [heads, n_rows, ncols]."""
-    if USE_TMA:
-        DESC.atomic_add([head.to(tl.int32), start, 0], val.reshape(1, BLOCK, BLOCK_C))
-    else:
-        rows = start + tl.arange(0, BLOCK)
-        cols = tl.arange(0, BLOCK_C)
-        tl.atomic_add(ptr + head.to(tl.int64) * n_rows * ncols + rows[:, None] * ncols + cols[None, :], val,
-                      mask=(rows[:, None] < n_rows) & (cols[None, :] < ncols), sem="relaxed")
 
 
 @triton.jit
 def flex_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, ADD_K, ADD_V, Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX,
                   H, Hkv, Sq, Skv, MB, MH, NKV_BLOCKS, NQ_LIST, NQ_LIST_FULL, scale, Q_OFF, Q_DESC, DO_DESC,
-                  DQ_ACC, DQ_DESC, __BUFFERS__
+                  __BUFFERS__
                   D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
                   HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                  ACCUMULATE: tl.constexpr, USE_TMA: tl.constexpr, DQ_ATOMIC: tl.constexpr):
+                  ACCUMULATE: tl.constexpr, USE_TMA: tl.constexpr):
     """One program per (kv tile, batch, kv head); loops over the query heads of its GQA group
     and the query blocks the transposed block tables list for its kv block.  ACCUMULATE adds
     ADD_K / ADD_V to what it writes (EBT: observed keys get a second pass for the predicted
-    queries).  USE_TMA: q and dO tiles through the descriptors Q_DESC, DO_DESC.  DQ_ATOMIC: also
-    add dq's share of every tile pair to DQ_ACC (see _dkdv_tile; the dq pass then runs ROWS_ONLY)."""
+    queries).  USE_TMA: q and dO tiles through the descriptors Q_DESC, DO_DESC."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = pid_bh // Hkv
@@ -452,11 +425,10 @@ def flex_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, ADD_K, ADD_V, Q_NUM, Q_ID
                                                         NQ_LIST_FULL, HAS_FULL)
         for start_m, IS_FULL in _visited_tiles(Q_IDX, FULL_Q_IDX, base, base_full, n_partial, n_full,
                                                SPARSE_Q, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, DQ_ACC, DQ_DESC, qh, start_m,
+            dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, qh, start_m,
                                 offs_n, off_b, off_h, Sq, Skv, scale, Q_OFF,
                                 __BUFFERS__
-                                D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST, USE_TMA,
-                                DQ_ATOMIC)
+                                D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST, USE_TMA)
     _store_key_grads(DK, DV_OUT, ADD_K, ADD_V, dk * scale, dv, kvh, offs_n, Skv, D, DV, BLOCK_D, BLOCK_DV,
                      ACCUMULATE)
 
