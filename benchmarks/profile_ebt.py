@@ -1,9 +1,11 @@
 """Profile one EBT fwd+bwd step (GPU): top CUDA kernels and CPU-side time, to find fixed costs;
 with ``--floor``, time the B1 floor (2 x SDPA causal) under each SDPA backend; with ``--ab``,
-A/B one kernel option on the EBT fwd and fwd+bwd.
+A/B one kernel option on the EBT fwd and fwd+bwd; with ``--sweep``, time sets of kernel options
+(tiles) one after the other.
 
     python benchmarks/profile_ebt.py --S 1024
     python benchmarks/profile_ebt.py --S 4096 --floor --ab USE_TMA=0,1 --no-profile
+    python benchmarks/profile_ebt.py --S 4096 --sweep "BLOCK_M1=64,BLOCK_N1=128,dkdv_num_warps=8" --no-profile
 """
 
 import argparse
@@ -56,7 +58,10 @@ def main():
     p.add_argument("--ab", default="", help="A/B one kernel option, 'KEY=v1,v2' (LINEAR_SCORE: the forward's "
                    "raw-max path, switched in the launcher)")
     p.add_argument("--options", default="", help="kernel_options for every flexebt run, 'KEY=int,...'")
-    p.add_argument("--modes", default="fwd,fwd+bwd", help="modes of the A/B (fwd, fwd+bwd, fwd+bwd+dbwd)")
+    p.add_argument("--sweep", default="", help="kernel_options sets timed one after the other (plus the defaults), "
+                   "';'-separated, each 'KEY=int,...' (e.g. 'BLOCK_M1=64,BLOCK_N1=128,dkdv_num_warps=8')")
+    p.add_argument("--modes", default="fwd,fwd+bwd", help="modes of the A/B and the sweep (fwd, fwd+bwd, "
+                   "fwd+bwd+dbwd)")
     p.add_argument("--no-profile", action="store_true")
     a = p.parse_args()
     base = {k: int(v) for k, v in (x.split("=") for x in a.options.split(",") if x)}
@@ -78,6 +83,16 @@ def main():
             t = {mode: timed(f, mode, x)[0] for mode in a.modes.split(",")}
             print(f"  flexebt {key}={val}: " + ", ".join(f"{m} {ms:.3f} ms" for m, ms in t.items()), flush=True)
         flex_mod._linear_score = linear_default
+    if a.sweep:
+        for text in [""] + a.sweep.split(";"):
+            opts = dict(base, **{k: int(v) for k, v in (x.split("=") for x in text.split(",") if x)})
+            f = lambda: flexebt.flex_ebt_attention(*x, block_mask=bm, kernel_options=opts)  # noqa: E731
+            try:
+                t = {mode: timed(f, mode, x)[0] for mode in a.modes.split(",")}
+                print(f"  flexebt [{text or 'defaults'}]: " + ", ".join(f"{m} {ms:.3f} ms" for m, ms in t.items()),
+                      flush=True)
+            except Exception as e:  # out of resources
+                print(f"  flexebt [{text}]: failed {type(e).__name__}", flush=True)
     if a.no_profile:
         return
 

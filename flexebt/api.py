@@ -193,14 +193,14 @@ def _flex_ebt_attention_triton(q_o, k_o, v_o, q_p, k_p, v_p, score_mod, block_ma
         structure_mask(S_o, q_p.shape[2], q_o.device)  # build (and cache) outside the guard below
     with torch._C._DisableFuncTorch():  # plain tables even inside torch.func transforms
         pl = plan(score_mod, block_mask, B, H, S_o, q_p.shape[2], q_o.device)
-    for t in pl.buffers_o + pl.buffers_p:
+    for t in pl.buffers:
         if t.device != q_o.device:
             raise ValueError(f"flex_ebt_attention: a tensor captured by score_mod/mask_mod is on {t.device} but the "
                              f"inputs are on {q_o.device}; move it to {q_o.device}.")
     scale = q_o.shape[-1] ** -0.5 if scale is None else float(scale)
     call = EBTCall(pl, score_mod, block_mask, scale, kernel_options)
     c = [x.contiguous() for x in (q_o, k_o, v_o, q_p, k_p, v_p)]
-    return EBTAttention.apply(*c, call, *pl.buffers_o)
+    return EBTAttention.apply(*c, call, *pl.buffers)
 
 
 # flex_ebt_attention and piecewise_attention have no custom-op path yet (flex_attention does,

@@ -394,7 +394,7 @@ class EBTAttentionBackward(torch.autograd.Function):
         call: EBTCall = ctx.call
 
         pl = call.plan
-        if _fused_double_backward(pl.kern_o, buffers) and _fused_double_backward(pl.kern_p, buffers):
+        if _fused_double_backward(pl.kern, buffers):
             gcts = [torch.zeros_like(x) if g is None else g for g, x in zip(gouts[:6], qkv)]
             res = EBTAttentionDoubleBackward.apply(*qkv, *cts, *gcts, *outs, call, *buffers, *gouts[6:])
             g_cts = [g if c is not None else None for g, c in zip(res[6:10], cts)]

@@ -96,14 +96,21 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def get_kernels(template: str, score_mod: Optional[Callable], mask_mod: Optional[Callable]) -> ModKernels:
-    key = (template, _fingerprint(score_mod), _fingerprint(mask_mod), _interpret())
+def get_kernels(template: str, score_mod: Optional[Callable], mask_mod: Optional[Callable],
+                frame_mask: bool = False) -> ModKernels:
+    """The kernel module of ``template`` for these mods (cached).
+
+    ``frame_mask``: the EBT flavour.  The mask_mod is a *frame* mask_mod and sees frame positions
+    like the score_mod (``q_idx`` = stream position + ``Q_OFF``), and where ``Q_OFF > 0`` (the
+    predicted stream) the observed key at the query's own frame is dropped as well -- so one
+    module serves both query streams (SPEC §2), with the streams told apart by ``Q_OFF`` alone."""
+    key = (template, _fingerprint(score_mod), _fingerprint(mask_mod), _interpret(), frame_mask)
     hit = _CACHE.get(key)
     if hit is None:
         # Building traces the mods with make_fx and autograd. That is code generation, not part of
         # the caller's math, so it runs on a worker thread: torch.func transforms, no_grad,
         # inference_mode and autocast are thread-local and do not follow it there.
-        hit = _CACHE[key] = _builder().submit(_build, template, score_mod, mask_mod).result()
+        hit = _CACHE[key] = _builder().submit(_build, template, score_mod, mask_mod, frame_mask).result()
     return hit
 
 
@@ -153,12 +160,14 @@ def _unroll_visited_tiles(text: str) -> str:
     return _VISITED_TILES.sub(expand, text)
 
 
-def _build(template: str, score_mod, mask_mod) -> ModKernels:
+def _build(template: str, score_mod, mask_mod, frame_mask: bool = False) -> ModKernels:
     score = trace_score_mod(score_mod, want_second_order=True) if score_mod is not None else None
     mask = trace_mask_mod(mask_mod) if mask_mod is not None else None
     n_score, mask_consts = _merge_buffers(score, mask)
     buffers = (score.buffers if score else []) + (mask.buffers if mask else [])
     name = "_".join(x.name for x in (score, mask) if x) or "plain"
+    if frame_mask:
+        name += " (EBT frame mask)"
 
     grad_slots = []
     blocks = {}
@@ -219,11 +228,17 @@ def _build(template: str, score_mod, mask_mod) -> ModKernels:
         blocks["DBWD_CAPTURED_GRAD"] = ["pass"]
     if mask is not None:
         em = Emitter("mm_", [b.tensor.dtype for b in buffers], mask.name)
-        # block-mask mods see stream-local query positions (mq_idx); score_mods see frame positions
-        (out,) = em.emit(mask.graph, ["off_b", "off_h", "mq_idx", "kv_idx"], mask_consts)
-        blocks["MASK"] = em.lines + [f"mask_keep = {out}"]
+        if frame_mask:
+            # EBT: frame positions; the predicted stream never sees the observed key at its own
+            # frame (the token it replaces).  q_idx == mq_idx exactly when Q_OFF = 0: observed stream
+            (out,) = em.emit(mask.graph, ["off_b", "off_h", "q_idx", "kv_idx"], mask_consts)
+            blocks["MASK"] = em.lines + [f"mask_keep = ({out}) & ((kv_idx != q_idx) | (q_idx == mq_idx))"]
+        else:
+            # block-mask mods see stream-local query positions (mq_idx); score_mods see frame positions
+            (out,) = em.emit(mask.graph, ["off_b", "off_h", "mq_idx", "kv_idx"], mask_consts)
+            blocks["MASK"] = em.lines + [f"mask_keep = {out}"]
     else:
-        blocks["MASK"] = ["mask_keep = VALID"]
+        blocks["MASK"] = ["mask_keep = VALID" + (" & ((kv_idx != q_idx) | (q_idx == mq_idx))" if frame_mask else "")]
 
     # Per captured tensor: its pointer and strides, GBUF (fp32 gradient accumulator) and CBUF (the
     # cotangent of its first-order gradient, read by the double backward).

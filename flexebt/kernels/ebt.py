@@ -5,7 +5,9 @@ predicted stream is one pass over the *same* observed keys (its block mask alrea
 key at each query's own frame) whose score_mod sees frame positions (``Q_OFF = r + 1``), with
 each query's own key as a row-wise term that seeds the online softmax -- no predicted x
 predicted tile.  Backward: dq passes for both streams (the predicted one also yields the own
-keys' dk, dv), then dk/dv of the observed keys accumulated over both query streams in fp32.
+keys' dk, dv), then one dk/dv pass whose programs add both query streams' shares for a tile of
+observed keys.  One generated kernel module serves both streams (its mask code reads the frame
+mask_mod and drops the own-frame key where Q_OFF > 0).
 """
 
 from __future__ import annotations
@@ -17,20 +19,21 @@ import torch
 from torch import Tensor
 
 from ..codegen.source import ModKernels, get_kernels
-from .flex import (BlockTables, OwnKeys, _buffer_args, captured_grad_buffers, dkdv_pass, dq_pass,
+from .flex import (BlockTables, OwnKeys, QueryStream, _buffer_args, captured_grad_buffers, dkdv_pass, dq_pass,
                    finish_captured_grads, flex_forward, tables_from_block_mask)
 
 
 @dataclasses.dataclass
 class EBTPlan:
-    """Kernels, tables and captured tensors of one EBT call."""
+    """Kernels, tables and captured tensors of one EBT call.  One kernel module serves both query
+    streams: its mask code reads the frame mask_mod in frame positions and drops the own-frame
+    observed key where Q_OFF > 0 (``get_kernels(..., frame_mask=True)``), so the predicted
+    stream's lifted BlockMask mask_mod is only used to build its tables."""
 
-    kern_o: ModKernels
-    kern_p: ModKernels
+    kern: ModKernels
     tables_o: BlockTables
     tables_p: BlockTables
-    buffers_o: list
-    buffers_p: list
+    buffers: list      # the captured tensors of score_mod and the frame mask_mod
     self_keep: Tensor  # int8 [B, H, S_p]
     offset: int        # r + 1: frame of predicted query 0
 
@@ -72,8 +75,7 @@ def plan(score_mod, block_mask, B: int, H: int, S_o: int, S_p: int, device) -> E
     hit = _PLANS.get(key)
     if hit is not None and hit[0] is block_mask and hit[1] is score_mod:
         cached = hit[2]
-        return dataclasses.replace(cached, buffers_o=cached.kern_o.buffers(score_mod, cached.tables_o.mask_mod),
-                                   buffers_p=cached.kern_p.buffers(score_mod, cached.tables_p.mask_mod))
+        return dataclasses.replace(cached, buffers=cached.kern.buffers(score_mod, block_mask.mask_mod))
     fresh = _plan(score_mod, block_mask, B, H, S_o, S_p, device)
     if len(_PLANS) > 64:
         _PLANS.clear()
@@ -84,17 +86,15 @@ def plan(score_mod, block_mask, B: int, H: int, S_o: int, S_p: int, device) -> E
 def _plan(score_mod, block_mask, B, H, S_o, S_p, device) -> EBTPlan:
     tables_o = tables_from_block_mask(block_mask.observed, S_o, S_o, device)
     tables_p = tables_from_block_mask(block_mask.predicted, S_p, S_o, device)
-    kern_o = get_kernels("flex_attention", score_mod, tables_o.mask_mod)
-    kern_p = get_kernels("flex_attention", score_mod, tables_p.mask_mod)
+    kern = get_kernels("flex_attention", score_mod, block_mask.mask_mod, frame_mask=True)
     keep = block_mask.self_keep(B, H, device).to(torch.int8).contiguous()
-    return EBTPlan(kern_o, kern_p, tables_o, tables_p, kern_o.buffers(score_mod, tables_o.mask_mod),
-                   kern_p.buffers(score_mod, tables_p.mask_mod), keep, S_o - S_p + 1)
+    return EBTPlan(kern, tables_o, tables_p, kern.buffers(score_mod, block_mask.mask_mod), keep, S_o - S_p + 1)
 
 
 
 def ebt_forward(pl: EBTPlan, q_o, k_o, v_o, q_p, k_p, v_p, scale: float, options: Optional[dict] = None):
-    out_o, lse_o = flex_forward(pl.kern_o, q_o, k_o, v_o, scale, pl.tables_o, pl.buffers_o, options)
-    out_p, lse_p = flex_forward(pl.kern_p, q_p, k_o, v_o, scale, pl.tables_p, pl.buffers_p, options,
+    out_o, lse_o = flex_forward(pl.kern, q_o, k_o, v_o, scale, pl.tables_o, pl.buffers, options)
+    out_p, lse_p = flex_forward(pl.kern, q_p, k_o, v_o, scale, pl.tables_p, pl.buffers, options,
                                 q_off=pl.offset, own=OwnKeys(k_p, v_p, pl.self_keep))
     return out_o, out_p, lse_o, lse_p
 
@@ -106,22 +106,18 @@ def ebt_backward(pl: EBTPlan, q_o, k_o, v_o, q_p, k_p, v_p, out_o, out_p, lse_o,
     Hkv, DV = k_p.shape[1], v_p.shape[3]
     c = lambda t: t.contiguous() if t is not None else None  # noqa: E731
     dout_o, dout_p, dlse_o, dlse_p = c(dout_o), c(dout_p), c(dlse_o), c(dlse_p)
-    # Captured-tensor gradients come from the score_mod only: its tensors hold the same slots in
-    # both streams' buffer lists, so one set of accumulators serves both passes.
-    gbufs = captured_grad_buffers(pl.kern_o, pl.buffers_o, q_o.device)
-    bargs_o, bargs_p = _buffer_args(pl.buffers_o, gbufs), _buffer_args(pl.buffers_p, gbufs)
+    # one kernel module and one set of captured-tensor accumulators serve both query streams
+    gbufs = captured_grad_buffers(pl.kern, pl.buffers, q_o.device)
+    bargs = _buffer_args(pl.buffers, gbufs)
     own = OwnKeys(k_p, v_p, pl.self_keep)
-    dq_o, delta_o, _ = dq_pass(pl.kern_o, q_o, k_o, v_o, out_o, lse_o, dout_o, dlse_o, scale, pl.tables_o, bargs_o,
+    dq_o, delta_o, _ = dq_pass(pl.kern, q_o, k_o, v_o, out_o, lse_o, dout_o, dlse_o, scale, pl.tables_o, bargs,
                                options)
-    dq_p, delta_p, (dkp, dvp) = dq_pass(pl.kern_p, q_p, k_o, v_o, out_p, lse_p, dout_p, dlse_p, scale, pl.tables_p,
-                                        bargs_p, options, q_off=pl.offset, own=own)
-    # the observed stream's partial sums stay fp32; the predicted pass adds them and writes k's dtype
-    acc = (torch.empty(k_o.shape, dtype=torch.float32, device=k_o.device),
-           torch.empty(v_o.shape, dtype=torch.float32, device=v_o.device))
-    dkdv_pass(pl.kern_o, q_o, k_o, v_o, lse_o, delta_o, dout_o, scale, pl.tables_o, bargs_o, options, into=acc)
-    dk_o, dv_o = dkdv_pass(pl.kern_p, q_p, k_o, v_o, lse_p, delta_p, dout_p, scale, pl.tables_p, bargs_p, options,
-                           q_off=pl.offset, add=acc)
-    grads = finish_captured_grads(pl.buffers_o, gbufs)
+    dq_p, delta_p, (dkp, dvp) = dq_pass(pl.kern, q_p, k_o, v_o, out_p, lse_p, dout_p, dlse_p, scale, pl.tables_p,
+                                        bargs, options, q_off=pl.offset, own=own)
+    # one dk/dv launch: each observed key tile adds both query streams' shares in registers
+    dk_o, dv_o = dkdv_pass(pl.kern, q_o, k_o, v_o, lse_o, delta_o, dout_o, scale, pl.tables_o, bargs, options,
+                           second=QueryStream(q_p, dout_p, lse_p, delta_p, pl.tables_p, pl.offset))
+    grads = finish_captured_grads(pl.buffers, gbufs)
     return dq_o, dk_o, dv_o, dq_p, *_own_key_grads(dkp, dvp, k_p, v_p), grads
 
 
@@ -153,26 +149,25 @@ def ebt_double_backward(pl: EBTPlan, qkv: list, outs: list, cts: list, gcts: lis
     out_o, out_p, lse_o, lse_p = outs
     do_o, do_p, dlse_o, dlse_p = cts
     gq_o, gk_o, gv_o, gq_p, gk_p, gv_p = gcts
-    # one set of accumulators and cotangents serves both streams (same slots, as in ebt_backward)
-    gbufs = captured_grad_buffers(pl.kern_o, pl.buffers_o, q_o.device)
-    cbufs = captured_cotangents(pl.kern_o, pl.buffers_o, buffer_cts or [])
-    bargs_o, bargs_p = _buffer_args(pl.buffers_o, gbufs, cbufs), _buffer_args(pl.buffers_p, gbufs, cbufs)
+    # one set of accumulators and cotangents serves both streams (as in ebt_backward)
+    gbufs = captured_grad_buffers(pl.kern, pl.buffers, q_o.device)
+    bargs = _buffer_args(pl.buffers, gbufs, captured_cotangents(pl.kern, pl.buffers, buffer_cts or []))
     own, own_cts = OwnKeys(k_p, v_p, pl.self_keep), (gk_p, gv_p)
-    obs = (pl.kern_o, q_o, k_o, v_o, out_o, do_o, lse_o, dlse_o, gq_o, gk_o, gv_o)
-    pred = (pl.kern_p, q_p, k_o, v_o, out_p, do_p, lse_p, dlse_p, gq_p, gk_o, gv_o)
-    gdo_o, st_o = dbwd_rows_pass(*obs, scale, pl.tables_o, bargs_o, options)
-    gdo_p, st_p = dbwd_rows_pass(*pred, scale, pl.tables_p, bargs_p, options, q_off=pl.offset, own=own,
+    obs = (pl.kern, q_o, k_o, v_o, out_o, do_o, lse_o, dlse_o, gq_o, gk_o, gv_o)
+    pred = (pl.kern, q_p, k_o, v_o, out_p, do_p, lse_p, dlse_p, gq_p, gk_o, gv_o)
+    gdo_o, st_o = dbwd_rows_pass(*obs, scale, pl.tables_o, bargs, options)
+    gdo_p, st_p = dbwd_rows_pass(*pred, scale, pl.tables_p, bargs, options, q_off=pl.offset, own=own,
                                  own_cts=own_cts)
-    g_q_o, _ = dbwd_dq_pass(*obs, st_o, scale, pl.tables_o, bargs_o, options, captured_grads=bool(gbufs))
-    g_q_p, (g_kp, g_vp) = dbwd_dq_pass(*pred, st_p, scale, pl.tables_p, bargs_p, options, q_off=pl.offset, own=own,
+    g_q_o, _ = dbwd_dq_pass(*obs, st_o, scale, pl.tables_o, bargs, options, captured_grads=bool(gbufs))
+    g_q_p, (g_kp, g_vp) = dbwd_dq_pass(*pred, st_p, scale, pl.tables_p, bargs, options, q_off=pl.offset, own=own,
                                        own_cts=own_cts, captured_grads=bool(gbufs))
     acc = (torch.empty(k_o.shape, dtype=torch.float32, device=k_o.device),
            torch.empty(v_o.shape, dtype=torch.float32, device=v_o.device))
-    dbwd_dkdv_pass(*obs, st_o, scale, pl.tables_o, bargs_o, options, into=acc)
-    g_k_o, g_v_o = dbwd_dkdv_pass(*pred, st_p, scale, pl.tables_p, bargs_p, options, q_off=pl.offset, add=acc)
+    dbwd_dkdv_pass(*obs, st_o, scale, pl.tables_o, bargs, options, into=acc)
+    g_k_o, g_v_o = dbwd_dkdv_pass(*pred, st_p, scale, pl.tables_p, bargs, options, q_off=pl.offset, add=acc)
     return [g_q_o, g_k_o, g_v_o, g_q_p, *_own_key_grads(g_kp, g_vp, k_p, v_p),
             gdo_o, gdo_p, st_o[..., 0] if dlse_o is not None else None, st_p[..., 0] if dlse_p is not None else None,
-            finish_captured_grads(pl.buffers_o, gbufs)]
+            finish_captured_grads(pl.buffers, gbufs)]
 
 
 def ebt_jvp(pl: EBTPlan, qkv: list, tangents: list, scale: float, options: Optional[dict] = None):
@@ -181,9 +176,9 @@ def ebt_jvp(pl: EBTPlan, qkv: list, tangents: list, scale: float, options: Optio
 
     q_o, k_o, v_o, q_p, k_p, v_p = qkv
     dq_o, dk_o, dv_o, dq_p, dk_p, dv_p = tangents
-    _, _, d_out_o, d_lse_o = flex_jvp(pl.kern_o, q_o, k_o, v_o, dq_o, dk_o, dv_o, scale, pl.tables_o, pl.buffers_o,
+    _, _, d_out_o, d_lse_o = flex_jvp(pl.kern, q_o, k_o, v_o, dq_o, dk_o, dv_o, scale, pl.tables_o, pl.buffers,
                                       options)
-    _, _, d_out_p, d_lse_p = flex_jvp(pl.kern_p, q_p, k_o, v_o, dq_p, dk_o, dv_o, scale, pl.tables_p, pl.buffers_p,
+    _, _, d_out_p, d_lse_p = flex_jvp(pl.kern, q_p, k_o, v_o, dq_p, dk_o, dv_o, scale, pl.tables_p, pl.buffers,
                                       options, q_off=pl.offset, own=OwnKeys(k_p, v_p, pl.self_keep),
                                       own_tangents=(dk_p, dv_p))
     return d_out_o, d_out_p, d_lse_o, d_lse_p

@@ -292,11 +292,25 @@ def dq_pass(kern: ModKernels, q, k, v, out, lse, dout, dlse, scale, tables: Bloc
     return dq, delta, ((dkp, dvp) if own is not None else None)
 
 
+@dataclasses.dataclass
+class QueryStream:
+    """A second stream of queries over the same keys for the dk/dv pass (EBT: the predicted
+    queries), with its saved row statistics, block tables and frame offset."""
+
+    q: Tensor
+    dout: Tensor
+    lse: Tensor
+    delta: Tensor
+    tables: BlockTables
+    q_off: int
+
+
 def dkdv_pass(kern: ModKernels, q, k, v, lse, delta, dout, scale, tables: BlockTables, bargs: list, options=None,
-              q_off: int = 0, into: Optional[tuple] = None, add: Optional[tuple] = None):
-    """dk, dv of the keys from these queries, plus ``add=(dk0, dv0)`` if given (an earlier pass's
-    partial sums, fp32), written to ``into=(dk, dv)`` if given (it may be ``add`` itself), else
-    to new tensors of k's / v's dtype."""
+              q_off: int = 0, into: Optional[tuple] = None, add: Optional[tuple] = None,
+              second: Optional[QueryStream] = None):
+    """dk, dv of the keys from these queries (and from the ``second`` stream's, in the same
+    programs), plus ``add=(dk0, dv0)`` if given (an earlier pass's partial sums, fp32), written to
+    ``into=(dk, dv)`` if given (it may be ``add`` itself), else to new tensors of k's / v's dtype."""
     B, H, Sq, D = q.shape
     Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
     if into is None:
@@ -304,19 +318,27 @@ def dkdv_pass(kern: ModKernels, q, k, v, lse, delta, dout, scale, tables: BlockT
         dv = torch.empty(B, Hkv, Skv, DV, dtype=v.dtype, device=v.device)
     else:
         dk, dv = into
-    tma = _use_tma(options, q, dout)
+    two = second is not None
+    s2 = second if two else QueryStream(q, dout, lse, delta, tables, q_off)  # stand-in arguments
+    if two and (s2.tables.sparse_q, s2.tables.sparse_kv) != (tables.sparse_q, tables.sparse_kv):
+        raise ValueError("dkdv_pass: both query streams need block tables of the same block size")
+    tma = _use_tma(options, q, dout, *((s2.q, s2.dout) if two else ()))
     cfg = flex_config("dkdv", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
                       tiles=_tiles_for(q.dtype, options), tma=tma)
+    t2 = s2.tables
 
     def args(c):
-        descs = _row_descriptors(c.BLOCK_M, q, dout) if tma else (q, dout)
+        descs = _row_descriptors(c.BLOCK_M, q, dout, s2.q, s2.dout) if tma else (q, dout, s2.q, s2.dout)
         return (q, k, v, dout, lse, delta, dk, dv, *(add or (dk, dv)), tables.q_num, tables.q_idx, tables.full_q_num,
                 tables.full_q_idx,
                 H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.q_num.shape[-1], tables.q_idx.shape[-1],
-                tables.full_q_idx.shape[-1], scale, q_off, *descs, *bargs)
+                tables.full_q_idx.shape[-1], scale, q_off, *descs[:2],
+                s2.q, s2.dout, s2.lse, s2.delta, t2.q_num, t2.q_idx, t2.full_q_num, t2.full_q_idx, s2.q.shape[2],
+                t2.MB, t2.MH, t2.q_idx.shape[-1], t2.full_q_idx.shape[-1], s2.q_off, *descs[2:], *bargs)
 
     _launch(kern.module.flex_bwd_dkdv, lambda c: (triton_cdiv(Skv, c.BLOCK_N), B * Hkv), args,
-            dict(ACCUMULATE=add is not None, USE_TMA=tma, **_common(q, k, v, tables, options)), cfg,
+            dict(ACCUMULATE=add is not None, USE_TMA=tma, TWO_STREAMS=two, HAS_FULL2=t2.has_full,
+                 EVEN2=_even(s2.q.shape[2], Skv, t2), **_common(q, k, v, tables, options)), cfg,
             (D, DV, q.dtype, tma))
     return dk, dv
 

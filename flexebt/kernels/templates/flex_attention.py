@@ -395,17 +395,42 @@ def _dkdv_tile(dk, dv, k, v, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, qh, start_m, of
 
 
 @triton.jit
+def _dkdv_stream(dk, dv, k, v, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX, qh, pid_n,
+                 offs_n, off_b, off_h, Sq, Skv, MB, MH, NKV_BLOCKS, NQ_LIST, NQ_LIST_FULL, scale, Q_OFF, __BUFFERS__
+                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
+                 HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                 USE_TMA: tl.constexpr):
+    """Add one query head's share to a key tile's dk, dv: the query tiles of the blocks the
+    transposed block tables list for this kv block."""
+    base, base_full, n_partial, n_full = _row_table(Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX, off_b, off_h,
+                                                    (pid_n * BLOCK_N) // SPARSE_KV, MB, MH, NKV_BLOCKS, NQ_LIST,
+                                                    NQ_LIST_FULL, HAS_FULL)
+    for start_m, IS_FULL in _visited_tiles(Q_IDX, FULL_Q_IDX, base, base_full, n_partial, n_full,
+                                           SPARSE_Q, BLOCK_M):
+        dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, qh, start_m,
+                            offs_n, off_b, off_h, Sq, Skv, scale, Q_OFF,
+                            __BUFFERS__
+                            D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST, USE_TMA)
+    return dk, dv
+
+
+@triton.jit
 def flex_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, ADD_K, ADD_V, Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX,
                   H, Hkv, Sq, Skv, MB, MH, NKV_BLOCKS, NQ_LIST, NQ_LIST_FULL, scale, Q_OFF, Q_DESC, DO_DESC,
-                  __BUFFERS__
+                  Q2, DO2, LSE2, DELTA2, Q2_NUM, Q2_IDX, FULL_Q2_NUM, FULL_Q2_IDX, Sq2, MB2, MH2, NQ2_LIST,
+                  NQ2_LIST_FULL, Q2_OFF, Q2_DESC, DO2_DESC, __BUFFERS__
                   D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
                   HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                  ACCUMULATE: tl.constexpr, USE_TMA: tl.constexpr):
+                  ACCUMULATE: tl.constexpr, USE_TMA: tl.constexpr, TWO_STREAMS: tl.constexpr,
+                  HAS_FULL2: tl.constexpr, EVEN2: tl.constexpr):
     """One program per (kv tile, batch, kv head); loops over the query heads of its GQA group
-    and the query blocks the transposed block tables list for its kv block.  ACCUMULATE adds
-    ADD_K / ADD_V to what it writes (EBT: observed keys get a second pass for the predicted
-    queries).  USE_TMA: q and dO tiles through the descriptors Q_DESC, DO_DESC."""
+    and the query blocks the transposed block tables list for its kv block.  TWO_STREAMS (EBT):
+    a second query stream (Q2, DO2, ... with its own tables, length and frame offset Q2_OFF) sees
+    the same keys, and its share is added in the same program -- dk, dv stay in registers.
+    ACCUMULATE adds ADD_K / ADD_V to what it writes.  USE_TMA: q and dO tiles through the
+    descriptors Q_DESC, DO_DESC (Q2_DESC, DO2_DESC)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = pid_bh // Hkv
@@ -420,15 +445,17 @@ def flex_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, ADD_K, ADD_V, Q_NUM, Q_ID
     for g in range(group):
         off_h = off_hk * group + g
         qh = (off_b * H + off_h).to(tl.int64)
-        base, base_full, n_partial, n_full = _row_table(Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX, off_b, off_h,
-                                                        (pid_n * BLOCK_N) // SPARSE_KV, MB, MH, NKV_BLOCKS, NQ_LIST,
-                                                        NQ_LIST_FULL, HAS_FULL)
-        for start_m, IS_FULL in _visited_tiles(Q_IDX, FULL_Q_IDX, base, base_full, n_partial, n_full,
-                                               SPARSE_Q, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, qh, start_m,
-                                offs_n, off_b, off_h, Sq, Skv, scale, Q_OFF,
-                                __BUFFERS__
-                                D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST, USE_TMA)
+        dk, dv = _dkdv_stream(dk, dv, k, v, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX,
+                              qh, pid_n, offs_n, off_b, off_h, Sq, Skv, MB, MH, NKV_BLOCKS, NQ_LIST, NQ_LIST_FULL,
+                              scale, Q_OFF, __BUFFERS__
+                              D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, SPARSE_Q, SPARSE_KV, HAS_FULL, EVEN, IEEE,
+                              UPCAST, USE_TMA)
+        if TWO_STREAMS:
+            dk, dv = _dkdv_stream(dk, dv, k, v, Q2, DO2, Q2_DESC, DO2_DESC, LSE2, DELTA2, Q2_NUM, Q2_IDX, FULL_Q2_NUM,
+                                  FULL_Q2_IDX, qh, pid_n, offs_n, off_b, off_h, Sq2, Skv, MB2, MH2, NKV_BLOCKS,
+                                  NQ2_LIST, NQ2_LIST_FULL, scale, Q2_OFF, __BUFFERS__
+                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, SPARSE_Q, SPARSE_KV, HAS_FULL2, EVEN2,
+                                  IEEE, UPCAST, USE_TMA)
     _store_key_grads(DK, DV_OUT, ADD_K, ADD_V, dk * scale, dv, kvh, offs_n, Skv, D, DV, BLOCK_D, BLOCK_DV,
                      ACCUMULATE)
 
