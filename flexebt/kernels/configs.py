@@ -79,7 +79,7 @@ def _flex_config(pass_name: str, head_dim: int, sparse_q: int, sparse_kv: int, o
 # (benchmarks/tune_second_order.py; results/tune_dbwd_h200_ebt_s4096.txt): g_k/g_v pass
 # 8.5 -> 4.0 ms at 64 x 64 with 2 stages, row + g_q passes 5.9 -> 5.1 ms at 64 x 32.
 _BF16 = {
-    "fwd": {64: (128, 64, 4, 5), 128: (128, 128, 8, 3), 256: (64, 32, 4, 2)},
+    "fwd": {64: (128, 64, 4, 6), 128: (128, 128, 8, 3), 256: (64, 32, 4, 2)},
     "dq": {64: (64, 64, 4, 2), 128: (128, 128, 8, 2), 256: (32, 32, 4, 2)},
     "dkdv": {64: (32, 128, 4, 3), 128: (64, 128, 8, 3), 256: (32, 32, 4, 2)},
     "dbwd_rows": {64: (64, 32, 4, 3), 128: (64, 32, 4, 2), 256: (32, 32, 4, 1)},
@@ -125,9 +125,10 @@ _TF32X3_SECOND_ORDER = {
 # --options USE_TMA=1; results/tune_bwd_tma_*_h100_*.txt): the dk/dv pass at D64 takes 64 x 64
 # tiles, 0.668 -> 0.620 ms for the whole backward (torch's compiled flex_attention: 0.668).
 # D64 on the H100 (session 5; EBT B8 H8 S4096, benchmarks/profile_ebt.py --sweep,
-# results/ebt_sweep_h100_8bcea66.txt, and the single-stream sweeps above): two stages in the dq
-# and dk/dv passes (EBT fwd+bwd 3.41 -> 3.35 ms each), forward 128 x 64 with five stages
-# (EBT fwd 0.85 -> 0.81 ms; single stream 0.229 -> 0.224 ms).
+# results/ebt_sweep_h100_8bcea66.txt, ebt_fwd_sweep_h100_224ce16.txt, and the single-stream sweeps):
+# two stages in the dq and dk/dv passes (EBT fwd+bwd 3.41 -> 3.35 ms each), forward 128 x 64 with
+# six stages (EBT fwd 0.85-0.86 -> 0.79-0.80 ms; single stream causal B2 H16 0.227 -> 0.221 ms;
+# odd: four stages are slower than three or five, 0.88 ms).
 _BF16_TMA = {"dkdv": {64: (64, 64, 4, 2)}}
 _TABLES = {"bf16": _BF16, "ieee": _IEEE, "tf32": _TF32, "tf32x3": _TF32X3_SECOND_ORDER}
 
