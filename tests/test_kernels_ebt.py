@@ -90,6 +90,30 @@ def test_head_dims_and_lengths():
     _run("sliding_window", "none", 0, S_p=16, D=32, block=32)
 
 
+def test_streams_of_different_lengths_share_the_dkdv_launch():
+    """One dk/dv launch serves both query streams (design D43): here the observed stream's tiles
+    are all inside (S_o = 32) and the predicted stream's are not (S_p = 29), and under GQA."""
+    _run("causal", "softcap", 3, S_p=29, H=4, Hkv=2)
+    _run("sliding_window", "frame_bias", 3, S_p=29)
+
+
+def test_tma_and_pointer_loads_agree():
+    """USE_TMA (q / dO tiles of both streams through descriptors in the shared dk/dv launch, K / V
+    in the forward and dq passes): the same outputs and gradients, bit for bit."""
+    torch.manual_seed(0)
+    bm = flexebt.create_ebt_block_mask(None, None, None, 32, 29, BLOCK_SIZE=16)
+    x0 = [torch.randn(1, h, S, 16) for h, S in ((4, 32), (2, 32), (2, 32), (4, 29), (2, 29), (2, 29))]
+
+    def run(options):
+        x = [t.clone().requires_grad_() for t in x0]
+        outs = flexebt.flex_ebt_attention(*x, score_mod=mods.generate_tanh_softcap(2.0), block_mask=bm,
+                                          enable_gqa=True, kernel_options=options)
+        return (*outs, *torch.autograd.grad(sum((o * o).sum() for o in outs), x))
+
+    for a, b in zip(run({**T, "USE_TMA": True}), run(T)):
+        assert torch.equal(a, b)
+
+
 def test_fully_masked_rows_are_zero():
     outs = _run("random", "none", 0)
     # frame 4: observed row 4 and predicted row 3 (frame = i + 1) keep nothing
