@@ -328,7 +328,8 @@ def dkdv_pass(kern: ModKernels, q, k, v, lse, delta, dout, scale, tables: BlockT
     t2 = s2.tables
 
     def args(c):
-        descs = _row_descriptors(c.BLOCK_M, q, dout, s2.q, s2.dout) if tma else (q, dout, s2.q, s2.dout)
+        descs = _row_descriptors(c.BLOCK_M, q, dout) if tma else (q, dout)
+        descs += _row_descriptors(c.BLOCK_M, s2.q, s2.dout) if tma and two else descs
         return (q, k, v, dout, lse, delta, dk, dv, *(add or (dk, dv)), tables.q_num, tables.q_idx, tables.full_q_num,
                 tables.full_q_idx,
                 H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.q_num.shape[-1], tables.q_idx.shape[-1],
