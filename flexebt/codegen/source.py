@@ -160,6 +160,11 @@ def _unroll_visited_tiles(text: str) -> str:
     return _VISITED_TILES.sub(expand, text)
 
 
+# EBT frame masks: keep a key unless it is the observed key at a predicted query's own frame
+# (q_idx == mq_idx exactly when Q_OFF = 0, i.e. in the observed stream)
+_NOT_OWN_FRAME = "((kv_idx != q_idx) | (q_idx == mq_idx))"
+
+
 def _build(template: str, score_mod, mask_mod, frame_mask: bool = False) -> ModKernels:
     score = trace_score_mod(score_mod, want_second_order=True) if score_mod is not None else None
     mask = trace_mask_mod(mask_mod) if mask_mod is not None else None
@@ -230,15 +235,15 @@ def _build(template: str, score_mod, mask_mod, frame_mask: bool = False) -> ModK
         em = Emitter("mm_", [b.tensor.dtype for b in buffers], mask.name)
         if frame_mask:
             # EBT: frame positions; the predicted stream never sees the observed key at its own
-            # frame (the token it replaces).  q_idx == mq_idx exactly when Q_OFF = 0: observed stream
+            # frame (the token it replaces)
             (out,) = em.emit(mask.graph, ["off_b", "off_h", "q_idx", "kv_idx"], mask_consts)
-            blocks["MASK"] = em.lines + [f"mask_keep = ({out}) & ((kv_idx != q_idx) | (q_idx == mq_idx))"]
+            blocks["MASK"] = em.lines + [f"mask_keep = ({out}) & {_NOT_OWN_FRAME}"]
         else:
             # block-mask mods see stream-local query positions (mq_idx); score_mods see frame positions
             (out,) = em.emit(mask.graph, ["off_b", "off_h", "mq_idx", "kv_idx"], mask_consts)
             blocks["MASK"] = em.lines + [f"mask_keep = {out}"]
     else:
-        blocks["MASK"] = ["mask_keep = VALID" + (" & ((kv_idx != q_idx) | (q_idx == mq_idx))" if frame_mask else "")]
+        blocks["MASK"] = ["mask_keep = VALID" + (f" & {_NOT_OWN_FRAME}" if frame_mask else "")]
 
     # Per captured tensor: its pointer and strides, GBUF (fp32 gradient accumulator) and CBUF (the
     # cotangent of its first-order gradient, read by the double backward).

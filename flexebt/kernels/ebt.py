@@ -91,7 +91,6 @@ def _plan(score_mod, block_mask, B, H, S_o, S_p, device) -> EBTPlan:
     return EBTPlan(kern, tables_o, tables_p, kern.buffers(score_mod, block_mask.mask_mod), keep, S_o - S_p + 1)
 
 
-
 def ebt_forward(pl: EBTPlan, q_o, k_o, v_o, q_p, k_p, v_p, scale: float, options: Optional[dict] = None):
     out_o, lse_o = flex_forward(pl.kern, q_o, k_o, v_o, scale, pl.tables_o, pl.buffers, options)
     out_p, lse_p = flex_forward(pl.kern, q_p, k_o, v_o, scale, pl.tables_p, pl.buffers, options,
@@ -102,8 +101,6 @@ def ebt_forward(pl: EBTPlan, q_o, k_o, v_o, q_p, k_p, v_p, scale: float, options
 def ebt_backward(pl: EBTPlan, q_o, k_o, v_o, q_p, k_p, v_p, out_o, out_p, lse_o, lse_p, dout_o, dout_p,
                  dlse_o, dlse_p, scale: float, options: Optional[dict] = None):
     """Gradients of q_o, k_o, v_o, q_p, k_p, v_p and of the score_mod's captured tensors."""
-    B, H, S_p, D = q_p.shape
-    Hkv, DV = k_p.shape[1], v_p.shape[3]
     c = lambda t: t.contiguous() if t is not None else None  # noqa: E731
     dout_o, dout_p, dlse_o, dlse_p = c(dout_o), c(dout_p), c(dlse_o), c(dlse_p)
     # one kernel module and one set of captured-tensor accumulators serve both query streams
