@@ -179,14 +179,12 @@ def _reverse(options: Optional[dict]) -> bool:
     return bool((options or {}).get("REVERSE_Q_ORDER", 1))
 
 
-def _heads_fast(options: Optional[dict]) -> bool:
-    """Grid (B*H, tiles) instead of (tiles, B*H) (kernel_options["HEADS_FAST"]; template
-    ``_program_tile``): one tile index across all heads before the next."""
-    return bool((options or {}).get("HEADS_FAST", 0))
-
-
-def _grid(n_tiles: int, n_heads: int, options: Optional[dict]) -> tuple:
-    return (n_heads, n_tiles) if _heads_fast(options) else (n_tiles, n_heads)
+def _head_group(options: Optional[dict], which: str, n_bh: int) -> int:
+    """Heads per group of the grid order (template ``_program_tile``): kernel_options
+    ``{which}_head_group`` (fwd, dq, dkdv) or ``HEAD_GROUP`` for all passes; 0 or less: all heads."""
+    o = options or {}
+    g = int(o.get(f"{which}_head_group", o.get("HEAD_GROUP", 1)))
+    return n_bh if g <= 0 else min(g, n_bh)
 
 
 def _even(Sq: int, Skv: int, tables: BlockTables) -> bool:
@@ -255,12 +253,13 @@ def flex_forward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, scale: float
         descs = _row_descriptors(c.BLOCK_N, k, v) if tma else (k, v)
         return (q, k, v, out, lse, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx,
                 H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
-                tables.full_kv_idx.shape[-1], scale, q_off, kp, vp, keep, *descs, *_buffer_args(buffers, {}))
+                tables.full_kv_idx.shape[-1], scale, q_off, _head_group(options, "fwd", B * H), kp, vp, keep, *descs,
+                *_buffer_args(buffers, {}))
 
-    _launch(kern.module.flex_fwd, lambda c: _grid(triton_cdiv(Sq, c.BLOCK_M), B * H, options), args,
+    _launch(kern.module.flex_fwd, lambda c: (triton_cdiv(Sq, c.BLOCK_M) * B * H,), args,
             dict(D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), SPARSE_Q=tables.sparse_q,
                  SPARSE_KV=tables.sparse_kv, HAS_FULL=tables.has_full, EVEN=_even(Sq, Skv, tables),
-                 REVERSE=_reverse(options), HAS_SELF=own is not None, USE_TMA=tma, HEADS_FAST=_heads_fast(options),
+                 REVERSE=_reverse(options), HAS_SELF=own is not None, USE_TMA=tma,
                  LINEAR_SCORE=_linear_score(kern, scale), **_precision(q.dtype, options)),
             cfg, (D, DV, q.dtype, tma))
     return out, lse
@@ -294,11 +293,10 @@ def dq_pass(kern: ModKernels, q, k, v, out, lse, dout, dlse, scale, tables: Bloc
         return (q, k, v, out, dout, lse, dlse if dlse is not None else lse, delta, dq, tables.kv_num, tables.kv_idx,
                 tables.full_kv_num, tables.full_kv_idx, H, Hkv, Sq, Skv, tables.MB, tables.MH,
                 tables.kv_num.shape[-1], tables.kv_idx.shape[-1], tables.full_kv_idx.shape[-1], scale, q_off,
-                kp, vp, keep, dkp, dvp, *descs, *bargs)
+                _head_group(options, "dq", B * H), kp, vp, keep, dkp, dvp, *descs, *bargs)
 
-    _launch(kern.module.flex_bwd_dq, lambda c: _grid(triton_cdiv(Sq, c.BLOCK_M), B * H, options), args,
+    _launch(kern.module.flex_bwd_dq, lambda c: (triton_cdiv(Sq, c.BLOCK_M) * B * H,), args,
             dict(HAS_DLSE=dlse is not None, REVERSE=_reverse(options), HAS_SELF=own is not None, USE_TMA=tma,
-                 HEADS_FAST=_heads_fast(options),
                  **_common(q, k, v, tables, options)), cfg, (D, DV, q.dtype, tma))
     return dq, delta, ((dkp, dvp) if own is not None else None)
 
@@ -344,13 +342,13 @@ def dkdv_pass(kern: ModKernels, q, k, v, lse, delta, dout, scale, tables: BlockT
         return (q, k, v, dout, lse, delta, dk, dv, *(add or (dk, dv)), tables.q_num, tables.q_idx, tables.full_q_num,
                 tables.full_q_idx,
                 H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.q_num.shape[-1], tables.q_idx.shape[-1],
-                tables.full_q_idx.shape[-1], scale, q_off, *descs[:2],
+                tables.full_q_idx.shape[-1], scale, q_off, _head_group(options, "dkdv", B * Hkv), *descs[:2],
                 s2.q, s2.dout, s2.lse, s2.delta, t2.q_num, t2.q_idx, t2.full_q_num, t2.full_q_idx, s2.q.shape[2],
                 t2.MB, t2.MH, t2.q_idx.shape[-1], t2.full_q_idx.shape[-1], s2.q_off, *descs[2:], *bargs)
 
-    _launch(kern.module.flex_bwd_dkdv, lambda c: _grid(triton_cdiv(Skv, c.BLOCK_N), B * Hkv, options), args,
+    _launch(kern.module.flex_bwd_dkdv, lambda c: (triton_cdiv(Skv, c.BLOCK_N) * B * Hkv,), args,
             dict(ACCUMULATE=add is not None, USE_TMA=tma, TWO_STREAMS=two, HAS_FULL2=t2.has_full,
-                 EVEN2=_even(s2.q.shape[2], Skv, t2), HEADS_FAST=_heads_fast(options), **_common(q, k, v, tables, options)), cfg,
+                 EVEN2=_even(s2.q.shape[2], Skv, t2), **_common(q, k, v, tables, options)), cfg,
             (D, DV, q.dtype, tma))
     return dk, dv
 

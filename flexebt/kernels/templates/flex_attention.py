@@ -193,39 +193,39 @@ def _row_table(NUM, IDX, FULL_NUM, FULL_IDX, off_b, off_h, block, MB, MH, N_ROWS
 
 
 @triton.jit
-def _program_tile(REVERSE: tl.constexpr, HEADS_FAST: tl.constexpr):
-    """(tile, batch x head) of this program.  The hardware starts programs in launch order, axis 0
-    fastest.  Grid (tiles, B*H) runs every tile of one head before the next head (the head's K/V
-    stay in L2); HEADS_FAST (grid (B*H, tiles)) runs one tile index across all heads before the
-    next, so with REVERSE (last tiles first: under a causal mask they see the most keys) every
-    heavy tile starts before any light one and the launch ends on light tiles (a shorter tail)."""
-    if HEADS_FAST:
-        pid_t = tl.program_id(1)
-        n_t = tl.num_programs(1)
-        pid_bh = tl.program_id(0)
-    else:
-        pid_t = tl.program_id(0)
-        n_t = tl.num_programs(0)
-        pid_bh = tl.program_id(1)
+def _program_tile(n_tiles, HEAD_GROUP, REVERSE: tl.constexpr):
+    """(tile, batch x head) of this program in a 1-d grid of n_tiles x (B * heads) programs.
+
+    The hardware starts programs roughly in launch order.  Heads go in groups of HEAD_GROUP; a
+    group's programs run tile index by tile index across its heads.  With REVERSE (last tiles
+    first: under a causal mask they see the most keys) a group starts all its heavy tiles before
+    any light one, and the launch ends on light tiles -- a short tail.  HEAD_GROUP = 1 is the
+    plain head-by-head order; a larger group shortens the tail but spreads the programs running
+    at one time over more heads, whose K/V (or q/dO) must share the L2 cache."""
+    pid = tl.program_id(0)
+    n_bh = tl.num_programs(0) // n_tiles
+    first = (pid // (HEAD_GROUP * n_tiles)) * HEAD_GROUP  # first head of this program's group
+    width = tl.minimum(HEAD_GROUP, n_bh - first)          # the last group may be narrower
+    within = pid - first * n_tiles
+    pid_t = within // width
     if REVERSE:
-        pid_t = n_t - 1 - pid_t
-    return pid_t, pid_bh
+        pid_t = n_tiles - 1 - pid_t
+    return pid_t, first + within % width
 
 
 @triton.jit
 def flex_fwd(Q, K, V, O, LSE, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
-             H, Hkv, Sq, Skv, MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, scale, Q_OFF, KP, VP, SELF_KEEP,
+             H, Hkv, Sq, Skv, MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, scale, Q_OFF, HEAD_GROUP, KP, VP, SELF_KEEP,
              K_DESC, V_DESC, __BUFFERS__
              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
              HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-             REVERSE: tl.constexpr, HAS_SELF: tl.constexpr, USE_TMA: tl.constexpr, LINEAR_SCORE: tl.constexpr,
-             HEADS_FAST: tl.constexpr):
+             REVERSE: tl.constexpr, HAS_SELF: tl.constexpr, USE_TMA: tl.constexpr, LINEAR_SCORE: tl.constexpr):
     """One query tile.  Q_OFF shifts the query positions the score_mod sees (frame coordinates of
     the EBT predicted stream; 0 otherwise).  HAS_SELF: each query i also attends to its own key
     KP[i], VP[i] (EBT), kept iff SELF_KEEP[b, h, i]; that key seeds the online softmax.
     USE_TMA: K and V tiles come through the tensor descriptors K_DESC, V_DESC (Hopper's TMA)."""
-    pid_m, pid_bh = _program_tile(REVERSE, HEADS_FAST)
+    pid_m, pid_bh = _program_tile(tl.cdiv(Sq, BLOCK_M), HEAD_GROUP, REVERSE)
     off_b = pid_bh // H
     off_h = pid_bh % H
     off_hk = off_h // (H // Hkv)
@@ -309,18 +309,17 @@ def _dq_tile(dq, q, do, lse2, delta, K, V, K_DESC, V_DESC, kvh, kv_head_base, v_
 
 @triton.jit
 def flex_bwd_dq(Q, K, V, O, DO, LSE, DLSE, DELTA, DQ, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
-                H, Hkv, Sq, Skv, MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, scale, Q_OFF, KP, VP, SELF_KEEP,
+                H, Hkv, Sq, Skv, MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, scale, Q_OFF, HEAD_GROUP, KP, VP, SELF_KEEP,
                 DKP, DVP, K_DESC, V_DESC, __BUFFERS__
                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
                 HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                HAS_DLSE: tl.constexpr, REVERSE: tl.constexpr, HAS_SELF: tl.constexpr, USE_TMA: tl.constexpr,
-                HEADS_FAST: tl.constexpr):
+                HAS_DLSE: tl.constexpr, REVERSE: tl.constexpr, HAS_SELF: tl.constexpr, USE_TMA: tl.constexpr):
     """dq for one query tile; also writes D_i = do_i.o_i - dlse_i for the dk/dv pass (a cotangent
     of lse adds P_ij dlse_i to dt_ij, which is the same as lowering D_i by dlse_i).  With HAS_SELF
     (EBT) it also writes the own keys' gradients DKP, DVP, per query head [B, H, Sq, D].
     USE_TMA: K and V tiles through the descriptors K_DESC, V_DESC."""
-    pid_m, pid_bh = _program_tile(REVERSE, HEADS_FAST)
+    pid_m, pid_bh = _program_tile(tl.cdiv(Sq, BLOCK_M), HEAD_GROUP, REVERSE)
     off_b = pid_bh // H
     off_h = pid_bh % H
     off_hk = off_h // (H // Hkv)
@@ -431,21 +430,21 @@ def _dkdv_stream(dk, dv, k, v, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, Q_NUM, Q_IDX,
 
 @triton.jit
 def flex_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, ADD_K, ADD_V, Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX,
-                  H, Hkv, Sq, Skv, MB, MH, NKV_BLOCKS, NQ_LIST, NQ_LIST_FULL, scale, Q_OFF, Q_DESC, DO_DESC,
+                  H, Hkv, Sq, Skv, MB, MH, NKV_BLOCKS, NQ_LIST, NQ_LIST_FULL, scale, Q_OFF, HEAD_GROUP, Q_DESC, DO_DESC,
                   Q2, DO2, LSE2, DELTA2, Q2_NUM, Q2_IDX, FULL_Q2_NUM, FULL_Q2_IDX, Sq2, MB2, MH2, NQ2_LIST,
                   NQ2_LIST_FULL, Q2_OFF, Q2_DESC, DO2_DESC, __BUFFERS__
                   D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
                   HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                   ACCUMULATE: tl.constexpr, USE_TMA: tl.constexpr, TWO_STREAMS: tl.constexpr,
-                  HAS_FULL2: tl.constexpr, EVEN2: tl.constexpr, HEADS_FAST: tl.constexpr):
+                  HAS_FULL2: tl.constexpr, EVEN2: tl.constexpr):
     """One program per (kv tile, batch, kv head); loops over the query heads of its GQA group
     and the query blocks the transposed block tables list for its kv block.  TWO_STREAMS (EBT):
     a second query stream (Q2, DO2, ... with its own tables, length and frame offset Q2_OFF) sees
     the same keys, and its share is added in the same program -- dk, dv stay in registers.
     ACCUMULATE adds ADD_K / ADD_V to what it writes.  USE_TMA: q and dO tiles through the
     descriptors Q_DESC, DO_DESC (Q2_DESC, DO2_DESC)."""
-    pid_n, pid_bh = _program_tile(False, HEADS_FAST)
+    pid_n, pid_bh = _program_tile(tl.cdiv(Skv, BLOCK_N), HEAD_GROUP, False)
     off_b = pid_bh // Hkv
     off_hk = pid_bh % Hkv
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
