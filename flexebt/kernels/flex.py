@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..codegen.source import ModKernels
 from .configs import MIN_TILE, flex_config, interpreting
+from .grid import DEFAULT_RESIDENT, GridOrder, head_group, resident_programs
 
 
 def _pow2(n: int) -> int:
@@ -95,22 +96,34 @@ def cached_tables(block_mask, Sq: int, Skv: int, device) -> BlockTables:
 
 
 _WORKING: dict = {}  # (kernel, shape key, requested config) -> config that fit in shared memory
+_RESIDENT: dict = {}  # (kernel, shape key, config) -> programs per SM of the compiled kernel
 
 
-def _launch(kernel, grid_of, args, kwargs, cfg, key):
+def _launch(kernel, grid_of, args, kwargs, cfg, key, order: Optional[GridOrder] = None, options=None, device=None):
     """Launch ``kernel``; if it does not fit in shared memory (a mod that gathers from captured
     tensors adds pipelined tiles), retry with fewer stages, then smaller tiles, and remember
-    the configuration that worked."""
+    the configuration that worked.  With a grid ``order`` the grid is 1-d and the kernel's
+    HEAD_GROUP argument is chosen by ``grid.head_group`` (``grid_of`` is then unused)."""
     from triton.runtime.errors import OutOfResources
 
     want = (id(kernel), key, cfg)
     cfg = _WORKING.get(want, cfg)
     while True:
         try:
+            extra = {}
+            if order is not None:
+                grid = (order.tiles(cfg) * order.n_bh,)
+                resident = _RESIDENT.get((id(kernel), key, cfg), DEFAULT_RESIDENT)
+                extra["HEAD_GROUP"] = head_group(order, cfg, options, device, resident)
+            else:
+                grid = grid_of(cfg)
             # args may depend on the tiles (tensor descriptors carry their block shape)
-            kernel[grid_of(cfg)](*(args(cfg) if callable(args) else args), BLOCK_M=cfg.BLOCK_M,
-                                 BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **kwargs)
+            compiled = kernel[grid](*(args(cfg) if callable(args) else args), BLOCK_M=cfg.BLOCK_M,
+                                    BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                    **extra, **kwargs)
             _WORKING[want] = cfg
+            if order is not None and (id(kernel), key, cfg) not in _RESIDENT:
+                _RESIDENT[(id(kernel), key, cfg)] = resident_programs(compiled, cfg.num_warps, device)
             return
         except OutOfResources:
             if cfg.num_stages > 1:
@@ -179,12 +192,10 @@ def _reverse(options: Optional[dict]) -> bool:
     return bool((options or {}).get("REVERSE_Q_ORDER", 1))
 
 
-def _head_group(options: Optional[dict], which: str, n_bh: int) -> int:
-    """Heads per group of the grid order (template ``_program_tile``): kernel_options
-    ``{which}_head_group`` (fwd, dq, dkdv) or ``HEAD_GROUP`` for all passes; 0 or less: all heads."""
-    o = options or {}
-    g = int(o.get(f"{which}_head_group", o.get("HEAD_GROUP", 1)))
-    return n_bh if g <= 0 else min(g, n_bh)
+def _query_order(which: str, q: Tensor, k: Tensor, v: Tensor) -> GridOrder:
+    """Grid order of a pass over query tiles: one query head's programs read its K and V."""
+    B, H, Sq, _ = q.shape
+    return GridOrder(which, B * H, Sq, "BLOCK_M", k.shape[2] * (k.shape[3] + v.shape[3]) * k.element_size())
 
 
 def _even(Sq: int, Skv: int, tables: BlockTables) -> bool:
@@ -253,15 +264,14 @@ def flex_forward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, scale: float
         descs = _row_descriptors(c.BLOCK_N, k, v) if tma else (k, v)
         return (q, k, v, out, lse, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx,
                 H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
-                tables.full_kv_idx.shape[-1], scale, q_off, _head_group(options, "fwd", B * H), kp, vp, keep, *descs,
-                *_buffer_args(buffers, {}))
+                tables.full_kv_idx.shape[-1], scale, q_off, kp, vp, keep, *descs, *_buffer_args(buffers, {}))
 
-    _launch(kern.module.flex_fwd, lambda c: (triton_cdiv(Sq, c.BLOCK_M) * B * H,), args,
+    _launch(kern.module.flex_fwd, None, args,
             dict(D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), SPARSE_Q=tables.sparse_q,
                  SPARSE_KV=tables.sparse_kv, HAS_FULL=tables.has_full, EVEN=_even(Sq, Skv, tables),
                  REVERSE=_reverse(options), HAS_SELF=own is not None, USE_TMA=tma,
                  LINEAR_SCORE=_linear_score(kern, scale), **_precision(q.dtype, options)),
-            cfg, (D, DV, q.dtype, tma))
+            cfg, (D, DV, q.dtype, tma), _query_order("fwd", q, k, v), options, q.device)
     return out, lse
 
 
@@ -293,11 +303,12 @@ def dq_pass(kern: ModKernels, q, k, v, out, lse, dout, dlse, scale, tables: Bloc
         return (q, k, v, out, dout, lse, dlse if dlse is not None else lse, delta, dq, tables.kv_num, tables.kv_idx,
                 tables.full_kv_num, tables.full_kv_idx, H, Hkv, Sq, Skv, tables.MB, tables.MH,
                 tables.kv_num.shape[-1], tables.kv_idx.shape[-1], tables.full_kv_idx.shape[-1], scale, q_off,
-                _head_group(options, "dq", B * H), kp, vp, keep, dkp, dvp, *descs, *bargs)
+                kp, vp, keep, dkp, dvp, *descs, *bargs)
 
-    _launch(kern.module.flex_bwd_dq, lambda c: (triton_cdiv(Sq, c.BLOCK_M) * B * H,), args,
+    _launch(kern.module.flex_bwd_dq, None, args,
             dict(HAS_DLSE=dlse is not None, REVERSE=_reverse(options), HAS_SELF=own is not None, USE_TMA=tma,
-                 **_common(q, k, v, tables, options)), cfg, (D, DV, q.dtype, tma))
+                 **_common(q, k, v, tables, options)), cfg, (D, DV, q.dtype, tma), _query_order("dq", q, k, v),
+            options, q.device)
     return dq, delta, ((dkp, dvp) if own is not None else None)
 
 
@@ -342,14 +353,17 @@ def dkdv_pass(kern: ModKernels, q, k, v, lse, delta, dout, scale, tables: BlockT
         return (q, k, v, dout, lse, delta, dk, dv, *(add or (dk, dv)), tables.q_num, tables.q_idx, tables.full_q_num,
                 tables.full_q_idx,
                 H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.q_num.shape[-1], tables.q_idx.shape[-1],
-                tables.full_q_idx.shape[-1], scale, q_off, _head_group(options, "dkdv", B * Hkv), *descs[:2],
+                tables.full_q_idx.shape[-1], scale, q_off, *descs[:2],
                 s2.q, s2.dout, s2.lse, s2.delta, t2.q_num, t2.q_idx, t2.full_q_num, t2.full_q_idx, s2.q.shape[2],
                 t2.MB, t2.MH, t2.q_idx.shape[-1], t2.full_q_idx.shape[-1], s2.q_off, *descs[2:], *bargs)
 
-    _launch(kern.module.flex_bwd_dkdv, lambda c: (triton_cdiv(Skv, c.BLOCK_N) * B * Hkv,), args,
+    # one key head's programs read q and dO of its query heads (of both streams)
+    row_bytes = (D + DV) * q.element_size() * (H // Hkv)
+    order = GridOrder("dkdv", B * Hkv, Skv, "BLOCK_N", row_bytes * (Sq + (s2.q.shape[2] if two else 0)))
+    _launch(kern.module.flex_bwd_dkdv, None, args,
             dict(ACCUMULATE=add is not None, USE_TMA=tma, TWO_STREAMS=two, HAS_FULL2=t2.has_full,
                  EVEN2=_even(s2.q.shape[2], Skv, t2), **_common(q, k, v, tables, options)), cfg,
-            (D, DV, q.dtype, tma))
+            (D, DV, q.dtype, tma), order, options, q.device)
     return dk, dv
 
 

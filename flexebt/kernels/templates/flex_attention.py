@@ -215,8 +215,8 @@ def _program_tile(n_tiles, HEAD_GROUP, REVERSE: tl.constexpr):
 
 @triton.jit
 def flex_fwd(Q, K, V, O, LSE, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
-             H, Hkv, Sq, Skv, MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, scale, Q_OFF, HEAD_GROUP, KP, VP, SELF_KEEP,
-             K_DESC, V_DESC, __BUFFERS__
+             H, Hkv, Sq, Skv, MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, scale, Q_OFF, KP, VP, SELF_KEEP,
+             K_DESC, V_DESC, __BUFFERS__ HEAD_GROUP,
              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
              HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -309,8 +309,8 @@ def _dq_tile(dq, q, do, lse2, delta, K, V, K_DESC, V_DESC, kvh, kv_head_base, v_
 
 @triton.jit
 def flex_bwd_dq(Q, K, V, O, DO, LSE, DLSE, DELTA, DQ, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
-                H, Hkv, Sq, Skv, MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, scale, Q_OFF, HEAD_GROUP, KP, VP, SELF_KEEP,
-                DKP, DVP, K_DESC, V_DESC, __BUFFERS__
+                H, Hkv, Sq, Skv, MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, scale, Q_OFF, KP, VP, SELF_KEEP,
+                DKP, DVP, K_DESC, V_DESC, __BUFFERS__ HEAD_GROUP,
                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
                 HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -430,9 +430,9 @@ def _dkdv_stream(dk, dv, k, v, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, Q_NUM, Q_IDX,
 
 @triton.jit
 def flex_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, ADD_K, ADD_V, Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX,
-                  H, Hkv, Sq, Skv, MB, MH, NKV_BLOCKS, NQ_LIST, NQ_LIST_FULL, scale, Q_OFF, HEAD_GROUP, Q_DESC, DO_DESC,
+                  H, Hkv, Sq, Skv, MB, MH, NKV_BLOCKS, NQ_LIST, NQ_LIST_FULL, scale, Q_OFF, Q_DESC, DO_DESC,
                   Q2, DO2, LSE2, DELTA2, Q2_NUM, Q2_IDX, FULL_Q2_NUM, FULL_Q2_IDX, Sq2, MB2, MH2, NQ2_LIST,
-                  NQ2_LIST_FULL, Q2_OFF, Q2_DESC, DO2_DESC, __BUFFERS__
+                  NQ2_LIST_FULL, Q2_OFF, Q2_DESC, DO2_DESC, __BUFFERS__ HEAD_GROUP,
                   D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
                   HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
