@@ -199,13 +199,23 @@ def _program_tile(n_tiles, HEAD_GROUP, REVERSE: tl.constexpr):
     The hardware starts programs roughly in launch order.  Heads go in groups of HEAD_GROUP; a
     group's programs run tile index by tile index across its heads.  With REVERSE (last tiles
     first: under a causal mask they see the most keys) a group starts all its heavy tiles before
-    any light one, and the launch ends on light tiles -- a short tail.  HEAD_GROUP = 1 is the
-    plain head-by-head order; a larger group shortens the tail but spreads the programs running
-    at one time over more heads, whose K/V (or q/dO) must share the L2 cache."""
+    any light one, and the launch ends on light tiles -- a short tail.  When HEAD_GROUP does not
+    divide the heads, the narrower group goes first: last, its heavy tiles would start near the
+    end and run alone.  HEAD_GROUP = 1 is the plain head-by-head order; a larger group shortens
+    the tail but spreads the programs running at one time over more heads, whose K/V (or q/dO)
+    must share the L2 cache (kernels/grid.py chooses it)."""
     pid = tl.program_id(0)
     n_bh = tl.num_programs(0) // n_tiles
-    first = (pid // (HEAD_GROUP * n_tiles)) * HEAD_GROUP  # first head of this program's group
-    width = tl.minimum(HEAD_GROUP, n_bh - first)          # the last group may be narrower
+    narrow = n_bh % HEAD_GROUP
+    if narrow == 0:
+        narrow = HEAD_GROUP
+    if pid < narrow * n_tiles:
+        first = pid * 0
+        width = narrow
+    else:
+        rest = pid - narrow * n_tiles
+        first = narrow + (rest // (HEAD_GROUP * n_tiles)) * HEAD_GROUP  # first head of the group
+        width = HEAD_GROUP
     within = pid - first * n_tiles
     pid_t = within // width
     if REVERSE:
