@@ -23,10 +23,10 @@ _LOG: list = []
 
 
 def _timed_launch(original):
-    def launch(kernel, grid_of, args, kwargs, cfg, key):
+    def launch(kernel, order, args, kwargs, cfg, key, options, device):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        original(kernel, grid_of, args, kwargs, cfg, key)
+        original(kernel, order, args, kwargs, cfg, key, options, device)
         torch.cuda.synchronize()
         ran = flex_kernels._WORKING.get((id(kernel), key, cfg), cfg)
         _LOG.append((kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), ran, time.perf_counter() - t0))

@@ -107,3 +107,31 @@ def test_resident_programs(monkeypatch):
     # no compiled kernel facts (the interpreter): the default guess
     assert grid.resident_programs(None, 4, cuda) == grid.DEFAULT_RESIDENT
     assert grid.resident_programs(compiled, 4, torch.device("cpu")) == grid.DEFAULT_RESIDENT
+
+
+def test_double_backward_and_jvp_with_head_groups():
+    """The double-backward and JVP passes keep the plain order by default; asked for, groups give
+    the same results."""
+    torch.manual_seed(3)
+    B, H, Hkv, S, D = 1, 6, 2, 35, 16
+    x0 = [torch.randn(B, H, S, D), torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)]
+    mask = flexebt.create_block_mask(masks.causal_mask, None, None, S, S, BLOCK_SIZE=16)
+    sm = mods.generate_tanh_softcap(3.0)
+
+    def run(options):
+        x = [t.clone().requires_grad_() for t in x0]
+        f = lambda *a: flexebt.flex_attention(*a, score_mod=sm, block_mask=mask, enable_gqa=True,  # noqa: E731
+                                              kernel_options={**T, **options})
+        out = f(*x)
+        g = torch.autograd.grad((out * out).sum(), x, create_graph=True)
+        gg = torch.autograd.grad(sum((t * t).sum() for t in g), x)
+        _, tangent = torch.func.jvp(f, tuple(x0), tuple(torch.randn_like(t) for t in x0))
+        return (out, *g, *gg, tangent)
+
+    torch.manual_seed(4)
+    plain = run({"HEAD_GROUP": 1})
+    for options in ({"HEAD_GROUP": 4}, {"dbwd_rows_head_group": 0, "dbwd_dq_head_group": 5, "dbwd_dkdv_head_group": 2,
+                                        "jvp_head_group": 3}):
+        torch.manual_seed(4)
+        for a, b in zip(run(options), plain):
+            assert torch.equal(a, b)

@@ -99,30 +99,25 @@ _WORKING: dict = {}  # (kernel, shape key, requested config) -> config that fit 
 _RESIDENT: dict = {}  # (kernel, shape key, config) -> programs per SM of the compiled kernel
 
 
-def _launch(kernel, grid_of, args, kwargs, cfg, key, order: Optional[GridOrder] = None, options=None, device=None):
-    """Launch ``kernel``; if it does not fit in shared memory (a mod that gathers from captured
-    tensors adds pipelined tiles), retry with fewer stages, then smaller tiles, and remember
-    the configuration that worked.  With a grid ``order`` the grid is 1-d and the kernel's
-    HEAD_GROUP argument is chosen by ``grid.head_group`` (``grid_of`` is then unused)."""
+def _launch(kernel, order: GridOrder, args, kwargs, cfg, key, options: Optional[dict], device):
+    """Launch ``kernel`` on a 1-d grid of ``order.tiles(cfg) x order.n_bh`` programs, its
+    HEAD_GROUP argument chosen by ``grid.head_group``; if it does not fit in shared memory (a mod
+    that gathers from captured tensors adds pipelined tiles), retry with fewer stages, then
+    smaller tiles, and remember the configuration that worked."""
     from triton.runtime.errors import OutOfResources
 
     want = (id(kernel), key, cfg)
     cfg = _WORKING.get(want, cfg)
     while True:
         try:
-            extra = {}
-            if order is not None:
-                grid = (order.tiles(cfg) * order.n_bh,)
-                resident = _RESIDENT.get((id(kernel), key, cfg), DEFAULT_RESIDENT)
-                extra["HEAD_GROUP"] = head_group(order, cfg, options, device, resident)
-            else:
-                grid = grid_of(cfg)
+            resident = _RESIDENT.get((id(kernel), key, cfg), DEFAULT_RESIDENT)
+            group = head_group(order, cfg, options, device, resident)
             # args may depend on the tiles (tensor descriptors carry their block shape)
-            compiled = kernel[grid](*(args(cfg) if callable(args) else args), BLOCK_M=cfg.BLOCK_M,
-                                    BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                                    **extra, **kwargs)
+            compiled = kernel[(order.tiles(cfg) * order.n_bh,)](
+                *(args(cfg) if callable(args) else args), HEAD_GROUP=group, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **kwargs)
             _WORKING[want] = cfg
-            if order is not None and (id(kernel), key, cfg) not in _RESIDENT:
+            if (id(kernel), key, cfg) not in _RESIDENT:
                 _RESIDENT[(id(kernel), key, cfg)] = resident_programs(compiled, cfg.num_warps, device)
             return
         except OutOfResources:
@@ -192,10 +187,10 @@ def _reverse(options: Optional[dict]) -> bool:
     return bool((options or {}).get("REVERSE_Q_ORDER", 1))
 
 
-def _query_order(which: str, q: Tensor, k: Tensor, v: Tensor) -> GridOrder:
+def _query_order(which: str, q: Tensor, k: Tensor, v: Tensor, auto: bool = True) -> GridOrder:
     """Grid order of a pass over query tiles: one query head's programs read its K and V."""
     B, H, Sq, _ = q.shape
-    return GridOrder(which, B * H, Sq, "BLOCK_M", k.shape[2] * (k.shape[3] + v.shape[3]) * k.element_size())
+    return GridOrder(which, B * H, Sq, "BLOCK_M", k.shape[2] * (k.shape[3] + v.shape[3]) * k.element_size(), auto)
 
 
 def _even(Sq: int, Skv: int, tables: BlockTables) -> bool:
@@ -266,12 +261,12 @@ def flex_forward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, scale: float
                 H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
                 tables.full_kv_idx.shape[-1], scale, q_off, kp, vp, keep, *descs, *_buffer_args(buffers, {}))
 
-    _launch(kern.module.flex_fwd, None, args,
+    _launch(kern.module.flex_fwd, _query_order("fwd", q, k, v), args,
             dict(D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), SPARSE_Q=tables.sparse_q,
                  SPARSE_KV=tables.sparse_kv, HAS_FULL=tables.has_full, EVEN=_even(Sq, Skv, tables),
                  REVERSE=_reverse(options), HAS_SELF=own is not None, USE_TMA=tma,
                  LINEAR_SCORE=_linear_score(kern, scale), **_precision(q.dtype, options)),
-            cfg, (D, DV, q.dtype, tma), _query_order("fwd", q, k, v), options, q.device)
+            cfg, (D, DV, q.dtype, tma), options, q.device)
     return out, lse
 
 
@@ -305,10 +300,9 @@ def dq_pass(kern: ModKernels, q, k, v, out, lse, dout, dlse, scale, tables: Bloc
                 tables.kv_num.shape[-1], tables.kv_idx.shape[-1], tables.full_kv_idx.shape[-1], scale, q_off,
                 kp, vp, keep, dkp, dvp, *descs, *bargs)
 
-    _launch(kern.module.flex_bwd_dq, None, args,
+    _launch(kern.module.flex_bwd_dq, _query_order("dq", q, k, v), args,
             dict(HAS_DLSE=dlse is not None, REVERSE=_reverse(options), HAS_SELF=own is not None, USE_TMA=tma,
-                 **_common(q, k, v, tables, options)), cfg, (D, DV, q.dtype, tma), _query_order("dq", q, k, v),
-            options, q.device)
+                 **_common(q, k, v, tables, options)), cfg, (D, DV, q.dtype, tma), options, q.device)
     return dq, delta, ((dkp, dvp) if own is not None else None)
 
 
@@ -360,10 +354,10 @@ def dkdv_pass(kern: ModKernels, q, k, v, lse, delta, dout, scale, tables: BlockT
     # one key head's programs read q and dO of its query heads (of both streams)
     row_bytes = (D + DV) * q.element_size() * (H // Hkv)
     order = GridOrder("dkdv", B * Hkv, Skv, "BLOCK_N", row_bytes * (Sq + (s2.q.shape[2] if two else 0)))
-    _launch(kern.module.flex_bwd_dkdv, None, args,
+    _launch(kern.module.flex_bwd_dkdv, order, args,
             dict(ACCUMULATE=add is not None, USE_TMA=tma, TWO_STREAMS=two, HAS_FULL2=t2.has_full,
                  EVEN2=_even(s2.q.shape[2], Skv, t2), **_common(q, k, v, tables, options)), cfg,
-            (D, DV, q.dtype, tma), order, options, q.device)
+            (D, DV, q.dtype, tma), options, q.device)
     return dk, dv
 
 
@@ -388,10 +382,6 @@ def flex_backward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     dq, delta, _ = dq_pass(kern, q, k, v, out, lse, dout, dlse, scale, tables, bargs, options)
     dk, dv = dkdv_pass(kern, q, k, v, lse, delta, dout, scale, tables, bargs, options)
     return dq, dk, dv, finish_captured_grads(buffers, gbufs)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _dbwd_args(q, k, v, out, dout, lse, dlse, gq, gk, gv):
@@ -426,13 +416,14 @@ def dbwd_rows_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, 
                       tiles=_tiles_for(q.dtype, options, True, max(D, DV)))
     kv_side = (args[1], args[2], args[8], args[9])  # k, v, Gk, Gv
     tma = _use_tma(options, *kv_side, by_default=False)
-    _launch(kern.module.flex_dbwd_rows, lambda c_: (triton_cdiv(Sq, c_.BLOCK_M), B * H),
+    _launch(kern.module.flex_dbwd_rows, _query_order("dbwd_rows", q, k, v, auto=False),
             lambda c_: (*args, g_do, stats, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx, H,
                         Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
                         tables.full_kv_idx.shape[-1], scale, q_off, *_own_args(own, own_cts, lse),
                         *(_row_descriptors(c_.BLOCK_N, *kv_side) if tma else kv_side), *bargs),
             dict(HAS_DLSE=dlse is not None, HAS_SELF=own is not None, USE_TMA=tma,
-                 **_common(q, k, v, tables, options, True)), cfg, (D, DV, q.dtype, "dbwd_rows", tma))
+                 **_common(q, k, v, tables, options, True)), cfg, (D, DV, q.dtype, "dbwd_rows", tma),
+            options, q.device)
     return g_do, stats
 
 
@@ -453,13 +444,14 @@ def dbwd_dq_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, st
                       tiles=_tiles_for(q.dtype, options, True, max(D, DV)))
     kv_side = (args[1], args[2], args[8], args[9])  # k, v, Gk, Gv
     tma = _use_tma(options, *kv_side, by_default=False)
-    _launch(kern.module.flex_dbwd_dq, lambda c_: (triton_cdiv(Sq, c_.BLOCK_M), B * H),
+    _launch(kern.module.flex_dbwd_dq, _query_order("dbwd_dq", q, k, v, auto=False),
             lambda c_: (*args, g_q, stats, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx, H,
                         Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
                         tables.full_kv_idx.shape[-1], scale, q_off, *_own_args(own, own_cts, lse), g_kp, g_vp,
                         *(_row_descriptors(c_.BLOCK_N, *kv_side) if tma else kv_side), *bargs),
             dict(HAS_DLSE=dlse is not None, HAS_SELF=own is not None, CAPTURED_GRADS=captured_grads, USE_TMA=tma,
-                 **_common(q, k, v, tables, options, True)), cfg, (D, DV, q.dtype, "dbwd_dq", tma))
+                 **_common(q, k, v, tables, options, True)), cfg, (D, DV, q.dtype, "dbwd_dq", tma),
+            options, q.device)
     return g_q, ((g_kp, g_vp) if own is not None else None)
 
 
@@ -475,13 +467,15 @@ def dbwd_dkdv_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, 
                       tiles=_tiles_for(q.dtype, options, True, max(D, DV)))
     q_side = (args[0], args[3], args[4], args[7])  # q, O, dO, Gq
     tma = _use_tma(options, *q_side, by_default=False)
-    _launch(kern.module.flex_dbwd_dkdv, lambda c_: (triton_cdiv(Skv, c_.BLOCK_N), B * Hkv),
+    order = GridOrder("dbwd_dkdv", B * Hkv, Skv, "BLOCK_N", 0, auto=False)
+    _launch(kern.module.flex_dbwd_dkdv, order,
             lambda c_: (*args, g_k, g_v, *(add or (g_k, g_v)), stats, tables.q_num, tables.q_idx, tables.full_q_num,
                         tables.full_q_idx, H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.q_num.shape[-1],
                         tables.q_idx.shape[-1], tables.full_q_idx.shape[-1], scale, q_off,
                         *(_row_descriptors(c_.BLOCK_M, *q_side) if tma else q_side), *bargs),
             dict(HAS_DLSE=dlse is not None, ACCUMULATE=add is not None, USE_TMA=tma,
-                 **_common(q, k, v, tables, options, True)), cfg, (D, DV, q.dtype, "dbwd_dkdv", tma))
+                 **_common(q, k, v, tables, options, True)), cfg, (D, DV, q.dtype, "dbwd_dkdv", tma),
+            options, q.device)
     return g_k, g_v
 
 
@@ -518,11 +512,12 @@ def flex_jvp(kern: ModKernels, q, k, v, dq, dk, dv, scale: float, tables: BlockT
     d_lse = torch.empty_like(lse)
     cfg = flex_config("jvp", max(D, DV), tables.sparse_q, tables.sparse_kv, options, kern.gathers,
                       _tiles_for(q.dtype, options))
-    _launch(kern.module.flex_jvp, lambda c_: (triton_cdiv(Sq, c_.BLOCK_M), B * H),
+    _launch(kern.module.flex_jvp, _query_order("jvp", q, k, v, auto=False),
             (q, k, v, dq, dk, dv, out, lse, d_out, d_lse, tables.kv_num, tables.kv_idx, tables.full_kv_num,
              tables.full_kv_idx, H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1],
              tables.kv_idx.shape[-1], tables.full_kv_idx.shape[-1], scale, q_off,
              *((own.kp, own.vp, c(own_tangents[0]), c(own_tangents[1]), own.keep) if own is not None else (lse,) * 5),
              *_buffer_args(buffers, {})),
-            dict(HAS_SELF=own is not None, **_common(q, k, v, tables, options)), cfg, (D, DV, q.dtype, "jvp"))
+            dict(HAS_SELF=own is not None, **_common(q, k, v, tables, options)), cfg, (D, DV, q.dtype, "jvp"),
+            options, q.device)
     return out, lse, d_out, d_lse

@@ -14,7 +14,10 @@ things decide the best group (measured on an H100, design D44):
   at about the same time, so a group's working set should stay within half of the L2.
 
 ``kernel_options`` ``HEAD_GROUP`` (all passes) or ``fwd_head_group`` / ``dq_head_group`` /
-``dkdv_head_group`` set the group by hand; 0 or less means all heads in one group.
+``dkdv_head_group`` set the group by hand; 0 or less means all heads in one group.  The
+double-backward and JVP passes use the same 1-d grid but keep the plain order (one head per
+group, tiles in order) unless ``HEAD_GROUP`` or ``dbwd_rows_head_group`` / ``dbwd_dq_head_group``
+/ ``dbwd_dkdv_head_group`` / ``jvp_head_group`` ask for groups: they were not measured with them.
 """
 
 from __future__ import annotations
@@ -32,13 +35,16 @@ DEFAULT_RESIDENT = 2  # programs per SM assumed before a kernel's first launch h
 class GridOrder:
     """A pass's programs: ``n_bh`` (batch x head) rows of ``n_rows`` rows each, tiled by the config's
     ``block`` (``"BLOCK_M"`` or ``"BLOCK_N"``); ``bytes_per_head``: what one head's programs read in
-    their inner loops (the L2 working set of one head); ``which``: the pass's kernel_options prefix."""
+    their inner loops (the L2 working set of one head); ``which``: the pass's kernel_options prefix
+    (fwd, dq, dkdv; dbwd_rows, dbwd_dq, dbwd_dkdv, jvp -- these run the plain order unless asked:
+    ``auto=False``, not measured with groups)."""
 
     which: str
     n_bh: int
     n_rows: int
     block: str
     bytes_per_head: int
+    auto: bool = True  # False: the plain order unless kernel_options ask for a group
 
     def tiles(self, cfg) -> int:
         b = getattr(cfg, self.block)
@@ -62,7 +68,7 @@ def head_group(order: GridOrder, cfg, options: Optional[dict], device: torch.dev
     if asked is not None:
         asked = int(asked)
         return order.n_bh if asked <= 0 else min(asked, order.n_bh)
-    if device.type != "cuda":
+    if device.type != "cuda" or not order.auto:
         return 1
     sms, l2 = _device_facts(device.index if device.index is not None else torch.cuda.current_device())[:2]
     fill = -(-sms * resident // order.tiles(cfg))

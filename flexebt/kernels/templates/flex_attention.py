@@ -653,7 +653,7 @@ def _dbwd_own_captured(s_raw, gt, dt, a, SELF_KEEP, qh, offs_m, off_b, off_h, Sq
 @triton.jit
 def flex_dbwd_rows(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_DO, STATS, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
                    H, Hkv, Sq, Skv, MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, scale, Q_OFF,
-                   KP, VP, GKP, GVP, SELF_KEEP, K_DESC, V_DESC, GK_DESC, GV_DESC, __BUFFERS__
+                   KP, VP, GKP, GVP, SELF_KEEP, K_DESC, V_DESC, GK_DESC, GV_DESC, __BUFFERS__ HEAD_GROUP,
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
                    HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -661,8 +661,7 @@ def flex_dbwd_rows(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_DO, STATS, KV_NUM, K
     """Pass 1 of the double backward, per query tile: the row statistics U, W, Bbar (stored with
     D0 and D in STATS [B, H, Sq, 5]) and g_do.  HAS_SELF: the EBT own key is one more column.
     USE_TMA: the key-side tiles through the descriptors."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _program_tile(tl.cdiv(Sq, BLOCK_M), HEAD_GROUP, False)
     off_b = pid_bh // H
     off_h = pid_bh % H
     off_hk = off_h // (H // Hkv)
@@ -745,7 +744,7 @@ def _dbwd_dq_tile(g_q, q, gq, do, lse2, U, W, Bbar, d0, dsh, K, V, GK, GV, K_DES
 @triton.jit
 def flex_dbwd_dq(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_Q, STATS, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
                  H, Hkv, Sq, Skv, MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, scale, Q_OFF,
-                 KP, VP, GKP, GVP, SELF_KEEP, G_KP, G_VP, K_DESC, V_DESC, GK_DESC, GV_DESC, __BUFFERS__
+                 KP, VP, GKP, GVP, SELF_KEEP, G_KP, G_VP, K_DESC, V_DESC, GK_DESC, GV_DESC, __BUFFERS__ HEAD_GROUP,
                  D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
                  HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -755,8 +754,7 @@ def flex_dbwd_dq(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_Q, STATS, KV_NUM, KV_I
     the own key's column adds to g_q and gives its g_kp, g_vp (per query head; fp32 under GQA).
     CAPTURED_GRADS: also scatter the captured tensors' second-order gradients.  USE_TMA: the
     key-side tiles through the descriptors."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _program_tile(tl.cdiv(Sq, BLOCK_M), HEAD_GROUP, False)
     off_b = pid_bh // H
     off_h = pid_bh % H
     off_hk = off_h // (H // Hkv)
@@ -825,7 +823,7 @@ def _dbwd_dkdv_tile(g_k, g_v, k, v, gk, gv, Q, O, DO, GQ, Q_DESC, O_DESC, DO_DES
 def flex_dbwd_dkdv(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_K, G_V, ADD_K, ADD_V, STATS, Q_NUM, Q_IDX, FULL_Q_NUM,
                    FULL_Q_IDX,
                    H, Hkv, Sq, Skv, MB, MH, NKV_BLOCKS, NQ_LIST, NQ_LIST_FULL, scale, Q_OFF,
-                   Q_DESC, O_DESC, DO_DESC, GQ_DESC, __BUFFERS__
+                   Q_DESC, O_DESC, DO_DESC, GQ_DESC, __BUFFERS__ HEAD_GROUP,
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
                    HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -833,8 +831,7 @@ def flex_dbwd_dkdv(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_K, G_V, ADD_K, ADD_V
     """Pass 3 of the double backward, per key tile: g_k = scale sum_i (gs^T q + ds^T Gq) and
     g_v = sum_i (P (u - U))^T do, over the query heads of a GQA group (ACCUMULATE: add ADD_K, ADD_V).
     USE_TMA: the query-side tiles through the descriptors."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_n, pid_bh = _program_tile(tl.cdiv(Skv, BLOCK_N), HEAD_GROUP, False)
     off_b = pid_bh // Hkv
     off_hk = pid_bh % Hkv
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -923,15 +920,14 @@ def _own_key_jvp(q, dq, KP, VP, DKP, DVP, SELF_KEEP, kp_base, vp_base, qh, offs_
 @triton.jit
 def flex_jvp(Q, K, V, DQ, DK, DVT, O, LSE, DO, DLSE, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
              H, Hkv, Sq, Skv, MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, scale, Q_OFF,
-             KP, VP, DKP, DVP, SELF_KEEP, __BUFFERS__
+             KP, VP, DKP, DVP, SELF_KEEP, __BUFFERS__ HEAD_GROUP,
              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
              HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
              HAS_SELF: tl.constexpr):
     """Forward and JVP in one pass: O, LSE and their tangents DO (d out), DLSE (d lse).  HAS_SELF:
     the EBT own key (and its tangents DKP, DVP) seeds the accumulators, as in the forward."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _program_tile(tl.cdiv(Sq, BLOCK_M), HEAD_GROUP, False)
     off_b = pid_bh // H
     off_h = pid_bh % H
     off_hk = off_h // (H // Hkv)
