@@ -78,6 +78,7 @@ CFG = TileConfig(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
 def test_default_group_rule(monkeypatch):
     # an H100: 132 SMs, 50 MiB of L2
     monkeypatch.setattr(grid, "_device_facts", lambda index: (132, 50 << 20, 65536, 233472, 2048))
+    grid._default_group.cache_clear()
     cuda = torch.device("cuda", 0)
     # 32 tiles per head, 2 programs per SM: 9 heads fill a wave; the largest divisor of 64 within is 8
     assert grid.head_group(_order(), CFG, None, cuda, 2) == 8
@@ -93,6 +94,7 @@ def test_default_group_rule(monkeypatch):
     assert grid.head_group(_order(), CFG, {"HEAD_GROUP": 3, "fwd_head_group": 5}, cuda, 2) == 5
     # off CUDA (the interpreter) the plain order
     assert grid.head_group(_order(), CFG, None, torch.device("cpu"), 2) == 1
+    grid._default_group.cache_clear()  # computed with the patched device facts
 
 
 def test_resident_programs(monkeypatch):
