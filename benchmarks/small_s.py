@@ -1,0 +1,169 @@
+"""Where the time of a small-S call goes (GPU): for B2's shapes (B * S = 16k tokens, H16) it
+prints, per S, the do_bench time of fwd and fwd+bwd, the GPU time of the kernels of one fwd+bwd
+(torch.profiler, summed per kernel), and the host time of one fwd+bwd (a loop of calls the GPU
+does not hold back); then a cProfile of the smallest shape's fwd+bwd (top functions by own time).
+A call whose do_bench time is near its host time and far above its kernel time is host-bound.
+
+    python benchmarks/small_s.py --S 1024,2048,4096 --D 64 --variant causal
+"""
+import argparse
+import cProfile
+import os
+import pstats
+import sys
+import time
+import warnings
+
+import torch
+import triton.testing
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import flexebt  # noqa: E402
+from bench import b2_variant  # noqa: E402
+
+warnings.simplefilter("ignore")
+
+
+def kernel_times(fn):
+    """GPU time (ms) of each kernel of one call of ``fn``, by name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None)
+        if t is None:
+            t = getattr(e, "self_cuda_time_total", 0)
+        if t > 0:
+            out[e.key[:60]] = t / 1e3
+    return out
+
+
+def host_ms(fn, n=30):
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t = (time.perf_counter() - t0) / n * 1e3
+    torch.cuda.synchronize()
+    return t
+
+
+def launch_breakdown(fwd_bwd, n=200):
+    """Host time of each launch of one fwd+bwd, three ways: Triton's JIT call as flexebt makes it
+    (argument tuple built, ``kernel[grid](...)``), the argument tuple alone, and the compiled
+    kernel's launcher called directly with Triton's bound arguments (no binding, no cache key)."""
+    import flexebt.kernels.flex as kf
+    import triton
+
+    seen, real = [], kf._launch
+
+    def spy(kernel, order, args, kwargs, cfg, key, options, device):
+        seen.append((kernel, order, args, kwargs, kf._WORKING.get((id(kernel), key, cfg), cfg), key, options,
+                     device))
+        return real(kernel, order, args, kwargs, cfg, key, options, device)
+
+    kf._launch = spy
+    try:
+        fwd_bwd()
+    finally:
+        kf._launch = real
+    for kernel, order, args, kwargs, cfg, key, options, device in seen:
+        group = kf.head_group(order, cfg, options, device, kf._RESIDENT.get((id(kernel), key, cfg), 2))
+        grid = (order.tiles(cfg) * order.n_bh,)
+        kw = dict(kwargs, HEAD_GROUP=group, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages)
+
+        def jit():
+            kernel[grid](*args(cfg), **kw)
+
+        def build():
+            args(cfg)
+
+        t_jit, t_args = host_ms(jit, n), host_ms(build, n)
+        line = f"    {kernel.__name__:16s} jit call {t_jit * 1e3:6.1f} us | args {t_args * 1e3:5.1f} us"
+        try:
+            compiled = kernel[grid](*args(cfg), **kw)
+            dev = triton.runtime.driver.active.get_current_device()
+            binder = kernel.device_caches[dev][4]
+            launch_kw = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")}
+            bound = list(binder(*args(cfg), **launch_kw)[0].values())
+            runner = compiled[(grid[0], 1, 1)]
+            line += f" | direct launcher {host_ms(lambda: runner(*bound), n) * 1e3:6.1f} us"
+        except Exception as e:  # the launcher's calling convention is Triton-internal
+            line += f" | direct launcher n/a ({type(e).__name__}: {str(e)[:80]})"
+        print(line, flush=True)
+    a = torch.empty(1, device="cuda")
+    print(f"    torch.empty on CUDA: {host_ms(lambda: torch.empty(16, 16, 1024, 64, device='cuda'), n) * 1e3:.1f} us;"
+          f" tiny add: {host_ms(lambda: a + 1, n) * 1e3:.1f} us", flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--S", default="1024,2048,4096", type=lambda s: [int(x) for x in s.split(",")])
+    p.add_argument("--D", default=64, type=int)
+    p.add_argument("--variant", default="causal")
+    p.add_argument("--tokens", default=16384, type=int)
+    p.add_argument("--heads", default=16, type=int)
+    p.add_argument("--torch", default=1, type=int, help="also time torch's compiled flex_attention (smallest S)")
+    p.add_argument("--cprofile", default=40, type=int, help="fwd+bwd calls profiled at the smallest S (0: none)")
+    args = p.parse_args(argv)
+    bench = lambda f: triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median")  # noqa: E731
+    for S in args.S:
+        B, H = max(1, args.tokens // S), args.heads
+        sm, mm = b2_variant(args.variant, H, S, "cuda")
+        bm = flexebt.create_block_mask(mm, None, None, S, S, device="cuda")
+        q, k, v = (torch.randn(B, H, S, args.D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        do = torch.randn(B, H, S, args.D, device="cuda", dtype=torch.bfloat16)
+
+        def fwd():
+            return flexebt.flex_attention(q, k, v, score_mod=sm, block_mask=bm)
+
+        def fwd_bwd():
+            torch.autograd.grad(fwd(), (q, k, v), do)
+
+        fwd_bwd()
+        fwd_bwd()
+        t_f, t_fb = bench(fwd), bench(fwd_bwd)
+        kt = kernel_times(fwd_bwd)
+        h = host_ms(fwd_bwd)
+        print(f"S={S} B={B}: do_bench fwd {t_f:.3f} fwd+bwd {t_fb:.3f} | kernels of fwd+bwd "
+              f"{sum(kt.values()):.3f} | host per fwd+bwd {h:.3f} ms", flush=True)
+        for name, t in sorted(kt.items(), key=lambda x: -x[1]):
+            print(f"    {t:8.3f}  {name}")
+        if S == min(args.S):
+            launch_breakdown(fwd_bwd)
+            import flexebt.kernels.flex as kf
+            real, kf._launch = kf._launch, (lambda *a, **k: None)
+            try:
+                print(f"    host per fwd+bwd with the launches stubbed: {host_ms(fwd_bwd):.3f} ms", flush=True)
+            finally:
+                kf._launch = real
+            if args.torch:
+                from torch.nn.attention.flex_attention import flex_attention as torch_flex
+
+                compiled = torch.compile(torch_flex, dynamic=False)
+
+                def torch_fwd_bwd():
+                    torch.autograd.grad(compiled(q, k, v, score_mod=sm, block_mask=bm), (q, k, v), do)
+
+                torch_fwd_bwd()
+                print(f"    torch flex_attention compiled: do_bench fwd+bwd {bench(torch_fwd_bwd):.3f} | kernels "
+                      f"{sum(kernel_times(torch_fwd_bwd).values()):.3f} | host {host_ms(torch_fwd_bwd):.3f} ms",
+                      flush=True)
+        if S == min(args.S) and args.cprofile:
+            pr = cProfile.Profile()
+            torch.cuda.synchronize()
+            pr.enable()
+            for _ in range(args.cprofile):
+                fwd_bwd()
+            torch.cuda.synchronize()
+            pr.disable()
+            pstats.Stats(pr).sort_stats("tottime").print_stats(30)
+
+
+if __name__ == "__main__":
+    main()
