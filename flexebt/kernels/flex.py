@@ -11,6 +11,7 @@ from torch import Tensor
 from ..codegen.source import ModKernels
 from .configs import MIN_TILE, flex_config, interpreting
 from .grid import DEFAULT_RESIDENT, GridOrder, head_group, resident_programs
+from .launcher import FastLaunches
 
 
 def _pow2(n: int) -> int:
@@ -97,13 +98,15 @@ def cached_tables(block_mask, Sq: int, Skv: int, device) -> BlockTables:
 
 _WORKING: dict = {}  # (kernel, shape key, requested config) -> config that fit in shared memory
 _RESIDENT: dict = {}  # (kernel, shape key, config) -> programs per SM of the compiled kernel
+_FAST = FastLaunches()  # launches seen before, re-issued without Triton's binding
 
 
 def _launch(kernel, order: GridOrder, args, kwargs, cfg, key, options: Optional[dict], device):
     """Launch ``kernel`` on a 1-d grid of ``order.tiles(cfg) x order.n_bh`` programs, its
     HEAD_GROUP argument chosen by ``grid.head_group``; if it does not fit in shared memory (a mod
     that gathers from captured tensors adds pipelined tiles), retry with fewer stages, then
-    smaller tiles, and remember the configuration that worked."""
+    smaller tiles, and remember the configuration that worked.  A launch seen before (same
+    kernel, grid, constexprs and argument signature) skips Triton's binding (launcher.py)."""
     from triton.runtime.errors import OutOfResources
 
     want = (id(kernel), key, cfg)
@@ -113,9 +116,18 @@ def _launch(kernel, order: GridOrder, args, kwargs, cfg, key, options: Optional[
             resident = _RESIDENT.get((id(kernel), key, cfg), DEFAULT_RESIDENT)
             group = head_group(order, cfg, options, device, resident)
             # args may depend on the tiles (tensor descriptors carry their block shape)
-            compiled = kernel[(order.tiles(cfg) * order.n_bh,)](
-                *(args(cfg) if callable(args) else args), HEAD_GROUP=group, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **kwargs)
+            a = args(cfg) if callable(args) else args
+            grid = order.tiles(cfg) * order.n_bh
+            kw = dict(kwargs, HEAD_GROUP=group, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N)
+            fast = _FAST.enabled and device.type == "cuda" and not interpreting()
+            if fast:
+                index = device.index if device.index is not None else torch.cuda.current_device()
+                fkey = _FAST.key(kernel, index, grid, a, dict(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                if _FAST.launch(fkey, kernel, a):
+                    return
+            compiled = kernel[(grid,)](*a, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **kw)
+            if fast:
+                _FAST.remember(fkey, kernel, compiled, grid, a, kw)
             _WORKING[want] = cfg
             if (id(kernel), key, cfg) not in _RESIDENT:
                 _RESIDENT[(id(kernel), key, cfg)] = resident_programs(compiled, cfg.num_warps, device)

@@ -1,0 +1,77 @@
+"""The fast re-launch path on the GPU (kernels/launcher.py, design D45): repeated calls, whose
+launches skip Triton's binding, give the same results as calls through ``kernel[grid]``, for
+every kernel family (first order, double backward, JVP, EBT, captured-tensor gradients, GQA,
+TMA and pointer loads, odd lengths).  (pytest -m gpu)"""
+
+import pytest
+import torch
+import torch.func
+
+import flexebt
+import flexebt.kernels.flex as kf
+from flexebt import masks, mods
+from flexebt.kernels.launcher import FastLaunches
+from helpers import rel_err
+
+pytestmark = pytest.mark.gpu
+
+
+def _flex(x0, bias):
+    x = [t.clone().requires_grad_() for t in x0]
+    b = bias.clone().requires_grad_()
+
+    def sm(score, bb, h, q, kv):
+        return score + b[h, q, kv]
+
+    bm = flexebt.create_block_mask(masks.causal_mask, None, None, x0[0].shape[2], x0[1].shape[2], device="cuda")
+    out = flexebt.flex_attention(*x, score_mod=sm, block_mask=bm, enable_gqa=True)
+    g = torch.autograd.grad(out.float().square().sum(), [*x, b], create_graph=True)
+    gg = torch.autograd.grad(sum((t.float() ** 2).sum() for t in g[:3]), x)
+    return (out, *g, *gg)
+
+
+def _plain(x0):
+    x = [t.clone().requires_grad_() for t in x0]
+    sm = mods.generate_tanh_softcap(20.0)
+    out = flexebt.flex_attention(*x, score_mod=sm)
+    t = [0.5 * a.flip(-1) for a in x0]  # the same tangents in every call
+    _, jv = torch.func.jvp(lambda q, k, v: flexebt.flex_attention(q, k, v, score_mod=sm), tuple(x0), tuple(t))
+    return (out, *torch.autograd.grad(out.float().sum(), x), jv)
+
+
+def _ebt(x0):
+    x = [t.clone().requires_grad_() for t in x0]
+    S = x0[0].shape[2]
+    bm = flexebt.create_ebt_block_mask(None, None, None, S, S, device="cuda")
+    o, p = flexebt.flex_ebt_attention(*x, block_mask=bm)
+    g = torch.autograd.grad(o.float().square().sum() + p.float().square().sum(), x, create_graph=True)
+    gg = torch.autograd.grad(sum((t.float() ** 2).sum() for t in g), x)
+    return (o, p, *g, *gg)
+
+
+def _case(name):
+    torch.manual_seed(0)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    gqa = [torch.randn(2, 4, 300, 64, **bf), torch.randn(2, 2, 277, 64, **bf), torch.randn(2, 2, 277, 64, **bf)]
+    bias = 0.1 * torch.randn(4, 300, 277, device="cuda")
+    d128 = [torch.randn(1, 3, 517, 128, **bf) for _ in range(3)]
+    fp32 = [torch.randn(1, 2, 200, 32, device="cuda") for _ in range(3)]
+    ebt = [torch.randn(1, 4, 257, 64, **bf) for _ in range(6)]
+    return {"flex_gqa_bias": lambda: _flex(gqa, bias), "plain_d128_jvp": lambda: _plain(d128),
+            "plain_fp32": lambda: _plain(fp32), "ebt": lambda: _ebt(ebt)}[name]
+
+
+@pytest.mark.parametrize("name", ["flex_gqa_bias", "plain_d128_jvp", "plain_fp32", "ebt"])
+def test_fast_relaunch_matches_triton_launch(name, monkeypatch):
+    fn = _case(name)
+    monkeypatch.setattr(kf, "_FAST", FastLaunches(enabled=False))
+    slow = fn()
+    fast = FastLaunches(enabled=True)
+    monkeypatch.setattr(kf, "_FAST", fast)
+    fn()  # makes the entries
+    assert fast.hits == 0 and fast._entries
+    again = fn()
+    assert fast.hits >= len(fast._entries) > 0 and fast.enabled
+    for a, b in zip(slow, again):
+        # captured-tensor gradients are summed by atomics (order not fixed); all else is bitwise
+        assert torch.equal(a, b) or rel_err(a.float(), b.float()) < 1e-5
