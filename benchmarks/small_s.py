@@ -1,7 +1,9 @@
 """Where the time of a small-S call goes (GPU): for B2's shapes (B * S = 16k tokens, H16) it
 prints, per S, the do_bench time of fwd and fwd+bwd, the GPU time of the kernels of one fwd+bwd
 (torch.profiler, summed per kernel), and the host time of one fwd+bwd (a loop of calls the GPU
-does not hold back); then a cProfile of the smallest shape's fwd+bwd (top functions by own time).
+does not hold back).  At the smallest S also: the fast re-launch path off / on, the host cost of
+each launch, the host time with the launches stubbed and a cProfile of it (top functions by own
+time), an autograd floor (a Function that launches nothing) and torch's compiled fwd+bwd.
 A call whose do_bench time is near its host time and far above its kernel time is host-bound.
 
     python benchmarks/small_s.py --S 1024,2048,4096 --D 64 --variant causal
@@ -100,6 +102,24 @@ def launch_breakdown(fwd_bwd, n=200):
           f" tiny add: {host_ms(lambda: a + 1, n) * 1e3:.1f} us", flush=True)
 
 
+class _Floor(torch.autograd.Function):
+    """The least an attention Function can cost the host: outputs allocated, nothing launched."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        ctx.save_for_backward(q, k, v)
+        return torch.empty_like(q)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def floor_fwd_bwd(q, k, v, do):
+    torch.autograd.grad(_Floor.apply(q, k, v), (q, k, v), do)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--S", default="1024,2048,4096", type=lambda s: [int(x) for x in s.split(",")])
@@ -108,9 +128,11 @@ def main(argv=None):
     p.add_argument("--tokens", default=16384, type=int)
     p.add_argument("--heads", default=16, type=int)
     p.add_argument("--torch", default=1, type=int, help="also time torch's compiled flex_attention (smallest S)")
-    p.add_argument("--cprofile", default=40, type=int, help="fwd+bwd calls profiled at the smallest S (0: none)")
+    p.add_argument("--cprofile", default=40, type=int,
+                   help="fwd+bwd calls (launches stubbed) profiled at the smallest S (0: none)")
     args = p.parse_args(argv)
     bench = lambda f: triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median")  # noqa: E731
+    calls = []
     for S in args.S:
         B, H = max(1, args.tokens // S), args.heads
         sm, mm = b2_variant(args.variant, H, S, "cuda")
@@ -119,25 +141,45 @@ def main(argv=None):
                    for _ in range(3))
         do = torch.randn(B, H, S, args.D, device="cuda", dtype=torch.bfloat16)
 
-        def fwd():
+        def fwd(q=q, k=k, v=v, sm=sm, bm=bm):
             return flexebt.flex_attention(q, k, v, score_mod=sm, block_mask=bm)
 
-        def fwd_bwd():
+        def fwd_bwd(fwd=fwd, q=q, k=k, v=v, do=do):
             torch.autograd.grad(fwd(), (q, k, v), do)
 
+        calls.append((S, fwd_bwd))
         fwd_bwd()
         fwd_bwd()
         t_f, t_fb = bench(fwd), bench(fwd_bwd)
         h = host_ms(fwd_bwd)
         print(f"S={S} B={B}: do_bench fwd {t_f:.3f} fwd+bwd {t_fb:.3f} | host per fwd+bwd {h:.3f} ms", flush=True)
         if S == min(args.S):
-            launch_breakdown(fwd_bwd)
             import flexebt.kernels.flex as kf
+            from flexebt.kernels.launcher import FastLaunches
+
+            default = kf._FAST
+            for on in (False, True):  # the fast re-launch path (launcher.py) off and on
+                kf._FAST = FastLaunches(enabled=on)
+                fwd_bwd()
+                print(f"    fast re-launch {'on ' if on else 'off'}: do_bench fwd+bwd {bench(fwd_bwd):.3f} | host "
+                      f"{host_ms(fwd_bwd):.3f} ms", flush=True)
+            kf._FAST = default
+            launch_breakdown(fwd_bwd)
             real, kf._launch = kf._launch, (lambda *a, **k: None)
             try:
                 print(f"    host per fwd+bwd with the launches stubbed: {host_ms(fwd_bwd):.3f} ms", flush=True)
+                if args.cprofile:  # where the host time of the stubbed path goes
+                    pr = cProfile.Profile()
+                    pr.enable()
+                    for _ in range(args.cprofile):
+                        fwd_bwd()
+                    pr.disable()
+                    torch.cuda.synchronize()
+                    pstats.Stats(pr).sort_stats("tottime").print_stats(25)
             finally:
                 kf._launch = real
+            print(f"    autograd floor (a Function with three empty outputs in its backward): "
+                  f"{host_ms(lambda: floor_fwd_bwd(q, k, v, do)):.3f} ms", flush=True)
             if args.torch:
                 from torch.nn.attention.flex_attention import flex_attention as torch_flex
 
@@ -149,20 +191,12 @@ def main(argv=None):
                 torch_fwd_bwd()
                 print(f"    torch flex_attention compiled: do_bench fwd+bwd {bench(torch_fwd_bwd):.3f} | "
                       f"host {host_ms(torch_fwd_bwd):.3f} ms", flush=True)
-        # last: CUDA launches stay slower for the rest of the process after a profiler session
+    # last: CUDA launches stay slower for the rest of the process after a profiler session
+    for S, fwd_bwd in calls:
         kt = kernel_times(fwd_bwd)
-        print(f"    kernels of one fwd+bwd: {sum(kt.values()):.3f} ms", flush=True)
+        print(f"S={S}: kernels of one fwd+bwd {sum(kt.values()):.3f} ms", flush=True)
         for name, t in sorted(kt.items(), key=lambda x: -x[1]):
             print(f"    {t:8.3f}  {name}")
-        if S == min(args.S) and args.cprofile:
-            pr = cProfile.Profile()
-            torch.cuda.synchronize()
-            pr.enable()
-            for _ in range(args.cprofile):
-                fwd_bwd()
-            torch.cuda.synchronize()
-            pr.disable()
-            pstats.Stats(pr).sort_stats("tottime").print_stats(30)
 
 
 if __name__ == "__main__":
