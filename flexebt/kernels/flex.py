@@ -240,7 +240,8 @@ def _use_tma(options: Optional[dict], *tensors: Tensor, by_default: bool = True)
         want = by_default and t0.device.type == "cuda" and t0.element_size() == 2
     if not want:
         return False
-    if t0.device.type == "cuda" and _major_capability(t0.device.index) < 9:
+    if t0.device.type == "cuda" and _capability_major(t0.device.index if t0.device.index is not None
+                                                      else torch.cuda.current_device()) < 9:
         return False
     return all(t.is_contiguous() and t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0
                for t in tensors)
@@ -248,12 +249,8 @@ def _use_tma(options: Optional[dict], *tensors: Tensor, by_default: bool = True)
 
 @functools.lru_cache(maxsize=None)
 def _capability_major(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
-
-
-def _major_capability(index: Optional[int]) -> int:
     """The compute capability's major number (cached: asked before every launch)."""
-    return _capability_major(index if index is not None else torch.cuda.current_device())
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def _row_descriptors(block: int, *tensors: Tensor) -> tuple:

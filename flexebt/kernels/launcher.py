@@ -2,8 +2,8 @@
 
 ``kernel[grid](*args, **constexprs)`` binds every argument, computes Triton's specialization of
 each (dtype, 16-byte alignment, integer value classes), builds a cache key string and looks the
-compiled kernel up -- 70-110 us of host time per launch on the GPU machine's CPU, against 27-48 us
-for calling the compiled kernel's launcher directly (``benchmarks/small_s.py``, design D45).  A
+compiled kernel up -- 100-150 us of host time per launch on the GPU machine's CPU, against 27-48
+us for calling the compiled kernel's launcher directly (``benchmarks/small_s.py``, design D45).  A
 small-S fwd+bwd makes three launches and is host-bound, so this matters there.
 
 ``FastLaunches`` remembers, per launch signature, the compiled kernel Triton chose and the
@@ -32,8 +32,9 @@ from torch import Tensor
 MAX_ENTRIES = 4096  # launch signatures remembered (cleared when full: shapes churn, kernels stay)
 
 
-def _arg_signature(args: tuple) -> tuple:
-    """What of each positional argument Triton's specialization (or the launcher) may depend on."""
+def _arg_signature(args: tuple) -> Optional[tuple]:
+    """What of each positional argument Triton's specialization (or the launcher) may depend on;
+    None if an argument is of a kind not known here (such a launch always goes through Triton)."""
     sig = []
     for a in args:
         if isinstance(a, Tensor):
@@ -43,8 +44,8 @@ def _arg_signature(args: tuple) -> tuple:
         elif hasattr(a, "block_shape") and hasattr(a, "base"):  # a host-side TensorDescriptor
             sig.append((a.base.dtype, tuple(a.shape), tuple(a.strides), tuple(a.block_shape),
                         a.base.data_ptr() % 16 == 0))
-        else:  # unknown kind: never reuse (a fresh object id every call)
-            sig.append(object())
+        else:
+            return None
     return tuple(sig)
 
 
@@ -60,7 +61,10 @@ class FastLaunches:
 
     def key(self, kernel, device_index: int, grid: int, args: tuple, kwargs: dict) -> Optional[tuple]:
         """The launch signature (None if some value cannot be a dict key: never fast)."""
-        k = (id(kernel), device_index, grid, tuple(kwargs.items()), _arg_signature(args))
+        sig = _arg_signature(args)
+        if sig is None:
+            return None
+        k = (id(kernel), device_index, grid, tuple(kwargs.items()), sig)
         try:
             hash(k)
         except TypeError:
