@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..codegen.source import ModKernels
 from .configs import MIN_TILE, flex_config, interpreting
-from .grid import DEFAULT_RESIDENT, GridOrder, head_group, resident_programs
+from .grid import DEFAULT_RESIDENT, GridOrder, device_index, head_group, resident_programs
 from .launcher import FastLaunches
 
 
@@ -122,8 +122,8 @@ def _launch(kernel, order: GridOrder, args, kwargs, cfg, key, options: Optional[
             kw = dict(kwargs, HEAD_GROUP=group, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N)
             fast = _FAST.enabled and device.type == "cuda" and not interpreting()
             if fast:
-                index = device.index if device.index is not None else torch.cuda.current_device()
-                fkey = _FAST.key(kernel, index, grid, a, dict(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                fkey = _FAST.key(kernel, device_index(device), grid, a,
+                                 dict(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
                 if _FAST.launch(fkey, kernel, a):
                     return
             compiled = kernel[(grid,)](*a, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **kw)
@@ -240,8 +240,7 @@ def _use_tma(options: Optional[dict], *tensors: Tensor, by_default: bool = True)
         want = by_default and t0.device.type == "cuda" and t0.element_size() == 2
     if not want:
         return False
-    if t0.device.type == "cuda" and _capability_major(t0.device.index if t0.device.index is not None
-                                                      else torch.cuda.current_device()) < 9:
+    if t0.device.type == "cuda" and _capability_major(device_index(t0.device)) < 9:
         return False
     return all(t.is_contiguous() and t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0
                for t in tensors)

@@ -51,6 +51,11 @@ class GridOrder:
         return -(-self.n_rows // b)
 
 
+def device_index(device: torch.device) -> int:
+    """The CUDA device a launch goes to: the tensor's, or the current one for a bare "cuda"."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 @functools.lru_cache(maxsize=None)
 def _device_facts(index: int) -> tuple:
     p = torch.cuda.get_device_properties(index)
@@ -70,8 +75,7 @@ def head_group(order: GridOrder, cfg, options: Optional[dict], device: torch.dev
         return order.n_bh if asked <= 0 else min(asked, order.n_bh)
     if device.type != "cuda" or not order.auto:
         return 1
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _default_group(order.n_bh, order.tiles(cfg), resident, order.bytes_per_head, index)
+    return _default_group(order.n_bh, order.tiles(cfg), resident, order.bytes_per_head, device_index(device))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -92,8 +96,7 @@ def resident_programs(compiled, num_warps: int, device: torch.device) -> int:
     regs, shared = getattr(compiled, "n_regs", None), getattr(getattr(compiled, "metadata", None), "shared", None)
     if device.type != "cuda" or not regs or shared is None:
         return DEFAULT_RESIDENT
-    _, _, sm_regs, sm_shared, sm_threads = _device_facts(device.index if device.index is not None
-                                                         else torch.cuda.current_device())
+    _, _, sm_regs, sm_shared, sm_threads = _device_facts(device_index(device))
     threads = 32 * num_warps
     per_warp = -(-regs * 32 // 256) * 256  # registers are allocated per warp in units of 256
     by_regs = sm_regs // (per_warp * num_warps)
