@@ -2,7 +2,7 @@
 prints, per S, the do_bench time of fwd and fwd+bwd, the GPU time of the kernels of one fwd+bwd
 (torch.profiler, summed per kernel), and the host time of one fwd+bwd (a loop of calls the GPU
 does not hold back).  At the smallest S also: the fast re-launch path off / on, the host cost of
-each launch, the host time with the launches stubbed and a cProfile of it (top functions by own
+each launch, the host time with the launches stubbed, a cProfile of fwd+bwd (top functions by own
 time), an autograd floor (a Function that launches nothing) and torch's compiled fwd+bwd.
 A call whose do_bench time is near its host time and far above its kernel time is host-bound.
 
@@ -54,48 +54,55 @@ def host_ms(fn, n=30):
 
 
 def launch_breakdown(fwd_bwd, n=200):
-    """Host time of each launch of one fwd+bwd, three ways: Triton's JIT call as flexebt makes it
-    (argument tuple built, ``kernel[grid](...)``), the argument tuple alone, and the compiled
-    kernel's launcher called directly with Triton's bound arguments (no binding, no cache key)."""
+    """Host time of each launch of one fwd+bwd, four ways: Triton's JIT call (argument tuple
+    built, ``kernel[grid](...)``), the argument tuple alone, the compiled kernel's launcher called
+    directly with Triton's bound arguments (no binding, no cache key), and flexebt's fast path as
+    it runs (plan key, lookup, argument tuple, launcher)."""
     import flexebt.kernels.flex as kf
     import triton
 
     seen, real = [], kf._launch
 
-    def spy(kernel, order, args, kwargs, cfg, key, options, device):
-        seen.append((kernel, order, args, kwargs, kf._WORKING.get((id(kernel), key, cfg), cfg), key, options,
-                     device))
-        return real(kernel, order, args, kwargs, cfg, key, options, device)
+    def spy(kernel, plan, args, spec, options, device):
+        seen.append((kernel, plan, args, spec, options, device))
+        return real(kernel, plan, args, spec, options, device)
 
     kf._launch = spy
     try:
         fwd_bwd()
     finally:
         kf._launch = real
-    for kernel, order, args, kwargs, cfg, key, options, device in seen:
+    for kernel, plan, args, spec, options, device in seen:
+        order, kwargs, cfg, key = spec()
+        cfg = kf._WORKING.get((id(kernel), key, cfg), cfg)
         group = kf.head_group(order, cfg, options, device, kf._RESIDENT.get((id(kernel), key, cfg), 2))
         grid = (order.tiles(cfg) * order.n_bh,)
+        tma = kwargs.get("USE_TMA", False)
         kw = dict(kwargs, HEAD_GROUP=group, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages)
 
         def jit():
-            kernel[grid](*args(cfg), **kw)
+            kernel[grid](*args(cfg, tma), **kw)
 
         def build():
-            args(cfg)
+            args(cfg, tma)
+
+        def fast():
+            real(kernel, plan, args, spec, options, device)
 
         t_jit, t_args = host_ms(jit, n), host_ms(build, n)
         line = f"    {kernel.__name__:16s} jit call {t_jit * 1e3:6.1f} us | args {t_args * 1e3:5.1f} us"
         try:
-            compiled = kernel[grid](*args(cfg), **kw)
+            compiled = kernel[grid](*args(cfg, tma), **kw)
             dev = triton.runtime.driver.active.get_current_device()
             binder = kernel.device_caches[dev][4]
             launch_kw = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")}
-            bound = list(binder(*args(cfg), **launch_kw)[0].values())
+            bound = list(binder(*args(cfg, tma), **launch_kw)[0].values())
             runner = compiled[(grid[0], 1, 1)]
             line += f" | direct launcher {host_ms(lambda: runner(*bound), n) * 1e3:6.1f} us"
         except Exception as e:  # the launcher's calling convention is Triton-internal
             line += f" | direct launcher n/a ({type(e).__name__}: {str(e)[:80]})"
+        line += f" | flexebt fast path {host_ms(fast, n) * 1e3:6.1f} us" if kf._FAST.enabled else ""
         print(line, flush=True)
     a = torch.empty(1, device="cuda")
     print(f"    torch.empty on CUDA: {host_ms(lambda: torch.empty(16, 16, 1024, 64, device='cuda'), n) * 1e3:.1f} us;"
@@ -129,7 +136,7 @@ def main(argv=None):
     p.add_argument("--heads", default=16, type=int)
     p.add_argument("--torch", default=1, type=int, help="also time torch's compiled flex_attention (smallest S)")
     p.add_argument("--cprofile", default=40, type=int,
-                   help="fwd+bwd calls (launches stubbed) profiled at the smallest S (0: none)")
+                   help="fwd+bwd calls profiled at the smallest S (0: none)")
     args = p.parse_args(argv)
     bench = lambda f: triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median")  # noqa: E731
     calls = []
@@ -168,16 +175,16 @@ def main(argv=None):
             real, kf._launch = kf._launch, (lambda *a, **k: None)
             try:
                 print(f"    host per fwd+bwd with the launches stubbed: {host_ms(fwd_bwd):.3f} ms", flush=True)
-                if args.cprofile:  # where the host time of the stubbed path goes
-                    pr = cProfile.Profile()
-                    pr.enable()
-                    for _ in range(args.cprofile):
-                        fwd_bwd()
-                    pr.disable()
-                    torch.cuda.synchronize()
-                    pstats.Stats(pr).sort_stats("tottime").print_stats(25)
             finally:
                 kf._launch = real
+            if args.cprofile:  # where the host time of a fwd+bwd goes (launches included)
+                pr = cProfile.Profile()
+                pr.enable()
+                for _ in range(args.cprofile):
+                    fwd_bwd()
+                pr.disable()
+                torch.cuda.synchronize()
+                pstats.Stats(pr).sort_stats("tottime").print_stats(30)
             print(f"    autograd floor (a Function with three empty outputs in its backward): "
                   f"{host_ms(lambda: floor_fwd_bwd(q, k, v, do)):.3f} ms", flush=True)
             if args.torch:

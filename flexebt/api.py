@@ -12,6 +12,9 @@ from torch.nn.attention.flex_attention import BlockMask
 from . import _validation as V
 from .backends import composition_needs_reference, resolve_backend
 from .blockmask import EBTBlockMask
+from .autograd import FlexAttention, FlexCall
+from .codegen.source import get_kernels
+from .kernels.flex import cached_tables
 from .reference import ebt_attention_reference, flex_attention_reference, piecewise_attention_reference
 
 __all__ = ["flex_attention", "flex_ebt_attention", "piecewise_attention"]
@@ -88,10 +91,6 @@ def _backend_for(fn: str, kernel_options, tensors, value) -> str:
 
 
 def _flex_attention_triton(query, key, value, score_mod, block_mask, scale, kernel_options):
-    from .autograd import FlexAttention, FlexCall
-    from .codegen.source import get_kernels
-    from .kernels.flex import cached_tables
-
     Sq, Skv = query.shape[2], key.shape[2]
     with torch._C._DisableFuncTorch():  # plain int32 tables even inside torch.func transforms
         tables = cached_tables(block_mask, Sq, Skv, query.device)

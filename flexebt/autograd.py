@@ -211,9 +211,11 @@ class FlexAttention(torch.autograd.Function):
             dout = torch.zeros_like(out)
         # out and lse enter the backward as constants: its backward (FlexAttentionDoubleBackward
         # or the reference) differentiates the total dependence on q, k, v, so a graph edge
-        # back to this node would only add a first-order pass on zero cotangents.
-        dq, dk, dv, *dbuf = FlexAttentionBackward.apply(q, k, v, out.detach(), lse.detach(), dout, dlse, ctx.call,
-                                                        *buffers)
+        # back to this node would only add a first-order pass on zero cotangents.  (Without a
+        # graph to build -- grad mode off -- there is no edge to cut.)
+        if torch.is_grad_enabled():
+            out, lse = out.detach(), lse.detach()
+        dq, dk, dv, *dbuf = FlexAttentionBackward.apply(q, k, v, out, lse, dout, dlse, ctx.call, *buffers)
         return (dq, dk, dv, None, *dbuf)
 
 
@@ -471,6 +473,8 @@ class EBTAttentionDoubleBackward(torch.autograd.Function):
 # argument binding, and backward / jvp rules that dynamo leaves alone.
 import inspect as _inspect  # noqa: E402
 
+from torch.autograd import forward_ad as _forward_ad  # noqa: E402
+
 try:
     from torch._functorch.utils import unwrap_dead_wrappers as _unwrap_dead_wrappers
 except ImportError:  # pragma: no cover - older torch layouts
@@ -482,9 +486,13 @@ def _direct_apply(cls, *args):
     """``Function.apply`` without its per-call ``inspect`` binding of default arguments: our
     forwards take every argument positionally and have no defaults, so the binding is the
     identity (it cost ~15 us per apply, a quarter of flexebt's Python time per flex fwd+bwd).
-    Inside torch.func transforms torch's own apply runs (it dispatches to custom_function_call)."""
+    Inside torch.func transforms torch's own apply runs (it dispatches to custom_function_call).
+    Where nothing can be recorded -- grad mode off (a first-order backward without create_graph
+    runs so), no forward-AD level, no transform -- apply would only run ``forward``: call it."""
     if torch._C._are_functorch_transforms_active():
         return torch.autograd.Function.apply.__func__(cls, *args)
+    if not torch.is_grad_enabled() and _forward_ad._current_level < 0:
+        return cls.forward(*args)
     return super(torch.autograd.Function, cls).apply(*_unwrap_dead_wrappers(args))
 
 

@@ -13,6 +13,7 @@ import warnings
 from typing import Optional
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 BACKENDS = ("AUTO", "TRITON", "REFERENCE")
 ENV_VAR = "FLEXEBT_BACKEND"
@@ -101,7 +102,8 @@ def composition_needs_reference(fn: str, tensors) -> bool:
                                                             for t in tensors):
         reason = "forward-mode AD (torch.autograd.forward_ad) inside an autograd graph"
         return _warn_once(fn, reason)
-    if not any(_is_wrapped(t) for t in tensors):  # no transform reaches this call's inputs
+    if not torch._C._are_functorch_transforms_active() or not any(_is_wrapped(t) for t in tensors):
+        # no transform is active, or none reaches this call's inputs
         return False
     from torch._C._functorch import TransformType
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
@@ -127,9 +129,7 @@ def _warn_once(fn: str, reason: str) -> bool:
 
 def _in_dual_level() -> bool:
     """Inside torch.autograd.forward_ad.dual_level() (a cheap check before unpacking tensors)."""
-    from torch.autograd import forward_ad
-
-    return forward_ad._current_level >= 0
+    return _forward_ad._current_level >= 0
 
 
 def _has_forward_tangent(t) -> bool:

@@ -1,114 +1,131 @@
-"""The fast re-launch path (kernels/launcher.py, design D45) with a stand-in for a Triton kernel:
-a launch is re-issued without Triton's binding only when everything Triton's choice of compiled
-kernel depends on is unchanged; anything new goes through ``kernel[grid]``.  (On CPU the real
-kernels run in the interpreter, which never takes this path; the GPU tests run it.)"""
+"""The fast re-launch path (kernels/launcher.py, design D45) with stand-ins for Triton kernels:
+a launch is re-issued without Triton's binding only when its pass's launch plan key is unchanged,
+and an unchanged key must mean the very launch Triton would make -- the same grid, the same
+constexprs, the same specialization of every argument.  The passes of kernels/flex.py run here
+for real (planning, tables, allocation) with stand-in kernels on CPU tensors; the GPU tests run
+the path with the real kernels (tests/test_gpu_fast_launch.py)."""
 
 import types
 
+import pytest
 import torch
 
+import flexebt
 import flexebt.kernels.flex as kf
+from flexebt import masks
 from flexebt.kernels.configs import TileConfig
 from flexebt.kernels.grid import GridOrder
 from flexebt.kernels.launcher import FastLaunches
 
 
-class FakeKernel:
-    """Records launches: ``kernel[grid](...)`` (Triton's path) and ``compiled[grid](...)`` (fast)."""
+def _triton_signature(grid, args, kw):
+    """What Triton's choice of compiled kernel and its launch depend on (conservatively: integers
+    by value), for comparing launches."""
+    sig = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            sig.append((a.dtype, a.data_ptr() % 16 == 0))
+        else:
+            sig.append((type(a), a if not isinstance(a, float) else None))
+    return grid, tuple(sig), tuple(sorted(kw.items()))
 
-    PARAMS = ("x", "n", "scale", "HEAD_GROUP", "BLOCK_M", "BLOCK_N", "FLAG")
+
+class FakeKernel:
+    """Records launches: ``kernel[grid](...)`` (Triton's path) and ``compiled[grid](...)`` (fast).
+    The compiled stand-in remembers the signature of the Triton launch that made it."""
 
     def __init__(self):
         self.jit_calls, self.fast_calls = [], []
-        kernel = self
-
-        class Compiled:
-            n_regs, n_spills, metadata = 0, 0, None
-
-            def __getitem__(self, grid):
-                return lambda *args: kernel.fast_calls.append((grid, args))
-
-        self.compiled = Compiled()
 
     def __getitem__(self, grid):
         def run(*args, num_warps, num_stages, **kw):
-            self.jit_calls.append((grid, args, kw))
-            return self.compiled
+            sig = _triton_signature(grid, args, dict(kw, num_warps=num_warps, num_stages=num_stages))
+            self.jit_calls.append((grid, args, kw, sig))
+            kernel = self
+
+            class Compiled:
+                n_regs, n_spills, metadata = 0, 0, None
+
+                def __getitem__(self, g):
+                    return lambda *a: kernel.fast_calls.append((g, a, sig))
+            return Compiled()
         return run
 
-    def binder(self, *args, **kw):
-        bound = dict(zip(self.PARAMS, args))
-        bound.update({p: kw[p] for p in self.PARAMS[len(args):]})
+    @staticmethod
+    def binder(*args, **kw):
+        bound = {f"arg{i}": a for i, a in enumerate(args)}
+        bound.update(kw)
         return bound, None, None
 
 
-def _launches(binder_fails=False):
-    fl = FastLaunches(enabled=True)
+def _cpu_launches(enabled=True, binder_fails=False):
+    """A FastLaunches that serves CPU tensors and binds with the stand-in's binder."""
+    fl = FastLaunches(enabled=enabled)
+    fl.device_type = "cpu"
     real = fl.remember
 
-    def remember(key, kernel, compiled, grid, args, kwargs, binder=None):
+    def remember(key, kernel, compiled, grid, args, kwargs, extra=None, binder=None):
         def broken(*a, **k):
             raise AttributeError("no binder in this Triton")
-        return real(key, kernel, compiled, grid, args, kwargs, broken if binder_fails else kernel.binder)
+        return real(key, kernel, compiled, grid, args, kwargs, extra, broken if binder_fails else kernel.binder)
 
     fl.remember = remember
     return fl
 
 
-def _launch(monkeypatch, fl, kernel, x, n=7, scale=0.5, flag=True):
+def _fast(monkeypatch, binder_fails=False, enabled=True):
+    fl = _cpu_launches(enabled, binder_fails)
     monkeypatch.setattr(kf, "_FAST", fl)
-    monkeypatch.setattr(kf, "head_group", lambda *a: 2)
     monkeypatch.setattr(kf, "interpreting", lambda: False)  # the test session sets TRITON_INTERPRET
-    monkeypatch.setattr(kf, "resident_programs", lambda *a: 2)
+    return fl
+
+
+def _launch(kernel, x, plan=("plan",), n=7, flag=True):
     cfg = TileConfig(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
     order = GridOrder("fwd", 6, 100, "BLOCK_M", 1024)
-    kf._launch(kernel, order, lambda c: (x, n, scale), dict(FLAG=flag), cfg, ("test",), None, torch.device("cuda", 0))
+    kf._launch(kernel, plan, lambda c, tma: (x, n, 0.5), lambda: (order, dict(FLAG=flag), cfg, ("test",)), None,
+               torch.device("cpu"))
 
 
 def test_second_launch_skips_triton_binding(monkeypatch):
-    k, fl = FakeKernel(), _launches()
+    k, fl = FakeKernel(), _fast(monkeypatch)
     x = torch.zeros(64)
-    _launch(monkeypatch, fl, k, x)
+    _launch(k, x)
     assert len(k.jit_calls) == 1 and not k.fast_calls
-    _launch(monkeypatch, fl, k, x)
-    assert len(k.jit_calls) == 1 and len(k.fast_calls) == 1
-    grid, args = k.fast_calls[0]
-    assert grid == (2 * 6, 1, 1)  # 2 tiles of 64 rows x 6 heads
-    # our positional arguments, then Triton's bound values of the remaining parameters in order
-    assert args[:3] == (x, 7, 0.5) and args[3:] == (2, 64, 32, True)
+    y = torch.ones(64)
+    _launch(k, y)
+    assert len(k.jit_calls) == 1 and len(k.fast_calls) == 1 and fl.hits == 1
+    grid, args, _ = k.fast_calls[0]
+    assert grid == (2 * 6, 1, 1)  # 2 tiles of 64 rows x 6 heads (one head per group off CUDA)
+    # our positional arguments for this call, then Triton's bound values of the other parameters
+    assert args[0] is y and args[1:3] == (7, 0.5) and args[3:] == (True, 1, 64, 32)
 
 
-def test_anything_triton_specializes_on_misses(monkeypatch):
-    k, fl = FakeKernel(), _launches()
-    base = torch.zeros(64)
-    _launch(monkeypatch, fl, k, base)
-    _launch(monkeypatch, fl, k, base[1:])           # not 16-byte aligned
-    _launch(monkeypatch, fl, k, base.double())      # another dtype
-    _launch(monkeypatch, fl, k, base, n=16)         # an integer of another value (class)
-    _launch(monkeypatch, fl, k, base, n=1)          # Triton specializes the int 1 ...
-    _launch(monkeypatch, fl, k, base, n=True)       # ... and True == 1 is a bool, not that int
-    _launch(monkeypatch, fl, k, base, flag=False)   # a constexpr
-    assert len(k.jit_calls) == 7 and not k.fast_calls
-    _launch(monkeypatch, fl, k, torch.ones(64))     # another aligned float32 tensor: same kernel
-    assert len(k.fast_calls) == 1 and k.fast_calls[0][1][0] is not base
+def test_another_plan_goes_through_triton(monkeypatch):
+    k, fl = FakeKernel(), _fast(monkeypatch)
+    x = torch.zeros(64)
+    _launch(k, x)
+    _launch(k, x, plan=("other plan",), flag=False)
+    assert len(k.jit_calls) == 2 and not k.fast_calls
+    assert k.jit_calls[1][2]["FLAG"] is False
 
 
 def test_a_new_kernel_object_with_a_reused_id_is_not_confused(monkeypatch):
-    k, fl = FakeKernel(), _launches()
+    k, fl = FakeKernel(), _fast(monkeypatch)
     x = torch.zeros(64)
-    _launch(monkeypatch, fl, k, x)
+    _launch(k, x)
     other = FakeKernel()
     key = next(iter(fl._entries))
     fl._entries[(id(other),) + key[1:]] = fl._entries.pop(key)  # as if `other` took k's id
-    _launch(monkeypatch, fl, other, x)
+    _launch(other, x)
     assert len(other.jit_calls) == 1 and not other.fast_calls and not k.fast_calls
 
 
 def test_without_a_usable_binder_every_launch_goes_through_triton(monkeypatch):
-    k, fl = FakeKernel(), _launches(binder_fails=True)
+    k, fl = FakeKernel(), _fast(monkeypatch, binder_fails=True)
     x = torch.zeros(64)
     for _ in range(3):
-        _launch(monkeypatch, fl, k, x)
+        _launch(k, x)
     assert len(k.jit_calls) == 3 and not k.fast_calls and not fl.enabled
 
 
@@ -118,22 +135,101 @@ def test_switched_by_environment(monkeypatch):
     monkeypatch.setenv("FLEXEBT_FAST_LAUNCH", "1")
     assert FastLaunches().enabled
     monkeypatch.delenv("FLEXEBT_FAST_LAUNCH")
-    assert not FastLaunches().enabled  # opt-in until validated on the GPU machine (design D45)
+    assert FastLaunches().enabled  # on by default (validated on the GPU: tests/test_gpu_fast_launch.py)
 
 
-def test_unhashable_values_are_never_fast():
-    fl = FastLaunches(enabled=True)
-    assert fl.key(object(), 0, 4, (torch.zeros(2),), {"X": [1, 2]}) is None
-    assert not fl.launch(None, object(), ())
+def test_unhashable_values_are_never_fast(monkeypatch):
+    k, fl = FakeKernel(), _fast(monkeypatch)
+    x = torch.zeros(64)
+    for _ in range(2):
+        _launch(k, x, plan=("plan", [1, 2]))
+    assert len(k.jit_calls) == 2 and not k.fast_calls and fl.enabled
 
 
-def test_descriptor_signature_carries_its_block_shape():
-    from flexebt.kernels.launcher import _arg_signature
+# ---- the passes' plan keys: an equal key must mean an equal Triton launch ---------------------
 
-    t = torch.zeros(4, 64, 16)
-    d = types.SimpleNamespace(base=t, shape=list(t.shape), strides=list(t.stride()), block_shape=[1, 32, 16])
-    e = types.SimpleNamespace(base=t, shape=list(t.shape), strides=list(t.stride()), block_shape=[1, 64, 16])
-    assert _arg_signature((d,)) != _arg_signature((e,))
-    assert _arg_signature((d,)) == _arg_signature((d,))
-    assert _arg_signature((object(),)) is None  # an unknown kind of argument: never fast
-    assert FastLaunches(enabled=True).key(object(), 0, 4, (object(),), {}) is None
+
+def _kern():
+    """A stand-in ModKernels: the first-order kernels of a mod without score_mod."""
+    module = types.SimpleNamespace(flex_fwd=FakeKernel(), flex_bwd_dq=FakeKernel(), flex_bwd_dkdv=FakeKernel())
+    return types.SimpleNamespace(module=module, gathers=False, traced_score=None, grad_slots=[])
+
+
+def _unaligned(*shape, dtype=torch.bfloat16):
+    """A contiguous tensor whose data does not start on a 16-byte boundary."""
+    n = 1
+    for s in shape:
+        n *= s
+    return torch.zeros(n + 1, dtype=dtype)[1:].view(*shape)
+
+
+def _pass_inputs(B=1, H=2, Hkv=2, Sq=100, Skv=100, D=32, dtype=torch.bfloat16, block=32, mask=True,
+                 q=None, k=None, dout=None, dlse=False):
+    mk = lambda *s: torch.zeros(*s, dtype=dtype)  # noqa: E731
+    bm = flexebt.create_block_mask(masks.causal_mask, None, None, Sq, Skv, device="cpu", BLOCK_SIZE=block) \
+        if mask else None
+    return dict(q=mk(B, H, Sq, D) if q is None else q, k=mk(B, Hkv, Skv, D) if k is None else k,
+                v=mk(B, Hkv, Skv, D), tables=kf.tables_from_block_mask(bm, Sq, Skv, "cpu"),
+                dout=mk(B, H, Sq, D) if dout is None else dout,
+                dlse=torch.zeros(B, H, Sq) if dlse else None)
+
+
+def _run_passes(kern, x, options=None, scale=0.125):
+    out, lse = kf.flex_forward(kern, x["q"], x["k"], x["v"], scale, x["tables"], [], options)
+    dq, delta, _ = kf.dq_pass(kern, x["q"], x["k"], x["v"], out, lse, x["dout"], x["dlse"], scale, x["tables"], [],
+                              options)
+    kf.dkdv_pass(kern, x["q"], x["k"], x["v"], lse, delta, x["dout"], scale, x["tables"], [], options)
+
+
+# Each case changes one thing Triton or the pass's planning depends on, or nothing that matters.
+_CASES = {
+    "base": lambda: (_pass_inputs(), None, 0.125),
+    "same shapes, new tensors": lambda: (_pass_inputs(), None, 0.125),
+    "another scale": lambda: (_pass_inputs(), None, 0.3),
+    "negative scale": lambda: (_pass_inputs(), None, -0.3),
+    "longer queries": lambda: (_pass_inputs(Sq=130), None, 0.125),
+    "longer keys": lambda: (_pass_inputs(Skv=64), None, 0.125),
+    "more batches": lambda: (_pass_inputs(B=3), None, 0.125),
+    "gqa": lambda: (_pass_inputs(H=4, Hkv=2), None, 0.125),
+    "head dim 64": lambda: (_pass_inputs(D=64), None, 0.125),
+    "fp32": lambda: (_pass_inputs(dtype=torch.float32), None, 0.125),
+    "fp32, tf32 allowed": lambda: (_pass_inputs(dtype=torch.float32), None, 0.125, "high"),
+    "fp32, tf32x3 asked": lambda: (_pass_inputs(dtype=torch.float32), {"FP32_PRODUCTS": "ieee"}, 0.125),
+    "fp16": lambda: (_pass_inputs(dtype=torch.float16), None, 0.125),
+    "no block mask": lambda: (_pass_inputs(mask=False), None, 0.125),
+    "block size 64": lambda: (_pass_inputs(block=64), None, 0.125),
+    "unaligned q": lambda: (_pass_inputs(q=_unaligned(1, 2, 100, 32)), None, 0.125),
+    "unaligned k": lambda: (_pass_inputs(k=_unaligned(1, 2, 100, 32)), None, 0.125),
+    "unaligned dout": lambda: (_pass_inputs(dout=_unaligned(1, 2, 100, 32)), None, 0.125),
+    "strided q": lambda: (_pass_inputs(q=torch.zeros(1, 100, 2, 32, dtype=torch.bfloat16).transpose(1, 2)),
+                          None, 0.125),
+    "dlse": lambda: (_pass_inputs(dlse=True), None, 0.125),
+    "tile options": lambda: (_pass_inputs(), {"BLOCK_M": 16, "BLOCK_N2": 16}, 0.125),
+    "order option": lambda: (_pass_inputs(), {"REVERSE_Q_ORDER": 0}, 0.125),
+    "warps option": lambda: (_pass_inputs(), {"num_warps": 8}, 0.125),
+}
+
+
+def test_equal_plan_keys_mean_equal_triton_launches(monkeypatch):
+    kern, fast = _kern(), _cpu_launches()
+    for name, case in list(_CASES.items()) + list(_CASES.items()):  # the second round hits
+        x, options, scale, *precision = case()
+        monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: (precision or ["highest"])[0])
+        # what Triton's own path launches for these inputs
+        slow = _fast(monkeypatch, enabled=False)
+        marks = {n: len(kn.jit_calls) for n, kn in vars(kern.module).items()}
+        _run_passes(kern, x, options, scale)
+        want = {n: kn.jit_calls[marks[n]][3] for n, kn in vars(kern.module).items()}
+        assert slow.hits == 0
+        # the fast path for the same inputs: a miss launches through Triton; a hit must re-issue
+        # a launch made for a signature equal to Triton's
+        monkeypatch.setattr(kf, "_FAST", fast)
+        marks = {n: (len(kn.jit_calls), len(kn.fast_calls)) for n, kn in vars(kern.module).items()}
+        _run_passes(kern, x, options, scale)
+        for n, kn in vars(kern.module).items():
+            new_jit, new_fast = kn.jit_calls[marks[n][0]:], kn.fast_calls[marks[n][1]:]
+            assert len(new_jit) + len(new_fast) == 1
+            got = new_jit[0][3] if new_jit else new_fast[0][2]
+            assert got == want[n], f"{name}: {n} re-issued a launch Triton would not make"
+    for kn in vars(kern.module).values():
+        assert len(kn.fast_calls) >= len(_CASES)  # every case hit in the second round

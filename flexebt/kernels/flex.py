@@ -36,6 +36,15 @@ class BlockTables:
     has_full: bool
     mask_mod: object  # mask_mod of partial blocks, or None when there are none
 
+    @functools.cached_property
+    def layout(self) -> tuple:
+        """What launches depend on (launch plans): block sizes, full blocks or not, each table's
+        shape and alignment -- not the table contents, which the kernels read at run time."""
+        tables = (self.kv_num, self.kv_idx, self.full_kv_num, self.full_kv_idx, self.q_num, self.q_idx,
+                  self.full_q_num, self.full_q_idx)
+        return (self.sparse_q, self.sparse_kv, self.has_full, self.mask_mod is None,
+                tuple((t.shape, t.stride(), t.data_ptr() % 16 == 0) for t in tables))
+
     @property
     def MB(self):
         return self.kv_num.shape[0]
@@ -102,14 +111,45 @@ _RESIDENT: dict = {}  # (kernel, shape key, config) -> programs per SM of the co
 _FAST = FastLaunches()  # launches seen before, re-issued without Triton's binding
 
 
-def _launch(kernel, order: GridOrder, args, kwargs, cfg, key, options: Optional[dict], device):
-    """Launch ``kernel`` on a 1-d grid of ``order.tiles(cfg) x order.n_bh`` programs, its
-    HEAD_GROUP argument chosen by ``grid.head_group``; if it does not fit in shared memory (a mod
-    that gathers from captured tensors adds pipelined tiles), retry with fewer stages, then
-    smaller tiles, and remember the configuration that worked.  A launch seen before (same
-    kernel, grid, constexprs and argument signature) skips Triton's binding (launcher.py)."""
+def _tensor_key(t: Optional[Tensor]):
+    """What a launch may depend on of an input tensor: shape, strides, dtype, 16-byte alignment."""
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0)
+
+
+def _plan_key(name: str, tables: BlockTables, options: Optional[dict], flags: tuple, tensors: tuple,
+              extra: list = ()) -> tuple:
+    """Everything a pass's launch depends on besides the kernel object (launcher.py): the pass,
+    its flags (booleans, q_off), the block tables' layout, the kernel options, the fp32 matmul
+    precision, the device, and shape / strides / dtype / alignment of each input tensor (None
+    for an absent one) and of the tensors in ``extra`` (the captured-tensor arguments; their
+    integers, strides, by value).  The launch's integer arguments are shapes and strides of
+    these, and every other tensor argument is allocated by the pass."""
+    t0 = tensors[0]
+    fp32 = torch.get_float32_matmul_precision() if t0.dtype == torch.float32 else None
+    return (name, flags, tables.layout, tuple(sorted(options.items())) if options else None, fp32, t0.device,
+            tuple(map(_tensor_key, tensors)),
+            tuple(_tensor_key(x) if isinstance(x, Tensor) else x for x in extra) if extra else None)
+
+
+def _launch(kernel, plan: tuple, args, spec, options: Optional[dict], device):
+    """Launch ``kernel`` for one pass.  ``plan``: the pass's _plan_key; ``args(cfg)``: the
+    positional arguments for a tile config; ``spec()``: ``(order, constexprs, cfg, shape_key)``,
+    worked out only when ``plan`` was not seen before.  Such a launch runs on a 1-d grid of
+    ``order.tiles(cfg) x order.n_bh`` programs, its HEAD_GROUP argument chosen by
+    ``grid.head_group``; if it does not fit in shared memory (a mod that gathers from captured
+    tensors adds pipelined tiles), it is retried with fewer stages, then smaller tiles, and the
+    configuration that worked is remembered.  A plan seen before re-issues the remembered launch
+    without Triton's binding (launcher.py)."""
     from triton.runtime.errors import OutOfResources
 
+    fast = _FAST.enabled and device.type == _FAST.device_type
+    if fast:
+        hit = _FAST.lookup((id(kernel), plan), kernel)
+        if hit is not None:
+            runner, tail, (cfg, tma) = hit
+            runner(*args(cfg, tma), *tail)
+            return
+    order, kwargs, cfg, key = spec()
     want = (id(kernel), key, cfg)
     cfg = _WORKING.get(want, cfg)
     while True:
@@ -117,18 +157,13 @@ def _launch(kernel, order: GridOrder, args, kwargs, cfg, key, options: Optional[
             resident = _RESIDENT.get((id(kernel), key, cfg), DEFAULT_RESIDENT)
             group = head_group(order, cfg, options, device, resident)
             # args may depend on the tiles (tensor descriptors carry their block shape)
-            a = args(cfg) if callable(args) else args
+            tma = kwargs.get("USE_TMA", False)
+            a = args(cfg, tma)
             grid = order.tiles(cfg) * order.n_bh
             kw = dict(kwargs, HEAD_GROUP=group, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N)
-            fast = _FAST.enabled and device.type == "cuda" and not interpreting()
-            if fast:
-                fkey = _FAST.key(kernel, device_index(device), grid, a,
-                                 dict(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-                if _FAST.launch(fkey, kernel, a):
-                    return
             compiled = kernel[(grid,)](*a, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **kw)
-            if fast:
-                _FAST.remember(fkey, kernel, compiled, grid, a, kw)
+            if fast and not interpreting():
+                _FAST.remember((id(kernel), plan), kernel, compiled, grid, a, kw, (cfg, tma))
             _WORKING[want] = cfg
             if (id(kernel), key, cfg) not in _RESIDENT:
                 _RESIDENT[(id(kernel), key, cfg)] = resident_programs(compiled, cfg.num_warps, device)
@@ -253,13 +288,17 @@ def _capability_major(index: int) -> int:
 
 
 def _row_descriptors(block: int, *tensors: Tensor) -> tuple:
-    """3-d descriptors over [B * heads, S, D] of [B, heads, S, D] tensors (K and V, or Q and dO,
-    ...), tiles of ``block`` rows by the head dim's power of two: a tile never crosses into the
-    next head, and rows past S / columns past D read as zeros."""
+    """3-d descriptors over [B * heads, S, D] of contiguous [B, heads, S, D] tensors (K and V, or
+    Q and dO, ...), tiles of ``block`` rows by the head dim's power of two: a tile never crosses
+    into the next head, and rows past S / columns past D read as zeros.  (The launcher reads the
+    base's address and dtype only, so the 4-d tensor itself is the base: no view per launch.)"""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    return tuple(TensorDescriptor.from_tensor(t.view(t.shape[0] * t.shape[1], t.shape[2], t.shape[3]),
-                                              [1, block, _pow2(t.shape[3])]) for t in tensors)
+    out = []
+    for t in tensors:
+        B, H, S, D = t.shape
+        out.append(TensorDescriptor(t, [B * H, S, D], [S * D, D, 1], [1, block, _pow2(D)]))
+    return tuple(out)
 
 
 def flex_forward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, scale: float, tables: BlockTables,
@@ -269,23 +308,29 @@ def flex_forward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, scale: float
     Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
     out = torch.empty(B, H, Sq, DV, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
-    cfg = flex_config("fwd", max(D, DV), tables.sparse_q, tables.sparse_kv, options, kern.gathers,
-                      _tiles_for(q.dtype, options))
-    kp, vp, keep = (own.kp, own.vp, own.keep) if own is not None else (q, v, lse)
-    tma = _use_tma(options, k, v)
+    own_in = (own.kp, own.vp, own.keep) if own is not None else ()
+    kp, vp, keep = own_in or (q, v, lse)
+    bargs = _buffer_args(buffers, {})
 
-    def args(c):
+    def args(c, tma):
         descs = _row_descriptors(c.BLOCK_N, k, v) if tma else (k, v)
         return (q, k, v, out, lse, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx,
                 H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
-                tables.full_kv_idx.shape[-1], scale, q_off, kp, vp, keep, *descs, *_buffer_args(buffers, {}))
+                tables.full_kv_idx.shape[-1], scale, q_off, kp, vp, keep, *descs, *bargs)
 
-    _launch(kern.module.flex_fwd, _query_order("fwd", q, k, v), args,
-            dict(D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), SPARSE_Q=tables.sparse_q,
-                 SPARSE_KV=tables.sparse_kv, HAS_FULL=tables.has_full, EVEN=_even(Sq, Skv, tables),
-                 REVERSE=_reverse(options), HAS_SELF=own is not None, USE_TMA=tma,
-                 LINEAR_SCORE=_linear_score(kern, scale), **_precision(q.dtype, options)),
-            cfg, (D, DV, q.dtype, tma), options, q.device)
+    def spec():
+        tma = _use_tma(options, k, v)
+        cfg = flex_config("fwd", max(D, DV), tables.sparse_q, tables.sparse_kv, options, kern.gathers,
+                          _tiles_for(q.dtype, options))
+        return (_query_order("fwd", q, k, v),
+                dict(D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), SPARSE_Q=tables.sparse_q,
+                     SPARSE_KV=tables.sparse_kv, HAS_FULL=tables.has_full, EVEN=_even(Sq, Skv, tables),
+                     REVERSE=_reverse(options), HAS_SELF=own is not None, USE_TMA=tma,
+                     LINEAR_SCORE=_linear_score(kern, scale), **_precision(q.dtype, options)),
+                cfg, (D, DV, q.dtype, tma))
+
+    plan = _plan_key("fwd", tables, options, (q_off, scale > 0, own is not None), (q, k, v, *own_in), bargs)
+    _launch(kern.module.flex_fwd, plan, args, spec, options, q.device)
     return out, lse
 
 
@@ -308,20 +353,25 @@ def dq_pass(kern: ModKernels, q, k, v, out, lse, dout, dlse, scale, tables: Bloc
         kp, vp, keep = own.kp, own.vp, own.keep
     else:
         dkp = dvp = kp = vp = keep = lse
-    cfg = flex_config("dq", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
-                      tiles=_tiles_for(q.dtype, options))
-    tma = _use_tma(options, k, v)
-
-    def args(c):
+    def args(c, tma):
         descs = _row_descriptors(c.BLOCK_N, k, v) if tma else (k, v)
         return (q, k, v, out, dout, lse, dlse if dlse is not None else lse, delta, dq, tables.kv_num, tables.kv_idx,
                 tables.full_kv_num, tables.full_kv_idx, H, Hkv, Sq, Skv, tables.MB, tables.MH,
                 tables.kv_num.shape[-1], tables.kv_idx.shape[-1], tables.full_kv_idx.shape[-1], scale, q_off,
                 kp, vp, keep, dkp, dvp, *descs, *bargs)
 
-    _launch(kern.module.flex_bwd_dq, _query_order("dq", q, k, v), args,
-            dict(HAS_DLSE=dlse is not None, REVERSE=_reverse(options), HAS_SELF=own is not None, USE_TMA=tma,
-                 **_common(q, k, v, tables, options)), cfg, (D, DV, q.dtype, tma), options, q.device)
+    def spec():
+        tma = _use_tma(options, k, v)
+        cfg = flex_config("dq", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
+                          tiles=_tiles_for(q.dtype, options))
+        return (_query_order("dq", q, k, v),
+                dict(HAS_DLSE=dlse is not None, REVERSE=_reverse(options), HAS_SELF=own is not None, USE_TMA=tma,
+                     **_common(q, k, v, tables, options)), cfg, (D, DV, q.dtype, tma))
+
+    own_in = (own.kp, own.vp, own.keep) if own is not None else ()
+    plan = _plan_key("dq", tables, options, (q_off, own is not None),
+                     (q, k, v, out, lse, dout, dlse, *own_in), bargs)
+    _launch(kern.module.flex_bwd_dq, plan, args, spec, options, q.device)
     return dq, delta, ((dkp, dvp) if own is not None else None)
 
 
@@ -355,12 +405,9 @@ def dkdv_pass(kern: ModKernels, q, k, v, lse, delta, dout, scale, tables: BlockT
     s2 = second if two else QueryStream(q, dout, lse, delta, tables, q_off)  # stand-in arguments
     if two and (s2.tables.sparse_q, s2.tables.sparse_kv) != (tables.sparse_q, tables.sparse_kv):
         raise ValueError("dkdv_pass: both query streams need block tables of the same block size")
-    tma = _use_tma(options, q, dout, *((s2.q, s2.dout) if two else ()))
-    cfg = flex_config("dkdv", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
-                      tiles=_tiles_for(q.dtype, options), tma=tma)
     t2 = s2.tables
 
-    def args(c):
+    def args(c, tma):
         descs = _row_descriptors(c.BLOCK_M, q, dout) if tma else (q, dout)
         descs += _row_descriptors(c.BLOCK_M, s2.q, s2.dout) if tma and two else descs
         return (q, k, v, dout, lse, delta, dk, dv, *(add or (dk, dv)), tables.q_num, tables.q_idx, tables.full_q_num,
@@ -370,13 +417,23 @@ def dkdv_pass(kern: ModKernels, q, k, v, lse, delta, dout, scale, tables: BlockT
                 s2.q, s2.dout, s2.lse, s2.delta, t2.q_num, t2.q_idx, t2.full_q_num, t2.full_q_idx, s2.q.shape[2],
                 t2.MB, t2.MH, t2.q_idx.shape[-1], t2.full_q_idx.shape[-1], s2.q_off, *descs[2:], *bargs)
 
-    # one key head's programs read q and dO of its query heads (of both streams)
-    row_bytes = (D + DV) * q.element_size() * (H // Hkv)
-    order = GridOrder("dkdv", B * Hkv, Skv, "BLOCK_N", row_bytes * (Sq + (s2.q.shape[2] if two else 0)))
-    _launch(kern.module.flex_bwd_dkdv, order, args,
-            dict(ACCUMULATE=add is not None, USE_TMA=tma, TWO_STREAMS=two, HAS_FULL2=t2.has_full,
-                 EVEN2=_even(s2.q.shape[2], Skv, t2), **_common(q, k, v, tables, options)), cfg,
-            (D, DV, q.dtype, tma), options, q.device)
+    def spec():
+        tma = _use_tma(options, q, dout, *((s2.q, s2.dout) if two else ()))
+        cfg = flex_config("dkdv", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
+                          tiles=_tiles_for(q.dtype, options), tma=tma)
+        # one key head's programs read q and dO of its query heads (of both streams)
+        row_bytes = (D + DV) * q.element_size() * (H // Hkv)
+        order = GridOrder("dkdv", B * Hkv, Skv, "BLOCK_N", row_bytes * (Sq + (s2.q.shape[2] if two else 0)))
+        return (order, dict(ACCUMULATE=add is not None, USE_TMA=tma, TWO_STREAMS=two, HAS_FULL2=t2.has_full,
+                            EVEN2=_even(s2.q.shape[2], Skv, t2), **_common(q, k, v, tables, options)),
+                cfg, (D, DV, q.dtype, tma))
+
+    # (dk, dv allocated here are aligned; into / add are the caller's)
+    second_in = (s2.q, s2.dout, s2.lse, s2.delta) if two else ()
+    plan = _plan_key("dkdv", tables, options, (q_off, into is not None, add is not None, two, s2.q_off,
+                                                t2.layout if two else None),
+                     (q, k, v, lse, delta, dout, *(into or ()), *(add or ()), *second_in), bargs)
+    _launch(kern.module.flex_bwd_dkdv, plan, args, spec, options, q.device)
     return dk, dv
 
 
@@ -431,18 +488,25 @@ def dbwd_rows_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, 
     args = _dbwd_args(q, k, v, out, dout, lse, dlse, gq, gk, gv)
     stats = torch.empty(B, H, Sq, 5, dtype=torch.float32, device=q.device)
     g_do = torch.empty_like(args[4])
-    cfg = flex_config("dbwd_rows", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
-                      tiles=_tiles_for(q.dtype, options, True, max(D, DV)))
     kv_side = (args[1], args[2], args[8], args[9])  # k, v, Gk, Gv
-    tma = _use_tma(options, *kv_side, by_default=False)
-    _launch(kern.module.flex_dbwd_rows, _query_order("dbwd_rows", q, k, v, auto=False),
-            lambda c_: (*args, g_do, stats, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx, H,
+    own_a = _own_args(own, own_cts, lse)
+
+    def spec():
+        tma = _use_tma(options, *kv_side, by_default=False)
+        cfg = flex_config("dbwd_rows", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
+                          tiles=_tiles_for(q.dtype, options, True, max(D, DV)))
+        return (_query_order("dbwd_rows", q, k, v, auto=False),
+                dict(HAS_DLSE=dlse is not None, HAS_SELF=own is not None, USE_TMA=tma,
+                     **_common(q, k, v, tables, options, True)), cfg, (D, DV, q.dtype, "dbwd_rows", tma))
+
+    plan = _plan_key("dbwd_rows", tables, options, (q_off, dlse is None, own is not None),
+                     (*args, *own_a), bargs)
+    _launch(kern.module.flex_dbwd_rows, plan,
+            lambda c_, tma: (*args, g_do, stats, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx, H,
                         Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
-                        tables.full_kv_idx.shape[-1], scale, q_off, *_own_args(own, own_cts, lse),
+                        tables.full_kv_idx.shape[-1], scale, q_off, *own_a,
                         *(_row_descriptors(c_.BLOCK_N, *kv_side) if tma else kv_side), *bargs),
-            dict(HAS_DLSE=dlse is not None, HAS_SELF=own is not None, USE_TMA=tma,
-                 **_common(q, k, v, tables, options, True)), cfg, (D, DV, q.dtype, "dbwd_rows", tma),
-            options, q.device)
+            spec, options, q.device)
     return g_do, stats
 
 
@@ -459,18 +523,25 @@ def dbwd_dq_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, st
         g_kp, g_vp = _own_key_grad_buffers(own, H)
     else:
         g_kp = g_vp = lse
-    cfg = flex_config("dbwd_dq", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
-                      tiles=_tiles_for(q.dtype, options, True, max(D, DV)))
     kv_side = (args[1], args[2], args[8], args[9])  # k, v, Gk, Gv
-    tma = _use_tma(options, *kv_side, by_default=False)
-    _launch(kern.module.flex_dbwd_dq, _query_order("dbwd_dq", q, k, v, auto=False),
-            lambda c_: (*args, g_q, stats, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx, H,
+    own_a = _own_args(own, own_cts, lse)
+
+    def spec():
+        tma = _use_tma(options, *kv_side, by_default=False)
+        cfg = flex_config("dbwd_dq", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
+                          tiles=_tiles_for(q.dtype, options, True, max(D, DV)))
+        return (_query_order("dbwd_dq", q, k, v, auto=False),
+                dict(HAS_DLSE=dlse is not None, HAS_SELF=own is not None, CAPTURED_GRADS=captured_grads,
+                     USE_TMA=tma, **_common(q, k, v, tables, options, True)), cfg, (D, DV, q.dtype, "dbwd_dq", tma))
+
+    plan = _plan_key("dbwd_dq", tables, options, (q_off, dlse is None, own is not None, captured_grads),
+                     (*args, stats, *own_a), bargs)
+    _launch(kern.module.flex_dbwd_dq, plan,
+            lambda c_, tma: (*args, g_q, stats, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx, H,
                         Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
-                        tables.full_kv_idx.shape[-1], scale, q_off, *_own_args(own, own_cts, lse), g_kp, g_vp,
+                        tables.full_kv_idx.shape[-1], scale, q_off, *own_a, g_kp, g_vp,
                         *(_row_descriptors(c_.BLOCK_N, *kv_side) if tma else kv_side), *bargs),
-            dict(HAS_DLSE=dlse is not None, HAS_SELF=own is not None, CAPTURED_GRADS=captured_grads, USE_TMA=tma,
-                 **_common(q, k, v, tables, options, True)), cfg, (D, DV, q.dtype, "dbwd_dq", tma),
-            options, q.device)
+            spec, options, q.device)
     return g_q, ((g_kp, g_vp) if own is not None else None)
 
 
@@ -482,19 +553,24 @@ def dbwd_dkdv_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, 
     Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
     args = _dbwd_args(q, k, v, out, dout, lse, dlse, gq, gk, gv)
     g_k, g_v = into if into is not None else (torch.empty_like(k), torch.empty_like(v))
-    cfg = flex_config("dbwd_dkdv", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
-                      tiles=_tiles_for(q.dtype, options, True, max(D, DV)))
     q_side = (args[0], args[3], args[4], args[7])  # q, O, dO, Gq
-    tma = _use_tma(options, *q_side, by_default=False)
-    order = GridOrder("dbwd_dkdv", B * Hkv, Skv, "BLOCK_N", 0, auto=False)
-    _launch(kern.module.flex_dbwd_dkdv, order,
-            lambda c_: (*args, g_k, g_v, *(add or (g_k, g_v)), stats, tables.q_num, tables.q_idx, tables.full_q_num,
+
+    def spec():
+        tma = _use_tma(options, *q_side, by_default=False)
+        cfg = flex_config("dbwd_dkdv", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
+                          tiles=_tiles_for(q.dtype, options, True, max(D, DV)))
+        return (GridOrder("dbwd_dkdv", B * Hkv, Skv, "BLOCK_N", 0, auto=False),
+                dict(HAS_DLSE=dlse is not None, ACCUMULATE=add is not None, USE_TMA=tma,
+                     **_common(q, k, v, tables, options, True)), cfg, (D, DV, q.dtype, "dbwd_dkdv", tma))
+
+    plan = _plan_key("dbwd_dkdv", tables, options, (q_off, dlse is None, into is not None, add is not None),
+                     (*args, stats, *(into or ()), *(add or ())), bargs)
+    _launch(kern.module.flex_dbwd_dkdv, plan,
+            lambda c_, tma: (*args, g_k, g_v, *(add or (g_k, g_v)), stats, tables.q_num, tables.q_idx, tables.full_q_num,
                         tables.full_q_idx, H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.q_num.shape[-1],
                         tables.q_idx.shape[-1], tables.full_q_idx.shape[-1], scale, q_off,
                         *(_row_descriptors(c_.BLOCK_M, *q_side) if tma else q_side), *bargs),
-            dict(HAS_DLSE=dlse is not None, ACCUMULATE=add is not None, USE_TMA=tma,
-                 **_common(q, k, v, tables, options, True)), cfg, (D, DV, q.dtype, "dbwd_dkdv", tma),
-            options, q.device)
+            spec, options, q.device)
     return g_k, g_v
 
 
@@ -529,14 +605,19 @@ def flex_jvp(kern: ModKernels, q, k, v, dq, dk, dv, scale: float, tables: BlockT
     d_out = torch.empty_like(out)
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
     d_lse = torch.empty_like(lse)
-    cfg = flex_config("jvp", max(D, DV), tables.sparse_q, tables.sparse_kv, options, kern.gathers,
-                      _tiles_for(q.dtype, options))
-    _launch(kern.module.flex_jvp, _query_order("jvp", q, k, v, auto=False),
-            (q, k, v, dq, dk, dv, out, lse, d_out, d_lse, tables.kv_num, tables.kv_idx, tables.full_kv_num,
-             tables.full_kv_idx, H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1],
-             tables.kv_idx.shape[-1], tables.full_kv_idx.shape[-1], scale, q_off,
-             *((own.kp, own.vp, c(own_tangents[0]), c(own_tangents[1]), own.keep) if own is not None else (lse,) * 5),
-             *_buffer_args(buffers, {})),
-            dict(HAS_SELF=own is not None, **_common(q, k, v, tables, options)), cfg, (D, DV, q.dtype, "jvp"),
-            options, q.device)
+    own_a = (own.kp, own.vp, c(own_tangents[0]), c(own_tangents[1]), own.keep) if own is not None else (lse,) * 5
+    bargs = _buffer_args(buffers, {})
+    a = (q, k, v, dq, dk, dv, out, lse, d_out, d_lse, tables.kv_num, tables.kv_idx, tables.full_kv_num,
+         tables.full_kv_idx, H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1],
+         tables.kv_idx.shape[-1], tables.full_kv_idx.shape[-1], scale, q_off, *own_a, *bargs)
+
+    def spec():
+        cfg = flex_config("jvp", max(D, DV), tables.sparse_q, tables.sparse_kv, options, kern.gathers,
+                          _tiles_for(q.dtype, options))
+        return (_query_order("jvp", q, k, v, auto=False),
+                dict(HAS_SELF=own is not None, **_common(q, k, v, tables, options)), cfg, (D, DV, q.dtype, "jvp"))
+
+    plan = _plan_key("jvp", tables, options, (q_off, own is not None),
+                     (q, k, v, dq, dk, dv, *(own_a if own is not None else ())), bargs)
+    _launch(kern.module.flex_jvp, plan, lambda c_, tma: a, spec, options, q.device)
     return out, lse, d_out, d_lse

@@ -6,20 +6,20 @@ compiled kernel up -- 100-150 us of host time per launch on the GPU machine's CP
 us for calling the compiled kernel's launcher directly (``benchmarks/small_s.py``, design D45).  A
 small-S fwd+bwd makes three launches and is host-bound, so this matters there.
 
-``FastLaunches`` remembers, per launch signature, the compiled kernel Triton chose and the
-argument values Triton bound after ours (the constexprs and HEAD_GROUP, in signature order).  The
-signature is conservative: the kernel, the device, the grid, every keyword value, and per
-positional argument the exact value of a number, or (dtype, 16-byte aligned) of a tensor, or
-(dtype, shape, strides, block shape, aligned) of a tensor descriptor.  Everything Triton's choice
-depends on is in it (Triton specializes numbers on their value class only; keying on the exact
-value just makes more entries).  On a miss the launch goes through Triton and the entry is made
-from Triton's own binding of the same arguments.  Triton's internal launcher API is used
-defensively: if any step of building an entry fails, the fast path switches itself off and
+``FastLaunches`` remembers, per *launch plan key*, the compiled kernel Triton chose, the argument
+values Triton bound after ours (the constexprs and HEAD_GROUP, in signature order) and the tile
+configuration the pass settled on.  The key is made by the pass (kernels/flex.py ``_plan_key``)
+from its inputs, before it works out tiles, grid order or constexprs: the pass's flags, the
+block tables' layout, the kernel options, the fp32 matmul precision and, per input tensor, its
+shape, strides, dtype and 16-byte alignment.  Every integer argument of a launch is a shape or
+stride of those, every other tensor argument is allocated by the pass (aligned), so equal keys
+mean an equal grid, equal constexprs and an equal Triton specialization -- a hit skips the
+pass's planning as well as Triton's binding.  On a miss the launch goes through Triton and the
+entry is made from Triton's own binding of the same arguments.  Triton's internal launcher API is
+used defensively: if any step of building an entry fails, the fast path switches itself off and
 every launch goes through ``kernel[grid]``.
 
-Opt-in for now (``FLEXEBT_FAST_LAUNCH=1``): the path is unit-tested with a stand-in kernel and has
-a GPU test against ``kernel[grid]`` (tests/test_gpu_fast_launch.py), which has not yet run on the
-GPU machine; it becomes the default once it has, with its host time measured.
+On by default on CUDA; ``FLEXEBT_FAST_LAUNCH=0`` switches it off (every launch through Triton).
 """
 
 from __future__ import annotations
@@ -27,66 +27,40 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Optional
 
-from torch import Tensor
-
-MAX_ENTRIES = 4096  # launch signatures remembered (cleared when full: shapes churn, kernels stay)
-
-
-def _arg_signature(args: tuple) -> Optional[tuple]:
-    """What of each positional argument Triton's specialization (or the launcher) may depend on;
-    None if an argument is of a kind not known here (such a launch always goes through Triton)."""
-    sig = []
-    for a in args:
-        if isinstance(a, Tensor):
-            sig.append((a.dtype, a.data_ptr() % 16 == 0))
-        elif isinstance(a, (int, float, bool)) or a is None:
-            sig.append((type(a), a))  # type too: True == 1 == 1.0 as dict keys
-        elif hasattr(a, "block_shape") and hasattr(a, "base"):  # a host-side TensorDescriptor
-            sig.append((a.base.dtype, tuple(a.shape), tuple(a.strides), tuple(a.block_shape),
-                        a.base.data_ptr() % 16 == 0))
-        else:
-            return None
-    return tuple(sig)
+MAX_ENTRIES = 4096  # launch plans remembered (cleared when full: shapes churn, kernels stay)
 
 
 class FastLaunches:
-    """Compiled-kernel launchers by launch signature (see the module docstring)."""
+    """Compiled-kernel launchers by launch plan key (see the module docstring)."""
 
     def __init__(self, enabled: Optional[bool] = None):
         if enabled is None:
-            enabled = os.environ.get("FLEXEBT_FAST_LAUNCH", "0") not in ("0", "")
+            enabled = os.environ.get("FLEXEBT_FAST_LAUNCH", "1") not in ("0", "")
         self.enabled = enabled
+        self.device_type = "cuda"  # where launches take the path (tests point it at stand-in kernels on CPU)
         self.hits = 0  # launches re-issued (observability, tests)
         self._entries: dict = {}
 
-    def key(self, kernel, device_index: int, grid: int, args: tuple, kwargs: dict) -> Optional[tuple]:
-        """The launch signature (None if some value cannot be a dict key: never fast)."""
-        sig = _arg_signature(args)
-        if sig is None:
-            return None
-        k = (id(kernel), device_index, grid, tuple(kwargs.items()), sig)
+    def lookup(self, key: tuple, kernel) -> Optional[tuple]:
+        """``(runner, tail, extra)`` remembered for ``key`` and this very kernel object, else None.
+        Call ``runner(*args, *tail)``."""
         try:
-            hash(k)
-        except TypeError:
+            hit = self._entries.get(key)
+        except TypeError:  # an unhashable kernel option: never fast
             return None
-        return k
-
-    def launch(self, key: Optional[tuple], kernel, args: tuple) -> bool:
-        """Launch through the remembered launcher; False if there is none for ``key``."""
-        if key is None:
-            return False
-        hit = self._entries.get(key)
         if hit is None or hit[0] is not kernel:  # (an id can be reused once a kernel is freed)
-            return False
-        hit[1](*args, *hit[2])
+            return None
         self.hits += 1
-        return True
+        return hit[1:]
 
-    def remember(self, key: Optional[tuple], kernel, compiled, grid: int, args: tuple, kwargs: dict,
+    def remember(self, key: tuple, kernel, compiled, grid: int, args: tuple, kwargs: dict, extra: Any = None,
                  binder: Optional[Callable[..., Any]] = None) -> None:
         """Make the entry for ``key`` from the kernel Triton just compiled / found and Triton's
-        binding of the same arguments (``binder``: the kernel's, for tests a stand-in)."""
-        if key is None:
+        binding of the same arguments (``binder``: the kernel's, for tests a stand-in); ``extra``
+        travels with it (the pass's tile configuration)."""
+        try:
+            hash(key)
+        except TypeError:
             return
         try:
             if binder is None:
@@ -105,7 +79,7 @@ class FastLaunches:
             return
         if len(self._entries) >= MAX_ENTRIES:
             self._entries.clear()
-        self._entries[key] = (kernel, runner, tail)
+        self._entries[key] = (kernel, runner, tail, extra)
 
     def clear(self) -> None:
         self._entries.clear()
