@@ -5,7 +5,9 @@
 
 Every row: suite, device, torch, triton, commit, impl, variant, dtype, B, H, S, D, mode, ms,
 tflops, peak_mem_gib.  FLOPs: 4 B H S^2 D per forward (dense), halved for causal; a backward
-counts 2.5x a forward.  Times are medians of triton.testing.do_bench.
+counts 2.5x a forward.  Times are the best of three triton.testing.do_bench medians, with the
+outputs' cotangents made outside the timed step (since commit a775d76; earlier result files
+made them inside and took one median).
 """
 
 from __future__ import annotations
@@ -46,19 +48,26 @@ def b2_variant(name, H, S, device):
     raise KeyError(name)
 
 
-def timed(fn, mode, inputs):
-    """Median ms and peak memory of fwd or fwd+bwd (fn may return a tuple of outputs)."""
+def timed(fn, mode, inputs, repeats: int = 3):
+    """Best of ``repeats`` do_bench medians (ms) and the peak memory of fwd or fwd+bwd (fn may
+    return a tuple of outputs).  The cotangents of the outputs are made once, outside the timed
+    step: at small sizes a call is host-bound on the GPU machine, and two extra tensor ops per
+    step (~100 us of host time each there) would weigh on every implementation alike.  Host-side
+    hiccups only ever slow a run down, so the best of a few medians is the steadier figure."""
     import triton.testing
+
+    first = fn()
+    cts = [torch.full_like(o, 0.01) for o in (first if isinstance(first, (tuple, list)) else (first,))]
+    del first
 
     def step():
         out = fn()
         outs = out if isinstance(out, (tuple, list)) else (out,)
         if mode == "fwd+bwd":
-            torch.autograd.grad(outs, inputs, grad_outputs=[torch.ones_like(o) * 0.01 for o in outs])
+            torch.autograd.grad(outs, inputs, grad_outputs=cts)
         elif mode == "fwd+bwd+dbwd":
             # EBT-style: gradients with create_graph, a loss on them, its gradient w.r.t. the inputs
-            g = torch.autograd.grad(outs, inputs, grad_outputs=[torch.ones_like(o) * 0.01 for o in outs],
-                                    create_graph=True)
+            g = torch.autograd.grad(outs, inputs, grad_outputs=cts, create_graph=True)
             torch.autograd.grad(sum((t.float() ** 2).sum() for t in g), inputs)
         return out
 
@@ -69,7 +78,7 @@ def timed(fn, mode, inputs):
     step()
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
-    ms = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
+    ms = min(triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median") for _ in range(repeats))
     return ms, peak
 
 
