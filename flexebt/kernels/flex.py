@@ -480,33 +480,45 @@ def _own_args(own: Optional[OwnKeys], own_cts, fallback):
     return own.kp, own.vp, own_cts[0].contiguous(), own_cts[1].contiguous(), own.keep
 
 
-def dbwd_rows_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, scale, tables: BlockTables,
-                   bargs: list, options=None, q_off: int = 0, own: Optional[OwnKeys] = None, own_cts=None):
-    """Row statistics (U, W, Bbar, D0, D) and g_do of the double backward."""
+def _dbwd_query_pass(kern: ModKernels, which: str, args: tuple, own_a: tuple, head: tuple, tail: tuple,
+                     inputs: tuple, constexprs: dict, q, k, v, dlse, scale, tables: BlockTables, bargs: list,
+                     options, q_off: int, has_own: bool) -> None:
+    """Launch one of the double backward's passes over query tiles (``which``: dbwd_rows or
+    dbwd_dq).  Their arguments: ``args`` (_dbwd_args), ``head`` (their outputs and the row
+    statistics), the kv-side block tables, ``own_a`` (_own_args), ``tail`` (more outputs), the
+    key-side tiles (descriptors with TMA) and the captured tensors; ``inputs``: tensors read that
+    are not in ``args`` (for the plan key); ``constexprs``: the pass's own."""
     B, H, Sq, D = q.shape
     Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
-    args = _dbwd_args(q, k, v, out, dout, lse, dlse, gq, gk, gv)
-    stats = torch.empty(B, H, Sq, 5, dtype=torch.float32, device=q.device)
-    g_do = torch.empty_like(args[4])
     kv_side = (args[1], args[2], args[8], args[9])  # k, v, Gk, Gv
-    own_a = _own_args(own, own_cts, lse)
 
     def spec():
         tma = _use_tma(options, *kv_side, by_default=False)
-        cfg = flex_config("dbwd_rows", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
+        cfg = flex_config(which, max(D, DV), tables.sparse_q, tables.sparse_kv, options,
                           tiles=_tiles_for(q.dtype, options, True, max(D, DV)))
-        return (_query_order("dbwd_rows", q, k, v, auto=False),
-                dict(HAS_DLSE=dlse is not None, HAS_SELF=own is not None, USE_TMA=tma,
-                     **_common(q, k, v, tables, options, True)), cfg, (D, DV, q.dtype, "dbwd_rows", tma))
+        return (_query_order(which, q, k, v, auto=False),
+                dict(HAS_DLSE=dlse is not None, HAS_SELF=has_own, USE_TMA=tma, **constexprs,
+                     **_common(q, k, v, tables, options, True)), cfg, (D, DV, q.dtype, which, tma))
 
-    plan = _plan_key("dbwd_rows", tables, options, (q_off, dlse is None, own is not None),
-                     (*args, *own_a), bargs)
-    _launch(kern.module.flex_dbwd_rows, plan,
-            lambda c_, tma: (*args, g_do, stats, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx, H,
-                        Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
-                        tables.full_kv_idx.shape[-1], scale, q_off, *own_a,
-                        *(_row_descriptors(c_.BLOCK_N, *kv_side) if tma else kv_side), *bargs),
-            spec, options, q.device)
+    def launch_args(c, tma):
+        return (*args, *head, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx, H, Hkv, Sq, Skv,
+                tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1], tables.full_kv_idx.shape[-1],
+                scale, q_off, *own_a, *tail, *(_row_descriptors(c.BLOCK_N, *kv_side) if tma else kv_side), *bargs)
+
+    plan = _plan_key(which, tables, options, (q_off, dlse is None, has_own, *constexprs.values()),
+                     (*args, *inputs, *own_a), bargs)
+    _launch(getattr(kern.module, f"flex_{which}"), plan, launch_args, spec, options, q.device)
+
+
+def dbwd_rows_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, scale, tables: BlockTables,
+                   bargs: list, options=None, q_off: int = 0, own: Optional[OwnKeys] = None, own_cts=None):
+    """Row statistics (U, W, Bbar, D0, D) and g_do of the double backward."""
+    B, H, Sq, _ = q.shape
+    args = _dbwd_args(q, k, v, out, dout, lse, dlse, gq, gk, gv)
+    stats = torch.empty(B, H, Sq, 5, dtype=torch.float32, device=q.device)
+    g_do = torch.empty_like(args[4])
+    _dbwd_query_pass(kern, "dbwd_rows", args, _own_args(own, own_cts, lse), (g_do, stats), (), (), {}, q, k, v,
+                     dlse, scale, tables, bargs, options, q_off, own is not None)
     return g_do, stats
 
 
@@ -515,33 +527,16 @@ def dbwd_dq_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, st
                  captured_grads: bool = False):
     """g_q of the double backward; with own keys also their g_kp, g_vp per query head (fp32);
     with ``captured_grads`` also the captured tensors' gradients (into the GBUFs of ``bargs``)."""
-    B, H, Sq, D = q.shape
-    Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
+    H = q.shape[1]
     args = _dbwd_args(q, k, v, out, dout, lse, dlse, gq, gk, gv)
     g_q = torch.empty_like(q)
     if own is not None:
         g_kp, g_vp = _own_key_grad_buffers(own, H)
     else:
         g_kp = g_vp = lse
-    kv_side = (args[1], args[2], args[8], args[9])  # k, v, Gk, Gv
-    own_a = _own_args(own, own_cts, lse)
-
-    def spec():
-        tma = _use_tma(options, *kv_side, by_default=False)
-        cfg = flex_config("dbwd_dq", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
-                          tiles=_tiles_for(q.dtype, options, True, max(D, DV)))
-        return (_query_order("dbwd_dq", q, k, v, auto=False),
-                dict(HAS_DLSE=dlse is not None, HAS_SELF=own is not None, CAPTURED_GRADS=captured_grads,
-                     USE_TMA=tma, **_common(q, k, v, tables, options, True)), cfg, (D, DV, q.dtype, "dbwd_dq", tma))
-
-    plan = _plan_key("dbwd_dq", tables, options, (q_off, dlse is None, own is not None, captured_grads),
-                     (*args, stats, *own_a), bargs)
-    _launch(kern.module.flex_dbwd_dq, plan,
-            lambda c_, tma: (*args, g_q, stats, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx, H,
-                        Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
-                        tables.full_kv_idx.shape[-1], scale, q_off, *own_a, g_kp, g_vp,
-                        *(_row_descriptors(c_.BLOCK_N, *kv_side) if tma else kv_side), *bargs),
-            spec, options, q.device)
+    _dbwd_query_pass(kern, "dbwd_dq", args, _own_args(own, own_cts, lse), (g_q, stats), (g_kp, g_vp), (stats,),
+                     dict(CAPTURED_GRADS=captured_grads), q, k, v, dlse, scale, tables, bargs, options, q_off,
+                     own is not None)
     return g_q, ((g_kp, g_vp) if own is not None else None)
 
 
@@ -565,12 +560,13 @@ def dbwd_dkdv_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, 
 
     plan = _plan_key("dbwd_dkdv", tables, options, (q_off, dlse is None, into is not None, add is not None),
                      (*args, stats, *(into or ()), *(add or ())), bargs)
-    _launch(kern.module.flex_dbwd_dkdv, plan,
-            lambda c_, tma: (*args, g_k, g_v, *(add or (g_k, g_v)), stats, tables.q_num, tables.q_idx, tables.full_q_num,
-                        tables.full_q_idx, H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.q_num.shape[-1],
-                        tables.q_idx.shape[-1], tables.full_q_idx.shape[-1], scale, q_off,
-                        *(_row_descriptors(c_.BLOCK_M, *q_side) if tma else q_side), *bargs),
-            spec, options, q.device)
+    def launch_args(c, tma):
+        return (*args, g_k, g_v, *(add or (g_k, g_v)), stats, tables.q_num, tables.q_idx, tables.full_q_num,
+                tables.full_q_idx, H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.q_num.shape[-1],
+                tables.q_idx.shape[-1], tables.full_q_idx.shape[-1], scale, q_off,
+                *(_row_descriptors(c.BLOCK_M, *q_side) if tma else q_side), *bargs)
+
+    _launch(kern.module.flex_dbwd_dkdv, plan, launch_args, spec, options, q.device)
     return g_k, g_v
 
 
