@@ -132,8 +132,9 @@ def _plan_key(name: str, tables: BlockTables, options: Optional[dict], flags: tu
 
 
 def _launch(kernel, plan: tuple, args, spec, options: Optional[dict], device):
-    """Launch ``kernel`` for one pass.  ``plan``: the pass's _plan_key; ``args(cfg)``: the
-    positional arguments for a tile config; ``spec()``: ``(order, constexprs, cfg, shape_key)``,
+    """Launch ``kernel`` for one pass.  ``plan``: the pass's _plan_key; ``args(cfg, use_tma)``:
+    the positional arguments for a tile config, with tensor descriptors where the launch loads
+    through TMA; ``spec()``: ``(order, constexprs, cfg, shape_key)``,
     worked out only when ``plan`` was not seen before.  Such a launch runs on a 1-d grid of
     ``order.tiles(cfg) x order.n_bh`` programs, its HEAD_GROUP argument chosen by
     ``grid.head_group``; if it does not fit in shared memory (a mod that gathers from captured
