@@ -23,11 +23,12 @@ _LOG: list = []
 
 
 def _timed_launch(original):
-    def launch(kernel, order, args, kwargs, cfg, key, options, device):
+    def launch(kernel, plan, args, spec, options, device):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        original(kernel, order, args, kwargs, cfg, key, options, device)
+        original(kernel, plan, args, spec, options, device)
         torch.cuda.synchronize()
+        _, _, cfg, key = spec()  # the pass's planned tiles; _WORKING has what ran if they did not fit
         ran = flex_kernels._WORKING.get((id(kernel), key, cfg), cfg)
         _LOG.append((kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), ran, time.perf_counter() - t0))
     return launch

@@ -141,8 +141,6 @@ def _launch(kernel, plan: tuple, args, spec, options: Optional[dict], device):
     tensors adds pipelined tiles), it is retried with fewer stages, then smaller tiles, and the
     configuration that worked is remembered.  A plan seen before re-issues the remembered launch
     without Triton's binding (launcher.py)."""
-    from triton.runtime.errors import OutOfResources
-
     fast = _FAST.enabled and device.type == _FAST.device_type
     if fast:
         hit = _FAST.lookup((id(kernel), plan), kernel)
@@ -150,6 +148,8 @@ def _launch(kernel, plan: tuple, args, spec, options: Optional[dict], device):
             runner, tail, (cfg, tma) = hit
             runner(*args(cfg, tma), *tail)
             return
+    from triton.runtime.errors import OutOfResources
+
     order, kwargs, cfg, key = spec()
     want = (id(kernel), key, cfg)
     cfg = _WORKING.get(want, cfg)
@@ -288,17 +288,21 @@ def _capability_major(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
 
+_TensorDescriptor = None  # triton.tools.tensor_descriptor.TensorDescriptor, imported on first use
+
+
 def _row_descriptors(block: int, *tensors: Tensor) -> tuple:
     """3-d descriptors over [B * heads, S, D] of contiguous [B, heads, S, D] tensors (K and V, or
     Q and dO, ...), tiles of ``block`` rows by the head dim's power of two: a tile never crosses
     into the next head, and rows past S / columns past D read as zeros.  (The launcher reads the
     base's address and dtype only, so the 4-d tensor itself is the base: no view per launch.)"""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
+    global _TensorDescriptor
+    if _TensorDescriptor is None:  # imported once, not per launch
+        from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
     out = []
     for t in tensors:
         B, H, S, D = t.shape
-        out.append(TensorDescriptor(t, [B * H, S, D], [S * D, D, 1], [1, block, _pow2(D)]))
+        out.append(_TensorDescriptor(t, [B * H, S, D], [S * D, D, 1], [1, block, _pow2(D)]))
     return tuple(out)
 
 
