@@ -48,14 +48,11 @@ def b2_variant(name, H, S, device):
     raise KeyError(name)
 
 
-def timed(fn, mode, inputs, repeats: int = 3):
-    """Best of ``repeats`` do_bench medians (ms) and the peak memory of fwd or fwd+bwd (fn may
-    return a tuple of outputs).  The cotangents of the outputs are made once, outside the timed
-    step: at small sizes a call is host-bound on the GPU machine, and two extra tensor ops per
-    step (~100 us of host time each there) would weigh on every implementation alike.  Host-side
-    hiccups only ever slow a run down, so the best of a few medians is the steadier figure."""
-    import triton.testing
-
+def prepared(fn, mode, inputs):
+    """(step, peak memory in GiB) of fwd or fwd+bwd (fn may return a tuple of outputs).  The
+    cotangents of the outputs are made once, outside the timed step: at small sizes a call is
+    host-bound on the GPU machine, and two extra tensor ops per step (~100 us of host time each
+    there) would weigh on every implementation alike."""
     first = fn()
     cts = [torch.full_like(o, 0.01) for o in (first if isinstance(first, (tuple, list)) else (first,))]
     del first
@@ -77,9 +74,49 @@ def timed(fn, mode, inputs, repeats: int = 3):
     base = torch.cuda.memory_allocated()
     step()
     torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
-    ms = min(triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median") for _ in range(repeats))
-    return ms, peak
+    return step, (torch.cuda.max_memory_allocated() - base) / 2 ** 30
+
+
+def median_ms(step) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
+
+
+def timed(fn, mode, inputs, repeats: int = 3):
+    """Best of ``repeats`` do_bench medians (ms) and the peak memory of fwd or fwd+bwd.
+    Host-side hiccups only ever slow a run down, so the best of a few medians is the steadier
+    figure."""
+    step, peak = prepared(fn, mode, inputs)
+    return min(median_ms(step) for _ in range(repeats)), peak
+
+
+def timed_side_by_side(calls: dict, modes, inputs, repeats: int = 3) -> dict:
+    """``{(name, mode): (ms, peak)}`` for every call and mode, each the best of ``repeats``
+    do_bench medians taken in rounds (every call and mode once per round), so that a slow spell
+    of the host lands on all of them alike rather than on whichever ran then (B2 at S = 1k is
+    host-bound for every implementation on the GPU machine; single runs there swing by tens of %).
+    A call that runs out of memory gets NaN."""
+    steps, best = {}, {}
+    for name, fn in calls.items():
+        for mode in modes:
+            try:
+                steps[name, mode] = prepared(fn, mode, inputs)
+            except torch.OutOfMemoryError:
+                best[name, mode] = (float("nan"), float("nan"))
+                torch.cuda.empty_cache()
+    for _ in range(repeats):
+        for key, (step, peak) in steps.items():
+            ms = median_ms(step)
+            best[key] = (min(ms, best[key][0]) if key in best else ms, peak)
+    return best
+
+
+def parse_impl(impl: str):
+    """``"flexebt:USE_TMA=0;BLOCK_M=64"`` -> ("flexebt", {"USE_TMA": 0, "BLOCK_M": 64}): flexebt with
+    kernel_options, as an implementation of its own in the rows (for A/B runs)."""
+    name, _, opts = impl.partition(":")
+    return name, {k: int(v) for k, v in (x.split("=") for x in opts.split(";") if x)}
 
 
 def run_b2(args, meta, writer):
@@ -100,23 +137,22 @@ def run_b2(args, meta, writer):
                 q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
                 flops = 4 * B * H * S * S * D / 2
                 impls = {
-                    "flexebt": lambda: flexebt.flex_attention(q, k, v, score_mod=sm, block_mask=bm),
                     "torch_flex_compiled": lambda: compiled(q, k, v, score_mod=sm, block_mask=bm),
                 }
                 if variant == "causal":
                     impls["sdpa_causal"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                calls = {}
                 for impl in args.impls:
-                    if impl not in impls:
-                        continue
-                    for mode in args.modes:
-                        try:
-                            ms, peak = timed(impls[impl], mode, [q, k, v])
-                        except torch.OutOfMemoryError:
-                            ms, peak = float("nan"), float("nan")
-                        row = dict(meta, suite="B2", impl=impl, variant=variant, dtype=args.dtype, B=B, H=H, S=S,
-                                   D=D, mode=mode, ms=round(ms, 4),
-                                   tflops=round(flops * MODES[mode] / ms / 1e9, 2), peak_mem_gib=round(peak, 3))
-                        writer(row)
+                    name, opts = parse_impl(impl)
+                    if name == "flexebt":
+                        calls[impl] = (lambda o: lambda: flexebt.flex_attention(q, k, v, score_mod=sm, block_mask=bm,
+                                                                                kernel_options=o or None))(opts)
+                    elif impl in impls:
+                        calls[impl] = impls[impl]
+                for (impl, mode), (ms, peak) in timed_side_by_side(calls, args.modes, [q, k, v]).items():
+                    writer(dict(meta, suite="B2", impl=impl, variant=variant, dtype=args.dtype, B=B, H=H, S=S, D=D,
+                                mode=mode, ms=round(ms, 4), tflops=round(flops * MODES[mode] / ms / 1e9, 2),
+                                peak_mem_gib=round(peak, 3)))
                 del q, k, v
                 torch.cuda.empty_cache()
 

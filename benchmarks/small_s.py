@@ -137,7 +137,9 @@ def main(argv=None):
     p.add_argument("--torch", default=1, type=int, help="also time torch's compiled flex_attention (smallest S)")
     p.add_argument("--cprofile", default=40, type=int,
                    help="fwd+bwd calls profiled at the smallest S (0: none)")
+    p.add_argument("--options", default="", help="kernel_options of the flexebt calls, 'KEY=int,KEY=int'")
     args = p.parse_args(argv)
+    opts = {k: int(v) for k, v in (x.split("=") for x in args.options.split(",") if x)} or None
     bench = lambda f: triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median")  # noqa: E731
     calls = []
     for S in args.S:
@@ -149,7 +151,7 @@ def main(argv=None):
         do = torch.randn(B, H, S, args.D, device="cuda", dtype=torch.bfloat16)
 
         def fwd(q=q, k=k, v=v, sm=sm, bm=bm):
-            return flexebt.flex_attention(q, k, v, score_mod=sm, block_mask=bm)
+            return flexebt.flex_attention(q, k, v, score_mod=sm, block_mask=bm, kernel_options=opts)
 
         def fwd_bwd(fwd=fwd, q=q, k=k, v=v, do=do):
             torch.autograd.grad(fwd(), (q, k, v), do)

@@ -39,8 +39,10 @@ def main():
 
     p = argparse.ArgumentParser()
     p.add_argument("--dims", default="64,128")
-    p.add_argument("--S", type=int, default=4096)
+    p.add_argument("--S", default="4096", help="sequence lengths, comma separated")
     p.add_argument("--B", type=int, default=2)
+    p.add_argument("--tokens", type=int, default=0, help="if set, B = tokens // S (B2's shapes: 16384)")
+    p.add_argument("--torch", type=int, default=1, help="0: skip torch's compiled flex_attention reference")
     p.add_argument("--H", type=int, default=16)
     p.add_argument("--variant", default="causal")
     p.add_argument("--passes", default="fwd,dq,dkdv")
@@ -60,10 +62,10 @@ def main():
     dtype = getattr(torch, a.dtype)
     linear_default = flex_mod._linear_score
     bench = lambda f: triton.testing.do_bench(f, warmup=20, rep=60, return_mode="median")  # noqa: E731
-    for D in [int(x) for x in a.dims.split(",")]:
+    for D, S in itertools.product([int(x) for x in a.dims.split(",")], [int(x) for x in a.S.split(",")]):
         torch._dynamo.reset()
         compiled = torch.compile(torch_flex, dynamic=False)
-        S, B, H = a.S, a.B, a.H
+        B, H = (a.tokens // S if a.tokens else a.B), a.H
         sm, mm = b2_variant(a.variant, H, S, "cuda")
         bm = flexebt.create_block_mask(mm, None, None, S, S, device="cuda")
         q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=dtype) for _ in range(3))
@@ -73,15 +75,18 @@ def main():
         scale = D ** -0.5
         out, lse = flex_forward(kern, q, k, v, scale, tables, bufs, base)
         do = torch.randn_like(out)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
-            t_fwd = bench(lambda: compiled(q, k, v, score_mod=sm, block_mask=bm))
-            t_all = bench(lambda: torch.autograd.grad(compiled(qg, kg, vg, score_mod=sm, block_mask=bm), [qg, kg, vg],
-                                                      do))
-        print(f"D={D} S={S} {a.variant} {a.dtype}{' tf32' if a.tf32 else ''}: torch flex compiled fwd {t_fwd:.3f} ms, "
-              f"fwd+bwd {t_all:.3f} ms "
-              f"(bwd {t_all - t_fwd:.3f})", flush=True)
+        head = f"D={D} S={S} B={B} {a.variant} {a.dtype}{' tf32' if a.tf32 else ''}"
+        if a.torch:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+                t_fwd = bench(lambda: compiled(q, k, v, score_mod=sm, block_mask=bm))
+                t_all = bench(lambda: torch.autograd.grad(compiled(qg, kg, vg, score_mod=sm, block_mask=bm),
+                                                          [qg, kg, vg], do))
+            print(f"{head}: torch flex compiled fwd {t_fwd:.3f} ms, fwd+bwd {t_all:.3f} ms (bwd {t_all - t_fwd:.3f})",
+                  flush=True)
+        else:
+            print(head, flush=True)
         if a.ab:
             key, values = a.ab.split("=")
             for val in [int(x) for x in values.split(",")] * 2:  # twice, interleaved
