@@ -78,10 +78,15 @@ def _flex_config(pass_name: str, head_dim: int, sparse_q: int, sparse_kv: int, o
 # accumulators: smaller tiles, fewer stages.  D64 second order: EBT step, B8 H8 S4096
 # (benchmarks/tune_second_order.py; results/tune_dbwd_h200_ebt_s4096.txt): g_k/g_v pass
 # 8.5 -> 4.0 ms at 64 x 64 with 2 stages, row + g_q passes 5.9 -> 5.1 ms at 64 x 32.
+# D128 dq and dk/dv (session 9; H100, B2 causal, B*S = 16k, H16, S = 1k..8k; benchmarks/tune.py,
+# results/tune_d128_bwd_h100_5aabe51.txt): 64 x 64 tiles, 4 warps, 2 stages for both passes, where
+# they were 128 x 128 (dq) and 64 x 128 (dk/dv) with 8 warps; the backward 0.76 -> 0.65 ms at
+# S1k, 1.16 -> 1.00-1.03 at 2k, ~2.1 -> 1.79-1.82 at 4k, 3.46-3.51 ms at 8k; EBT D128 S4096
+# fwd+bwd 5.56 -> 5.09 ms.
 _BF16 = {
     "fwd": {64: (128, 64, 4, 6), 128: (128, 128, 8, 3), 256: (64, 32, 4, 2)},
-    "dq": {64: (64, 64, 4, 2), 128: (128, 128, 8, 2), 256: (32, 32, 4, 2)},
-    "dkdv": {64: (32, 128, 4, 3), 128: (64, 128, 8, 3), 256: (32, 32, 4, 2)},
+    "dq": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (32, 32, 4, 2)},
+    "dkdv": {64: (32, 128, 4, 3), 128: (64, 64, 4, 2), 256: (32, 32, 4, 2)},
     "dbwd_rows": {64: (64, 32, 4, 3), 128: (64, 32, 4, 2), 256: (32, 32, 4, 1)},
     "dbwd_dq": {64: (64, 32, 4, 3), 128: (64, 32, 4, 2), 256: (32, 32, 4, 1)},
     "dbwd_dkdv": {64: (64, 64, 4, 2), 128: (32, 64, 4, 2), 256: (32, 32, 4, 1)},
