@@ -284,6 +284,29 @@ def test_fp32_product_mode_and_tile_table_per_pass():
     assert cfg(32, "bf16") == cfg(64, "bf16")  # other tables have no D32 class
 
 
+def test_size_dependent_defaults(monkeypatch):
+    """Short key loops (Skv <= SHORT_KV) give the bf16 D128 forward its own tiles, and a pass
+    below TMA_MIN_WORK loads through pointers by default; explicit kernel_options still win."""
+    from flexebt.kernels import configs
+    from flexebt.kernels.flex import TMA_MIN_WORK, _tma_pays
+
+    fwd = lambda kv_len, options=None, tiles="bf16", D=128: configs._flex_config(  # noqa: E731
+        "fwd", D, 128, 128, tuple(sorted((options or {}).items())), False, tiles, False, False,
+        0 < kv_len <= configs.SHORT_KV)
+    short, long_ = fwd(configs.SHORT_KV), fwd(configs.SHORT_KV + 1)
+    assert (short.BLOCK_M, short.BLOCK_N) == (64, 64) and short != long_
+    assert fwd(0) == long_  # kv_len not given
+    assert fwd(512, D=64) == fwd(4096, D=64) and fwd(512, tiles="tf32") == fwd(4096, tiles="tf32")
+    assert fwd(512, {"BLOCK_M": 128, "BLOCK_N": 128}).BLOCK_M == 128
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the GPU's tables, not the interpreter's tiny tiles
+    assert configs.flex_config("fwd", 128, 128, 128, None, kv_len=1000) == short
+    D = 64
+    q = torch.empty(1, 1, 1, D).expand(1, 16, 1024, D)
+    k_small, k_big = (torch.empty(1, 1, 1, D).expand(1, 16, n, D) for n in (TMA_MIN_WORK // (16 * 1024 * D) - 1,
+                                                                            TMA_MIN_WORK // (16 * 1024 * D)))
+    assert not _tma_pays(q, k_small) and _tma_pays(q, k_big)
+
+
 @pytest.mark.parametrize("D,Hkv", [(16, 2), (24, 1)])
 def test_tma_loads_match_pointer_loads(D, Hkv):
     """kernel_options USE_TMA (tiles through tensor descriptors over [B * heads, S, D]: K/V in the

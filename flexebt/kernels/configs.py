@@ -41,17 +41,19 @@ TILE_KEYS = {"fwd": ("BLOCK_M", "BLOCK_N"), "dq": ("BLOCK_M2", "BLOCK_N2"), "dkd
 
 
 def flex_config(pass_name: str, head_dim: int, sparse_q: int, sparse_kv: int, options=None,
-                gathers: bool = False, tiles: str = "bf16", tma: bool = False) -> TileConfig:
+                gathers: bool = False, tiles: str = "bf16", tma: bool = False, kv_len: int = 0) -> TileConfig:
     """``tiles`` names the table: ``"bf16"`` (2-byte inputs), ``"tf32"`` or ``"ieee"`` (fp32 inputs,
     by the matmul-precision policy of SPEC §5); ``tma``: the pass loads its tiles through tensor
-    descriptors (some passes prefer other tiles then)."""
+    descriptors (some passes prefer other tiles then); ``kv_len``: the keys' length, where short
+    key loops prefer other tiles (0: not given)."""
     key = tuple(sorted((k, v) for k, v in options.items() if k != "BACKEND")) if options else ()
-    return _flex_config(pass_name, head_dim, sparse_q, sparse_kv, key, gathers, tiles, interpreting(), tma)
+    short = 0 < kv_len <= SHORT_KV
+    return _flex_config(pass_name, head_dim, sparse_q, sparse_kv, key, gathers, tiles, interpreting(), tma, short)
 
 
 @functools.lru_cache(maxsize=1024)
 def _flex_config(pass_name: str, head_dim: int, sparse_q: int, sparse_kv: int, option_items: tuple,
-                 gathers: bool, tiles: str, interp: bool, tma: bool = False) -> TileConfig:
+                 gathers: bool, tiles: str, interp: bool, tma: bool = False, short_kv: bool = False) -> TileConfig:
     """Tiles of one pass of the single-stream family.
 
     ``options`` (the call's kernel_options) may set the tiles (``BLOCK_M``/``BLOCK_N`` forward and
@@ -59,7 +61,7 @@ def _flex_config(pass_name: str, head_dim: int, sparse_q: int, sparse_kv: int, o
     ``BLOCK_M1``/``BLOCK_N1`` dk/dv and the double backward's dk/dv pass) and ``num_warps`` /
     ``num_stages`` (all passes) or ``<pass>_num_warps`` / ``<pass>_num_stages``.
     """
-    cfg = _default_flex_config(pass_name, head_dim, sparse_q, sparse_kv, gathers, tiles, interp, tma)
+    cfg = _default_flex_config(pass_name, head_dim, sparse_q, sparse_kv, gathers, tiles, interp, tma, short_kv)
     options = dict(option_items)
     km, kn = TILE_KEYS[pass_name]
     m, n = options.get(km, cfg.BLOCK_M), options.get(kn, cfg.BLOCK_N)
@@ -135,16 +137,25 @@ _TF32X3_SECOND_ORDER = {
 # six stages (EBT fwd 0.85-0.86 -> 0.79-0.80 ms; single stream causal B2 H16 0.227 -> 0.221 ms;
 # odd: four stages are slower than three or five, 0.88 ms).
 _BF16_TMA = {"dkdv": {64: (64, 64, 4, 2)}}
+# bf16 where the keys are at most SHORT_KV long: a program's key loop is then at most 8 tiles of
+# 128, and the pipeline's fill and drain weigh more than smaller tiles' lower reuse (H100, B2
+# shapes, benchmarks/bench.py side by side; results/B2_h100_d128_71d0160): D128 forward at S1k
+# causal 0.251 -> 0.237 ms, ALiBi 0.271 -> 0.257, soft-cap 0.358 -> 0.326; at S2k 64 x 64 is
+# no better (0.380 -> 0.386 causal), at 4k slower (0.640 -> 0.694).
+SHORT_KV = 1024
+_BF16_SHORT_KV = {"fwd": {128: (64, 64, 4, 3)}}
 _TABLES = {"bf16": _BF16, "ieee": _IEEE, "tf32": _TF32, "tf32x3": _TF32X3_SECOND_ORDER}
 
 
 def _default_flex_config(pass_name: str, head_dim: int, sparse_q: int, sparse_kv: int, gathers: bool,
-                         tiles: str, interp: bool, tma: bool = False) -> TileConfig:
+                         tiles: str, interp: bool, tma: bool = False, short_kv: bool = False) -> TileConfig:
     if interp:  # tiny tiles keep the interpreter fast
         return TileConfig(MIN_TILE, MIN_TILE, 4, 1)
     table = _TABLES[tiles][pass_name]
     if tma and tiles == "bf16":
         table = {**table, **_BF16_TMA.get(pass_name, {})}
+    if short_kv and tiles == "bf16":
+        table = {**table, **_BF16_SHORT_KV.get(pass_name, {})}
     cls = 32 if head_dim <= 32 and 32 in table else 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
     m, n, warps, stages = table[cls]
     if gathers and pass_name == "fwd" and head_dim <= 64 and tiles == "bf16":

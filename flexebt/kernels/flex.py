@@ -262,12 +262,26 @@ def _linear_score(kern: ModKernels, scale: float) -> bool:
     return kern.traced_score is None and scale > 0
 
 
+# A first-order pass smaller than this (B * H * Sq * Skv * D, the work of its products) loads through
+# pointers by default: each tensor descriptor costs the host ~15-20 us per launch (Triton's
+# launcher encodes it anew every time), which a small pass does not win back.  H100, B2 shapes
+# (B * S = 16k, H16; results/B2_h100_d64_small_71d0160): D64 causal fwd+bwd at S1k (2^34) 0.729 ms
+# with descriptors vs 0.558 without (host-bound), at 2k (2^35) 0.863 vs 0.886 (GPU-bound); design D47.
+TMA_MIN_WORK = 2 ** 35
+
+
+def _tma_pays(q: Tensor, k: Tensor) -> bool:
+    B, H, Sq, D = q.shape
+    return B * H * Sq * k.shape[2] * D >= TMA_MIN_WORK
+
+
 def _use_tma(options: Optional[dict], *tensors: Tensor, by_default: bool = True) -> bool:
     """kernel_options["USE_TMA"] (torch's name): load the tiles of the inner loops through tensor
     descriptors (Hopper's TMA copy engine): K and V in the forward and the dq pass, q and dO in
     the dk/dv pass, the key- or query-side tiles in the double backward's passes.  Default: on
-    for fp16/bf16 CUDA tensors in the first-order passes (measured faster on Hopper), off in the
-    double backward (``by_default=False``: measured 7 % slower there; design D42) and elsewhere.
+    for fp16/bf16 CUDA tensors in the first-order passes of at least ``TMA_MIN_WORK``
+    (``by_default=_tma_pays(q, k)``; measured faster on Hopper), off in the double backward
+    (``by_default=False``: measured 7 % slower there; design D42) and elsewhere.
     A hint: where the GPU has no TMA (compute capability < 9) or a tensor is not contiguous with
     16-byte aligned rows, the pointer loads run instead."""
     t0 = tensors[0]
@@ -324,9 +338,9 @@ def flex_forward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, scale: float
                 tables.full_kv_idx.shape[-1], scale, q_off, kp, vp, keep, *descs, *bargs)
 
     def spec():
-        tma = _use_tma(options, k, v)
+        tma = _use_tma(options, k, v, by_default=_tma_pays(q, k))
         cfg = flex_config("fwd", max(D, DV), tables.sparse_q, tables.sparse_kv, options, kern.gathers,
-                          _tiles_for(q.dtype, options))
+                          _tiles_for(q.dtype, options), kv_len=Skv)
         return (_query_order("fwd", q, k, v),
                 dict(D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), SPARSE_Q=tables.sparse_q,
                      SPARSE_KV=tables.sparse_kv, HAS_FULL=tables.has_full, EVEN=_even(Sq, Skv, tables),
@@ -366,7 +380,7 @@ def dq_pass(kern: ModKernels, q, k, v, out, lse, dout, dlse, scale, tables: Bloc
                 kp, vp, keep, dkp, dvp, *descs, *bargs)
 
     def spec():
-        tma = _use_tma(options, k, v)
+        tma = _use_tma(options, k, v, by_default=_tma_pays(q, k))
         cfg = flex_config("dq", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
                           tiles=_tiles_for(q.dtype, options))
         return (_query_order("dq", q, k, v),
@@ -423,7 +437,7 @@ def dkdv_pass(kern: ModKernels, q, k, v, lse, delta, dout, scale, tables: BlockT
                 t2.MB, t2.MH, t2.q_idx.shape[-1], t2.full_q_idx.shape[-1], s2.q_off, *descs[2:], *bargs)
 
     def spec():
-        tma = _use_tma(options, q, dout, *((s2.q, s2.dout) if two else ()))
+        tma = _use_tma(options, q, dout, *((s2.q, s2.dout) if two else ()), by_default=_tma_pays(q, k))
         cfg = flex_config("dkdv", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
                           tiles=_tiles_for(q.dtype, options), tma=tma)
         # one key head's programs read q and dO of its query heads (of both streams)
