@@ -7,7 +7,7 @@ import flexebt
 from flexebt import masks, mods
 from flexebt.reference.masking import dense_keep
 from helpers import rel_err
-from spec_tolerance import BOUND, check, eager_attention
+from spec_tolerance import check, eager_attention
 
 pytestmark = pytest.mark.gpu
 T = {"BACKEND": "TRITON"}

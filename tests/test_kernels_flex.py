@@ -51,7 +51,6 @@ def run_case(score_f, mask_f, dtype=torch.float32, B=1, H=2, Hkv=None, Sq=33, Sk
         q, k, v = (x.to(x_dtype).requires_grad_() for x in (q0, k0, v0))
         out, lse = flexebt.flex_attention(q, k, v, score_mod=sm, block_mask=bm, enable_gqa=gqa, return_lse=True,
                                           kernel_options=backend)
-        do = torch.ones_like(out) if x_dtype == torch.float64 else None
         return q, k, v, out, lse
 
     q, k, v, out, lse = run(dtype, T)

@@ -215,7 +215,7 @@ class Emitter:
         if dtype is None and "val" in node.meta:
             dtype = node.meta["val"].dtype
         if dtype == torch.bool:
-            return f"(ZERO == 0)" if value else "(ZERO != 0)"
+            return "(ZERO == 0)" if value else "(ZERO != 0)"
         if dtype is not None and not dtype.is_floating_point:
             return f"(ZERO + {int(value)})"
         return f"(ZERO.to(tl.float32) + {_lit(float(value))})"

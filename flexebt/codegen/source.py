@@ -212,8 +212,8 @@ def _build(template: str, score_mod, mask_mod, frame_mask: bool = False) -> ModK
             extra.append(f"fc{k} = ({outs[2 + k]}){f32}")
             extra.append(f"fsc{k} = ({outs[3 + L + k]}){f32}")
         # u gains sum_k Gc_k f_c_k, du/ds gains sum_k Gc_k f_sc_k (template comment above _dbwd_scores)
-        extra.append("ew = " + " + ".join([f"gc{k} * fc{k}" for k in learned] + [f"ZERO.to(tl.float32)"]))
-        extra.append("ewds = " + " + ".join([f"gc{k} * fsc{k}" for k in learned] + [f"ZERO.to(tl.float32)"]))
+        extra.append("ew = " + " + ".join([f"gc{k} * fc{k}" for k in learned] + ["ZERO.to(tl.float32)"]))
+        extra.append("ewds = " + " + ".join([f"gc{k} * fsc{k}" for k in learned] + ["ZERO.to(tl.float32)"]))
         blocks["SCORE_DBWD"] = ["s = s_raw * scale"] + em.lines + [
             f"t2 = ({t_out}) * LOG2E", f"dtds = ({outs[1]}){f32}", f"d2tds2 = ({outs[2 + L]}){f32}"] + extra
         for k in learned:  # g_c_k += gt f_c_k + dt (f_sc_k A + sum_l f_c_k c_l Gc_l)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.fx
