@@ -83,7 +83,8 @@ def _flex_config(pass_name: str, head_dim: int, sparse_q: int, sparse_kv: int, o
 # D128 dq and dk/dv (session 9; H100, B2 causal, B*S = 16k, H16, S = 1k..8k; benchmarks/tune.py,
 # results/tune_d128_bwd_h100_5aabe51.txt): 64 x 64 tiles, 4 warps, 2 stages for both passes, where
 # they were 128 x 128 (dq) and 64 x 128 (dk/dv) with 8 warps; the backward 0.76 -> 0.65 ms at
-# S1k, 1.16 -> 1.00-1.03 at 2k, ~2.1 -> 1.79-1.82 at 4k, 3.46-3.51 ms at 8k; EBT D128 S4096
+# S1k, 1.16 -> 1.00-1.03 at 2k, 2.05 -> 1.79-1.82 at 4k, 3.68 -> 3.46-3.51 ms at 8k (the old
+# tiles re-timed: results/tune_d128_bwd_old_defaults_h100_71d0160.txt); EBT D128 S4096
 # fwd+bwd 5.56 -> 5.09 ms.
 _BF16 = {
     "fwd": {64: (128, 64, 4, 6), 128: (128, 128, 8, 3), 256: (64, 32, 4, 2)},
