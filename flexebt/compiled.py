@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .codegen.source import get_kernels
-from .codegen.trace import captured_tensors, resolve
+from .codegen.identity import captured_tensors, resolve
 from .kernels.flex import BlockTables, flex_backward, flex_forward, tables_from_block_mask
 
 _REGISTRY: dict[str, tuple] = {}  # key -> (ModKernels, buffer paths)

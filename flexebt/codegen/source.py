@@ -21,41 +21,10 @@ from typing import Callable, Optional
 import torch
 
 from .emit import Emitter
-from .trace import TracedMod, captured_tensors, trace_mask_mod, trace_score_mod
+from .identity import captured_tensors, fingerprint
+from .trace import TracedMod, trace_mask_mod, trace_score_mod
 
 TEMPLATES = pathlib.Path(__file__).resolve().parent.parent / "kernels" / "templates"
-
-
-def _fingerprint(obj, seen=None):
-    """A hashable description of a mod: its code, the non-tensor values it closes over, and the
-    dtype / rank / requires_grad of the tensors it reads (not their values)."""
-    seen = set() if seen is None else seen
-    if isinstance(obj, torch.Tensor):
-        return ("T", obj.dtype, obj.dim(), obj.requires_grad, obj.device.type, obj.numel() >= 2 ** 31)
-    if isinstance(obj, (int, float, bool, str, type(None), torch.dtype)):
-        return ("V", type(obj).__name__, obj)
-    if isinstance(obj, (list, tuple)):
-        return ("L",) + tuple(_fingerprint(x, seen) for x in obj)
-    if isinstance(obj, types.FunctionType):
-        if id(obj) in seen:
-            return ("F-rec", obj.__code__)
-        seen.add(id(obj))
-        cells = []
-        for c in obj.__closure__ or ():
-            try:
-                cells.append(_fingerprint(c.cell_contents, seen))
-            except ValueError:
-                cells.append(("empty",))
-        glb = []
-        for name in obj.__code__.co_names:
-            val = obj.__globals__.get(name)
-            if isinstance(val, torch.Tensor) or (isinstance(val, types.FunctionType)
-                                                 and not (val.__module__ or "").startswith("torch")):
-                glb.append((name, _fingerprint(val, seen)))
-        return ("F", obj.__code__, tuple(cells), tuple(glb), obj.__defaults__)
-    if isinstance(obj, types.ModuleType):
-        return ("M", obj.__name__)
-    return ("id", id(obj))  # unknown object: never shared between different objects
 
 
 @dataclasses.dataclass
@@ -104,7 +73,7 @@ def get_kernels(template: str, score_mod: Optional[Callable], mask_mod: Optional
     like the score_mod (``q_idx`` = stream position + ``Q_OFF``), and where ``Q_OFF > 0`` (the
     predicted stream) the observed key at the query's own frame is dropped as well -- so one
     module serves both query streams (SPEC §2), with the streams told apart by ``Q_OFF`` alone."""
-    key = (template, _fingerprint(score_mod), _fingerprint(mask_mod), _interpret(), frame_mask)
+    key = (template, fingerprint(score_mod), fingerprint(mask_mod), _interpret(), frame_mask)
     hit = _CACHE.get(key)
     if hit is None:
         # Building traces the mods with make_fx and autograd. That is code generation, not part of

@@ -20,23 +20,15 @@ inputs of a second function, which runs the first graph and ``torch.autograd.gra
 from __future__ import annotations
 
 import dataclasses
-import types
 from typing import Callable
 
 import torch
 import torch.fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from .identity import Buffer, captured_tensors
+
 aten = torch.ops.aten
-
-
-@dataclasses.dataclass
-class Buffer:
-    """A tensor the mod reads: its slot in the kernel's argument list."""
-
-    tensor: torch.Tensor
-    path: str  # where it was found, e.g. "closure[0]" or "global:bias"
-    steps: tuple = ()  # the same as access steps: ("cell", i), ("item", j), ("global", name)
 
 
 @dataclasses.dataclass
@@ -66,58 +58,6 @@ def _idx(device="cpu"):
 def _trace_device(buffers: list[Buffer]):
     """Trace where the captured tensors live, so indexing them with the trace's indices works."""
     return buffers[0].tensor.device if buffers else torch.device("cpu")
-
-
-def _walk_tensors(fn: Callable, prefix: str, out: list[Buffer], seen: set, steps: tuple = ()) -> None:
-    """Tensors reachable from ``fn``: closure cells, nested functions, named globals."""
-    if id(fn) in seen:
-        return
-    seen.add(id(fn))
-    code = getattr(fn, "__code__", None)
-    for i, cell in enumerate(getattr(fn, "__closure__", None) or ()):
-        try:
-            val = cell.cell_contents
-        except ValueError:  # empty cell
-            continue
-        _visit(val, f"{prefix}closure[{i}]", out, seen, steps + (("cell", i),))
-    if code is not None:
-        g = getattr(fn, "__globals__", {})
-        for name in code.co_names:
-            if name in g:
-                _visit(g[name], f"{prefix}global:{name}", out, seen, steps + (("global", name),), globals_only=True)
-
-
-def _visit(val, path, out, seen, steps, globals_only=False):
-    if isinstance(val, torch.Tensor):
-        if not any(b.tensor is val for b in out):
-            out.append(Buffer(val, path, steps))
-    elif isinstance(val, types.FunctionType):
-        # Nested closures (and_masks, attn_gym builders) and module-level helper functions.
-        if not (globals_only and (val.__module__ or "").startswith("torch")):
-            _walk_tensors(val, path + ".", out, seen, steps)
-    elif isinstance(val, (list, tuple)) and not globals_only:
-        for j, item in enumerate(val):
-            _visit(item, f"{path}[{j}]", out, seen, steps + (("item", j),))
-
-
-def resolve(fn: Callable, steps: tuple):
-    """Follow access steps from ``fn`` (plain attribute and index reads, traceable by dynamo)."""
-    obj = fn
-    for kind, arg in steps:
-        if kind == "cell":
-            obj = obj.__closure__[arg].cell_contents
-        elif kind == "item":
-            obj = obj[arg]
-        else:
-            obj = obj.__globals__[arg]
-    return obj
-
-
-def captured_tensors(fn: Callable) -> list[Buffer]:
-    """The tensors a mod captures, in a deterministic order."""
-    out: list[Buffer] = []
-    _walk_tensors(fn, "", out, set())
-    return out
 
 
 def _constant_map(gm: torch.fx.GraphModule, buffers: list[Buffer]) -> dict[str, int]:
