@@ -9,76 +9,39 @@ The emitted lines run inside a kernel tile, where these names exist:
     kv_idx   int32 [1, BLOCK_N]        key position, clamped into [0, Skv)
     VALID    bool  [BLOCK_M, BLOCK_N]  the tile positions inside the tensors
     ZERO     int32 [BLOCK_M, BLOCK_N]  zeros, to broadcast a value to the tile
-    BUF{k}, BUF{k}_S{d}                pointer and strides of captured tensor k
-    GBUF{k}                            fp32 gradient buffer of captured tensor k
+    IDXERR                             int32 flag, set to 0 when a load's index is out of range
+    BUF{k}, BUF{k}_S{d}, BUF{k}_N{d}   pointer, strides and sizes of captured tensor k
+    GBUF{k}                            fp32 gradient buffer of captured tensor k (same strides)
     CBUF{k}                            cotangent of its first-order gradient (double backward)
 
-Each graph node becomes one assignment ``{prefix}{name} = <expr>``.  Unsupported ops raise
-``NotImplementedError`` naming the op and listing the supported ones.
+Each graph node becomes one assignment ``{prefix}{tag}{name} = <expr>`` (the tag keeps the nodes of
+two graphs emitted into one kernel apart), cast to the dtype torch gives that node, so integer and
+boolean arithmetic, type promotion and rounding of 16-bit casts follow torch.  Floating values are
+computed in fp32 (a float64 captured tensor is read in fp32).
+
+``OPS`` is the table of supported aten ops: how each is written in Triton, with torch's semantics
+where Triton's operators differ (``//`` and ``%`` truncate in Triton and floor in torch; ``x ** e``
+of a negative base; NaN propagation of max / min).  ``supported_ops()`` and the documentation are
+generated from it, and tests/test_op_table.py checks every entry against torch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
+import re
+from typing import Callable, Optional
 
 import torch
 import torch.fx
 
 aten = torch.ops.aten
+prims = torch.ops.prims
 
-_BINARY = {
-    aten.add.Tensor: "({0} + {1})", aten.add.Scalar: "({0} + {1})",
-    aten.sub.Tensor: "({0} - {1})", aten.sub.Scalar: "({0} - {1})", aten.rsub.Scalar: "({1} - {0})",
-    aten.mul.Tensor: "({0} * {1})", aten.mul.Scalar: "({0} * {1})",
-    aten.div.Tensor: "({0} / {1})", aten.div.Scalar: "({0} / {1})",
-    aten.eq.Tensor: "({0} == {1})", aten.eq.Scalar: "({0} == {1})",
-    aten.ne.Tensor: "({0} != {1})", aten.ne.Scalar: "({0} != {1})",
-    aten.lt.Tensor: "({0} < {1})", aten.lt.Scalar: "({0} < {1})",
-    aten.le.Tensor: "({0} <= {1})", aten.le.Scalar: "({0} <= {1})",
-    aten.gt.Tensor: "({0} > {1})", aten.gt.Scalar: "({0} > {1})",
-    aten.ge.Tensor: "({0} >= {1})", aten.ge.Scalar: "({0} >= {1})",
-    aten.bitwise_and.Tensor: "({0} & {1})", aten.bitwise_and.Scalar: "({0} & {1})",
-    aten.bitwise_or.Tensor: "({0} | {1})", aten.bitwise_or.Scalar: "({0} | {1})",
-    aten.bitwise_xor.Tensor: "({0} ^ {1})", aten.bitwise_xor.Scalar: "({0} ^ {1})",
-    aten.logical_and.default: "({0} & {1})", aten.logical_or.default: "({0} | {1})",
-    aten.logical_xor.default: "({0} ^ {1})",
-    aten.maximum.default: "tl.maximum({0}, {1})", aten.minimum.default: "tl.minimum({0}, {1})",
-    aten.pow.Tensor_Tensor: "tl.exp2(tl.log2({0}) * {1})",
-    aten.remainder.Scalar: "({0} % {1})", aten.remainder.Tensor: "({0} % {1})",
-    aten.floor_divide.default: "({0} // {1})",
-    # d/dx tanh given y = tanh(x): g (1 - y^2); sigmoid: g y (1 - y)
-    aten.tanh_backward.default: "({0} * (1.0 - {1} * {1}))",
-    aten.sigmoid_backward.default: "({0} * {1} * (1.0 - {1}))",
-}
-_UNARY = {
-    aten.neg.default: "(-{0})", aten.abs.default: "tl.abs({0})",
-    aten.exp.default: "tl.exp({0})", aten.exp2.default: "tl.exp2({0})",
-    aten.log.default: "tl.log({0})", aten.log2.default: "tl.log2({0})",
-    aten.sqrt.default: "tl.sqrt({0})", aten.rsqrt.default: "tl.rsqrt({0})",
-    aten.sigmoid.default: "tl.sigmoid({0})", aten.sin.default: "tl.sin({0})", aten.cos.default: "tl.cos({0})",
-    aten.reciprocal.default: "(1.0 / {0})",
-    # tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|): accurate for small and large |x|.
-    aten.tanh.default: "tl.where({0} >= 0, 1.0, -1.0) * (1.0 - tl.exp(-2.0 * tl.abs({0}))) / "
-                       "(1.0 + tl.exp(-2.0 * tl.abs({0})))",
-    aten.bitwise_not.default: "(~{0})", aten.logical_not.default: "(~{0})",
-    aten.floor.default: "tl.floor({0})", aten.ceil.default: "tl.ceil({0})",
-}
-_IDENTITY = {aten.detach.default, aten.alias.default, aten.clone.default, aten.expand.default, aten.view.default,
-             aten.sum.default, aten.lift_fresh_copy.default, aten._unsafe_view.default, aten.squeeze.default,
-             aten.unsqueeze.default, aten.reshape.default}
 _TL_DTYPE = {torch.float32: "tl.float32", torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16",
-             torch.float64: "tl.float64", torch.int32: "tl.int32", torch.int64: "tl.int64", torch.int16: "tl.int16",
+             torch.float64: "tl.float32", torch.int32: "tl.int32", torch.int64: "tl.int64", torch.int16: "tl.int16",
              torch.int8: "tl.int8", torch.uint8: "tl.uint8", torch.bool: "tl.int1"}
-
-
-def supported_ops() -> list[str]:
-    ops = list(_BINARY) + list(_UNARY) + list(_IDENTITY) + [
-        aten.where.self, aten.where.ScalarSelf, aten.where.ScalarOther, aten.clamp.default, aten.clamp.Tensor,
-        aten.index.Tensor, aten._to_copy.default, aten.ones_like.default, aten.zeros_like.default,
-        aten.full_like.default, aten.new_ones.default, aten.new_zeros.default, aten.pow.Tensor_Scalar,
-        aten.scalar_tensor.default, aten.threshold_backward.default]
-    return sorted(str(o) for o in ops)
 
 
 def _lit(v) -> str:
@@ -92,155 +55,531 @@ def _lit(v) -> str:
         return repr(v)
     if isinstance(v, int):
         return repr(v)
+    if isinstance(v, torch.dtype):
+        return _TL_DTYPE[v]
     raise NotImplementedError(f"flexebt codegen: constant {v!r} of type {type(v).__name__} is not supported.")
+
+
+@dataclasses.dataclass
+class Op:
+    """How one aten op is written: ``emit(em, node, a)`` returns the expression; ``a(i)`` is the
+    code of argument i.  ``doc``: the torch spelling shown to users."""
+
+    emit: Callable
+    doc: str
+    unary_float: bool = False  # a float -> float function the op table test samples densely
+
+
+OPS: dict = {}
+
+
+def _op(targets, doc, unary_float=False):
+    def register(fn):
+        for t in targets:
+            OPS[t] = Op(fn, doc, unary_float)
+        return fn
+    return register
+
+
+def _fmt(targets, pattern, doc, unary_float=False):
+    n_args = 1 + max(int(i) for i in re.findall(r"\{(\d+)\}", pattern))
+    _op(targets, doc, unary_float)(lambda em, node, a, p=pattern, n=n_args: p.format(*(a(i) for i in range(n))))
+
+
+def _is_float(x) -> bool:
+    if isinstance(x, float):
+        return True
+    return isinstance(x, torch.fx.Node) and isinstance(x.meta.get("val"), torch.Tensor) \
+        and x.meta["val"].is_floating_point()
+
+
+def _dtype(x):
+    if isinstance(x, torch.fx.Node) and isinstance(x.meta.get("val"), torch.Tensor):
+        return x.meta["val"].dtype
+    return None
+
+
+def _is_bool(x) -> bool:
+    return isinstance(x, bool) or _dtype(x) == torch.bool
+
+
+# --- arithmetic ----------------------------------------------------------------------------------
+# torch adds and multiplies bool tensors as logical or / and (True + True is True).
+@_op([aten.add.Tensor, aten.add.Scalar, prims.add.default], "+ / torch.add")
+def _add(em, node, a):
+    alpha = node.kwargs.get("alpha", 1)
+    if _dtype(node) == torch.bool:
+        return f"({a(0)} | {a(1)})"
+    return f"({a(0)} + {a(1)})" if alpha == 1 else f"({a(0)} + {_lit(alpha)} * {a(1)})"
+
+
+@_op([aten.sub.Tensor, aten.sub.Scalar, prims.sub.default], "- / torch.sub")
+def _sub(em, node, a):
+    alpha = node.kwargs.get("alpha", 1)
+    return f"({a(0)} - {a(1)})" if alpha == 1 else f"({a(0)} - {_lit(alpha)} * {a(1)})"
+
+
+@_op([aten.rsub.Scalar, aten.rsub.Tensor], "rsub")
+def _rsub(em, node, a):
+    alpha = node.kwargs.get("alpha", 1)
+    return f"({a(1)} - {a(0)})" if alpha == 1 else f"({a(1)} - {_lit(alpha)} * {a(0)})"
+
+
+@_op([aten.mul.Tensor, aten.mul.Scalar, prims.mul.default], "* / torch.mul")
+def _mul(em, node, a):
+    if _dtype(node) == torch.bool:
+        return f"({a(0)} & {a(1)})"
+    return f"({a(0)} * {a(1)})"
+
+
+# True division always gives a float (torch promotes integers), so compute it in fp32.
+_op([aten.div.Tensor, aten.div.Scalar, prims.div.default], "/ / torch.div")(
+    lambda em, node, a: f"(({a(0)}).to(tl.float32) / ({a(1)}).to(tl.float32))"
+    if not (_is_float(node.args[0]) and _is_float(node.args[1])) else f"({a(0)} / {a(1)})")
+
+
+def _floor_div(em, node, x, y, floating: bool) -> str:
+    """torch's floor division.  Integers: Triton's // truncates, so step down by one where the
+    remainder is non-zero and its sign differs from the divisor's.  Floats: torch's algorithm --
+    divide the exact multiple ``x - fmod(x, y)``, correct by one for the sign, round the quotient
+    to the nearest integer (it is one up to rounding), keep the sign of zero and y = 0."""
+    v = em.tmp(node)
+    if not floating:
+        em.lines.append(f"{v}_q = {x} // {y}")
+        em.lines.append(f"{v}_r = {x} - {v}_q * {y}")
+        return f"({v}_q - (({v}_r != 0) & (({v}_r < 0) != ({y} < 0))).to({v}_q.dtype))"
+    em.lines.append(f"{v}_x = ({x}).to(tl.float32)")
+    em.lines.append(f"{v}_y = ({y}).to(tl.float32)")
+    em.lines.append(f"{v}_m = {v}_x % {v}_y")  # fmod on floats, in Triton as in C
+    em.lines.append(f"{v}_d = ({v}_x - {v}_m) / {v}_y")
+    em.lines.append(f"{v}_d = tl.where(({v}_m != 0) & (({v}_y < 0) != ({v}_m < 0)), {v}_d - 1.0, {v}_d)")
+    em.lines.append(f"{v}_f = tl.floor({v}_d)")
+    em.lines.append(f"{v}_f = tl.where({v}_d - {v}_f > 0.5, {v}_f + 1.0, {v}_f)")
+    em.lines.append(f"{v}_f = tl.where({v}_d == 0, tl.where({v}_x / {v}_y < 0, -0.0, 0.0), {v}_f)")
+    return f"tl.where({v}_y == 0, {v}_x / {v}_y, {v}_f)"
+
+
+def _remainder(em, node, x, y, floating: bool) -> str:
+    """torch.remainder / %: the result takes the divisor's sign (Triton's % is C's fmod)."""
+    v = em.tmp(node)
+    if floating:
+        x, y = f"({x}).to(tl.float32)", f"({y}).to(tl.float32)"
+    em.lines.append(f"{v}_y = {y}")
+    em.lines.append(f"{v}_r = {x} % {v}_y")
+    return f"tl.where(({v}_r != 0) & (({v}_r < 0) != ({v}_y < 0)), {v}_r + {v}_y, {v}_r)"
+
+
+def _trunc(x: str) -> str:
+    return f"tl.where({x} < 0, tl.ceil({x}), tl.floor({x}))"
+
+
+@_op([aten.floor_divide.default, aten.floor_divide.Scalar], "// / torch.floor_divide")
+def _floordiv(em, node, a):
+    return _floor_div(em, node, a(0), a(1), _is_float(node))
+
+
+@_op([aten.div.Tensor_mode, aten.div.Scalar_mode], "torch.div(rounding_mode='floor' | 'trunc')")
+def _div_mode(em, node, a):
+    mode = node.kwargs.get("rounding_mode", node.args[2] if len(node.args) > 2 else None)
+    floating = _is_float(node)
+    if mode == "floor":
+        return _floor_div(em, node, a(0), a(1), floating)
+    if mode == "trunc":
+        if not floating:
+            return f"({a(0)} // {a(1)})"  # Triton's integer division truncates, like C
+        return _trunc(f"(({a(0)}).to(tl.float32) / ({a(1)}).to(tl.float32))")
+    return f"(({a(0)}).to(tl.float32) / ({a(1)}).to(tl.float32))"
+
+
+_op([aten.remainder.Tensor, aten.remainder.Scalar], "% / torch.remainder")(
+    lambda em, node, a: _remainder(em, node, a(0), a(1), _is_float(node)))
+_op([aten.remainder.Scalar_Tensor], "torch.remainder(number, tensor)")(
+    lambda em, node, a: _remainder(em, node, a(0), a(1), _is_float(node)))
+_fmt([aten.fmod.Tensor, aten.fmod.Scalar], "({0} % {1})", "torch.fmod")
+
+
+# --- powers --------------------------------------------------------------------------------------
+def _int_power(x: str, e: int) -> str:
+    """x ** e for an integer e by repeated squaring (exact for negative bases)."""
+    if e == 0:
+        return f"({x} * 0 + 1)"
+    result, base, n = None, x, abs(e)
+    while n:
+        if n & 1:
+            result = base if result is None else f"({result} * {base})"
+        n >>= 1
+        if n:
+            base = f"({base} * {base})"
+    return result if e > 0 else f"(1.0 / {result})"
+
+
+def _general_power(em, node, x: str, y: str) -> str:
+    """x ** y for float x and y: |x|^y = exp2(y log2|x|); a negative base gives a real result only
+    for an integral y (its sign from y's parity), else NaN; x ** 0 = 1 and 1 ** y = 1, also NaN."""
+    v = em.tmp(node)
+    em.lines.append(f"{v}_x = ({x}).to(tl.float32) + ZERO.to(tl.float32)")
+    em.lines.append(f"{v}_y = ({y}).to(tl.float32) + ZERO.to(tl.float32)")
+    em.lines.append(f"{v}_m = tl.exp2(tl.log2(tl.abs({v}_x)) * {v}_y)")
+    em.lines.append(f"{v}_int = tl.floor({v}_y) == {v}_y")
+    em.lines.append(f"{v}_odd = {v}_int & (({v}_y - 2.0 * tl.floor({v}_y * 0.5)) == 1.0)")
+    em.lines.append(f"{v}_m = tl.where({v}_x < 0, tl.where({v}_int, tl.where({v}_odd, -{v}_m, {v}_m), float('nan')), "
+                    f"{v}_m)")
+    return f"tl.where(({v}_y == 0) | ({v}_x == 1.0), 1.0, {v}_m)"
+
+
+@_op([aten.pow.Tensor_Scalar], "** / torch.pow (tensor ** number)")
+def _pow_scalar(em, node, a):
+    e = node.args[1]
+    if isinstance(e, float) and e.is_integer() and abs(e) <= 64:
+        e = int(e)
+    if isinstance(e, int) and not isinstance(e, bool) and abs(e) <= 64:
+        if e < 0 and not _is_float(node):
+            raise NotImplementedError("flexebt codegen: integers to negative integer powers are not allowed")
+        x = a(0) if _is_float(node) or e >= 0 else f"({a(0)}).to(tl.float32)"
+        return _int_power(x, e)
+    if e == 0.5:  # sqrt, except pow(-inf, 0.5) = inf
+        return f"tl.where({a(0)} == float('-inf'), float('inf'), tl.sqrt({a(0)}))"
+    return _general_power(em, node, a(0), _lit(float(e)))
+
+
+@_op([aten.pow.Tensor_Tensor], "** / torch.pow (tensor ** tensor)")
+def _pow_tensor(em, node, a):
+    if not _is_float(node):
+        raise NotImplementedError("flexebt codegen: integer tensor ** integer tensor is not supported; cast to float "
+                                  "or use a constant exponent")
+    return _general_power(em, node, a(0), a(1))
+
+
+@_op([aten.pow.Scalar], "** / torch.pow (number ** tensor)")
+def _pow_base(em, node, a):
+    if not _is_float(node):
+        raise NotImplementedError("flexebt codegen: an integer number ** integer tensor is not supported; use a float "
+                                  "base (2.0 ** x)")
+    return _general_power(em, node, a(0), a(1))
+
+
+_fmt([aten.square.default], "({0} * {0})", "torch.square")
+
+
+# --- comparisons and logic -----------------------------------------------------------------------
+for _t, _sym in (("eq", "=="), ("ne", "!="), ("lt", "<"), ("le", "<="), ("gt", ">"), ("ge", ">=")):
+    _fmt([getattr(aten, _t).Tensor, getattr(aten, _t).Scalar], f"({{0}} {_sym} {{1}})", f"{_sym} / torch.{_t}")
+for _t, _sym in (("bitwise_and", "&"), ("bitwise_or", "|"), ("bitwise_xor", "^")):
+    _fmt([getattr(aten, _t).Tensor, getattr(aten, _t).Scalar], f"({{0}} {_sym} {{1}})", f"{_sym} / torch.{_t}")
+_fmt([aten.logical_and.default], "(({0} != 0) & ({1} != 0))", "torch.logical_and")
+_fmt([aten.logical_or.default], "(({0} != 0) | ({1} != 0))", "torch.logical_or")
+_fmt([aten.logical_xor.default], "(({0} != 0) ^ ({1} != 0))", "torch.logical_xor")
+_fmt([aten.logical_not.default], "({0} == 0)", "torch.logical_not / ~ on bool")
+_op([aten.bitwise_not.default], "~ / torch.bitwise_not")(
+    lambda em, node, a: f"({a(0)} == 0)" if _is_bool(node) else f"(~{a(0)})")
+_fmt([aten.__rshift__.Scalar, aten.__rshift__.Tensor, aten.bitwise_right_shift.Tensor,
+      aten.bitwise_right_shift.Tensor_Scalar], "({0} >> {1})", ">> / torch.bitwise_right_shift")
+_fmt([aten.__lshift__.Scalar, aten.__lshift__.Tensor, aten.bitwise_left_shift.Tensor,
+      aten.bitwise_left_shift.Tensor_Scalar], "({0} << {1})", "<< / torch.bitwise_left_shift")
+_fmt([aten.isnan.default], "({0} != {0})", "torch.isnan")
+_fmt([aten.isinf.default], "(tl.abs({0}) == float('inf'))", "torch.isinf")
+_fmt([aten.isfinite.default], "(tl.abs({0}) < float('inf'))", "torch.isfinite")
+
+
+@_op([aten.where.self, aten.where.ScalarSelf, aten.where.ScalarOther, aten.where.Scalar], "torch.where")
+def _where(em, node, a):
+    return f"tl.where({a(0)}, {a(1)}, {a(2)})"
+
+
+# --- min / max / clamp: NaN propagates as in torch ------------------------------------------------
+def _max(x, y, floating):
+    return f"tl.maximum({x}, {y}, propagate_nan=tl.PropagateNan.ALL)" if floating else f"tl.maximum({x}, {y})"
+
+
+def _min(x, y, floating):
+    return f"tl.minimum({x}, {y}, propagate_nan=tl.PropagateNan.ALL)" if floating else f"tl.minimum({x}, {y})"
+
+
+_op([aten.maximum.default, aten.max.other], "torch.maximum")(lambda em, node, a: _max(a(0), a(1), _is_float(node)))
+_op([aten.minimum.default, aten.min.other], "torch.minimum")(lambda em, node, a: _min(a(0), a(1), _is_float(node)))
+
+
+@_op([aten.clamp.default, aten.clamp.Tensor, aten.clamp_min.default, aten.clamp_min.Tensor, aten.clamp_max.default,
+      aten.clamp_max.Tensor], "torch.clamp / clamp_min / clamp_max")
+def _clamp(em, node, a):
+    t, args = node.target, node.args
+    if t in (aten.clamp_min.default, aten.clamp_min.Tensor):
+        lo, hi = args[1], None
+    elif t in (aten.clamp_max.default, aten.clamp_max.Tensor):
+        lo, hi = None, args[1]
+    else:
+        lo = args[1] if len(args) > 1 else node.kwargs.get("min")
+        hi = args[2] if len(args) > 2 else node.kwargs.get("max")
+    x, floating = a(0), _is_float(node)
+    if lo is not None:
+        x = _max(x, em.arg(lo), floating)
+    if hi is not None:
+        x = _min(x, em.arg(hi), floating)
+    return x
+
+
+# --- elementwise functions -----------------------------------------------------------------------
+_fmt([aten.neg.default], "(-{0})", "- (negation)")
+_op([aten.abs.default], "torch.abs")(lambda em, node, a: f"tl.abs({a(0)})")
+_fmt([aten.exp.default], "tl.exp({0})", "torch.exp", True)
+_fmt([aten.exp2.default], "tl.exp2({0})", "torch.exp2", True)
+_fmt([aten.log.default], "tl.log({0})", "torch.log", True)
+_fmt([aten.log2.default], "tl.log2({0})", "torch.log2", True)
+_fmt([aten.log10.default], "(tl.log({0}) * 0.4342944819032518)", "torch.log10", True)
+_fmt([aten.sqrt.default], "tl.sqrt({0})", "torch.sqrt", True)
+_fmt([aten.rsqrt.default], "(1.0 / tl.sqrt({0}))", "torch.rsqrt", True)
+_fmt([aten.reciprocal.default], "(1.0 / {0})", "torch.reciprocal", True)
+_fmt([aten.sigmoid.default], "(1.0 / (1.0 + tl.exp(-{0})))", "torch.sigmoid", True)
+_fmt([aten.sin.default], "tl.sin({0})", "torch.sin", True)
+_fmt([aten.cos.default], "tl.cos({0})", "torch.cos", True)
+_fmt([aten.tan.default], "(tl.sin({0}) / tl.cos({0}))", "torch.tan", True)
+_fmt([aten.erf.default], "tl.erf({0})", "torch.erf", True)
+_fmt([aten.floor.default], "tl.floor({0})", "torch.floor", True)
+_fmt([aten.ceil.default], "tl.ceil({0})", "torch.ceil", True)
+_op([aten.trunc.default, prims.trunc.default], "torch.trunc", True)(lambda em, node, a: _trunc(a(0)))
+_op([aten.frac.default], "torch.frac", True)(lambda em, node, a: f"({a(0)} - {_trunc(a(0))})")
+# tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|): accurate for small and large |x|.
+_fmt([aten.tanh.default], "(tl.where({0} >= 0, 1.0, -1.0) * (1.0 - tl.exp(-2.0 * tl.abs({0}))) / "
+     "(1.0 + tl.exp(-2.0 * tl.abs({0}))))", "torch.tanh", True)
+
+
+@_op([aten.expm1.default], "torch.expm1", True)
+def _expm1(em, node, a):
+    """exp(x) - 1 without cancellation near 0: with u = exp(x), (u - 1) x / log(u) (Kahan)."""
+    v = em.tmp(node)
+    em.lines.append(f"{v}_x = ({a(0)}).to(tl.float32)")
+    em.lines.append(f"{v}_u = tl.exp({v}_x)")
+    em.lines.append(f"{v}_l = tl.log({v}_u)")
+    return (f"tl.where({v}_u == 1.0, {v}_x, tl.where(({v}_u - 1.0 == -1.0) | ({v}_u == float('inf')), {v}_u - 1.0, "
+            f"({v}_u - 1.0) * {v}_x / tl.where({v}_l == 0, 1.0, {v}_l)))")
+
+
+@_op([aten.log1p.default], "torch.log1p", True)
+def _log1p(em, node, a):
+    """log(1 + x) without cancellation near 0: with u = 1 + x, log(u) x / (u - 1) (Kahan)."""
+    v = em.tmp(node)
+    em.lines.append(f"{v}_x = ({a(0)}).to(tl.float32)")
+    em.lines.append(f"{v}_u = 1.0 + {v}_x")
+    return (f"tl.where({v}_u == 1.0, {v}_x, tl.where({v}_u == float('inf'), tl.log({v}_u), "
+            f"tl.log({v}_u) * {v}_x / tl.where({v}_u == 1.0, 1.0, {v}_u - 1.0)))")
+
+
+@_op([aten.sinh.default], "torch.sinh", True)
+def _sinh(em, node, a):
+    """sinh x = (e + e / (e + 1)) / 2 with e = expm1(x): accurate near 0."""
+    e = _expm1(em, node, a)
+    v = em.tmp(node)
+    em.lines.append(f"{v}_e = {e}")
+    return f"tl.where(tl.abs({v}_x) > 20.0, tl.where({v}_x > 0, 0.5, -0.5) * tl.exp(tl.abs({v}_x)), " \
+           f"0.5 * ({v}_e + {v}_e / ({v}_e + 1.0)))"
+
+
+_fmt([aten.cosh.default], "(0.5 * (tl.exp({0}) + tl.exp(-{0})))", "torch.cosh", True)
+
+
+@_op([aten.sign.default, aten.sgn.default, prims.sign.default], "torch.sign / torch.sgn", True)
+def _sign(em, node, a):
+    x = a(0)
+    if not _is_float(node):
+        return f"(({x} > 0).to(tl.int32) - ({x} < 0).to(tl.int32))"
+    return f"tl.where({x} != {x}, {x}, tl.where({x} > 0, 1.0, tl.where({x} < 0, -1.0, 0.0)))"
+
+
+@_op([aten.round.default, prims.round.default], "torch.round", True)
+def _round(em, node, a):
+    """Half to even, like torch: floor, then up where the fraction is above one half, or exactly one
+    half and the floor is odd (|x| >= 2**23 is already an integer in fp32)."""
+    v = em.tmp(node)
+    em.lines.append(f"{v}_x = {a(0)}")
+    em.lines.append(f"{v}_f = tl.floor({v}_x)")
+    em.lines.append(f"{v}_d = {v}_x - {v}_f")
+    em.lines.append(f"{v}_odd = ({v}_f - 2.0 * tl.floor({v}_f * 0.5)) != 0")
+    return f"tl.where(({v}_d > 0.5) | (({v}_d == 0.5) & {v}_odd), {v}_f + 1.0, {v}_f)"
+
+
+# --- derivatives autograd records ----------------------------------------------------------------
+# d/dx tanh given y = tanh(x): g (1 - y^2); sigmoid: g y (1 - y)
+_fmt([aten.tanh_backward.default], "({0} * (1.0 - {1} * {1}))", "(tanh derivative)")
+_fmt([aten.sigmoid_backward.default], "({0} * {1} * (1.0 - {1}))", "(sigmoid derivative)")
+_op([aten.threshold_backward.default], "(relu derivative)")(
+    lambda em, node, a: f"tl.where({a(1)} <= {a(2)}, 0.0, {a(0)})")
+
+
+# --- values and casts ----------------------------------------------------------------------------
+@_op([aten._to_copy.default, prims.convert_element_type.default], "Tensor.to(dtype) / .float() / .long()")
+def _to(em, node, a):
+    return a(0)  # the cast to the node's dtype is added by the emitter
+
+
+def _fill_of(node, value):
+    return lambda em, n, a: em.fill(n, value if not callable(value) else value(n))
+
+
+for _t, _v in ((aten.ones_like.default, 1), (aten.new_ones.default, 1), (aten.zeros_like.default, 0),
+               (aten.new_zeros.default, 0), (aten._efficientzerotensor.default, 0), (aten.empty_like.default, 0),
+               (aten.new_empty.default, 0)):
+    _op([_t], "torch.ones_like / zeros_like / new_ones / new_zeros")(_fill_of(None, _v))
+_op([aten.full_like.default], "torch.full_like")(lambda em, node, a: em.fill(node, node.args[1]))
+_op([aten.full.default, aten.new_full.default], "torch.full / new_full")(
+    lambda em, node, a: em.fill(node, node.args[-1]))
+_op([aten.scalar_tensor.default], "torch.tensor(number) / torch.scalar_tensor")(
+    lambda em, node, a: em.fill(node, node.args[0]))
+_op([aten.fill.Scalar, aten.fill.Tensor], "Tensor.fill_")(lambda em, node, a: f"({a(1)} + ZERO)")
+
+# Values that are the same one-element tensor: views, copies and reductions of one value (a mod is
+# applied to one score at a time, so score.sum() is the score).
+IDENTITY = {aten.detach.default, aten.alias.default, aten.clone.default, aten.expand.default, aten.view.default,
+            aten.lift_fresh_copy.default, aten._unsafe_view.default, aten.squeeze.default, aten.squeeze.dim,
+            aten.squeeze.dims, aten.unsqueeze.default, aten.reshape.default, aten.contiguous.default,
+            aten.sum.default, aten.sum.dim_IntList, aten.mean.default, aten.mean.dim, aten.amax.default,
+            aten.amin.default, aten.max.default, aten.min.default, aten.prod.default, aten.prod.dim_int,
+            aten.permute.default, aten.t.default, aten.transpose.int, aten.select.int, aten.logsumexp.default,
+            aten.linalg_vector_norm.default, aten.abs_.default, aten.copy.default}
+# linalg_vector_norm of one value is its absolute value; select.int of a one-element tensor its value.
+_ABS_OF_ONE = {aten.linalg_vector_norm.default}
+
+
+def supported_ops() -> list[str]:
+    """The torch spellings of the supported operations (the error message and docs show these)."""
+    return sorted({op.doc for op in OPS.values() if not op.doc.startswith("(")} |
+                  {"indexing a captured tensor: bias[h, q_idx, kv_idx]", "sum / mean / amax of one value"})
+
+
+def _numel(node) -> Optional[int]:
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return val.numel() if isinstance(val, torch.Tensor) else None
 
 
 class Emitter:
     """Turns graphs into Triton lines; one instance per generated kernel body."""
 
-    def __init__(self, prefix: str, buffers_dtypes: list[torch.dtype], mod_name: str):
+    def __init__(self, prefix: str, buffer_shapes: list[tuple], mod_name: str):
         self.prefix = prefix
-        self.buffer_dtypes = buffers_dtypes
+        self.buffer_shapes = buffer_shapes
         self.mod_name = mod_name
         self.lines: list[str] = []
-        self.load_offsets: dict[str, str] = {}  # node name -> offset expression var (floating loads)
+        self.load_offsets: dict[str, str] = {}  # tag + node name -> offset expression (captured loads)
+        self._env: dict[str, str] = {}
+        self._tag = ""
 
-    def _var(self, node) -> str:
-        return f"{self.prefix}{node.name}"
+    def tmp(self, node) -> str:
+        return f"{self.prefix}{self._tag}{node.name}"
 
-    def emit(self, gm: torch.fx.GraphModule, placeholders: list[str], constants: dict[str, int],
-             leaves: dict[int, str] | None = None) -> list[str]:
-        """Emit ``gm``; ``placeholders`` names its inputs in order.  Returns the output exprs."""
-        env: dict[str, str] = {}
-        ph = iter(placeholders)
-        for node in gm.graph.nodes:
-            if node.op == "placeholder":
-                env[node.name] = next(ph)
-            elif node.op == "get_attr":
-                k = constants[node.target]
-                env[node.name] = f"@buf{k}"  # read through aten.index (see _load)
-                if any(not (u.target is aten.index.Tensor and u.args[0] is node) for u in node.users):
-                    # used as a value: a one-element tensor (checked when tracing), read as a scalar
-                    var = self._var(node)
-                    cast = ".to(tl.float32)" if getattr(gm, node.target).is_floating_point() else ""
-                    self.lines.append(f"{var} = tl.load(BUF{k}){cast}")
-                    env[node.name] = var
-            elif node.op == "call_function":
-                expr = self._expr(node, env, gm, constants)
-                if expr is None:
-                    env[node.name] = env[node.args[0].name] if isinstance(node.args[0], torch.fx.Node) \
-                        else _lit(node.args[0])
-                    continue
-                var = self._var(node)
-                self.lines.append(f"{var} = {expr}")
-                env[node.name] = var
-            elif node.op == "output":
-                outs = node.args[0]
-                outs = outs if isinstance(outs, (tuple, list)) else (outs,)
-                return [env[o.name] if isinstance(o, torch.fx.Node) else _lit(o) for o in outs]
-        raise RuntimeError("graph without output")
-
-    def _a(self, x, env):
+    def arg(self, x) -> str:
         if isinstance(x, torch.fx.Node):
-            return env[x.name]
+            return self._env[x.name]
         return _lit(x)
 
-    def _expr(self, node, env, gm, constants):
-        t, args = node.target, node.args
-        a = lambda i: self._a(args[i], env)
-        if t in _IDENTITY:
-            return None
-        if t in _BINARY:
-            if t is aten.div.Tensor and "rounding_mode" in node.kwargs:
-                raise NotImplementedError("flexebt codegen: div with rounding_mode is not supported")
-            return _BINARY[t].format(a(0), a(1))
-        if t is aten.div.Tensor_mode:
-            mode = node.kwargs.get("rounding_mode")
-            if mode == "floor":
-                return f"tl.floor({a(0)} / {a(1)})" if self._is_float(args[0]) else f"({a(0)} // {a(1)})"
-            raise NotImplementedError(f"flexebt codegen: div rounding_mode={mode!r} is not supported")
-        if t in _UNARY:
-            return _UNARY[t].format(a(0))
-        if t is aten.pow.Tensor_Scalar:
-            e = args[1]
-            if e == 2:
-                return f"({a(0)} * {a(0)})"
-            if e == 0.5:
-                return f"tl.sqrt({a(0)})"
-            if e == 1:
-                return a(0)
-            if isinstance(e, int) and e in (3, 4):
-                return "(" + " * ".join([a(0)] * e) + ")"
-            if e == -1:
-                return f"(1.0 / {a(0)})"
-            return f"tl.exp2(tl.log2({a(0)}) * {_lit(float(e))})"
-        if t in (aten.where.self, aten.where.ScalarSelf, aten.where.ScalarOther):
-            return f"tl.where({a(0)}, {a(1)}, {a(2)})"
-        if t in (aten.clamp.default, aten.clamp.Tensor):
-            x = a(0)
-            lo = args[1] if len(args) > 1 else node.kwargs.get("min")
-            hi = args[2] if len(args) > 2 else node.kwargs.get("max")
-            if lo is not None:
-                x = f"tl.maximum({x}, {self._a(lo, env)})"
-            if hi is not None:
-                x = f"tl.minimum({x}, {self._a(hi, env)})"
-            return x
-        if t is aten.threshold_backward.default:  # relu'(x) g: g where x > threshold
-            return f"tl.where({a(1)} <= {a(2)}, 0.0, {a(0)})"
-        if t is aten._to_copy.default:
-            dt = node.kwargs.get("dtype")
-            return a(0) if dt is None else f"({a(0)}).to({_TL_DTYPE[dt]})"
-        if t in (aten.ones_like.default, aten.new_ones.default):
-            return self._fill(node, 1)
-        if t in (aten.zeros_like.default, aten.new_zeros.default):
-            return self._fill(node, 0)
-        if t is aten.full_like.default:
-            return self._fill(node, args[1])
-        if t is aten.scalar_tensor.default:
-            return self._fill(node, args[0])
-        if t is aten.index.Tensor:
-            return self._load(node, env, gm, constants)
-        if t is operator.getitem:
-            raise NotImplementedError("flexebt codegen: multi-output ops are not supported")
-        raise NotImplementedError(
-            f"flexebt codegen: op {t} (in {self.mod_name!r}) is not supported inside a score_mod / mask_mod. "
-            f"Supported ops: {', '.join(supported_ops())}.")
-
-    def _is_float(self, x):
-        return isinstance(x, float) or (isinstance(x, torch.fx.Node) and "val" in x.meta
-                                        and x.meta["val"].is_floating_point())
-
-    def _fill(self, node, value):
-        dtype = node.kwargs.get("dtype")
-        if dtype is None and "val" in node.meta:
-            dtype = node.meta["val"].dtype
+    def fill(self, node, value) -> str:
+        dtype = node.kwargs.get("dtype") or _dtype(node)
         if dtype == torch.bool:
             return "(ZERO == 0)" if value else "(ZERO != 0)"
         if dtype is not None and not dtype.is_floating_point:
             return f"(ZERO + {int(value)})"
         return f"(ZERO.to(tl.float32) + {_lit(float(value))})"
 
-    def _load(self, node, env, gm, constants):
+    def emit(self, gm: torch.fx.GraphModule, placeholders: list[str], constants: dict[str, int],
+             tag: str = "") -> list[str]:
+        """Emit ``gm``; ``placeholders`` names its inputs in order.  Returns the output exprs.
+        ``tag`` prefixes this graph's variable names (one tag per graph in a kernel body)."""
+        self._tag = tag
+        self._env = env = {}
+        ph = iter(placeholders)
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                env[node.name] = next(ph)
+            elif node.op == "get_attr":
+                env[node.name] = f"@buf{constants[node.target]}"  # only read through loads (trace.py)
+            elif node.op == "call_function":
+                expr = self._expr(node, gm, constants)
+                if expr is None:
+                    continue
+                var = self.tmp(node)
+                dtype = _dtype(node)
+                cast = f".to({_TL_DTYPE[dtype]})" if dtype in _TL_DTYPE else ""
+                self.lines.append(f"{var} = ({expr}){cast}")
+                env[node.name] = var
+                if _is_inplace(node):  # later reads of the mutated tensor see the new value
+                    env[node.args[0].name] = var
+            elif node.op == "output":
+                outs = node.args[0]
+                outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+                return [env[o.name] if isinstance(o, torch.fx.Node) else _lit(o) for o in outs]
+        raise RuntimeError("graph without output")
+
+    def _expr(self, node, gm, constants):
+        t, args = node.target, node.args
+        env = self._env
+        if t is aten.index.Tensor:
+            return self._load(node, gm, constants)
+        if t in IDENTITY or (t is aten.copy_.default):
+            src = args[1] if t in (aten.copy_.default, aten.copy.default) else args[0]
+            if t is not aten.copy_.default and t is not aten.copy.default and _numel(node) not in (None, 1):
+                raise NotImplementedError(
+                    f"flexebt codegen: {t} of a tensor with {_numel(node)} elements in {self.mod_name!r}: a mod works "
+                    f"on one score at a time; index captured tensors down to one value (bias[h, q_idx, kv_idx]).")
+            val = env[src.name] if isinstance(src, torch.fx.Node) else _lit(src)
+            if t in _ABS_OF_ONE:
+                val = f"tl.abs({val})"
+            env[node.name] = val
+            if t is aten.copy_.default:
+                env[args[0].name] = val
+            return None
+        op = OPS.get(t) or OPS.get(_functional(t))
+        if op is None:
+            if t is operator.getitem:
+                raise NotImplementedError(f"flexebt codegen: multi-output ops are not supported (in {self.mod_name!r})")
+            raise NotImplementedError(
+                f"flexebt codegen: {_describe(t)} (in {self.mod_name!r}) is not supported inside a score_mod / "
+                f"mask_mod. Supported: {', '.join(supported_ops())}. Rewrite the mod with these, or run it on the "
+                f"reference backend (kernel_options={{'BACKEND': 'REFERENCE'}}).")
+        return op.emit(self, node, lambda i: self.arg(args[i]))
+
+    def _load(self, node, gm, constants):
+        """``buffer[i_0, ..., i_n]``: negative indices wrap as in torch; an index still outside
+        [0, size) clears IDXERR (the launcher raises) and is clamped so the load stays inside."""
         src, idx = node.args
-        if not (isinstance(src, torch.fx.Node) and src.op == "get_attr"):
-            raise NotImplementedError("flexebt codegen: only captured tensors can be indexed in a mod")
         k = constants[src.target]
-        if any(i is None for i in idx):
-            raise NotImplementedError("flexebt codegen: index a captured tensor with one index per dimension "
-                                      "(slices are not supported)")
-        tensor = getattr(gm, src.target)
-        if len(idx) != tensor.dim():
-            raise NotImplementedError(f"flexebt codegen: captured tensor of {tensor.dim()} dims indexed with "
-                                      f"{len(idx)} indices; give one index per dimension")
-        # Offsets keep their natural shape (doc_id[q_idx] is [BLOCK_M, 1]); q_idx / kv_idx are
-        # clamped into range by the templates, so every load is in bounds without a mask.
-        wide = tensor.numel() >= 2 ** 31  # int32 offsets would overflow: index in int64
-        off = " + ".join(f"({self._a(i, env)}){'.to(tl.int64)' if wide else ''} * BUF{k}_S{d}"
-                         for d, i in enumerate(idx))
-        off_var = f"{self._var(node)}_off"
-        self.lines.append(f"{off_var} = {off}")
-        self.load_offsets[node.name] = off_var
+        var = self.tmp(node)
+        dims = self.buffer_shapes[k]
+        wide = math.prod(dims) >= 2 ** 31 if dims else False
+        offs, bad = [], []
+        for d, i in enumerate(idx):
+            iv = f"{var}_i{d}"
+            self.lines.append(f"{iv} = ({self.arg(i)}).to({'tl.int64' if wide else 'tl.int32'})")
+            self.lines.append(f"{iv} = tl.where({iv} < 0, {iv} + BUF{k}_N{d}, {iv})")
+            self.lines.append(f"{iv}_bad = ({iv} < 0) | ({iv} >= BUF{k}_N{d})")
+            bad.append(f"{iv}_bad")
+            self.lines.append(f"{iv} = tl.minimum(tl.maximum({iv}, 0), BUF{k}_N{d} - 1)")
+            offs.append(f"{iv} * BUF{k}_S{d}")
+        if bad:
+            # (bad may be a scalar, for an index like h: widen it to the tile before masking the store)
+            self.lines.append(f"tl.store(IDXERR + ZERO, ZERO, mask=VALID & (({' | '.join(bad)}).to(tl.int32) + ZERO != 0))")
+        off_var = f"{var}_off"
+        self.lines.append(f"{off_var} = {' + '.join(offs) or '0'}")
+        self.load_offsets[self._tag + node.name] = off_var
         load = f"tl.load(BUF{k} + {off_var})"
-        if tensor.is_floating_point():
-            load += ".to(tl.float32)"
+        val = getattr(gm, src.target)
+        if val.dtype == torch.bool:
+            load = f"({load} != 0)"
         return load
+
+
+def _is_inplace(node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema is not None and schema.is_mutable and node.args and isinstance(node.args[0], torch.fx.Node))
+
+
+def _functional(t):
+    """The functional op of an in-place one (``masked_fill_`` -> ``masked_fill``), or None."""
+    packet = getattr(t, "overloadpacket", None)
+    name = getattr(packet, "__name__", "")
+    if not name.endswith("_") or name.startswith("_"):
+        return None
+    fn = getattr(aten, name[:-1], None)
+    return getattr(fn, t._overloadname, None) if fn is not None else None
+
+
+def _describe(t) -> str:
+    name = str(t)
+    return f"op {name}"

@@ -59,7 +59,10 @@ def _c(t: Optional[Tensor]) -> Tensor:
 
 
 def tables_from_block_mask(block_mask, Sq: int, Skv: int, device) -> BlockTables:
-    """Tables of a torch BlockMask, or all-full tables when ``block_mask`` is None."""
+    """Tables of a torch BlockMask for inputs of lengths ``(Sq, Skv)``, or all-full tables when
+    ``block_mask`` is None.  Only blocks that hold positions are listed (blockmask.tables_in_range):
+    a mask made for longer sequences or cropped with ``BlockMask._adjust`` may list blocks past
+    the ends, which the kernels would otherwise read past K/V / Q."""
     if block_mask is None:
         sq = skv = 128
         nq, nkv = -(-Sq // sq), -(-Skv // skv)
@@ -76,15 +79,14 @@ def tables_from_block_mask(block_mask, Sq: int, Skv: int, device) -> BlockTables
         raise ValueError(
             f"flexebt Triton kernels need block mask BLOCK_SIZE multiples of {MIN_TILE}, got {block_mask.BLOCK_SIZE}; "
             f"rebuild the mask with e.g. BLOCK_SIZE=128, or use kernel_options={{'BACKEND': 'REFERENCE'}}.")
-    has_full = block_mask.full_kv_num_blocks is not None
+    from ..blockmask import tables_in_range
+
+    kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx = tables_in_range(block_mask, Sq, Skv)
+    has_full = fkv_num is not None
     full = (lambda t, like: _c(t) if has_full else torch.zeros_like(_c(like)))
     return BlockTables(
-        kv_num=_c(block_mask.kv_num_blocks), kv_idx=_c(block_mask.kv_indices),
-        full_kv_num=full(block_mask.full_kv_num_blocks, block_mask.kv_num_blocks),
-        full_kv_idx=full(block_mask.full_kv_indices, block_mask.kv_indices),
-        q_num=_c(block_mask.q_num_blocks), q_idx=_c(block_mask.q_indices),
-        full_q_num=full(block_mask.full_q_num_blocks, block_mask.q_num_blocks),
-        full_q_idx=full(block_mask.full_q_indices, block_mask.q_indices),
+        kv_num=_c(kv_num), kv_idx=_c(kv_idx), full_kv_num=full(fkv_num, kv_num), full_kv_idx=full(fkv_idx, kv_idx),
+        q_num=_c(q_num), q_idx=_c(q_idx), full_q_num=full(fq_num, q_num), full_q_idx=full(fq_idx, q_idx),
         sparse_q=bq, sparse_kv=bkv, has_full=has_full, mask_mod=block_mask.mask_mod)
 
 
@@ -147,6 +149,9 @@ def _launch(kernel, plan: tuple, args, spec, options: Optional[dict], device):
         if hit is not None:
             runner, tail, (cfg, tma) = hit
             runner(*args(cfg, tma), *tail)
+            indexed = kernel.fn.__globals__.get("FLEXEBT_INDEXED")
+            if indexed:
+                _check_indices(indexed, device)
             return
     from triton.runtime.errors import OutOfResources
 
@@ -168,6 +173,9 @@ def _launch(kernel, plan: tuple, args, spec, options: Optional[dict], device):
             _WORKING[want] = cfg
             if (id(kernel), key, cfg) not in _RESIDENT:
                 _RESIDENT[(id(kernel), key, cfg)] = resident_programs(compiled, cfg.num_warps, device)
+            indexed = kernel.fn.__globals__.get("FLEXEBT_INDEXED")
+            if indexed:
+                _check_indices(indexed, device)
             return
         except OutOfResources:
             if cfg.num_stages > 1:
@@ -179,13 +187,48 @@ def _launch(kernel, plan: tuple, args, spec, options: Optional[dict], device):
                 raise
 
 
+_INDEX_FLAGS: dict = {}  # device -> int32 [1]: 1 while every load of a captured tensor was in range
+
+
+def index_flag(device) -> Tensor:
+    flag = _INDEX_FLAGS.get(device)
+    if flag is None:
+        flag = _INDEX_FLAGS[device] = torch.ones(1, dtype=torch.int32, device=device)
+    return flag
+
+
+def _check_indices(mod_name: str, device) -> None:
+    """Raise if a launch of a mod that indexes captured tensors met an index out of range (the
+    kernels clear the flag and clamp the index, so no memory outside the tensor is touched).
+    On CPU the check is immediate; on CUDA it is an asynchronous device-side assert, like torch's
+    own out-of-range indexing there, with no host synchronisation."""
+    flag = index_flag(device)
+    msg = (f"flexebt: the mod {mod_name!r} indexes a captured tensor out of range (torch allows -size <= i < size "
+           f"for each index); check the index expressions against the tensor's shape.")
+    if flag.device.type == "cpu":
+        if int(flag.item()) == 0:
+            flag.fill_(1)
+            raise IndexError(msg)
+    else:
+        torch._assert_async(flag, msg)
+
+
+def _strided_zeros(t: Tensor, device=None) -> Tensor:
+    """fp32 zeros laid out like ``t`` (same strides, so the kernels' offsets address both)."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=torch.float32, device=device or t.device).zero_()
+
+
 def _buffer_args(buffers: list[Tensor], grads: dict[int, Tensor], cts: Optional[dict] = None) -> list:
-    """Kernel arguments of the captured tensors: pointer, strides, gradient accumulator (GBUF) and
-    cotangent of the first-order gradient (CBUF); the tensor itself stands in for absent ones."""
-    args = []
+    """Kernel arguments of the captured tensors: the index flag, then per tensor its pointer, strides,
+    sizes, gradient accumulator (GBUF) and cotangent of the first-order gradient (CBUF); the tensor
+    itself stands in for absent ones."""
+    if not buffers:
+        return []
+    args = [index_flag(buffers[0].device)]
     for k, b in enumerate(buffers):
         args.append(b)
         args.extend(b.stride())
+        args.extend(b.shape)
         args.append(grads.get(k, b))
         args.append((cts or {}).get(k, b))
     return args
@@ -197,7 +240,7 @@ def captured_cotangents(kern: ModKernels, buffers: list[Tensor], cts: list) -> d
     out = {}
     for slot in kern.grad_slots:
         g = cts[slot] if slot < len(cts) else None
-        buf = torch.zeros_like(buffers[slot], dtype=torch.float32)
+        buf = _strided_zeros(buffers[slot])
         if g is not None:
             buf.copy_(g)
         out[slot] = buf
@@ -458,8 +501,7 @@ def dkdv_pass(kern: ModKernels, q, k, v, lse, delta, dout, scale, tables: BlockT
 
 def captured_grad_buffers(kern: ModKernels, buffers: list[Tensor], device) -> dict[int, Tensor]:
     """fp32 accumulators for the captured tensors whose gradient the kernels scatter."""
-    # zeros_like keeps the tensor's strides, which the kernels' offsets use
-    return {slot: torch.zeros_like(buffers[slot], dtype=torch.float32, device=device) for slot in kern.grad_slots}
+    return {slot: _strided_zeros(buffers[slot], device) for slot in kern.grad_slots}
 
 
 def finish_captured_grads(buffers: list[Tensor], gbufs: dict[int, Tensor]) -> list[Optional[Tensor]]:
