@@ -36,19 +36,22 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .core import compute_dtype, expand_kv_heads, index_grid, masked_softmax
+from .core import apply_score_mod, compute_dtype, expand_kv_heads, index_grid, masked_softmax
 from .masking import dense_keep
 
 
 def _mod_derivatives(score_mod: Optional[Callable], s: Tensor, b, h, qi, ki):
-    """t = f(s), f'(s), f''(s) elementwise.  Differentiable in s (so in q, k) when s requires
-    grad -- the closed form is itself differentiated for third order -- else computed on a leaf."""
+    """t = f(s), f'(s), f''(s) elementwise, with f applied per score (torch's semantics, see
+    core.apply_score_mod).  Differentiable in s (so in q, k) when s requires grad -- the closed
+    form is itself differentiated for third order -- else computed on a leaf."""
     if score_mod is None:
         return s, torch.ones_like(s), torch.zeros_like(s)
     with torch.enable_grad():
         x = s if s.requires_grad else s.detach().requires_grad_()
-        t = score_mod(x, b, h, qi, ki)
-        (d1,) = torch.autograd.grad(t.sum(), x, create_graph=True)
+        t = apply_score_mod(score_mod, x, b, h, qi, ki)
+        # f applies to each score on its own, so d(sum t)/ds is f'(s) elementwise.
+        d1 = torch.autograd.grad(t.sum(), x, create_graph=True, allow_unused=True)[0] if t.requires_grad else None
+        d1 = torch.zeros_like(s) if d1 is None else d1
         d2 = torch.autograd.grad(d1.sum(), x, create_graph=True, allow_unused=True)[0] if d1.requires_grad else None
     d2 = torch.zeros_like(s) if d2 is None else d2
     if not s.requires_grad:

@@ -31,10 +31,11 @@ def dense_keep(block_mask: Optional[BlockMask], B: int, H: int, Sq: int, Skv: in
 
     A position is kept iff its block is *full*, or its block is *partial* and the block
     mask's ``mask_mod`` keeps it; positions in blocks that are not listed are dropped.  Full
-    blocks skip the mask_mod, exactly like FlexAttention's kernels.
+    blocks skip the mask_mod, exactly like FlexAttention's kernels.  The mask_mod is evaluated
+    per position (:func:`eval_mask_mod`), with torch's per-score semantics.
     """
     shape = (B, H, Sq, Skv)
-    if block_mask is None:
+    if block_mask is None or Sq == 0 or Skv == 0:
         return torch.ones(shape, dtype=torch.bool, device=device)
     bq, bkv = block_mask.BLOCK_SIZE
     n_kv_blocks = -(-Skv // bkv)
