@@ -6,8 +6,11 @@ reaches an ``assert`` or an ``IndexError``.
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import math
 import numbers
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -35,6 +38,11 @@ def check_tensors(fn: str, named: Sequence[tuple[str, object]]) -> None:
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(
                 f"{fn}: {name} has dtype {t.dtype}; expected one of float16, bfloat16, float32, float64."
+            )
+        if t.shape[-1] == 0:
+            raise ValueError(
+                f"{fn}: {name} has head dim D=0 (shape {tuple(t.shape)}); attention needs D >= 1 "
+                f"(the last dimension of [B, H, S, D])."
             )
         if first is None:
             first_name, first = name, t
@@ -72,6 +80,8 @@ def check_qkv(fn: str, q: Tensor, k: Tensor, v: Tensor, enable_gqa: bool, q_name
             f"{fn}: {k_name} has {k.shape[1]} heads but {v_name} has {v.shape[1]}; they must match."
         )
     Hq, Hkv = q.shape[1], k.shape[1]
+    if Hkv == 0 and Hq > 0:
+        raise ValueError(f"{fn}: {k_name}/{v_name} have 0 heads but {q_name} has {Hq}; give them at least one head.")
     if Hq != Hkv:
         if not enable_gqa:
             raise ValueError(
@@ -91,11 +101,54 @@ def check_scale(fn: str, scale) -> None:
 
 
 def check_callable(fn: str, name: str, mod) -> None:
+    """``mod`` is None or a callable; a ``score_mod`` / ``mask_mod`` must also accept the positional
+    arguments torch passes (checked on its signature, before any tracing)."""
     if mod is not None and not callable(mod):
         raise TypeError(f"{fn}: {name} must be a callable or None, got {type(mod).__name__}.")
+    if name in MOD_SIGNATURES:
+        check_mod_signature(fn, name, mod)
+
+
+# The positional arguments torch's flex_attention passes to each kind of mod.
+MOD_SIGNATURES = {"score_mod": ("score", "b", "h", "q_idx", "kv_idx"), "mask_mod": ("b", "h", "q_idx", "kv_idx")}
+
+
+def mod_display_name(mod) -> str:
+    name = getattr(mod, "__name__", None)
+    if name is None:  # functools.partial, callable objects
+        name = getattr(getattr(mod, "func", None), "__name__", None) or type(mod).__name__
+    return name
+
+
+def check_mod_signature(fn: str, kind: str, mod: Optional[Callable]) -> None:
+    """TypeError unless ``mod`` can be called with the positional arguments of ``kind``
+    (``*args`` and parameters with defaults are fine; required keyword-only ones are not)."""
+    if mod is None or torch.compiler.is_compiling():  # checked by the eager call; dynamo traces the mod itself
+        return
+    params = MOD_SIGNATURES[kind]
+    try:
+        sig = inspect.signature(mod)
+    except (TypeError, ValueError):  # a builtin without a signature: nothing to check here
+        return
+    try:
+        sig.bind(*params)
+    except TypeError as err:
+        name = mod_display_name(mod)
+        raise TypeError(
+            f"{fn}: {kind} {name!r} has the signature {name}{sig}, but a {kind} is called with "
+            f"{len(params)} positional arguments: {kind}({', '.join(params)}) ({err}). "
+            f"Write it as def {name}({', '.join(params)}): ..."
+        ) from None
 
 
 def check_block_mask(fn: str, block_mask: Optional[BlockMask], B: int, H: int, Sq: int, Skv: int) -> None:
+    """A torch BlockMask that fits inputs of lengths ``(Sq, Skv)``.
+
+    Like torch's flex_attention: the mask must have been made (or ``_adjust``-ed) for exactly these
+    lengths, and a sliced mask (whose mask_mod torch replaces) is refused.  Beyond torch, its
+    tables must cover every block of the inputs; block indices it lists past the ends (a mask
+    cropped with ``BlockMask._adjust``) hold no position and are dropped where tables are built.
+    """
     if block_mask is None:
         return
     if not isinstance(block_mask, BlockMask):
@@ -103,12 +156,58 @@ def check_block_mask(fn: str, block_mask: Optional[BlockMask], B: int, H: int, S
             f"{fn}: block_mask must be a torch.nn.attention.flex_attention.BlockMask (from create_block_mask) "
             f"or None, got {type(block_mask).__name__}."
         )
-    if tuple(block_mask.seq_lengths) != (Sq, Skv):
+    if getattr(block_mask, "mask_mod", None) is _SLICED_MASK_MOD:
+        raise SlicedBlockMaskError(
+            f"{fn}: block_mask was sliced (block_mask[...]), which replaces its mask_mod with one that cannot be "
+            f"called; give it the original mask_mod back (sliced.mask_mod = original.mask_mod) or build a mask "
+            f"with create_block_mask for these lengths."
+        )
+    mq, mkv = (int(n) for n in block_mask.seq_lengths)
+    if (mq, mkv) != (Sq, Skv):
+        longer = mq >= Sq and mkv >= Skv
+        hint = (f"crop it with block_mask._adjust({Sq}, {Skv}) (exact for masks whose upper-left corner is the "
+                f"mask at the shorter lengths, e.g. causal), or rebuild it" if longer else "rebuild it")
         raise ValueError(
-            f"{fn}: block_mask was built for (Q_LEN, KV_LEN) = {tuple(block_mask.seq_lengths)} but the inputs "
-            f"have ({Sq}, {Skv}); rebuild it with create_block_mask(mask_mod, B, H, {Sq}, {Skv})."
+            f"{fn}: block_mask was built for (Q_LEN, KV_LEN) = ({mq}, {mkv}) but the inputs have "
+            f"({Sq}, {Skv}); {hint} with create_block_mask(mask_mod, B, H, {Sq}, {Skv})."
         )
     check_mask_batch_heads(fn, block_mask.kv_num_blocks.shape[0], block_mask.kv_num_blocks.shape[1], B, H)
+    check_block_tables(fn, block_mask, Sq, Skv)
+    check_mod_signature(fn, "mask_mod", block_mask.mask_mod)
+
+
+class SlicedBlockMaskError(ValueError, RuntimeError):
+    """A sliced BlockMask was passed (torch's flex_attention raises RuntimeError here)."""
+
+
+def _sliced_mask_mod():
+    from torch.nn.attention import flex_attention as _fa
+
+    return getattr(_fa, "_sliced_mask_mod_error", None)
+
+
+_SLICED_MASK_MOD = _sliced_mask_mod()
+
+
+def check_block_tables(fn: str, block_mask: BlockMask, Sq: int, Skv: int) -> None:
+    """The block size is a pair of positive ints and the tables have a row for every query block
+    (kv tables) and every key block (q tables, where present) of ``(Sq, Skv)``."""
+    bs = block_mask.BLOCK_SIZE
+    if (len(bs) != 2 or any(isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 1 for b in bs)):
+        raise ValueError(f"{fn}: block_mask.BLOCK_SIZE must be two positive ints, got {bs!r}.")
+    bq, bkv = int(bs[0]), int(bs[1])
+    nq, nkv = -(-Sq // bq), -(-Skv // bkv)
+    tables = [("kv_num_blocks", block_mask.kv_num_blocks, nq), ("kv_indices", block_mask.kv_indices, nq),
+              ("full_kv_num_blocks", block_mask.full_kv_num_blocks, nq),
+              ("full_kv_indices", block_mask.full_kv_indices, nq)]
+    for name, t, need in tables:
+        rows = None if t is None else (t.shape[-1] if name.endswith("num_blocks") else t.shape[-2])
+        if rows is not None and rows < need:
+            raise ValueError(
+                f"{fn}: block_mask.{name} has {rows} rows of query blocks but inputs of Q_LEN={Sq} need "
+                f"{need} (BLOCK_SIZE {bq}); the mask was made for shorter sequences than its seq_lengths "
+                f"{tuple(block_mask.seq_lengths)} say -- rebuild it with create_block_mask(mask_mod, B, H, {Sq}, {Skv})."
+            )
 
 
 def check_mask_batch_heads(fn: str, mB: int, mH: int, B: int, H: int) -> None:
@@ -126,6 +225,91 @@ def check_ebt_lengths(S_obs: int, S_pred: int) -> None:
         )
 
 
+# kernel_options, declared once: name -> (kind, meaning).  Kinds: "tile" (a power of two >= 16 that
+# divides the block mask's blocks), "warps" (a power of two), "count" (an int >= 1), "group" (an
+# int; <= 0 means all heads), "flag" (bool or 0 / 1), or a tuple of the accepted strings.  The
+# tile keys and the per-pass keys follow the passes of kernels/configs.py (TILE_KEYS).
+def _declare_kernel_options() -> dict:
+    from .kernels.configs import TILE_KEYS
+
+    decl = {
+        "BACKEND": (("AUTO", "TRITON", "REFERENCE"), "which implementation runs (also FLEXEBT_BACKEND)"),
+        "FP32_PRODUCTS": (("ieee", "tf32x3"), "how fp32 products are computed under matmul precision 'highest'"),
+        "USE_TMA": ("flag", "load K/V tiles through tensor descriptors (Hopper)"),
+        "REVERSE_Q_ORDER": ("flag", "heaviest query tiles first (default on)"),
+        "num_warps": ("warps", "warps of every pass"),
+        "num_stages": ("count", "pipeline stages of every pass"),
+        "HEAD_GROUP": ("group", "heads per group of the grid order, every pass"),
+    }
+    for pass_name, keys in TILE_KEYS.items():
+        for key in keys:
+            decl.setdefault(key, ("tile", f"{'query' if 'M' in key else 'key'} tile of the {pass_name} pass"))
+        decl[f"{pass_name}_num_warps"] = ("warps", f"warps of the {pass_name} pass")
+        decl[f"{pass_name}_num_stages"] = ("count", f"pipeline stages of the {pass_name} pass")
+        decl[f"{pass_name}_head_group"] = ("group", f"heads per group of the {pass_name} pass")
+    return decl
+
+
+KERNEL_OPTIONS = _declare_kernel_options()
+
+_KIND_TEXT = {"tile": "a power of two >= 16 (an int)", "warps": "a power of two >= 1 (an int)",
+              "count": "an int >= 1", "group": "an int (<= 0: all heads)", "flag": "a bool (or 0 / 1)"}
+
+
 def check_kernel_options(fn: str, kernel_options) -> None:
-    if kernel_options is not None and not isinstance(kernel_options, dict):
+    """Every key declared in KERNEL_OPTIONS, every value of its declared type and range."""
+    if kernel_options is None:
+        return
+    if not isinstance(kernel_options, dict):
         raise TypeError(f"{fn}: kernel_options must be a dict or None, got {type(kernel_options).__name__}.")
+    for key, value in kernel_options.items():
+        if key not in KERNEL_OPTIONS:
+            close = difflib.get_close_matches(str(key), list(KERNEL_OPTIONS), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(
+                f"{fn}: unknown kernel_options key {key!r}.{hint} flexebt's kernel options are: "
+                f"{', '.join(sorted(KERNEL_OPTIONS))}."
+            )
+        kind, meaning = KERNEL_OPTIONS[key]
+        if key == "BACKEND":
+            continue  # backends.requested_backend checks it (with FLEXEBT_BACKEND)
+        if isinstance(kind, tuple):
+            if not isinstance(value, str):
+                raise TypeError(f"{fn}: kernel_options[{key!r}] = {value!r} ({type(value).__name__}); expected one "
+                                f"of the strings {', '.join(map(repr, kind))} ({meaning}).")
+            if value not in kind:
+                raise ValueError(f"{fn}: kernel_options[{key!r}] = {value!r}; expected one of "
+                                 f"{', '.join(map(repr, kind))} ({meaning}).")
+            continue
+        expected = _KIND_TEXT[kind]
+        if kind == "flag":
+            ok_type = isinstance(value, (bool, numbers.Integral))
+            ok_value = ok_type and int(value) in (0, 1)
+        else:
+            ok_type = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            v = int(value) if ok_type else 0
+            ok_value = ok_type and {"tile": v >= 16 and v & (v - 1) == 0, "warps": v >= 1 and v & (v - 1) == 0,
+                                    "count": v >= 1, "group": True}[kind]
+        if not ok_type:
+            raise TypeError(f"{fn}: kernel_options[{key!r}] = {value!r} is a {type(value).__name__}; expected "
+                            f"{expected} ({meaning}).")
+        if not ok_value:
+            raise ValueError(f"{fn}: kernel_options[{key!r}] = {value!r}; expected {expected} ({meaning}).")
+
+
+def check_dist_threshold(fn: str, dist_threshold) -> None:
+    """A real number >= 0 (``inf`` allowed: every pair is near); NaN and non-numbers refused."""
+    if isinstance(dist_threshold, bool) or not isinstance(dist_threshold, numbers.Real):
+        raise TypeError(f"{fn}: dist_threshold must be a number (int or float), got {dist_threshold!r} "
+                        f"({type(dist_threshold).__name__}).")
+    if math.isnan(dist_threshold):
+        raise ValueError(f"{fn}: dist_threshold is NaN; pass a number >= 0 (math.inf makes every pair near).")
+    if dist_threshold < 0:
+        raise ValueError(f"{fn}: dist_threshold must be >= 0, got {dist_threshold}.")
+
+
+def effective_dist_threshold(dist_threshold, M: int, N: int):
+    """The threshold with the same meaning inside the reachable distances: ``dist = N - M + m - n``
+    is at most ``N - 1``, so any threshold above ``N`` (``inf``, or one past int32) keeps every pair
+    near exactly as ``N`` does; the kernels hold ``ceil`` of it in an int32."""
+    return N if dist_threshold > N else dist_threshold

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Callable, Optional
 
 import torch
@@ -67,6 +66,10 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor, score_mod: Optiona
     V.check_block_mask(fn, block_mask, query.shape[0], query.shape[1], query.shape[2], key.shape[2])
     V.check_kernel_options(fn, kernel_options)
     backend = _backend_for(fn, kernel_options, (query, key, value), value)
+    B, H, Sq = query.shape[:3]
+    if backend == "TRITON" and (B * H * Sq == 0 or key.shape[2] == 0):  # nothing to launch
+        out, lse = _empty_attention((query, key, value), [(B, H, Sq, value.shape[3])], [(B, H, Sq)])
+        return (out[0], lse[0]) if return_lse else out[0]
     if backend == "TRITON" and torch.compiler.is_compiling():
         from .compiled import flex_attention_compiled
 
@@ -76,6 +79,18 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor, score_mod: Optiona
     else:
         out, lse = flex_attention_reference(query, key, value, score_mod, block_mask, scale)
     return (out, lse) if return_lse else out
+
+
+def _empty_attention(inputs, out_shapes, lse_shapes):
+    """Exact results of attention with no query or no key: outputs 0, ``lse = -inf``; a graph reaches
+    every input (through a zero-element slice, so the values never matter), so gradients of any
+    order are zeros of the inputs' shapes."""
+    x = inputs[0]
+    link = sum(t.reshape(-1)[:0].sum() for t in inputs)
+    lse_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    outs = [torch.zeros(s, dtype=x.dtype, device=x.device) + link for s in out_shapes]
+    lses = [torch.full(s, float("-inf"), dtype=lse_dtype, device=x.device) + link.to(lse_dtype) for s in lse_shapes]
+    return outs, lses
 
 
 def _backend_for(fn: str, kernel_options, tensors, value) -> str:
@@ -168,6 +183,10 @@ def flex_ebt_attention(q_o: Tensor, k_o: Tensor, v_o: Tensor, q_p: Tensor, k_p: 
     _check_ebt_block_mask(fn, block_mask, q_o.shape[0], q_o.shape[1], S_o, S_p)
     V.check_kernel_options(fn, kernel_options)
     backend = _backend_for(fn, kernel_options, (q_o, k_o, v_o, q_p, k_p, v_p), v_o)
+    B, H = q_o.shape[:2]
+    if backend == "TRITON" and (B * H * S_o == 0 or S_p == 0):  # nothing to launch for some stream
+        return _ebt_with_an_empty_stream((q_o, k_o, v_o, q_p, k_p, v_p), score_mod, block_mask, scale, return_lse,
+                                         kernel_options)
     if backend == "TRITON" and torch.compiler.is_compiling():
         from .compiled import refuse_torch_func
 
@@ -180,6 +199,23 @@ def flex_ebt_attention(q_o: Tensor, k_o: Tensor, v_o: Tensor, q_p: Tensor, k_p: 
     else:
         out_o, out_p, lse_o, lse_p = ebt_attention_reference(q_o, k_o, v_o, q_p, k_p, v_p, score_mod, block_mask,
                                                              scale)
+    return (out_o, out_p, lse_o, lse_p) if return_lse else (out_o, out_p)
+
+
+def _ebt_with_an_empty_stream(inputs, score_mod, block_mask, scale, return_lse, kernel_options):
+    """EBT attention where a stream is empty.  Without predicted tokens the observed stream is plain
+    attention over the observed keys (under the EBT mask's observed part), whose frame positions
+    are their stream positions; everything else is empty."""
+    q_o, k_o, v_o, q_p = inputs[:4]
+    B, H, S_o, S_p, Dv = q_o.shape[0], q_o.shape[1], q_o.shape[2], q_p.shape[2], v_o.shape[3]
+    (out_p,), (lse_p,) = _empty_attention(inputs, [(B, H, S_p, Dv)], [(B, H, S_p)])
+    if B * H * S_o == 0:
+        (out_o,), (lse_o,) = _empty_attention(inputs, [(B, H, S_o, Dv)], [(B, H, S_o)])
+    else:
+        observed = block_mask.observed if block_mask is not None else None
+        out_o, lse_o = flex_attention(q_o, k_o, v_o, score_mod=score_mod, block_mask=observed, scale=scale,
+                                      enable_gqa=True, return_lse=True, kernel_options=kernel_options)
+        out_p = out_p.to(out_o.dtype)
     return (out_o, out_p, lse_o, lse_p) if return_lse else (out_o, out_p)
 
 
@@ -234,6 +270,9 @@ def _check_ebt_block_mask(fn: str, block_mask, B: int, H: int, S_o: int, S_p: in
             f"inputs have ({S_o}, {S_p}); rebuild it with create_ebt_block_mask(mask_mod, B, H, {S_o}, {S_p})."
         )
     V.check_mask_batch_heads(fn, block_mask.B, block_mask.H, B, H)
+    V.check_callable(fn, "mask_mod", block_mask.mask_mod)
+    V.check_block_mask(fn, block_mask.observed, B, H, S_o, S_o)
+    V.check_block_mask(fn, block_mask.predicted, B, H, S_p, S_o)
 
 
 def piecewise_attention(q1: Tensor, k1: Tensor, q2: Tensor, k2: Tensor, v: Tensor, dist_threshold,
@@ -281,15 +320,16 @@ def piecewise_attention(q1: Tensor, k1: Tensor, q2: Tensor, k2: Tensor, v: Tenso
         if qa.shape != qb.shape:
             raise ValueError(f"{fn}: {na} has shape {tuple(qa.shape)} but {nb} has {tuple(qb.shape)}; they must match.")
     V.check_qkv(fn, q1, k1, v, enable_gqa=False, q_name="q1", k_name="k1", v_name="v")
-    if isinstance(dist_threshold, bool) or not isinstance(dist_threshold, numbers.Real):
-        raise TypeError(f"{fn}: dist_threshold must be a number, got {type(dist_threshold).__name__}.")
-    if dist_threshold < 0:
-        raise ValueError(f"{fn}: dist_threshold must be >= 0, got {dist_threshold}.")
+    V.check_dist_threshold(fn, dist_threshold)
     V.check_scale(fn, scale)
     V.check_callable(fn, "score_mod", score_mod)
     V.check_block_mask(fn, block_mask, q1.shape[0], q1.shape[1], q1.shape[2], k1.shape[2])
     V.check_kernel_options(fn, kernel_options)
     backend = _backend_for(fn, kernel_options, (q1, k1, q2, k2, v), v)
+    B, H, M = q1.shape[:3]
+    dist_threshold = V.effective_dist_threshold(dist_threshold, M, k1.shape[2])
+    if backend == "TRITON" and (B * H * M == 0 or k1.shape[2] == 0):  # nothing to launch
+        return _empty_attention((q1, k1, q2, k2, v), [(B, H, M, v.shape[3])], [])[0][0]
     if backend == "TRITON" and torch.compiler.is_compiling():
         from .compiled import refuse_torch_func
 

@@ -19,7 +19,74 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from .reference.core import eval_mask_mod, index_grid
 from .reference.masking import dense_keep
 
-__all__ = ["EBTBlockMask", "create_ebt_block_mask", "frame_causal_mask"]
+__all__ = ["EBTBlockMask", "create_ebt_block_mask", "frame_causal_mask", "tables_in_range"]
+
+
+def _listed_in_range(num: Tensor, idx: Tensor, n_rows: int, n_cols: int) -> tuple[Tensor, Tensor]:
+    """One ordered block table (``num [.., R]``, ``idx [.., R, W]``: row ``r`` lists the blocks
+    ``idx[.., r, :num[.., r]]``) cut to its first ``n_rows`` rows and listing only blocks in
+    ``[0, n_cols)``, in their listed order; the slots past a row's count hold 0."""
+    num, idx = num[..., :n_rows], idx[..., :n_rows, :]
+    slots = torch.arange(idx.shape[-1], device=idx.device)
+    listed = slots < num.unsqueeze(-1)
+    keep = listed & (idx >= 0) & (idx < n_cols)
+    # eager: tables that list nothing out of range are used as they are; while torch.compile traces,
+    # the (cheap, data-independent) compaction always runs, so the graph has no data-dependent branch
+    if not torch.compiler.is_compiling() and bool(torch.equal(keep, listed)):
+        return num, idx
+    order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)  # kept entries first, in order
+    num = keep.sum(-1).to(num.dtype)
+    idx = torch.where(slots < num.unsqueeze(-1), idx.gather(-1, order), torch.zeros_like(idx))
+    return num, idx
+
+
+def _transposed(num: Tensor, idx: Tensor, n_rows: int, n_cols: int) -> tuple[Tensor, Tensor]:
+    """The ordered table of the transpose (``[.., n_cols]`` counts, ``[.., n_cols, n_rows]`` indices)
+    of an in-range table with ``n_rows`` rows over ``n_cols`` columns."""
+    slots = torch.arange(idx.shape[-1], device=idx.device)
+    target = torch.where(slots < num.unsqueeze(-1), idx.long(), n_cols)  # unlisted -> a spare column
+    dense = torch.zeros(*idx.shape[:-1], n_cols + 1, dtype=torch.int8, device=idx.device)
+    dense.scatter_(-1, target, 1)
+    dense = dense[..., :n_cols].transpose(-1, -2)
+    return dense.sum(-1).to(torch.int32), torch.argsort(dense, dim=-1, descending=True, stable=True).to(torch.int32)
+
+
+def tables_in_range(block_mask: BlockMask, Sq: int, Skv: int) -> tuple:
+    """The eight block tables of a torch ``BlockMask`` for inputs of lengths ``(Sq, Skv)``:
+    ``(kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num, full_q_idx)`` (the
+    full ones None when the mask has none), listing only blocks that hold positions.
+
+    A mask made for longer sequences, or cropped with ``BlockMask._adjust`` (which keeps the
+    listed indices of its rows), can list blocks at or past ``ceil(Skv / BLOCK)`` (or
+    ``ceil(Sq / BLOCK)`` in its q tables) and have rows past the end.  Those blocks hold no
+    position, so dropping them is exact: what remains is the mask's meaning on ``Sq x Skv``.
+    The q tables (the transpose, read by the dk/dv passes) are derived from the kv tables where
+    the mask has none (``compute_q_blocks=False``) or too few rows.  Raises ValueError when the
+    kv tables have fewer rows than ``ceil(Sq / BLOCK)``.
+    """
+    bq, bkv = (int(b) for b in block_mask.BLOCK_SIZE)
+    nq, nkv = -(-Sq // bq), -(-Skv // bkv)
+    if block_mask.kv_num_blocks.shape[-1] < nq or block_mask.kv_indices.shape[-2] < nq:
+        raise ValueError(
+            f"block_mask has {block_mask.kv_num_blocks.shape[-1]} rows of query blocks but Q_LEN={Sq} needs {nq} "
+            f"(BLOCK_SIZE {bq}); rebuild it with create_block_mask(mask_mod, B, H, {Sq}, {Skv}).")
+    kv = _listed_in_range(block_mask.kv_num_blocks, block_mask.kv_indices, nq, nkv)
+    full = None
+    if block_mask.full_kv_num_blocks is not None:
+        if block_mask.full_kv_num_blocks.shape[-1] < nq or block_mask.full_kv_indices.shape[-2] < nq:
+            raise ValueError(
+                f"block_mask has {block_mask.full_kv_num_blocks.shape[-1]} rows of full query blocks but "
+                f"Q_LEN={Sq} needs {nq}; rebuild it with create_block_mask(mask_mod, B, H, {Sq}, {Skv}).")
+        full = _listed_in_range(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, nq, nkv)
+
+    def q_side(num, idx, kv_side):
+        if num is None or idx is None or num.shape[-1] < nkv or idx.shape[-2] < nkv:
+            return _transposed(*kv_side, nq, nkv)
+        return _listed_in_range(num, idx, nkv, nq)
+
+    q = q_side(block_mask.q_num_blocks, block_mask.q_indices, kv)
+    full_q = q_side(block_mask.full_q_num_blocks, block_mask.full_q_indices, full) if full is not None else None
+    return (*kv, *(full or (None, None)), *q, *(full_q or (None, None)))
 
 
 def frame_causal_mask(b, h, q_idx, kv_idx):
@@ -53,6 +120,17 @@ class EBTBlockMask:
     B: int
     H: int
 
+    def __post_init__(self):
+        for name, bm, lengths in (("observed", self.observed, (self.S_obs, self.S_obs)),
+                                  ("predicted", self.predicted, (self.S_pred, self.S_obs))):
+            if not isinstance(bm, BlockMask):
+                raise TypeError(f"EBTBlockMask: {name} must be a torch BlockMask, got {type(bm).__name__}.")
+            if tuple(int(n) for n in bm.seq_lengths) != lengths:
+                raise ValueError(
+                    f"EBTBlockMask: the {name} BlockMask was built for (Q_LEN, KV_LEN) = {tuple(bm.seq_lengths)} but "
+                    f"S_obs={self.S_obs}, S_pred={self.S_pred} need {lengths}; crop it with "
+                    f"{name}._adjust{lengths} or build the mask with create_ebt_block_mask.")
+
     @property
     def offset(self) -> int:
         return self.S_obs - self.S_pred
@@ -64,7 +142,8 @@ class EBTBlockMask:
     def self_keep(self, B: int, H: int, device) -> Tensor:
         """``[B, H, S_pred]`` bool: whether each predicted query keeps its own key."""
         b, h, t, _ = index_grid(B, H, self.S_pred, 1, device, q_offset=self.offset + 1)
-        return eval_mask_mod(self.mask_mod, (B, H, self.S_pred, 1), b, h, t, t)[..., 0]
+        # q and kv index are the same frame, as two tensors (one tensor in both places confuses vmap)
+        return eval_mask_mod(self.mask_mod, (B, H, self.S_pred, 1), b, h, t, t.clone())[..., 0]
 
     def to_dense_frame(self, b: int = 0, h: int = 0) -> Tensor:
         """Keep matrix over the concatenated streams ``[observed; predicted]`` for one batch /
@@ -122,7 +201,7 @@ def create_ebt_block_mask(mask_mod: Optional[Callable], B: Optional[int], H: Opt
         >>> bm.offset
         1
     """
-    from ._validation import check_ebt_lengths, check_positive_int
+    from ._validation import check_ebt_lengths, check_mod_signature, check_positive_int
 
     check_positive_int("S_obs", S_obs)
     check_positive_int("S_pred", S_pred)
@@ -134,6 +213,7 @@ def create_ebt_block_mask(mask_mod: Optional[Callable], B: Optional[int], H: Opt
         mask_mod = frame_causal_mask
     elif not callable(mask_mod):
         raise TypeError(f"create_ebt_block_mask: mask_mod must be callable or None, got {type(mask_mod).__name__}.")
+    check_mod_signature("create_ebt_block_mask", "mask_mod", mask_mod)
     device = torch.device(device) if device is not None else torch.empty(0).device
     r = S_obs - S_pred
     observed = create_block_mask(mask_mod, B, H, S_obs, S_obs, device=device, BLOCK_SIZE=BLOCK_SIZE)

@@ -1,0 +1,293 @@
+"""Block masks whose tables list blocks past the sequence ends.
+
+A mask cropped with torch's ``BlockMask._adjust`` keeps the listed indices of its rows, so it can
+list key blocks at or past ``ceil(Skv / BLOCK)``; a mask re-labelled with shorter ``seq_lengths``
+(``BlockMask.from_kv_blocks``) also has rows past the end, and a mask built without q tables
+(``compute_q_blocks=False``) has none.  torch's flex_attention accepts these (its eager path
+evaluates the mask_mod over the real positions) and refuses a mask whose ``seq_lengths`` differ
+from the inputs'.  flexebt computes exactly torch's result here, on the kernels (interpreter)
+and the reference, first and second order, and refuses where torch refuses.
+"""
+
+import math
+
+import pytest
+import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask
+from torch.nn.attention.flex_attention import flex_attention as torch_flex_attention
+
+import flexebt
+from flexebt.blockmask import EBTBlockMask, tables_in_range
+from helpers import rel_err
+
+T = {"BACKEND": "TRITON"}
+R = {"BACKEND": "REFERENCE"}
+BLOCK = 16
+BACKENDS = [pytest.param(T, id="kernels", marks=pytest.mark.interpreter), pytest.param(R, id="reference")]
+
+
+def window(b, h, q_idx, kv_idx):
+    return (q_idx - kv_idx).abs() <= 20
+
+
+def causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def late(b, h, q_idx, kv_idx):
+    return q_idx + kv_idx >= 40
+
+
+# id: (mask_mod, length the mask is built for, lengths it is cropped to).  Each lists a block
+# past the end of the keys: causal a partial one, the others a full one (the last at even lengths).
+ADJUSTED = {
+    "causal_40x17": (causal, 48, (40, 17)),
+    "window_33x17": (window, 80, (33, 17)),
+    "late_37x40": (late, 64, (37, 40)),
+    "late_even_32x32": (late, 48, (32, 32)),
+}
+
+
+def _listed(num, idx):
+    return torch.arange(idx.shape[-1]) < num.unsqueeze(-1)
+
+
+def _past_end(bm, Sq, Skv, beyond=0):
+    """Whether bm's tables list a block index >= ceil(len / BLOCK) + beyond, or have extra rows."""
+    nq, nkv = -(-Sq // bm.BLOCK_SIZE[0]), -(-Skv // bm.BLOCK_SIZE[1])
+    pairs = [(bm.kv_num_blocks, bm.kv_indices, nkv), (bm.full_kv_num_blocks, bm.full_kv_indices, nkv),
+             (bm.q_num_blocks, bm.q_indices, nq), (bm.full_q_num_blocks, bm.full_q_indices, nq)]
+    listed = any(bool((_listed(num, idx) & (idx >= n + beyond)).any()) for num, idx, n in pairs if num is not None)
+    return listed or (beyond == 0 and bm.kv_num_blocks.shape[-1] > nq)
+
+
+def _reference_limit(request, backend, bm, Sq, Skv):
+    """The reference's dense meaning of a block mask (reference/masking.py) scatters the listed
+    kv indices into ceil(Skv / BLOCK) + 1 columns; an index further out needs it to drop them too."""
+    if backend is R and _past_end(bm, Sq, Skv, beyond=1):
+        request.applymarker(pytest.mark.xfail(raises=RuntimeError, strict=False,
+                                              reason="reference dense_keep: kv indices > ceil(Skv/BLOCK)"))
+
+
+def oracle(q, k, v, mask_mod, scale=None):
+    """float64 attention under mask_mod evaluated on the real positions (torch's eager meaning)."""
+    q, k, v = q.double(), k.double(), v.double()
+    keep = create_mask(mask_mod, None, None, q.shape[2], k.shape[2], device="cpu")
+    s = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    rows = keep.any(-1, keepdim=True)  # rows with no kept key: out 0, lse -inf, zero gradients
+    s = torch.where(rows, s.masked_fill(~keep, -math.inf), 0.0)
+    lse = torch.logsumexp(s, -1)
+    p = torch.where(keep, torch.exp(s - lse.unsqueeze(-1)), 0.0)
+    return p @ v, torch.where(rows[..., 0], lse, -math.inf)
+
+
+def second_order(fn, inputs, seed=1):
+    """(first-order grads, grads of a loss on them) of sum(outputs * cotangents); cotangents drawn in
+    float64 whatever the dtype, so fp32 and float64 runs see the same ones."""
+    g = torch.Generator().manual_seed(seed)
+    outs = fn(*inputs)
+    outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+    cts = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype) for o in outs]
+    total = sum((o * c).sum() for o, c in zip(outs, cts))
+    first = torch.autograd.grad(total, inputs, create_graph=True)
+    w = [torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.dtype) for x in first]
+    second = torch.autograd.grad(sum((x * wi).sum() + 0.5 * (x ** 2).sum() for x, wi in zip(first, w)), inputs)
+    return [x.detach() for x in first], list(second)
+
+
+def inputs(Sq, Skv, dtype=torch.float32, H=2, D=16):
+    return [torch.randn(1, H, S, D, dtype=dtype, requires_grad=True) for S in (Sq, Skv, Skv)]
+
+
+def adjusted(case):
+    mask_mod, L, (Sq, Skv) = ADJUSTED[case]
+    bm = create_block_mask(mask_mod, None, None, L, L, device="cpu", BLOCK_SIZE=BLOCK)._adjust(Sq, Skv)
+    assert _past_end(bm, Sq, Skv), "the case must list a block past the end"
+    return mask_mod, bm, Sq, Skv
+
+
+def relabelled(mask_mod, L, Sq, Skv, compute_q_blocks=True):
+    """A mask made for L x L whose seq_lengths say (Sq, Skv): torch accepts it."""
+    big = create_block_mask(mask_mod, None, None, L, L, device="cpu", BLOCK_SIZE=BLOCK)
+    return BlockMask.from_kv_blocks(big.kv_num_blocks, big.kv_indices, big.full_kv_num_blocks, big.full_kv_indices,
+                                    BLOCK_SIZE=BLOCK, mask_mod=mask_mod, seq_lengths=(Sq, Skv),
+                                    compute_q_blocks=compute_q_blocks)
+
+
+def _check_forward(backend, mask_mod, bm, Sq, Skv):
+    q, k, v = inputs(Sq, Skv)
+    out, lse = flexebt.flex_attention(q, k, v, block_mask=bm, return_lse=True, kernel_options=backend)
+    ref, ref_lse = oracle(q, k, v, mask_mod)
+    expected = torch_flex_attention(q.detach(), k.detach(), v.detach(), block_mask=bm)
+    assert rel_err(expected, ref) < 1e-5  # torch's own result is the float64 math
+    assert rel_err(out, ref) < 1e-5 and rel_err(out, expected) < 1e-5
+    assert rel_err(lse, ref_lse) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(ADJUSTED))
+def test_adjusted_mask_forward_equals_torch(case, backend):
+    _check_forward(backend, *adjusted(case))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_relabelled_longer_mask_forward_equals_torch(backend, request):
+    # rows past the end and key blocks up to 4 past ceil(Skv / BLOCK)
+    bm = relabelled(window, 80, 40, 17)
+    assert _past_end(bm, 40, 17, beyond=1)
+    _reference_limit(request, backend, bm, 40, 17)
+    _check_forward(backend, window, bm, 40, 17)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tables_listing_blocks_far_past_the_end_without_q_tables(backend, request):
+    """Hand-made tables (compute_q_blocks=False, as torch's _adjust keeps them) that list every real
+    block plus blocks far past the end: torch evaluates the mask_mod on the real positions, and so
+    does flexebt; the kernels derive the q tables the backward needs from the kv tables."""
+    Sq, Skv = 21, 37  # 2 x 3 blocks
+    rows = torch.tensor([[0, 1, 2, 5, 9], [7, 0, 1, 2, 4]], dtype=torch.int32)
+    bm = BlockMask.from_kv_blocks(torch.tensor([[[5, 5]]], dtype=torch.int32), rows[None, None], BLOCK_SIZE=BLOCK,
+                                  mask_mod=late, seq_lengths=(Sq, Skv), compute_q_blocks=False)
+    assert bm.q_indices is None and _past_end(bm, Sq, Skv, beyond=1)
+    _reference_limit(request, backend, bm, Sq, Skv)
+    _check_forward(backend, late, bm, Sq, Skv)
+    x = inputs(Sq, Skv)
+    got = second_order(lambda *t: flexebt.flex_attention(*t, block_mask=bm, kernel_options=backend), x)
+    want = second_order(lambda *t: oracle(*t, late)[0], [t.detach().double().requires_grad_() for t in x])
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        assert rel_err(a, b) < 3e-5
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case", ["causal_40x17", "late_even_32x32"])
+def test_adjusted_mask_gradients_first_and_second_order(case):
+    """Kernels (fp32) and reference (float64) against the float64 math, with lse in the loss."""
+    mask_mod, bm, Sq, Skv = adjusted(case)
+    x = inputs(Sq, Skv)
+    x64 = [t.detach().double().requires_grad_() for t in x]
+
+    def run(backend):
+        return lambda *t: flexebt.flex_attention(*t, block_mask=bm, return_lse=True, kernel_options=backend)
+
+    want = second_order(lambda *t: oracle(*t, mask_mod), x64)
+    kern = second_order(run(T), x)
+    ref = second_order(run(R), x64)
+    for a, r, b in zip(kern[0] + kern[1], ref[0] + ref[1], want[0] + want[1]):
+        assert rel_err(a, b) < 3e-5
+        assert rel_err(r, b) < 1e-12
+
+
+def test_tables_in_range_lists_only_real_blocks():
+    bm = relabelled(window, 80, 40, 17)
+    kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx = tables_in_range(bm, 40, 17)
+    assert kv_num.shape[-1] == 3 and q_num.shape[-1] == 2
+    for num, idx, n in ((kv_num, kv_idx, 2), (fkv_num, fkv_idx, 2), (q_num, q_idx, 3), (fq_num, fq_idx, 3)):
+        listed = _listed(num, idx)
+        assert bool(((idx < n) | ~listed).all())
+    # the in-range blocks the mask lists are all kept, in order
+    listed = _listed(bm.kv_num_blocks[..., :3], bm.kv_indices[..., :3, :])
+    for r in range(3):
+        row = bm.kv_indices[0, 0, r][listed[0, 0, r]]
+        assert torch.equal(kv_idx[0, 0, r, :kv_num[0, 0, r]], row[row < 2])
+
+
+# ---- refusals, where torch refuses ----
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lengths", [(40, 37), (64, 40), (33, 80)])
+def test_mask_for_longer_lengths_is_refused_like_torch(backend, lengths):
+    bm = create_block_mask(window, None, None, 80, 80, device="cpu", BLOCK_SIZE=BLOCK)
+    q, k, v = (t.detach() for t in inputs(*lengths))
+    with pytest.raises(ValueError):
+        torch_flex_attention(q, k, v, block_mask=bm)
+    with pytest.raises(ValueError, match=r"built for \(Q_LEN, KV_LEN\) = \(80, 80\).*_adjust"):
+        flexebt.flex_attention(q, k, v, block_mask=bm, kernel_options=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mask_for_shorter_lengths_is_refused_like_torch(backend):
+    bm = create_block_mask(window, None, None, 32, 32, device="cpu", BLOCK_SIZE=BLOCK)
+    q, k, v = (t.detach() for t in inputs(40, 37))
+    with pytest.raises(ValueError):
+        torch_flex_attention(q, k, v, block_mask=bm)
+    with pytest.raises(ValueError, match=r"built for \(Q_LEN, KV_LEN\) = \(32, 32\).*rebuild"):
+        flexebt.flex_attention(q, k, v, block_mask=bm, kernel_options=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tables_shorter_than_their_seq_lengths_are_refused(backend):
+    small = create_block_mask(window, None, None, 32, 32, device="cpu", BLOCK_SIZE=BLOCK)
+    bm = BlockMask.from_kv_blocks(small.kv_num_blocks, small.kv_indices, small.full_kv_num_blocks,
+                                  small.full_kv_indices, BLOCK_SIZE=BLOCK, mask_mod=window, seq_lengths=(40, 40))
+    q, k, v = (t.detach() for t in inputs(40, 40))
+    with pytest.raises(ValueError, match="kv_num_blocks has 2 rows.*need 3"):
+        flexebt.flex_attention(q, k, v, block_mask=bm, kernel_options=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sliced_mask_is_refused_like_torch(backend):
+    bm = create_block_mask(causal, 1, 2, 32, 32, device="cpu", BLOCK_SIZE=BLOCK)[:, :1]
+    q, k, v = (t.detach() for t in inputs(32, 32, H=1))
+    with pytest.raises(RuntimeError):
+        torch_flex_attention(q, k, v, block_mask=bm)
+    for kind in (RuntimeError, ValueError):
+        with pytest.raises(kind, match="sliced"):
+            flexebt.flex_attention(q, k, v, block_mask=bm, kernel_options=backend)
+
+
+# ---- EBT: the two parts of an EBT block mask cropped from a longer one ----
+
+def ebt_window(b, h, q_idx, kv_idx):
+    return (q_idx >= kv_idx) & (q_idx - kv_idx <= 20)
+
+
+def ebt_not_self(b, h, q_idx, kv_idx):
+    return q_idx != kv_idx
+
+
+def _cropped_ebt_mask(mask_mod, S_o, S_p, grow=16):
+    """EBT mask for lengths grown by ``grow`` (the same offset r), its parts cropped with _adjust."""
+    big = flexebt.create_ebt_block_mask(mask_mod, None, None, S_o + grow, S_p + grow, device="cpu", BLOCK_SIZE=BLOCK)
+    return EBTBlockMask(mask_mod=mask_mod, observed=big.observed._adjust(S_o, S_o),
+                        predicted=big.predicted._adjust(S_p, S_o), S_obs=S_o, S_pred=S_p, B=1, H=1)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("mask_mod,S_o,S_p", [(late, 40, 33), (ebt_not_self, 32, 31)], ids=["late_40_33", "not_self_32_31"])
+def test_ebt_cropped_mask_first_and_second_order(mask_mod, S_o, S_p):
+    """Kernels and reference with the cropped mask against the float64 reference with the mask built
+    for these lengths (whose tables list nothing past the end)."""
+    bm = _cropped_ebt_mask(mask_mod, S_o, S_p)
+    assert _past_end(bm.predicted, S_p, S_o) or _past_end(bm.observed, S_o, S_o)
+    exact = flexebt.create_ebt_block_mask(mask_mod, None, None, S_o, S_p, device="cpu", BLOCK_SIZE=BLOCK)
+    x = [torch.randn(1, 2, S, 16, requires_grad=True) for S in (S_o,) * 3 + (S_p,) * 3]
+    x64 = [t.detach().double().requires_grad_() for t in x]
+
+    def run(mask, backend):
+        return lambda *t: flexebt.flex_ebt_attention(*t, block_mask=mask, return_lse=True, kernel_options=backend)
+
+    want = second_order(run(exact, R), x64)
+    for got, bound in ((second_order(run(bm, T), x), 3e-5), (second_order(run(bm, R), x64), 1e-12)):
+        for a, b in zip(got[0] + got[1], want[0] + want[1]):
+            assert rel_err(a, b) < bound
+    outs = flexebt.flex_ebt_attention(*x, block_mask=bm, return_lse=True, kernel_options=T)
+    for a, b in zip(outs, run(exact, R)(*x64)):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_ebt_mask_parts_of_other_lengths_are_refused():
+    big = flexebt.create_ebt_block_mask(ebt_window, None, None, 40, 38, device="cpu", BLOCK_SIZE=BLOCK)
+    with pytest.raises(ValueError, match=r"observed BlockMask was built for \(Q_LEN, KV_LEN\) = \(40, 40\).*_adjust"):
+        EBTBlockMask(mask_mod=ebt_window, observed=big.observed, predicted=big.predicted._adjust(30, 32),
+                     S_obs=32, S_pred=30, B=1, H=1)
+    with pytest.raises(ValueError, match=r"predicted BlockMask was built for \(Q_LEN, KV_LEN\) = \(38, 40\)"):
+        EBTBlockMask(mask_mod=ebt_window, observed=big.observed._adjust(32, 32), predicted=big.predicted,
+                     S_obs=32, S_pred=30, B=1, H=1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ebt_mask_for_longer_lengths_is_refused(backend):
+    bm = flexebt.create_ebt_block_mask(ebt_window, None, None, 40, 38, device="cpu", BLOCK_SIZE=BLOCK)
+    x = [torch.randn(1, 2, S, 16) for S in (21,) * 3 + (19,) * 3]
+    with pytest.raises(ValueError, match=r"built for \(S_obs, S_pred\) = \(40, 38\)"):
+        flexebt.flex_ebt_attention(*x, block_mask=bm, kernel_options=backend)
