@@ -3,15 +3,43 @@
 The kernel cache keys generated code on ``fingerprint(mod)``; each call finds the mod's current
 captured tensors with ``captured_tensors(mod)`` (and ``resolve`` follows the recorded access steps
 inside ``torch.compile``).
+
+Both come from one walk over everything the mod's code can reach:
+
+- a function: its code object, closure cells, defaults and keyword defaults, and every global its
+  code names (names of nested code objects and identifier-like string constants included);
+- a bound method: its function, and the attributes of ``__self__`` that the function's code
+  names; a ``functools.partial``: function, arguments and keywords; a callable object: its
+  class's ``__call__`` (``forward`` for an ``nn.Module``) and the attributes that code names;
+- an object reached that way (``self``, ``self.cfg``, a captured config object, a user module):
+  the attributes named by the code that reached it, found without running any code: the
+  instance ``__dict__``, an ``nn.Module``'s parameters / buffers / submodules, class attributes.
+  A method or property of a user class that is named adds its own code's names, so
+  ``self.helper()`` reading ``self.scale`` is covered.  Code that reads attributes by computed
+  name (``getattr``, ``vars``, ``__dict__``, ``globals``, ``eval``) makes every attribute count;
+- containers (list, tuple, dict, ``nn.ModuleList`` / ``ParameterList`` / ``ParameterDict`` /
+  ``ModuleDict`` / ``Sequential``): every item.
+
+Values that the trace bakes into the kernel (numbers, strings, dtypes) enter the fingerprint by
+value; tensors by the metadata the generated code depends on (dtype, rank, requires_grad, device
+type, one element or not), never by values or shape, which are kernel arguments; two routes to
+one tensor enter as an alias, so the slot layout is part of the key.  An object that cannot be
+described enters by identity with a strong reference held by the key: it stays alive as long as
+the cache entry, so its ``id`` can never be reused by another object.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 from typing import Callable
 
 import torch
+
+_Module = torch.nn.Module
+_CONTAINERS = (torch.nn.ModuleList, torch.nn.ParameterList, torch.nn.ParameterDict, torch.nn.ModuleDict,
+               torch.nn.Sequential)
 
 
 @dataclasses.dataclass
@@ -19,91 +47,485 @@ class Buffer:
     """A tensor the mod reads: its slot in the kernel's argument list."""
 
     tensor: torch.Tensor
-    path: str  # where it was found, e.g. "closure[0]" or "global:bias"
-    steps: tuple = ()  # the same as access steps: ("cell", i), ("item", j), ("global", name)
+    path: str  # where it was found, e.g. "closure[0]", "global:bias" or "self.bias"
+    steps: tuple = ()  # how to read it again: ("cell", i), ("global", name), ("attr", name), ("item", key)
 
 
-def _walk_tensors(fn: Callable, prefix: str, out: list[Buffer], seen: set, steps: tuple = ()) -> None:
-    """Tensors reachable from ``fn``: closure cells, nested functions, named globals."""
-    if id(fn) in seen:
-        return
-    seen.add(id(fn))
-    code = getattr(fn, "__code__", None)
-    for i, cell in enumerate(getattr(fn, "__closure__", None) or ()):
-        try:
-            val = cell.cell_contents
-        except ValueError:  # empty cell
-            continue
-        _visit(val, f"{prefix}closure[{i}]", out, seen, steps + (("cell", i),))
-    if code is not None:
-        g = getattr(fn, "__globals__", {})
-        for name in code.co_names:
+class Buffers(list):
+    """``captured_tensors``' result: a list of ``Buffer`` that also knows the mod's name (messages)."""
+
+    mod_name = "mod"
+
+
+# Top-level packages whose plain functions, classes and modules are taken as fixed: keyed by
+# identity (or name), not walked.  A library function with a closure (``and_masks``) is walked.
+_LIBRARY = frozenset({"torch", "triton", "numpy", "math", "builtins", "functools", "operator", "_operator",
+                      "typing", "abc", "collections", "itertools", "_functools", "cmath", "enum", "types"})
+# Names that let code read attributes or globals by computed name: every attribute counts.
+_DYNAMIC = frozenset({"getattr", "vars", "__dict__", "globals", "locals", "eval", "exec", "attrgetter",
+                      "methodcaller", "__getattribute__"})
+# Dunders of a user class that never run from a mod's body.
+_NOT_IMPLICIT = frozenset({"__init__", "__new__", "__repr__", "__str__", "__setattr__", "__delattr__", "__del__",
+                           "__init_subclass__", "__module__", "__qualname__", "__doc__", "__dict__", "__weakref__",
+                           "__annotations__", "__slots__", "__firstlineno__", "__static_attributes__",
+                           "__getstate__", "__setstate__", "__reduce__", "__reduce_ex__", "__format__", "__dir__",
+                           "__class_getitem__", "__orig_bases__", "__parameters__", "__abstractmethods__",
+                           "_abc_impl", "__sizeof__", "__hash__", "__eq__", "__ne__"})
+
+_ALL = object()          # "every attribute" name set
+_MISSING = object()
+_ATOMS = frozenset({int, bool, str, bytes, type(None), complex, torch.dtype, torch.device, torch.memory_format,
+                    torch.layout, type(Ellipsis), range})
+# Key tags: plain objects, so they can never equal a value atom or a name.
+_F, _FLIB, _BM, _P, _CO, _L, _D, _OBJ, _MOD, _CLS, _END, _EMPTY, _REF, _TA, _SET = (object() for _ in range(15))
+
+
+class _Ident:
+    """Keys an object by identity; the strong reference keeps it (and so its id) alive."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __hash__(self):
+        return id(self.obj)
+
+    def __eq__(self, other):
+        return type(other) is _Ident and other.obj is self.obj
+
+
+def _is_library(modname) -> bool:
+    return isinstance(modname, str) and modname.partition(".")[0] in _LIBRARY
+
+
+_CODE_NAMES: dict = {}
+
+
+def _code_names(code: types.CodeType):
+    """Names a code object can read as globals or attributes (nested code and identifier-like
+    string constants included), or ``_ALL`` if it can read them by computed name."""
+    hit = _CODE_NAMES.get(code)
+    if hit is None:
+        names, stack = set(), [code]
+        while stack:
+            c = stack.pop()
+            names.update(c.co_names)
+            for k in c.co_consts:
+                if isinstance(k, types.CodeType):
+                    stack.append(k)
+                elif isinstance(k, str) and k.isidentifier():
+                    names.add(k)
+        hit = _ALL if names & _DYNAMIC else tuple(sorted(names))
+        _CODE_NAMES[code] = hit
+    return hit
+
+
+def _callable_names(fn):
+    """The names the code behind a callable can read (every name if unknown)."""
+    t = type(fn)
+    if t is types.FunctionType:
+        return _code_names(fn.__code__)
+    if t is types.MethodType:
+        return _callable_names(fn.__func__)
+    if t is functools.partial:
+        return _callable_names(fn.func)
+    if t is types.BuiltinFunctionType or isinstance(fn, torch._ops.OpOverloadPacket):
+        return ()
+    call = getattr(type(fn), "forward" if isinstance(fn, _Module) else "__call__", None)
+    return _code_names(call.__code__) if type(call) is types.FunctionType else _ALL
+
+
+def _union(a, b):
+    if a is _ALL or b is _ALL:
+        return _ALL
+    if not b:
+        return a
+    extra = [n for n in b if n not in a]
+    return a + tuple(extra) if extra else a
+
+
+_USER_MRO: dict = {}
+
+
+def _user_mro(cls) -> tuple:
+    """The classes of ``cls.__mro__`` defined outside the library packages (cached per class)."""
+    hit = _USER_MRO.get(cls)
+    if hit is None or hit[0] is not cls.__mro__:
+        hit = _USER_MRO[cls] = (cls.__mro__, tuple(k for k in cls.__mro__ if not _is_library(k.__module__)))
+    return hit[1]
+
+
+def _class_attr(cls, name):
+    """``name`` defined by a user class of ``cls.__mro__`` (read without running descriptors):
+    (value, owning class) or (_MISSING, None).  Library classes' attributes are fixed code."""
+    for klass in _user_mro(cls):
+        d = klass.__dict__
+        if name in d:
+            return d[name], klass
+    return _MISSING, None
+
+
+def _flatten(chain) -> tuple:
+    out = []
+    while chain:
+        chain, step = chain
+        out.append(step)
+    return tuple(reversed(out))
+
+
+def _path(steps) -> str:
+    parts = []
+    for kind, arg in steps:
+        if kind == "cell":
+            parts.append(f"closure[{arg}]")
+        elif kind == "global":
+            parts.append(f"global:{arg}")
+        elif kind == "attr":
+            parts.append(f".{arg}" if parts else arg)
+        elif kind == "type":
+            parts.append("type()")
+        else:
+            parts.append(f"[{arg!r}]")
+    return "".join(p if i == 0 or p.startswith((".", "[")) else "." + p for i, p in enumerate(parts))
+
+
+class _Walk:
+    """One pass over what a mod can read; ``key`` describes it, ``tensors`` lists its tensors."""
+
+    __slots__ = ("key", "tensors", "memo", "tmemo", "keep", "steps")
+
+    def __init__(self, steps: bool):
+        self.steps = steps  # build Buffer entries (captured_tensors) or only the key (fingerprint)
+        self.key = []
+        self.tensors = Buffers()
+        self.memo = {}
+        self.tmemo = {}
+        self.keep = []
+
+    # -- entry ------------------------------------------------------------------------------
+    def root(self, mod):
+        t = type(mod)
+        if t is types.FunctionType or t is types.MethodType or t is functools.partial or mod is None:
+            self.value(mod, (), None)
+            return
+        attr = "forward" if isinstance(mod, _Module) else "__call__"
+        func = None if isinstance(mod, type) else getattr(t, attr, None)
+        if type(func) is types.FunctionType:  # a callable object: its class's __call__ / forward, and self
+            self.key.append(_CO)
+            self.function(func, ((None, ("type", None)), ("attr", attr)))
+            self.obj(mod, _code_names(func.__code__), None)
+        else:
+            self.value(mod, (), None)
+
+    # -- values -----------------------------------------------------------------------------
+    def value(self, v, names, chain):
+        emit = self.key.append
+        t = type(v)
+        if t in _ATOMS:
+            emit(t)
+            emit(v)
+        elif t is float:
+            emit(t)
+            emit(v if v == v and v != 0.0 else repr(v))  # -0.0 / nan by spelling
+        elif isinstance(v, torch.Tensor):
+            self.tensor(v, chain)
+        elif t is types.FunctionType:
+            self.function(v, chain)
+        elif t is types.MethodType:
+            func = v.__func__
+            emit(_BM)
+            self.value(func, (), (chain, ("attr", "__func__")))
+            fnames = _code_names(func.__code__) if type(func) is types.FunctionType else ()
+            self.value(v.__self__, fnames, (chain, ("attr", "__self__")))
+        elif t is functools.partial:
+            emit(_P)
+            fnames = _callable_names(v.func)  # the arguments are read by the partial's function
+            self.value(v.func, names, (chain, ("attr", "func")))
+            self.value(v.args, fnames, (chain, ("attr", "args")))
+            self.value(v.keywords, fnames, (chain, ("attr", "keywords")))
+        elif t is tuple or t is list or (isinstance(v, (tuple, list)) and not hasattr(v, "__dict__")):
+            emit(_L)
+            emit(t)
+            emit(len(v))
+            for j, item in enumerate(v):
+                self.value(item, names, (chain, ("item", j)))
+        elif isinstance(v, dict) and not hasattr(v, "__dict__"):
+            self.mapping(v, names, chain)
+        elif t is types.ModuleType:
+            self.module(v, names, chain)
+        elif isinstance(v, type):
+            self.cls(v, names, chain)
+        elif t is frozenset or t is set:
+            emit(_SET)
+            try:
+                emit(frozenset(v) if all(type(x) in _ATOMS for x in v) else _Ident(v))
+            except TypeError:
+                emit(_Ident(v))
+        elif t is types.BuiltinFunctionType or t is types.BuiltinMethodType or t is types.WrapperDescriptorType \
+                or t is types.MethodWrapperType or t is types.MethodDescriptorType or t is torch._ops.OpOverload \
+                or t is torch._ops.OpOverloadPacket:
+            emit(_REF)
+            emit(_Ident(v))
+        elif t.__module__ == "numpy" and hasattr(v, "tobytes"):  # arrays and scalars: baked by value
+            emit(t)
+            emit((v.dtype.str, v.shape, v.tobytes()))
+        elif hasattr(v, "__dict__") or hasattr(type(v), "__slots__"):
+            self.obj(v, names, chain)
+        else:
+            emit(_REF)
+            emit(_Ident(v))
+
+    def tensor(self, v, chain):
+        slot = self.tmemo.get(id(v))
+        if slot is not None:
+            self.key.append((_TA, slot))
+            return
+        self.tmemo[id(v)] = len(self.tmemo)
+        self.keep.append(v)
+        n = v.numel()
+        self.key.append((v.dtype, v.dim(), v.requires_grad, v.is_cuda, v.device.type if not v.is_cpu else "cpu",
+                         n == 1, n >= 2 ** 31))
+        if self.steps:
+            steps = _flatten(chain)
+            self.tensors.append(Buffer(v, _path(steps), steps))
+
+    def _seen(self, memo_key, obj) -> bool:
+        """Emit a back-reference if ``obj`` was described already (cycles, shared objects)."""
+        ordinal = self.memo.get(memo_key)
+        if ordinal is not None:
+            self.key.append(_REF)
+            self.key.append(ordinal)
+            return True
+        self.memo[memo_key] = len(self.memo)
+        self.keep.append(obj)
+        return False
+
+    def function(self, fn, chain):
+        emit = self.key.append
+        if self._seen(id(fn), fn):
+            return
+        code = fn.__code__
+        cells = fn.__closure__
+        if cells is None and _is_library(fn.__module__):
+            emit(_FLIB)
+            emit(fn)  # functions compare by identity; the key holds it
+            return
+        emit(_F)
+        emit(code)
+        names = _code_names(code)
+        if cells:
+            for i, cell in enumerate(cells):
+                try:
+                    val = cell.cell_contents
+                except ValueError:  # empty cell
+                    emit(_EMPTY)
+                    continue
+                self.value(val, names, (chain, ("cell", i)))
+        d = fn.__defaults__
+        if d:
+            self.value(d, names, (chain, ("attr", "__defaults__")))
+        else:
+            emit(None)
+        kw = fn.__kwdefaults__
+        if kw:
+            self.value(kw, names, (chain, ("attr", "__kwdefaults__")))
+        else:
+            emit(None)
+        g = fn.__globals__
+        for name in (names if names is not _ALL else [n for n in g if not n.startswith("__")]):
             if name in g:
-                _visit(g[name], f"{prefix}global:{name}", out, seen, steps + (("global", name),), globals_only=True)
+                emit(name)
+                self.value(g[name], names, (chain, ("global", name)))
+        emit(_END)
+
+    def mapping(self, v, names, chain):
+        emit = self.key.append
+        emit(_D)
+        emit(type(v))
+        emit(len(v))
+        for k, item in v.items():
+            if type(k) in _ATOMS:
+                emit(k)
+            elif type(k) is float:
+                emit(repr(k))
+            else:
+                emit(_Ident(k))
+            self.value(item, names, (chain, ("item", k)))
+
+    def module(self, m, names, chain):
+        emit = self.key.append
+        emit(_MOD)
+        emit(m.__name__)
+        if _is_library(m.__name__) or self._seen((id(m), names), m):
+            return
+        d = m.__dict__
+        for name in (names if names is not _ALL else [n for n in d if not n.startswith("__")]):
+            if name in d:
+                emit(name)
+                self.value(d[name], names, (chain, ("attr", name)))
+        emit(_END)
+
+    def cls(self, c, names, chain):
+        emit = self.key.append
+        emit(_CLS)
+        emit(c)  # classes compare by identity; the key holds it
+        if _is_library(c.__module__) or self._seen((id(c), names), c):
+            return
+        names = self._expand(c, names)
+        for name in names:
+            val, owner = _class_attr(c, name)
+            if val is not _MISSING:
+                emit(name)
+                self.class_value(val, names, (chain, ("attr", name)))
+        emit(_END)
+
+    def class_value(self, val, names, chain):
+        """A class attribute (``chain`` reads ``getattr(cls, name)``): methods and properties by
+        their functions, the rest as values."""
+        t = type(val)
+        if t is staticmethod:
+            self.key.append(t)
+            self.value(val.__func__, names, chain)
+        elif t is classmethod:
+            self.key.append(t)
+            self.value(val.__func__, names, (chain, ("attr", "__func__")))
+        elif t is property:
+            self.key.append(t)
+            self.value(val.fget, names, (chain, ("attr", "fget")))
+            self.value(val.fset, names, (chain, ("attr", "fset")))
+        else:
+            self.value(val, names, chain)
+
+    def _expand(self, cls, names):
+        """``names`` plus the names read by the user-class methods / properties it names, and the
+        user-class dunders Python calls implicitly (``__call__``, ``__getitem__``, operators)."""
+        if names is _ALL:
+            return _ALL
+        user = _user_mro(cls)
+        if not user:
+            return names
+        extra = [n for k in user for n in k.__dict__
+                 if n.startswith("__") and n.endswith("__") and n not in _NOT_IMPLICIT]
+        out = _union(names, tuple(dict.fromkeys(extra)))
+        i = 0
+        while out is not _ALL and i < len(out):
+            val, owner = _class_attr(cls, out[i])
+            i += 1
+            if val is _MISSING:
+                continue
+            if type(val) in (staticmethod, classmethod):
+                val = val.__func__
+            funcs = (val.fget, val.fset) if type(val) is property else (val,)
+            for f in funcs:
+                if type(f) is types.FunctionType:
+                    out = _union(out, _code_names(f.__code__))
+        return out
+
+    def obj(self, o, names, chain):
+        emit = self.key.append
+        cls = type(o)
+        emit(_OBJ)
+        emit(cls)
+        if self._seen((id(o), names), o):
+            return
+        d = getattr(o, "__dict__", None)
+        if not isinstance(d, dict):
+            d = None
+        is_mod = isinstance(o, _Module)
+        stores = (d.get("_parameters"), d.get("_buffers"), d.get("_modules")) if is_mod and d else ()
+        if names is _ALL:
+            listed = list(d or ())
+            for s in stores:
+                listed += list(s or ())
+            listed += [n for k in _user_mro(cls) for n in k.__dict__]
+            names = tuple(dict.fromkeys(listed))
+        else:
+            names = self._expand(cls, names)
+        user = _user_mro(cls)
+        dynamic = any("__getattr__" in k.__dict__ or "__getattribute__" in k.__dict__ for k in user)
+        for name in names:
+            found = False
+            if d is not None and name in d:
+                emit(name)
+                self.value(d[name], names, (chain, ("attr", name)))
+                found = True
+            for s in stores:
+                if s and name in s:
+                    emit(name)
+                    self.value(s[name], names, (chain, ("attr", name)))
+                    found = True
+            val, owner = _class_attr(cls, name)
+            if val is not _MISSING:
+                found = True
+                emit(name)
+                if type(val) is types.MemberDescriptorType:  # a __slots__ attribute
+                    slot = getattr(o, name, _MISSING)
+                    if slot is _MISSING:
+                        emit(_EMPTY)
+                    else:
+                        self.keep.append(slot)
+                        self.value(slot, names, (chain, ("attr", name)))
+                else:
+                    self.class_value(val, names, ((chain, ("type", None)), ("attr", name)))
+            if not found and dynamic:
+                try:
+                    got = getattr(o, name, _MISSING)
+                except Exception:  # noqa: BLE001 - an attribute that cannot be read does not count
+                    got = _MISSING
+                if got is not _MISSING:
+                    self.keep.append(got)
+                    emit(name)
+                    self.value(got, names, (chain, ("attr", name)))
+        if is_mod and isinstance(o, _CONTAINERS):  # indexed containers: every item
+            listy = not isinstance(o, (torch.nn.ParameterDict, torch.nn.ModuleDict))
+            for s in stores:
+                for k, item in (s or {}).items():
+                    emit(k)
+                    self.value(item, names, (chain, ("item", int(k) if listy else k)))
+        emit(_END)
 
 
-def _visit(val, path, out, seen, steps, globals_only=False):
-    if isinstance(val, torch.Tensor):
-        if not any(b.tensor is val for b in out):
-            out.append(Buffer(val, path, steps))
-    elif isinstance(val, types.FunctionType):
-        # Nested closures (and_masks, attn_gym builders) and module-level helper functions.
-        if not (globals_only and (val.__module__ or "").startswith("torch")):
-            _walk_tensors(val, path + ".", out, seen, steps)
-    elif isinstance(val, (list, tuple)) and not globals_only:
-        for j, item in enumerate(val):
-            _visit(item, f"{path}[{j}]", out, seen, steps + (("item", j),))
+def _mod_name(mod) -> str:
+    if type(mod) is types.MethodType:
+        return f"{type(mod.__self__).__name__}.{getattr(mod.__func__, '__name__', 'method')}"
+    if type(mod) is functools.partial:
+        return f"partial({_mod_name(mod.func)})"
+    name = getattr(mod, "__qualname__", None) or getattr(mod, "__name__", None)
+    return name if isinstance(name, str) else type(mod).__name__
 
 
 def resolve(fn: Callable, steps: tuple):
-    """Follow access steps from ``fn`` (plain attribute and index reads, traceable by dynamo)."""
+    """Follow access steps from ``fn`` (attribute and index reads only, traceable by dynamo)."""
     obj = fn
     for kind, arg in steps:
         if kind == "cell":
             obj = obj.__closure__[arg].cell_contents
         elif kind == "item":
             obj = obj[arg]
+        elif kind == "attr":
+            obj = getattr(obj, arg)
+        elif kind == "type":
+            obj = type(obj)
         else:
             obj = obj.__globals__[arg]
     return obj
 
 
-def captured_tensors(fn: Callable) -> list[Buffer]:
-    """The tensors a mod captures, in a deterministic order."""
-    out: list[Buffer] = []
-    _walk_tensors(fn, "", out, set())
-    return out
+def captured_tensors(fn: Callable) -> Buffers:
+    """The tensors a mod reads through its closure, defaults, globals, bound object, partial
+    arguments and containers, in a deterministic order (the walk order of ``fingerprint``)."""
+    w = _Walk(True)
+    w.root(fn)
+    w.tensors.mod_name = _mod_name(fn)
+    return w.tensors
 
 
-
-
-def fingerprint(obj, seen=None):
-    """A hashable description of a mod: its code, the non-tensor values it closes over, and the
-    dtype / rank / requires_grad of the tensors it reads (not their values)."""
-    seen = set() if seen is None else seen
-    if isinstance(obj, torch.Tensor):
-        return ("T", obj.dtype, obj.dim(), obj.requires_grad, obj.device.type, obj.numel() >= 2 ** 31)
-    if isinstance(obj, (int, float, bool, str, type(None), torch.dtype)):
-        return ("V", type(obj).__name__, obj)
-    if isinstance(obj, (list, tuple)):
-        return ("L",) + tuple(fingerprint(x, seen) for x in obj)
-    if isinstance(obj, types.FunctionType):
-        if id(obj) in seen:
-            return ("F-rec", obj.__code__)
-        seen.add(id(obj))
-        cells = []
-        for c in obj.__closure__ or ():
-            try:
-                cells.append(fingerprint(c.cell_contents, seen))
-            except ValueError:
-                cells.append(("empty",))
-        glb = []
-        for name in obj.__code__.co_names:
-            val = obj.__globals__.get(name)
-            if isinstance(val, torch.Tensor) or (isinstance(val, types.FunctionType)
-                                                 and not (val.__module__ or "").startswith("torch")):
-                glb.append((name, fingerprint(val, seen)))
-        return ("F", obj.__code__, tuple(cells), tuple(glb), obj.__defaults__)
-    if isinstance(obj, types.ModuleType):
-        return ("M", obj.__name__)
-    return ("id", id(obj))  # unknown object: never shared between different objects
+def fingerprint(obj):
+    """A hashable description of everything a mod's generated code can depend on (see the module
+    docstring); equal fingerprints mean the same kernel serves both mods."""
+    if obj is None:
+        return None
+    w = _Walk(False)
+    w.root(obj)
+    return tuple(w.key)
