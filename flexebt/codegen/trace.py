@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 import torch.fx
+from torch._decomp import get_decompositions
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from .identity import Buffer, captured_tensors
@@ -89,31 +90,123 @@ def _constant_map(gm: torch.fx.GraphModule, buffers: list[Buffer]) -> dict[str, 
     return mapping
 
 
-def direct_uses(node: torch.fx.Node) -> list:
-    """Users of a captured tensor's get_attr node other than ``tensor[indices]`` loads."""
-    return [u for u in node.users if not (u.target is aten.index.Tensor and u.args[0] is node)]
+# Composite ops (activations, their derivatives, masked_fill) are traced as the pointwise ops
+# they are made of, so the code generator needs only those (emit.OPS).
+_DECOMPOSED = get_decompositions([getattr(aten, n) for n in (
+    "silu", "silu_backward", "gelu", "gelu_backward", "elu", "elu_backward", "celu", "selu", "softplus",
+    "softplus_backward", "hardtanh", "hardtanh_backward", "leaky_relu", "leaky_relu_backward", "relu", "relu6",
+    "threshold_backward", "masked_fill", "masked_fill_", "mish", "mish_backward", "hardsigmoid",
+    "hardsigmoid_backward", "hardswish", "hardswish_backward", "logit", "logit_backward", "log_sigmoid_forward",
+    "log_sigmoid_backward", "lerp", "addcmul", "addcdiv", "heaviside", "logaddexp", "hypot", "softshrink",
+    "hardshrink", "fill_", "sub_", "add_", "mul_", "div_", "logical_and_", "logical_or_", "xlogy", "nan_to_num",
+    "clamp_min", "clamp_max")])
 
 
-def _check_direct_uses(gm: torch.fx.GraphModule, buffers: list[Buffer], consts: dict[str, int]) -> None:
-    """A captured tensor used as a value (``score * temperature``, ``dist < w``) must hold one
-    element; the kernels read it as a scalar.  Its gradient is not scattered, so one that needs a
-    gradient must be indexed instead (``temperature[h]`` with one value per head, say)."""
-    for node in gm.graph.nodes:
-        if node.op != "get_attr" or not direct_uses(node):
+class _PerScoreIndexing(torch.overrides.TorchFunctionMode):
+    """torch applies a mod to one score at a time, where ``bias[h]`` with a scalar ``h`` is a row
+    and ``bias[h][q_idx]`` one value.  The trace runs the mod on one-element tensors instead, where
+    ``bias[h]`` keeps a leading dimension of one; dropping it makes chained indexing mean what it
+    means in torch."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.Tensor.__getitem__ and isinstance(out, torch.Tensor) and out.dim() > 1 \
+                and out.shape[0] == 1 and _per_score_index(args[1]):
+            out = out.squeeze(0)
+        return out
+
+
+def _per_score_index(index) -> bool:
+    items = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(i, torch.Tensor) and i.shape == (1,) and not i.is_floating_point() for i in items)
+
+
+_PASS_THROUGH = {aten.detach.default, aten.alias.default, aten.clone.default, aten.lift_fresh_copy.default,
+                 aten.contiguous.default}
+
+
+def _normalize_loads(gm: torch.fx.GraphModule, name: str) -> None:
+    """Rewrite every read of a captured tensor as one ``aten.index.Tensor(tensor, [i_0, .., i_n])``
+    node with an index per dimension (a *load*; the emitter bounds-checks it):
+
+    - chained indexing ``bias[h][q_idx]`` (index, squeeze, select steps) is folded into one load;
+    - a one-element tensor used as a value (``score * temperature``) is a load at index 0, so a
+      temperature that requires grad receives its gradient;
+    - a read through ``.detach()`` is a load followed by a detach (no gradient flows).
+    Any other use of a captured tensor -- a slice, a reduction or arithmetic over a whole tensor --
+    is refused, naming the mod."""
+    partial = {}  # node -> (get_attr node, index list, detached)
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr":
+            partial[node] = (node, [], False)
             continue
-        t = buffers[consts[node.target]].tensor
-        if t.numel() != 1:
+        if node.op != "call_function":
+            continue
+        src = node.args[0] if node.args else None
+        if src not in partial:
+            continue
+        attr, idx, detached = partial[src]
+        t = node.target
+        if t in _PASS_THROUGH:
+            partial[node] = (attr, idx, detached or t is aten.detach.default)
+        elif t is aten.index.Tensor and all(i is not None for i in node.args[1]):
+            partial[node] = (attr, idx + list(node.args[1]), detached)
+        elif t in (aten.squeeze.dim, aten.squeeze.dims) and idx:
+            partial[node] = (attr, idx, detached)  # the leading one of a per-score index
+        elif t is aten.select.int and node.args[1] == 0:
+            partial[node] = (attr, idx + [int(node.args[2])], detached)
+    tensors = {a: getattr(gm, a.target) for a in partial if a.op == "get_attr"}
+    for node, (attr, idx, detached) in partial.items():
+        tensor = tensors[attr]
+        complete = len(idx) == tensor.dim()
+        if node.op == "get_attr" and tensor.numel() == 1:
+            idx, complete = [0] * tensor.dim(), True
+        outside = [u for u in node.users if u not in partial]
+        if not outside:
+            continue
+        if not complete:
+            shape = tuple(tensor.shape)
             raise NotImplementedError(
-                f"flexebt codegen: a captured tensor of shape {tuple(t.shape)} is used without indexing; index it "
-                f"with the mod's positions (e.g. bias[h, q_idx, kv_idx]) or capture a one-element tensor.")
-        if t.is_floating_point() and t.requires_grad:
-            raise NotImplementedError(
-                "flexebt codegen: a captured scalar that requires grad is used without indexing, so its gradient "
-                "cannot be scattered; index it (e.g. a temperature of shape [H] read as temperature[h]).")
+                f"flexebt codegen: the mod {name!r} uses a captured tensor of shape {shape} "
+                f"{'indexed with ' + str(len(idx)) + ' of its ' + str(len(shape)) + ' dimensions' if idx else 'as a whole'}"
+                f" ({', '.join(str(u.target) for u in outside)}). A mod works on one score at a time: read one "
+                f"value per score, with an index for every dimension (e.g. bias[h, q_idx, kv_idx]); slices, "
+                f"reductions over a tensor and tensor-wide arithmetic are not supported by the kernels.")
+        if node.target is aten.index.Tensor and node.args[0] is attr and len(idx) == len(node.args[1]) \
+                and not detached:
+            continue  # already one load
+        with (gm.graph.inserting_after(node) if node.op == "get_attr" else gm.graph.inserting_before(node)):
+            args = []
+            for i in idx:
+                if isinstance(i, torch.fx.Node):
+                    args.append(i)
+                else:
+                    c = gm.graph.call_function(aten.scalar_tensor.default, (i,), {"dtype": torch.int64})
+                    c.meta["val"] = torch.scalar_tensor(i, dtype=torch.int64)
+                    args.append(c)
+            load = gm.graph.call_function(aten.index.Tensor, (attr, args))
+            load.meta["val"] = torch.empty((1,), dtype=tensor.dtype)
+            out = load
+            if detached:
+                out = gm.graph.call_function(aten.detach.default, (load,))
+                out.meta["val"] = load.meta["val"]
+        for u in outside:
+            u.replace_input_with(node, out)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
 
 
-def _trace(fn, args) -> torch.fx.GraphModule:
-    gm = make_fx(fn, tracing_mode="real", _allow_non_fake_inputs=True)(*args)
+def _trace(fn, args, name: str = "mod") -> torch.fx.GraphModule:
+    try:
+        gm = make_fx(fn, tracing_mode="real", decomposition_table=_DECOMPOSED, _allow_non_fake_inputs=True)(*args)
+    except RuntimeError as e:
+        if "_local_scalar_dense" in str(e) or "data-dependent" in str(e):
+            raise NotImplementedError(
+                f"flexebt: the mod {name!r} turns a tensor into a Python value (.item(), int(), float(), bool(), or "
+                f"an `if` / `and` / `or` on a tensor). torch applies a mod to one score at a time through vmap, "
+                f"where that is not allowed either; write the choice with tensor ops instead, e.g. "
+                f"torch.where(cond, a, b).") from None
+        raise
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
@@ -122,31 +215,52 @@ def _trace(fn, args) -> torch.fx.GraphModule:
 def trace_mask_mod(mask_mod: Callable) -> TracedMod:
     buffers = captured_tensors(mask_mod)
     dev = _trace_device(buffers)
-    gm = _trace(lambda b, h, q, kv: _as_bool(mask_mod(b, h, q, kv), q), tuple(_idx(dev) for _ in range(4)))
+    name = getattr(mask_mod, "__name__", "mask_mod")
+
+    def per_score(b, h, q, kv):
+        with _PerScoreIndexing():
+            return _as_bool(mask_mod(b, h, q, kv), q, name)
+
+    gm = _trace(per_score, tuple(_idx(dev) for _ in range(4)), name)
     consts = _constant_map(gm, buffers)
-    _check_direct_uses(gm, buffers, consts)
-    return TracedMod("mask", gm, buffers, consts, [], {}, {}, getattr(mask_mod, "__name__", "mask_mod"))
+    _normalize_loads(gm, name)
+    return TracedMod("mask", gm, buffers, consts, [], {}, {}, name)
 
 
-def _as_bool(x, like):
+def _one_value(x, like, name: str, kind: str):
+    """A mod returns one value per score: a number, or a tensor of one element."""
     if not isinstance(x, torch.Tensor):
-        return torch.full_like(like, bool(x), dtype=torch.bool)
-    return x.to(torch.bool).expand(like.shape)
+        if not isinstance(x, (bool, int, float)):
+            raise TypeError(f"flexebt: the {kind} {name!r} returned {type(x).__name__}; it must return a tensor "
+                            f"(or a number) with one value per score.")
+        return torch.full_like(like, x, dtype=torch.float32 if kind == "score_mod" else torch.bool)
+    if x.numel() != 1:
+        raise TypeError(f"flexebt: the {kind} {name!r} returned a tensor of shape {tuple(x.shape)} for one score; it "
+                        f"must return one value per score (index captured tensors down to one value).")
+    return x.reshape(like.shape)
 
 
-def _as_float(x, like):
-    if not isinstance(x, torch.Tensor):
-        return torch.full_like(like, float(x))
-    return x.to(torch.float32).expand(like.shape)
+def _as_bool(x, like, name="mask_mod"):
+    return _one_value(x, like, name, "mask_mod").to(torch.bool)
+
+
+def _as_float(x, like, name="score_mod"):
+    return _one_value(x, like, name, "score_mod").to(torch.float32)
 
 
 def trace_score_mod(score_mod: Callable, want_second_order: bool = False) -> TracedMod:
     buffers = captured_tensors(score_mod)
     dev = _trace_device(buffers)
     args = (torch.zeros((1,), dtype=torch.float32, device=dev), *(_idx(dev) for _ in range(4)))
-    gm = _trace(lambda s, b, h, q, kv: _as_float(score_mod(s, b, h, q, kv), s), args)
+    name = getattr(score_mod, "__name__", "score_mod")
+
+    def per_score(s, b, h, q, kv):
+        with _PerScoreIndexing():
+            return _as_float(score_mod(s, b, h, q, kv), s, name)
+
+    gm = _trace(per_score, args, name)
     consts = _constant_map(gm, buffers)
-    _check_direct_uses(gm, buffers, consts)
+    _normalize_loads(gm, name)
 
     # Floating loads become derivative leaves.
     loads = []
@@ -160,8 +274,7 @@ def trace_score_mod(score_mod: Callable, want_second_order: bool = False) -> Tra
         dg = _trace_derivatives(gm, loads, second=(which == "dbwd"), device=dev)
         derivative[which] = dg
         deriv_consts[which] = _constant_map(dg, buffers)
-    return TracedMod("score", gm, buffers, consts, loads, derivative, deriv_consts,
-                     getattr(score_mod, "__name__", "score_mod"))
+    return TracedMod("score", gm, buffers, consts, loads, derivative, deriv_consts, name)
 
 
 class _LeafInterpreter(torch.fx.Interpreter):
@@ -187,7 +300,10 @@ def _trace_derivatives(gm: torch.fx.GraphModule, loads: list[Load], second: bool
             leaves = [x.detach().requires_grad_(True) for x in leaves]
             t = _LeafInterpreter(gm, dict(zip(names, leaves))).run(s, b, h, q, kv)
             wrt = [s, *leaves]
-            first = torch.autograd.grad(t.sum(), wrt, create_graph=second, allow_unused=True)
+            if t.requires_grad:
+                first = torch.autograd.grad(t.sum(), wrt, create_graph=second, allow_unused=True)
+            else:  # the mod does not depend on the score or the loads
+                first = [None] * len(wrt)
             first = [torch.zeros_like(s) if g is None else g for g in first]
             outs = [t.detach(), *[g.detach() for g in first]]
             if second:
