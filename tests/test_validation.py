@@ -1,10 +1,16 @@
 """Every documented input constraint raises a clear ValueError / TypeError (never assert/IndexError)."""
 
+import functools
+import math
+import re
+
 import pytest
 import torch
+from torch.nn.attention.flex_attention import BlockMask
 
 import flexebt
 from flexebt import masks
+from flexebt.compat import ebt_attention
 
 
 def t(*shape, dtype=torch.float32):
@@ -126,3 +132,225 @@ def test_piecewise_errors(over, exc, msg):
 def test_builder_errors(bad):
     with pytest.raises(ValueError):
         bad()
+
+
+# ---- score_mod / mask_mod signatures: checked before any tracing ----
+
+CALLS = []
+
+
+def three_arg_score_mod(score, b, h):
+    CALLS.append(1)
+    return score
+
+
+def five_arg_mask_mod(b, h, q_idx, kv_idx, extra):
+    CALLS.append(1)
+    return q_idx >= kv_idx
+
+
+def keyword_only_score_mod(score, b, h, q_idx, kv_idx, *, temperature):
+    CALLS.append(1)
+    return score / temperature
+
+
+def _torch_mask(mask_mod, S=8):
+    causal = flexebt.create_block_mask(masks.causal_mask, None, None, S, S, device="cpu")
+    return BlockMask.from_kv_blocks(causal.kv_num_blocks, causal.kv_indices, causal.full_kv_num_blocks,
+                                    causal.full_kv_indices, BLOCK_SIZE=causal.BLOCK_SIZE, mask_mod=mask_mod,
+                                    seq_lengths=(S, S))
+
+
+BAD_MODS = {
+    "flex_score_mod": (lambda: flex(score_mod=three_arg_score_mod), "three_arg_score_mod",
+                       r"score_mod\(score, b, h, q_idx, kv_idx\)"),
+    "flex_keyword_only": (lambda: flex(score_mod=keyword_only_score_mod), "keyword_only_score_mod", "temperature"),
+    "flex_mask_mod": (lambda: flex(block_mask=_torch_mask(five_arg_mask_mod)), "five_arg_mask_mod",
+                      r"mask_mod\(b, h, q_idx, kv_idx\)"),
+    "ebt_score_mod": (lambda: ebt(score_mod=three_arg_score_mod), "three_arg_score_mod", "5 positional"),
+    "ebt_mask_mod": (lambda: flexebt.create_ebt_block_mask(five_arg_mask_mod, None, None, 6, 6), "five_arg_mask_mod",
+                     "4 positional"),
+    "piecewise_score_mod": (lambda: pw(score_mod=three_arg_score_mod), "three_arg_score_mod", "5 positional"),
+    "piecewise_mask_mod": (lambda: pw(block_mask=_torch_mask(five_arg_mask_mod)._adjust(6, 8)), "five_arg_mask_mod",
+                           "4 positional"),
+}
+
+
+@pytest.mark.parametrize("backend", ["REFERENCE", pytest.param("TRITON", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("case", list(BAD_MODS))
+def test_mod_of_the_wrong_arity_is_refused_before_tracing(case, backend, monkeypatch):
+    monkeypatch.setenv("FLEXEBT_BACKEND", backend)
+    call, name, expected = BAD_MODS[case]
+    CALLS.clear()
+    with pytest.raises(TypeError, match=name) as err:
+        call()
+    assert re.search(expected, str(err.value))
+    assert CALLS == []  # never called, never traced
+
+
+def _star_args(*args):
+    return args[0] * 0.5
+
+
+def _with_default(score, b, h, q_idx, kv_idx, scale=2.0):
+    return score * scale
+
+
+def _star_mask(b, h, *idx):
+    return idx[0] >= idx[1]
+
+
+@pytest.mark.parametrize("score_mod", [_star_args, _with_default, functools.partial(_with_default, scale=3.0),
+                                       lambda s, *rest: s],
+                         ids=["star_args", "default", "partial", "lambda"])
+def test_mod_signatures_with_star_args_and_defaults_are_accepted(score_mod):
+    out = flex(score_mod=score_mod, kernel_options={"BACKEND": "REFERENCE"})
+    assert out.shape == (1, 2, 8, 16)
+    flex(block_mask=_torch_mask(_star_mask), kernel_options={"BACKEND": "REFERENCE"})
+
+
+# ---- kernel_options: declared keys, declared types ----
+
+BAD_OPTIONS = [
+    ({"BLOCK_M": "32"}, TypeError, "BLOCK_M.*'32'.*str.*power of two"),
+    ({"BLOCK_N": 32.0}, TypeError, "BLOCK_N.*32.0.*float.*power of two"),
+    ({"BLOCK_M": True}, TypeError, "BLOCK_M.*True.*bool"),
+    ({"BLOCK_M2": -16}, ValueError, "BLOCK_M2.*-16.*power of two >= 16"),
+    ({"BLOCK_N1": 48}, ValueError, "BLOCK_N1.*48.*power of two"),
+    ({"BLOCK_M": 8}, ValueError, "BLOCK_M.*8.*>= 16"),
+    ({"num_warps": 3}, ValueError, "num_warps.*3.*power of two"),
+    ({"dq_num_stages": 0}, ValueError, "dq_num_stages.*0.*int >= 1"),
+    ({"USE_TMA": "yes"}, TypeError, "USE_TMA.*'yes'.*bool"),
+    ({"USE_TMA": 2}, ValueError, "USE_TMA.*2.*bool"),
+    ({"HEAD_GROUP": 1.5}, TypeError, "HEAD_GROUP.*1.5.*float"),
+    ({"FP32_PRODUCTS": 1}, TypeError, "FP32_PRODUCTS.*1.*'ieee'"),
+    ({"FP32_PRODUCTS": "tf32"}, ValueError, "FP32_PRODUCTS.*'tf32'.*'tf32x3'"),
+    ({"BLOCK_MM": 32}, ValueError, "unknown kernel_options key 'BLOCK_MM'.*Did you mean 'BLOCK_M'"),
+    ({"PRESCALE_QK": True}, ValueError, "unknown kernel_options key 'PRESCALE_QK'"),
+]
+
+
+@pytest.mark.parametrize("fn", ["flex", "ebt", "piecewise"])
+@pytest.mark.parametrize("options,exc,msg", BAD_OPTIONS, ids=[str(o) for o, _, _ in BAD_OPTIONS])
+def test_kernel_options_are_validated_from_their_declaration(fn, options, exc, msg):
+    call = {"flex": flex, "ebt": ebt, "piecewise": pw}[fn]
+    with pytest.raises(exc, match=msg):
+        call(kernel_options={"BACKEND": "REFERENCE", **options})
+
+
+def test_declared_kernel_options_are_accepted():
+    from flexebt._validation import KERNEL_OPTIONS
+
+    assert {"BLOCK_M", "BLOCK_N1", "fwd_num_warps", "dbwd_dkdv_head_group", "USE_TMA"} <= set(KERNEL_OPTIONS)
+    opts = {"BACKEND": "REFERENCE", "BLOCK_M": 32, "BLOCK_N2": 16, "num_warps": 4, "fwd_num_stages": 2,
+            "HEAD_GROUP": 0, "dq_head_group": 2, "USE_TMA": True, "REVERSE_Q_ORDER": 0, "FP32_PRODUCTS": "ieee"}
+    flex(kernel_options=opts)
+    ebt(kernel_options=opts)
+    pw(kernel_options=opts)
+
+
+# ---- head dim 0 ----
+
+@pytest.mark.parametrize("call,name", [
+    (lambda: flex(query=t(1, 2, 8, 0), key=t(1, 2, 8, 0)), "query"),
+    (lambda: flex(value=t(1, 2, 8, 0)), "value"),
+    (lambda: ebt(**{n: t(1, 2, 6, 0) for n in ("q_o", "k_o", "v_o", "q_p", "k_p", "v_p")}), "q_o"),
+    (lambda: pw(q1=t(1, 2, 6, 0), k1=t(1, 2, 8, 0), q2=t(1, 2, 6, 0), k2=t(1, 2, 8, 0)), "q1"),
+    (lambda: ebt_attention(*[t(1, 2, 6, 0) for _ in range(6)]), "q_o"),
+], ids=["flex_qk", "flex_value", "ebt", "piecewise", "compat"])
+def test_head_dim_zero_is_refused(call, name):
+    with pytest.raises(ValueError, match=f"{name} has head dim D=0"):
+        call()
+
+
+# ---- empty sequences: zeros, lse -inf, zero gradients (first and second order), no launch ----
+
+def _x(*shape):
+    return torch.randn(*shape, requires_grad=True)
+
+
+EMPTY = {
+    "flex_Sq0": (lambda: [_x(1, 2, 0, 16), _x(1, 2, 5, 16), _x(1, 2, 5, 16)],
+                 lambda x, o: flexebt.flex_attention(*x, return_lse=True, kernel_options=o), [(1, 2, 0, 16), (1, 2, 0)]),
+    "flex_Skv0": (lambda: [_x(1, 2, 5, 16), _x(1, 2, 0, 16), _x(1, 2, 0, 16)],
+                  lambda x, o: flexebt.flex_attention(*x, return_lse=True, kernel_options=o), [(1, 2, 5, 16), (1, 2, 5)]),
+    "flex_both0": (lambda: [_x(1, 2, 0, 16), _x(1, 2, 0, 16), _x(1, 2, 0, 16)],
+                   lambda x, o: flexebt.flex_attention(*x, return_lse=True, kernel_options=o), [(1, 2, 0, 16), (1, 2, 0)]),
+    "ebt_0_0": (lambda: [_x(1, 2, 0, 16) for _ in range(6)],
+                lambda x, o: flexebt.flex_ebt_attention(*x, return_lse=True, kernel_options=o),
+                [(1, 2, 0, 16), (1, 2, 0, 16), (1, 2, 0), (1, 2, 0)]),
+    "piecewise_M0": (lambda: [_x(1, 2, 0, 16), _x(1, 2, 5, 16), _x(1, 2, 0, 16), _x(1, 2, 5, 16), _x(1, 2, 5, 16)],
+                     lambda x, o: flexebt.piecewise_attention(*x, dist_threshold=2, kernel_options=o), [(1, 2, 0, 16)]),
+    "piecewise_N0": (lambda: [_x(1, 2, 5, 16), _x(1, 2, 0, 16), _x(1, 2, 5, 16), _x(1, 2, 0, 16), _x(1, 2, 0, 16)],
+                     lambda x, o: flexebt.piecewise_attention(*x, dist_threshold=2, causal=True, kernel_options=o),
+                     [(1, 2, 5, 16)]),
+}
+
+
+@pytest.mark.parametrize("backend", ["REFERENCE", pytest.param("TRITON", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("case", list(EMPTY))
+def test_empty_sequences(case, backend, monkeypatch):
+    make, call, shapes = EMPTY[case]
+    if backend == "TRITON":  # nothing may be launched
+        import flexebt.kernels.flex as kflex
+
+        monkeypatch.setattr(kflex, "_launch", lambda *a, **k: pytest.fail("a kernel was launched"))
+    x = make()
+    outs = call(x, {"BACKEND": backend})
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    assert [tuple(o.shape) for o in outs] == shapes
+    for o in outs:
+        if o.dim() == 4:
+            assert o.dtype == x[0].dtype and torch.equal(o, torch.zeros_like(o))
+        else:
+            assert o.dtype == torch.float32 and bool(torch.isneginf(o).all())
+    loss = sum(torch.where(torch.isfinite(o), o, 0.0).square().sum() + o.clamp(min=-1).sum() for o in outs)
+    first = torch.autograd.grad(loss, x, create_graph=True, allow_unused=True)
+    first = [torch.zeros_like(a) if g is None else g for g, a in zip(first, x)]
+    for g, a in zip(first, x):
+        assert g.shape == a.shape and torch.equal(g, torch.zeros_like(a))
+    if any(g.requires_grad for g in first):
+        second = torch.autograd.grad(sum((g * torch.randn_like(g)).sum() for g in first if g.requires_grad), x,
+                                     allow_unused=True)
+        assert all(s is None or torch.equal(s, torch.zeros_like(s)) for s in second)
+
+
+@pytest.mark.parametrize("backend", ["REFERENCE", pytest.param("TRITON", marks=pytest.mark.interpreter)])
+def test_ebt_without_predicted_tokens_is_attention_over_the_observed_stream(backend):
+    x = [_x(1, 2, 7, 16) for _ in range(3)] + [_x(1, 2, 0, 16) for _ in range(3)]
+    out_o, out_p, lse_o, lse_p = flexebt.flex_ebt_attention(*x, return_lse=True, kernel_options={"BACKEND": backend})
+    ref, ref_lse = flexebt.flex_attention(*(t.detach().double() for t in x[:3]), return_lse=True,
+                                          kernel_options={"BACKEND": "REFERENCE"})
+    assert out_p.shape == (1, 2, 0, 16) and lse_p.shape == (1, 2, 0)
+    assert (out_o.double() - ref).abs().max() < 1e-5 and (lse_o.double() - ref_lse).abs().max() < 1e-5
+
+
+# ---- piecewise dist_threshold ----
+
+@pytest.mark.parametrize("w,exc,msg", [
+    (float("nan"), ValueError, "dist_threshold is NaN"),
+    (-math.inf, ValueError, "dist_threshold must be >= 0, got -inf"),
+    (-2 ** 31, ValueError, "dist_threshold must be >= 0"),
+    ("3", TypeError, "dist_threshold must be a number.*'3'"),
+    (None, TypeError, "dist_threshold must be a number.*None"),
+    (torch.tensor(3.0), TypeError, "dist_threshold must be a number.*Tensor"),
+])
+@pytest.mark.parametrize("backend", ["REFERENCE", pytest.param("TRITON", marks=pytest.mark.interpreter)])
+def test_piecewise_threshold_refusals(w, exc, msg, backend):
+    with pytest.raises(exc, match=msg):
+        pw(dist_threshold=w, kernel_options={"BACKEND": backend})
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("w", [math.inf, 2 ** 31, 2 ** 40, 1e300, 7.5])
+def test_piecewise_huge_thresholds_are_exact_on_both_backends(w):
+    """dist = P + m - n is at most N - 1: every threshold above N means 'all pairs near', which the
+    kernels (an int32 threshold) compute exactly."""
+    x = [torch.randn(1, 2, S, 16) for S in (6, 8, 6, 8, 8)]
+    kern = flexebt.piecewise_attention(*x, dist_threshold=w, causal=True, kernel_options={"BACKEND": "TRITON"})
+    ref = flexebt.piecewise_attention(*(t.double() for t in x), dist_threshold=w, causal=True,
+                                      kernel_options={"BACKEND": "REFERENCE"})
+    near = flexebt.piecewise_attention(*(t.double() for t in x), dist_threshold=8 if w > 8 else w, causal=True,
+                                       kernel_options={"BACKEND": "REFERENCE"})
+    assert torch.equal(ref, near)
+    assert (kern.double() - ref).abs().max() < 1e-5
