@@ -195,8 +195,8 @@ def check_block_tables(fn: str, block_mask: BlockMask, Sq: int, Skv: int) -> Non
     bs = block_mask.BLOCK_SIZE
     if (len(bs) != 2 or any(isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 1 for b in bs)):
         raise ValueError(f"{fn}: block_mask.BLOCK_SIZE must be two positive ints, got {bs!r}.")
-    bq, bkv = int(bs[0]), int(bs[1])
-    nq, nkv = -(-Sq // bq), -(-Skv // bkv)
+    bq = int(bs[0])
+    nq = -(-Sq // bq)
     tables = [("kv_num_blocks", block_mask.kv_num_blocks, nq), ("kv_indices", block_mask.kv_indices, nq),
               ("full_kv_num_blocks", block_mask.full_kv_num_blocks, nq),
               ("full_kv_indices", block_mask.full_kv_indices, nq)]
@@ -206,7 +206,8 @@ def check_block_tables(fn: str, block_mask: BlockMask, Sq: int, Skv: int) -> Non
             raise ValueError(
                 f"{fn}: block_mask.{name} has {rows} rows of query blocks but inputs of Q_LEN={Sq} need "
                 f"{need} (BLOCK_SIZE {bq}); the mask was made for shorter sequences than its seq_lengths "
-                f"{tuple(block_mask.seq_lengths)} say -- rebuild it with create_block_mask(mask_mod, B, H, {Sq}, {Skv})."
+                f"{tuple(block_mask.seq_lengths)} say -- rebuild it with "
+                f"create_block_mask(mask_mod, B, H, {Sq}, {Skv})."
             )
 
 

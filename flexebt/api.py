@@ -41,7 +41,10 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor, score_mod: Optiona
             for float64 inputs). A query with no kept key has ``lse = -inf`` and output 0.
         kernel_options: dict; ``{"BACKEND": "AUTO" | "TRITON" | "REFERENCE"}`` picks the
             backend (default: the ``FLEXEBT_BACKEND`` environment variable, else ``AUTO``).
-            Other keys are accepted for compatibility with torch and ignored by the reference.
+            Tile and launch keys (torch's names where it has them: ``BLOCK_M``, ``num_warps``,
+            ``USE_TMA``, ...) are declared in ``flexebt._validation.KERNEL_OPTIONS`` and checked
+            on every backend (the reference ignores them); an unknown key or a value of the wrong
+            type is refused.
 
     Returns:
         ``out`` ``[B, Hq, Sq, Dv]`` in the input dtype, or ``(out, lse)``.
@@ -287,6 +290,7 @@ def piecewise_attention(q1: Tensor, k1: Tensor, q2: Tensor, k2: Tensor, v: Tenso
     Args:
         q1, q2: ``[B, H, M, D]``.  k1, k2: ``[B, H, N, D]``.  v: ``[B, H, N, Dv]``.
         dist_threshold: ``w >= 0`` (int or float); pairs at distance ``>= w`` use ``(q2, k2)``.
+            ``math.inf`` (or any ``w > N - 1``) makes every pair near; NaN is refused.
             A runtime value: a new threshold does not recompile the kernels.
         causal: keep only keys ``n <= P + m``.
         scale: default ``D ** -0.5``.

@@ -253,7 +253,8 @@ def _cropped_ebt_mask(mask_mod, S_o, S_p, grow=16):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("mask_mod,S_o,S_p", [(late, 40, 33), (ebt_not_self, 32, 31)], ids=["late_40_33", "not_self_32_31"])
+@pytest.mark.parametrize("mask_mod,S_o,S_p", [(late, 40, 33), (ebt_not_self, 32, 31)],
+                         ids=["late_40_33", "not_self_32_31"])
 def test_ebt_cropped_mask_first_and_second_order(mask_mod, S_o, S_p):
     """Kernels and reference with the cropped mask against the float64 reference with the mask built
     for these lengths (whose tables list nothing past the end)."""

@@ -269,13 +269,17 @@ def _x(*shape):
     return torch.randn(*shape, requires_grad=True)
 
 
+def _flex_lse(x, o):
+    return flexebt.flex_attention(*x, return_lse=True, kernel_options=o)
+
+
 EMPTY = {
     "flex_Sq0": (lambda: [_x(1, 2, 0, 16), _x(1, 2, 5, 16), _x(1, 2, 5, 16)],
-                 lambda x, o: flexebt.flex_attention(*x, return_lse=True, kernel_options=o), [(1, 2, 0, 16), (1, 2, 0)]),
+                 _flex_lse, [(1, 2, 0, 16), (1, 2, 0)]),
     "flex_Skv0": (lambda: [_x(1, 2, 5, 16), _x(1, 2, 0, 16), _x(1, 2, 0, 16)],
-                  lambda x, o: flexebt.flex_attention(*x, return_lse=True, kernel_options=o), [(1, 2, 5, 16), (1, 2, 5)]),
+                  _flex_lse, [(1, 2, 5, 16), (1, 2, 5)]),
     "flex_both0": (lambda: [_x(1, 2, 0, 16), _x(1, 2, 0, 16), _x(1, 2, 0, 16)],
-                   lambda x, o: flexebt.flex_attention(*x, return_lse=True, kernel_options=o), [(1, 2, 0, 16), (1, 2, 0)]),
+                   _flex_lse, [(1, 2, 0, 16), (1, 2, 0)]),
     "ebt_0_0": (lambda: [_x(1, 2, 0, 16) for _ in range(6)],
                 lambda x, o: flexebt.flex_ebt_attention(*x, return_lse=True, kernel_options=o),
                 [(1, 2, 0, 16), (1, 2, 0, 16), (1, 2, 0), (1, 2, 0)]),
