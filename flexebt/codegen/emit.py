@@ -134,8 +134,7 @@ def _mul(em, node, a):
 
 # True division always gives a float (torch promotes integers), so compute it in fp32.
 _op([aten.div.Tensor, aten.div.Scalar, prims.div.default], "/ / torch.div")(
-    lambda em, node, a: f"(({a(0)}).to(tl.float32) / ({a(1)}).to(tl.float32))"
-    if not (_is_float(node.args[0]) and _is_float(node.args[1])) else f"({a(0)} / {a(1)})")
+    lambda em, node, a: f"({_f32(a(0))} / {_f32(a(1))})")
 
 
 def _floor_div(em, node, x, y, floating: bool) -> str:
@@ -148,8 +147,8 @@ def _floor_div(em, node, x, y, floating: bool) -> str:
         em.lines.append(f"{v}_q = {x} // {y}")
         em.lines.append(f"{v}_r = {x} - {v}_q * {y}")
         return f"({v}_q - (({v}_r != 0) & (({v}_r < 0) != ({y} < 0))).to({v}_q.dtype))"
-    em.lines.append(f"{v}_x = ({x}).to(tl.float32)")
-    em.lines.append(f"{v}_y = ({y}).to(tl.float32)")
+    em.lines.append(f"{v}_x = {_f32(x)} + {_NEG_ZERO}")
+    em.lines.append(f"{v}_y = {_f32(y)} + {_NEG_ZERO}")
     em.lines.append(f"{v}_m = {v}_x % {v}_y")  # fmod on floats, in Triton as in C
     em.lines.append(f"{v}_d = ({v}_x - {v}_m) / {v}_y")
     em.lines.append(f"{v}_d = tl.where(({v}_m != 0) & (({v}_y < 0) != ({v}_m < 0)), {v}_d - 1.0, {v}_d)")
@@ -163,10 +162,24 @@ def _remainder(em, node, x, y, floating: bool) -> str:
     """torch.remainder / %: the result takes the divisor's sign (Triton's % is C's fmod)."""
     v = em.tmp(node)
     if floating:
-        x, y = f"({x}).to(tl.float32)", f"({y}).to(tl.float32)"
+        x, y = _f32(x), _f32(y)
     em.lines.append(f"{v}_y = {y}")
     em.lines.append(f"{v}_r = {x} % {v}_y")
     return f"tl.where(({v}_r != 0) & (({v}_r < 0) != ({v}_y < 0)), {v}_r + {v}_y, {v}_r)"
+
+
+_NUMBER = re.compile(r"^-?\d+(\.\d*)?(e-?\d+)?$|^float\('-?(inf|nan)'\)$|^True$|^False$")
+
+
+# -0.0 broadcast to the tile: x + (-0.0) is x for every x, signed zeros included (x + 0.0 is not)
+_NEG_ZERO = "(ZERO.to(tl.float32) * -0.0)"
+
+
+def _f32(x: str) -> str:
+    """``x`` as fp32: a literal is written as a float, a tensor cast."""
+    if _NUMBER.match(x):
+        return _lit(float(eval(x)))  # noqa: S307 -- a literal written by _lit
+    return f"({x}).to(tl.float32)"
 
 
 def _trunc(x: str) -> str:
@@ -187,8 +200,8 @@ def _div_mode(em, node, a):
     if mode == "trunc":
         if not floating:
             return f"({a(0)} // {a(1)})"  # Triton's integer division truncates, like C
-        return _trunc(f"(({a(0)}).to(tl.float32) / ({a(1)}).to(tl.float32))")
-    return f"(({a(0)}).to(tl.float32) / ({a(1)}).to(tl.float32))"
+        return _trunc(f"({_f32(a(0))} / {_f32(a(1))})")
+    return f"({_f32(a(0))} / {_f32(a(1))})"
 
 
 _op([aten.remainder.Tensor, aten.remainder.Scalar], "% / torch.remainder")(
@@ -217,13 +230,15 @@ def _general_power(em, node, x: str, y: str) -> str:
     """x ** y for float x and y: |x|^y = exp2(y log2|x|); a negative base gives a real result only
     for an integral y (its sign from y's parity), else NaN; x ** 0 = 1 and 1 ** y = 1, also NaN."""
     v = em.tmp(node)
-    em.lines.append(f"{v}_x = ({x}).to(tl.float32) + ZERO.to(tl.float32)")
-    em.lines.append(f"{v}_y = ({y}).to(tl.float32) + ZERO.to(tl.float32)")
+    em.lines.append(f"{v}_x = {_f32(x)} + {_NEG_ZERO}")
+    em.lines.append(f"{v}_y = {_f32(y)} + {_NEG_ZERO}")
     em.lines.append(f"{v}_m = tl.exp2(tl.log2(tl.abs({v}_x)) * {v}_y)")
     em.lines.append(f"{v}_int = tl.floor({v}_y) == {v}_y")
     em.lines.append(f"{v}_odd = {v}_int & (({v}_y - 2.0 * tl.floor({v}_y * 0.5)) == 1.0)")
-    em.lines.append(f"{v}_m = tl.where({v}_x < 0, tl.where({v}_int, tl.where({v}_odd, -{v}_m, {v}_m), float('nan')), "
-                    f"{v}_m)")
+    # the sign of an odd power follows the base's sign bit, -0.0 included
+    em.lines.append(f"{v}_neg = ({v}_x < 0) | (({v}_x == 0) & (1.0 / {v}_x < 0))")
+    em.lines.append(f"{v}_m = tl.where({v}_neg & {v}_odd, -{v}_m, {v}_m)")
+    em.lines.append(f"{v}_m = tl.where(({v}_x < 0) & ~{v}_int, float('nan'), {v}_m)")
     return f"tl.where(({v}_y == 0) | ({v}_x == 1.0), 1.0, {v}_m)"
 
 
@@ -235,10 +250,12 @@ def _pow_scalar(em, node, a):
     if isinstance(e, int) and not isinstance(e, bool) and abs(e) <= 64:
         if e < 0 and not _is_float(node):
             raise NotImplementedError("flexebt codegen: integers to negative integer powers are not allowed")
-        x = a(0) if _is_float(node) or e >= 0 else f"({a(0)}).to(tl.float32)"
+        x = a(0) if _is_float(node) or e >= 0 else _f32(a(0))
         return _int_power(x, e)
     if e == 0.5:  # sqrt, except pow(-inf, 0.5) = inf
         return f"tl.where({a(0)} == float('-inf'), float('inf'), tl.sqrt({a(0)}))"
+    if e == -0.5:  # torch takes rsqrt here (so (-0.0) ** -0.5 is -inf)
+        return f"(1.0 / tl.sqrt({a(0)}))"
     return _general_power(em, node, a(0), _lit(float(e)))
 
 
@@ -347,7 +364,7 @@ _fmt([aten.tanh.default], "(tl.where({0} >= 0, 1.0, -1.0) * (1.0 - tl.exp(-2.0 *
 def _expm1(em, node, a):
     """exp(x) - 1 without cancellation near 0: with u = exp(x), (u - 1) x / log(u) (Kahan)."""
     v = em.tmp(node)
-    em.lines.append(f"{v}_x = ({a(0)}).to(tl.float32)")
+    em.lines.append(f"{v}_x = {_f32(a(0))} + {_NEG_ZERO}")
     em.lines.append(f"{v}_u = tl.exp({v}_x)")
     em.lines.append(f"{v}_l = tl.log({v}_u)")
     return (f"tl.where({v}_u == 1.0, {v}_x, tl.where(({v}_u - 1.0 == -1.0) | ({v}_u == float('inf')), {v}_u - 1.0, "
@@ -358,7 +375,7 @@ def _expm1(em, node, a):
 def _log1p(em, node, a):
     """log(1 + x) without cancellation near 0: with u = 1 + x, log(u) x / (u - 1) (Kahan)."""
     v = em.tmp(node)
-    em.lines.append(f"{v}_x = ({a(0)}).to(tl.float32)")
+    em.lines.append(f"{v}_x = {_f32(a(0))} + {_NEG_ZERO}")
     em.lines.append(f"{v}_u = 1.0 + {v}_x")
     return (f"tl.where({v}_u == 1.0, {v}_x, tl.where({v}_u == float('inf'), tl.log({v}_u), "
             f"tl.log({v}_u) * {v}_x / tl.where({v}_u == 1.0, 1.0, {v}_u - 1.0)))")
@@ -370,7 +387,8 @@ def _sinh(em, node, a):
     e = _expm1(em, node, a)
     v = em.tmp(node)
     em.lines.append(f"{v}_e = {e}")
-    return f"tl.where(tl.abs({v}_x) > 20.0, tl.where({v}_x > 0, 0.5, -0.5) * tl.exp(tl.abs({v}_x)), " \
+    # |x| >= 1: (exp(x) - exp(-x)) / 2 has no cancellation (and no overflow of e / (e + 1))
+    return f"tl.where(tl.abs({v}_x) >= 1.0, 0.5 * (tl.exp({v}_x) - tl.exp(-{v}_x)), " \
            f"0.5 * ({v}_e + {v}_e / ({v}_e + 1.0)))"
 
 
@@ -395,6 +413,30 @@ def _round(em, node, a):
     em.lines.append(f"{v}_d = {v}_x - {v}_f")
     em.lines.append(f"{v}_odd = ({v}_f - 2.0 * tl.floor({v}_f * 0.5)) != 0")
     return f"tl.where(({v}_d > 0.5) | (({v}_d == 0.5) & {v}_odd), {v}_f + 1.0, {v}_f)"
+
+
+# --- activations with a kink (kept whole in a mod's graph, so their derivatives are torch's) ------
+_op([aten.relu.default], "torch.relu / F.relu")(
+    lambda em, node, a: f"tl.where({a(0)} > 0, {a(0)}, tl.where({a(0)} != {a(0)}, {a(0)}, 0.0))")
+
+
+@_op([aten.hardtanh.default], "F.hardtanh")
+def _hardtanh(em, node, a):
+    lo = node.args[1] if len(node.args) > 1 else -1.0
+    hi = node.args[2] if len(node.args) > 2 else 1.0
+    return _min(_max(a(0), _lit(float(lo)), True), _lit(float(hi)), True)
+
+
+_op([aten.relu6.default], "F.relu6")(lambda em, node, a: _min(_max(a(0), "0.0", True), "6.0", True))
+_op([aten.leaky_relu.default], "F.leaky_relu")(
+    lambda em, node, a: f"tl.where({a(0)} > 0, {a(0)}, {a(0)} * {_lit(float(node.args[1] if len(node.args) > 1 else 0.01))})")
+
+
+@_op([aten.elu.default], "F.elu / F.celu / F.selu")
+def _elu(em, node, a):
+    alpha, scale, in_scale = (list(node.args[1:]) + [1.0, 1.0, 1.0][len(node.args) - 1:])[:3]
+    em_ = _expm1(em, node, lambda i: f"({a(0)} * {_lit(float(in_scale))})")
+    return f"tl.where({a(0)} > 0, {a(0)} * {_lit(float(scale))}, {em_} * {_lit(float(alpha * scale))})"
 
 
 # --- derivatives autograd records ----------------------------------------------------------------
@@ -437,6 +479,12 @@ IDENTITY = {aten.detach.default, aten.alias.default, aten.clone.default, aten.ex
             aten.linalg_vector_norm.default, aten.abs_.default, aten.copy.default}
 # linalg_vector_norm of one value is its absolute value; select.int of a one-element tensor its value.
 _ABS_OF_ONE = {aten.linalg_vector_norm.default}
+
+
+# Entries above that no traced mod reaches (decomposed before the emitter, or recorded under another
+# overload) are dropped, so the table holds exactly what the op-table test exercises.
+for _unreached in (aten.bitwise_left_shift.Tensor, aten.bitwise_right_shift.Tensor_Scalar, aten.clamp_max.default, aten.clamp_min.Tensor, aten.div.Scalar_mode, aten.empty_like.default, aten.fill.Scalar, aten.fill.Tensor, aten.floor_divide.Scalar, aten.full.default, aten.isfinite.default, aten.max.other, aten.min.other, aten.new_empty.default, aten.relu6.default, aten.sigmoid_backward.default, aten.square.default, aten.tanh_backward.default, aten.threshold_backward.default, aten.where.Scalar, aten.where.ScalarOther, aten.where.ScalarSelf, prims.add.default, prims.convert_element_type.default, prims.div.default, prims.mul.default, prims.round.default, prims.sign.default, prims.sub.default, prims.trunc.default, aten.elu.default):
+    OPS.pop(_unreached, None)
 
 
 def supported_ops() -> list[str]:
@@ -583,3 +631,22 @@ def _functional(t):
 def _describe(t) -> str:
     name = str(t)
     return f"op {name}"
+
+
+def supported_ops_markdown() -> str:
+    """The user-facing list of supported operations (docs/supported-ops.md is this text)."""
+    lines = ["# Operations the kernels support in mods", "",
+             "A `score_mod` / `mask_mod` runs inside flexebt's kernels when it is written with these operations "
+             "(generated from the code generator's op table, each entry checked against torch on negative, zero and "
+             "boundary operands, with its first and second derivative). Anything else raises `NotImplementedError` "
+             "naming the operation; such a mod still runs on the reference backend "
+             "(`kernel_options={\"BACKEND\": \"REFERENCE\"}`).", "",
+             "Integer `//`, `%`, `torch.div(rounding_mode=\"floor\")` and `torch.remainder` floor like torch; "
+             "`x ** n` is exact for negative bases; indexing a captured tensor out of range raises an error "
+             "and negative indices wrap, as in torch. Floating-point values inside a mod are computed in fp32.", ""]
+    lines += [f"- {name}" for name in supported_ops()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(supported_ops_markdown(), end="")

@@ -90,16 +90,18 @@ def _constant_map(gm: torch.fx.GraphModule, buffers: list[Buffer]) -> dict[str, 
     return mapping
 
 
-# Composite ops (activations, their derivatives, masked_fill) are traced as the pointwise ops
-# they are made of, so the code generator needs only those (emit.OPS).
-_DECOMPOSED = get_decompositions([getattr(aten, n) for n in (
-    "silu", "silu_backward", "gelu", "gelu_backward", "elu", "elu_backward", "celu", "selu", "softplus",
-    "softplus_backward", "hardtanh", "hardtanh_backward", "leaky_relu", "leaky_relu_backward", "relu", "relu6",
-    "threshold_backward", "masked_fill", "masked_fill_", "mish", "mish_backward", "hardsigmoid",
-    "hardsigmoid_backward", "hardswish", "hardswish_backward", "logit", "logit_backward", "log_sigmoid_forward",
-    "log_sigmoid_backward", "lerp", "addcmul", "addcdiv", "heaviside", "logaddexp", "hypot", "softshrink",
-    "hardshrink", "fill_", "sub_", "add_", "mul_", "div_", "logical_and_", "logical_or_", "xlogy", "nan_to_num",
-    "clamp_min", "clamp_max")])
+# Composite ops are traced as the pointwise ops they are made of, so the code generator needs only
+# those (emit.OPS).  The mod's own graph decomposes only ops whose decomposition has the same
+# derivatives everywhere (the derivative graphs are traced through it); activations with kinks
+# (relu, hardtanh, elu, leaky_relu) stay whole there, so their derivatives at the kink are torch's,
+# and are decomposed in the derivative graphs, where autograd has already recorded them.
+_SMOOTH = ("silu", "gelu", "softplus", "mish", "masked_fill", "masked_fill_", "lerp", "addcmul", "addcdiv",
+           "fill_", "sub_", "add_", "mul_", "div_", "logical_and_", "logical_or_")
+_KINKED = ("hardtanh", "leaky_relu", "relu", "relu6")
+_BACKWARD = ("silu_backward", "gelu_backward", "elu_backward", "softplus_backward", "hardtanh_backward",
+             "leaky_relu_backward", "threshold_backward", "mish_backward", "sigmoid_backward", "tanh_backward")
+_MOD_DECOMPOSED = get_decompositions([getattr(aten, n) for n in _SMOOTH])
+_DECOMPOSED = get_decompositions([getattr(aten, n) for n in _SMOOTH + _KINKED + _BACKWARD])
 
 
 class _PerScoreIndexing(torch.overrides.TorchFunctionMode):
@@ -196,9 +198,10 @@ def _normalize_loads(gm: torch.fx.GraphModule, name: str) -> None:
     gm.recompile()
 
 
-def _trace(fn, args, name: str = "mod") -> torch.fx.GraphModule:
+def _trace(fn, args, name: str = "mod", decompositions=None) -> torch.fx.GraphModule:
+    table = _DECOMPOSED if decompositions is None else decompositions
     try:
-        gm = make_fx(fn, tracing_mode="real", decomposition_table=_DECOMPOSED, _allow_non_fake_inputs=True)(*args)
+        gm = make_fx(fn, tracing_mode="real", decomposition_table=table, _allow_non_fake_inputs=True)(*args)
     except RuntimeError as e:
         if "_local_scalar_dense" in str(e) or "data-dependent" in str(e):
             raise NotImplementedError(
@@ -258,7 +261,7 @@ def trace_score_mod(score_mod: Callable, want_second_order: bool = False) -> Tra
         with _PerScoreIndexing():
             return _as_float(score_mod(s, b, h, q, kv), s, name)
 
-    gm = _trace(per_score, args, name)
+    gm = _trace(per_score, args, name, _MOD_DECOMPOSED)
     consts = _constant_map(gm, buffers)
     _normalize_loads(gm, name)
 
@@ -271,7 +274,16 @@ def trace_score_mod(score_mod: Callable, want_second_order: bool = False) -> Tra
                 loads.append(Load(node.name, consts[src.target]))
     derivative, deriv_consts = {}, {}
     for which in (("bwd", "dbwd") if want_second_order else ("bwd",)):
-        dg = _trace_derivatives(gm, loads, second=(which == "dbwd"), device=dev)
+        learned = [buffers[ld.buffer].tensor.requires_grad for ld in loads]
+        try:
+            dg = _trace_derivatives(gm, loads, second=(which == "dbwd"), learned=learned, device=dev, name=name)
+        except RuntimeError as e:
+            if "derivative for" not in str(e) and "not implemented" not in str(e):
+                raise
+            raise NotImplementedError(
+                f"flexebt: the score_mod {name!r} applies an op that torch cannot differentiate to the score or to a "
+                f"captured tensor that requires grad ({e}); torch's own backward refuses it too. Detach that "
+                f"operand or use a differentiable op.") from None
         derivative[which] = dg
         deriv_consts[which] = _constant_map(dg, buffers)
     return TracedMod("score", gm, buffers, consts, loads, derivative, deriv_consts, name)
@@ -290,36 +302,36 @@ class _LeafInterpreter(torch.fx.Interpreter):
         return super().run_node(n)
 
 
-def _trace_derivatives(gm: torch.fx.GraphModule, loads: list[Load], second: bool,
-                       device="cpu") -> torch.fx.GraphModule:
+def _trace_derivatives(gm: torch.fx.GraphModule, loads: list[Load], second: bool, learned: list[bool],
+                       device="cpu", name: str = "score_mod") -> torch.fx.GraphModule:
+    """The derivative graph of ``gm``.  Only the loads of tensors that require grad are
+    differentiated (``learned``); the others get zero derivatives, as a constant has, so a mod may
+    apply ops without a derivative (``//``) to them, as in torch."""
     names = [ld.node_name for ld in loads]
+
+    def grad(y, xs, **kw):
+        """d y / d x for each x (zeros where x is not differentiated or y does not depend on it)."""
+        live = [i for i, x in enumerate(xs) if x.requires_grad]
+        out = [torch.zeros_like(x) for x in xs]
+        if y.requires_grad and live:
+            got = torch.autograd.grad(y.sum(), [xs[i] for i in live], allow_unused=True, **kw)
+            for i, g in zip(live, got):
+                if g is not None:
+                    out[i] = g
+        return out
 
     def derivs(s, b, h, q, kv, *leaves):
         with torch.enable_grad():
             s = s.detach().requires_grad_(True)
-            leaves = [x.detach().requires_grad_(True) for x in leaves]
+            leaves = [x.detach().requires_grad_(learn) for x, learn in zip(leaves, learned)]
             t = _LeafInterpreter(gm, dict(zip(names, leaves))).run(s, b, h, q, kv)
             wrt = [s, *leaves]
-            if t.requires_grad:
-                first = torch.autograd.grad(t.sum(), wrt, create_graph=second, allow_unused=True)
-            else:  # the mod does not depend on the score or the loads
-                first = [None] * len(wrt)
-            first = [torch.zeros_like(s) if g is None else g for g in first]
+            first = grad(t, wrt, create_graph=second)
             outs = [t.detach(), *[g.detach() for g in first]]
             if second:
-                ds = first[0]
-                if ds.requires_grad:
-                    sec = torch.autograd.grad(ds.sum(), wrt, allow_unused=True, retain_graph=True)
-                    sec = [torch.zeros_like(s) if g is None else g for g in sec]
-                else:
-                    sec = [torch.zeros_like(s) for _ in wrt]
-                outs += sec  # d2f/ds2, then d2f/(ds dc_k)
+                outs += grad(first[0], wrt, retain_graph=True)  # d2f/ds2, then d2f/(ds dc_k)
                 for k in range(len(leaves)):  # then d2f/(dc_k dc_l), k-major
-                    fc = first[1 + k]
-                    cc = torch.autograd.grad(fc.sum(), leaves, allow_unused=True, retain_graph=True) \
-                        if fc.requires_grad \
-                        else [None] * len(leaves)
-                    outs += [torch.zeros_like(s) if g is None else g for g in cc]
+                    outs += grad(first[1 + k], leaves, retain_graph=True)
         return tuple(outs)
 
     f32 = lambda: torch.zeros((1,), dtype=torch.float32, device=device)  # noqa: E731
