@@ -75,7 +75,10 @@ def plan(score_mod, block_mask, B: int, H: int, S_o: int, S_p: int, device) -> E
     hit = _PLANS.get(key)
     if hit is not None and hit[0] is block_mask and hit[1] is score_mod:
         cached = hit[2]
-        return dataclasses.replace(cached, buffers=cached.kern.buffers(score_mod, block_mask.mask_mod))
+        # the kernel lookup runs every call: what the mods read (globals, attributes) may have changed
+        kern = get_kernels("flex_attention", score_mod, block_mask.mask_mod, frame_mask=True)
+        if kern is cached.kern:
+            return dataclasses.replace(cached, buffers=kern.buffers(score_mod, block_mask.mask_mod))
     fresh = _plan(score_mod, block_mask, B, H, S_o, S_p, device)
     if len(_PLANS) > 64:
         _PLANS.clear()
@@ -87,7 +90,11 @@ def _plan(score_mod, block_mask, B, H, S_o, S_p, device) -> EBTPlan:
     tables_o = tables_from_block_mask(block_mask.observed, S_o, S_o, device)
     tables_p = tables_from_block_mask(block_mask.predicted, S_p, S_o, device)
     kern = get_kernels("flex_attention", score_mod, block_mask.mask_mod, frame_mask=True)
-    keep = block_mask.self_keep(B, H, device).to(torch.int8).contiguous()
+    # the own-key mask evaluates the mask_mod per score (vmap): on the code-generation thread, outside
+    # the caller's torch.func state (the caller has functorch dispatch off)
+    from ..codegen.source import _builder
+
+    keep = _builder().submit(block_mask.self_keep, B, H, device).result().to(torch.int8).contiguous()
     return EBTPlan(kern, tables_o, tables_p, kern.buffers(score_mod, block_mask.mask_mod), keep, S_o - S_p + 1)
 
 
