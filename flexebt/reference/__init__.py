@@ -1,6 +1,8 @@
 """Torch-only dense oracles (float64-capable); also flexebt's CPU backend.
 
-Memory is O(S^2): these are the ground truth and the CPU path, not the fast path.
+Memory is O(S^2): these are the ground truth and the CPU path, not the fast path.  Mods follow
+torch's semantics: each score_mod / mask_mod call sees one score and its scalar indices
+(``core.apply_score_mod`` / ``core.eval_mask_mod`` map it over the grid with vmap).
 """
 
 from .ebt import ebt_attention_reference

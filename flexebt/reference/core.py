@@ -83,8 +83,9 @@ def mod_name(mod: Callable) -> str:
 def _refusal(kind: str, mod: Callable, err: BaseException) -> NotImplementedError:
     return NotImplementedError(
         f"{kind} {mod_name(mod)!r} cannot be evaluated one score at a time: {err}\n"
-        f"flexebt follows torch's flex_attention semantics: a {kind} is a function of one score and its "
-        f"scalar indices (b, h, q_idx, kv_idx), applied to every score separately through torch.vmap. Write it "
+        f"flexebt follows torch's flex_attention semantics: a {kind} is a function of "
+        f"{'one score and its' if kind == 'score_mod' else 'one position given by its'} scalar indices "
+        f"(b, h, q_idx, kv_idx), applied to every score separately through torch.vmap. Write it "
         f"with tensor operations only: torch.where instead of a Python `if` on a tensor, tensors instead of "
         f".item() / float() / int(), and no in-place updates of captured tensors.")
 
@@ -98,17 +99,18 @@ def _grid_vmap(fn: Callable, args: Sequence[Tensor], shape) -> Tensor:
     mod's own operations need.  A dimension along which no argument varies is not mapped: every
     score along it has identical arguments, so the result is expanded along it.
     """
+    shape = tuple(shape)
     n = len(shape)
     flat, maps = [], []
     for a in args:
-        if a.dim() < n:
-            a = a.reshape((1,) * (n - a.dim()) + tuple(a.shape))
-        mapped = []
-        for d in range(n):
-            if a.shape[d] not in (1, shape[d]):
-                raise ValueError(f"an argument of shape {tuple(a.shape)} does not broadcast to {tuple(shape)}")
-            mapped.append(a.shape[d] == shape[d])
-        flat.append(a.reshape([a.shape[d] for d in range(n) if mapped[d]]))
+        size = tuple(a.shape)
+        if len(size) < n:
+            size = (1,) * (n - len(size)) + size
+            a = a.reshape(size)
+        mapped = tuple(x == g for x, g in zip(size, shape))
+        if not all(m or x == 1 for m, x in zip(mapped, size)):
+            raise ValueError(f"an argument of shape {size} does not broadcast to {shape}")
+        flat.append(a if all(mapped) else a.squeeze(tuple(d for d in range(n) if not mapped[d])))
         maps.append(mapped)
     levels = [d for d in range(n) if any(m[d] for m in maps)]
     prims = None if torch.compiler.is_compiling() else _batching()
@@ -119,24 +121,32 @@ def _grid_vmap(fn: Callable, args: Sequence[Tensor], shape) -> Tensor:
         for d in reversed(levels):  # the innermost vmap maps the last grid dimension
             f = torch.vmap(f, in_dims=tuple(0 if m[d] else None for m in maps))
         out = f(*flat)
-    return out.reshape([shape[d] if d in levels else 1 for d in range(n)]).expand(tuple(shape))
+    if len(levels) == n:
+        return out
+    return out.reshape([shape[d] if d in levels else 1 for d in range(n)]).expand(shape)
 
 
-def _nested_vmap(prims: _Batching, fn: Callable, args: list, maps: list, levels: list, shape, i: int = 0) -> Tensor:
-    """Nested ``torch.vmap`` (``levels[i]`` outermost, out_dims 0, randomness "error") through
+def _nested_vmap(prims: _Batching, fn: Callable, args: list, maps: list, levels: list, shape) -> Tensor:
+    """Nested ``torch.vmap`` (``levels[0]`` outermost, out_dims 0, randomness "error") through
     functorch's own batching primitives -- the machinery ``torch.vmap`` runs on, without its
     per-call argument processing, which dominates the cost of the small grids the reference
     evaluates many times (gradcheck).  The same batching rules run, so results are identical."""
-    if i == len(levels):
-        return fn(*args)
-    d = levels[i]
-    level = prims.increment(shape[d], "error")
+    entered = []  # (vmap level, grid dim), outermost first
     try:
-        batched = [prims.add(a, 0, level) if m[d] else a for a, m in zip(args, maps)]
-        out = _nested_vmap(prims, fn, batched, maps, levels, shape, i + 1)
-        return prims.remove(out, level, shape[d], 0)
+        for d in levels:
+            level = prims.increment(shape[d], "error")
+            entered.append((level, d))
+            args = [prims.add(a, 0, level) if m[d] else a for a, m in zip(args, maps)]
+        out = fn(*args)
+        while entered:  # innermost first: unwrap its batch dim, then leave the level
+            level, d = entered[-1]
+            out = prims.remove(out, level, shape[d], 0)
+            entered.pop()
+            prims.decrement()
+        return out
     finally:
-        prims.decrement()
+        for _ in entered:
+            prims.decrement()
 
 
 def _evaluate(kind: str, mod: Callable, one: Callable, args: Sequence[Tensor], shape) -> Tensor:
