@@ -137,10 +137,10 @@ def _normalize_loads(gm: torch.fx.GraphModule, name: str) -> None:
     - a read through ``.detach()`` is a load followed by a detach (no gradient flows).
     Any other use of a captured tensor -- a slice, a reduction or arithmetic over a whole tensor --
     is refused, naming the mod."""
-    partial = {}  # node -> (get_attr node, index list, detached)
+    partial = {}  # node -> (get_attr node, {tensor dim: index}, detached)
     for node in list(gm.graph.nodes):
         if node.op == "get_attr":
-            partial[node] = (node, [], False)
+            partial[node] = (node, {}, False)
             continue
         if node.op != "call_function":
             continue
@@ -148,18 +148,20 @@ def _normalize_loads(gm: torch.fx.GraphModule, name: str) -> None:
         if src not in partial:
             continue
         attr, idx, detached = partial[src]
+        free = [d for d in range(getattr(gm, attr.target).dim()) if d not in idx]  # dims not indexed yet
         t = node.target
         if t in _PASS_THROUGH:
             partial[node] = (attr, idx, detached or t is aten.detach.default)
-        elif t is aten.index.Tensor and all(i is not None for i in node.args[1]):
-            partial[node] = (attr, idx + list(node.args[1]), detached)
+        elif t is aten.index.Tensor and all(i is not None for i in node.args[1]) and len(node.args[1]) <= len(free):
+            partial[node] = (attr, {**idx, **dict(zip(free, node.args[1]))}, detached)
         elif t in (aten.squeeze.dim, aten.squeeze.dims) and idx:
             partial[node] = (attr, idx, detached)  # the leading one of a per-score index
-        elif t is aten.select.int and node.args[1] == 0:
-            partial[node] = (attr, idx + [int(node.args[2])], detached)
+        elif t is aten.select.int and -len(free) <= node.args[1] < len(free):
+            partial[node] = (attr, {**idx, free[node.args[1]]: int(node.args[2])}, detached)
     tensors = {a: getattr(gm, a.target) for a in partial if a.op == "get_attr"}
-    for node, (attr, idx, detached) in partial.items():
+    for node, (attr, by_dim, detached) in partial.items():
         tensor = tensors[attr]
+        idx = [by_dim[d] for d in sorted(by_dim)]
         complete = len(idx) == tensor.dim()
         if node.op == "get_attr" and tensor.numel() == 1:
             idx, complete = [0] * tensor.dim(), True
