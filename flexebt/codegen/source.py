@@ -49,7 +49,21 @@ class ModKernels:
             out.insert(slot, t)
         if len(out) != self.n_buffers:
             raise RuntimeError("flexebt: a mod captured a different number of tensors than when it was compiled")
-        return out
+        # A tensor whose elements share memory (an expanded view) is read through a contiguous copy:
+        # its gradient is laid out like the tensor the kernels read, one slot per element (the copy
+        # is differentiable, so the gradient still reaches the expanded tensor and its base).
+        return [x.contiguous() if _overlapping(x) else x for x in out]
+
+
+def _overlapping(t: torch.Tensor) -> bool:
+    """Whether two indices of ``t`` may address one element (conservative: True when unsure)."""
+    dims = sorted((s, n) for s, n in zip(t.stride(), t.shape) if n > 1)
+    extent = 1
+    for stride, size in dims:
+        if stride < extent:
+            return True
+        extent = stride * size
+    return False
 
 
 _CACHE: dict = {}
