@@ -17,6 +17,7 @@ import tempfile
 import torch
 
 from flexebt.codegen.emit import Emitter
+from flexebt.codegen.identity import wide_offsets
 from flexebt.codegen.trace import trace_score_mod
 from flexebt.kernels.flex import _buffer_args, index_flag
 
@@ -45,7 +46,7 @@ _MODULES: dict = {}
 def _kernel(mod):
     traced = trace_score_mod(mod, want_second_order=True)
     buffers = [b.tensor for b in traced.buffers]
-    em = Emitter("p_", [tuple(b.shape) for b in buffers], traced.name)
+    em = Emitter("p_", [wide_offsets(b) for b in buffers], traced.name)
     names = ["s", "off_b", "off_h", "q_idx", "kv_idx"]
     (t,) = em.emit(traced.graph, names, traced.constants)
     outs = em.emit(traced.derivative["dbwd"], names + [f"p_{ld.node_name}" for ld in traced.loads],

@@ -147,8 +147,7 @@ def _floor_div(em, node, x, y, floating: bool) -> str:
         em.lines.append(f"{v}_q = {x} // {y}")
         em.lines.append(f"{v}_r = {x} - {v}_q * {y}")
         return f"({v}_q - (({v}_r != 0) & (({v}_r < 0) != ({y} < 0))).to({v}_q.dtype))"
-    em.lines.append(f"{v}_x = {_f32(x)} + {_NEG_ZERO}")
-    em.lines.append(f"{v}_y = {_f32(y)} + {_NEG_ZERO}")
+    _f32_var(em, node, "x", x), _f32_var(em, node, "y", y)
     em.lines.append(f"{v}_m = {v}_x % {v}_y")  # fmod on floats, in Triton as in C
     em.lines.append(f"{v}_d = ({v}_x - {v}_m) / {v}_y")
     em.lines.append(f"{v}_d = tl.where(({v}_m != 0) & (({v}_y < 0) != ({v}_m < 0)), {v}_d - 1.0, {v}_d)")
@@ -173,6 +172,13 @@ _NUMBER = re.compile(r"^-?\d+(\.\d*)?(e-?\d+)?$|^float\('-?(inf|nan)'\)$|^True$|
 
 # -0.0 broadcast to the tile: x + (-0.0) is x for every x, signed zeros included (x + 0.0 is not)
 _NEG_ZERO = "(ZERO.to(tl.float32) * -0.0)"
+
+
+def _f32_var(em, node, suffix: str, x: str) -> str:
+    """Assign ``x`` as an fp32 tile to a fresh variable (signed zeros kept) and return its name."""
+    var = f"{em.tmp(node)}_{suffix}"
+    em.lines.append(f"{var} = {_f32(x)} + {_NEG_ZERO}")
+    return var
 
 
 def _f32(x: str) -> str:
@@ -230,8 +236,7 @@ def _general_power(em, node, x: str, y: str) -> str:
     """x ** y for float x and y: |x|^y = exp2(y log2|x|); a negative base gives a real result only
     for an integral y (its sign from y's parity), else NaN; x ** 0 = 1 and 1 ** y = 1, also NaN."""
     v = em.tmp(node)
-    em.lines.append(f"{v}_x = {_f32(x)} + {_NEG_ZERO}")
-    em.lines.append(f"{v}_y = {_f32(y)} + {_NEG_ZERO}")
+    _f32_var(em, node, "x", x), _f32_var(em, node, "y", y)
     em.lines.append(f"{v}_m = tl.exp2(tl.log2(tl.abs({v}_x)) * {v}_y)")
     em.lines.append(f"{v}_int = tl.floor({v}_y) == {v}_y")
     em.lines.append(f"{v}_odd = {v}_int & (({v}_y - 2.0 * tl.floor({v}_y * 0.5)) == 1.0)")
@@ -364,7 +369,7 @@ _fmt([aten.tanh.default], "(tl.where({0} >= 0, 1.0, -1.0) * (1.0 - tl.exp(-2.0 *
 def _expm1(em, node, a):
     """exp(x) - 1 without cancellation near 0: with u = exp(x), (u - 1) x / log(u) (Kahan)."""
     v = em.tmp(node)
-    em.lines.append(f"{v}_x = {_f32(a(0))} + {_NEG_ZERO}")
+    _f32_var(em, node, "x", a(0))
     em.lines.append(f"{v}_u = tl.exp({v}_x)")
     em.lines.append(f"{v}_l = tl.log({v}_u)")
     return (f"tl.where({v}_u == 1.0, {v}_x, tl.where(({v}_u - 1.0 == -1.0) | ({v}_u == float('inf')), {v}_u - 1.0, "
@@ -375,7 +380,7 @@ def _expm1(em, node, a):
 def _log1p(em, node, a):
     """log(1 + x) without cancellation near 0: with u = 1 + x, log(u) x / (u - 1) (Kahan)."""
     v = em.tmp(node)
-    em.lines.append(f"{v}_x = {_f32(a(0))} + {_NEG_ZERO}")
+    _f32_var(em, node, "x", a(0))
     em.lines.append(f"{v}_u = 1.0 + {v}_x")
     return (f"tl.where({v}_u == 1.0, {v}_x, tl.where({v}_u == float('inf'), tl.log({v}_u), "
             f"tl.log({v}_u) * {v}_x / tl.where({v}_u == 1.0, 1.0, {v}_u - 1.0)))")
@@ -501,9 +506,10 @@ def _numel(node) -> Optional[int]:
 class Emitter:
     """Turns graphs into Triton lines; one instance per generated kernel body."""
 
-    def __init__(self, prefix: str, buffer_shapes: list[tuple], mod_name: str):
+    def __init__(self, prefix: str, wide: list[bool], mod_name: str):
+        """``wide[k]``: offsets into captured tensor k need int64 (identity.wide_offsets)."""
         self.prefix = prefix
-        self.buffer_shapes = buffer_shapes
+        self.wide = wide
         self.mod_name = mod_name
         self.lines: list[str] = []
         self.load_offsets: dict[str, str] = {}  # tag + node name -> offset expression (captured loads)
@@ -589,8 +595,7 @@ class Emitter:
         src, idx = node.args
         k = constants[src.target]
         var = self.tmp(node)
-        dims = self.buffer_shapes[k]
-        wide = math.prod(dims) >= 2 ** 31 if dims else False
+        wide = self.wide[k]
         offs, bad = [], []
         for d, i in enumerate(idx):
             iv = f"{var}_i{d}"

@@ -283,9 +283,8 @@ class _Walk:
             return
         self.tmemo[id(v)] = len(self.tmemo)
         self.keep.append(v)
-        n = v.numel()
         self.key.append((v.dtype, v.dim(), v.requires_grad, v.is_cuda, v.device.type if not v.is_cpu else "cpu",
-                         n == 1, n >= 2 ** 31))
+                         v.numel() == 1, wide_offsets(v)))
         if self.steps:
             steps = _flatten(chain)
             self.tensors.append(Buffer(v, _path(steps), steps))
@@ -332,11 +331,16 @@ class _Walk:
             self.value(kw, names, (chain, ("attr", "__kwdefaults__")))
         else:
             emit(None)
-        g = fn.__globals__
-        for name in (names if names is not _ALL else [n for n in g if not n.startswith("__")]):
-            if name in g:
+        self.named_entries(fn.__globals__, names, chain, "global")
+
+    def named_entries(self, d: dict, names, chain, step: str):
+        """The entries of a namespace (a function's globals, a module's dict) that the code names
+        (every public one when it reads names it computes), each with its access step."""
+        emit = self.key.append
+        for name in (names if names is not _ALL else [n for n in d if not n.startswith("__")]):
+            if name in d:
                 emit(name)
-                self.value(g[name], names, (chain, ("global", name)))
+                self.value(d[name], names, (chain, (step, name)))
         emit(_END)
 
     def mapping(self, v, names, chain):
@@ -359,12 +363,7 @@ class _Walk:
         emit(m.__name__)
         if _is_library(m.__name__) or self._seen((id(m), names), m):
             return
-        d = m.__dict__
-        for name in (names if names is not _ALL else [n for n in d if not n.startswith("__")]):
-            if name in d:
-                emit(name)
-                self.value(d[name], names, (chain, ("attr", name)))
-        emit(_END)
+        self.named_entries(m.__dict__, names, chain, "attr")
 
     def cls(self, c, names, chain):
         emit = self.key.append
@@ -529,3 +528,10 @@ def fingerprint(obj):
     w = _Walk(False)
     w.root(obj)
     return tuple(w.key)
+
+
+def wide_offsets(t: torch.Tensor) -> bool:
+    """Whether element offsets into ``t`` (strides included: a view may address far past its
+    numel) can reach 2**31, so the kernels must compute them in int64."""
+    extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if n > 0)
+    return extent >= 2 ** 31

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 
 from .emit import Emitter
-from .identity import captured_tensors, fingerprint
+from .identity import captured_tensors, fingerprint, wide_offsets
 from .trace import TracedMod, trace_mask_mod, trace_score_mod
 
 TEMPLATES = pathlib.Path(__file__).resolve().parent.parent / "kernels" / "templates"
@@ -159,16 +159,16 @@ def _build(template: str, score_mod, mask_mod, frame_mask: bool = False) -> ModK
 
     grad_slots = []
     blocks = {}
-    shapes = [tuple(b.tensor.shape) for b in buffers]
+    wide = [wide_offsets(b.tensor) for b in buffers]
     emitters = []
     # Forward: t = f(s)
     if score is not None:
-        em = Emitter("sm_", shapes, score.name)
+        em = Emitter("sm_", wide, score.name)
         emitters.append(em)
         (out,) = em.emit(score.graph, ["s", "off_b", "off_h", "q_idx", "kv_idx"], score.constants)
         blocks["SCORE_FWD"] = ["s = s_raw * scale"] + em.lines + [f"t2 = ({out}) * LOG2E"]
         # Backward: t, f'(s) and df/dc_k for the floating loads c_k.
-        em = Emitter("sb_", shapes, score.name)
+        em = Emitter("sb_", wide, score.name)
         emitters.append(em)
         (t_out,) = em.emit(score.graph, ["s", "off_b", "off_h", "q_idx", "kv_idx"], score.constants)
         load_vals = [f"sb_{ld.node_name}" for ld in score.loads]
@@ -185,7 +185,7 @@ def _build(template: str, score_mod, mask_mod, frame_mask: bool = False) -> ModK
                     grad_slots.append(ld.buffer)
         blocks["CAPTURED_GRAD"] = grad_lines or ["pass"]
         # Double backward: t, f'(s) and f''(s) (outputs t, ds, dc_0.., dss, dsc_0.. of the dbwd graph).
-        em = Emitter("sd_", shapes, score.name)
+        em = Emitter("sd_", wide, score.name)
         emitters.append(em)
         (t_out,) = em.emit(score.graph, ["s", "off_b", "off_h", "q_idx", "kv_idx"], score.constants)
         outs = em.emit(score.derivative["dbwd"], ["s", "off_b", "off_h", "q_idx", "kv_idx"] +
@@ -220,7 +220,7 @@ def _build(template: str, score_mod, mask_mod, frame_mask: bool = False) -> ModK
                                 "ewds = ZERO.to(tl.float32)"]
         blocks["DBWD_CAPTURED_GRAD"] = ["pass"]
     if mask is not None:
-        em = Emitter("mm_", shapes, mask.name)
+        em = Emitter("mm_", wide, mask.name)
         emitters.append(em)
         if frame_mask:
             # EBT: frame positions; the predicted stream never sees the observed key at its own
