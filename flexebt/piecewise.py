@@ -204,14 +204,17 @@ def _composed_backward(ctx, primals, buffers, dout):
 
     call: PiecewiseCall = ctx.call
     near = buffers[:call.n_near]
-    learned = [b for b in near if b.requires_grad]
+    # one slot per distinct tensor carries its gradient: a tensor read by both the score_mod and the
+    # mask_mod sits in two slots, and autograd sums what the slots return
+    first = [b.requires_grad and not any(b is c for c in near[:i]) for i, b in enumerate(near)]
+    learned = [b for b, f in zip(near, first) if f]
     with torch.enable_grad():
         p = [_alias(x) for x in primals]
         out, _ = call.composed(*p)
         g = torch.autograd.grad(out, p + learned, dout, create_graph=True, allow_unused=True)
     g_primals = [gi if need else None for gi, need in zip(g[:5], ctx.needs_input_grad[:5])]
     rest = list(g[5:])
-    g_near = [rest.pop(0) if b.requires_grad else None for b in near]
+    g_near = [rest.pop(0) if f else None for f in first]
     return (*g_primals, None, *g_near, *([None] * (len(buffers) - call.n_near)))
 
 

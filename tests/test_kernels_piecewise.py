@@ -174,3 +174,23 @@ def test_merge_kernel_matches_the_torch_merge(DV):
     fin = torch.isfinite(want_l)
     assert rel_err(got_l[fin], want_l[fin]) < 1e-6
     assert (got_o[1, 2, 10:12] == 0).all()
+
+
+def test_tensor_read_by_score_mod_and_block_mask_gets_its_gradient_once():
+    """A captured tensor that the score_mod and the block mask's mask_mod both read sits in two
+    kernel slots; its first- and second-order gradients must be counted once."""
+    bias = (0.5 * torch.randn(2, 23)).requires_grad_()
+
+    def scaled(score, b, h, q_idx, kv_idx):
+        return torch.tanh(bias[h, q_idx]) * score
+
+    def gate(b, h, q_idx, kv_idx):
+        return (bias[h, kv_idx] < bias[h, q_idx]) | (q_idx >= kv_idx)
+
+    bm = torch.nn.attention.flex_attention.create_block_mask(gate, 1, 2, 23, 23, device="cpu", BLOCK_SIZE=16)
+    x = _inputs(23, 23, grad=True)
+    kern, ref = (_f(5, True, be, score_mod=scaled, block_mask=bm) for be in (T, R))
+    f1, s1 = second_order(lambda *a: kern(*a[:5]), x + [bias])
+    f2, s2 = second_order(lambda *a: ref(*a[:5]), x + [bias])
+    for a, b in zip(f1 + s1, f2 + s2):
+        assert rel_err(a, b) < 1e-5
