@@ -52,7 +52,10 @@ class ModKernels:
         # A tensor whose elements share memory (an expanded view) is read through a contiguous copy:
         # its gradient is laid out like the tensor the kernels read, one slot per element (the copy
         # is differentiable, so the gradient still reaches the expanded tensor and its base).
-        return [x.contiguous() if _overlapping(x) else x for x in out]
+        # A tensor whose gradient the kernels do not form (read by a mask_mod, or through .detach())
+        # is passed detached, so autograd does not connect it, as torch would not.
+        return [(x.contiguous() if _overlapping(x) else x) if k in self.grad_slots else x.detach()
+                for k, x in enumerate(out)]
 
 
 def _overlapping(t: torch.Tensor) -> bool:
@@ -177,7 +180,7 @@ def _build(template: str, score_mod, mask_mod, frame_mask: bool = False) -> ModK
         blocks["SCORE_BWD"] = ["s = s_raw * scale"] + em.lines + [f"t2 = ({t_out}) * LOG2E", f"dtds = {outs[1]}"]
         grad_lines = []
         for k, ld in enumerate(score.loads):
-            if buffers[ld.buffer].tensor.requires_grad:
+            if ld.learned:
                 off = em.load_offsets[ld.node_name]
                 grad_lines.append(f"tl.atomic_add(GBUF{ld.buffer} + ({off} + ZERO), "
                                   f"tl.where(keep, dt * ({outs[2 + k]}), 0.0), mask=keep)")
@@ -192,7 +195,7 @@ def _build(template: str, score_mod, mask_mod, frame_mask: bool = False) -> ModK
                        [f"sd_{ld.node_name}" for ld in score.loads], score.deriv_constants["dbwd"], tag="d_")
         L = len(score.loads)
         f32 = " + ZERO.to(tl.float32)"
-        learned = [k for k, ld in enumerate(score.loads) if buffers[ld.buffer].tensor.requires_grad]
+        learned = [k for k, ld in enumerate(score.loads) if ld.learned]
         extra, grad2 = [], []
         for k in learned:  # Gc_k: the cotangent of dc_k, read where c_k was read
             ld = score.loads[k]

@@ -38,6 +38,7 @@ class Load:
 
     node_name: str
     buffer: int
+    learned: bool = False  # the tensor requires grad and the mod does not read it through .detach()
 
 
 @dataclasses.dataclass
@@ -163,7 +164,7 @@ def _normalize_loads(gm: torch.fx.GraphModule, name: str) -> None:
         tensor = tensors[attr]
         idx = [by_dim[d] for d in sorted(by_dim)]
         complete = len(idx) == tensor.dim()
-        if node.op == "get_attr" and tensor.numel() == 1:
+        if not by_dim and tensor.numel() == 1:  # a one-element tensor used as a value (maybe detached)
             idx, complete = [0] * tensor.dim(), True
         outside = [u for u in node.users if u not in partial]
         if not outside:
@@ -272,11 +273,13 @@ def trace_score_mod(score_mod: Callable, want_second_order: bool = False) -> Tra
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is aten.index.Tensor:
             src = node.args[0]
-            if src.op == "get_attr" and getattr(gm, src.target).is_floating_point():
-                loads.append(Load(node.name, consts[src.target]))
+            tensor = getattr(gm, src.target) if src.op == "get_attr" else None
+            if tensor is not None and tensor.is_floating_point():
+                detached = all(u.target is aten.detach.default for u in node.users)
+                loads.append(Load(node.name, consts[src.target], tensor.requires_grad and not detached))
     derivative, deriv_consts = {}, {}
     for which in (("bwd", "dbwd") if want_second_order else ("bwd",)):
-        learned = [buffers[ld.buffer].tensor.requires_grad for ld in loads]
+        learned = [ld.learned for ld in loads]
         try:
             dg = _trace_derivatives(gm, loads, second=(which == "dbwd"), learned=learned, device=dev, name=name)
         except RuntimeError as e:

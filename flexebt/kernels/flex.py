@@ -149,9 +149,7 @@ def _launch(kernel, plan: tuple, args, spec, options: Optional[dict], device):
         if hit is not None:
             runner, tail, (cfg, tma) = hit
             runner(*args(cfg, tma), *tail)
-            indexed = kernel.fn.__globals__.get("FLEXEBT_INDEXED")
-            if indexed:
-                _check_indices(indexed, device)
+            _check_indices(kernel, device)
             return
     from triton.runtime.errors import OutOfResources
 
@@ -173,9 +171,7 @@ def _launch(kernel, plan: tuple, args, spec, options: Optional[dict], device):
             _WORKING[want] = cfg
             if (id(kernel), key, cfg) not in _RESIDENT:
                 _RESIDENT[(id(kernel), key, cfg)] = resident_programs(compiled, cfg.num_warps, device)
-            indexed = kernel.fn.__globals__.get("FLEXEBT_INDEXED")
-            if indexed:
-                _check_indices(indexed, device)
+            _check_indices(kernel, device)
             return
         except OutOfResources:
             if cfg.num_stages > 1:
@@ -197,11 +193,15 @@ def index_flag(device) -> Tensor:
     return flag
 
 
-def _check_indices(mod_name: str, device) -> None:
-    """Raise if a launch of a mod that indexes captured tensors met an index out of range (the
-    kernels clear the flag and clamp the index, so no memory outside the tensor is touched).
-    On CPU the check is immediate; on CUDA it is an asynchronous device-side assert, like torch's
-    own out-of-range indexing there, with no host synchronisation."""
+def _check_indices(kernel, device) -> None:
+    """After a launch of ``kernel``: if its mods index captured tensors (the generated module says
+    so in FLEXEBT_INDEXED), raise if an index was out of range (the kernels clear the flag and
+    clamp the index, so no memory outside the tensor is touched).  On CPU the check is immediate;
+    on CUDA it is an asynchronous device-side assert, like torch's own out-of-range indexing
+    there, with no host synchronisation."""
+    mod_name = getattr(getattr(kernel, "fn", None), "__globals__", {}).get("FLEXEBT_INDEXED")
+    if not mod_name:
+        return
     flag = index_flag(device)
     msg = (f"flexebt: the mod {mod_name!r} indexes a captured tensor out of range (torch allows -size <= i < size "
            f"for each index); check the index expressions against the tensor's shape.")

@@ -1,0 +1,144 @@
+"""Mods through the attention kernels (interpreter) against the reference, first and second order.
+
+The op table (test_op_table.py) checks each op's generated code on chosen operands; these tests
+run whole mods through flex_attention: several captured tensors of different dtypes in one mod
+(the value graph and the derivative graph once shared variable names), captured tensors that are
+views (slices, strided, transposed, expanded), chained indexing, one-element tensors used as
+values (with and without gradient), negative indices (they wrap) and indices out of range (an
+error, as in torch), integer floor semantics in mask_mods, odd lengths and GQA.
+"""
+
+import pytest
+import torch
+from torch.nn.attention.flex_attention import create_block_mask
+
+import flexebt
+from helpers import rel_err, second_order
+
+pytestmark = pytest.mark.interpreter
+T = {"BACKEND": "TRITON"}
+R = {"BACKEND": "REFERENCE"}
+B, H, HKV, S, D = 1, 4, 2, 19, 16
+
+
+def _compare(score_mod, learned, block_mask=None, tol=2e-5):
+    q = torch.randn(B, H, S, D, requires_grad=True)
+    k, v = (torch.randn(B, HKV, S, D, requires_grad=True) for _ in range(2))
+
+    def run(backend):
+        def f(*xs):
+            return flexebt.flex_attention(*xs[:3], score_mod=score_mod, block_mask=block_mask, enable_gqa=True,
+                                          kernel_options=backend)
+        return f
+
+    got = second_order(run(T), [q, k, v] + learned)
+    want = second_order(run(R), [q, k, v] + learned)
+    out_t, out_r = run(T)(q, k, v), run(R)(q, k, v)
+    assert rel_err(out_t, out_r) < tol
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        assert torch.isfinite(a).all() and rel_err(a, b) < tol
+
+
+def test_several_captured_tensors_of_different_dtypes():
+    rel = torch.randn(H, 2 * S + 1, requires_grad=True)                 # fp32, learned
+    doc = torch.randint(0, 3, (S,), dtype=torch.int64)                   # int64 document ids
+    gate = torch.rand(S) > 0.3                                           # bool
+    scale64 = torch.randn(H, dtype=torch.float64, requires_grad=True)    # float64, learned
+
+    def mixed(score, b, h, q_idx, kv_idx):
+        same = doc[q_idx] == doc[kv_idx]
+        return score * (1 + rel[h, q_idx - kv_idx + S] * same) + torch.where(gate[kv_idx], scale64[h], -0.5)
+
+    _compare(mixed, [rel, scale64])
+
+
+@pytest.mark.parametrize("view", ["slice", "strided", "transposed", "expanded"])
+def test_captured_views(view):
+    if view == "slice":
+        big = torch.randn(H + 1, S + 5, S + 7)
+        bias = big[1:, 2:S + 2, 3:S + 3].detach().requires_grad_(True)
+    elif view == "strided":
+        bias = torch.randn(H, 2 * S, S)[:, ::2].detach().requires_grad_(True)
+    elif view == "transposed":
+        bias = torch.randn(S, S, H).permute(2, 1, 0).detach().requires_grad_(True)
+    else:
+        base = torch.randn(1, S, S, requires_grad=True)
+        bias = base.expand(H, S, S)
+    learned = [bias] if bias.is_leaf else [base]
+
+    def biased(score, b, h, q_idx, kv_idx):
+        return score + bias[h, q_idx, kv_idx]
+
+    _compare(biased, learned)
+
+
+def test_chained_indexing_and_constant_indices():
+    bias = torch.randn(H, S, S, requires_grad=True)
+    row = torch.randn(S, 3, requires_grad=True)
+
+    def chained(score, b, h, q_idx, kv_idx):
+        return score + bias[h][q_idx][kv_idx] + row[kv_idx, 2] + bias[:, 1][h, q_idx]
+
+    _compare(chained, [bias, row])
+
+
+def test_one_element_tensors_as_values():
+    temp = torch.tensor(0.7, requires_grad=True)
+    shift = torch.tensor(0.25, requires_grad=True)
+
+    def tempered(score, b, h, q_idx, kv_idx):
+        return score * temp + shift.detach() * (q_idx - kv_idx)
+
+    _compare(tempered, [temp])
+    q = torch.randn(B, H, S, D)
+    out = flexebt.flex_attention(q, q, q, score_mod=tempered, kernel_options=T)
+    (g,) = torch.autograd.grad(out.sum(), shift, allow_unused=True)
+    assert g is None  # read through .detach(): no gradient, as in torch
+
+
+def test_negative_indices_wrap():
+    bias = torch.randn(H, S, requires_grad=True)
+
+    def relative(score, b, h, q_idx, kv_idx):
+        return score + bias[h, kv_idx - q_idx]  # negative for kv < q: wraps, as in torch
+
+    _compare(relative, [bias])
+
+
+def test_index_out_of_range_is_an_error():
+    bias = torch.randn(H, S, S)
+
+    def past_the_end(score, b, h, q_idx, kv_idx):
+        return score + bias[h, q_idx + 1, kv_idx]
+
+    q = torch.randn(B, H, S, D)
+    with pytest.raises(IndexError, match="past_the_end"):
+        flexebt.flex_attention(q, q, q, score_mod=past_the_end, kernel_options=T)
+    with pytest.raises(IndexError):
+        flexebt.flex_attention(q, q, q, score_mod=past_the_end, kernel_options=R)
+
+    def in_range(score, b, h, q_idx, kv_idx):
+        return score + bias[h, q_idx, kv_idx]
+
+    # the error does not stick to later calls
+    out = flexebt.flex_attention(q, q, q, score_mod=in_range, kernel_options=T)
+    assert rel_err(out, flexebt.flex_attention(q, q, q, score_mod=in_range, kernel_options=R)) < 1e-5
+
+
+def test_floor_semantics_in_score_and_mask_mods():
+    def stripes(b, h, q_idx, kv_idx):
+        return ((q_idx - kv_idx) // 3) % 2 == 0  # negative differences floor, as in torch
+
+    def buckets(score, b, h, q_idx, kv_idx):
+        d = q_idx - kv_idx
+        return score + 0.1 * (d // 4) + 0.05 * torch.remainder(d, 5) - 0.02 * torch.div(d, -3, rounding_mode="floor")
+
+    bm = create_block_mask(stripes, None, None, S, S, device="cpu", BLOCK_SIZE=16)
+    _compare(buckets, [], block_mask=bm)
+
+
+def test_powers_of_negative_scores():
+    def cubic(score, b, h, q_idx, kv_idx):
+        return 0.3 * score ** 3 - 0.1 * score ** 2 + 0.05 * score ** 4 + torch.tanh(score) ** 5
+
+    _compare(cubic, [])
