@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .codegen.source import get_kernels
+from .codegen.source import get_kernels, position_extents
 from .codegen.identity import captured_tensors, resolve
 from .kernels.flex import BlockTables, flex_backward, flex_forward, tables_from_block_mask
 
@@ -137,8 +137,9 @@ def flex_attention_compiled(query, key, value, score_mod, block_mask, scale, ker
     tables = tables_from_block_mask(block_mask, Sq, Skv, query.device)
     mask_mod = block_mask.mask_mod if block_mask is not None else None
     k_ = _kernel_key(score_mod, mask_mod)
-    _, paths = _REGISTRY[k_]
-    buffers = [resolve(score_mod if which == "score" else mask_mod, p) for which, p in paths]
+    kern, paths = _REGISTRY[k_]
+    buffers = kern.prepare([resolve(score_mod if which == "score" else mask_mod, p) for which, p in paths],
+                           position_extents(query.shape[0], query.shape[1], Sq, Skv))
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
     opts = ";".join(f"{k}={v if isinstance(v, str) else int(v)}"
                     for k, v in sorted((kernel_options or {}).items()) if k != "BACKEND")

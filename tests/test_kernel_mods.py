@@ -142,3 +142,18 @@ def test_powers_of_negative_scores():
         return 0.3 * score ** 3 - 0.1 * score ** 2 + 0.05 * score ** 4 + torch.tanh(score) ** 5
 
     _compare(cubic, [])
+
+
+def test_position_index_past_a_short_tensor_is_an_error_before_launch():
+    """A dimension indexed by a bare position (h, q_idx, kv_idx) is checked against the call's
+    lengths on the host, once per call, instead of per score."""
+    short = torch.randn(H, S - 1, S)
+
+    def biased(score, b, h, q_idx, kv_idx):
+        return score + short[h, q_idx, kv_idx]
+
+    q = torch.randn(B, H, S, D)
+    with pytest.raises(IndexError, match=r"biased.*q_idx.*up to 18.*size 18"):
+        flexebt.flex_attention(q, q, q, score_mod=biased, kernel_options=T)
+    with pytest.raises(IndexError):
+        flexebt.flex_attention(q, q, q, score_mod=biased, kernel_options=R)

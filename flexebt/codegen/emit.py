@@ -513,6 +513,8 @@ class Emitter:
         self.mod_name = mod_name
         self.lines: list[str] = []
         self.load_offsets: dict[str, str] = {}  # tag + node name -> offset expression (captured loads)
+        self.positional: set = set()  # (buffer, dim, position name): dims indexed by a bare position
+        self.checked = False  # some index is checked in the kernel (not a bare position)
         self._env: dict[str, str] = {}
         self._tag = ""
 
@@ -600,6 +602,13 @@ class Emitter:
         for d, i in enumerate(idx):
             iv = f"{var}_i{d}"
             self.lines.append(f"{iv} = ({self.arg(i)}).to({'tl.int64' if wide else 'tl.int32'})")
+            if self.arg(i) in POSITIONS:
+                # a bare position lies in [0, extent): the launcher checks size >= extent on the host
+                # before the launch (ModKernels.buffers), so no check is needed per score
+                self.positional.add((k, d, self.arg(i)))
+                offs.append(f"{iv} * BUF{k}_S{d}")
+                continue
+            self.checked = True
             self.lines.append(f"{iv} = tl.where({iv} < 0, {iv} + BUF{k}_N{d}, {iv})")
             self.lines.append(f"{iv}_bad = ({iv} < 0) | ({iv} >= BUF{k}_N{d})")
             bad.append(f"{iv}_bad")
@@ -616,6 +625,10 @@ class Emitter:
         if val.dtype == torch.bool:
             load = f"({load} != 0)"
         return load
+
+
+# The position names of the tile (their ranges are known on the host: see ModKernels.buffers)
+POSITIONS = ("off_b", "off_h", "q_idx", "kv_idx", "mq_idx")
 
 
 def _is_inplace(node) -> bool:

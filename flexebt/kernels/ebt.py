@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..codegen.source import ModKernels, get_kernels
+from ..codegen.source import ModKernels, get_kernels, position_extents
 from .flex import (BlockTables, OwnKeys, QueryStream, _buffer_args, captured_grad_buffers, dkdv_pass, dq_pass,
                    finish_captured_grads, flex_forward, tables_from_block_mask)
 
@@ -78,7 +78,8 @@ def plan(score_mod, block_mask, B: int, H: int, S_o: int, S_p: int, device) -> E
         # the kernel lookup runs every call: what the mods read (globals, attributes) may have changed
         kern = get_kernels("flex_attention", score_mod, block_mask.mask_mod, frame_mask=True)
         if kern is cached.kern:
-            return dataclasses.replace(cached, buffers=kern.buffers(score_mod, block_mask.mask_mod))
+            return dataclasses.replace(cached, buffers=kern.buffers(score_mod, block_mask.mask_mod,
+                                                                   _frame_extents(B, H, S_o, S_p)))
     fresh = _plan(score_mod, block_mask, B, H, S_o, S_p, device)
     if len(_PLANS) > 64:
         _PLANS.clear()
@@ -95,7 +96,15 @@ def _plan(score_mod, block_mask, B, H, S_o, S_p, device) -> EBTPlan:
     from ..codegen.source import _builder
 
     keep = _builder().submit(block_mask.self_keep, B, H, device).result().to(torch.int8).contiguous()
-    return EBTPlan(kern, tables_o, tables_p, kern.buffers(score_mod, block_mask.mask_mod), keep, S_o - S_p + 1)
+    return EBTPlan(kern, tables_o, tables_p, kern.buffers(score_mod, block_mask.mask_mod, _frame_extents(B, H, S_o, S_p)),
+                   keep, S_o - S_p + 1)
+
+
+def _frame_extents(B: int, H: int, S_o: int, S_p: int) -> dict:
+    """EBT mods see frame positions: S_o + 1 of them once there is a predicted stream (its last
+    query and own key sit at frame S_o)."""
+    n = S_o + 1 if S_p > 0 else S_o
+    return position_extents(B, H, n, n, max(S_o, S_p))
 
 
 def ebt_forward(pl: EBTPlan, q_o, k_o, v_o, q_p, k_p, v_p, scale: float, options: Optional[dict] = None):
