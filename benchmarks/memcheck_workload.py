@@ -28,7 +28,7 @@ def _second_order(fn, inputs):
     outs = fn(*inputs)
     outs = outs if isinstance(outs, (tuple, list)) else (outs,)
     g = torch.Generator(device=inputs[0].device).manual_seed(1)
-    cts = [torch.randn(o.shape, generator=g, device=o.device, dtype=o.dtype) for o in outs]
+    cts = [torch.randn(o.shape, generator=g, device=o.device).to(o.dtype) for o in outs]
     first = torch.autograd.grad(sum((o.float() * c.float()).sum() for o, c in zip(outs, cts)), inputs,
                                 create_graph=True, allow_unused=True)
     first = [torch.zeros_like(i) if f is None else f for f, i in zip(first, inputs)]
@@ -42,8 +42,7 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def run(dtype):
-    dev = "cuda"
+def run(dtype, dev="cuda"):
     torch.manual_seed(0)
     B, H, Hkv, S, D = 2, 4, 2, 203, 64
     big = torch.randn(H, S + 37, S + 41, device=dev)
@@ -79,8 +78,10 @@ def run(dtype):
     out, first, second = _second_order(flex("TRITON"), [q, k, v] + learned)
     ref_in = [x.detach().double().requires_grad_(True) for x in (q, k, v)] + learned
     rout, rfirst, rsecond = _second_order(flex("REFERENCE"), ref_in)
-    print(f"flex {dtype}: out {_rel(out[0], rout[0]):.1e} first {max(map(_rel, first, rfirst)):.1e} "
-          f"second {max(map(_rel, second, rsecond)):.1e}", flush=True)
+    eout, efirst, esecond = _second_order(flex("REFERENCE"), [q, k, v] + learned)  # eager math, same dtype
+    print(f"flex {dtype}: error vs float64 (kernels / eager {dtype}): out {_rel(out[0], rout[0]):.1e} / "
+          f"{_rel(eout[0], rout[0]):.1e}; first {[f'{_rel(a, r):.1e}/{_rel(e, r):.1e}' for a, e, r in zip(first, efirst, rfirst)]}; "
+          f"second {[f'{_rel(a, r):.1e}/{_rel(e, r):.1e}' for a, e, r in zip(second, esecond, rsecond)]}", flush=True)
 
     # EBT two streams, causal frame mask, odd lengths, r = 3
     S_o, S_p = 131, 128
@@ -101,7 +102,7 @@ def run(dtype):
     M, N = 150, 211
     q1, q2 = (torch.randn(B, H, M, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(2))
     k1, k2, vv = (torch.randn(B, H, N, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
-    pw_bias = base[:, 1::2][:, :N].detach().requires_grad_(True)
+    pw_bias = torch.randn(H, 2 * N + 3, device=dev)[:, 1::2][:, :N].detach().requires_grad_(True)
 
     def pw(*xs):
         return flexebt.piecewise_attention(*xs[:5], dist_threshold=37, causal=True,
@@ -129,9 +130,11 @@ def out_of_range():
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--oob", action="store_true")
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run through Triton's interpreter "
+                    "(set TRITON_INTERPRET=1)")
     a = ap.parse_args()
     if a.oob:
         out_of_range()
     for dt in (torch.bfloat16, torch.float32):
-        run(dt)
+        run(dt, a.device)
     print("memcheck workload done")
