@@ -573,10 +573,10 @@ def _dbwd_query_pass(kern: ModKernels, which: str, args: tuple, own_a: tuple, he
 
 def dbwd_rows_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, scale, tables: BlockTables,
                    bargs: list, options=None, q_off: int = 0, own: Optional[OwnKeys] = None, own_cts=None):
-    """Row statistics (U, W, Bbar, D0, D) and g_do of the double backward."""
+    """Row statistics (U, Wc, Bbar, D) and g_do of the double backward."""
     B, H, Sq, _ = q.shape
     args = _dbwd_args(q, k, v, out, dout, lse, dlse, gq, gk, gv)
-    stats = torch.empty(B, H, Sq, 5, dtype=torch.float32, device=q.device)
+    stats = torch.empty(B, H, Sq, 4, dtype=torch.float32, device=q.device)
     g_do = torch.empty_like(args[4])
     _dbwd_query_pass(kern, "dbwd_rows", args, _own_args(own, own_cts, lse), (g_do, stats), (), (), {}, q, k, v,
                      dlse, scale, tables, bargs, options, q_off, own is not None)
@@ -638,7 +638,7 @@ def flex_double_backward(kern: ModKernels, q, k, v, out, lse, dout, dlse, gq, gk
     (None where the kernels scatter none).  ``buffer_cts``: cotangents of the captured tensors'
     first-order gradients (None entries: zero).
 
-    Three passes, O(S) extra memory: row statistics (U, W, Bbar, D0, D) and g_do per query tile;
+    Three passes, O(S) extra memory: row statistics (U, Wc, Bbar, D) and g_do per query tile;
     g_q (and the captured tensors' gradients) per query tile; g_k, g_v per key tile.  See the
     template's comment for the math."""
     gbufs = captured_grad_buffers(kern, buffers, q.device)

@@ -17,6 +17,7 @@ Given cotangents ``Gq, Gk, Gv`` of ``dq, dk, dv``::
     U = rowsum(P u),  W = rowsum(P dP u),  Bbar = rowsum(P B)
     gP = (dP - D) u + B - U dP
     gs = f' P (gP - W + (D0 + D) U - Bbar) + dt f'' A    (D0 = rowsum(do * o), D = D0 - dlse)
+       = f' P ((dP - D) (u - U) - Wc + (B - Bbar)) + dt f'' A,   Wc = W - D0 U = rowsum(P (dP - D0) u)
     g_do   = (P (u - U)) v + P Gv
     g_v    = (P (u - U))^T do
     g_q    = scale (gs k + ds Gk)
@@ -25,8 +26,15 @@ Given cotangents ``Gq, Gk, Gv`` of ``dq, dk, dv``::
 
 The ``dlse`` term: a cotangent of lse shifts ``D`` (dt gains ``+P dlse``). In the softmax backward
 of ``gP`` the row sum ``sum_j P gP = W - D U + Bbar - D0 U`` mixes the shifted ``D`` (from ``dt``)
-and the unshifted ``D0`` (from ``D``'s dependence on ``o``), giving ``(D0 + D) U``; the DESIGN
+and the unshifted ``D0`` (from ``D``'s dependence on ``o``), giving ``(D0 + D) U``; the
 appendix's ``2 D U`` is the ``dlse = 0`` case.  The gradient of ``dlse`` itself is ``U``.
+
+The second form of ``gs`` is the one computed (here and in the kernels): every factor is centred.
+``u = f' A`` is huge where a score_mod has a large derivative (``1 / s`` near ``s = 0``), and the
+uncentred products ``U dP`` and ``D0 U`` then cancel far below their own rounding error; in fp32
+that gave second-order errors of order 1 where eager math has 1e-4.  The kernels also take ``D0``
+as ``rowsum(P dP)`` from the same ``P`` and ``dP`` as the other statistics, so a row with one
+dominant key gives exact zeros, as eager math does.
 """
 
 from __future__ import annotations
@@ -83,9 +91,8 @@ def attention_double_backward(q: Tensor, k: Tensor, v: Tensor, do: Tensor, dlse:
     f1 = torch.where(keep, f1, torch.zeros_like(f1))
     f2 = torch.where(keep, f2, torch.zeros_like(f2))
     P, _ = masked_softmax(t, keep)
-    o = P @ v
     dP = do @ v.transpose(-1, -2)
-    D0 = (do * o).sum(-1, keepdim=True)
+    D0 = (P * dP).sum(-1, keepdim=True)  # = rowsum(do * o), from the same P, dP as W and U
     Dsh = D0 - (dlse.to(cdt).unsqueeze(-1) if dlse is not None else 0.0)
     dt = P * (dP - Dsh)
     ds = dt * f1
@@ -94,12 +101,11 @@ def attention_double_backward(q: Tensor, k: Tensor, v: Tensor, do: Tensor, dlse:
     u = f1 * A
     Bm = do @ gv.transpose(-1, -2)
     U = (P * u).sum(-1, keepdim=True)
-    W = (P * dP * u).sum(-1, keepdim=True)
+    Wc = (P * (dP - D0) * u).sum(-1, keepdim=True)  # W - D0 U, centred
     Bbar = (P * Bm).sum(-1, keepdim=True)
-    gP = (dP - Dsh) * u + Bm - U * dP
-    # Softmax backward of gP: sum_j P gP = W - Dsh U + Bbar - D0 U, hence the (D0 + Dsh) U term
-    # (the appendix's 2 D U is the dlse = 0 case).
-    gs = f1 * P * (gP - W + (D0 + Dsh) * U - Bbar) + dt * f2 * A
+    # Softmax backward of gP = (dP - Dsh) u + Bm - U dP: sum_j P gP = W - Dsh U + Bbar - D0 U, hence
+    # gP - sum_j P gP = (dP - Dsh)(u - U) - Wc + (Bm - Bbar), every factor centred.
+    gs = f1 * P * ((dP - Dsh) * (u - U) - Wc + (Bm - Bbar)) + dt * f2 * A
 
     g_do = (P * (u - U)) @ v + P @ gv
     g_v = (P * (u - U)).transpose(-1, -2) @ do

@@ -502,11 +502,15 @@ def _store_key_grads(DK, DV_OUT, ADD_K, ADD_V, dk, dv, kvh, offs_n, Skv, D: tl.c
     tl.store(DV_OUT + dv_off, dv.to(DV_OUT.dtype.element_ty), mask=dv_ok)
 
 
-# Double backward (DESIGN appendix; flexebt/reference/double_backward.py is the dense spec).
-# Given cotangents Gq, Gk, Gv of dq, dk, dv, with D0 = do.o and D = D0 - dlse:
+# Double backward (flexebt/reference/double_backward.py is the dense spec).
+# Given cotangents Gq, Gk, Gv of dq, dk, dv, with D0 = sum_j P dP (= do.o) and D = D0 - dlse:
 #   A = scale (Gq k^T + q Gk^T),  u = f' A,  Bm = do Gv^T,  dt = P (dP - D),  ds = dt f'
-#   U = sum_j P u,  W = sum_j P dP u,  Bbar = sum_j P Bm                       (row statistics)
-#   gP = (dP - D) u + Bm - U dP,  gt = P (gP - W + (D0 + D) U - Bbar),  gs = f' gt + dt du/ds
+#   U = sum_j P u,  Wc = sum_j P dP u - D0 U,  Bbar = sum_j P Bm                (row statistics)
+#   gt = P ((dP - D) (u - U) - Wc + (Bm - Bbar)),  gs = f' gt + dt du/ds
+# Every factor is centred (dP - D, u - U, Bm - Bbar, Wc) and D0 is summed from the same P and dP
+# as the other statistics, not taken from do.o: where a score_mod has a large derivative (1/s
+# near s = 0) u is huge, and the uncentred products U dP, D0 U cancel to far below their own
+# rounding; centred, a row with one dominant key gives exact zeros as eager math does.
 #   g_do = P u v - U o + P Gv,  g_v = (P (u - U))^T do,  g_q = scale (gs k + ds Gk),
 #   g_k = scale (gs^T q + ds^T Gq),  g_dlse = U.
 # The whole second-order loss is  sum dt u + sum P Bm,  so a captured tensor c read by the
@@ -538,11 +542,11 @@ def _dbwd_scores(q, k, v, do, gq, gk, gv, lse2, offs_m, offs_n, off_b, off_h, Sq
 
 
 @triton.jit
-def _dbwd_gs(p, dp, u, bm, f1, duds, d0, dsh, U, W, Bbar):
+def _dbwd_gs(p, dp, u, bm, f1, duds, dsh, U, Wc, Bbar):
     """gs, ds, gt and dt of one tile from its scores and the row statistics ([BLOCK_M] each)."""
-    dt = p * (dp - dsh[:, None])
-    gp = (dp - dsh[:, None]) * u + bm - U[:, None] * dp
-    gt = p * (gp - W[:, None] + ((d0 + dsh) * U)[:, None] - Bbar[:, None])
+    dpc = dp - dsh[:, None]
+    dt = p * dpc
+    gt = p * (dpc * (u - U[:, None]) - Wc[:, None] + (bm - Bbar[:, None]))
     return f1 * gt + dt * duds, dt * f1, gt, dt
 
 
@@ -564,21 +568,20 @@ def _dbwd_captured(s_raw, gt, dt, a, offs_m, offs_n, off_b, off_h, Sq, Skv, scal
 def _dbwd_row_inputs(Q, O, DO, GQ, Q_DESC, O_DESC, DO_DESC, GQ_DESC, LSE, DLSE, qh, start_m, Sq, D: tl.constexpr,
                      DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      EVEN: tl.constexpr, HAS_DLSE: tl.constexpr, USE_TMA: tl.constexpr):
-    """The query-side rows of tile start_m (q, Gq, dO, O through the descriptors with USE_TMA),
-    lse in log2 units, D0 = do.o and D = D0 - dlse."""
+    """The query-side rows of tile start_m (q, Gq, dO through the descriptors with USE_TMA), lse in
+    log2 units and dlse (0 without HAS_DLSE).  O is not read: the passes take D0 = sum_j P dP from
+    the row statistics (the rows pass reads O for g_do itself)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     row_ok = offs_m < Sq
     q = _load_tile(Q + qh * Sq * D, Q_DESC, qh, start_m, Sq, D, BLOCK_M, BLOCK_D, EVEN, USE_TMA)
     gq = _load_tile(GQ + qh * Sq * D, GQ_DESC, qh, start_m, Sq, D, BLOCK_M, BLOCK_D, EVEN, USE_TMA)
     do = _load_tile(DO + qh * Sq * DV, DO_DESC, qh, start_m, Sq, DV, BLOCK_M, BLOCK_DV, EVEN, USE_TMA)
-    o = _load_tile(O + qh * Sq * DV, O_DESC, qh, start_m, Sq, DV, BLOCK_M, BLOCK_DV, EVEN, USE_TMA)
     lse = tl.load(LSE + qh * Sq + offs_m, mask=row_ok, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
-    d0 = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    dsh = d0
+    dl = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_DLSE:
-        dsh = d0 - tl.load(DLSE + qh * Sq + offs_m, mask=row_ok, other=0.0).to(tl.float32)
-    return q, gq, do, o, lse2, d0, dsh
+        dl = tl.load(DLSE + qh * Sq + offs_m, mask=row_ok, other=0.0).to(tl.float32)
+    return q, gq, do, lse2, dl
 
 
 @triton.jit
@@ -594,7 +597,7 @@ def _dbwd_kv_rows(K, V, GK, GV, K_DESC, V_DESC, GK_DESC, GV_DESC, kvh, start_n, 
 
 
 @triton.jit
-def _dbwd_rows_tile(U, W, Bbar, puv, pgv, q, gq, do, lse2, K, V, GK, GV, K_DESC, V_DESC, GK_DESC, GV_DESC, kvh,
+def _dbwd_rows_tile(U, W, Bbar, D0, puv, pgv, q, gq, do, lse2, K, V, GK, GV, K_DESC, V_DESC, GK_DESC, GV_DESC, kvh,
                     start_n, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF, __BUFFERS__
                     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
@@ -609,9 +612,10 @@ def _dbwd_rows_tile(U, W, Bbar, puv, pgv, q, gq, do, lse2, K, V, GK, GV, K_DESC,
     U += tl.sum(pu, 1)
     W += tl.sum(pu * dp, 1)
     Bbar += tl.sum(p * bm, 1)
+    D0 += tl.sum(p * dp, 1)
     puv += _mm(pu.to(v.dtype), v, IEEE, UPCAST)
     pgv += _mm(p.to(gv.dtype), gv, IEEE, UPCAST)
-    return U, W, Bbar, puv, pgv
+    return U, W, Bbar, D0, puv, pgv
 
 
 @triton.jit
@@ -658,8 +662,8 @@ def flex_dbwd_rows(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_DO, STATS, KV_NUM, K
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
                    HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                    HAS_DLSE: tl.constexpr, HAS_SELF: tl.constexpr, USE_TMA: tl.constexpr):
-    """Pass 1 of the double backward, per query tile: the row statistics U, W, Bbar (stored with
-    D0 and D in STATS [B, H, Sq, 5]) and g_do.  HAS_SELF: the EBT own key is one more column.
+    """Pass 1 of the double backward, per query tile: the row statistics U, Wc, Bbar and D
+    (STATS [B, H, Sq, 4]) and g_do.  HAS_SELF: the EBT own key is one more column.
     USE_TMA: the key-side tiles through the descriptors."""
     pid_m, pid_bh = _program_tile(tl.cdiv(Sq, BLOCK_M), HEAD_GROUP, False)
     off_b = pid_bh // H
@@ -668,8 +672,8 @@ def flex_dbwd_rows(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_DO, STATS, KV_NUM, K
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     qh = (off_b * H + off_h).to(tl.int64)
     # the program's own rows, loaded once: pointer loads (the descriptor slots are unused)
-    q, gq, do, o, lse2, d0, dsh = _dbwd_row_inputs(Q, O, DO, GQ, Q, O, DO, GQ, LSE, DLSE, qh, pid_m * BLOCK_M, Sq,
-                                                   D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN, HAS_DLSE, False)
+    q, gq, do, lse2, dl = _dbwd_row_inputs(Q, O, DO, GQ, Q, O, DO, GQ, LSE, DLSE, qh, pid_m * BLOCK_M, Sq,
+                                           D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN, HAS_DLSE, False)
     kvh = (off_b * Hkv + off_hk).to(tl.int64)
     if HAS_SELF:
         own = kvh * Sq
@@ -680,12 +684,14 @@ def flex_dbwd_rows(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_DO, STATS, KV_NUM, K
         U = tl.sum(pu_s, 1)
         W = tl.sum(pu_s * dp_s, 1)
         Bbar = tl.sum(p_s * bm_s, 1)
+        D0 = tl.sum(p_s * dp_s, 1)
         puv = pu_s * vp.to(tl.float32)
         pgv = p_s * gvp.to(tl.float32)
     else:
         U = tl.zeros([BLOCK_M], dtype=tl.float32)
         W = tl.zeros([BLOCK_M], dtype=tl.float32)
         Bbar = tl.zeros([BLOCK_M], dtype=tl.float32)
+        D0 = tl.zeros([BLOCK_M], dtype=tl.float32)
         puv = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
         pgv = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     base, base_full, n_partial, n_full = _row_table(KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, off_b, off_h,
@@ -693,36 +699,35 @@ def flex_dbwd_rows(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_DO, STATS, KV_NUM, K
                                                     NKV_LIST_FULL, HAS_FULL)
     for start_n, IS_FULL in _visited_tiles(KV_IDX, FULL_IDX, base, base_full, n_partial, n_full,
                                            SPARSE_KV, BLOCK_N):
-        U, W, Bbar, puv, pgv = _dbwd_rows_tile(U, W, Bbar, puv, pgv, q, gq, do, lse2, K, V, GK, GV,
+        U, W, Bbar, D0, puv, pgv = _dbwd_rows_tile(U, W, Bbar, D0, puv, pgv, q, gq, do, lse2, K, V, GK, GV,
                                                K_DESC, V_DESC, GK_DESC, GV_DESC, kvh,
                                                start_n, offs_m, off_b, off_h, Sq, Skv,
                                                scale, Q_OFF, __BUFFERS__
                                                D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST,
                                                USE_TMA)
+    o = _load_tile(O + qh * Sq * DV, O, qh, pid_m * BLOCK_M, Sq, DV, BLOCK_M, BLOCK_DV, EVEN, False)
     g_do = puv - U[:, None] * o.to(tl.float32) + pgv
     row_ok = offs_m < Sq
     offs_dv = tl.arange(0, BLOCK_DV)
     tl.store(G_DO + qh * Sq * DV + offs_m[:, None] * DV + offs_dv[None, :], g_do.to(G_DO.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < DV))
-    st = STATS + (qh * Sq + offs_m) * 5
+    st = STATS + (qh * Sq + offs_m) * 4
     tl.store(st + 0, U, mask=row_ok)
-    tl.store(st + 1, W, mask=row_ok)
+    tl.store(st + 1, W - D0 * U, mask=row_ok)
     tl.store(st + 2, Bbar, mask=row_ok)
-    tl.store(st + 3, d0, mask=row_ok)
-    tl.store(st + 4, dsh, mask=row_ok)
+    tl.store(st + 3, D0 - dl, mask=row_ok)
 
 
 @triton.jit
 def _load_stats(STATS, qh, offs_m, Sq):
     row_ok = offs_m < Sq
-    st = STATS + (qh * Sq + offs_m) * 5
+    st = STATS + (qh * Sq + offs_m) * 4
     return (tl.load(st + 0, mask=row_ok, other=0.0), tl.load(st + 1, mask=row_ok, other=0.0),
-            tl.load(st + 2, mask=row_ok, other=0.0), tl.load(st + 3, mask=row_ok, other=0.0),
-            tl.load(st + 4, mask=row_ok, other=0.0))
+            tl.load(st + 2, mask=row_ok, other=0.0), tl.load(st + 3, mask=row_ok, other=0.0))
 
 
 @triton.jit
-def _dbwd_dq_tile(g_q, q, gq, do, lse2, U, W, Bbar, d0, dsh, K, V, GK, GV, K_DESC, V_DESC, GK_DESC, GV_DESC, kvh,
+def _dbwd_dq_tile(g_q, q, gq, do, lse2, U, Wc, Bbar, dsh, K, V, GK, GV, K_DESC, V_DESC, GK_DESC, GV_DESC, kvh,
                   start_n, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF, __BUFFERS__
                   D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
@@ -733,7 +738,7 @@ def _dbwd_dq_tile(g_q, q, gq, do, lse2, U, W, Bbar, d0, dsh, K, V, GK, GV, K_DES
     p, dp, a, u, bm, f1, duds, s_raw = _dbwd_scores(q, k, v, do, gq, gk, gv, lse2, offs_m, offs_n, off_b, off_h,
                                                     Sq, Skv, scale, Q_OFF, __BUFFERS__
                                                     BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST)
-    gs, ds, gt, dt = _dbwd_gs(p, dp, u, bm, f1, duds, d0, dsh, U, W, Bbar)
+    gs, ds, gt, dt = _dbwd_gs(p, dp, u, bm, f1, duds, dsh, U, Wc, Bbar)
     if CAPTURED_GRADS:
         _dbwd_captured(s_raw, gt, dt, a, offs_m, offs_n, off_b, off_h, Sq, Skv, scale, Q_OFF, __BUFFERS__
                        BLOCK_M, BLOCK_N, IS_FULL, EVEN)
@@ -761,9 +766,9 @@ def flex_dbwd_dq(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_Q, STATS, KV_NUM, KV_I
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     qh = (off_b * H + off_h).to(tl.int64)
     # the program's own rows, loaded once: pointer loads (the descriptor slots are unused)
-    q, gq, do, o, lse2, d0, dsh = _dbwd_row_inputs(Q, O, DO, GQ, Q, O, DO, GQ, LSE, DLSE, qh, pid_m * BLOCK_M, Sq,
-                                                   D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN, HAS_DLSE, False)
-    U, W, Bbar, d0, dsh = _load_stats(STATS, qh, offs_m, Sq)
+    q, gq, do, lse2, dl = _dbwd_row_inputs(Q, O, DO, GQ, Q, O, DO, GQ, LSE, DLSE, qh, pid_m * BLOCK_M, Sq,
+                                           D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN, HAS_DLSE, False)
+    U, Wc, Bbar, dsh = _load_stats(STATS, qh, offs_m, Sq)
     kvh = (off_b * Hkv + off_hk).to(tl.int64)
     g_q = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     base, base_full, n_partial, n_full = _row_table(KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, off_b, off_h,
@@ -771,7 +776,7 @@ def flex_dbwd_dq(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_Q, STATS, KV_NUM, KV_I
                                                     NKV_LIST_FULL, HAS_FULL)
     for start_n, IS_FULL in _visited_tiles(KV_IDX, FULL_IDX, base, base_full, n_partial, n_full,
                                            SPARSE_KV, BLOCK_N):
-        g_q = _dbwd_dq_tile(g_q, q, gq, do, lse2, U, W, Bbar, d0, dsh, K, V, GK, GV, K_DESC, V_DESC, GK_DESC, GV_DESC,
+        g_q = _dbwd_dq_tile(g_q, q, gq, do, lse2, U, Wc, Bbar, dsh, K, V, GK, GV, K_DESC, V_DESC, GK_DESC, GV_DESC,
                             kvh, start_n, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
                             __BUFFERS__
                             D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST, CAPTURED_GRADS,
@@ -783,7 +788,7 @@ def flex_dbwd_dq(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_Q, STATS, KV_NUM, KV_I
         p_s, dp_s, a_s, u_s, bm_s, f1_s, duds_s, s_s, kp, vp, gkp, gvp = _dbwd_own(
             q, gq, do, lse2, KP, VP, GKP, GVP, SELF_KEEP, own * D, own * DV, qh, offs_m, off_b, off_h, Sq, scale,
             Q_OFF, __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, EVEN)
-        gs_s, ds_s, gt_s, dt_s = _dbwd_gs(p_s, dp_s, u_s, bm_s, f1_s, duds_s, d0, dsh, U, W, Bbar)
+        gs_s, ds_s, gt_s, dt_s = _dbwd_gs(p_s, dp_s, u_s, bm_s, f1_s, duds_s, dsh, U, Wc, Bbar)
         if CAPTURED_GRADS:
             _dbwd_own_captured(s_s, gt_s, dt_s, a_s, SELF_KEEP, qh, offs_m, off_b, off_h, Sq, scale, Q_OFF,
                                __BUFFERS__ BLOCK_M, EVEN)
@@ -806,14 +811,14 @@ def _dbwd_dkdv_tile(g_k, g_v, k, v, gk, gv, Q, O, DO, GQ, Q_DESC, O_DESC, DO_DES
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
                     IEEE: tl.constexpr, UPCAST: tl.constexpr, HAS_DLSE: tl.constexpr, USE_TMA: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q, gq, do, o, lse2, d0, dsh = _dbwd_row_inputs(Q, O, DO, GQ, Q_DESC, O_DESC, DO_DESC, GQ_DESC, LSE, DLSE, qh,
-                                                   start_m, Sq, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN, HAS_DLSE,
-                                                   USE_TMA)
-    U, W, Bbar, d0, dsh = _load_stats(STATS, qh, offs_m, Sq)
+    q, gq, do, lse2, dl = _dbwd_row_inputs(Q, O, DO, GQ, Q_DESC, O_DESC, DO_DESC, GQ_DESC, LSE, DLSE, qh,
+                                           start_m, Sq, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN, HAS_DLSE,
+                                              USE_TMA)
+    U, Wc, Bbar, dsh = _load_stats(STATS, qh, offs_m, Sq)
     p, dp, a, u, bm, f1, duds, s_raw = _dbwd_scores(q, k, v, do, gq, gk, gv, lse2, offs_m, offs_n, off_b, off_h,
                                                     Sq, Skv, scale, Q_OFF, __BUFFERS__
                                                     BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST)
-    gs, ds, gt, dt = _dbwd_gs(p, dp, u, bm, f1, duds, d0, dsh, U, W, Bbar)
+    gs, ds, gt, dt = _dbwd_gs(p, dp, u, bm, f1, duds, dsh, U, Wc, Bbar)
     g_k += _mm(tl.trans(gs.to(q.dtype)), q, IEEE, UPCAST) + _mm(tl.trans(ds.to(gq.dtype)), gq, IEEE, UPCAST)
     g_v += _mm(tl.trans((p * (u - U[:, None])).to(do.dtype)), do, IEEE, UPCAST)
     return g_k, g_v
