@@ -17,6 +17,8 @@ wrong.  Eager mode keeps the ``autograd.Function`` chain, which does support it.
 
 from __future__ import annotations
 
+import functools
+import types
 from typing import Optional
 
 import torch
@@ -40,6 +42,7 @@ def _kernel_key(score_mod, mask_mod) -> str:
         paths = ([("score", b.steps) for b in captured_tensors(score_mod)] if score_mod is not None else []) + \
                 ([("mask", b.steps) for b in captured_tensors(mask_mod)] if mask_mod is not None else [])
         _REGISTRY[key] = (kern, paths)
+    _attach_guard_copies(*(m for m in (score_mod, mask_mod) if m is not None))
     return key
 
 
@@ -119,6 +122,66 @@ def _active_transforms() -> str:
     return ",".join(wanted[i.key()] for i in retrieve_all_functorch_interpreters() if i.key() in wanted)
 
 
+def _guard_copy(fn, memo: dict):
+    """``fn`` with fresh closure cells holding the same objects (nested closures copied alike).
+    Dynamo reads the captured tensors through the mod's own cells (``resolve``); it cannot also
+    inline a call that reads those cells, so the guard probe calls this copy instead."""
+    t = type(fn)
+    if t is types.MethodType:
+        return types.MethodType(_guard_copy(fn.__func__, memo), fn.__self__)
+    if t is functools.partial:
+        return functools.partial(_guard_copy(fn.func, memo), *fn.args, **fn.keywords)
+    if t is not types.FunctionType or not fn.__closure__:
+        return fn
+    if id(fn) in memo:
+        return memo[id(fn)]
+    cells = tuple(types.CellType() for _ in fn.__closure__)
+    new = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, cells)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    memo[id(fn)] = new
+    for fresh, cell in zip(cells, fn.__closure__):
+        try:
+            fresh.cell_contents = _guard_copy(cell.cell_contents, memo)
+        except ValueError:  # an empty cell stays empty
+            pass
+    return new
+
+
+def _attach_guard_copies(*mods) -> None:
+    """Give each closure function a ``_flexebt_guard`` copy (once; runs outside dynamo)."""
+    for m in mods:
+        fn = m.__func__ if type(m) is types.MethodType else m.func if type(m) is functools.partial else m
+        if type(fn) is types.FunctionType and fn.__closure__ and "_flexebt_guard" not in fn.__dict__:
+            fn._flexebt_guard = _guard_copy(fn, {})
+
+
+def _probe(mod, *args) -> None:
+    """Call ``mod`` (through its guard copy where it has one) at one position, traced by dynamo."""
+    if type(mod) is types.MethodType:
+        fn = mod.__func__
+        fn.__dict__.get("_flexebt_guard", fn)(mod.__self__, *args)
+    elif type(mod) is functools.partial:
+        fn = mod.func
+        getattr(fn, "__dict__", {}).get("_flexebt_guard", fn)(*mod.args, *args, **mod.keywords)
+    elif type(mod) is types.FunctionType:
+        mod.__dict__.get("_flexebt_guard", mod)(*args)
+    else:
+        mod(*args)
+
+
+def _trace_mod_reads(score_mod, mask_mod, query: Tensor) -> None:
+    """Call the mods once at position 0 while dynamo traces, so that it installs its guards on
+    everything they read (module globals, attributes of ``self``, objects in their closures,
+    captured tensors).  ``_kernel_key`` is a constant of the graph: without these guards a global
+    number changed after compiling would keep the graph, and with it the kernel generated for the
+    old value.  The results are unused and removed from the graph."""
+    i = torch.zeros(1, dtype=torch.int32, device=query.device)  # one position: indexing stays a gather
+    if score_mod is not None:
+        _probe(score_mod, torch.zeros(1, dtype=query.dtype, device=query.device), i, i, i, i)
+    if mask_mod is not None:
+        _probe(mask_mod, i, i, i, i)
+
+
 def refuse_torch_func(fn: str) -> None:
     """Raise, while dynamo traces, when torch.func transforms are active (see _active_transforms)."""
     transforms = _active_transforms()
@@ -140,6 +203,7 @@ def flex_attention_compiled(query, key, value, score_mod, block_mask, scale, ker
     kern, paths = _REGISTRY[k_]
     buffers = kern.prepare([resolve(score_mod if which == "score" else mask_mod, p) for which, p in paths],
                            position_extents(query.shape[0], query.shape[1], Sq, Skv))
+    _trace_mod_reads(score_mod, mask_mod, query)  # after the captured tensors are read through their paths
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
     opts = ";".join(f"{k}={v if isinstance(v, str) else int(v)}"
                     for k, v in sorted((kernel_options or {}).items()) if k != "BACKEND")

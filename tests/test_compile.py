@@ -125,3 +125,99 @@ def test_ebt_second_order_under_compile_is_exact_or_refused():
     with pytest.raises(Exception, match="under torch.func transforms"):
         torch.compile(torch.func.grad(lambda t: torch.func.grad(energy)(t).square().sum()), fullgraph=True,
                       backend="aot_eager")(q)
+
+
+TEMPERATURE = 0.5  # read by _global_mod; the test below changes it between calls
+
+
+def _global_mod(score, b, h, q_idx, kv_idx):
+    return score * TEMPERATURE
+
+
+@pytest.mark.interpreter
+def test_changed_mod_reads_recompile_never_serve_a_stale_kernel():
+    """The kernel key is a constant of the compiled graph, so the graph must be guarded on what the
+    mods read: a module global, a closure cell and an attribute of ``self`` changed after compiling
+    give a recompile and the new value's kernel; unchanged values reuse the graph."""
+    global TEMPERATURE
+
+    class Layer:
+        def __init__(self):
+            self.shift = 0.25
+
+        def score_mod(self, score, b, h, q_idx, kv_idx):
+            return score + self.shift * (q_idx - kv_idx)
+
+    cell = [0.1]
+
+    def closure_mod(score, b, h, q_idx, kv_idx):
+        return score - cell[0] * kv_idx
+
+    layer = Layer()
+    q = torch.randn(1, 2, 16, 16)
+    cases = {
+        "global": (_global_mod, lambda: globals().__setitem__("TEMPERATURE", 2.0)),
+        "closure": (closure_mod, lambda: cell.__setitem__(0, -0.3)),
+        "self": (layer.score_mod, lambda: setattr(layer, "shift", -1.5)),
+    }
+    try:
+        for name, (mod, change) in cases.items():
+            counter = CompileCounterWithBackend("aot_eager")
+            f = torch.compile(lambda x, m=mod: flexebt.flex_attention(x, x, x, score_mod=m, kernel_options=T),
+                              fullgraph=True, backend=counter)
+
+            def ref():
+                return flexebt.flex_attention(q, q, q, score_mod=mod, kernel_options={"BACKEND": "REFERENCE"})
+
+            assert rel_err(f(q), ref()) < 1e-6, name
+            assert rel_err(f(q), ref()) < 1e-6 and counter.frame_count == 1, name
+            change()
+            assert rel_err(f(q), ref()) < 1e-6, f"{name}: a stale kernel after the mod's value changed"
+            recompiled = counter.frame_count
+            assert recompiled > 1, name
+            assert rel_err(f(q), ref()) < 1e-6 and counter.frame_count == recompiled, name
+    finally:
+        TEMPERATURE = 0.5
+
+
+@pytest.mark.interpreter
+def test_nested_closures_partials_and_mask_mods_compile_with_guards():
+    """Mods whose closures hold other closures with captured tensors, partials, and a block mask's
+    mask_mod reading a document table: they compile (fullgraph), match eager, and a changed scale
+    in the inner closure's list recompiles."""
+    import functools
+
+    S = 24
+    bias = (0.3 * torch.randn(2, S, S)).requires_grad_()
+    doc = torch.arange(S) // 7
+    scale = [0.5]
+
+    def inner(h, q_idx, kv_idx):
+        return bias[h, q_idx, kv_idx] * scale[0]
+
+    def outer(score, b, h, q_idx, kv_idx):
+        return score + inner(h, q_idx, kv_idx)
+
+    def shifted(score, b, h, q_idx, kv_idx, shift):
+        return score + shift * bias[h, kv_idx, q_idx]
+
+    def same_doc(b, h, q_idx, kv_idx):
+        return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
+
+    bm = flexebt.create_block_mask(same_doc, None, None, S, S, device="cpu", BLOCK_SIZE=16)
+    x = [torch.randn(1, 2, S, 16, requires_grad=True) for _ in range(3)]
+    for mod in (outer, functools.partial(shifted, shift=-0.7)):
+        def attend(q, k, v, backend, m=mod):
+            return flexebt.flex_attention(q, k, v, score_mod=m, block_mask=bm, kernel_options=backend)
+
+        counter = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(attend, fullgraph=True, backend=counter)
+        for _ in range(2):
+            out = compiled(*x, T)
+            want = attend(*x, {"BACKEND": "REFERENCE"})
+            assert rel_err(out, want) < 1e-6
+            got_g = torch.autograd.grad(out.square().sum(), x + [bias])
+            want_g = torch.autograd.grad(want.square().sum(), x + [bias])
+            for a, b in zip(got_g, want_g):
+                assert rel_err(a, b) < 1e-5
+            scale[0] = 2.0  # read by `inner` only: the second round must not reuse the first kernel
