@@ -191,11 +191,10 @@ def flex_ebt_attention(q_o: Tensor, k_o: Tensor, v_o: Tensor, q_p: Tensor, k_p: 
         return _ebt_with_an_empty_stream((q_o, k_o, v_o, q_p, k_p, v_p), score_mod, block_mask, scale, return_lse,
                                          kernel_options)
     if backend == "TRITON" and torch.compiler.is_compiling():
-        from .compiled import refuse_torch_func
+        from .compiled import ebt_attention_compiled
 
-        refuse_torch_func(fn)
-        out_o, out_p, lse_o, lse_p = _ebt_kernels_run_outside_the_compiled_graph(
-            q_o, k_o, v_o, q_p, k_p, v_p, score_mod, block_mask, scale, kernel_options)
+        out_o, out_p, lse_o, lse_p = ebt_attention_compiled(q_o, k_o, v_o, q_p, k_p, v_p, score_mod, block_mask,
+                                                            scale, kernel_options)
     elif backend == "TRITON":
         out_o, out_p, lse_o, lse_p = _flex_ebt_attention_triton(q_o, k_o, v_o, q_p, k_p, v_p, score_mod, block_mask,
                                                                 scale, kernel_options)
@@ -241,14 +240,9 @@ def _flex_ebt_attention_triton(q_o, k_o, v_o, q_p, k_p, v_p, score_mod, block_ma
     return EBTAttention.apply(*c, call, *pl.buffers)
 
 
-# flex_ebt_attention and piecewise_attention have no custom-op path yet (flex_attention does,
-# compiled.py): under torch.compile their kernels run eagerly, as a graph break (fullgraph=True
+# piecewise_attention has no custom-op path yet (flex_attention and flex_ebt_attention do,
+# compiled.py): under torch.compile its kernels run eagerly, as a graph break (fullgraph=True
 # reports it with this function's name).  Eager autograd Functions are exact at every order.
-@torch.compiler.disable
-def _ebt_kernels_run_outside_the_compiled_graph(*args):
-    return _flex_ebt_attention_triton(*args)
-
-
 @torch.compiler.disable
 def _piecewise_kernels_run_outside_the_compiled_graph(*args):
     from .piecewise import piecewise_attention_kernels

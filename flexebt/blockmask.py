@@ -9,7 +9,7 @@ coordinates, plus the frame mask_mod itself for the row-wise own-key term.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -108,6 +108,8 @@ class EBTBlockMask:
             observed key at frame ``t`` (the token the prediction replaces).
         S_obs, S_pred: stream lengths; ``offset = S_obs - S_pred`` is ``r``.
         B, H: batch and head sizes the masks were built for (1 means broadcast).
+        own_keep: ``[B, H, S_pred]`` int8, whether each predicted query keeps its own key
+            (computed from ``mask_mod`` when the mask is made; the kernels read it).
     The own key of each predicted query is a row-wise term, kept iff
     ``mask_mod(b, h, t, t)``; it has no tile in either ``BlockMask``.
     """
@@ -119,6 +121,7 @@ class EBTBlockMask:
     S_pred: int
     B: int
     H: int
+    own_keep: Optional[Tensor] = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         for name, bm, lengths in (("observed", self.observed, (self.S_obs, self.S_obs)),
@@ -130,6 +133,17 @@ class EBTBlockMask:
                     f"EBTBlockMask: the {name} BlockMask was built for (Q_LEN, KV_LEN) = {tuple(bm.seq_lengths)} but "
                     f"S_obs={self.S_obs}, S_pred={self.S_pred} need {lengths}; crop it with "
                     f"{name}._adjust{lengths} or build the mask with create_ebt_block_mask.")
+        if self.own_keep is None:
+            # evaluated per score with vmap, on the code-generation thread: the caller may be inside a
+            # torch.func transform; a compiled call then only reads the tensor
+            from .codegen.source import run_on_builder
+
+            keep = run_on_builder(self.self_keep, self.B, self.H, self.observed.kv_num_blocks.device)
+            object.__setattr__(self, "own_keep", keep.to(torch.int8).contiguous())
+
+    def own_keep_for(self, B: int, H: int) -> Tensor:
+        """``own_keep`` for inputs with ``B`` batches and ``H`` heads (int8, contiguous)."""
+        return self.own_keep.expand(B, H, self.S_pred).contiguous()
 
     @property
     def offset(self) -> int:

@@ -1,18 +1,24 @@
-"""flex_attention inside ``torch.compile``: the kernels as ``torch.library`` custom ops.
+"""flex_attention and flex_ebt_attention inside ``torch.compile``: the kernels as custom ops.
 
-Under ``torch.compile`` the call goes through two public mechanisms, so a model compiles with
+Under ``torch.compile`` a call goes through public mechanisms only, so a model compiles with
 ``fullgraph=True`` and no graph break:
 
 - ``torch.compiler.assume_constant_result``: ``_kernel_key(score_mod, mask_mod)`` builds (or finds)
   the generated kernels at trace time and returns a string key -- a constant in the graph, so a
-  second call with the same mods does not recompile.
-- ``torch.library.custom_op`` with ``register_autograd``: forward and backward kernels as opaque
-  ops taking the captured tensors as a ``list[Tensor]``, read from the mods' closures by paths
-  recorded when the kernels were built.
+  second call with the same mods does not recompile.  The mods are also called once at position
+  0 (``_trace_mod_reads``) so that dynamo guards every value they read: a changed value recompiles.
+- three ``torch.library.custom_op``s shared by both families -- ``flexebt::attention`` (forward),
+  ``flexebt::attention_backward`` and ``flexebt::attention_double_backward`` -- each with a
+  ``register_autograd`` formula that calls the next.  The captured tensors travel as a
+  ``list[Tensor]``, read from the mods' closures by paths recorded when the kernels were built.
 
-First order only: a double backward through a compiled region is refused by torch's
-aot_autograd with an error ("does not currently support double backward"), never silently
-wrong.  Eager mode keeps the ``autograd.Function`` chain, which does support it.
+First order needs nothing more.  Second order inside the compiled function
+(``torch.autograd.grad(..., create_graph=True)``, the EBT training step) needs
+``torch._dynamo.config.trace_autograd_ops = True``; without it dynamo reports the graph break
+naming that switch.  Third order through the compiled ops raises a clear error.  A double backward
+*through* a compiled region from outside it is refused by aot_autograd ("does not currently
+support double backward") -- an error, never a silent drop.  Eager mode keeps the
+``autograd.Function`` chain, exact at every order.
 """
 
 from __future__ import annotations
@@ -26,14 +32,14 @@ from torch import Tensor
 
 from .codegen.source import get_kernels, position_extents
 from .codegen.identity import captured_tensors, resolve
-from .kernels.flex import BlockTables, flex_backward, flex_forward, tables_from_block_mask
+from .kernels.flex import BlockTables, flex_backward, flex_double_backward, flex_forward, tables_from_block_mask
 
 _REGISTRY: dict[str, tuple] = {}  # key -> (ModKernels, buffer paths)
 
 
 @torch.compiler.assume_constant_result
-def _kernel_key(score_mod, mask_mod) -> str:
-    kern = get_kernels("flex_attention", score_mod, mask_mod)
+def _kernel_key(score_mod, mask_mod, frame_mask: bool = False) -> str:
+    kern = get_kernels("flex_attention", score_mod, mask_mod, frame_mask=frame_mask)
     key = f"flex_attention:{id(kern)}"
     if key not in _REGISTRY:
         if kern.internal:
@@ -60,55 +66,214 @@ def _tables_from_list(ts: list[Tensor], sparse_q: int, sparse_kv: int, has_full:
     return BlockTables(*ts, sparse_q=sparse_q, sparse_kv=sparse_kv, has_full=has_full, mask_mod=None)
 
 
-@torch.library.custom_op("flexebt::flex_attention_fwd", mutates_args=())
-def flex_attention_fwd(q: Tensor, k: Tensor, v: Tensor, tables: list[Tensor], buffers: list[Tensor], key: str,
-                       scale: float, sparse_q: int, sparse_kv: int, has_full: bool,
-                       options: str) -> tuple[Tensor, Tensor]:
-    kern = _REGISTRY[key][0]
-    return flex_forward(kern, q, k, v, scale, _tables_from_list(tables, sparse_q, sparse_kv, has_full), buffers,
-                        _options(options))
+# -- one chain of custom ops for every family -------------------------------------------------
+# A call is described by its family ("flex", "ebt"), the key of its generated kernels, a meta
+# string (scale, block sizes, frame offset, kernel options) and tensor lists: the inputs, aux (block
+# tables, the EBT own-key mask) and the captured tensors.  Each op's autograd formula calls the
+# next op: forward -> backward -> double backward, so `autograd.grad(create_graph=True)` inside a
+# compiled function (torch._dynamo.config.trace_autograd_ops) traces the fused double backward.
 
 
-@flex_attention_fwd.register_fake
-def _(q, k, v, tables, buffers, key, scale, sparse_q, sparse_kv, has_full, options):
-    B, H, Sq, _ = q.shape
-    return q.new_empty(B, H, Sq, v.shape[-1]), q.new_empty(B, H, Sq, dtype=torch.float32)
+def _meta(scale: float, tables: list, options: Optional[dict], offset: int = 0) -> str:
+    """scale (exact, as float.hex), the frame offset, each table set's (sparse_q, sparse_kv,
+    has_full), then the kernel options: one string, a constant of the graph."""
+    sets = ",".join(f"{t.sparse_q}:{t.sparse_kv}:{int(t.has_full)}" for t in tables)
+    opts = ";".join(f"{k}={v if isinstance(v, str) else int(v)}"
+                    for k, v in sorted((options or {}).items()) if k != "BACKEND")
+    return f"{float(scale).hex()}|{offset}|{sets}|{opts}"
 
 
-@torch.library.custom_op("flexebt::flex_attention_bwd", mutates_args=())
-def flex_attention_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
-                       dlse: Optional[Tensor], tables: list[Tensor], buffers: list[Tensor], key: str, scale: float,
-                       sparse_q: int, sparse_kv: int, has_full: bool, options: str) -> list[Tensor]:
-    kern = _REGISTRY[key][0]
-    dq, dk, dv, dbuf = flex_backward(kern, q, k, v, out, lse, dout, dlse, scale,
-                                     _tables_from_list(tables, sparse_q, sparse_kv, has_full), buffers,
-                                     _options(options))
-    return [dq, dk, dv] + [torch.zeros_like(b) if g is None else g for g, b in zip(dbuf, buffers)]
+def _unmeta(meta: str, aux: list):
+    """(scale, offset, [BlockTables...], options, rest of aux) from a meta string."""
+    scale, offset, sets, opts = meta.split("|")
+    tables = []
+    for i, entry in enumerate(sets.split(",")):
+        sq, skv, full = (int(x) for x in entry.split(":"))
+        tables.append(_tables_from_list(aux[8 * i:8 * i + 8], sq, skv, bool(full)))
+    return float.fromhex(scale), int(offset), tables, _options(opts), aux[8 * len(tables):]
 
 
-@flex_attention_bwd.register_fake
-def _(q, k, v, out, lse, dout, dlse, tables, buffers, key, scale, sparse_q, sparse_kv, has_full, options):
-    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)] + [torch.empty_like(b) for b in buffers]
+def _ebt_plan(kern, tables, aux_rest, buffers, offset):
+    from .kernels.ebt import EBTPlan
+
+    return EBTPlan(kern, tables[0], tables[1], buffers, aux_rest[0], offset)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, tables, buffers, key, scale, sparse_q, sparse_kv, has_full, options = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, *tables, *buffers)
-    ctx.meta = (len(tables), key, scale, sparse_q, sparse_kv, has_full, options)
+def _forward(family: str, kern, meta: str, ins: list, aux: list, buffers: list) -> list:
+    scale, offset, tables, options, rest = _unmeta(meta, aux)
+    if family == "flex":
+        return list(flex_forward(kern, *ins, scale, tables[0], buffers, options))
+    from .kernels.ebt import ebt_forward
+
+    return list(ebt_forward(_ebt_plan(kern, tables, rest, buffers, offset), *ins, scale, options))
 
 
-def _backward(ctx, dout, dlse):
-    n_tables, key, scale, sparse_q, sparse_kv, has_full, options = ctx.meta
-    q, k, v, out, lse, *rest = ctx.saved_tensors
-    tables, buffers = list(rest[:n_tables]), list(rest[n_tables:])
-    grads = flex_attention_bwd(q, k, v, out, lse, dout.contiguous(), dlse, tables, buffers, key, scale, sparse_q,
-                               sparse_kv, has_full, options)
-    dq, dk, dv, dbuf = grads[0], grads[1], grads[2], grads[3:]
-    return dq, dk, dv, [None] * n_tables, list(dbuf), None, None, None, None, None, None
+def _backward(family: str, kern, meta: str, ins: list, outs: list, cts: list, aux: list, buffers: list) -> list:
+    """Gradients of the inputs, then of the captured tensors (empty where none flows)."""
+    scale, offset, tables, options, rest = _unmeta(meta, aux)
+    n_out = len(outs) // 2
+    douts = [c if c is not None else torch.zeros_like(o) for c, o in zip(cts[:n_out], outs[:n_out])]
+    dlses = cts[n_out:]
+    if family == "flex":
+        dq, dk, dv, dbuf = flex_backward(kern, *ins, *outs, *douts, *dlses, scale, tables[0], buffers, options)
+        grads = [dq, dk, dv]
+    else:
+        from .kernels.ebt import ebt_backward
+
+        *grads, dbuf = ebt_backward(_ebt_plan(kern, tables, rest, buffers, offset), *ins, *outs, *douts, *dlses,
+                                    scale, options)
+    return grads + [g if g is not None else b.new_empty(0) for g, b in zip(dbuf, buffers)]
 
 
-flex_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+def _double_backward(family: str, kern, meta: str, ins: list, outs: list, cts: list, gcts: list, aux: list,
+                     buffers: list, bcts: list) -> list:
+    """Gradients of the inputs, of the cotangents (empty where a cotangent was None), then of the
+    captured tensors (empty where none flows)."""
+    scale, offset, tables, options, rest = _unmeta(meta, aux)
+    n_out = len(outs) // 2
+    douts = [c if c is not None else torch.zeros_like(o) for c, o in zip(cts[:n_out], outs[:n_out])]
+    dlses = cts[n_out:]
+    gcts = [g if g is not None else torch.zeros_like(x) for g, x in zip(gcts, ins)]
+    if family == "flex":
+        g_q, g_k, g_v, g_do, g_dlse, gbuf = flex_double_backward(kern, *ins, *outs, *douts, *dlses, *gcts, scale,
+                                                                 tables[0], buffers, options, bcts)
+        grads, g_cts = [g_q, g_k, g_v], [g_do, g_dlse if dlses[0] is not None else None]
+    else:
+        from .kernels.ebt import ebt_double_backward
+
+        res = ebt_double_backward(_ebt_plan(kern, tables, rest, buffers, offset), ins, outs, douts + dlses, gcts,
+                                  scale, options, bcts)
+        grads, g_cts, gbuf = res[:6], res[6:10], res[10]
+    g_cts = [g if g is not None else o.new_empty(0) for g, o in zip(g_cts, outs)]
+    return grads + g_cts + [g if g is not None else b.new_empty(0) for g, b in zip(gbuf, buffers)]
+
+
+@torch.library.custom_op("flexebt::attention", mutates_args=())
+def attention_op(family: str, key: str, meta: str, ins: list[Tensor], aux: list[Tensor],
+                 buffers: list[Tensor]) -> list[Tensor]:
+    """Outputs then log-sum-exps: (out, lse) or (out_o, out_p, lse_o, lse_p)."""
+    return _forward(family, _REGISTRY[key][0], meta, ins, aux, buffers)
+
+
+@attention_op.register_fake
+def _(family, key, meta, ins, aux, buffers):
+    queries = ins[:1] if family == "flex" else [ins[0], ins[3]]
+    v = ins[2]
+    outs = [q.new_empty(*q.shape[:3], v.shape[-1]) for q in queries]
+    return outs + [q.new_empty(q.shape[:3], dtype=torch.float32) for q in queries]
+
+
+@torch.library.custom_op("flexebt::attention_backward", mutates_args=())
+def attention_backward_op(family: str, key: str, meta: str, ins: list[Tensor], outs: list[Tensor],
+                          cts: list[Optional[Tensor]], aux: list[Tensor], buffers: list[Tensor]) -> list[Tensor]:
+    return _backward(family, _REGISTRY[key][0], meta, ins, outs, cts, aux, buffers)
+
+
+def _buffer_grad_fakes(key: str, buffers: list) -> list:
+    slots = set(_REGISTRY[key][0].grad_slots)
+    return [torch.empty_like(b) if i in slots else b.new_empty(0) for i, b in enumerate(buffers)]
+
+
+@attention_backward_op.register_fake
+def _(family, key, meta, ins, outs, cts, aux, buffers):
+    return [torch.empty_like(x) for x in ins] + _buffer_grad_fakes(key, buffers)
+
+
+@torch.library.custom_op("flexebt::attention_double_backward", mutates_args=())
+def attention_double_backward_op(family: str, key: str, meta: str, ins: list[Tensor], outs: list[Tensor],
+                                 cts: list[Optional[Tensor]], gcts: list[Optional[Tensor]], aux: list[Tensor],
+                                 buffers: list[Tensor], bcts: list[Optional[Tensor]]) -> list[Tensor]:
+    return _double_backward(family, _REGISTRY[key][0], meta, ins, outs, cts, gcts, aux, buffers, bcts)
+
+
+@attention_double_backward_op.register_fake
+def _(family, key, meta, ins, outs, cts, gcts, aux, buffers, bcts):
+    n_out = len(outs) // 2
+    g_cts = [torch.empty_like(o) if i < n_out or cts[i] is not None else o.new_empty(0) for i, o in enumerate(outs)]
+    return [torch.empty_like(x) for x in ins] + g_cts + _buffer_grad_fakes(key, buffers)
+
+
+def _grad_or_none(g: Tensor, like: Tensor):
+    """An op's gradient slot: None where it is empty (nothing flows there)."""
+    return g if g.numel() or not like.numel() else None
+
+
+def _save(ctx, **lists):
+    """Save tensor lists (None entries kept as None) for the backward formulas."""
+    flat, layout = [], {}
+    for name, xs in lists.items():
+        idx = []
+        for x in xs:
+            if x is None:
+                idx.append(None)
+            else:
+                idx.append(len(flat))
+                flat.append(x)
+        layout[name] = idx
+    ctx.save_for_backward(*flat)
+    ctx.layout = layout
+
+
+def _saved(ctx) -> dict:
+    saved = ctx.saved_tensors
+    return {name: [None if i is None else saved[i] for i in idx] for name, idx in ctx.layout.items()}
+
+
+def _attention_setup(ctx, inputs, output):
+    family, key, meta, ins, aux, buffers = inputs
+    ctx.call = (family, key, meta)
+    ctx.needs = [b.requires_grad for b in buffers]
+    _save(ctx, ins=list(ins), outs=list(output), aux=list(aux), buffers=list(buffers))
+
+
+def _attention_grad(ctx, grads):
+    family, key, meta = ctx.call
+    t = _saved(ctx)
+    # out and lse enter the backward as constants: its own backward (the double backward)
+    # differentiates the total dependence on the inputs.
+    outs = [o.detach() for o in t["outs"]]
+    res = attention_backward_op(family, key, meta, t["ins"], outs, [g.contiguous() if g is not None else None
+                                                                     for g in grads], t["aux"], t["buffers"])
+    n = len(t["ins"])
+    gbuf = [_grad_or_none(g, b) if need else None for g, b, need in zip(res[n:], t["buffers"], ctx.needs)]
+    return None, None, None, list(res[:n]), [None] * len(t["aux"]), gbuf
+
+
+def _backward_setup(ctx, inputs, output):
+    family, key, meta, ins, outs, cts, aux, buffers = inputs
+    ctx.call = (family, key, meta)
+    ctx.needs = [b.requires_grad for b in buffers]
+    _save(ctx, ins=list(ins), outs=list(outs), cts=list(cts), aux=list(aux), buffers=list(buffers))
+
+
+def _backward_grad(ctx, grads):
+    family, key, meta = ctx.call
+    t = _saved(ctx)
+    n = len(t["ins"])
+    gcts, bcts = list(grads[:n]), [(g if need and g is not None and g.numel() else None)
+                                   for g, need in zip(grads[n:], ctx.needs)]
+    res = attention_double_backward_op(family, key, meta, t["ins"], t["outs"], t["cts"], gcts, t["aux"],
+                                       t["buffers"], bcts)
+    n_out = len(t["outs"])
+    g_cts = [(_grad_or_none(g, o) if c is not None else None) for g, o, c in zip(res[n:n + n_out], t["outs"], t["cts"])]
+    gbuf = [_grad_or_none(g, b) if need else None for g, b, need in zip(res[n + n_out:], t["buffers"], ctx.needs)]
+    return None, None, None, list(res[:n]), [None] * n_out, g_cts, [None] * len(t["aux"]), gbuf
+
+
+def _third_order(ctx, grads):
+    raise NotImplementedError(
+        "flexebt inside torch.compile: third-order gradients (differentiating the double backward) are not "
+        "supported by the compiled ops; run that part eagerly (flexebt's eager path is exact at every order) or use "
+        "kernel_options={'BACKEND': 'REFERENCE'} inside the compiled region.")
+
+
+def _double_backward_setup(ctx, inputs, output):
+    pass
+
+
+attention_op.register_autograd(_attention_grad, setup_context=_attention_setup)
+attention_backward_op.register_autograd(_backward_grad, setup_context=_backward_setup)
+attention_double_backward_op.register_autograd(_third_order, setup_context=_double_backward_setup)
 
 
 @torch.compiler.assume_constant_result
@@ -205,7 +370,45 @@ def flex_attention_compiled(query, key, value, score_mod, block_mask, scale, ker
                            position_extents(query.shape[0], query.shape[1], Sq, Skv))
     _trace_mod_reads(score_mod, mask_mod, query)  # after the captured tensors are read through their paths
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-    opts = ";".join(f"{k}={v if isinstance(v, str) else int(v)}"
-                    for k, v in sorted((kernel_options or {}).items()) if k != "BACKEND")
-    return flex_attention_fwd(query.contiguous(), key.contiguous(), value.contiguous(), _tables_list(tables), buffers,
-                              k_, scale, tables.sparse_q, tables.sparse_kv, tables.has_full, opts)
+    out, lse = attention_op("flex", k_, _meta(scale, [tables], kernel_options),
+                            [query.contiguous(), key.contiguous(), value.contiguous()], _tables_list(tables), buffers)
+    return out, lse
+
+
+_STRUCTURES: dict = {}  # key -> the EBT structure mask of a shape (block_mask=None)
+
+
+@torch.compiler.assume_constant_result
+def _structure_key(S_o: int, S_p: int, device: str) -> str:
+    """Build (once, outside the trace) the EBT structure mask of a shape; its key is a constant."""
+    from .kernels.ebt import structure_mask
+
+    key = f"{S_o}:{S_p}:{device}"
+    if key not in _STRUCTURES:
+        _STRUCTURES[key] = structure_mask(S_o, S_p, torch.device(device))
+    return key
+
+
+def ebt_attention_compiled(q_o, k_o, v_o, q_p, k_p, v_p, score_mod, block_mask, scale, kernel_options):
+    """flex_ebt_attention's Triton path as custom ops: (out_o, out_p, lse_o, lse_p)."""
+    from .kernels.ebt import _frame_extents
+
+    refuse_torch_func("flex_ebt_attention")
+    B, H, S_o = q_o.shape[:3]
+    S_p = q_p.shape[2]
+    if block_mask is None:
+        block_mask = _STRUCTURES[_structure_key(S_o, S_p, str(q_o.device))]
+    tables_o = tables_from_block_mask(block_mask.observed, S_o, S_o, q_o.device)
+    tables_p = tables_from_block_mask(block_mask.predicted, S_p, S_o, q_o.device)
+    mask_mod = block_mask.mask_mod
+    k_ = _kernel_key(score_mod, mask_mod, True)
+    kern, paths = _REGISTRY[k_]
+    buffers = kern.prepare([resolve(score_mod if which == "score" else mask_mod, p) for which, p in paths],
+                           _frame_extents(B, H, S_o, S_p))
+    _trace_mod_reads(score_mod, mask_mod, q_o)
+    scale = q_o.shape[-1] ** -0.5 if scale is None else float(scale)
+    ins = [x.contiguous() for x in (q_o, k_o, v_o, q_p, k_p, v_p)]
+    aux = _tables_list(tables_o) + _tables_list(tables_p) + [block_mask.own_keep_for(B, H)]
+    out_o, out_p, lse_o, lse_p = attention_op("ebt", k_, _meta(scale, [tables_o, tables_p], kernel_options,
+                                                               offset=S_o - S_p + 1), ins, aux, buffers)
+    return out_o, out_p, lse_o, lse_p

@@ -139,6 +139,16 @@ def _builder():
     return _POOL
 
 
+def run_on_builder(fn, *args, **kwargs):
+    """``fn(*args)`` on the code-generation thread (outside the caller's torch.func state), or
+    directly when already there (a task that waits on its own single worker would never end)."""
+    import threading
+
+    if threading.current_thread().name.startswith("flexebt-codegen"):
+        return fn(*args, **kwargs)
+    return _builder().submit(fn, *args, **kwargs).result()
+
+
 def _merge_buffers(score: Optional[TracedMod], mask: Optional[TracedMod]):
     """One slot list for both mods: score buffers first, then the mask's (shifted)."""
     n_score = len(score.buffers) if score else 0

@@ -91,11 +91,7 @@ def _plan(score_mod, block_mask, B, H, S_o, S_p, device) -> EBTPlan:
     tables_o = tables_from_block_mask(block_mask.observed, S_o, S_o, device)
     tables_p = tables_from_block_mask(block_mask.predicted, S_p, S_o, device)
     kern = get_kernels("flex_attention", score_mod, block_mask.mask_mod, frame_mask=True)
-    # the own-key mask evaluates the mask_mod per score (vmap): on the code-generation thread, outside
-    # the caller's torch.func state (the caller has functorch dispatch off)
-    from ..codegen.source import _builder
-
-    keep = _builder().submit(block_mask.self_keep, B, H, device).result().to(torch.int8).contiguous()
+    keep = block_mask.own_keep_for(B, H)  # evaluated once, when the mask was made
     return EBTPlan(kern, tables_o, tables_p, kern.buffers(score_mod, block_mask.mask_mod, _frame_extents(B, H, S_o, S_p)),
                    keep, S_o - S_p + 1)
 
