@@ -302,3 +302,39 @@ def test_second_order_compile_without_the_switch_names_it_and_third_order_is_ref
     with torch._dynamo.config.patch(trace_autograd_ops=True):
         with pytest.raises(Exception, match="third-order"):
             torch.compile(third, fullgraph=True, backend="aot_eager")(*x)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["flex", "ebt"])
+def test_second_order_inside_inductor_compile_gpu(family):
+    """The EBT step under inductor on the GPU (fp32, odd lengths): outer gradients of the inputs
+    and of a learned bias equal eager flexebt's."""
+    dev, H, D = "cuda", 4, 64
+    if family == "flex":
+        S = 200
+        bias = (0.3 * torch.randn(H, S, S, device=dev)).requires_grad_()
+        bm = flexebt.create_block_mask(masks.causal_mask, None, None, S, S, device=dev)
+
+        def fn(q, k, v):
+            return flexebt.flex_attention(q, k, v, score_mod=lambda s, b, h, qi, ki: s + bias[h, qi, ki],
+                                          block_mask=bm, kernel_options=T).square().sum()
+
+        shapes = [(2, H, S, D)] * 3
+    else:
+        S_o, S_p = 131, 128
+        bias = (0.3 * torch.randn(H, S_o + 1, S_o + 1, device=dev)).requires_grad_()
+
+        def fn(*xs):
+            out_o, out_p = flexebt.flex_ebt_attention(*xs, score_mod=lambda s, b, h, qi, ki: s + bias[h, qi, ki],
+                                                      kernel_options=T)
+            return out_p.square().sum() + out_o.sum()
+
+        shapes = [(2, H, S_o, D)] * 3 + [(2, H, S_p, D)] * 3
+    step = _second_order_step(fn, [bias])
+    x = [torch.randn(s, device=dev, requires_grad=True) for s in shapes]
+    want = torch.autograd.grad(step(*x), x + [bias])
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        got = torch.autograd.grad(torch.compile(step, fullgraph=True)(*x), x + [bias])
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-5
