@@ -240,16 +240,6 @@ def _flex_ebt_attention_triton(q_o, k_o, v_o, q_p, k_p, v_p, score_mod, block_ma
     return EBTAttention.apply(*c, call, *pl.buffers)
 
 
-# piecewise_attention has no custom-op path yet (flex_attention and flex_ebt_attention do,
-# compiled.py): under torch.compile its kernels run eagerly, as a graph break (fullgraph=True
-# reports it with this function's name).  Eager autograd Functions are exact at every order.
-@torch.compiler.disable
-def _piecewise_kernels_run_outside_the_compiled_graph(*args):
-    from .piecewise import piecewise_attention_kernels
-
-    return piecewise_attention_kernels(*args)[0]
-
-
 def _check_ebt_block_mask(fn: str, block_mask, B: int, H: int, S_o: int, S_p: int) -> None:
     if block_mask is None:
         return
@@ -329,11 +319,10 @@ def piecewise_attention(q1: Tensor, k1: Tensor, q2: Tensor, k2: Tensor, v: Tenso
     if backend == "TRITON" and (B * H * M == 0 or k1.shape[2] == 0):  # nothing to launch
         return _empty_attention((q1, k1, q2, k2, v), [(B, H, M, v.shape[3])], [])[0][0]
     if backend == "TRITON" and torch.compiler.is_compiling():
-        from .compiled import refuse_torch_func
+        from .compiled import piecewise_attention_compiled
 
-        refuse_torch_func(fn)
-        out = _piecewise_kernels_run_outside_the_compiled_graph(q1, k1, q2, k2, v, dist_threshold, causal, scale,
-                                                                score_mod, block_mask, kernel_options)
+        out = piecewise_attention_compiled(q1, k1, q2, k2, v, dist_threshold, causal, scale, score_mod, block_mask,
+                                           kernel_options)
     elif backend == "TRITON":
         from .piecewise import piecewise_attention_kernels
 

@@ -3,9 +3,9 @@
 Under ``torch.compile`` a call goes through public mechanisms only, so a model compiles with
 ``fullgraph=True`` and no graph break:
 
-- ``torch.compiler.assume_constant_result``: ``_kernel_key(score_mod, mask_mod)`` builds (or finds)
-  the generated kernels at trace time and returns a string key -- a constant in the graph, so a
-  second call with the same mods does not recompile.  The mods are also called once at position
+- ``torch.compiler.assume_constant_result``: ``_kernel_call(score_mod, mask_mod)`` builds (or finds)
+  the generated kernels at trace time and returns their key and the captured tensors' access
+  steps -- constants of the graph, so a second call with the same mods does not recompile.  The mods are also called once at position
   0 (``_trace_mod_reads``) so that dynamo guards every value they read: a changed value recompiles.
 - three ``torch.library.custom_op``s shared by both families -- ``flexebt::attention`` (forward),
   ``flexebt::attention_backward`` and ``flexebt::attention_double_backward`` -- each with a
@@ -24,32 +24,59 @@ support double backward") -- an error, never a silent drop.  Eager mode keeps th
 from __future__ import annotations
 
 import functools
+import sys
 import types
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .codegen.source import get_kernels, position_extents
+from .codegen.source import get_kernels, position_extents, prepare_captured
 from .codegen.identity import captured_tensors, resolve
 from .kernels.flex import BlockTables, flex_backward, flex_double_backward, flex_forward, tables_from_block_mask
 
-_REGISTRY: dict[str, tuple] = {}  # key -> (ModKernels, buffer paths)
+_REGISTRY: dict[str, tuple] = {}  # key -> (ModKernels, buffer paths); read by the ops, never traced
+_THIS = sys.modules[__name__]
+
+
+def _stash(key: str, make) -> str:
+    """Keep ``make()`` as an attribute of this module, once per ``key``; return the attribute's name.
+    Traced code reads it with ``getattr(_THIS, name)``: dynamo reads module attributes when it
+    meets them, where a dict it has already read keeps the entries it saw then."""
+    name = _STASHED.get(key)
+    if name is None:
+        name = f"_stashed_{len(_STASHED)}"
+        setattr(_THIS, name, make())
+        _STASHED[key] = name
+    return name
+
+
+_STASHED: dict = {}
 
 
 @torch.compiler.assume_constant_result
-def _kernel_key(score_mod, mask_mod, frame_mask: bool = False) -> str:
+def _kernel_call(score_mod, mask_mod, frame_mask: bool = False) -> tuple:
+    """Build (or find) the mods' kernels at trace time.  Returns constants of the graph: the
+    kernels' key, the access steps of the captured tensors, and what preparing them needs (the
+    slots with gradients, the dimensions indexed by a bare position, the mod's name)."""
     kern = get_kernels("flex_attention", score_mod, mask_mod, frame_mask=frame_mask)
     key = f"flex_attention:{id(kern)}"
-    if key not in _REGISTRY:
-        if kern.internal:
-            raise NotImplementedError("flexebt under torch.compile: a mod that creates tensors inside its body is "
-                                      "not supported; create them outside and capture them.")
-        paths = ([("score", b.steps) for b in captured_tensors(score_mod)] if score_mod is not None else []) + \
-                ([("mask", b.steps) for b in captured_tensors(mask_mod)] if mask_mod is not None else [])
-        _REGISTRY[key] = (kern, paths)
+    if kern.internal:
+        raise NotImplementedError("flexebt under torch.compile: a mod that creates tensors inside its body is "
+                                  "not supported; create them outside and capture them.")
+    paths = tuple([("score", b.steps) for b in captured_tensors(score_mod)] if score_mod is not None else []) + \
+        tuple([("mask", b.steps) for b in captured_tensors(mask_mod)] if mask_mod is not None else [])
+    _REGISTRY.setdefault(key, (kern, paths))
     _attach_guard_copies(*(m for m in (score_mod, mask_mod) if m is not None))
-    return key
+    return key, paths, tuple(sorted(kern.grad_slots)), tuple(sorted(kern.positional)), kern.name
+
+
+def _captured(score_mod, mask_mod, call: tuple, extents: dict) -> list:
+    """The captured tensors of this call, read through their access steps and prepared as the
+    eager path prepares them (codegen.source.prepare_captured)."""
+    _, paths, grad_slots, positional, name = call
+    tensors = [resolve(score_mod if which == "score" else mask_mod, steps) for which, steps in paths]
+    return prepare_captured(tensors, extents, grad_slots, positional, name)
 
 
 def _options(text: str) -> dict:
@@ -337,7 +364,7 @@ def _probe(mod, *args) -> None:
 def _trace_mod_reads(score_mod, mask_mod, query: Tensor) -> None:
     """Call the mods once at position 0 while dynamo traces, so that it installs its guards on
     everything they read (module globals, attributes of ``self``, objects in their closures,
-    captured tensors).  ``_kernel_key`` is a constant of the graph: without these guards a global
+    captured tensors).  ``_kernel_call`` is a constant of the graph: without these guards a global
     number changed after compiling would keep the graph, and with it the kernel generated for the
     old value.  The results are unused and removed from the graph."""
     i = torch.zeros(1, dtype=torch.int32, device=query.device)  # one position: indexing stays a gather
@@ -364,29 +391,21 @@ def flex_attention_compiled(query, key, value, score_mod, block_mask, scale, ker
     Sq, Skv = query.shape[2], key.shape[2]
     tables = tables_from_block_mask(block_mask, Sq, Skv, query.device)
     mask_mod = block_mask.mask_mod if block_mask is not None else None
-    k_ = _kernel_key(score_mod, mask_mod)
-    kern, paths = _REGISTRY[k_]
-    buffers = kern.prepare([resolve(score_mod if which == "score" else mask_mod, p) for which, p in paths],
-                           position_extents(query.shape[0], query.shape[1], Sq, Skv))
+    call = _kernel_call(score_mod, mask_mod)
+    buffers = _captured(score_mod, mask_mod, call, position_extents(query.shape[0], query.shape[1], Sq, Skv))
     _trace_mod_reads(score_mod, mask_mod, query)  # after the captured tensors are read through their paths
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-    out, lse = attention_op("flex", k_, _meta(scale, [tables], kernel_options),
+    out, lse = attention_op("flex", call[0], _meta(scale, [tables], kernel_options),
                             [query.contiguous(), key.contiguous(), value.contiguous()], _tables_list(tables), buffers)
     return out, lse
 
 
-_STRUCTURES: dict = {}  # key -> the EBT structure mask of a shape (block_mask=None)
-
-
 @torch.compiler.assume_constant_result
-def _structure_key(S_o: int, S_p: int, device: str) -> str:
-    """Build (once, outside the trace) the EBT structure mask of a shape; its key is a constant."""
+def _structure_name(S_o: int, S_p: int, device: str) -> str:
+    """The EBT structure mask of a shape (block_mask=None), built once outside the trace."""
     from .kernels.ebt import structure_mask
 
-    key = f"{S_o}:{S_p}:{device}"
-    if key not in _STRUCTURES:
-        _STRUCTURES[key] = structure_mask(S_o, S_p, torch.device(device))
-    return key
+    return _stash(f"structure:{S_o}:{S_p}:{device}", lambda: structure_mask(S_o, S_p, torch.device(device)))
 
 
 def ebt_attention_compiled(q_o, k_o, v_o, q_p, k_p, v_p, score_mod, block_mask, scale, kernel_options):
@@ -397,18 +416,41 @@ def ebt_attention_compiled(q_o, k_o, v_o, q_p, k_p, v_p, score_mod, block_mask, 
     B, H, S_o = q_o.shape[:3]
     S_p = q_p.shape[2]
     if block_mask is None:
-        block_mask = _STRUCTURES[_structure_key(S_o, S_p, str(q_o.device))]
+        block_mask = getattr(_THIS, _structure_name(S_o, S_p, str(q_o.device)))
     tables_o = tables_from_block_mask(block_mask.observed, S_o, S_o, q_o.device)
     tables_p = tables_from_block_mask(block_mask.predicted, S_p, S_o, q_o.device)
     mask_mod = block_mask.mask_mod
-    k_ = _kernel_key(score_mod, mask_mod, True)
-    kern, paths = _REGISTRY[k_]
-    buffers = kern.prepare([resolve(score_mod if which == "score" else mask_mod, p) for which, p in paths],
-                           _frame_extents(B, H, S_o, S_p))
+    call = _kernel_call(score_mod, mask_mod, True)
+    buffers = _captured(score_mod, mask_mod, call, _frame_extents(B, H, S_o, S_p))
     _trace_mod_reads(score_mod, mask_mod, q_o)
     scale = q_o.shape[-1] ** -0.5 if scale is None else float(scale)
     ins = [x.contiguous() for x in (q_o, k_o, v_o, q_p, k_p, v_p)]
     aux = _tables_list(tables_o) + _tables_list(tables_p) + [block_mask.own_keep_for(B, H)]
-    out_o, out_p, lse_o, lse_p = attention_op("ebt", k_, _meta(scale, [tables_o, tables_p], kernel_options,
+    out_o, out_p, lse_o, lse_p = attention_op("ebt", call[0], _meta(scale, [tables_o, tables_p], kernel_options,
                                                                offset=S_o - S_p + 1), ins, aux, buffers)
     return out_o, out_p, lse_o, lse_p
+
+
+@torch.compiler.assume_constant_result
+def _region_name(M: int, N: int, dist_threshold, causal: bool, device: str, block_mask) -> str:
+    """Piecewise attention's (user mask, near mask, far mask), built once outside the trace (the
+    user's mask is held, so its id is not reused while stashed)."""
+    from .piecewise import region_block_masks
+
+    key = f"regions:{M}:{N}:{dist_threshold!r}:{causal}:{device}:{id(block_mask)}"
+    return _stash(key, lambda: (block_mask, *region_block_masks(M, N, dist_threshold, causal, torch.device(device),
+                                                                block_mask)))
+
+
+def piecewise_attention_compiled(q1, k1, q2, k2, v, dist_threshold, causal, scale, score_mod, block_mask,
+                                 kernel_options):
+    """piecewise_attention as two compiled flex_attention passes (near and far pairs) and their
+    exact merge in torch ops, which autograd differentiates at every order."""
+    from .piecewise import merge_partial_attention
+
+    refuse_torch_func("piecewise_attention")
+    _, near, far = getattr(_THIS, _region_name(q1.shape[2], k1.shape[2], dist_threshold, causal, str(q1.device),
+                                                block_mask))
+    out_n, lse_n = flex_attention_compiled(q1, k1, v, score_mod, near, scale, kernel_options)
+    out_f, lse_f = flex_attention_compiled(q2, k2, v, score_mod, far, scale, kernel_options)
+    return merge_partial_attention(out_n, lse_n, out_f, lse_f)[0]

@@ -90,17 +90,16 @@ def _ebt_energy(S=20):
 
 @pytest.mark.interpreter
 def test_ebt_and_piecewise_in_a_compiled_model():
-    """flex_ebt_attention compiles (custom ops); piecewise_attention's kernels run eagerly inside
-    a compiled function (a graph break): same values."""
+    """flex_ebt_attention and piecewise_attention compile with fullgraph=True: same values."""
     energy, q = _ebt_energy()
-    got = torch.compile(energy, backend="aot_eager")(q)
+    got = torch.compile(energy, backend="aot_eager", fullgraph=True)(q)
     assert rel_err(got, energy(q, {"BACKEND": "REFERENCE"})) < 1e-5
     x = [torch.randn(1, 2, 24, 16) for _ in range(5)]
 
     def pw(*a):
         return flexebt.piecewise_attention(*a, dist_threshold=5, causal=True, kernel_options=T)
 
-    assert rel_err(torch.compile(pw, backend="aot_eager")(*x), pw(*x)) < 1e-6
+    assert rel_err(torch.compile(pw, backend="aot_eager", fullgraph=True)(*x), pw(*x)) < 1e-6
 
 
 @pytest.mark.interpreter
@@ -234,7 +233,7 @@ def _second_order_step(fn, params):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("family", ["flex", "flex_lse", "ebt", "ebt_window"])
+@pytest.mark.parametrize("family", ["flex", "flex_lse", "ebt", "ebt_window", "piecewise", "piecewise_window"])
 def test_second_order_inside_fullgraph_compile(family):
     """With trace_autograd_ops, autograd.grad(create_graph=True) inside torch.compile(fullgraph=True)
     traces forward -> backward -> double-backward custom ops: the outer gradients (inputs and a
@@ -254,6 +253,20 @@ def test_second_order_inside_fullgraph_compile(family):
             return out.square().sum() + (lse.sum() if family == "flex_lse" else 0)
 
         shapes = [(1, H, S, D)] * 3
+    elif family.startswith("piecewise"):
+        M, N = 20, 23
+        bias = (0.3 * torch.randn(H, N)).requires_grad_()
+        bm = None if family == "piecewise" else flexebt.create_block_mask(masks.generate_sliding_window(9), None, None,
+                                                                          M, N, device="cpu", BLOCK_SIZE=16)
+
+        def sm(score, b, h, q_idx, kv_idx):
+            return score + bias[h, kv_idx]
+
+        def fn(*xs, backend=T):
+            return flexebt.piecewise_attention(*xs, dist_threshold=5, causal=True, score_mod=sm, block_mask=bm,
+                                               kernel_options=backend).square().sum()
+
+        shapes = [(1, H, M, D), (1, H, N, D), (1, H, M, D), (1, H, N, D), (1, H, N, D)]
     else:
         S_o, S_p = 21, 20
         bias = (0.3 * torch.randn(H, S_o + 1, S_o + 1)).requires_grad_()
@@ -338,3 +351,24 @@ def test_second_order_inside_inductor_compile_gpu(family):
         got = torch.autograd.grad(torch.compile(step, fullgraph=True)(*x), x + [bias])
     for a, b in zip(got, want):
         assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.interpreter
+def test_several_mods_in_one_compiled_function():
+    """Layers with different mods (and an EBT call of another shape) in one fullgraph compile: each
+    gets its own kernels; values equal eager."""
+    def halve(score, b, h, q_idx, kv_idx):
+        return score * 0.5
+
+    def slope(score, b, h, q_idx, kv_idx):
+        return score + 0.1 * (q_idx - kv_idx)
+
+    def f(x, y):
+        a = flexebt.flex_attention(x, x, x, score_mod=halve, kernel_options=T)
+        b = flexebt.flex_attention(a, a, a, score_mod=slope, kernel_options=T)
+        out_o, out_p = flexebt.flex_ebt_attention(y, y, y, y[:, :, 1:], y[:, :, 1:], y[:, :, 1:], score_mod=slope,
+                                                  kernel_options=T)
+        return b.sum() + out_p.square().sum() + out_o.sum()
+
+    x, y = torch.randn(1, 2, 16, 16), torch.randn(1, 2, 19, 16)
+    assert rel_err(torch.compile(f, backend="aot_eager", fullgraph=True)(x, y), f(x, y)) < 1e-6

@@ -63,20 +63,22 @@ class ModKernels:
         reaches the expanded tensor and its base); a tensor whose gradient the kernels do not form
         (read by a mask_mod, or through .detach()) passed detached, so autograd does not connect
         it, as torch would not."""
-        self.check_positions(tensors, extents)
-        return [(x.contiguous() if _overlapping(x) else x) if k in self.grad_slots else x.detach()
-                for k, x in enumerate(tensors)]
+        return prepare_captured(tensors, extents, self.grad_slots, self.positional, self.name)
 
-    def check_positions(self, buffers: list, extents: dict) -> None:
-        for slot, dim, pos in self.positional:
-            size, need = buffers[slot].shape[dim], extents[pos]
-            if size < need:
-                what = {"off_b": "b", "off_h": "h", "q_idx": "q_idx", "kv_idx": "kv_idx", "mq_idx": "q_idx"}[pos]
-                raise IndexError(
-                    f"flexebt: the mod {self.name!r} indexes dimension {dim} of a captured tensor of shape "
-                    f"{tuple(buffers[slot].shape)} with {what}, which goes up to {need - 1} in this call: index "
-                    f"{need - 1} is out of range for size {size} (as in torch). Give the tensor at least {need} "
-                    f"entries along that dimension.")
+
+def prepare_captured(tensors: list, extents: dict, grad_slots, positional, name: str) -> list[torch.Tensor]:
+    """ModKernels.prepare from its parts (the compiled path passes them as graph constants)."""
+    for slot, dim, pos in positional:
+        size, need = tensors[slot].shape[dim], extents[pos]
+        if size < need:
+            what = {"off_b": "b", "off_h": "h", "q_idx": "q_idx", "kv_idx": "kv_idx", "mq_idx": "q_idx"}[pos]
+            raise IndexError(
+                f"flexebt: the mod {name!r} indexes dimension {dim} of a captured tensor of shape "
+                f"{tuple(tensors[slot].shape)} with {what}, which goes up to {need - 1} in this call: index "
+                f"{need - 1} is out of range for size {size} (as in torch). Give the tensor at least {need} "
+                f"entries along that dimension.")
+    return [(x.contiguous() if _overlapping(x) else x) if k in grad_slots else x.detach()
+            for k, x in enumerate(tensors)]
 
 
 def position_extents(B: int, H: int, n_q: int, n_kv: int, n_mq: Optional[int] = None) -> dict:
