@@ -1,4 +1,4 @@
-"""flexebt benchmarks (SPEC §6).  One CLI, fixed rows, run on a GPU.
+"""flexebt benchmarks (suites B1-B4, docs/benchmarks.md).  One CLI, fixed rows, run on a GPU.
 
     python benchmarks/bench.py --suite B2 --dims 64,128 --seqs 1024,2048,4096,8192,16384 \
         --out benchmarks/results/B2_h100 --commit $(git rev-parse --short HEAD)
@@ -160,7 +160,7 @@ def run_b2(args, meta, writer):
 def run_b4(args, meta, writer):
     """B4: piecewise (NLPE) attention, causal, threshold w = S / 8 (--piecewise-w overrides),
     fwd and fwd+bwd: flexebt piecewise vs a plain causal flexebt attention of the same size (the
-    issue's yardstick: piecewise <= 1.6x of it) and eager math (dense, small S).  FLOPs as a
+    yardstick of the B4 target: piecewise <= 1.6x of it) and eager math (dense, small S).  FLOPs as a
     causal attention (each kept pair is scored once)."""
     dtype = getattr(torch, args.dtype)
     for D in args.dims:
@@ -195,7 +195,8 @@ def run_b4(args, meta, writer):
 
 
 def _concat_ebt_mask(S):
-    """r = 0 EBT over the concatenated streams [o; p] as one causal-style mask (the oracle of SPEC §2)."""
+    """r = 0 EBT over the concatenated streams [o; p] as one causal-style mask (an oracle of the
+    two-stream semantics)."""
 
     def ebt_concat_mask(b, h, q, kv):
         obs_q, obs_kv = q < S, kv < S
@@ -222,7 +223,7 @@ def run_b1(args, meta, writer):
     for dtype_name, D in args.b1_configs:
         dtype = getattr(torch, dtype_name)
         # fp32: ebt_flash_attention's tl.dot takes tf32 products, so both sides run under the same
-        # policy (matmul precision "high" lets flexebt use tf32, SPEC §5); the variant says so.
+        # policy (matmul precision "high" lets flexebt use tf32); the variant says so.
         torch.set_float32_matmul_precision("high" if dtype == torch.float32 else "highest")
         variant = "ebt_causal_r0_tf32" if dtype == torch.float32 else "ebt_causal_r0"
         for S in args.seqs:
@@ -239,7 +240,7 @@ def run_b1(args, meta, writer):
                 return compiled(q, k, v, block_mask=bm_cat)
 
             def two_sdpa(backend=None):
-                # SPEC §6 names the flash backend as the floor; the default dispatch of torch 2.11
+                # the B1 targets name the flash backend as the floor; the default dispatch of torch 2.11
                 # picks cuDNN on Hopper, which is faster there (design D42): both are reported
                 def run():
                     with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():

@@ -2,7 +2,7 @@
 double backward -- built for Energy-Based Transformers and anything else that needs exact
 second-order gradients through attention.
 
-Public API (SPEC §1)::
+Public API::
 
     flexebt.flex_attention(query, key, value, score_mod=None, block_mask=None, scale=None,
                            enable_gqa=False, return_lse=False, kernel_options=None)

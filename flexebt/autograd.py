@@ -1,10 +1,10 @@
 """The autograd chain of the kernel path: Attention -> AttentionBackward -> (double backward).
 
 ``FlexAttention.backward`` calls ``FlexAttentionBackward.apply`` (likewise for EBT), so the
-backward is itself a differentiable op.  Until the fused double-backward kernels land (issue #5),
-the backward of ``*Backward`` recomputes the first-order gradients with the dense reference under
-autograd and differentiates those: exact at every order, but O(S^2) memory.  Nothing is ever
-dropped silently.
+backward is itself a differentiable op.  The backward of ``*Backward`` runs the fused
+double-backward kernels where they apply (see ``_fused_double_backward``); elsewhere it recomputes
+the first-order gradients with the dense reference under autograd and differentiates those: exact
+at every order, but O(S^2) memory.  Nothing is ever dropped silently.
 
 Captured tensors of the mods are extra inputs of the Functions, so gradients reach them.
 Kernel launches run with functorch dispatch off: under ``torch.func`` the Functions receive plain
@@ -185,7 +185,7 @@ class FlexAttention(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, dq, dk, dv, _call, *dbuf):
-        """Forward mode, fused: one pass gives out, lse and their tangents (SPEC: torch.func.jvp,
+        """Forward mode, fused: one pass gives out, lse and their tangents (torch.func.jvp,
         torch.autograd.forward_ad).  Tangents of captured tensors need the reference."""
         from .kernels.flex import flex_jvp
 
@@ -504,7 +504,8 @@ def eager_function(fn):
     # The backward (and jvp) rules launch kernels eagerly.  When autograd runs them from inside a
     # torch.compile'd frame (autograd.grad in a compiled function, after its graph break), dynamo
     # would otherwise try to trace them -- into Triton's launcher -- and a traced autograd.Function
-    # backward is not differentiable again (SPEC §7: a silent drop).  So dynamo skips them.
+    # backward is not differentiable again (torch drops its second-order terms silently).  So dynamo
+    # skips them.
     fn.backward = staticmethod(torch.compiler.disable(fn.backward))
     if "jvp" in fn.__dict__:
         fn.jvp = staticmethod(torch.compiler.disable(fn.jvp))

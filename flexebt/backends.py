@@ -1,4 +1,4 @@
-"""Backend selection (SPEC §1).
+"""Backend selection.
 
 ``kernel_options={"BACKEND": ...}`` wins over the ``FLEXEBT_BACKEND`` environment variable;
 both take ``AUTO``, ``TRITON`` or ``REFERENCE``.  ``AUTO`` means the Triton kernels on CUDA and
@@ -46,8 +46,8 @@ def resolve_backend(kernel_options: Optional[dict], device: torch.device, fn: st
                     dtype: Optional[torch.dtype] = None, head_dim: int = 0) -> str:
     """``"REFERENCE"`` or ``"TRITON"`` for a call on ``device``.
 
-    ``has_kernels`` says whether this function has Triton kernels yet (EBT and piecewise kernels
-    arrive in issues #4 and #6; until then ``AUTO`` takes the reference and ``TRITON`` raises).
+    ``has_kernels`` says whether this function has Triton kernels (without them ``AUTO`` takes the
+    reference and ``TRITON`` raises).
     """
     backend = requested_backend(kernel_options)
     kernel_ok = has_kernels and dtype != torch.float64 and head_dim <= MAX_HEAD_DIM

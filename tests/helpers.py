@@ -2,7 +2,7 @@ import torch
 
 
 def rel_err(x, ref):
-    """||x - ref|| / ||ref|| in float64 (SPEC §5 metric); inf if x has NaN."""
+    """||x - ref|| / ||ref|| in float64 (the error metric of the tolerance rule); inf if x has NaN."""
     x, ref = x.double(), ref.double()
     if torch.isnan(x).any():
         return float("inf")

@@ -68,8 +68,8 @@ def attention_oracle(q, k, v, score_mod=None, mask_mod=None, scale=None):
 
 
 def ebt_oracle(q_o, k_o, v_o, q_p, k_p, v_p, score_mod=None, mask_mod=None, scale=None):
-    """SPEC §2 spelled out per query: observed rows over observed keys; predicted row i at frame
-    t = i + r + 1 over observed keys j != t plus its own key at frame t."""
+    """EBT two-stream attention spelled out per query: observed rows over observed keys;
+    predicted row i at frame t = i + r + 1 over observed keys j != t plus its own key at frame t."""
     H = q_o.shape[1]
     q_o, q_p = q_o.double(), q_p.double()
     k_o, v_o, k_p, v_p = (gqa(x.double(), H) for x in (k_o, v_o, k_p, v_p))

@@ -1,5 +1,6 @@
-"""SPEC §5: a kernel passes when its error vs float64 is at most 2x (outputs) / 3x (gradients)
-the error of plain eager PyTorch math in the same dtype, and under an absolute bound."""
+"""The tolerance rule: a kernel passes when its relative error vs float64 is at most 2x (outputs) /
+3x (gradients) the error of plain eager PyTorch math in the same dtype, and in any case under a fixed
+bound: fp32 1e-5 (tf32 3e-3), bf16 3e-2, fp16 5e-3.  NaN never passes."""
 
 import torch
 
@@ -10,7 +11,7 @@ TF32_BOUND = 3e-3
 
 
 def eager_attention(q, k, v, score_mod=None, keep=None, scale=None):
-    """Textbook attention in the inputs' own dtype (the SPEC §5 baseline)."""
+    """Textbook attention in the inputs' own dtype (the baseline of the tolerance rule)."""
     H = q.shape[1]
     k = k.repeat_interleave(H // k.shape[1], dim=1)
     v = v.repeat_interleave(H // v.shape[1], dim=1)
@@ -31,7 +32,7 @@ def eager_attention(q, k, v, score_mod=None, keep=None, scale=None):
 
 
 def check(name, got, eager, ref, dtype, factor):
-    """Assert one tensor meets SPEC §5; returns (err, eager_err) for messages."""
+    """Assert one tensor meets the tolerance rule above; returns (err, eager_err) for messages."""
     err, base = rel_err(got, ref), rel_err(eager, ref)
     bound = BOUND[dtype]
     if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":

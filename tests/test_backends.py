@@ -1,4 +1,4 @@
-"""Backend switch (SPEC §1): keyword wins over FLEXEBT_BACKEND; unknown names raise."""
+"""Backend switch: keyword wins over FLEXEBT_BACKEND; unknown names raise."""
 
 import pytest
 import torch

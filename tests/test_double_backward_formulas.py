@@ -1,4 +1,4 @@
-"""The closed-form double backward (DESIGN appendix; flexebt/reference/double_backward.py) equals
+"""The closed-form double backward (the derivation in flexebt/reference/double_backward.py) equals
 autograd's double backward of the reference attention in float64 -- the spec of the fused kernels."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""flex_ebt_attention (reference backend) against the SPEC §2 oracles."""
+"""flex_ebt_attention (reference backend) against independent oracles of the two-stream semantics."""
 
 import warnings
 
@@ -89,7 +89,7 @@ def test_equals_ebt_reference_code_slicing(r):
 
 
 def _concat_mask_and_mod(S_o, S_p, mask_mod, score_mod):
-    """One flex_attention over [observed; predicted] encoding SPEC §2 (a test oracle)."""
+    """One flex_attention over [observed; predicted] encoding the two-stream structure (a test oracle)."""
     r = S_o - S_p
 
     def frame(c):

@@ -130,7 +130,7 @@ def test_low_precision_within_spec_tolerance(dtype, tol):
     qd, kd, vd = (x.to(dtype).requires_grad_() for x in (q, k, v))
     out, lse = flexebt.flex_attention(qd, kd, vd, score_mod=sm, block_mask=bm, return_lse=True)
     assert out.dtype == dtype and lse.dtype == torch.float32
-    # The reference rounds only inputs and the output: its error is far under the SPEC bound.
+    # The reference rounds only inputs and the output: its error is far under the dtype's bound.
     assert rel_err(out, ref) < tol
     do = torch.randn_like(out)
     gq = torch.autograd.grad((out * do).sum(), qd)[0]

@@ -1,4 +1,4 @@
-"""EBT two-stream Triton kernels in the interpreter against the float64 reference (SPEC §2):
+"""EBT two-stream Triton kernels in the interpreter against the float64 reference:
 r = 0, 1, 3; causal, sliding-window and random frame masks; learned frame bias with gradient;
 soft-cap; GQA; fully masked rows; odd lengths; first order, and second order through the chain."""
 

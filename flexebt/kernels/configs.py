@@ -43,9 +43,9 @@ TILE_KEYS = {"fwd": ("BLOCK_M", "BLOCK_N"), "dq": ("BLOCK_M2", "BLOCK_N2"), "dkd
 def flex_config(pass_name: str, head_dim: int, sparse_q: int, sparse_kv: int, options=None,
                 gathers: bool = False, tiles: str = "bf16", tma: bool = False, kv_len: int = 0) -> TileConfig:
     """``tiles`` names the table: ``"bf16"`` (2-byte inputs), ``"tf32"`` or ``"ieee"`` (fp32 inputs,
-    by the matmul-precision policy of SPEC §5); ``tma``: the pass loads its tiles through tensor
-    descriptors (some passes prefer other tiles then); ``kv_len``: the keys' length, where short
-    key loops prefer other tiles (0: not given)."""
+    by the float32 matmul precision, see ``_precision`` in kernels/flex.py); ``tma``: the pass
+    loads its tiles through tensor descriptors (some passes prefer other tiles then); ``kv_len``:
+    the keys' length, where short key loops prefer other tiles (0: not given)."""
     key = tuple(sorted((k, v) for k, v in options.items() if k != "BACKEND")) if options else ()
     short = 0 < kv_len <= SHORT_KV
     return _flex_config(pass_name, head_dim, sparse_q, sparse_kv, key, gathers, tiles, interpreting(), tma, short)
@@ -80,7 +80,7 @@ def _flex_config(pass_name: str, head_dim: int, sparse_q: int, sparse_kv: int, o
 # accumulators: smaller tiles, fewer stages.  D64 second order: EBT step, B8 H8 S4096
 # (benchmarks/tune_second_order.py; results/tune_dbwd_h200_ebt_s4096.txt): g_k/g_v pass
 # 8.5 -> 4.0 ms at 64 x 64 with 2 stages, row + g_q passes 5.9 -> 5.1 ms at 64 x 32.
-# D128 dq and dk/dv (session 9; H100, B2 causal, B*S = 16k, H16, S = 1k..8k; benchmarks/tune.py,
+# D128 dq and dk/dv (H100, B2 causal, B*S = 16k, H16, S = 1k..8k; benchmarks/tune.py,
 # results/tune_d128_bwd_h100_5aabe51.txt): 64 x 64 tiles, 4 warps, 2 stages for both passes, where
 # they were 128 x 128 (dq) and 64 x 128 (dk/dv) with 8 warps; the backward 0.76 -> 0.65 ms at
 # S1k, 1.16 -> 1.00-1.03 at 2k, 2.05 -> 1.79-1.82 at 4k, 3.68 -> 3.46-3.51 ms at 8k (the old
@@ -132,7 +132,7 @@ _TF32X3_SECOND_ORDER = {
 # bf16 with TMA loads, where other tiles win (H100, bf16 causal S4096 B2 H16, benchmarks/tune.py
 # --options USE_TMA=1; results/tune_bwd_tma_*_h100_*.txt): the dk/dv pass at D64 takes 64 x 64
 # tiles, 0.668 -> 0.620 ms for the whole backward (torch's compiled flex_attention: 0.668).
-# D64 on the H100 (session 5; EBT B8 H8 S4096, benchmarks/profile_ebt.py --sweep,
+# D64 on the H100 (EBT B8 H8 S4096, benchmarks/profile_ebt.py --sweep,
 # results/ebt_sweep_h100_8bcea66.txt, ebt_fwd_sweep_h100_224ce16.txt, and the single-stream sweeps):
 # two stages in the dq and dk/dv passes (EBT fwd+bwd 3.41 -> 3.35 ms each), forward 128 x 64 with
 # six stages (EBT fwd 0.85-0.86 -> 0.79-0.80 ms; single stream causal B2 H16 0.227 -> 0.221 ms;

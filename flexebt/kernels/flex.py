@@ -248,7 +248,7 @@ def captured_cotangents(kern: ModKernels, buffers: list[Tensor], cts: list) -> d
 
 
 def _precision(dtype, options: Optional[dict] = None, second_order: bool = False, head_dim: int = 0) -> dict:
-    """How tl.dot multiplies (SPEC §5).  bf16/fp16, and fp32 when the matmul precision allows
+    """How tl.dot multiplies.  bf16/fp16, and fp32 when the matmul precision allows
     tf32: the tensor cores' default.  fp32 under matmul precision "highest": fp32-accurate products,
     either IEEE-exact (IEEE=1, FMA units) or as three tf32 products hi*hi + hi*lo + lo*hi on the
     tensor cores (IEEE=2, "tf32x3": ~2^-22 relative error per product, as accurate as fp32 eager

@@ -1,4 +1,4 @@
-"""EBT frame masks (SPEC §2): mask_mods over the ``(S_o + 1) x (S_o + 1)`` frame.
+"""EBT frame masks: mask_mods over the ``(S_o + 1) x (S_o + 1)`` frame.
 
 In the frame, observed token ``j`` sits at ``j`` and predicted token ``i`` at ``i + r + 1``;
 the ordinary causal mask therefore gives the autoregressive EBT.

@@ -1,6 +1,6 @@
-"""The closed-form double backward of attention (DESIGN appendix), as dense torch math.
+"""The closed-form double backward of attention, as dense torch math.
 
-This is the specification the fused double-backward kernels (issue #5) implement tile by tile:
+This is the specification the fused double-backward kernels implement tile by tile:
 the row statistics ``U, W, Bbar`` are O(S) and every S x S quantity below is recomputed per tile.
 Here it is written densely so tests can pin it against autograd in float64.
 
@@ -27,7 +27,8 @@ Given cotangents ``Gq, Gk, Gv`` of ``dq, dk, dv``::
 The ``dlse`` term: a cotangent of lse shifts ``D`` (dt gains ``+P dlse``). In the softmax backward
 of ``gP`` the row sum ``sum_j P gP = W - D U + Bbar - D0 U`` mixes the shifted ``D`` (from ``dt``)
 and the unshifted ``D0`` (from ``D``'s dependence on ``o``), giving ``(D0 + D) U``; the
-appendix's ``2 D U`` is the ``dlse = 0`` case.  The gradient of ``dlse`` itself is ``U``.
+form ``2 D U`` without an lse cotangent is the ``dlse = 0`` case.  The gradient of ``dlse``
+itself is ``U``.
 
 The second form of ``gs`` is the one computed (here and in the kernels): every factor is centred.
 ``u = f' A`` is huge where a score_mod has a large derivative (``1 / s`` near ``s = 0``), and the

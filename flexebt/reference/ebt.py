@@ -1,4 +1,4 @@
-"""Reference EBT two-stream attention (SPEC §2): dense math, exact first and second order.
+"""Reference EBT two-stream attention: dense math, exact first and second order.
 
 Frame: observed token ``j`` at frame ``j``; predicted token ``i`` at frame ``t = i + r + 1``.
 An observed query attends to observed keys.  A predicted query attends to the observed keys

@@ -1,4 +1,4 @@
-"""Reference piecewise (NLPE) attention (SPEC §3): dense math, exact first and second order.
+"""Reference piecewise (NLPE) attention: dense math, exact first and second order.
 
 Queries are aligned to the end of the keys: with ``P = N - M``, query ``m`` and key ``n`` are
 ``dist = P + m - n`` apart.  Near pairs (``dist < w``) score ``<q1, k1>``, far pairs
