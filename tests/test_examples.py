@@ -22,3 +22,25 @@ def test_ebt_language_model_trains(capsys):
     first, last = load("ebt/train").main(["--steps", "40", "--context", "32"])
     assert last < first - 0.2
     assert "sample:" in capsys.readouterr().out
+
+
+def test_ebt_example_trains_compiled_like_eager(capsys):
+    """``--compile``: the loss (MCMC steps with create_graph=True inside) compiled with
+    fullgraph=True gives eager's losses (CPU: the reference backend; the kernels' compiled ops are
+    tested in test_compile.py)."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(EXAMPLES / "ebt"))
+    train = load("ebt/train")
+    args = ["--steps", "3", "--context", "16", "--dim", "32", "--layers", "1", "--batch", "4"]
+    eager = train.main(args)
+    torch._dynamo.reset()
+    try:
+        compiled = train.main(args + ["--compile", "--compile-backend", "aot_eager"])
+    finally:
+        torch._dynamo.config.trace_autograd_ops = False
+        torch._dynamo.reset()
+    assert abs(compiled[0] - eager[0]) < 1e-4 and abs(compiled[1] - eager[1]) < 1e-4
+    assert "sample:" in capsys.readouterr().out

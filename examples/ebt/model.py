@@ -56,6 +56,7 @@ class CharEBT(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.energy_head = nn.Linear(dim, 1)
         self.log_step = nn.Parameter(torch.tensor(float(step_size)).log())  # learned MCMC step size
+        self.init_logits = nn.Parameter(torch.zeros(vocab))  # the uninformed first candidate, learned
         self.mcmc_steps = mcmc_steps
         self.context = context
         self._masks = {}
@@ -81,8 +82,11 @@ class CharEBT(nn.Module):
 
     def refine(self, tokens, create_graph: bool):
         """MCMC on the energy: candidate <- candidate - step * dE/dcandidate, a few times."""
-        logits = torch.zeros(*tokens.shape, self.embed.num_embeddings, device=tokens.device,
-                             dtype=self.embed.weight.dtype, requires_grad=True)
+        # every position starts from the same learned candidate; it requires grad as a function of a
+        # parameter (a tensor made with requires_grad=True cannot be created inside torch.compile)
+        logits = self.init_logits.expand(*tokens.shape, -1) + 0.0
+        if not torch.is_grad_enabled() or not logits.requires_grad:
+            logits = logits.detach().requires_grad_()
         for _ in range(self.mcmc_steps):
             e = self.energy(tokens, logits).sum()
             (g,) = torch.autograd.grad(e, logits, create_graph=create_graph)

@@ -2,6 +2,7 @@
 
     python examples/ebt/train.py                 # CPU, a couple of minutes
     python examples/ebt/train.py --device cuda   # the same code on a GPU (fused Triton kernels)
+    python examples/ebt/train.py --device cuda --compile   # the training loss under torch.compile
 
 Every training step differentiates the energy with create_graph=True and back-propagates the
 loss through those gradients: second-order gradients through every attention layer.
@@ -39,6 +40,10 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true",
+                   help="compile the training loss with fullgraph=True; the energy's gradient taken inside it "
+                        "(create_graph=True) is traced too (torch._dynamo.config.trace_autograd_ops)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
     a = p.parse_args(argv)
     torch.manual_seed(a.seed)
 
@@ -47,6 +52,13 @@ def main(argv=None):
     data = torch.tensor([chars.index(c) for c in text], dtype=torch.long)
     model = CharEBT(len(chars), a.context, dim=a.dim, layers=a.layers, mcmc_steps=a.mcmc_steps).to(a.device)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr)
+    loss_fn = model.loss
+    if a.compile:
+        # autograd.grad(create_graph=True) inside a compiled function needs this switch (torch >= 2.11);
+        # flexebt's attention enters the graph as custom ops whose backward is itself differentiable
+        torch._dynamo.config.trace_autograd_ops = True
+        model.block_mask(a.context, a.device)  # build the EBT block mask once, before tracing
+        loss_fn = torch.compile(model.loss, fullgraph=True, backend=a.compile_backend)
 
     def batch():
         starts = torch.randint(0, len(data) - a.context - 1, (a.batch,))
@@ -59,7 +71,7 @@ def main(argv=None):
     start, history = time.time(), []
     for i in range(1, a.steps + 1):
         x, y = batch()
-        loss = model.loss(x, y)
+        loss = loss_fn(x, y)
         opt.zero_grad()
         loss.backward()
         opt.step()
