@@ -19,7 +19,7 @@ import argparse
 import sys
 
 import torch
-from torch.nn.attention.flex_attention import create_block_mask
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 import flexebt
 
@@ -63,7 +63,11 @@ def run(dtype, dev="cuda"):
         return q_idx >= kv_idx
 
     long_mask = create_block_mask(causal, None, None, S + 300, S + 300, device=dev)
-    cropped = long_mask._adjust(S, S)
+    # the long mask's tables, declared for length S: they list blocks past the end (as a mask cropped
+    # with BlockMask._adjust does on some torch versions)
+    cropped = BlockMask.from_kv_blocks(long_mask.kv_num_blocks, long_mask.kv_indices, long_mask.full_kv_num_blocks,
+                                       long_mask.full_kv_indices, BLOCK_SIZE=long_mask.BLOCK_SIZE,
+                                       mask_mod=long_mask.mask_mod, seq_lengths=(S, S))
     q = torch.randn(B, H, S, D, device=dev, dtype=dtype, requires_grad=True)
     k = torch.randn(B, Hkv, S, D, device=dev, dtype=dtype, requires_grad=True)
     v = torch.randn(B, Hkv, S, D, device=dev, dtype=dtype, requires_grad=True)

@@ -340,23 +340,23 @@ def _guard_copy(fn, memo: dict):
 
 
 def _attach_guard_copies(*mods) -> None:
-    """Give each closure function a ``_flexebt_guard`` copy (once; runs outside dynamo)."""
+    """Give each mod function a ``_flexebt_guard`` attribute (once; runs outside dynamo): its
+    fresh-cell copy where it has a closure, else the function itself, so traced code reads a
+    plain attribute (dict lookups on a function's ``__dict__`` are not traceable on every torch)."""
     for m in mods:
         fn = m.__func__ if type(m) is types.MethodType else m.func if type(m) is functools.partial else m
-        if type(fn) is types.FunctionType and fn.__closure__ and "_flexebt_guard" not in fn.__dict__:
-            fn._flexebt_guard = _guard_copy(fn, {})
+        if type(fn) is types.FunctionType and "_flexebt_guard" not in fn.__dict__:
+            fn._flexebt_guard = _guard_copy(fn, {}) if fn.__closure__ else fn
 
 
 def _probe(mod, *args) -> None:
     """Call ``mod`` (through its guard copy where it has one) at one position, traced by dynamo."""
-    if type(mod) is types.MethodType:
-        fn = mod.__func__
-        fn.__dict__.get("_flexebt_guard", fn)(mod.__self__, *args)
-    elif type(mod) is functools.partial:
-        fn = mod.func
-        getattr(fn, "__dict__", {}).get("_flexebt_guard", fn)(*mod.args, *args, **mod.keywords)
+    if type(mod) is types.MethodType and type(mod.__func__) is types.FunctionType:
+        mod.__func__._flexebt_guard(mod.__self__, *args)
+    elif type(mod) is functools.partial and type(mod.func) is types.FunctionType:
+        mod.func._flexebt_guard(*mod.args, *args, **mod.keywords)
     elif type(mod) is types.FunctionType:
-        mod.__dict__.get("_flexebt_guard", mod)(*args)
+        mod._flexebt_guard(*args)
     else:
         mod(*args)
 

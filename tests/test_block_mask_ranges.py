@@ -61,14 +61,6 @@ def _past_end(bm, Sq, Skv, beyond=0):
     return listed or (beyond == 0 and bm.kv_num_blocks.shape[-1] > nq)
 
 
-def _reference_limit(request, backend, bm, Sq, Skv):
-    """The reference's dense meaning of a block mask (reference/masking.py) scatters the listed
-    kv indices into ceil(Skv / BLOCK) + 1 columns; an index further out needs it to drop them too."""
-    if backend is R and _past_end(bm, Sq, Skv, beyond=1):
-        request.applymarker(pytest.mark.xfail(raises=RuntimeError, strict=False,
-                                              reason="reference dense_keep: kv indices > ceil(Skv/BLOCK)"))
-
-
 def oracle(q, k, v, mask_mod, scale=None):
     """float64 attention under mask_mod evaluated on the real positions (torch's eager meaning)."""
     q, k, v = q.double(), k.double(), v.double()
@@ -131,16 +123,15 @@ def test_adjusted_mask_forward_equals_torch(case, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_relabelled_longer_mask_forward_equals_torch(backend, request):
+def test_relabelled_longer_mask_forward_equals_torch(backend):
     # rows past the end and key blocks up to 4 past ceil(Skv / BLOCK)
     bm = relabelled(window, 80, 40, 17)
     assert _past_end(bm, 40, 17, beyond=1)
-    _reference_limit(request, backend, bm, 40, 17)
     _check_forward(backend, window, bm, 40, 17)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_tables_listing_blocks_far_past_the_end_without_q_tables(backend, request):
+def test_tables_listing_blocks_far_past_the_end_without_q_tables(backend):
     """Hand-made tables (compute_q_blocks=False, as torch's _adjust keeps them) that list every real
     block plus blocks far past the end: torch evaluates the mask_mod on the real positions, and so
     does flexebt; the kernels derive the q tables the backward needs from the kv tables."""
@@ -149,7 +140,6 @@ def test_tables_listing_blocks_far_past_the_end_without_q_tables(backend, reques
     bm = BlockMask.from_kv_blocks(torch.tensor([[[5, 5]]], dtype=torch.int32), rows[None, None], BLOCK_SIZE=BLOCK,
                                   mask_mod=late, seq_lengths=(Sq, Skv), compute_q_blocks=False)
     assert bm.q_indices is None and _past_end(bm, Sq, Skv, beyond=1)
-    _reference_limit(request, backend, bm, Sq, Skv)
     _check_forward(backend, late, bm, Sq, Skv)
     x = inputs(Sq, Skv)
     got = second_order(lambda *t: flexebt.flex_attention(*t, block_mask=bm, kernel_options=backend), x)
@@ -283,3 +273,27 @@ def test_ebt_mask_for_longer_lengths_is_refused(backend):
     x = [torch.randn(1, 2, S, 16) for S in (21,) * 3 + (19,) * 3]
     with pytest.raises(ValueError, match=r"built for \(S_obs, S_pred\) = \(40, 38\)"):
         flexebt.flex_ebt_attention(*x, block_mask=bm, kernel_options=backend)
+
+
+def test_reference_ignores_listed_blocks_past_the_end():
+    """A mask whose tables come from longer sequences (blocks listed past KV_LEN), declared for the
+    short lengths: the reference backend keeps exactly the short causal mask (it once indexed past
+    its block table)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from flexebt.reference.masking import dense_keep
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    S = 37
+    long = flexebt.create_block_mask(causal, None, None, S + 60, S + 60, device="cpu", BLOCK_SIZE=16)
+    short = BlockMask.from_kv_blocks(long.kv_num_blocks, long.kv_indices, long.full_kv_num_blocks,
+                                     long.full_kv_indices, BLOCK_SIZE=long.BLOCK_SIZE, mask_mod=causal,
+                                     seq_lengths=(S, S))
+    keep = dense_keep(short, 1, 1, S, S, "cpu")
+    assert torch.equal(keep[0, 0], torch.ones(S, S, dtype=torch.bool).tril())
+    q = torch.randn(1, 2, S, 16)
+    out = flexebt.flex_attention(q, q, q, block_mask=short, kernel_options={"BACKEND": "REFERENCE"})
+    want = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    assert (out - want).abs().max() < 1e-5

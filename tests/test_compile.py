@@ -327,19 +327,19 @@ def test_second_order_inside_inductor_compile_gpu(family):
         S = 200
         bias = (0.3 * torch.randn(H, S, S, device=dev)).requires_grad_()
         bm = flexebt.create_block_mask(masks.causal_mask, None, None, S, S, device=dev)
+        sm = mods.generate_bias_score_mod(bias)  # made outside the compiled function
 
         def fn(q, k, v):
-            return flexebt.flex_attention(q, k, v, score_mod=lambda s, b, h, qi, ki: s + bias[h, qi, ki],
-                                          block_mask=bm, kernel_options=T).square().sum()
+            return flexebt.flex_attention(q, k, v, score_mod=sm, block_mask=bm, kernel_options=T).square().sum()
 
         shapes = [(2, H, S, D)] * 3
     else:
         S_o, S_p = 131, 128
         bias = (0.3 * torch.randn(H, S_o + 1, S_o + 1, device=dev)).requires_grad_()
+        sm = mods.generate_bias_score_mod(bias)
 
         def fn(*xs):
-            out_o, out_p = flexebt.flex_ebt_attention(*xs, score_mod=lambda s, b, h, qi, ki: s + bias[h, qi, ki],
-                                                      kernel_options=T)
+            out_o, out_p = flexebt.flex_ebt_attention(*xs, score_mod=sm, kernel_options=T)
             return out_p.square().sum() + out_o.sum()
 
         shapes = [(2, H, S_o, D)] * 3 + [(2, H, S_p, D)] * 3
