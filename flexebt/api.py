@@ -1,4 +1,4 @@
-"""Public functions: validate inputs, pick a backend, return outputs (SPEC §1)."""
+"""Public functions: validate inputs, pick a backend, return outputs."""
 
 from __future__ import annotations
 
@@ -127,7 +127,7 @@ def flex_ebt_attention(q_o: Tensor, k_o: Tensor, v_o: Tensor, q_p: Tensor, k_p: 
                        score_mod: Optional[Callable] = None, block_mask: Optional[EBTBlockMask] = None,
                        scale: Optional[float] = None, enable_gqa: bool = False, return_lse: bool = False,
                        kernel_options: Optional[dict] = None):
-    """EBT two-stream attention (SPEC §2) with second-order gradients.
+    """EBT two-stream attention with second-order gradients.
 
     The frame has ``S_o + 1`` positions: observed token ``j`` sits at frame ``j``, predicted
     token ``i`` at frame ``t = i + r + 1`` where ``r = S_o - S_p >= 0``.  Observed queries attend
@@ -265,7 +265,7 @@ def _check_ebt_block_mask(fn: str, block_mask, B: int, H: int, S_o: int, S_p: in
 def piecewise_attention(q1: Tensor, k1: Tensor, q2: Tensor, k2: Tensor, v: Tensor, dist_threshold,
                         causal: bool = False, scale: Optional[float] = None, score_mod: Optional[Callable] = None,
                         block_mask: Optional[BlockMask] = None, kernel_options: Optional[dict] = None) -> Tensor:
-    """Piecewise attention (NLPE, FlagAttention semantics; SPEC §3) with second-order gradients.
+    """Piecewise attention (NLPE, FlagAttention semantics) with second-order gradients.
 
     Queries are aligned to the end of the keys: with ``P = N - M``, query ``m`` and key ``n``
     are ``dist = P + m - n`` apart.  The score is ``scale * <q2[m], k2[n]>`` where

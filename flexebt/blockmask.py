@@ -2,7 +2,7 @@
 
 flexebt uses torch's own ``BlockMask`` (``torch.nn.attention.flex_attention``) for a single
 stream, so a mask built with torch's ``create_block_mask`` works unchanged.  The EBT
-two-stream layout (SPEC §2) is described by :class:`EBTBlockMask`, which holds two ordinary
+two-stream layout is described by :class:`EBTBlockMask`, which holds two ordinary
 ``BlockMask`` objects in *stream-local* coordinates whose mask_mods translate to *frame*
 coordinates, plus the frame mask_mod itself for the row-wise own-key term.
 """
@@ -97,7 +97,7 @@ def frame_causal_mask(b, h, q_idx, kv_idx):
 
 @dataclass(frozen=True)
 class EBTBlockMask:
-    """Block-sparse structure of EBT two-stream attention (SPEC §2).
+    """Block-sparse structure of EBT two-stream attention.
 
     Attributes:
         mask_mod: the frame mask_mod ``(b, h, q_frame, kv_frame) -> bool``.

@@ -118,7 +118,7 @@ def get_kernels(template: str, score_mod: Optional[Callable], mask_mod: Optional
     ``frame_mask``: the EBT flavour.  The mask_mod is a *frame* mask_mod and sees frame positions
     like the score_mod (``q_idx`` = stream position + ``Q_OFF``), and where ``Q_OFF > 0`` (the
     predicted stream) the observed key at the query's own frame is dropped as well -- so one
-    module serves both query streams (SPEC §2), with the streams told apart by ``Q_OFF`` alone."""
+    module serves both query streams, with the streams told apart by ``Q_OFF`` alone."""
     key = (template, fingerprint(score_mod), fingerprint(mask_mod), _interpret(), frame_mask)
     hit = _CACHE.get(key)
     if hit is None:
