@@ -168,7 +168,7 @@ class EBTBlockMask:
         out = torch.zeros(So + Sp, So + Sp, dtype=torch.bool, device=dev)
         out[:So, :So] = dense_keep(self.observed, self.B, self.H, So, So, dev)[b, h]
         out[So:, :So] = dense_keep(self.predicted, self.B, self.H, Sp, So, dev)[b, h]
-        out[So:, So:] = torch.diag(self.self_keep(self.B, self.H, dev)[b, h])
+        out[So:, So:] = torch.diag(self.own_keep[b, h].bool())
         return out
 
     def __repr__(self) -> str:

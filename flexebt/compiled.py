@@ -35,7 +35,7 @@ from .codegen.source import get_kernels, position_extents, prepare_captured
 from .codegen.identity import captured_tensors, resolve
 from .kernels.flex import BlockTables, flex_backward, flex_double_backward, flex_forward, tables_from_block_mask
 
-_REGISTRY: dict[str, tuple] = {}  # key -> (ModKernels, buffer paths); read by the ops, never traced
+_REGISTRY: dict = {}  # key -> ModKernels; read by the ops (outside the trace), never by traced code
 _THIS = sys.modules[__name__]
 
 
@@ -66,7 +66,7 @@ def _kernel_call(score_mod, mask_mod, frame_mask: bool = False) -> tuple:
                                   "not supported; create them outside and capture them.")
     paths = tuple([("score", b.steps) for b in captured_tensors(score_mod)] if score_mod is not None else []) + \
         tuple([("mask", b.steps) for b in captured_tensors(mask_mod)] if mask_mod is not None else [])
-    _REGISTRY.setdefault(key, (kern, paths))
+    _REGISTRY.setdefault(key, kern)
     _attach_guard_copies(*(m for m in (score_mod, mask_mod) if m is not None))
     return key, paths, tuple(sorted(kern.grad_slots)), tuple(sorted(kern.positional)), kern.name
 
@@ -179,7 +179,7 @@ def _double_backward(family: str, kern, meta: str, ins: list, outs: list, cts: l
 def attention_op(family: str, key: str, meta: str, ins: list[Tensor], aux: list[Tensor],
                  buffers: list[Tensor]) -> list[Tensor]:
     """Outputs then log-sum-exps: (out, lse) or (out_o, out_p, lse_o, lse_p)."""
-    return _forward(family, _REGISTRY[key][0], meta, ins, aux, buffers)
+    return _forward(family, _REGISTRY[key], meta, ins, aux, buffers)
 
 
 @attention_op.register_fake
@@ -193,11 +193,11 @@ def _(family, key, meta, ins, aux, buffers):
 @torch.library.custom_op("flexebt::attention_backward", mutates_args=())
 def attention_backward_op(family: str, key: str, meta: str, ins: list[Tensor], outs: list[Tensor],
                           cts: list[Optional[Tensor]], aux: list[Tensor], buffers: list[Tensor]) -> list[Tensor]:
-    return _backward(family, _REGISTRY[key][0], meta, ins, outs, cts, aux, buffers)
+    return _backward(family, _REGISTRY[key], meta, ins, outs, cts, aux, buffers)
 
 
 def _buffer_grad_fakes(key: str, buffers: list) -> list:
-    slots = set(_REGISTRY[key][0].grad_slots)
+    slots = set(_REGISTRY[key].grad_slots)
     return [torch.empty_like(b) if i in slots else b.new_empty(0) for i, b in enumerate(buffers)]
 
 
@@ -210,7 +210,7 @@ def _(family, key, meta, ins, outs, cts, aux, buffers):
 def attention_double_backward_op(family: str, key: str, meta: str, ins: list[Tensor], outs: list[Tensor],
                                  cts: list[Optional[Tensor]], gcts: list[Optional[Tensor]], aux: list[Tensor],
                                  buffers: list[Tensor], bcts: list[Optional[Tensor]]) -> list[Tensor]:
-    return _double_backward(family, _REGISTRY[key][0], meta, ins, outs, cts, gcts, aux, buffers, bcts)
+    return _double_backward(family, _REGISTRY[key], meta, ins, outs, cts, gcts, aux, buffers, bcts)
 
 
 @attention_double_backward_op.register_fake

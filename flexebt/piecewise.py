@@ -70,7 +70,7 @@ def region_block_masks(M: int, N: int, dist_threshold, causal: bool, device, blo
     """The near and far block masks (``[B, H]`` of ``block_mask`` if given, else broadcast).
     Built on the code-generation thread (create_block_mask uses vmap, and the caller may be
     inside a torch.func transform), then cached."""
-    from .codegen.source import _builder
+    from .codegen.source import run_on_builder
 
     w = math.ceil(dist_threshold)  # dist is an integer: dist >= w  <=>  dist >= ceil(w)
     if block_mask is not None:
@@ -85,7 +85,7 @@ def region_block_masks(M: int, N: int, dist_threshold, causal: bool, device, blo
     if hit is not None and (block_mask is None or hit[2] is block_mask):
         _MASKS.move_to_end(key)
         return hit[0], hit[1]
-    pair = _builder().submit(_build_pair, M, N, w, causal, device, user, B, H, bs).result()
+    pair = run_on_builder(_build_pair, M, N, w, causal, device, user, B, H, bs)
     _MASKS[key] = (*pair, block_mask)
     while len(_MASKS) > _MAX_CACHED:
         _MASKS.popitem(last=False)

@@ -125,7 +125,7 @@ def get_kernels(template: str, score_mod: Optional[Callable], mask_mod: Optional
         # Building traces the mods with make_fx and autograd. That is code generation, not part of
         # the caller's math, so it runs on a worker thread: torch.func transforms, no_grad,
         # inference_mode and autocast are thread-local and do not follow it there.
-        hit = _CACHE[key] = _builder().submit(_build, template, score_mod, mask_mod, frame_mask).result()
+        hit = _CACHE[key] = run_on_builder(_build, template, score_mod, mask_mod, frame_mask)
     return hit
 
 

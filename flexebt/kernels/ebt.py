@@ -51,12 +51,11 @@ def structure_mask(S_o: int, S_p: int, device):
     shape on the code-generation thread (create_block_mask uses vmap; the caller may be inside a
     torch.func transform), then cached."""
     from ..blockmask import create_ebt_block_mask
-    from ..codegen.source import _builder
+    from ..codegen.source import run_on_builder
 
     key = (S_o, S_p, str(device))
     if key not in _STRUCTURE:
-        _STRUCTURE[key] = _builder().submit(create_ebt_block_mask, _keep_all, None, None, S_o, S_p,
-                                            device=device).result()
+        _STRUCTURE[key] = run_on_builder(create_ebt_block_mask, _keep_all, None, None, S_o, S_p, device=device)
     return _STRUCTURE[key]
 
 

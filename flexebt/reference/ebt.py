@@ -51,7 +51,7 @@ def ebt_attention_reference(q_o: Tensor, k_o: Tensor, v_o: Tensor, q_p: Tensor, 
         keep_self = torch.ones(B, H, Sp, 1, dtype=torch.bool, device=dev)
     else:
         keep_po = dense_keep(block_mask.predicted, B, H, Sp, So, dev)  # its mask_mod drops kv == t
-        keep_self = block_mask.self_keep(B, H, dev).unsqueeze(-1)
+        keep_self = block_mask.own_keep_for(B, H).to(device=dev, dtype=torch.bool).unsqueeze(-1)
     p, lse_p = masked_softmax(torch.cat([t_po, t_self], dim=-1), torch.cat([keep_po, keep_self], dim=-1))
     out_p = torch.matmul(p[..., :So], vo) + p[..., So:] * vp
 

@@ -565,7 +565,7 @@ def _dbwd_captured(s_raw, gt, dt, a, offs_m, offs_n, off_b, off_h, Sq, Skv, scal
 
 
 @triton.jit
-def _dbwd_row_inputs(Q, O, DO, GQ, Q_DESC, O_DESC, DO_DESC, GQ_DESC, LSE, DLSE, qh, start_m, Sq, D: tl.constexpr,
+def _dbwd_row_inputs(Q, DO, GQ, Q_DESC, DO_DESC, GQ_DESC, LSE, DLSE, qh, start_m, Sq, D: tl.constexpr,
                      DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      EVEN: tl.constexpr, HAS_DLSE: tl.constexpr, USE_TMA: tl.constexpr):
     """The query-side rows of tile start_m (q, Gq, dO through the descriptors with USE_TMA), lse in
@@ -672,7 +672,7 @@ def flex_dbwd_rows(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_DO, STATS, KV_NUM, K
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     qh = (off_b * H + off_h).to(tl.int64)
     # the program's own rows, loaded once: pointer loads (the descriptor slots are unused)
-    q, gq, do, lse2, dl = _dbwd_row_inputs(Q, O, DO, GQ, Q, O, DO, GQ, LSE, DLSE, qh, pid_m * BLOCK_M, Sq,
+    q, gq, do, lse2, dl = _dbwd_row_inputs(Q, DO, GQ, Q, DO, GQ, LSE, DLSE, qh, pid_m * BLOCK_M, Sq,
                                            D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN, HAS_DLSE, False)
     kvh = (off_b * Hkv + off_hk).to(tl.int64)
     if HAS_SELF:
@@ -766,7 +766,7 @@ def flex_dbwd_dq(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_Q, STATS, KV_NUM, KV_I
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     qh = (off_b * H + off_h).to(tl.int64)
     # the program's own rows, loaded once: pointer loads (the descriptor slots are unused)
-    q, gq, do, lse2, dl = _dbwd_row_inputs(Q, O, DO, GQ, Q, O, DO, GQ, LSE, DLSE, qh, pid_m * BLOCK_M, Sq,
+    q, gq, do, lse2, dl = _dbwd_row_inputs(Q, DO, GQ, Q, DO, GQ, LSE, DLSE, qh, pid_m * BLOCK_M, Sq,
                                            D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN, HAS_DLSE, False)
     U, Wc, Bbar, dsh = _load_stats(STATS, qh, offs_m, Sq)
     kvh = (off_b * Hkv + off_hk).to(tl.int64)
@@ -811,9 +811,9 @@ def _dbwd_dkdv_tile(g_k, g_v, k, v, gk, gv, Q, O, DO, GQ, Q_DESC, O_DESC, DO_DES
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
                     IEEE: tl.constexpr, UPCAST: tl.constexpr, HAS_DLSE: tl.constexpr, USE_TMA: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q, gq, do, lse2, dl = _dbwd_row_inputs(Q, O, DO, GQ, Q_DESC, O_DESC, DO_DESC, GQ_DESC, LSE, DLSE, qh,
+    q, gq, do, lse2, dl = _dbwd_row_inputs(Q, DO, GQ, Q_DESC, DO_DESC, GQ_DESC, LSE, DLSE, qh,
                                            start_m, Sq, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN, HAS_DLSE,
-                                              USE_TMA)
+                                           USE_TMA)
     U, Wc, Bbar, dsh = _load_stats(STATS, qh, offs_m, Sq)
     p, dp, a, u, bm, f1, duds, s_raw = _dbwd_scores(q, k, v, do, gq, gk, gv, lse2, offs_m, offs_n, off_b, off_h,
                                                     Sq, Skv, scale, Q_OFF, __BUFFERS__
