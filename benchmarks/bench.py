@@ -26,9 +26,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import flexebt  # noqa: E402
 from flexebt import masks, mods  # noqa: E402
+from ebt_step import IMPLS as B3_IMPLS, run_b3  # noqa: E402
 
 FIELDS = ["suite", "device", "torch", "triton", "commit", "impl", "variant", "dtype", "B", "H", "S", "D", "mode",
-          "ms", "tflops", "peak_mem_gib"]
+          "ms", "tflops", "peak_mem_gib", "first_step_s", "grad_rel_err", "note"]
 # FLOPs per mode in units of one forward: a backward counts 2.5; the double backward (the
 # backward of the backward: row statistics, g_q and g_k/g_v passes) is counted as 2x fwd+bwd.
 MODES = {"fwd": 1.0, "fwd+bwd": 3.5, "fwd+bwd+dbwd": 10.5}
@@ -279,65 +280,14 @@ def run_b1(args, meta, writer):
             torch.cuda.empty_cache()
 
 
-def b3_step(model, tokens, targets):
-    """One EBT training step: MCMC refinement with create_graph=True, loss, backward."""
-    model.zero_grad(set_to_none=True)
-    loss = model.loss(tokens, targets)
-    loss.backward()
-    return loss
-
-
-def run_b3(args, meta, writer):
-    """B3: EBT training step, 12 layers, d 384, 12 heads (D32), B16, 3 MCMC steps, vs the same
-    model with eager (dense reference) attention.  Time per step and peak memory."""
-    import os as _os
-
-    sys.path.insert(0, _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "..", "examples", "ebt"))
-    from model import CharEBT
-
-    vocab = 256
-    for dtype_name in args.b3_dtypes:
-        dtype = getattr(torch, dtype_name)
-        for S in args.seqs:
-            for impl, backend in (("flexebt", "AUTO"), ("eager_math", "REFERENCE")):
-                if impl not in args.impls:
-                    continue
-                os.environ["FLEXEBT_BACKEND"] = backend
-                torch.manual_seed(0)
-                model = CharEBT(vocab, S, dim=384, heads=12, layers=12, mcmc_steps=3).to("cuda", dtype)
-                tokens = torch.randint(0, vocab, (16, S), device="cuda")
-                targets = torch.randint(0, vocab, (16, S), device="cuda")
-                try:
-                    b3_step(model, tokens, targets)  # warm-up (kernel builds)
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    base = torch.cuda.memory_allocated()
-                    times = []
-                    for _ in range(args.b3_reps):
-                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                        start.record()
-                        b3_step(model, tokens, targets)
-                        end.record()
-                        torch.cuda.synchronize()
-                        times.append(start.elapsed_time(end))
-                    ms = sorted(times)[len(times) // 2]
-                    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
-                except torch.OutOfMemoryError:
-                    ms, peak = float("nan"), float("nan")
-                del model
-                torch.cuda.empty_cache()
-                writer(dict(meta, suite="B3", impl=impl, variant="ebt_train_step_12L_d384_mcmc3", dtype=dtype_name,
-                            B=16, H=12, S=S, D=32, mode="train_step", ms=round(ms, 2), tflops=float("nan"),
-                            peak_mem_gib=round(peak, 3)))
-    os.environ.pop("FLEXEBT_BACKEND", None)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", default="B2", choices=["B1", "B2", "B3", "B4"])
     p.add_argument("--piecewise-w", type=int, default=0, help="B4 threshold; default S // 8")
     p.add_argument("--b3-dtypes", default="float32,bfloat16", type=lambda s: s.split(","))
     p.add_argument("--b3-reps", type=int, default=5)
+    p.add_argument("--b3-layers", type=int, default=12)
+    p.add_argument("--b3-impls", default=",".join(B3_IMPLS), type=lambda s: s.split(","))
     p.add_argument("--b1-configs", default="float32:32,bfloat16:64,bfloat16:128",
                    type=lambda s: [(a, int(b)) for a, b in (x.split(":") for x in s.split(","))])
     p.add_argument("--eager-max-s", type=int, default=2048)
@@ -363,7 +313,7 @@ def main(argv=None):
     rows = []
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w = csv.DictWriter(f, fieldnames=FIELDS, restval="")
         w.writeheader()
 
         def writer(row):
@@ -371,7 +321,8 @@ def main(argv=None):
             w.writerow(row)
             f.flush()
             print(" ".join(f"{k}={row[k]}" for k in ("impl", "variant", "D", "S", "mode", "ms", "tflops",
-                                                     "peak_mem_gib")), flush=True)
+                                                     "peak_mem_gib", "first_step_s", "grad_rel_err", "note")
+                           if k in row), flush=True)
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -4,9 +4,11 @@ Under ``torch.compile`` a call goes through public mechanisms only, so a model c
 ``fullgraph=True`` and no graph break:
 
 - ``torch.compiler.assume_constant_result``: ``_kernel_call(score_mod, mask_mod)`` builds (or finds)
-  the generated kernels at trace time and returns their key and the captured tensors' access
-  steps -- constants of the graph, so a second call with the same mods does not recompile.  The mods are also called once at position
-  0 (``_trace_mod_reads``) so that dynamo guards every value they read: a changed value recompiles.
+  the generated kernels at trace time and returns their key, the captured tensors' access steps and
+  the checks that pin everything else the kernels were generated for -- constants of the graph.
+  ``_trace_mod_reads`` evaluates the checks through the mods, so dynamo guards each value read (a
+  changed closure number, global or attribute recompiles) and nothing by identity: a second call,
+  or a new mod or block mask of the same structure, reuses the graph.
 - three ``torch.library.custom_op``s shared by both families -- ``flexebt::attention`` (forward),
   ``flexebt::attention_backward`` and ``flexebt::attention_double_backward`` -- each with a
   ``register_autograd`` formula that calls the next.  The captured tensors travel as a
@@ -23,7 +25,7 @@ support double backward") -- an error, never a silent drop.  Eager mode keeps th
 
 from __future__ import annotations
 
-import functools
+import math
 import sys
 import types
 from typing import Optional
@@ -54,27 +56,59 @@ def _stash(key: str, make) -> str:
 _STASHED: dict = {}
 
 
+def _parts(mod) -> tuple:
+    """A mod as dynamo can hand it to ``_kernel_call``: a bound method as its function and its
+    object (dynamo converts neither the method itself nor a method read inside the trace, such as
+    ``self.score_mod`` in a compiled module's forward).  The object is then guarded by identity --
+    a model's layers persist, so calls reuse the graph -- and the function by its code."""
+    if isinstance(mod, types.MethodType):
+        return mod.__func__, mod.__self__
+    if isinstance(mod, types.FunctionType) and mod.__code__.co_freevars:
+        try:
+            mod.__closure__
+        except AttributeError:  # dynamo has no closure to hand over: the function was made inside the trace
+            raise NotImplementedError(
+                f"flexebt under torch.compile: the mod '{mod.__name__}' is a closure created inside the compiled "
+                "function. flexebt generates its kernels from the mod's own closure, which torch.compile cannot hand "
+                "over for a function made during tracing. Define the mod outside the compiled function (at module "
+                "level, or once in a module's __init__), capturing its tensors there or reading them through self "
+                "(a method such as self.score_mod works).") from None
+    return mod, None
+
+
+def _joined(fn, obj):
+    return fn if obj is None else types.MethodType(fn, obj)
+
+
 @torch.compiler.assume_constant_result
-def _kernel_call(score_mod, mask_mod, frame_mask: bool = False) -> tuple:
-    """Build (or find) the mods' kernels at trace time.  Returns constants of the graph: the
-    kernels' key, the access steps of the captured tensors, and what preparing them needs (the
-    slots with gradients, the dimensions indexed by a bare position, the mod's name)."""
+def _kernel_parts(score_fn, score_obj, mask_fn, mask_obj, frame_mask: bool) -> tuple:
+    """(arguments one by one: dynamo converts an object only as a direct argument)"""
+    score_mod, mask_mod = _joined(score_fn, score_obj), _joined(mask_fn, mask_obj)
     kern = get_kernels("flex_attention", score_mod, mask_mod, frame_mask=frame_mask)
     key = f"flex_attention:{id(kern)}"
     if kern.internal:
         raise NotImplementedError("flexebt under torch.compile: a mod that creates tensors inside its body is "
                                   "not supported; create them outside and capture them.")
-    paths = tuple([("score", b.steps) for b in captured_tensors(score_mod)] if score_mod is not None else []) + \
-        tuple([("mask", b.steps) for b in captured_tensors(mask_mod)] if mask_mod is not None else [])
+    score = captured_tensors(score_mod) if score_mod is not None else []
+    mask = captured_tensors(mask_mod) if mask_mod is not None else []
+    paths = tuple(("score", b.steps) for b in score) + tuple(("mask", b.steps) for b in mask)
+    guards = (getattr(score, "guards", ()), getattr(mask, "guards", ()))
     _REGISTRY.setdefault(key, kern)
-    _attach_guard_copies(*(m for m in (score_mod, mask_mod) if m is not None))
-    return key, paths, tuple(sorted(kern.grad_slots)), tuple(sorted(kern.positional)), kern.name
+    return key, paths, tuple(sorted(kern.grad_slots)), tuple(sorted(kern.positional)), kern.name, guards
+
+
+def _kernel_call(score_mod, mask_mod, frame_mask: bool = False) -> tuple:
+    """Build (or find) the mods' kernels at trace time.  Returns constants of the graph: the
+    kernels' key, the access steps of the captured tensors, what preparing them needs (the slots
+    with gradients, the dimensions indexed by a bare position, the mod's name) and the checks that
+    pin everything else the kernels were generated for (``_trace_mod_reads``)."""
+    return _kernel_parts(*_parts(score_mod), *_parts(mask_mod), frame_mask)
 
 
 def _captured(score_mod, mask_mod, call: tuple, extents: dict) -> list:
     """The captured tensors of this call, read through their access steps and prepared as the
     eager path prepares them (codegen.source.prepare_captured)."""
-    _, paths, grad_slots, positional, name = call
+    _, paths, grad_slots, positional, name, _ = call
     tensors = [resolve(score_mod if which == "score" else mask_mod, steps) for which, steps in paths]
     return prepare_captured(tensors, extents, grad_slots, positional, name)
 
@@ -314,64 +348,71 @@ def _active_transforms() -> str:
     return ",".join(wanted[i.key()] for i in retrieve_all_functorch_interpreters() if i.key() in wanted)
 
 
-def _guard_copy(fn, memo: dict):
-    """``fn`` with fresh closure cells holding the same objects (nested closures copied alike).
-    Dynamo reads the captured tensors through the mod's own cells (``resolve``); it cannot also
-    inline a call that reads those cells, so the guard probe calls this copy instead."""
-    t = type(fn)
-    if t is types.MethodType:
-        return types.MethodType(_guard_copy(fn.__func__, memo), fn.__self__)
-    if t is functools.partial:
-        return functools.partial(_guard_copy(fn.func, memo), *fn.args, **fn.keywords)
-    if t is not types.FunctionType or not fn.__closure__:
-        return fn
-    if id(fn) in memo:
-        return memo[id(fn)]
-    cells = tuple(types.CellType() for _ in fn.__closure__)
-    new = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, cells)
-    new.__kwdefaults__ = fn.__kwdefaults__
-    memo[id(fn)] = new
-    for fresh, cell in zip(cells, fn.__closure__):
-        try:
-            fresh.cell_contents = _guard_copy(cell.cell_contents, memo)
-        except ValueError:  # an empty cell stays empty
-            pass
-    return new
+@torch.compiler.assume_constant_result
+def _pinned(obj) -> bool:
+    """Nothing to compute: passing ``obj`` makes dynamo convert it to a constant of the graph,
+    which guards it (a function by its code object, a class, module or builtin by identity)."""
+    return True
 
 
-def _attach_guard_copies(*mods) -> None:
-    """Give each mod function a ``_flexebt_guard`` attribute (once; runs outside dynamo): its
-    fresh-cell copy where it has a closure, else the function itself, so traced code reads a
-    plain attribute (dict lookups on a function's ``__dict__`` are not traceable on every torch)."""
-    for m in mods:
-        fn = m.__func__ if type(m) is types.MethodType else m.func if type(m) is functools.partial else m
-        if type(fn) is types.FunctionType and "_flexebt_guard" not in fn.__dict__:
-            fn._flexebt_guard = _guard_copy(fn, {}) if fn.__closure__ else fn
+def _same_float(x, want) -> bool:
+    """``x`` is the float ``want``, where ``want`` is ``"nan"`` or a zero of either sign."""
+    if not isinstance(x, float):
+        return False
+    if want == "nan":
+        return x != x
+    return x == 0.0 and math.copysign(1.0, x) == math.copysign(1.0, want)
 
 
-def _probe(mod, *args) -> None:
-    """Call ``mod`` (through its guard copy where it has one) at one position, traced by dynamo."""
-    if type(mod) is types.MethodType and type(mod.__func__) is types.FunctionType:
-        mod.__func__._flexebt_guard(mod.__self__, *args)
-    elif type(mod) is functools.partial and type(mod.func) is types.FunctionType:
-        mod.func._flexebt_guard(*mod.args, *args, **mod.keywords)
-    elif type(mod) is types.FunctionType:
-        mod._flexebt_guard(*args)
-    else:
-        mod(*args)
+def _same_atom(x, want) -> bool:
+    """``x == want`` with the type the key recorded (``True`` is not ``1``, ``1`` is not ``1.0``),
+    written with isinstance (dynamo traces it for symbolic numbers too)."""
+    if isinstance(want, bool) or want is None:
+        return x is want
+    if isinstance(want, int):
+        return isinstance(x, int) and not isinstance(x, bool) and x == want
+    if isinstance(want, float):
+        return isinstance(x, float) and x == want
+    if isinstance(want, complex):
+        return isinstance(x, complex) and x == want
+    if isinstance(want, str):
+        return isinstance(x, str) and x == want
+    return x == want  # bytes, dtypes, devices, layouts, ranges: equal only to their own kind
 
 
-def _trace_mod_reads(score_mod, mask_mod, query: Tensor) -> None:
-    """Call the mods once at position 0 while dynamo traces, so that it installs its guards on
-    everything they read (module globals, attributes of ``self``, objects in their closures,
-    captured tensors).  ``_kernel_call`` is a constant of the graph: without these guards a global
+def _guards_hold(mod, guards) -> bool:
+    """Evaluate the checks recorded with the mod's captured tensors (codegen.identity) while
+    dynamo traces: each one reads a value the generated kernel depends on -- a closure constant,
+    a global number, an attribute of ``self``, a container's length, an object's class -- through
+    the mod, so dynamo guards it and a changed value recompiles (new trace, new kernel).  Nothing
+    is guarded by the identity of the mod or of its objects: a new mod or block mask of the same
+    structure reuses the graph."""
+    ok = True
+    for steps, kind, want in guards:
+        x = resolve(mod, steps)
+        if kind == "eq":
+            ok = ok and _same_atom(x, want)
+        elif kind == "float":
+            ok = ok and _same_float(x, want)
+        elif kind == "len":
+            ok = ok and len(x) == want
+        elif kind == "keys":
+            ok = ok and tuple(x.keys()) == want
+        elif kind == "same":
+            ok = ok and x is resolve(mod, want)
+        else:
+            ok = ok and _pinned(type(x) if kind == "type" else x)
+    return ok
+
+
+def _trace_mod_reads(score_mod, mask_mod, call: tuple) -> None:
+    """Guard, while dynamo traces, everything the kernels of ``call`` were generated for (see
+    ``_guards_hold``).  ``_kernel_call`` is a constant of the graph: without these guards a global
     number changed after compiling would keep the graph, and with it the kernel generated for the
-    old value.  The results are unused and removed from the graph."""
-    i = torch.zeros(1, dtype=torch.int32, device=query.device)  # one position: indexing stays a gather
-    if score_mod is not None:
-        _probe(score_mod, torch.zeros(1, dtype=query.dtype, device=query.device), i, i, i, i)
-    if mask_mod is not None:
-        _probe(mask_mod, i, i, i, i)
+    old value."""
+    score_guards, mask_guards = call[5]
+    if not (_guards_hold(score_mod, score_guards) and _guards_hold(mask_mod, mask_guards)):
+        raise RuntimeError("flexebt: a mod changed while torch.compile traced it; call again.")
 
 
 def refuse_torch_func(fn: str) -> None:
@@ -393,7 +434,7 @@ def flex_attention_compiled(query, key, value, score_mod, block_mask, scale, ker
     mask_mod = block_mask.mask_mod if block_mask is not None else None
     call = _kernel_call(score_mod, mask_mod)
     buffers = _captured(score_mod, mask_mod, call, position_extents(query.shape[0], query.shape[1], Sq, Skv))
-    _trace_mod_reads(score_mod, mask_mod, query)  # after the captured tensors are read through their paths
+    _trace_mod_reads(score_mod, mask_mod, call)
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
     out, lse = attention_op("flex", call[0], _meta(scale, [tables], kernel_options),
                             [query.contiguous(), key.contiguous(), value.contiguous()], _tables_list(tables), buffers)
@@ -422,7 +463,7 @@ def ebt_attention_compiled(q_o, k_o, v_o, q_p, k_p, v_p, score_mod, block_mask, 
     mask_mod = block_mask.mask_mod
     call = _kernel_call(score_mod, mask_mod, True)
     buffers = _captured(score_mod, mask_mod, call, _frame_extents(B, H, S_o, S_p))
-    _trace_mod_reads(score_mod, mask_mod, q_o)
+    _trace_mod_reads(score_mod, mask_mod, call)
     scale = q_o.shape[-1] ** -0.5 if scale is None else float(scale)
     ins = [x.contiguous() for x in (q_o, k_o, v_o, q_p, k_p, v_p)]
     aux = _tables_list(tables_o) + _tables_list(tables_p) + [block_mask.own_keep_for(B, H)]

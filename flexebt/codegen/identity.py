@@ -52,9 +52,11 @@ class Buffer:
 
 
 class Buffers(list):
-    """``captured_tensors``' result: a list of ``Buffer`` that also knows the mod's name (messages)."""
+    """``captured_tensors``' result: a list of ``Buffer`` that also knows the mod's name (messages)
+    and the checks that pin everything else the kernel was generated for (``guards``)."""
 
     mod_name = "mod"
+    guards: tuple = ()
 
 
 # Top-level packages whose plain functions, classes and modules are taken as fixed: keyed by
@@ -193,15 +195,23 @@ def _path(steps) -> str:
 class _Walk:
     """One pass over what a mod can read; ``key`` describes it, ``tensors`` lists its tensors."""
 
-    __slots__ = ("key", "tensors", "memo", "tmemo", "keep", "steps")
+    __slots__ = ("key", "tensors", "memo", "tmemo", "keep", "steps", "guards", "where")
 
     def __init__(self, steps: bool):
-        self.steps = steps  # build Buffer entries (captured_tensors) or only the key (fingerprint)
+        self.steps = steps  # build Buffer entries and guards (captured_tensors) or only the key (fingerprint)
         self.key = []
         self.tensors = Buffers()
         self.memo = {}
         self.tmemo = {}
         self.keep = []
+        self.guards = []
+        self.where = {}  # memo key -> access steps of the first route to that object
+
+    def guard(self, kind: str, chain, value=None):
+        """Record a check on the value at ``chain``: how a compiled graph pins what the key holds
+        (``guards_hold`` in the compiled path evaluates them while dynamo traces)."""
+        if self.steps:
+            self.guards.append((_flatten(chain), kind, value))
 
     # -- entry ------------------------------------------------------------------------------
     def root(self, mod):
@@ -225,9 +235,11 @@ class _Walk:
         if t in _ATOMS:
             emit(t)
             emit(v)
+            self.guard("eq", chain, v)
         elif t is float:
             emit(t)
             emit(v if v == v and v != 0.0 else repr(v))  # -0.0 / nan by spelling
+            self.guard("eq" if v == v and v != 0.0 else "float", chain, v if v == v else "nan")
         elif isinstance(v, torch.Tensor):
             self.tensor(v, chain)
         elif t is types.FunctionType:
@@ -248,6 +260,8 @@ class _Walk:
             emit(_L)
             emit(t)
             emit(len(v))
+            self.guard("type", chain)
+            self.guard("len", chain, len(v))
             for j, item in enumerate(v):
                 self.value(item, names, (chain, ("item", j)))
         elif isinstance(v, dict) and not hasattr(v, "__dict__"):
@@ -258,6 +272,7 @@ class _Walk:
             self.cls(v, names, chain)
         elif t is frozenset or t is set:
             emit(_SET)
+            self.guard("fixed", chain)
             try:
                 emit(frozenset(v) if all(type(x) in _ATOMS for x in v) else _Ident(v))
             except TypeError:
@@ -267,14 +282,17 @@ class _Walk:
                 or t is torch._ops.OpOverloadPacket:
             emit(_REF)
             emit(_Ident(v))
+            self.guard("fixed", chain)
         elif t.__module__ == "numpy" and hasattr(v, "tobytes"):  # arrays and scalars: baked by value
             emit(t)
             emit((v.dtype.str, v.shape, v.tobytes()))
+            self.guard("fixed", chain)
         elif hasattr(v, "__dict__") or hasattr(type(v), "__slots__"):
             self.obj(v, names, chain)
         else:
             emit(_REF)
             emit(_Ident(v))
+            self.guard("fixed", chain)
 
     def tensor(self, v, chain):
         slot = self.tmemo.get(id(v))
@@ -289,29 +307,36 @@ class _Walk:
             steps = _flatten(chain)
             self.tensors.append(Buffer(v, _path(steps), steps))
 
-    def _seen(self, memo_key, obj) -> bool:
-        """Emit a back-reference if ``obj`` was described already (cycles, shared objects)."""
+    def _seen(self, memo_key, obj, chain) -> bool:
+        """Emit a back-reference if ``obj`` was described already (cycles, shared objects); a
+        compiled graph then checks that this route still reaches the object of the first."""
         ordinal = self.memo.get(memo_key)
         if ordinal is not None:
             self.key.append(_REF)
             self.key.append(ordinal)
+            if self.steps:
+                self.guard("same", chain, self.where[memo_key])
             return True
         self.memo[memo_key] = len(self.memo)
         self.keep.append(obj)
+        if self.steps:
+            self.where[memo_key] = _flatten(chain)
         return False
 
     def function(self, fn, chain):
         emit = self.key.append
-        if self._seen(id(fn), fn):
+        if self._seen(id(fn), fn, chain):
             return
         code = fn.__code__
         cells = fn.__closure__
         if cells is None and _is_library(fn.__module__):
             emit(_FLIB)
             emit(fn)  # functions compare by identity; the key holds it
+            self.guard("fixed", chain)
             return
         emit(_F)
         emit(code)
+        self.guard("fixed", chain)  # a function is pinned by its code object
         names = _code_names(code)
         if cells:
             for i, cell in enumerate(cells):
@@ -348,6 +373,11 @@ class _Walk:
         emit(_D)
         emit(type(v))
         emit(len(v))
+        self.guard("type", chain)
+        if all(type(k) in _ATOMS or type(k) is float for k in v):
+            self.guard("keys", chain, tuple(v))
+        else:
+            self.guard("len", chain, len(v))
         for k, item in v.items():
             if type(k) in _ATOMS:
                 emit(k)
@@ -361,7 +391,8 @@ class _Walk:
         emit = self.key.append
         emit(_MOD)
         emit(m.__name__)
-        if _is_library(m.__name__) or self._seen((id(m), names), m):
+        self.guard("fixed", chain)
+        if _is_library(m.__name__) or self._seen((id(m), names), m, chain):
             return
         self.named_entries(m.__dict__, names, chain, "attr")
 
@@ -369,7 +400,8 @@ class _Walk:
         emit = self.key.append
         emit(_CLS)
         emit(c)  # classes compare by identity; the key holds it
-        if _is_library(c.__module__) or self._seen((id(c), names), c):
+        self.guard("fixed", chain)
+        if _is_library(c.__module__) or self._seen((id(c), names), c, chain):
             return
         names = self._expand(c, names)
         for name in names:
@@ -426,7 +458,8 @@ class _Walk:
         cls = type(o)
         emit(_OBJ)
         emit(cls)
-        if self._seen((id(o), names), o):
+        self.guard("type", chain)
+        if self._seen((id(o), names), o, chain):
             return
         d = getattr(o, "__dict__", None)
         if not isinstance(d, dict):
@@ -517,6 +550,7 @@ def captured_tensors(fn: Callable) -> Buffers:
     w = _Walk(True)
     w.root(fn)
     w.tensors.mod_name = _mod_name(fn)
+    w.tensors.guards = tuple(w.guards)
     return w.tensors
 
 
