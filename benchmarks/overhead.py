@@ -41,7 +41,28 @@ def main(S: int = 256, n: int = 200):
         o = ebt_fwd()
         torch.autograd.grad(o, y, [torch.ones_like(t) for t in o])
 
-    for name, f in [("flex fwd", fwd), ("flex fwd+bwd", fwd_bwd), ("ebt fwd", ebt_fwd), ("ebt fwd+bwd", ebt_fwd_bwd)]:
+    def ebt_second_order():
+        """The EBT step's attention: forward, create_graph gradient, backward through it."""
+        out_o, out_p = ebt_fwd()
+        grads = torch.autograd.grad(out_p.sum() + out_o.sum(), y, create_graph=True)
+        torch.autograd.grad(sum(g.sum() for g in grads), y)
+
+    cases = [("flex fwd", fwd), ("flex fwd+bwd", fwd_bwd), ("ebt fwd", ebt_fwd), ("ebt fwd+bwd", ebt_fwd_bwd),
+             ("ebt 2nd order", ebt_second_order)]
+    if len(sys.argv) > 1 and sys.argv[1] == "--profile":
+        import cProfile
+        import pstats
+
+        for _ in range(3):
+            ebt_second_order()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(50):
+            ebt_second_order()
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        return
+    for name, f in cases:
         for _ in range(3):
             f()
         t = time.perf_counter()

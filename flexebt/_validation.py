@@ -10,6 +10,7 @@ import difflib
 import inspect
 import math
 import numbers
+import types
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -120,10 +121,29 @@ def mod_display_name(mod) -> str:
     return name
 
 
+_SIGNATURES_OK: set = set()  # signature keys that accepted their kind's arguments
+
+
+def _signature_key(mod, kind: str):
+    """What a function's or bound method's signature depends on (its code, how many defaults,
+    which keyword defaults), so a passed check is not repeated on every call; None for other
+    callables (checked each time)."""
+    t = type(mod)
+    if t is types.MethodType:
+        inner = _signature_key(mod.__func__, kind)
+        return None if inner is None else ("method",) + inner
+    if t is types.FunctionType:
+        return (kind, mod.__code__, len(mod.__defaults__ or ()), tuple(mod.__kwdefaults__ or ()))
+    return None
+
+
 def check_mod_signature(fn: str, kind: str, mod: Optional[Callable]) -> None:
     """TypeError unless ``mod`` can be called with the positional arguments of ``kind``
     (``*args`` and parameters with defaults are fine; required keyword-only ones are not)."""
     if mod is None or torch.compiler.is_compiling():  # checked by the eager call; dynamo traces the mod itself
+        return
+    key = _signature_key(mod, kind)
+    if key is not None and key in _SIGNATURES_OK:
         return
     params = MOD_SIGNATURES[kind]
     try:
@@ -132,6 +152,8 @@ def check_mod_signature(fn: str, kind: str, mod: Optional[Callable]) -> None:
         return
     try:
         sig.bind(*params)
+        if key is not None:
+            _SIGNATURES_OK.add(key)
     except TypeError as err:
         name = mod_display_name(mod)
         raise TypeError(

@@ -12,7 +12,7 @@ from . import _validation as V
 from .backends import composition_needs_reference, resolve_backend
 from .blockmask import EBTBlockMask
 from .autograd import FlexAttention, FlexCall
-from .codegen.source import get_kernels, position_extents
+from .codegen.source import kernels_and_buffers, position_extents
 from .kernels.flex import cached_tables
 from .reference import ebt_attention_reference, flex_attention_reference, piecewise_attention_reference
 
@@ -112,8 +112,8 @@ def _flex_attention_triton(query, key, value, score_mod, block_mask, scale, kern
     Sq, Skv = query.shape[2], key.shape[2]
     with torch._C._DisableFuncTorch():  # plain int32 tables even inside torch.func transforms
         tables = cached_tables(block_mask, Sq, Skv, query.device)
-    kernels = get_kernels("flex_attention", score_mod, tables.mask_mod)
-    buffers = kernels.buffers(score_mod, tables.mask_mod, position_extents(query.shape[0], query.shape[1], Sq, Skv))
+    kernels, buffers = kernels_and_buffers("flex_attention", score_mod, tables.mask_mod,
+                                           position_extents(query.shape[0], query.shape[1], Sq, Skv))
     for t in buffers:
         if t.device != query.device:
             raise ValueError(f"flex_attention: a tensor captured by score_mod/mask_mod is on {t.device} but the "

@@ -89,8 +89,8 @@ def _kernel_parts(score_fn, score_obj, mask_fn, mask_obj, frame_mask: bool) -> t
     if kern.internal:
         raise NotImplementedError("flexebt under torch.compile: a mod that creates tensors inside its body is "
                                   "not supported; create them outside and capture them.")
-    score = captured_tensors(score_mod) if score_mod is not None else []
-    mask = captured_tensors(mask_mod) if mask_mod is not None else []
+    score = captured_tensors(score_mod, guards=True) if score_mod is not None else []
+    mask = captured_tensors(mask_mod, guards=True) if mask_mod is not None else []
     paths = tuple(("score", b.steps) for b in score) + tuple(("mask", b.steps) for b in mask)
     guards = (getattr(score, "guards", ()), getattr(mask, "guards", ()))
     _REGISTRY.setdefault(key, kern)

@@ -229,7 +229,7 @@ def _needs_composition(tensors) -> bool:
 
 def piecewise_attention_kernels(q1, k1, q2, k2, v, dist_threshold, causal, scale, score_mod, block_mask,
                                 kernel_options) -> tuple[Tensor, Tensor]:
-    from .codegen.source import get_kernels, position_extents
+    from .codegen.source import kernels_and_buffers, position_extents
     from .kernels.flex import tables_from_block_mask
 
     args = (dist_threshold, causal, scale, score_mod, block_mask, kernel_options)
@@ -238,9 +238,9 @@ def piecewise_attention_kernels(q1, k1, q2, k2, v, dist_threshold, causal, scale
     M, N = q1.shape[2], k1.shape[2]
     near, far = region_block_masks(M, N, dist_threshold, causal, q1.device, block_mask)
     t_near, t_far = (tables_from_block_mask(bm, M, N, q1.device) for bm in (near, far))
-    k_near, k_far = (get_kernels("flex_attention", score_mod, t.mask_mod) for t in (t_near, t_far))
     extents = position_extents(q1.shape[0], q1.shape[1], M, N)
-    b_near, b_far = k_near.buffers(score_mod, t_near.mask_mod, extents), k_far.buffers(score_mod, t_far.mask_mod, extents)
+    (k_near, b_near), (k_far, b_far) = (kernels_and_buffers("flex_attention", score_mod, t.mask_mod, extents)
+                                        for t in (t_near, t_far))
     for t in b_near + b_far:
         if t.device != q1.device:
             raise ValueError(f"piecewise_attention: a tensor captured by score_mod/mask_mod is on {t.device} but "

@@ -195,10 +195,11 @@ def _path(steps) -> str:
 class _Walk:
     """One pass over what a mod can read; ``key`` describes it, ``tensors`` lists its tensors."""
 
-    __slots__ = ("key", "tensors", "memo", "tmemo", "keep", "steps", "guards", "where")
+    __slots__ = ("key", "tensors", "memo", "tmemo", "keep", "steps", "guards", "where", "checks")
 
-    def __init__(self, steps: bool):
-        self.steps = steps  # build Buffer entries and guards (captured_tensors) or only the key (fingerprint)
+    def __init__(self, steps: bool, checks: bool = False):
+        self.steps = steps  # build Buffer entries (captured_tensors) or only the key (fingerprint)
+        self.checks = checks  # also record the guards of the compiled path
         self.key = []
         self.tensors = Buffers()
         self.memo = {}
@@ -210,7 +211,7 @@ class _Walk:
     def guard(self, kind: str, chain, value=None):
         """Record a check on the value at ``chain``: how a compiled graph pins what the key holds
         (``guards_hold`` in the compiled path evaluates them while dynamo traces)."""
-        if self.steps:
+        if self.checks:
             self.guards.append((_flatten(chain), kind, value))
 
     # -- entry ------------------------------------------------------------------------------
@@ -314,12 +315,12 @@ class _Walk:
         if ordinal is not None:
             self.key.append(_REF)
             self.key.append(ordinal)
-            if self.steps:
+            if self.checks:
                 self.guard("same", chain, self.where[memo_key])
             return True
         self.memo[memo_key] = len(self.memo)
         self.keep.append(obj)
-        if self.steps:
+        if self.checks:
             self.where[memo_key] = _flatten(chain)
         return False
 
@@ -544,14 +545,20 @@ def resolve(fn: Callable, steps: tuple):
     return obj
 
 
-def captured_tensors(fn: Callable) -> Buffers:
+def captured_tensors(fn: Callable, guards: bool = False) -> Buffers:
     """The tensors a mod reads through its closure, defaults, globals, bound object, partial
-    arguments and containers, in a deterministic order (the walk order of ``fingerprint``)."""
-    w = _Walk(True)
+    arguments and containers, in a deterministic order (the walk order of ``fingerprint``);
+    with ``guards``, also the checks that pin the rest of the key (the compiled path's guards)."""
+    return describe(fn, guards)[1]
+
+
+def describe(fn: Callable, guards: bool = False) -> tuple:
+    """``(fingerprint(fn), captured_tensors(fn))`` from one walk."""
+    w = _Walk(True, guards)
     w.root(fn)
     w.tensors.mod_name = _mod_name(fn)
     w.tensors.guards = tuple(w.guards)
-    return w.tensors
+    return tuple(w.key), w.tensors
 
 
 def fingerprint(obj):

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 
 from .emit import Emitter
-from .identity import captured_tensors, fingerprint, wide_offsets
+from .identity import captured_tensors, describe, fingerprint, wide_offsets
 from .trace import TracedMod, trace_mask_mod, trace_score_mod
 
 TEMPLATES = pathlib.Path(__file__).resolve().parent.parent / "kernels" / "templates"
@@ -49,6 +49,10 @@ class ModKernels:
         indexed dimension, which is checked here, once per call, instead of per score."""
         current = (captured_tensors(score_mod) if score_mod is not None else []) + \
                   (captured_tensors(mask_mod) if mask_mod is not None else [])
+        return self.buffers_of(current, extents)
+
+    def buffers_of(self, current: list, extents: dict) -> list[torch.Tensor]:
+        """``buffers`` from the mods' captured tensors (``codegen.identity.Buffer`` entries)."""
         out = [b.tensor for b in current]
         for slot, t in sorted(self.internal.items()):
             out.insert(slot, t)
@@ -119,7 +123,21 @@ def get_kernels(template: str, score_mod: Optional[Callable], mask_mod: Optional
     like the score_mod (``q_idx`` = stream position + ``Q_OFF``), and where ``Q_OFF > 0`` (the
     predicted stream) the observed key at the query's own frame is dropped as well -- so one
     module serves both query streams, with the streams told apart by ``Q_OFF`` alone."""
-    key = (template, fingerprint(score_mod), fingerprint(mask_mod), _interpret(), frame_mask)
+    return _kernels(template, fingerprint(score_mod), fingerprint(mask_mod), score_mod, mask_mod, frame_mask)
+
+
+def kernels_and_buffers(template: str, score_mod: Optional[Callable], mask_mod: Optional[Callable], extents: dict,
+                        frame_mask: bool = False) -> tuple:
+    """``get_kernels`` and the call's ``buffers`` from one walk over each mod (the eager path's
+    per-call work)."""
+    score_key, score_bufs = describe(score_mod) if score_mod is not None else (None, [])
+    mask_key, mask_bufs = describe(mask_mod) if mask_mod is not None else (None, [])
+    kern = _kernels(template, score_key, mask_key, score_mod, mask_mod, frame_mask)
+    return kern, kern.buffers_of(score_bufs + mask_bufs, extents)
+
+
+def _kernels(template: str, score_key, mask_key, score_mod, mask_mod, frame_mask: bool) -> ModKernels:
+    key = (template, score_key, mask_key, _interpret(), frame_mask)
     hit = _CACHE.get(key)
     if hit is None:
         # Building traces the mods with make_fx and autograd. That is code generation, not part of

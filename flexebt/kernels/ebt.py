@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..codegen.source import ModKernels, get_kernels, position_extents
+from ..codegen.source import ModKernels, kernels_and_buffers, position_extents
 from .flex import (BlockTables, OwnKeys, QueryStream, _buffer_args, captured_grad_buffers, dkdv_pass, dq_pass,
                    finish_captured_grads, flex_forward, tables_from_block_mask)
 
@@ -75,10 +75,10 @@ def plan(score_mod, block_mask, B: int, H: int, S_o: int, S_p: int, device) -> E
     if hit is not None and hit[0] is block_mask and hit[1] is score_mod:
         cached = hit[2]
         # the kernel lookup runs every call: what the mods read (globals, attributes) may have changed
-        kern = get_kernels("flex_attention", score_mod, block_mask.mask_mod, frame_mask=True)
+        kern, buffers = kernels_and_buffers("flex_attention", score_mod, block_mask.mask_mod,
+                                            _frame_extents(B, H, S_o, S_p), frame_mask=True)
         if kern is cached.kern:
-            return dataclasses.replace(cached, buffers=kern.buffers(score_mod, block_mask.mask_mod,
-                                                                   _frame_extents(B, H, S_o, S_p)))
+            return dataclasses.replace(cached, buffers=buffers)
     fresh = _plan(score_mod, block_mask, B, H, S_o, S_p, device)
     if len(_PLANS) > 64:
         _PLANS.clear()
@@ -89,10 +89,10 @@ def plan(score_mod, block_mask, B: int, H: int, S_o: int, S_p: int, device) -> E
 def _plan(score_mod, block_mask, B, H, S_o, S_p, device) -> EBTPlan:
     tables_o = tables_from_block_mask(block_mask.observed, S_o, S_o, device)
     tables_p = tables_from_block_mask(block_mask.predicted, S_p, S_o, device)
-    kern = get_kernels("flex_attention", score_mod, block_mask.mask_mod, frame_mask=True)
+    kern, buffers = kernels_and_buffers("flex_attention", score_mod, block_mask.mask_mod,
+                                        _frame_extents(B, H, S_o, S_p), frame_mask=True)
     keep = block_mask.own_keep_for(B, H)  # evaluated once, when the mask was made
-    return EBTPlan(kern, tables_o, tables_p, kern.buffers(score_mod, block_mask.mask_mod, _frame_extents(B, H, S_o, S_p)),
-                   keep, S_o - S_p + 1)
+    return EBTPlan(kern, tables_o, tables_p, buffers, keep, S_o - S_p + 1)
 
 
 def _frame_extents(B: int, H: int, S_o: int, S_p: int) -> dict:
