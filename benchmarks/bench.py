@@ -287,6 +287,7 @@ def main(argv=None):
     p.add_argument("--b3-dtypes", default="float32,bfloat16", type=lambda s: s.split(","))
     p.add_argument("--b3-reps", type=int, default=5)
     p.add_argument("--b3-layers", type=int, default=12)
+    p.add_argument("--b3-tokens", type=int, default=4096, help="B3 tokens per batch: B16 at S256")
     p.add_argument("--b3-impls", default=",".join(B3_IMPLS), type=lambda s: s.split(","))
     p.add_argument("--b1-configs", default="float32:32,bfloat16:64,bfloat16:128",
                    type=lambda s: [(a, int(b)) for a, b in (x.split(":") for x in s.split(","))])

@@ -91,7 +91,7 @@ def run_b3(args, meta, writer):
         dtype = getattr(torch, dtype_name)
         torch.set_float32_matmul_precision("high")
         for S in args.seqs:
-            B = args.batch or max(1, args.tokens // S)
+            B = args.batch or max(1, args.b3_tokens // S)
             ref_grads = None
             for impl in [i for i in IMPLS if i in args.b3_impls]:
                 os.environ["FLEXEBT_BACKEND"] = "REFERENCE" if impl.endswith("_math") else "AUTO"

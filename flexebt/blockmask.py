@@ -135,10 +135,12 @@ class EBTBlockMask:
                     f"{name}._adjust{lengths} or build the mask with create_ebt_block_mask.")
         if self.own_keep is None:
             # evaluated per score with vmap, on the code-generation thread: the caller may be inside a
-            # torch.func transform; a compiled call then only reads the tensor
+            # torch.func transform (a mask made inside torch.compile is traced in place instead)
             from .codegen.source import run_on_builder
 
-            keep = run_on_builder(self.self_keep, self.B, self.H, self.observed.kv_num_blocks.device)
+            device = self.observed.kv_num_blocks.device
+            keep = self.self_keep(self.B, self.H, device) if torch.compiler.is_compiling() else \
+                run_on_builder(self.self_keep, self.B, self.H, device)
             object.__setattr__(self, "own_keep", keep.to(torch.int8).contiguous())
 
     def own_keep_for(self, B: int, H: int) -> Tensor:

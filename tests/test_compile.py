@@ -321,6 +321,29 @@ def test_closure_made_inside_the_compiled_function_is_refused_by_name():
 
 
 @pytest.mark.interpreter
+def test_ebt_block_mask_made_inside_the_compiled_function():
+    """An EBT block mask created inside the compiled function (a model that builds its mask on
+    first use): its own-key mask is traced in place; values and gradients equal the reference's,
+    and the next call reuses the graph."""
+    S, H = 20, 2
+
+    def fn(*xs, backend=T):
+        bm = flexebt.create_ebt_block_mask(masks.ebt_causal_mask, None, None, S, S, device="cpu", BLOCK_SIZE=16)
+        out_o, out_p = flexebt.flex_ebt_attention(*xs, block_mask=bm, kernel_options=backend)
+        return out_o.square().sum() + out_p.sum()
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, fullgraph=True, backend=counter)
+    for _ in range(2):
+        x = [torch.randn(1, H, S, 16, requires_grad=True) for _ in range(6)]
+        got, want = compiled(*x), fn(*x, backend={"BACKEND": "REFERENCE"})
+        assert rel_err(got, want) < 1e-6
+        for a, b in zip(torch.autograd.grad(got, x), torch.autograd.grad(want, x)):
+            assert rel_err(a, b) < 1e-5
+    assert counter.frame_count == 1
+
+
+@pytest.mark.interpreter
 def test_method_mod_inside_a_compiled_module():
     """``score_mod=self.score_mod`` inside a compiled module's forward (the method read inside the
     trace) compiles with fullgraph; forward and the learned bias's gradient equal the reference;
