@@ -93,8 +93,10 @@ def run_b3(args, meta, writer):
         for S in args.seqs:
             B = args.batch or max(1, args.b3_tokens // S)
             ref_grads = None
-            for impl in [i for i in IMPLS if i in args.b3_impls]:
+            for impl in args.b3_impls:  # in the order given
                 os.environ["FLEXEBT_BACKEND"] = "REFERENCE" if impl.endswith("_math") else "AUTO"
+                if impl not in IMPLS:
+                    raise ValueError(f"B3: unknown implementation {impl!r}; choose from {', '.join(IMPLS)}")
                 torch._dynamo.reset()
                 torch.manual_seed(0)
                 model = CharEBT(vocab, S, dim=dim, heads=heads, layers=layers, mcmc_steps=2).to("cuda", dtype)
