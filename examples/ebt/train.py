@@ -44,6 +44,8 @@ def main(argv=None):
                    help="compile the training loss with fullgraph=True; the energy's gradient taken inside it "
                         "(create_graph=True) is traced too (torch._dynamo.config.trace_autograd_ops)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode, e.g. reduce-overhead (CUDA graphs: one launch sequence per step)")
     a = p.parse_args(argv)
     torch.manual_seed(a.seed)
 
@@ -57,8 +59,13 @@ def main(argv=None):
         # autograd.grad(create_graph=True) inside a compiled function needs this switch (torch >= 2.11);
         # flexebt's attention enters the graph as custom ops whose backward is itself differentiable
         torch._dynamo.config.trace_autograd_ops = True
-        model.block_mask(a.context, a.device)  # build the EBT block mask once, before tracing
-        loss_fn = torch.compile(model.loss, fullgraph=True, backend=a.compile_backend)
+        model.block_mask(a.context, a.device)  # the EBT block mask, made once and reused by every step
+        compiled = torch.compile(model.loss, fullgraph=True, backend=a.compile_backend, mode=a.compile_mode)
+
+        def loss_fn(x, y):
+            if a.compile_mode == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are done with
+            return compiled(x, y)
 
     def batch():
         starts = torch.randint(0, len(data) - a.context - 1, (a.batch,))
