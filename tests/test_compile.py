@@ -397,8 +397,10 @@ def _second_order_step(fn, params):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("family", ["flex", "flex_lse", "ebt", "ebt_window", "piecewise", "piecewise_window"])
-def test_second_order_inside_fullgraph_compile(family):
+@pytest.mark.parametrize("family,backend", [(f, "aot_eager") for f in ("flex", "flex_lse", "ebt", "ebt_window",
+                                                                        "piecewise", "piecewise_window")] +
+                         [(f, "inductor") for f in ("flex", "ebt", "piecewise")])
+def test_second_order_inside_fullgraph_compile(family, backend):
     """With trace_autograd_ops, autograd.grad(create_graph=True) inside torch.compile(fullgraph=True)
     traces forward -> backward -> double-backward custom ops: the outer gradients (inputs and a
     learned bias) equal the reference's, and a second call with new tensors does not recompile."""
@@ -448,7 +450,7 @@ def test_second_order_inside_fullgraph_compile(family):
         shapes = [(1, H, S_o, D)] * 3 + [(1, H, S_p, D)] * 3
     step = _second_order_step(fn, [bias])
     ref_step = _second_order_step(lambda *xs: fn(*xs, backend={"BACKEND": "REFERENCE"}), [bias])
-    counter = CompileCounterWithBackend("aot_eager")
+    counter = CompileCounterWithBackend(backend)
     with torch._dynamo.config.patch(trace_autograd_ops=True):
         compiled = torch.compile(step, fullgraph=True, backend=counter)
         for _ in range(2):
