@@ -163,10 +163,12 @@ def _ebt_plan(kern, tables, aux_rest, buffers, offset):
 def _forward(family: str, kern, meta: str, ins: list, aux: list, buffers: list) -> list:
     scale, offset, tables, options, rest = _unmeta(meta, aux)
     if family == "flex":
-        return list(flex_forward(kern, *ins, scale, tables[0], buffers, options))
-    from .kernels.ebt import ebt_forward
+        outs = flex_forward(kern, *ins, scale, tables[0], buffers, options)
+    else:
+        from .kernels.ebt import ebt_forward
 
-    return list(ebt_forward(_ebt_plan(kern, tables, rest, buffers, offset), *ins, scale, options))
+        outs = ebt_forward(_ebt_plan(kern, tables, rest, buffers, offset), *ins, scale, options)
+    return [o.contiguous() for o in outs]  # every op output is dense, as its fake says
 
 
 def _backward(family: str, kern, meta: str, ins: list, outs: list, cts: list, aux: list, buffers: list) -> list:
@@ -183,7 +185,7 @@ def _backward(family: str, kern, meta: str, ins: list, outs: list, cts: list, au
 
         *grads, dbuf = ebt_backward(_ebt_plan(kern, tables, rest, buffers, offset), *ins, *outs, *douts, *dlses,
                                     scale, options)
-    return grads + [g if g is not None else b.new_empty(0) for g, b in zip(dbuf, buffers)]
+    return [g.contiguous() for g in grads + [g if g is not None else b.new_empty(0) for g, b in zip(dbuf, buffers)]]
 
 
 def _double_backward(family: str, kern, meta: str, ins: list, outs: list, cts: list, gcts: list, aux: list,
@@ -206,7 +208,9 @@ def _double_backward(family: str, kern, meta: str, ins: list, outs: list, cts: l
                                   scale, options, bcts)
         grads, g_cts, gbuf = res[:6], res[6:10], res[10]
     g_cts = [g if g is not None else o.new_empty(0) for g, o in zip(g_cts, outs)]
-    return grads + g_cts + [g if g is not None else b.new_empty(0) for g, b in zip(gbuf, buffers)]
+    # dense like the fake outputs (some kernels hand back views, e.g. a column of the row statistics)
+    return [g.contiguous() for g in grads + g_cts + [g if g is not None else b.new_empty(0)
+                                                     for g, b in zip(gbuf, buffers)]]
 
 
 @torch.library.custom_op("flexebt::attention", mutates_args=())
@@ -232,12 +236,12 @@ def attention_backward_op(family: str, key: str, meta: str, ins: list[Tensor], o
 
 def _buffer_grad_fakes(key: str, buffers: list) -> list:
     slots = set(_REGISTRY[key].grad_slots)
-    return [torch.empty_like(b) if i in slots else b.new_empty(0) for i, b in enumerate(buffers)]
+    return [b.new_empty(b.shape) if i in slots else b.new_empty(0) for i, b in enumerate(buffers)]
 
 
 @attention_backward_op.register_fake
 def _(family, key, meta, ins, outs, cts, aux, buffers):
-    return [torch.empty_like(x) for x in ins] + _buffer_grad_fakes(key, buffers)
+    return [x.new_empty(x.shape) for x in ins] + _buffer_grad_fakes(key, buffers)
 
 
 @torch.library.custom_op("flexebt::attention_double_backward", mutates_args=())
@@ -250,8 +254,8 @@ def attention_double_backward_op(family: str, key: str, meta: str, ins: list[Ten
 @attention_double_backward_op.register_fake
 def _(family, key, meta, ins, outs, cts, gcts, aux, buffers, bcts):
     n_out = len(outs) // 2
-    g_cts = [torch.empty_like(o) if i < n_out or cts[i] is not None else o.new_empty(0) for i, o in enumerate(outs)]
-    return [torch.empty_like(x) for x in ins] + g_cts + _buffer_grad_fakes(key, buffers)
+    g_cts = [o.new_empty(o.shape) if i < n_out or cts[i] is not None else o.new_empty(0) for i, o in enumerate(outs)]
+    return [x.new_empty(x.shape) for x in ins] + g_cts + _buffer_grad_fakes(key, buffers)
 
 
 def _grad_or_none(g: Tensor, like: Tensor):

@@ -399,7 +399,7 @@ def _second_order_step(fn, params):
 @pytest.mark.interpreter
 @pytest.mark.parametrize("family,backend", [(f, "aot_eager") for f in ("flex", "flex_lse", "ebt", "ebt_window",
                                                                         "piecewise", "piecewise_window")] +
-                         [(f, "inductor") for f in ("flex", "ebt", "piecewise")])
+                         [(f, "inductor") for f in ("flex_lse", "ebt", "piecewise")])
 def test_second_order_inside_fullgraph_compile(family, backend):
     """With trace_autograd_ops, autograd.grad(create_graph=True) inside torch.compile(fullgraph=True)
     traces forward -> backward -> double-backward custom ops: the outer gradients (inputs and a
