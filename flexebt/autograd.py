@@ -489,6 +489,8 @@ def _direct_apply(cls, *args):
     Inside torch.func transforms torch's own apply runs (it dispatches to custom_function_call).
     Where nothing can be recorded -- grad mode off (a first-order backward without create_graph
     runs so), no forward-AD level, no transform -- apply would only run ``forward``: call it."""
+    if not _SKIPPED_BY_DYNAMO[0]:
+        _mark_skipped_by_dynamo()
     if torch._C._are_functorch_transforms_active():
         return torch.autograd.Function.apply.__func__(cls, *args)
     if not torch.is_grad_enabled() and _forward_ad._current_level < 0:
@@ -505,11 +507,28 @@ def eager_function(fn):
     # torch.compile'd frame (autograd.grad in a compiled function, after its graph break), dynamo
     # would otherwise try to trace them -- into Triton's launcher -- and a traced autograd.Function
     # backward is not differentiable again (torch drops its second-order terms silently).  So dynamo
-    # skips them.
+    # skips them: marked before the first apply of any kernel Function (importing dynamo costs about
+    # as much as importing torch, so `import flexebt` does not pay it), or at once after that.
+    _EAGER_FUNCTIONS.append(fn)
+    if _SKIPPED_BY_DYNAMO[0]:
+        _skip_in_dynamo(fn)
+    return fn
+
+
+_EAGER_FUNCTIONS: list = []
+_SKIPPED_BY_DYNAMO = [False]
+
+
+def _skip_in_dynamo(fn) -> None:
     fn.backward = staticmethod(torch.compiler.disable(fn.backward))
     if "jvp" in fn.__dict__:
         fn.jvp = staticmethod(torch.compiler.disable(fn.jvp))
-    return fn
+
+
+def _mark_skipped_by_dynamo() -> None:
+    for fn in _EAGER_FUNCTIONS:
+        _skip_in_dynamo(fn)
+    _SKIPPED_BY_DYNAMO[0] = True
 
 
 for _fn in (FlexAttention, FlexAttentionBackward, FlexAttentionDoubleBackward, EBTAttention, EBTAttentionBackward,

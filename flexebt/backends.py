@@ -33,13 +33,18 @@ def requested_backend(kernel_options: Optional[dict]) -> str:
     return value.upper()
 
 
-@torch.compiler.assume_constant_result
-def _triton_available() -> bool:
+def _find_triton() -> bool:
     # find_spec, not import: importing triton fixes its interpreter mode for the process.
-    # A constant result for torch.compile (dynamo does not trace find_spec).
     import importlib.util
 
     return importlib.util.find_spec("triton") is not None
+
+
+_TRITON = _find_triton()  # once, at import: a plain global that torch.compile reads as a constant
+
+
+def _triton_available() -> bool:
+    return _TRITON
 
 
 def resolve_backend(kernel_options: Optional[dict], device: torch.device, fn: str, has_kernels: bool = False,

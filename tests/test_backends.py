@@ -55,3 +55,27 @@ def test_auto_picks_reference_on_cpu(monkeypatch):
 
     assert resolve_backend(None, torch.device("cpu"), "f", has_kernels=True, dtype=torch.float32) == "REFERENCE"
     assert resolve_backend(None, torch.device("cuda"), "f", has_kernels=False, dtype=torch.float32) == "REFERENCE"
+
+
+def test_import_does_not_load_the_compiler():
+    """``import flexebt`` leaves torch's compiler (dynamo) unloaded: it costs about as much as
+    importing torch, and only compiled calls and the first kernel call need it."""
+    import subprocess
+    import sys
+
+    code = "import sys, flexebt; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+@pytest.mark.interpreter
+def test_kernel_backwards_are_skipped_by_dynamo_once_used():
+    """The kernel Functions' backward rules are marked for dynamo to skip before the first kernel
+    call runs (a traced backward would not be differentiable again)."""
+    import flexebt.autograd as A
+
+    q = torch.randn(1, 1, 16, 16, requires_grad=True)
+    flexebt.flex_attention(q, q, q, kernel_options={"BACKEND": "TRITON"}).sum().backward()
+    assert A._SKIPPED_BY_DYNAMO[0]
+    for fn in A._EAGER_FUNCTIONS:
+        assert getattr(fn.backward, "_torchdynamo_disable", False), fn.__name__

@@ -451,6 +451,7 @@ def test_second_order_inside_fullgraph_compile(family, backend):
     step = _second_order_step(fn, [bias])
     ref_step = _second_order_step(lambda *xs: fn(*xs, backend={"BACKEND": "REFERENCE"}), [bias])
     counter = CompileCounterWithBackend(backend)
+    torch._dynamo.reset()  # every case compiles the same step code: start from an empty cache
     with torch._dynamo.config.patch(trace_autograd_ops=True):
         compiled = torch.compile(step, fullgraph=True, backend=counter)
         for _ in range(2):
