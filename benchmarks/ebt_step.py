@@ -119,9 +119,14 @@ def run_b3(args, meta, writer):
                         ref_grads = grads
                     elif ref_grads is not None:
                         err = ((grads - ref_grads).norm() / ref_grads.norm()).item()
-                    step()
+                    for _ in range(2):  # warm: three steps in all before timing
+                        step()
                     ms = _time(step, args.b3_reps)
                     peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
+                    if impl.startswith("flexebt"):
+                        from flexebt.kernels.flex import _FAST
+
+                        note = f"fast launch {'on' if _FAST.enabled else 'off'}, {_FAST.hits} remembered launches"
                 except torch.OutOfMemoryError:
                     note = "out of memory"
                 except Exception as e:  # noqa: BLE001 - a failing implementation is a row, not the end of the run

@@ -62,6 +62,10 @@ def main(argv=None):
         events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
         gpu = sum(e.device_time_total for e in events) / 3 / 1e3
         name = "flexebt" if backend == "AUTO" else "eager_math"
+        if backend == "AUTO":
+            from flexebt.kernels.flex import _FAST
+
+            name += f" (fast launch {'on' if _FAST.enabled else 'off'}, {_FAST.hits} remembered launches)"
         print(f"== {name}: {torch.cuda.get_device_name()} torch {torch.__version__} S{a.S} B{a.B} "
               f"{a.layers} layers {a.dtype}: wall {wall:.1f} ms/step, host until the last launch {host:.1f} ms, "
               f"GPU busy {gpu:.1f} ms/step")
