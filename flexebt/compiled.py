@@ -25,6 +25,7 @@ support double backward") -- an error, never a silent drop.  Eager mode keeps th
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import types
@@ -63,6 +64,12 @@ def _parts(mod) -> tuple:
     a model's layers persist, so calls reuse the graph -- and the function by its code."""
     if isinstance(mod, types.MethodType):
         return mod.__func__, mod.__self__
+    if isinstance(mod, functools.partial) and any(isinstance(a, torch.Tensor) for a in
+                                                  (*mod.args, *mod.keywords.values())):
+        raise NotImplementedError(
+            "flexebt under torch.compile: a functools.partial mod with tensor arguments cannot be handed to the "
+            "kernel generator; capture the tensors in a closure (def mod(score, b, h, q_idx, kv_idx): ...) or read "
+            "them through self in a method.")
     if isinstance(mod, types.FunctionType) and mod.__code__.co_freevars:
         try:
             mod.__closure__
@@ -404,6 +411,11 @@ def _guards_hold(mod, guards) -> bool:
             ok = ok and tuple(x.keys()) == want
         elif kind == "same":
             ok = ok and x is resolve(mod, want)
+        elif kind == "numpy":
+            raise NotImplementedError(
+                "flexebt under torch.compile: a mod that reads a numpy value (at "
+                f"{'.'.join(str(a) for _, a in steps)}) cannot be guarded by value (dynamo keeps only its shape); "
+                "use a Python number or a torch tensor instead.")
         else:
             ok = ok and _pinned(type(x) if kind == "type" else x)
     return ok

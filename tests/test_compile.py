@@ -303,6 +303,62 @@ def test_new_mods_and_block_masks_of_the_same_structure_reuse_the_graph():
 
 
 @pytest.mark.interpreter
+def test_guards_see_diverging_aliases_shadowed_class_attributes_and_refuse_numpy():
+    """Two routes to one tensor that later reach two tensors, and a class attribute later shadowed
+    by an instance attribute, recompile (the kernel depended on them); a numpy value and a partial
+    with tensor arguments are refused by name instead of served stale."""
+    import functools
+
+    import numpy as np
+
+    S, H = 16, 2
+    q = torch.randn(1, H, S, 16)
+    counter = CompileCounterWithBackend("aot_eager")
+
+    @torch.compile(fullgraph=True, backend=counter)
+    def attend(q, mod):
+        return flexebt.flex_attention(q, q, q, score_mod=mod, kernel_options=T)
+
+    def agrees(mod):
+        want = flexebt.flex_attention(q, q, q, score_mod=mod, kernel_options={"BACKEND": "REFERENCE"})
+        return rel_err(attend(q, mod), want) < 1e-6
+
+    def two_tables(a, c):
+        def mod(score, b, h, q_idx, kv_idx):
+            return score + a[h, q_idx, kv_idx] + 2 * c[h, q_idx, kv_idx]
+        return mod
+
+    t = torch.randn(H, S, S)
+    assert agrees(two_tables(t, t))
+    assert agrees(two_tables(torch.randn(H, S, S), torch.randn(H, S, S)))
+
+    class Layer:
+        scale = 0.5
+
+        def score_mod(self, score, b, h, q_idx, kv_idx):
+            return score + self.scale * (q_idx - kv_idx)
+
+    layer = Layer()
+    assert agrees(layer.score_mod)
+    layer.scale = -3.0
+    assert agrees(layer.score_mod)
+
+    table = np.float64(0.5)
+
+    def numpy_mod(score, b, h, q_idx, kv_idx):
+        return score + table * (q_idx - kv_idx)
+
+    with pytest.raises(Exception, match="reads a numpy value"):
+        attend(q, numpy_mod)
+
+    def biased(score, b, h, q_idx, kv_idx, bias=None):
+        return score + bias[h, q_idx, kv_idx]
+
+    with pytest.raises(Exception, match="functools.partial mod with tensor arguments"):
+        attend(q, functools.partial(biased, bias=torch.randn(H, S, S)))
+
+
+@pytest.mark.interpreter
 def test_closure_made_inside_the_compiled_function_is_refused_by_name():
     """A closure created during tracing cannot be handed to the kernel generator: fullgraph names
     the mod and says where to define it; without fullgraph the call runs eagerly and is exact."""

@@ -217,3 +217,30 @@ def test_aliased_tensor_is_part_of_the_key():
     assert fingerprint(make(a, a)) != fingerprint(make(a, b))
     _check(make(a, a))
     _check(make(b, a))
+
+
+@pytest.mark.interpreter
+def test_object_handed_to_a_helper_is_keyed_by_what_the_helper_reads():
+    """A mod passing a config object to a helper function (``helper(self.cfg, x)`` reading
+    ``cfg.scale``): a changed ``scale`` gives a new kernel, on the first call after the change."""
+    class Cfg:
+        def __init__(self):
+            self.scale = 0.5
+
+    def helper(cfg, x):
+        return cfg.scale * x
+
+    class Layer:
+        def __init__(self):
+            self.cfg = Cfg()
+
+        def score_mod(self, score, b, h, q_idx, kv_idx):
+            return score + helper(self.cfg, q_idx - kv_idx)
+
+    layer = Layer()
+    q = torch.randn(1, 2, 16, 16)
+    for scale in (0.5, -3.0):
+        layer.cfg.scale = scale
+        got = flexebt.flex_attention(q, q, q, score_mod=layer.score_mod, kernel_options={"BACKEND": "TRITON"})
+        want = flexebt.flex_attention(q, q, q, score_mod=layer.score_mod, kernel_options={"BACKEND": "REFERENCE"})
+        assert (got - want).abs().max() < 1e-5, scale

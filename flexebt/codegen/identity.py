@@ -138,6 +138,49 @@ def _callable_names(fn):
     return _code_names(call.__code__) if type(call) is types.FunctionType else _ALL
 
 
+def _reachable_names(root):
+    """The names that any user function reachable from ``root`` can read (its closure cells,
+    defaults, the globals its code names, partials, bound methods' functions), or ``_ALL``: an
+    object the mod passes to a helper (``helper(cfg, x)`` reading ``cfg.scale``) is read by the
+    helper's code, so the object is described with those names too."""
+    t = type(root)
+    if root is not None and t not in (types.FunctionType, types.MethodType, functools.partial):
+        call = getattr(t, "forward" if isinstance(root, _Module) else "__call__", None)
+        root = call if type(call) is types.FunctionType else None  # a callable object: its class's code
+    names, seen, stack = set(), set(), [root]
+    while stack:
+        f = stack.pop()
+        t = type(f)
+        if t is types.MethodType:
+            stack.append(f.__func__)
+            continue
+        if t is functools.partial:
+            stack.append(f.func)
+            stack.extend(f.args)
+            stack.extend(f.keywords.values())
+            continue
+        if t is not types.FunctionType:
+            continue
+        if id(f) in seen or (f.__closure__ is None and _is_library(f.__module__)):
+            continue
+        seen.add(id(f))
+        code_names = _code_names(f.__code__)
+        if code_names is _ALL:
+            return _ALL
+        names.update(code_names)
+        for cell in f.__closure__ or ():
+            try:
+                stack.append(cell.cell_contents)
+            except ValueError:
+                pass
+        stack.extend(f.__defaults__ or ())
+        stack.extend((f.__kwdefaults__ or {}).values())
+        g = f.__globals__
+        stack.extend(g[n] for n in code_names if n in g and type(g[n]) in (types.FunctionType, types.MethodType,
+                                                                             functools.partial))
+    return tuple(sorted(names))
+
+
 def _union(a, b):
     if a is _ALL or b is _ALL:
         return _ALL
@@ -195,7 +238,7 @@ def _path(steps) -> str:
 class _Walk:
     """One pass over what a mod can read; ``key`` describes it, ``tensors`` lists its tensors."""
 
-    __slots__ = ("key", "tensors", "memo", "tmemo", "keep", "steps", "guards", "where", "checks")
+    __slots__ = ("key", "tensors", "memo", "tmemo", "keep", "steps", "guards", "where", "checks", "reach")
 
     def __init__(self, steps: bool, checks: bool = False):
         self.steps = steps  # build Buffer entries (captured_tensors) or only the key (fingerprint)
@@ -207,6 +250,7 @@ class _Walk:
         self.keep = []
         self.guards = []
         self.where = {}  # memo key -> access steps of the first route to that object
+        self.reach = ()  # names read by any function the mod can call (set by root)
 
     def guard(self, kind: str, chain, value=None):
         """Record a check on the value at ``chain``: how a compiled graph pins what the key holds
@@ -217,6 +261,7 @@ class _Walk:
     # -- entry ------------------------------------------------------------------------------
     def root(self, mod):
         t = type(mod)
+        self.reach = _reachable_names(mod)
         if t is types.FunctionType or t is types.MethodType or t is functools.partial or mod is None:
             self.value(mod, (), None)
             return
@@ -287,7 +332,7 @@ class _Walk:
         elif t.__module__ == "numpy" and hasattr(v, "tobytes"):  # arrays and scalars: baked by value
             emit(t)
             emit((v.dtype.str, v.shape, v.tobytes()))
-            self.guard("fixed", chain)
+            self.guard("numpy", chain)  # dynamo guards numpy values by shape only: refused when compiling
         elif hasattr(v, "__dict__") or hasattr(type(v), "__slots__"):
             self.obj(v, names, chain)
         else:
@@ -299,8 +344,12 @@ class _Walk:
         slot = self.tmemo.get(id(v))
         if slot is not None:
             self.key.append((_TA, slot))
+            if self.checks:  # the second route must keep reaching the same tensor (one slot)
+                self.guard("same", chain, self.where[("tensor", id(v))])
             return
         self.tmemo[id(v)] = len(self.tmemo)
+        if self.checks:
+            self.where[("tensor", id(v))] = _flatten(chain)
         self.keep.append(v)
         self.key.append((v.dtype, v.dim(), v.requires_grad, v.is_cuda, v.device.type if not v.is_cpu else "cpu",
                          v.numel() == 1, wide_offsets(v)))
@@ -467,6 +516,7 @@ class _Walk:
             d = None
         is_mod = isinstance(o, _Module)
         stores = (d.get("_parameters"), d.get("_buffers"), d.get("_modules")) if is_mod and d else ()
+        names = _union(names, self.reach)  # an object handed to a helper is read by the helper's code
         if names is _ALL:
             listed = list(d or ())
             for s in stores:
@@ -501,6 +551,10 @@ class _Walk:
                         self.value(slot, names, (chain, ("attr", name)))
                 else:
                     self.class_value(val, names, ((chain, ("type", None)), ("attr", name)))
+                    if (d is None or name not in d) and (type(val) in _ATOMS or type(val) is float):
+                        # read through the instance too: an instance attribute set later shadows it
+                        self.guard("eq" if type(val) is not float or (val == val and val != 0.0) else "float",
+                                   (chain, ("attr", name)), val if val == val else "nan")
             if not found and dynamic:
                 try:
                     got = getattr(o, name, _MISSING)
