@@ -185,3 +185,25 @@ def test_gradient_of_a_temperature_is_as_accurate_as_eager_math():
     exact = second_order(run(R, cast=True), x + [temp, head])
     for k_, e_, x_ in zip(kern[0] + kern[1], eager[0] + eager[1], exact[0] + exact[1]):
         assert rel_err(k_, x_) <= max(3 * rel_err(e_, x_), 1e-6)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("op", ["or", "and", "xor"])
+def test_mask_combining_positions_with_a_captured_scalar(op):
+    """A mask_mod combining a position comparison with a comparison of a captured 0-d tensor
+    (`(q_idx >= kv_idx) | (temp <= 0.8)`): a bool from a scalar load and a bool tile in one op."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    temp = torch.tensor(0.5)
+    combine = {"or": lambda a, c: a | c, "and": lambda a, c: a & c, "xor": lambda a, c: a ^ c}[op]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return combine(q_idx >= kv_idx, temp <= 0.8)
+
+    bm = create_block_mask(mask_mod, 1, 1, 20, 20, device="cpu", BLOCK_SIZE=16)
+    q = torch.randn(1, 2, 20, 16, requires_grad=True)
+    got = flexebt.flex_attention(q, q, q, block_mask=bm, kernel_options={"BACKEND": "TRITON"})
+    want = flexebt.flex_attention(q, q, q, block_mask=bm, kernel_options={"BACKEND": "REFERENCE"})
+    finite = want.isfinite()
+    assert torch.equal(finite, got.isfinite())
+    assert rel_err(got[finite], want[finite]) < 1e-5

@@ -285,8 +285,18 @@ def _pow_base(em, node, a):
 # --- comparisons and logic -----------------------------------------------------------------------
 for _t, _sym in (("eq", "=="), ("ne", "!="), ("lt", "<"), ("le", "<="), ("gt", ">"), ("ge", ">=")):
     _fmt([getattr(aten, _t).Tensor, getattr(aten, _t).Scalar], f"({{0}} {_sym} {{1}})", f"{_sym} / torch.{_t}")
+def _bitwise(sym: str):
+    # on bools, each operand as (x != 0): Triton's interpreter cannot combine a bool from a scalar
+    # load (a captured 0-d tensor) with a bool tile directly; the value is the same
+    def emit(em, node, a):
+        if _is_bool(node):
+            return f"(({a(0)} != 0) {sym} ({a(1)} != 0))"
+        return f"({a(0)} {sym} {a(1)})"
+    return emit
+
+
 for _t, _sym in (("bitwise_and", "&"), ("bitwise_or", "|"), ("bitwise_xor", "^")):
-    _fmt([getattr(aten, _t).Tensor, getattr(aten, _t).Scalar], f"({{0}} {_sym} {{1}})", f"{_sym} / torch.{_t}")
+    _op([getattr(aten, _t).Tensor, getattr(aten, _t).Scalar], f"{_sym} / torch.{_t}")(_bitwise(_sym))
 _fmt([aten.logical_and.default], "(({0} != 0) & ({1} != 0))", "torch.logical_and")
 _fmt([aten.logical_or.default], "(({0} != 0) | ({1} != 0))", "torch.logical_or")
 _fmt([aten.logical_xor.default], "(({0} != 0) ^ ({1} != 0))", "torch.logical_xor")
