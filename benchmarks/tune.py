@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import flexebt  # noqa: E402
-from flexebt.codegen.source import get_kernels  # noqa: E402
+from flexebt.codegen.source import kernels_and_buffers, position_extents  # noqa: E402
 from flexebt.kernels import flex as flex_mod  # noqa: E402
 from flexebt.kernels.flex import flex_backward, flex_forward, tables_from_block_mask  # noqa: E402
 
@@ -70,8 +70,7 @@ def main():
         bm = flexebt.create_block_mask(mm, None, None, S, S, device="cuda")
         q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=dtype) for _ in range(3))
         tables = tables_from_block_mask(bm, S, S, "cuda")
-        kern = get_kernels("flex_attention", sm, tables.mask_mod)
-        bufs = kern.buffers(sm, tables.mask_mod)
+        kern, bufs = kernels_and_buffers("flex_attention", sm, tables.mask_mod, position_extents(B, H, S, S))
         scale = D ** -0.5
         out, lse = flex_forward(kern, q, k, v, scale, tables, bufs, base)
         do = torch.randn_like(out)

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from .codegen.source import get_kernels, position_extents, prepare_captured
-from .codegen.identity import captured_tensors, resolve
+from .codegen.identity import Buffers, captured_tensors, resolve
 from .kernels.flex import BlockTables, flex_backward, flex_double_backward, flex_forward, tables_from_block_mask
 
 _REGISTRY: dict = {}  # key -> ModKernels; read by the ops (outside the trace), never by traced code
@@ -96,10 +96,10 @@ def _kernel_parts(score_fn, score_obj, mask_fn, mask_obj, frame_mask: bool) -> t
     if kern.internal:
         raise NotImplementedError("flexebt under torch.compile: a mod that creates tensors inside its body is "
                                   "not supported; create them outside and capture them.")
-    score = captured_tensors(score_mod, guards=True) if score_mod is not None else []
-    mask = captured_tensors(mask_mod, guards=True) if mask_mod is not None else []
+    score = captured_tensors(score_mod, guards=True) if score_mod is not None else Buffers()
+    mask = captured_tensors(mask_mod, guards=True) if mask_mod is not None else Buffers()
     paths = tuple(("score", b.steps) for b in score) + tuple(("mask", b.steps) for b in mask)
-    guards = (getattr(score, "guards", ()), getattr(mask, "guards", ()))
+    guards = (score.guards, mask.guards)
     _REGISTRY.setdefault(key, kern)
     return key, paths, tuple(sorted(kern.grad_slots)), tuple(sorted(kern.positional)), kern.name, guards
 

@@ -281,11 +281,11 @@ class _Walk:
         if t in _ATOMS:
             emit(t)
             emit(v)
-            self.guard("eq", chain, v)
+            self.atom_guard(v, chain)
         elif t is float:
             emit(t)
             emit(v if v == v and v != 0.0 else repr(v))  # -0.0 / nan by spelling
-            self.guard("eq" if v == v and v != 0.0 else "float", chain, v if v == v else "nan")
+            self.atom_guard(v, chain)
         elif isinstance(v, torch.Tensor):
             self.tensor(v, chain)
         elif t is types.FunctionType:
@@ -339,6 +339,13 @@ class _Walk:
             emit(_REF)
             emit(_Ident(v))
             self.guard("fixed", chain)
+
+    def atom_guard(self, v, chain):
+        """A baked number, string, dtype...: equal with its type; a nan or a zero by its spelling."""
+        if type(v) is float and (v != v or v == 0.0):
+            self.guard("float", chain, "nan" if v != v else v)
+        else:
+            self.guard("eq", chain, v)
 
     def tensor(self, v, chain):
         slot = self.tmemo.get(id(v))
@@ -553,8 +560,7 @@ class _Walk:
                     self.class_value(val, names, ((chain, ("type", None)), ("attr", name)))
                     if (d is None or name not in d) and (type(val) in _ATOMS or type(val) is float):
                         # read through the instance too: an instance attribute set later shadows it
-                        self.guard("eq" if type(val) is not float or (val == val and val != 0.0) else "float",
-                                   (chain, ("attr", name)), val if val == val else "nan")
+                        self.atom_guard(val, (chain, ("attr", name)))
             if not found and dynamic:
                 try:
                     got = getattr(o, name, _MISSING)

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 
 from .emit import Emitter
-from .identity import captured_tensors, describe, fingerprint, wide_offsets
+from .identity import describe, fingerprint, wide_offsets
 from .trace import TracedMod, trace_mask_mod, trace_score_mod
 
 TEMPLATES = pathlib.Path(__file__).resolve().parent.parent / "kernels" / "templates"
@@ -42,17 +42,12 @@ class ModKernels:
     positional: frozenset = frozenset()  # (slot, dim, position name): dims indexed by a bare position
     name: str = "mod"
 
-    def buffers(self, score_mod, mask_mod, extents: dict) -> list[torch.Tensor]:
-        """The tensors of the current call, in kernel-argument order.  ``extents``: how many values
+    def buffers_of(self, current: list, extents: dict) -> list[torch.Tensor]:
+        """The tensors of a call, in kernel-argument order, from the mods' captured tensors
+        (``codegen.identity.Buffer`` entries, score_mod's first).  ``extents``: how many values
         each position takes in this call ({"off_b": B, "off_h": H, "q_idx": .., "kv_idx": ..,
         "mq_idx": ..}); a captured tensor indexed by a bare position must be that long along the
         indexed dimension, which is checked here, once per call, instead of per score."""
-        current = (captured_tensors(score_mod) if score_mod is not None else []) + \
-                  (captured_tensors(mask_mod) if mask_mod is not None else [])
-        return self.buffers_of(current, extents)
-
-    def buffers_of(self, current: list, extents: dict) -> list[torch.Tensor]:
-        """``buffers`` from the mods' captured tensors (``codegen.identity.Buffer`` entries)."""
         out = [b.tensor for b in current]
         for slot, t in sorted(self.internal.items()):
             out.insert(slot, t)
