@@ -19,7 +19,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import flexebt  # noqa: E402
 from flexebt.codegen.source import kernels_and_buffers, position_extents  # noqa: E402
 from flexebt.kernels import flex as flex_mod  # noqa: E402
-from flexebt.kernels.flex import flex_backward, flex_forward, tables_from_block_mask  # noqa: E402
+from flexebt.kernels.flex import flex_forward, tables_from_block_mask  # noqa: E402
+from flexebt.kernels.plan import plan_backward, single_stream_plan  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import b2_variant  # noqa: E402
@@ -74,6 +75,11 @@ def main():
         scale = D ** -0.5
         out, lse = flex_forward(kern, q, k, v, scale, tables, bufs, base)
         do = torch.randn_like(out)
+        single = single_stream_plan(kern, tables, len(bufs))
+
+        def backward(options, q=q, k=k, v=v, out=out, lse=lse, do=do, bufs=bufs, scale=scale, single=single):
+            return plan_backward(single, [q, k, v], [out, lse], [do, None], bufs, scale, options)
+
         head = f"D={D} S={S} B={B} {a.variant} {a.dtype}{' tf32' if a.tf32 else ''}"
         if a.torch:
             with warnings.catch_warnings():
@@ -94,7 +100,7 @@ def main():
                     flex_mod._linear_score = (lambda kern, scale: kern.traced_score is None and scale > 0) if val \
                         else (lambda kern, scale: False)
                 tf = bench(lambda: flex_forward(kern, q, k, v, scale, tables, bufs, o))
-                tb = bench(lambda: flex_backward(kern, q, k, v, out, lse, do, None, scale, tables, bufs, o))
+                tb = bench(lambda: backward(o))
                 print(f"  {key}={val}: fwd {tf:.3f} ms, bwd {tb:.3f} ms, fwd+bwd {tf + tb:.3f} ms", flush=True)
             flex_mod._linear_score = linear_default
             continue
@@ -112,7 +118,7 @@ def main():
                 else:
                     opts = dict(base, BLOCK_M1=m, BLOCK_N1=n, dkdv_num_warps=w, dkdv_num_stages=st)
                 try:
-                    t = bench(lambda: flex_backward(kern, q, k, v, out, lse, do, None, scale, tables, bufs, opts))
+                    t = bench(lambda: backward(opts))
                     print(f"  bwd({which} varied) M{m:<4}N{n:<4}w{w} s{st}: {t:.3f} ms", flush=True)
                 except Exception as e:
                     print(f"  bwd({which} varied) M{m:<4}N{n:<4}w{w} s{st}: failed {type(e).__name__}", flush=True)

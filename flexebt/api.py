@@ -11,9 +11,10 @@ from torch.nn.attention.flex_attention import BlockMask
 from . import _validation as V
 from .backends import composition_needs_reference, resolve_backend
 from .blockmask import EBTBlockMask
-from .autograd import FlexAttention, FlexCall
+from .autograd import Attention, AttentionCall
 from .codegen.source import kernels_and_buffers, position_extents
 from .kernels.flex import cached_tables
+from .kernels.plan import single_stream_plan
 from .reference import ebt_attention_reference, flex_attention_reference, piecewise_attention_reference
 
 __all__ = ["flex_attention", "flex_ebt_attention", "piecewise_attention"]
@@ -119,8 +120,13 @@ def _flex_attention_triton(query, key, value, score_mod, block_mask, scale, kern
             raise ValueError(f"flex_attention: a tensor captured by score_mod/mask_mod is on {t.device} but the "
                              f"inputs are on {query.device}; move it to {query.device}.")
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-    call = FlexCall(kernels, tables, score_mod, block_mask, scale, len(buffers), kernel_options)
-    return FlexAttention.apply(query.contiguous(), key.contiguous(), value.contiguous(), call, *buffers)
+
+    def reference(q, k, v):
+        return flex_attention_reference(q, k, v, score_mod, block_mask, scale)
+
+    call = AttentionCall(single_stream_plan(kernels, tables, len(buffers)), scale, kernel_options, reference,
+                         (score_mod,))
+    return Attention.apply(call, query.contiguous(), key.contiguous(), value.contiguous(), *buffers)
 
 
 def flex_ebt_attention(q_o: Tensor, k_o: Tensor, v_o: Tensor, q_p: Tensor, k_p: Tensor, v_p: Tensor,
@@ -222,22 +228,24 @@ def _ebt_with_an_empty_stream(inputs, score_mod, block_mask, scale, return_lse, 
 
 
 def _flex_ebt_attention_triton(q_o, k_o, v_o, q_p, k_p, v_p, score_mod, block_mask, scale, kernel_options):
-    from .autograd import EBTAttention, EBTCall
     from .kernels.ebt import plan, structure_mask
 
     B, H, S_o = q_o.shape[:3]
     if block_mask is None:
         structure_mask(S_o, q_p.shape[2], q_o.device)  # build (and cache) outside the guard below
     with torch._C._DisableFuncTorch():  # plain tables even inside torch.func transforms
-        pl = plan(score_mod, block_mask, B, H, S_o, q_p.shape[2], q_o.device)
-    for t in pl.buffers:
+        pl, buffers = plan(score_mod, block_mask, B, H, S_o, q_p.shape[2], q_o.device)
+    for t in buffers:
         if t.device != q_o.device:
             raise ValueError(f"flex_ebt_attention: a tensor captured by score_mod/mask_mod is on {t.device} but the "
                              f"inputs are on {q_o.device}; move it to {q_o.device}.")
     scale = q_o.shape[-1] ** -0.5 if scale is None else float(scale)
-    call = EBTCall(pl, score_mod, block_mask, scale, kernel_options)
-    c = [x.contiguous() for x in (q_o, k_o, v_o, q_p, k_p, v_p)]
-    return EBTAttention.apply(*c, call, *pl.buffers)
+
+    def reference(*x):
+        return ebt_attention_reference(*x, score_mod, block_mask, scale)
+
+    call = AttentionCall(pl, scale, kernel_options, reference, (score_mod,))
+    return Attention.apply(call, *[x.contiguous() for x in (q_o, k_o, v_o, q_p, k_p, v_p)], *buffers)
 
 
 def _check_ebt_block_mask(fn: str, block_mask, B: int, H: int, S_o: int, S_p: int) -> None:

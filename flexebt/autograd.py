@@ -1,7 +1,8 @@
-"""The autograd chain of the kernel path: Attention -> AttentionBackward -> (double backward).
+"""The autograd chain of the kernel path: Attention -> AttentionBackward -> AttentionDoubleBackward.
 
-``FlexAttention.backward`` calls ``FlexAttentionBackward.apply`` (likewise for EBT), so the
-backward is itself a differentiable op.  The backward of ``*Backward`` runs the fused
+One chain for every family: a call is an ``AttentionPlan`` of kernel passes (kernels/plan.py)
+whose forward, backward, double backward and JVP are written once.  ``Attention.backward`` calls
+``AttentionBackward.apply``, so the backward is itself a differentiable op.  The backward of ``*Backward`` runs the fused
 double-backward kernels where they apply (see ``_fused_double_backward``); elsewhere it recomputes
 the first-order gradients with the dense reference under autograd and differentiates those: exact
 at every order, but O(S^2) memory.  Nothing is ever dropped silently.
@@ -21,10 +22,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .codegen.source import ModKernels
-from .kernels.flex import BlockTables, flex_backward, flex_forward
-from .reference.ebt import ebt_attention_reference
-from .reference.flex import flex_attention_reference
+from .kernels.plan import AttentionPlan, plan_backward, plan_double_backward, plan_forward, plan_jvp
 
 
 def _alias(x: Tensor) -> Tensor:
@@ -156,317 +154,186 @@ def _check_jvp_inputs(tensors, buffer_tangents):
 
 
 @dataclasses.dataclass
-class FlexCall:
-    """Everything about one single-stream call that is not a tensor input."""
+class AttentionCall:
+    """Everything about one kernel call that is not a tensor."""
 
-    kernels: ModKernels
-    tables: BlockTables
-    score_mod: Optional[Callable]
-    block_mask: object
+    plan: AttentionPlan
     scale: float
-    n_buffers: int
-    options: Optional[dict] = None  # kernel_options (tile overrides)
+    options: Optional[dict]  # kernel_options (tile overrides)
+    # (*inputs) -> outputs then lse: the dense math of the same call (reference/), which the
+    # double backward falls back to where the fused kernels do not apply, and the third order
+    # differentiates
+    reference: Callable
+    mods: tuple = ()  # the score_mod / mask_mods the reference reads (third order swaps their captured tensors)
+
+    @property
+    def n_inputs(self) -> int:
+        return self.plan.n_inputs
+
+    @property
+    def n_outputs(self) -> int:
+        return 2 * self.plan.n_rows  # outputs then lse
 
 
-class FlexAttention(torch.autograd.Function):
+def _zeros_for_none(xs, likes) -> list:
+    return [torch.zeros_like(y) if x is None else x for x, y in zip(xs, likes)]
+
+
+class Attention(torch.autograd.Function):
+    """Forward: ``apply(call, *inputs, *captured)`` -> outputs then lse of every row group."""
+
     @staticmethod
-    def forward(q, k, v, call: FlexCall, *buffers):
+    def forward(call: AttentionCall, *xs):
+        n = call.n_inputs
         with torch._C._DisableFuncTorch():
-            return flex_forward(call.kernels, q, k, v, call.scale, call.tables, list(buffers), call.options)
+            return tuple(plan_forward(call.plan, list(xs[:n]), list(xs[n:]), call.scale, call.options))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, call, *buffers = inputs
-        out, lse = output
+        call, xs = inputs[0], inputs[1:]
         ctx.call = call
-        ctx.set_materialize_grads(False)  # an unused lse gets None, not a zeros tensor to read
-        ctx.save_for_backward(q, k, v, out, lse, *buffers)
-        ctx.jvp_inputs = (q, k, v, buffers)
+        ctx.set_materialize_grads(False)  # unused outputs (usually the lse) arrive as None, not zeros to read
+        ctx.save_for_backward(*xs[:call.n_inputs], *output, *xs[call.n_inputs:])
+        ctx.jvp_inputs = xs
 
     @staticmethod
-    def jvp(ctx, dq, dk, dv, _call, *dbuf):
-        """Forward mode, fused: one pass gives out, lse and their tangents (torch.func.jvp,
+    def jvp(ctx, _call, *tangents):
+        """Forward mode, fused: one pass per kernel pass gives the outputs' tangents (torch.func.jvp,
         torch.autograd.forward_ad).  Tangents of captured tensors need the reference."""
-        from .kernels.flex import flex_jvp
-
-        q, k, v = (_one_level(t) for t in ctx.jvp_inputs[:3])
-        buffers = [_one_level(b) for b in ctx.jvp_inputs[3]]  # captured tensors arrive wrapped too
-        dq, dk, dv = (_one_level(t) for t in (dq, dk, dv))
-        _check_jvp_inputs((q, k, v, dq, dk, dv), dbuf)
-        z = lambda t, like: torch.zeros_like(like) if t is None else t  # noqa: E731
-        call: FlexCall = ctx.call
+        call: AttentionCall = ctx.call
+        n = call.n_inputs
+        xs = [_one_level(t) for t in ctx.jvp_inputs]  # captured tensors arrive wrapped too
+        tans = [_one_level(t) for t in tangents[:n]]
+        _check_jvp_inputs(xs[:n] + tans, tangents[n:])
         with torch._C._DisableFuncTorch():
-            _, _, d_out, d_lse = flex_jvp(call.kernels, q, k, v, z(dq, q), z(dk, k), z(dv, v), call.scale,
-                                          call.tables, list(buffers), call.options)
-        return d_out, d_lse
+            return tuple(plan_jvp(call.plan, xs[:n], tans, xs[n:], call.scale, call.options))
 
     @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse, *buffers = ctx.saved_tensors
-        if dout is None and dlse is None:
-            # Reached in a double backward when out/lse feed nothing that needs a gradient:
+    def backward(ctx, *cts):
+        call: AttentionCall = ctx.call
+        n, m = call.n_inputs, call.n_outputs
+        saved = ctx.saved_tensors
+        ins, outs, buffers = saved[:n], list(saved[n:n + m]), saved[n + m:]
+        if all(c is None for c in cts):
+            # Reached in a double backward when the outputs feed nothing that needs a gradient:
             # the engine still visits this node; there is nothing to compute.
-            return (None,) * (4 + len(buffers))
-        if dout is None:
-            dout = torch.zeros_like(out)
-        # out and lse enter the backward as constants: its backward (FlexAttentionDoubleBackward
-        # or the reference) differentiates the total dependence on q, k, v, so a graph edge
-        # back to this node would only add a first-order pass on zero cotangents.  (Without a
-        # graph to build -- grad mode off -- there is no edge to cut.)
+            return (None,) * (1 + n + len(buffers))
+        r = m // 2
+        cts = _zeros_for_none(cts[:r], outs[:r]) + list(cts[r:])  # an absent lse cotangent stays None
+        # The outputs enter the backward as constants: its backward (AttentionDoubleBackward or the
+        # reference) differentiates the total dependence on the inputs, so a graph edge back to this
+        # node would only add a first-order pass on zero cotangents.  (Without a graph to build --
+        # grad mode off -- there is no edge to cut.)
         if torch.is_grad_enabled():
-            out, lse = out.detach(), lse.detach()
-        dq, dk, dv, *dbuf = FlexAttentionBackward.apply(q, k, v, out, lse, dout, dlse, ctx.call, *buffers)
-        return (dq, dk, dv, None, *dbuf)
+            outs = [o.detach() for o in outs]
+        grads = AttentionBackward.apply(call, *ins, *outs, *cts, *buffers)
+        return (None, *grads)
 
 
-class FlexAttentionBackward(torch.autograd.Function):
+class AttentionBackward(torch.autograd.Function):
+    """``apply(call, *inputs, *outputs_and_lse, *cotangents, *captured)`` -> gradients of the inputs,
+    then of the captured tensors (zeros where none flows).  Cotangents of the lse may be None."""
+
     @staticmethod
-    def forward(q, k, v, out, lse, dout, dlse, call: FlexCall, *buffers):
+    def forward(call: AttentionCall, *xs):
+        n, m = call.n_inputs, call.n_outputs
+        ins, outs, cts, buffers = xs[:n], xs[n:n + m], xs[n + m:n + 2 * m], xs[n + 2 * m:]
         with torch._C._DisableFuncTorch():
-            dq, dk, dv, dbuf = flex_backward(call.kernels, q, k, v, out, lse, dout, dlse, call.scale, call.tables,
-                                             list(buffers), call.options)
-        dbuf = [torch.zeros_like(b) if g is None else g for g, b in zip(dbuf, buffers)]
-        return (dq, dk, dv, *dbuf)
+            grads, gbuf = plan_backward(call.plan, list(ins), list(outs), list(cts), list(buffers), call.scale,
+                                        call.options)
+        return (*_zeros_for_none(grads, ins), *_zeros_for_none(gbuf, buffers))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, out, lse, dout, dlse, call, *buffers = inputs
+        call, xs = inputs[0], inputs[1:]
+        n, m = call.n_inputs, call.n_outputs
         ctx.call = call
-        ctx.has_dlse = dlse is not None
-        ctx.save_for_backward(q, k, v, out, lse, dout, dlse if dlse is not None else torch.empty(0), *buffers)
-
-    @staticmethod
-    def backward(ctx, gdq, gdk, gdv, *gdbuf):
-        q, k, v, out, lse, dout, dlse, *buffers = ctx.saved_tensors
-        call: FlexCall = ctx.call
-        if _fused_double_backward(call.kernels, buffers):
-            # Fused double-backward kernels (O(S) memory), captured tensors' terms included.
-            z = lambda g, like: torch.zeros_like(like) if g is None else g  # noqa: E731
-            gq, gk, gv, gdo, gdlse, *gbuf = FlexAttentionDoubleBackward.apply(
-                q, k, v, dout, dlse if ctx.has_dlse else None, z(gdq, q), z(gdk, k), z(gdv, v), out, lse, call,
-                *buffers, *gdbuf)
-            gbuf = [g if b.requires_grad else None for g, b in zip(gbuf, buffers)]
-            return (gq, gk, gv, None, None, gdo, gdlse if ctx.has_dlse else None, None, *gbuf)
-
-        def reference(q, k, v):
-            return flex_attention_reference(q, k, v, call.score_mod, call.block_mask, call.scale)
-
-        gbuf_cts = [g for g, b in zip(gdbuf, buffers) if b.requires_grad]
-        # create_graph when this double backward is itself differentiated (third order)
-        (gq, gk, gv), (gdo, gdlse), gbuf = _reference_double_backward(
-            reference, [q, k, v], buffers, [dout, dlse if ctx.has_dlse else None], [gdq, gdk, gdv] + gbuf_cts,
-            create_graph=torch.is_grad_enabled(), mods=(call.score_mod,))
-        return (gq, gk, gv, None, None, gdo, gdlse, None, *gbuf)
-
-
-def _fused_double_backward(kernels, buffers) -> bool:
-    """The fused double-backward kernels serve every score_mod the codegen accepts, captured
-    tensors with gradients included.  Their own backward (third order) is the dense closed form,
-    which has no captured-tensor terms: when a captured tensor needs a gradient and this double
-    backward builds a graph (create_graph=True), the reference double backward runs instead."""
-    return kernels.fused_second_order and not (torch.is_grad_enabled() and any(b.requires_grad for b in buffers))
-
-
-class FlexAttentionDoubleBackward(torch.autograd.Function):
-    """Fused double backward of single-stream attention: given (q, k, v, dout, dlse) and the
-    cotangents (Gq, Gk, Gv) of (dq, dk, dv), returns the gradients of (q, k, v, dout) and of dlse
-    (total derivatives: through out and lse too).  out and lse, saved by the forward, are
-    constants here; no S x S tensor exists."""
-
-    @staticmethod
-    def forward(q, k, v, dout, dlse, gq, gk, gv, out, lse, call: FlexCall, *buffers_and_cts):
-        """``buffers_and_cts``: the captured tensors, then the cotangents of their first-order
-        gradients (None: zero).  Returns g_q, g_k, g_v, g_do, g_dlse and one gradient per
-        captured tensor (zeros where none flows)."""
-        from .kernels.flex import flex_double_backward
-
-        buffers, bcts = buffers_and_cts[:call.n_buffers], buffers_and_cts[call.n_buffers:]
-        with torch._C._DisableFuncTorch():
-            g_q, g_k, g_v, g_do, u, gbuf = flex_double_backward(call.kernels, q, k, v, out, lse, dout, dlse, gq, gk,
-                                                                gv, call.scale, call.tables, list(buffers),
-                                                                call.options, list(bcts))
-        gbuf = [torch.zeros_like(b) if g is None else g for g, b in zip(gbuf, buffers)]
-        return (g_q, g_k, g_v, g_do, (u if dlse is not None else torch.zeros_like(lse)), *gbuf)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        q, k, v, dout, dlse, gq, gk, gv, _out, _lse, call, *buffers_and_cts = inputs
-        ctx.call = call
-        ctx.n_extra = len(buffers_and_cts)
-        ctx.has_dlse = dlse is not None
-        ctx.save_for_backward(q, k, v, dout, dlse if dlse is not None else torch.empty(0), gq, gk, gv)
-
-    @staticmethod
-    def backward(ctx, *gouts):
-        """Third order: autograd through the dense closed form (reference/double_backward.py)."""
-        from .reference.double_backward import attention_double_backward
-
-        q, k, v, dout, dlse, gq, gk, gv = ctx.saved_tensors
-        call: FlexCall = ctx.call
-        with torch.enable_grad():
-            ins = [x.detach().requires_grad_() for x in (q, k, v, dout)]
-            dl = dlse.detach().requires_grad_() if ctx.has_dlse else None
-            g = [x.detach().requires_grad_() for x in (gq, gk, gv)]
-            res = attention_double_backward(*ins, dl, *g, call.score_mod, call.block_mask, call.scale)
-            pairs = [(r, c) for r, c in zip(res, gouts) if c is not None and r.requires_grad]
-            wrt = ins + ([dl] if dl is not None else []) + g
-            grads = torch.autograd.grad([r for r, _ in pairs], wrt, [c for _, c in pairs], allow_unused=True) \
-                if pairs else [None] * len(wrt)
-        grads = list(grads)
-        gq_, gk_, gv_, gdo_ = grads[:4]
-        gdl = grads.pop(4) if dl is not None else None
-        return (gq_, gk_, gv_, gdo_, gdl, grads[4], grads[5], grads[6], None, None, None, *([None] * ctx.n_extra))
-
-
-@dataclasses.dataclass
-class EBTCall:
-    plan: object  # kernels.ebt.EBTPlan
-    score_mod: Optional[Callable]
-    block_mask: object
-    scale: float
-    options: Optional[dict] = None
-
-
-class EBTAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(q_o, k_o, v_o, q_p, k_p, v_p, call: EBTCall, *buffers):
-        from .kernels.ebt import ebt_forward
-
-        with torch._C._DisableFuncTorch():
-            return ebt_forward(call.plan, q_o, k_o, v_o, q_p, k_p, v_p, call.scale, call.options)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.call = inputs[6]
-        ctx.n_buffers = len(inputs) - 7
-        ctx.set_materialize_grads(False)  # unused outputs (usually both lse) arrive as None
-        ctx.jvp_inputs = inputs[:6]
-        ctx.save_for_backward(*inputs[:6], *output, *inputs[7:])
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        """Forward mode, fused: one pass per stream gives the outputs' tangents."""
-        from .kernels.ebt import ebt_jvp
-
-        qkv = [_one_level(t) for t in ctx.jvp_inputs]
-        tans = [_one_level(t) for t in tangents[:6]]
-        _check_jvp_inputs(qkv + tans, tangents[7:])
-        tans = [torch.zeros_like(x) if t is None else t for t, x in zip(tans, qkv)]
-        with torch._C._DisableFuncTorch():
-            return ebt_jvp(ctx.call.plan, qkv, tans, ctx.call.scale, ctx.call.options)
-
-    @staticmethod
-    def backward(ctx, do_o, do_p, dlse_o, dlse_p):
-        saved = ctx.saved_tensors
-        qkv, outs, buffers = saved[:6], saved[6:10], saved[10:]
-        if do_o is None and do_p is None and dlse_o is None and dlse_p is None:
-            return (None,) * (7 + len(buffers))  # nothing flows back (see FlexAttention.backward)
-        do_o = torch.zeros_like(outs[0]) if do_o is None else do_o
-        do_p = torch.zeros_like(outs[1]) if do_p is None else do_p
-        # outputs enter as constants: the double backward differentiates their dependence on qkv
-        outs = [o.detach() for o in outs]
-        grads = EBTAttentionBackward.apply(*qkv, *outs, do_o, do_p, dlse_o, dlse_p, ctx.call, *buffers)
-        return (*grads[:6], None, *grads[6:])
-
-
-class EBTAttentionBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(q_o, k_o, v_o, q_p, k_p, v_p, out_o, out_p, lse_o, lse_p, do_o, do_p, dlse_o, dlse_p,
-                call: EBTCall, *buffers):
-        from .kernels.ebt import ebt_backward
-
-        with torch._C._DisableFuncTorch():
-            *g, dbuf = ebt_backward(call.plan, q_o, k_o, v_o, q_p, k_p, v_p, out_o, out_p, lse_o, lse_p, do_o, do_p,
-                                    dlse_o, dlse_p, call.scale, call.options)
-        dbuf = [torch.zeros_like(b) if d is None else d for d, b in zip(dbuf, buffers)]
-        return (*g, *dbuf)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        qkv, outs, cts, call, buffers = inputs[:6], inputs[6:10], inputs[10:14], inputs[14], inputs[15:]
-        ctx.call = call
+        cts = xs[n + m:n + 2 * m]
         ctx.has_ct = [c is not None for c in cts]
-        ctx.save_for_backward(*qkv, *outs, *[c if c is not None else torch.empty(0) for c in cts], *buffers)
+        ctx.save_for_backward(*xs[:n + m], *[c if c is not None else torch.empty(0) for c in cts], *xs[n + 2 * m:])
 
     @staticmethod
     def backward(ctx, *gouts):
+        call: AttentionCall = ctx.call
+        n, m = call.n_inputs, call.n_outputs
         saved = ctx.saved_tensors
-        qkv, outs, cts, buffers = list(saved[:6]), list(saved[6:10]), list(saved[10:14]), saved[14:]
-        cts = [c if has else None for c, has in zip(cts, ctx.has_ct)]
-        call: EBTCall = ctx.call
-
-        pl = call.plan
-        if _fused_double_backward(pl.kern, buffers):
-            gcts = [torch.zeros_like(x) if g is None else g for g, x in zip(gouts[:6], qkv)]
-            res = EBTAttentionDoubleBackward.apply(*qkv, *cts, *gcts, *outs, call, *buffers, *gouts[6:])
-            g_cts = [g if c is not None else None for g, c in zip(res[6:10], cts)]
-            gbuf = [g if b.requires_grad else None for g, b in zip(res[10:], buffers)]
-            return (*res[:6], None, None, None, None, *g_cts, None, *gbuf)
-
-        def reference(*x):
-            return ebt_attention_reference(*x, call.score_mod, call.block_mask, call.scale)
-
-        gbuf_cts = [g for g, b in zip(gouts[6:], buffers) if b.requires_grad]
-        g_qkv, g_cts, gbuf = _reference_double_backward(reference, qkv, buffers, cts, list(gouts[:6]) + gbuf_cts,
-                                                        create_graph=torch.is_grad_enabled(), mods=(call.score_mod,))
-        return (*g_qkv, None, None, None, None, *g_cts, None, *gbuf)
+        ins, outs, buffers = list(saved[:n]), list(saved[n:n + m]), saved[n + 2 * m:]
+        cts = [c if has else None for c, has in zip(saved[n + m:n + 2 * m], ctx.has_ct)]
+        gcts, gbuf_cts = gouts[:n], gouts[n:]
+        if _fused_double_backward(call.plan, buffers):
+            # Fused double-backward kernels (O(S) memory), captured tensors' terms included.
+            res = AttentionDoubleBackward.apply(call, *ins, *cts, *_zeros_for_none(gcts, ins), *outs, *buffers,
+                                                *gbuf_cts)
+            g_ins, g_cts, g_bufs = res[:n], res[n:n + m], res[n + m:]
+            g_cts = [g if has else None for g, has in zip(g_cts, ctx.has_ct)]
+            g_bufs = [g if b.requires_grad else None for g, b in zip(g_bufs, buffers)]
+            return (None, *g_ins, *([None] * m), *g_cts, *g_bufs)
+        # create_graph when this double backward is itself differentiated (third order)
+        g_ins, g_cts, g_bufs = _reference_double_backward(
+            call.reference, ins, buffers, cts, list(gcts) + [g for g, b in zip(gbuf_cts, buffers) if b.requires_grad],
+            create_graph=torch.is_grad_enabled(), mods=call.mods)
+        return (None, *g_ins, *([None] * m), *g_cts, *g_bufs)
 
 
-class EBTAttentionDoubleBackward(torch.autograd.Function):
-    """Fused double backward of EBT attention.  Inputs: qkv (6), cotangents do_o, do_p, dlse_o,
-    dlse_p (dlse may be None), the cotangents of the six first-order gradients, the saved outputs
-    (out_o, out_p, lse_o, lse_p; constants), call, buffers.  Outputs: total gradients of qkv (6)
-    and of do_o, do_p, dlse_o, dlse_p (zeros for an absent dlse).  Third order: autograd through
-    the reference double backward."""
+def _fused_double_backward(plan: AttentionPlan, buffers) -> bool:
+    """The fused double-backward kernels serve every score_mod the codegen accepts, captured
+    tensors with gradients included.  Their own backward (third order) is autograd through the
+    dense reference, which has no captured-tensor terms: when a captured tensor needs a gradient
+    and this double backward builds a graph (create_graph=True), the reference double backward
+    runs instead."""
+    return all(p.kern.fused_second_order for p in plan.passes) and not (
+        torch.is_grad_enabled() and any(b.requires_grad for b in buffers))
+
+
+class AttentionDoubleBackward(torch.autograd.Function):
+    """Fused double backward.  ``apply(call, *inputs, *cotangents, *gcts, *outputs_and_lse,
+    *captured, *bcts)``: given the first-order cotangents (those of the lse may be None) and the
+    cotangents ``gcts`` of the inputs' first-order gradients (``bcts``: of the captured tensors';
+    None: zero), returns the gradients of the inputs, of the cotangents (zeros for an absent lse
+    cotangent) and of the captured tensors (zeros where none flows): total derivatives, the saved
+    outputs being constants.  No S x S tensor exists.  Third order: autograd through the reference."""
 
     @staticmethod
-    def forward(q_o, k_o, v_o, q_p, k_p, v_p, do_o, do_p, dlse_o, dlse_p, gq_o, gk_o, gv_o, gq_p, gk_p, gv_p,
-                out_o, out_p, lse_o, lse_p, call: EBTCall, *buffers_and_cts):
-        from .kernels.ebt import ebt_double_backward
-
-        n = len(buffers_and_cts) // 2  # the captured tensors, then their gradients' cotangents
-        buffers, bcts = buffers_and_cts[:n], buffers_and_cts[n:]
-        qkv = [q_o, k_o, v_o, q_p, k_p, v_p]
-        outs = [out_o, out_p, lse_o, lse_p]
+    def forward(call: AttentionCall, *xs):
+        n, m = call.n_inputs, call.n_outputs
+        ins, cts, gcts, outs = xs[:n], xs[n:n + m], xs[n + m:2 * n + m], xs[2 * n + m:2 * n + 2 * m]
+        rest = xs[2 * n + 2 * m:]
+        nb = len(rest) // 2  # the captured tensors, then their gradients' cotangents
+        buffers, bcts = rest[:nb], rest[nb:]
         with torch._C._DisableFuncTorch():
-            *res, gbuf = ebt_double_backward(call.plan, qkv, outs, [do_o, do_p, dlse_o, dlse_p],
-                                             [gq_o, gk_o, gv_o, gq_p, gk_p, gv_p], call.scale, call.options,
-                                             list(bcts))
-        res[8] = res[8] if res[8] is not None else torch.zeros_like(outs[2])
-        res[9] = res[9] if res[9] is not None else torch.zeros_like(outs[3])
-        gbuf = [torch.zeros_like(b) if g is None else g for g, b in zip(gbuf, buffers)]
-        return (*res, *gbuf)
+            g_ins, g_cts, g_bufs = plan_double_backward(call.plan, list(ins), list(outs), list(cts), list(gcts),
+                                                        list(buffers), list(bcts), call.scale, call.options)
+        return (*_zeros_for_none(g_ins, ins), *_zeros_for_none(g_cts, outs), *_zeros_for_none(g_bufs, buffers))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.call = inputs[20]
-        ctx.n_extra = len(inputs) - 21
-        ctx.has = [t is not None for t in inputs[6:10]]
-        ctx.save_for_backward(*inputs[:6], *[t if t is not None else torch.empty(0) for t in inputs[6:10]],
-                              *inputs[10:16])
+        call, xs = inputs[0], inputs[1:]
+        n, m = call.n_inputs, call.n_outputs
+        ctx.call = call
+        ctx.n_extra = len(xs) - 2 * n - 2 * m
+        cts = xs[n:n + m]
+        ctx.has = [c is not None for c in cts]
+        ctx.save_for_backward(*xs[:n], *[c if c is not None else torch.empty(0) for c in cts], *xs[n + m:2 * n + m])
 
     @staticmethod
     def backward(ctx, *gouts):
+        """Third order: autograd through the reference double backward."""
+        call: AttentionCall = ctx.call
+        n, m = call.n_inputs, call.n_outputs
         saved = ctx.saved_tensors
-        call: EBTCall = ctx.call
         with torch.enable_grad():
-            qkv = [x.detach().requires_grad_() for x in saved[:6]]
-            cts = [x.detach().requires_grad_() if h else None for x, h in zip(saved[6:10], ctx.has)]
-            gcts = [x.detach().requires_grad_() for x in saved[10:16]]
-
-            def reference(*x):
-                return ebt_attention_reference(*x, call.score_mod, call.block_mask, call.scale)
-
-            g_qkv, g_cts, _ = _reference_double_backward(reference, qkv, [], cts, gcts, create_graph=True)
-            results = list(g_qkv) + list(g_cts)
+            ins = [x.detach().requires_grad_() for x in saved[:n]]
+            cts = [x.detach().requires_grad_() if h else None for x, h in zip(saved[n:n + m], ctx.has)]
+            gcts = [x.detach().requires_grad_() for x in saved[n + m:2 * n + m]]
+            g_ins, g_cts, _ = _reference_double_backward(call.reference, ins, [], cts, gcts, create_graph=True)
+            results = list(g_ins) + list(g_cts)
             pairs = [(r, g) for r, g in zip(results, gouts) if r is not None and g is not None and r.requires_grad]
-            wrt = qkv + [c for c in cts if c is not None] + gcts
+            wrt = ins + [c for c in cts if c is not None] + gcts
             grads = list(torch.autograd.grad([r for r, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
                          if pairs else [None] * len(wrt))
-        g_qkv3 = grads[:6]
-        rest = grads[6:]
+        g_ins3, rest = grads[:n], grads[n:]
         g_cts3 = [rest.pop(0) if h else None for h in ctx.has]
-        return (*g_qkv3, *g_cts3, *rest[:6], None, None, None, None, None, *([None] * ctx.n_extra))
+        return (None, *g_ins3, *g_cts3, *rest[:n], *([None] * m), *([None] * ctx.n_extra))
 
 
 # Every Function here is set up the same way (eager_function): apply without torch's per-call
@@ -531,6 +398,5 @@ def _mark_skipped_by_dynamo() -> None:
     _SKIPPED_BY_DYNAMO[0] = True
 
 
-for _fn in (FlexAttention, FlexAttentionBackward, FlexAttentionDoubleBackward, EBTAttention, EBTAttentionBackward,
-            EBTAttentionDoubleBackward):
+for _fn in (Attention, AttentionBackward, AttentionDoubleBackward):
     eager_function(_fn)

@@ -1,4 +1,5 @@
-"""flex_attention and flex_ebt_attention inside ``torch.compile``: the kernels as custom ops.
+"""flex_attention, flex_ebt_attention and piecewise_attention inside ``torch.compile``: the kernels
+as custom ops.
 
 Under ``torch.compile`` a call goes through public mechanisms only, so a model compiles with
 ``fullgraph=True`` and no graph break:
@@ -9,9 +10,10 @@ Under ``torch.compile`` a call goes through public mechanisms only, so a model c
   ``_trace_mod_reads`` evaluates the checks through the mods, so dynamo guards each value read (a
   changed closure number, global or attribute recompiles) and nothing by identity: a second call,
   or a new mod or block mask of the same structure, reuses the graph.
-- three ``torch.library.custom_op``s shared by both families -- ``flexebt::attention`` (forward),
+- three ``torch.library.custom_op``s shared by every family -- ``flexebt::attention`` (forward),
   ``flexebt::attention_backward`` and ``flexebt::attention_double_backward`` -- each with a
-  ``register_autograd`` formula that calls the next.  The captured tensors travel as a
+  ``register_autograd`` formula that calls the next; each runs the call's plan of kernel passes
+  (kernels/plan.py), the same code as the eager chain.  The captured tensors travel as a
   ``list[Tensor]``, read from the mods' closures by paths recorded when the kernels were built.
 
 First order needs nothing more.  Second order inside the compiled function
@@ -36,7 +38,8 @@ from torch import Tensor
 
 from .codegen.source import get_kernels, position_extents, prepare_captured
 from .codegen.identity import Buffers, captured_tensors, resolve
-from .kernels.flex import BlockTables, flex_backward, flex_double_backward, flex_forward, tables_from_block_mask
+from .kernels.flex import BlockTables, tables_from_block_mask
+from .kernels.plan import AttentionPlan, KernelPass, plan_backward, plan_double_backward, plan_forward
 
 _REGISTRY: dict = {}  # key -> ModKernels; read by the ops (outside the trace), never by traced code
 _THIS = sys.modules[__name__]
@@ -135,134 +138,137 @@ def _tables_from_list(ts: list[Tensor], sparse_q: int, sparse_kv: int, has_full:
 
 
 # -- one chain of custom ops for every family -------------------------------------------------
-# A call is described by its family ("flex", "ebt"), the key of its generated kernels, a meta
-# string (scale, block sizes, frame offset, kernel options) and tensor lists: the inputs, aux (block
-# tables, the EBT own-key mask) and the captured tensors.  Each op's autograd formula calls the
-# next op: forward -> backward -> double backward, so `autograd.grad(create_graph=True)` inside a
-# compiled function (torch._dynamo.config.trace_autograd_ops) traces the fused double backward.
+# A call is its plan of kernel passes (kernels/plan.py) written as a layout string -- per pass the
+# input positions, the row group, the key of its generated kernels, its block sizes, its slice of
+# the captured tensors, the frame offset and own keys -- a meta string (scale, kernel options) and
+# tensor lists: the inputs, aux (each pass's block tables, then the EBT own-key masks) and the
+# captured tensors.  Each op's autograd formula calls the next op: forward -> backward -> double
+# backward, so `autograd.grad(create_graph=True)` inside a compiled function
+# (torch._dynamo.config.trace_autograd_ops) traces the fused double backward.
 
 
-def _meta(scale: float, tables: list, options: Optional[dict], offset: int = 0) -> str:
-    """scale (exact, as float.hex), the frame offset, each table set's (sparse_q, sparse_kv,
-    has_full), then the kernel options: one string, a constant of the graph."""
-    sets = ",".join(f"{t.sparse_q}:{t.sparse_kv}:{int(t.has_full)}" for t in tables)
+def _layout(passes: list, n_inputs: int, n_rows: int) -> str:
+    """The plan as a string, a constant of the graph.  ``passes``: per pass (q, k, v, rows, kernel
+    key, BlockTables, (lo, hi), q_off, own or None)."""
+    def one(q, k, v, rows, key, t, buf, q_off, own):
+        own_s = f"{own[0]}.{own[1]}" if own is not None else "-"
+        return f"{q},{k},{v},{rows},{key},{t.sparse_q}x{t.sparse_kv}x{int(t.has_full)},{buf[0]}.{buf[1]},{q_off},{own_s}"
+    return f"{n_inputs}|{n_rows}|" + ";".join(one(*p) for p in passes)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse(layout: str) -> tuple:
+    n_inputs, n_rows, passes = layout.split("|")
+    parsed = []
+    for entry in passes.split(";"):
+        q, k, v, rows, key, sizes, buf, q_off, own = entry.split(",")
+        sq, skv, full = (int(x) for x in sizes.split("x"))
+        lo, hi = (int(x) for x in buf.split("."))
+        parsed.append((int(q), int(k), int(v), int(rows), key, sq, skv, bool(full), (lo, hi), int(q_off),
+                       None if own == "-" else tuple(int(x) for x in own.split("."))))
+    return int(n_inputs), int(n_rows), tuple(parsed)
+
+
+def _plan_of(layout: str, aux: list) -> AttentionPlan:
+    n_inputs, n_rows, passes = _parse(layout)
+    built, own_at = [], 8 * len(passes)
+    for i, (q, k, v, rows, key, sq, skv, full, buf, q_off, own) in enumerate(passes):
+        keep = None
+        if own is not None:
+            keep, own_at = aux[own_at], own_at + 1
+        built.append(KernelPass(q, k, v, rows, _REGISTRY[key], _tables_from_list(aux[8 * i:8 * i + 8], sq, skv, full),
+                                buf, q_off, own, keep))
+    return AttentionPlan(tuple(built), n_inputs, n_rows)
+
+
+def _meta(scale: float, options: Optional[dict]) -> str:
+    """scale (exact, as float.hex), then the kernel options: one string, a constant of the graph."""
     opts = ";".join(f"{k}={v if isinstance(v, str) else int(v)}"
                     for k, v in sorted((options or {}).items()) if k != "BACKEND")
-    return f"{float(scale).hex()}|{offset}|{sets}|{opts}"
+    return f"{float(scale).hex()}|{opts}"
 
 
-def _unmeta(meta: str, aux: list):
-    """(scale, offset, [BlockTables...], options, rest of aux) from a meta string."""
-    scale, offset, sets, opts = meta.split("|")
-    tables = []
-    for i, entry in enumerate(sets.split(",")):
-        sq, skv, full = (int(x) for x in entry.split(":"))
-        tables.append(_tables_from_list(aux[8 * i:8 * i + 8], sq, skv, bool(full)))
-    return float.fromhex(scale), int(offset), tables, _options(opts), aux[8 * len(tables):]
+def _unmeta(meta: str) -> tuple:
+    scale, opts = meta.split("|")
+    return float.fromhex(scale), _options(opts)
 
 
-def _ebt_plan(kern, tables, aux_rest, buffers, offset):
-    from .kernels.ebt import EBTPlan
-
-    return EBTPlan(kern, tables[0], tables[1], buffers, aux_rest[0], offset)
-
-
-def _forward(family: str, kern, meta: str, ins: list, aux: list, buffers: list) -> list:
-    scale, offset, tables, options, rest = _unmeta(meta, aux)
-    if family == "flex":
-        outs = flex_forward(kern, *ins, scale, tables[0], buffers, options)
-    else:
-        from .kernels.ebt import ebt_forward
-
-        outs = ebt_forward(_ebt_plan(kern, tables, rest, buffers, offset), *ins, scale, options)
-    return [o.contiguous() for o in outs]  # every op output is dense, as its fake says
+def _dense(xs: list, likes: list) -> list:
+    """Op outputs are dense, as their fakes say (some kernels hand back views, e.g. a column of the
+    row statistics); an absent gradient is an empty tensor (custom ops cannot return None)."""
+    return [x.contiguous() if x is not None else y.new_empty(0) for x, y in zip(xs, likes)]
 
 
-def _backward(family: str, kern, meta: str, ins: list, outs: list, cts: list, aux: list, buffers: list) -> list:
+def _forward(layout: str, meta: str, ins: list, aux: list, buffers: list) -> list:
+    scale, options = _unmeta(meta)
+    return [o.contiguous() for o in plan_forward(_plan_of(layout, aux), ins, buffers, scale, options)]
+
+
+def _backward(layout: str, meta: str, ins: list, outs: list, cts: list, aux: list, buffers: list) -> list:
     """Gradients of the inputs, then of the captured tensors (empty where none flows)."""
-    scale, offset, tables, options, rest = _unmeta(meta, aux)
-    n_out = len(outs) // 2
-    douts = [c if c is not None else torch.zeros_like(o) for c, o in zip(cts[:n_out], outs[:n_out])]
-    dlses = cts[n_out:]
-    if family == "flex":
-        dq, dk, dv, dbuf = flex_backward(kern, *ins, *outs, *douts, *dlses, scale, tables[0], buffers, options)
-        grads = [dq, dk, dv]
-    else:
-        from .kernels.ebt import ebt_backward
-
-        *grads, dbuf = ebt_backward(_ebt_plan(kern, tables, rest, buffers, offset), *ins, *outs, *douts, *dlses,
-                                    scale, options)
-    return [g.contiguous() for g in grads + [g if g is not None else b.new_empty(0) for g, b in zip(dbuf, buffers)]]
+    scale, options = _unmeta(meta)
+    grads, gbuf = plan_backward(_plan_of(layout, aux), ins, outs, cts, buffers, scale, options)
+    return [g.contiguous() if g is not None else torch.zeros_like(x) for g, x in zip(grads, ins)] + _dense(gbuf, buffers)
 
 
-def _double_backward(family: str, kern, meta: str, ins: list, outs: list, cts: list, gcts: list, aux: list,
+def _double_backward(layout: str, meta: str, ins: list, outs: list, cts: list, gcts: list, aux: list,
                      buffers: list, bcts: list) -> list:
     """Gradients of the inputs, of the cotangents (empty where a cotangent was None), then of the
     captured tensors (empty where none flows)."""
-    scale, offset, tables, options, rest = _unmeta(meta, aux)
-    n_out = len(outs) // 2
-    douts = [c if c is not None else torch.zeros_like(o) for c, o in zip(cts[:n_out], outs[:n_out])]
-    dlses = cts[n_out:]
-    gcts = [g if g is not None else torch.zeros_like(x) for g, x in zip(gcts, ins)]
-    if family == "flex":
-        g_q, g_k, g_v, g_do, g_dlse, gbuf = flex_double_backward(kern, *ins, *outs, *douts, *dlses, *gcts, scale,
-                                                                 tables[0], buffers, options, bcts)
-        grads, g_cts = [g_q, g_k, g_v], [g_do, g_dlse if dlses[0] is not None else None]
-    else:
-        from .kernels.ebt import ebt_double_backward
-
-        res = ebt_double_backward(_ebt_plan(kern, tables, rest, buffers, offset), ins, outs, douts + dlses, gcts,
-                                  scale, options, bcts)
-        grads, g_cts, gbuf = res[:6], res[6:10], res[10]
-    g_cts = [g if g is not None else o.new_empty(0) for g, o in zip(g_cts, outs)]
-    # dense like the fake outputs (some kernels hand back views, e.g. a column of the row statistics)
-    return [g.contiguous() for g in grads + g_cts + [g if g is not None else b.new_empty(0)
-                                                     for g, b in zip(gbuf, buffers)]]
+    scale, options = _unmeta(meta)
+    grads, g_cts, gbuf = plan_double_backward(_plan_of(layout, aux), ins, outs, cts, gcts, buffers, bcts, scale,
+                                              options)
+    grads = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads, ins)]
+    return _dense(grads, ins) + _dense(g_cts, outs) + _dense(gbuf, buffers)
 
 
 @torch.library.custom_op("flexebt::attention", mutates_args=())
-def attention_op(family: str, key: str, meta: str, ins: list[Tensor], aux: list[Tensor],
-                 buffers: list[Tensor]) -> list[Tensor]:
-    """Outputs then log-sum-exps: (out, lse) or (out_o, out_p, lse_o, lse_p)."""
-    return _forward(family, _REGISTRY[key], meta, ins, aux, buffers)
+def attention_op(layout: str, meta: str, ins: list[Tensor], aux: list[Tensor], buffers: list[Tensor]) -> list[Tensor]:
+    """The outputs of every row group, then their lse."""
+    return _forward(layout, meta, ins, aux, buffers)
 
 
 @attention_op.register_fake
-def _(family, key, meta, ins, aux, buffers):
-    queries = ins[:1] if family == "flex" else [ins[0], ins[3]]
-    v = ins[2]
-    outs = [q.new_empty(*q.shape[:3], v.shape[-1]) for q in queries]
-    return outs + [q.new_empty(q.shape[:3], dtype=torch.float32) for q in queries]
+def _(layout, meta, ins, aux, buffers):
+    _, n_rows, passes = _parse(layout)
+    first = {}
+    for p in passes:
+        first.setdefault(p[3], p)
+    rows = [first[r] for r in range(n_rows)]
+    outs = [ins[p[0]].new_empty(*ins[p[0]].shape[:3], ins[p[2]].shape[-1]) for p in rows]
+    return outs + [ins[p[0]].new_empty(ins[p[0]].shape[:3], dtype=torch.float32) for p in rows]
 
 
 @torch.library.custom_op("flexebt::attention_backward", mutates_args=())
-def attention_backward_op(family: str, key: str, meta: str, ins: list[Tensor], outs: list[Tensor],
+def attention_backward_op(layout: str, meta: str, ins: list[Tensor], outs: list[Tensor],
                           cts: list[Optional[Tensor]], aux: list[Tensor], buffers: list[Tensor]) -> list[Tensor]:
-    return _backward(family, _REGISTRY[key], meta, ins, outs, cts, aux, buffers)
+    return _backward(layout, meta, ins, outs, cts, aux, buffers)
 
 
-def _buffer_grad_fakes(key: str, buffers: list) -> list:
-    slots = set(_REGISTRY[key].grad_slots)
+def _buffer_grad_fakes(layout: str, buffers: list) -> list:
+    slots = set()
+    for p in _parse(layout)[2]:
+        slots.update(p[8][0] + s for s in _REGISTRY[p[4]].grad_slots)
     return [b.new_empty(b.shape) if i in slots else b.new_empty(0) for i, b in enumerate(buffers)]
 
 
 @attention_backward_op.register_fake
-def _(family, key, meta, ins, outs, cts, aux, buffers):
-    return [x.new_empty(x.shape) for x in ins] + _buffer_grad_fakes(key, buffers)
+def _(layout, meta, ins, outs, cts, aux, buffers):
+    return [x.new_empty(x.shape) for x in ins] + _buffer_grad_fakes(layout, buffers)
 
 
 @torch.library.custom_op("flexebt::attention_double_backward", mutates_args=())
-def attention_double_backward_op(family: str, key: str, meta: str, ins: list[Tensor], outs: list[Tensor],
+def attention_double_backward_op(layout: str, meta: str, ins: list[Tensor], outs: list[Tensor],
                                  cts: list[Optional[Tensor]], gcts: list[Optional[Tensor]], aux: list[Tensor],
                                  buffers: list[Tensor], bcts: list[Optional[Tensor]]) -> list[Tensor]:
-    return _double_backward(family, _REGISTRY[key], meta, ins, outs, cts, gcts, aux, buffers, bcts)
+    return _double_backward(layout, meta, ins, outs, cts, gcts, aux, buffers, bcts)
 
 
 @attention_double_backward_op.register_fake
-def _(family, key, meta, ins, outs, cts, gcts, aux, buffers, bcts):
+def _(layout, meta, ins, outs, cts, gcts, aux, buffers, bcts):
     n_out = len(outs) // 2
     g_cts = [o.new_empty(o.shape) if i < n_out or cts[i] is not None else o.new_empty(0) for i, o in enumerate(outs)]
-    return [x.new_empty(x.shape) for x in ins] + g_cts + _buffer_grad_fakes(key, buffers)
+    return [x.new_empty(x.shape) for x in ins] + g_cts + _buffer_grad_fakes(layout, buffers)
 
 
 def _grad_or_none(g: Tensor, like: Tensor):
@@ -292,44 +298,44 @@ def _saved(ctx) -> dict:
 
 
 def _attention_setup(ctx, inputs, output):
-    family, key, meta, ins, aux, buffers = inputs
-    ctx.call = (family, key, meta)
+    layout, meta, ins, aux, buffers = inputs
+    ctx.call = (layout, meta)
     ctx.needs = [b.requires_grad for b in buffers]
     _save(ctx, ins=list(ins), outs=list(output), aux=list(aux), buffers=list(buffers))
 
 
 def _attention_grad(ctx, grads):
-    family, key, meta = ctx.call
+    layout, meta = ctx.call
     t = _saved(ctx)
     # out and lse enter the backward as constants: its own backward (the double backward)
     # differentiates the total dependence on the inputs.
     outs = [o.detach() for o in t["outs"]]
-    res = attention_backward_op(family, key, meta, t["ins"], outs, [g.contiguous() if g is not None else None
+    res = attention_backward_op(layout, meta, t["ins"], outs, [g.contiguous() if g is not None else None
                                                                      for g in grads], t["aux"], t["buffers"])
     n = len(t["ins"])
     gbuf = [_grad_or_none(g, b) if need else None for g, b, need in zip(res[n:], t["buffers"], ctx.needs)]
-    return None, None, None, list(res[:n]), [None] * len(t["aux"]), gbuf
+    return None, None, list(res[:n]), [None] * len(t["aux"]), gbuf
 
 
 def _backward_setup(ctx, inputs, output):
-    family, key, meta, ins, outs, cts, aux, buffers = inputs
-    ctx.call = (family, key, meta)
+    layout, meta, ins, outs, cts, aux, buffers = inputs
+    ctx.call = (layout, meta)
     ctx.needs = [b.requires_grad for b in buffers]
     _save(ctx, ins=list(ins), outs=list(outs), cts=list(cts), aux=list(aux), buffers=list(buffers))
 
 
 def _backward_grad(ctx, grads):
-    family, key, meta = ctx.call
+    layout, meta = ctx.call
     t = _saved(ctx)
     n = len(t["ins"])
     gcts, bcts = list(grads[:n]), [(g if need and g is not None and g.numel() else None)
                                    for g, need in zip(grads[n:], ctx.needs)]
-    res = attention_double_backward_op(family, key, meta, t["ins"], t["outs"], t["cts"], gcts, t["aux"],
+    res = attention_double_backward_op(layout, meta, t["ins"], t["outs"], t["cts"], gcts, t["aux"],
                                        t["buffers"], bcts)
     n_out = len(t["outs"])
     g_cts = [(_grad_or_none(g, o) if c is not None else None) for g, o, c in zip(res[n:n + n_out], t["outs"], t["cts"])]
     gbuf = [_grad_or_none(g, b) if need else None for g, b, need in zip(res[n + n_out:], t["buffers"], ctx.needs)]
-    return None, None, None, list(res[:n]), [None] * n_out, g_cts, [None] * len(t["aux"]), gbuf
+    return None, None, list(res[:n]), [None] * n_out, g_cts, [None] * len(t["aux"]), gbuf
 
 
 def _third_order(ctx, grads):
@@ -442,17 +448,25 @@ def refuse_torch_func(fn: str) -> None:
             "grad and jvp), or use kernel_options={'BACKEND': 'REFERENCE'} inside it.")
 
 
+def _mod_call(score_mod, mask_mod, extents: dict, frame_mask: bool = False) -> tuple:
+    """(kernel key, captured tensors) of one pass's mods, their reads guarded."""
+    call = _kernel_call(score_mod, mask_mod, frame_mask)
+    buffers = _captured(score_mod, mask_mod, call, extents)
+    _trace_mod_reads(score_mod, mask_mod, call)
+    return call[0], buffers
+
+
 def flex_attention_compiled(query, key, value, score_mod, block_mask, scale, kernel_options):
     """The Triton path as custom ops (used while ``torch.compiler.is_compiling()``)."""
     refuse_torch_func("flex_attention")
-    Sq, Skv = query.shape[2], key.shape[2]
+    B, H, Sq = query.shape[:3]
+    Skv = key.shape[2]
     tables = tables_from_block_mask(block_mask, Sq, Skv, query.device)
     mask_mod = block_mask.mask_mod if block_mask is not None else None
-    call = _kernel_call(score_mod, mask_mod)
-    buffers = _captured(score_mod, mask_mod, call, position_extents(query.shape[0], query.shape[1], Sq, Skv))
-    _trace_mod_reads(score_mod, mask_mod, call)
+    kern, buffers = _mod_call(score_mod, mask_mod, position_extents(B, H, Sq, Skv))
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-    out, lse = attention_op("flex", call[0], _meta(scale, [tables], kernel_options),
+    layout = _layout([(0, 1, 2, 0, kern, tables, (0, len(buffers)), 0, None)], 3, 1)
+    out, lse = attention_op(layout, _meta(scale, kernel_options),
                             [query.contiguous(), key.contiguous(), value.contiguous()], _tables_list(tables), buffers)
     return out, lse
 
@@ -466,7 +480,8 @@ def _structure_name(S_o: int, S_p: int, device: str) -> str:
 
 
 def ebt_attention_compiled(q_o, k_o, v_o, q_p, k_p, v_p, score_mod, block_mask, scale, kernel_options):
-    """flex_ebt_attention's Triton path as custom ops: (out_o, out_p, lse_o, lse_p)."""
+    """flex_ebt_attention's Triton path as custom ops: (out_o, out_p, lse_o, lse_p).  The plan is
+    kernels/ebt.py's: both streams' passes with one kernel module and one slice of captured tensors."""
     from .kernels.ebt import _frame_extents
 
     refuse_torch_func("flex_ebt_attention")
@@ -476,15 +491,14 @@ def ebt_attention_compiled(q_o, k_o, v_o, q_p, k_p, v_p, score_mod, block_mask, 
         block_mask = getattr(_THIS, _structure_name(S_o, S_p, str(q_o.device)))
     tables_o = tables_from_block_mask(block_mask.observed, S_o, S_o, q_o.device)
     tables_p = tables_from_block_mask(block_mask.predicted, S_p, S_o, q_o.device)
-    mask_mod = block_mask.mask_mod
-    call = _kernel_call(score_mod, mask_mod, True)
-    buffers = _captured(score_mod, mask_mod, call, _frame_extents(B, H, S_o, S_p))
-    _trace_mod_reads(score_mod, mask_mod, call)
+    kern, buffers = _mod_call(score_mod, block_mask.mask_mod, _frame_extents(B, H, S_o, S_p), True)
     scale = q_o.shape[-1] ** -0.5 if scale is None else float(scale)
     ins = [x.contiguous() for x in (q_o, k_o, v_o, q_p, k_p, v_p)]
+    b = (0, len(buffers))
+    layout = _layout([(0, 1, 2, 0, kern, tables_o, b, 0, None),
+                      (3, 1, 2, 1, kern, tables_p, b, S_o - S_p + 1, (4, 5))], 6, 2)
     aux = _tables_list(tables_o) + _tables_list(tables_p) + [block_mask.own_keep_for(B, H)]
-    out_o, out_p, lse_o, lse_p = attention_op("ebt", call[0], _meta(scale, [tables_o, tables_p], kernel_options,
-                                                               offset=S_o - S_p + 1), ins, aux, buffers)
+    out_o, out_p, lse_o, lse_p = attention_op(layout, _meta(scale, kernel_options), ins, aux, buffers)
     return out_o, out_p, lse_o, lse_p
 
 
@@ -501,13 +515,21 @@ def _region_name(M: int, N: int, dist_threshold, causal: bool, device: str, bloc
 
 def piecewise_attention_compiled(q1, k1, q2, k2, v, dist_threshold, causal, scale, score_mod, block_mask,
                                  kernel_options):
-    """piecewise_attention as two compiled flex_attention passes (near and far pairs) and their
-    exact merge in torch ops, which autograd differentiates at every order."""
-    from .piecewise import merge_partial_attention
-
+    """piecewise_attention as custom ops: the plan of piecewise.py -- the near and far passes, each
+    with its own mask_mod's kernels and captured tensors, merged into one row group."""
     refuse_torch_func("piecewise_attention")
-    _, near, far = getattr(_THIS, _region_name(q1.shape[2], k1.shape[2], dist_threshold, causal, str(q1.device),
-                                                block_mask))
-    out_n, lse_n = flex_attention_compiled(q1, k1, v, score_mod, near, scale, kernel_options)
-    out_f, lse_f = flex_attention_compiled(q2, k2, v, score_mod, far, scale, kernel_options)
-    return merge_partial_attention(out_n, lse_n, out_f, lse_f)[0]
+    B, H, M = q1.shape[:3]
+    N = k1.shape[2]
+    _, near, far = getattr(_THIS, _region_name(M, N, dist_threshold, causal, str(q1.device), block_mask))
+    extents = position_extents(B, H, M, N)
+    t_near = tables_from_block_mask(near, M, N, q1.device)
+    t_far = tables_from_block_mask(far, M, N, q1.device)
+    k_near, b_near = _mod_call(score_mod, near.mask_mod, extents)
+    k_far, b_far = _mod_call(score_mod, far.mask_mod, extents)
+    scale = q1.shape[-1] ** -0.5 if scale is None else float(scale)
+    nn, nf = len(b_near), len(b_far)
+    layout = _layout([(0, 1, 4, 0, k_near, t_near, (0, nn), 0, None),
+                      (2, 3, 4, 0, k_far, t_far, (nn, nn + nf), 0, None)], 5, 1)
+    out, _ = attention_op(layout, _meta(scale, kernel_options), [x.contiguous() for x in (q1, k1, q2, k2, v)],
+                          _tables_list(t_near) + _tables_list(t_far), b_near + b_far)
+    return out

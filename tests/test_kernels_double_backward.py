@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import flexebt
-import flexebt.kernels.flex as kernels_flex
+import flexebt.autograd
 from flexebt import masks, mods
 from helpers import rel_err
 
@@ -24,29 +24,34 @@ CASES = {
 }
 
 
-def _spy(monkeypatch, module, name):
-    """Record the calls of ``module.name`` (to assert that the fused kernels really ran)."""
+def _spy(monkeypatch, n_inputs: int):
+    """Record the fused double backwards of plans with ``n_inputs`` inputs (3: flex_attention, 6:
+    EBT, 5: piecewise), to assert that the fused kernels really ran."""
     calls = []
-    original = getattr(module, name)
+    original = flexebt.autograd.plan_double_backward
 
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
+    def spy(plan, *args, **kwargs):
+        if plan.n_inputs == n_inputs:
+            calls.append(1)
+        return original(plan, *args, **kwargs)
 
-    monkeypatch.setattr(module, name, spy)
+    monkeypatch.setattr(flexebt.autograd, "plan_double_backward", spy)
     return calls
 
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    return _spy(monkeypatch, kernels_flex, "flex_double_backward")
+    return _spy(monkeypatch, 3)
 
 
 @pytest.fixture
 def fused_ebt_calls(monkeypatch):
-    import flexebt.kernels.ebt as kernels_ebt
+    return _spy(monkeypatch, 6)
 
-    return _spy(monkeypatch, kernels_ebt, "ebt_double_backward")
+
+@pytest.fixture
+def fused_piecewise_calls(monkeypatch):
+    return _spy(monkeypatch, 5)
 
 
 def _loss(x, sm, bm, backend, lse_weight, S):

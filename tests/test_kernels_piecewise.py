@@ -119,7 +119,7 @@ def test_first_order_is_fused_and_exact():
     bias = (0.5 * torch.randn(H, M, N)).requires_grad_()
     sm = mods.generate_bias_score_mod(bias)
     out = _f(7, True, T, score_mod=sm)(q, k1, q, k2, v)
-    assert type(out.grad_fn).__name__ == "PiecewiseAttentionBackward"
+    assert type(out.grad_fn).__name__ == "AttentionBackward"
     ct = torch.randn_like(out)
     got = torch.autograd.grad(out, [q, k1, k2, v, bias], ct)
     xd = [t.detach().double().requires_grad_() for t in (q, k1, k2, v, bias)]
@@ -129,15 +129,63 @@ def test_first_order_is_fused_and_exact():
         assert rel_err(a, b) < 1e-5
 
 
-def test_second_order_with_a_learned_bias():
-    """create_graph differentiates the composition; the bias's gradients come out of it too."""
+@pytest.fixture
+def fused_double_backwards(monkeypatch):
+    """Count the fused double backwards of piecewise plans (five inputs)."""
+    import flexebt.autograd
+
+    calls = []
+    original = flexebt.autograd.plan_double_backward
+
+    def spy(plan, *args, **kwargs):
+        calls.append(plan.n_inputs)
+        return original(plan, *args, **kwargs)
+
+    monkeypatch.setattr(flexebt.autograd, "plan_double_backward", spy)
+    return calls
+
+
+def test_second_order_with_a_learned_bias(fused_double_backwards):
+    """The double backward is the fused one (both passes' row statistics summed before use), the
+    bias's first- and second-order gradients included."""
     M = N = 29
     x = _inputs(M, N, grad=True)
     bias = (0.5 * torch.randn(2, M, N)).requires_grad_()
     got = second_order(lambda *a: _f(6, True, T, score_mod=mods.generate_bias_score_mod(a[5]))(*a[:5]), x + [bias])
+    assert fused_double_backwards == [5]
     want = second_order(lambda *a: _f(6, True, R, score_mod=mods.generate_bias_score_mod(a[5]))(*a[:5]), x + [bias])
     for a, b in zip(got[0] + got[1], want[0] + want[1]):
         assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("w", [0, 5, 11.5, 100])
+def test_fused_second_order_one_tensor_as_both_queries(w, fused_double_backwards):
+    """q1 is q2 and k1 is k2 (plain attention when so): each input's first- and second-order
+    gradients sum both passes' shares; thresholds with every pair far, split, and every pair near."""
+    M, N = 19, 27
+    q, k, v = (torch.randn(1, 2, S, 16, requires_grad=True) for S in (M, N, N))
+    kern = lambda q, k, v: _f(w, True, T)(q, k, q, k, v)  # noqa: E731
+    ref = lambda q, k, v: _f(w, True, R)(q, k, q, k, v)  # noqa: E731
+    got = second_order(kern, [q, k, v])
+    assert fused_double_backwards == [5]
+    want = second_order(ref, [q, k, v])
+    plain = second_order(lambda q, k, v: flexebt.flex_attention(
+        q, k, v, block_mask=flexebt.create_block_mask(lambda b, h, i, j: N - M + i >= j, None, None, M, N,
+                                                      device="cpu"), kernel_options=R), [q, k, v])
+    for a, b, c in zip(got[0] + got[1], want[0] + want[1], plain[0] + plain[1]):
+        assert rel_err(a, b) < 1e-5 and rel_err(b, c) < 1e-5
+
+
+def test_forward_mode_ad_matches_reference():
+    """torch.autograd.forward_ad through the kernels' JVP: the passes' tangents merge exactly."""
+    import torch.autograd.forward_ad as fwAD
+
+    x = _inputs(22, 30)
+    t = [torch.randn_like(a) for a in x]
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(_f(7, True, T)(*[fwAD.make_dual(a, b) for a, b in zip(x, t)])).tangent
+    _, want = torch.func.jvp(_f(7, True, R), tuple(a.double() for a in x), tuple(a.double() for a in t))
+    assert rel_err(got, want) < 1e-5
 
 
 def test_rows_with_no_key_give_zero_and_zero_gradients():
@@ -155,12 +203,17 @@ def test_rows_with_no_key_give_zero_and_zero_gradients():
     # the reference's autograd: compare each input's gradient
     for a, b in zip(grads, want):
         assert rel_err(a, b) < 1e-5
+    # second order: the empty rows' statistics are zero in both passes
+    got = second_order(_f(5, False, T, block_mask=bm), x)
+    want = second_order(_f(5, False, R, block_mask=bm), x)
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        assert torch.isfinite(a).all() and rel_err(a, b) < 1e-5
+    assert (got[1][0][:, :, :9] == 0).all()
 
 
 @pytest.mark.parametrize("DV", [16, 24])
 def test_merge_kernel_matches_the_torch_merge(DV):
     from flexebt.kernels.merge import merge_partial_softmax
-    from flexebt.piecewise import merge_partial_attention
 
     oa, ob = torch.randn(2, 3, 70, DV), torch.randn(2, 3, 70, DV)
     la, lb = torch.randn(2, 3, 70) * 4, torch.randn(2, 3, 70) * 4
@@ -174,6 +227,16 @@ def test_merge_kernel_matches_the_torch_merge(DV):
     fin = torch.isfinite(want_l)
     assert rel_err(got_l[fin], want_l[fin]) < 1e-6
     assert (got_o[1, 2, 10:12] == 0).all()
+
+
+def merge_partial_attention(out_a, lse_a, out_b, lse_b):
+    """The merge written out in torch (the oracle of the merge kernel): rows empty in both parts
+    give 0 and -inf."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    empty = torch.isneginf(lse)
+    safe = torch.where(empty, 0.0, lse)
+    out = torch.exp(lse_a - safe).unsqueeze(-1) * out_a + torch.exp(lse_b - safe).unsqueeze(-1) * out_b
+    return torch.where(empty.unsqueeze(-1), 0.0, out), lse
 
 
 def test_tensor_read_by_score_mod_and_block_mask_gets_its_gradient_once():

@@ -508,19 +508,6 @@ def finish_captured_grads(buffers: list[Tensor], gbufs: dict[int, Tensor]) -> li
     return [gbufs[s].to(buffers[s].dtype) if s in gbufs else None for s in range(len(buffers))]
 
 
-def flex_backward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
-                  dlse: Optional[Tensor], scale: float, tables: BlockTables, buffers: list[Tensor],
-                  options: Optional[dict] = None):
-    """dq, dk, dv and the captured tensors' gradients (None where not accumulated)."""
-    dout = dout.contiguous()
-    dlse = dlse.contiguous() if dlse is not None else None
-    gbufs = captured_grad_buffers(kern, buffers, q.device)
-    bargs = _buffer_args(buffers, gbufs)
-    dq, delta, _ = dq_pass(kern, q, k, v, out, lse, dout, dlse, scale, tables, bargs, options)
-    dk, dv = dkdv_pass(kern, q, k, v, lse, delta, dout, scale, tables, bargs, options)
-    return dq, dk, dv, finish_captured_grads(buffers, gbufs)
-
-
 def _dbwd_args(q, k, v, out, dout, lse, dlse, gq, gk, gv):
     c = lambda t: t.contiguous()  # noqa: E731
     return (q, k, v, out, c(dout), lse, c(dlse) if dlse is not None else lse, c(gq), c(gk), c(gv))
@@ -572,15 +559,33 @@ def _dbwd_query_pass(kern: ModKernels, which: str, args: tuple, own_a: tuple, he
 
 
 def dbwd_rows_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, scale, tables: BlockTables,
-                   bargs: list, options=None, q_off: int = 0, own: Optional[OwnKeys] = None, own_cts=None):
-    """Row statistics (U, Wc, Bbar, D) and g_do of the double backward."""
+                   bargs: list, options=None, q_off: int = 0, own: Optional[OwnKeys] = None, own_cts=None,
+                   partial: bool = False):
+    """Row statistics (U, Wc, Bbar, D) and g_do of the double backward.  ``partial``: these keys
+    are one part of the rows' keys (``out``, ``lse`` are the merged ones); returns the raw sums
+    (U, W, Bbar, D0) and the fp32 part P u v + P Gv of g_do instead, for ``finish_row_parts``."""
     B, H, Sq, _ = q.shape
     args = _dbwd_args(q, k, v, out, dout, lse, dlse, gq, gk, gv)
     stats = torch.empty(B, H, Sq, 4, dtype=torch.float32, device=q.device)
-    g_do = torch.empty_like(args[4])
-    _dbwd_query_pass(kern, "dbwd_rows", args, _own_args(own, own_cts, lse), (g_do, stats), (), (), {}, q, k, v,
-                     dlse, scale, tables, bargs, options, q_off, own is not None)
+    g_do = torch.empty(args[4].shape, dtype=torch.float32, device=q.device) if partial else torch.empty_like(args[4])
+    _dbwd_query_pass(kern, "dbwd_rows", args, _own_args(own, own_cts, lse), (g_do, stats), (), (),
+                     dict(PARTIAL_ROWS=partial), q, k, v, dlse, scale, tables, bargs, options, q_off, own is not None)
     return g_do, stats
+
+
+def finish_row_parts(parts: list, out: Tensor, dout: Tensor, dlse: Optional[Tensor]):
+    """(g_do, stats) of rows whose keys several passes share, from each pass's
+    ``dbwd_rows_pass(..., partial=True)``: the sums add up; then Wc = W - D0 U (centred once the
+    whole row is summed, as a single pass forms it), D = D0 - dlse and g_do = sum(P u v + P Gv) - U o."""
+    g_do = parts[0][0]
+    stats = parts[0][1]
+    for g, st in parts[1:]:
+        g_do = g_do + g
+        stats = stats + st
+    U, W, Bbar, D0 = stats.unbind(-1)
+    D = D0 - dlse.float() if dlse is not None else D0
+    stats = torch.stack((U, W - D0 * U, Bbar, D), -1).contiguous()
+    return (g_do - U.unsqueeze(-1) * out.float()).to(dout.dtype), stats
 
 
 def dbwd_dq_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, stats, scale, tables: BlockTables,
@@ -629,26 +634,6 @@ def dbwd_dkdv_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, 
 
     _launch(kern.module.flex_dbwd_dkdv, plan, launch_args, spec, options, q.device)
     return g_k, g_v
-
-
-def flex_double_backward(kern: ModKernels, q, k, v, out, lse, dout, dlse, gq, gk, gv, scale: float,
-                         tables: BlockTables, buffers: list[Tensor], options: Optional[dict] = None,
-                         buffer_cts: Optional[list] = None):
-    """Fused double backward: g_q, g_k, g_v, g_do, g_dlse and the captured tensors' gradients
-    (None where the kernels scatter none).  ``buffer_cts``: cotangents of the captured tensors'
-    first-order gradients (None entries: zero).
-
-    Three passes, O(S) extra memory: row statistics (U, Wc, Bbar, D) and g_do per query tile;
-    g_q (and the captured tensors' gradients) per query tile; g_k, g_v per key tile.  See the
-    template's comment for the math."""
-    gbufs = captured_grad_buffers(kern, buffers, q.device)
-    bargs = _buffer_args(buffers, gbufs, captured_cotangents(kern, buffers, buffer_cts or []))
-    g_do, stats = dbwd_rows_pass(kern, q, k, v, out, dout, lse, dlse, gq, gk, gv, scale, tables, bargs, options)
-    g_q, _ = dbwd_dq_pass(kern, q, k, v, out, dout, lse, dlse, gq, gk, gv, stats, scale, tables, bargs, options,
-                          captured_grads=bool(gbufs))
-    g_k, g_v = dbwd_dkdv_pass(kern, q, k, v, out, dout, lse, dlse, gq, gk, gv, stats, scale, tables, bargs,
-                              options)
-    return g_q, g_k, g_v, g_do, stats[..., 0], finish_captured_grads(buffers, gbufs)
 
 
 def flex_jvp(kern: ModKernels, q, k, v, dq, dk, dv, scale: float, tables: BlockTables, buffers: list[Tensor],

@@ -661,10 +661,14 @@ def flex_dbwd_rows(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_DO, STATS, KV_NUM, K
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
                    HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                   HAS_DLSE: tl.constexpr, HAS_SELF: tl.constexpr, USE_TMA: tl.constexpr):
+                   HAS_DLSE: tl.constexpr, HAS_SELF: tl.constexpr, USE_TMA: tl.constexpr,
+                   PARTIAL_ROWS: tl.constexpr):
     """Pass 1 of the double backward, per query tile: the row statistics U, Wc, Bbar and D
     (STATS [B, H, Sq, 4]) and g_do.  HAS_SELF: the EBT own key is one more column.
-    USE_TMA: the key-side tiles through the descriptors."""
+    USE_TMA: the key-side tiles through the descriptors.  PARTIAL_ROWS: these keys are one part
+    of the rows' keys (another pass holds the rest; O and L are the merged ones): store the raw
+    sums U, W, Bbar, D0 and the part P u v + P Gv of g_do (fp32), which the caller adds over the
+    parts before it forms Wc = W - D0 U, D = D0 - dlse and g_do -= U o."""
     pid_m, pid_bh = _program_tile(tl.cdiv(Sq, BLOCK_M), HEAD_GROUP, False)
     off_b = pid_bh // H
     off_h = pid_bh % H
@@ -705,17 +709,24 @@ def flex_dbwd_rows(Q, K, V, O, DO, LSE, DLSE, GQ, GK, GV, G_DO, STATS, KV_NUM, K
                                                scale, Q_OFF, __BUFFERS__
                                                D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST,
                                                USE_TMA)
-    o = _load_tile(O + qh * Sq * DV, O, qh, pid_m * BLOCK_M, Sq, DV, BLOCK_M, BLOCK_DV, EVEN, False)
-    g_do = puv - U[:, None] * o.to(tl.float32) + pgv
+    if PARTIAL_ROWS:
+        g_do = puv + pgv
+    else:
+        o = _load_tile(O + qh * Sq * DV, O, qh, pid_m * BLOCK_M, Sq, DV, BLOCK_M, BLOCK_DV, EVEN, False)
+        g_do = puv - U[:, None] * o.to(tl.float32) + pgv
     row_ok = offs_m < Sq
     offs_dv = tl.arange(0, BLOCK_DV)
     tl.store(G_DO + qh * Sq * DV + offs_m[:, None] * DV + offs_dv[None, :], g_do.to(G_DO.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < DV))
     st = STATS + (qh * Sq + offs_m) * 4
     tl.store(st + 0, U, mask=row_ok)
-    tl.store(st + 1, W - D0 * U, mask=row_ok)
     tl.store(st + 2, Bbar, mask=row_ok)
-    tl.store(st + 3, D0 - dl, mask=row_ok)
+    if PARTIAL_ROWS:
+        tl.store(st + 1, W, mask=row_ok)
+        tl.store(st + 3, D0, mask=row_ok)
+    else:
+        tl.store(st + 1, W - D0 * U, mask=row_ok)
+        tl.store(st + 3, D0 - dl, mask=row_ok)
 
 
 @triton.jit
