@@ -10,7 +10,10 @@ through every attention layer.  The implementations:
 - ``flexebt``: the Triton kernels, eager;
 - ``flexebt_cudagraph``: the eager step captured once in a ``torch.cuda.graph`` and replayed;
 - ``flexebt_compiled`` / ``flexebt_compiled_ro``: the kernels as custom ops under
-  ``torch.compile(fullgraph=True)``, default mode and ``mode="reduce-overhead"``.
+  ``torch.compile(fullgraph=True)``, default mode and ``mode="reduce-overhead"``;
+- ``floor_compiled``: the compiled step with the attention replaced by a stand-in that costs
+  almost nothing (``out = v * sigmoid(q)`` per stream, differentiable at every order): the rest of
+  the step, so the attention's share of each row is visible.  (Its gradients are not comparable.)
 
 The compiled variants take the energy's gradient inside the compiled function, which needs
 ``torch._dynamo.config.trace_autograd_ops = True``.  Rows: median ms per step, peak GiB above the
@@ -20,13 +23,16 @@ all parameter gradients against ``eager_math``'s on the same batch.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
+import types
 
 import torch
 
-IMPLS = ("eager_math", "compiled_math", "flexebt", "flexebt_cudagraph", "flexebt_compiled", "flexebt_compiled_ro")
+IMPLS = ("eager_math", "compiled_math", "flexebt", "flexebt_cudagraph", "flexebt_compiled", "flexebt_compiled_ro",
+         "floor_compiled")
 
 
 def _model_class():
@@ -36,13 +42,34 @@ def _model_class():
     return CharEBT
 
 
+def _stand_in_attention(q_o, k_o, v_o, q_p, k_p, v_p, block_mask=None, **_):
+    """The floor row's attention: no scores at all, still differentiable at every order."""
+    return v_o * torch.sigmoid(q_o), v_p * torch.sigmoid(q_p)
+
+
+@contextlib.contextmanager
+def _attention(impl: str):
+    """For the floor row, the model module sees the stand-in instead of flexebt's attention."""
+    if impl != "floor_compiled":
+        yield
+        return
+    module = sys.modules["model"]
+    real = module.flexebt
+    module.flexebt = types.SimpleNamespace(flex_ebt_attention=_stand_in_attention,
+                                           create_ebt_block_mask=lambda *a, **k: None, masks=real.masks)
+    try:
+        yield
+    finally:
+        module.flexebt = real
+
+
 def _grads(model) -> torch.Tensor:
     return torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None]).cpu()
 
 
 def _stepper(impl: str, model, tokens, targets):
     """A function running one training step (loss and backward) for ``impl``."""
-    if impl in ("compiled_math", "flexebt_compiled", "flexebt_compiled_ro"):
+    if impl in ("compiled_math", "flexebt_compiled", "flexebt_compiled_ro", "floor_compiled"):
         loss_fn = torch.compile(model.loss, fullgraph=True, mode="reduce-overhead" if impl.endswith("_ro") else None)
 
         def step():
@@ -82,6 +109,24 @@ def _time(step, reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _measure(impl: str, model, tokens, targets, reps: int) -> tuple:
+    """(median ms per step, peak GiB above the model, seconds to the first finished step, gradients
+    of the first step)."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    step = _stepper(impl, model, tokens, targets)
+    step()
+    torch.cuda.synchronize()
+    first_s = time.perf_counter() - t0
+    grads = _grads(model)
+    for _ in range(2):  # warm: three steps in all before timing
+        step()
+    ms = _time(step, reps)
+    return ms, (torch.cuda.max_memory_allocated() - base) / 2 ** 30, first_s, grads
+
+
 def run_b3(args, meta, writer):
     CharEBT = _model_class()
     vocab, layers, dim, heads = 256, args.b3_layers, 768, 12
@@ -106,23 +151,12 @@ def run_b3(args, meta, writer):
                 ms = peak = first_s = err = float("nan")
                 note = ""
                 try:
-                    torch.cuda.synchronize()
-                    base = torch.cuda.memory_allocated()
-                    torch.cuda.reset_peak_memory_stats()
-                    t0 = time.perf_counter()
-                    step = _stepper(impl, model, tokens, targets)
-                    step()
-                    torch.cuda.synchronize()
-                    first_s = time.perf_counter() - t0
-                    grads = _grads(model)
+                    with _attention(impl):
+                        ms, peak, first_s, grads = _measure(impl, model, tokens, targets, args.b3_reps)
                     if impl == "eager_math":
                         ref_grads = grads
-                    elif ref_grads is not None:
+                    elif ref_grads is not None and impl != "floor_compiled":
                         err = ((grads - ref_grads).norm() / ref_grads.norm()).item()
-                    for _ in range(2):  # warm: three steps in all before timing
-                        step()
-                    ms = _time(step, args.b3_reps)
-                    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
                     if impl.startswith("flexebt"):
                         from flexebt.kernels.flex import _FAST
 
