@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -147,7 +148,9 @@ def flex_ebt_attention(q_o: Tensor, k_o: Tensor, v_o: Tensor, q_p: Tensor, k_p: 
         q_p, k_p, v_p: predicted stream, ``[B, Hq, S_p, D]``, ``[B, Hkv, S_p, D]``, ``[B, Hkv, S_p, Dv]``.
         score_mod: ``score_mod(score, b, h, q_frame, kv_frame)``; may capture tensors.
         block_mask: an :class:`~flexebt.EBTBlockMask` from :func:`create_ebt_block_mask` for
-            these lengths; ``None`` applies no mask beyond the two-stream structure.
+            these lengths.  ``None`` applies no mask beyond the two-stream structure: every query
+            also sees later frames (not causal), and a ``UserWarning`` says so at the calling line;
+            the autoregressive EBT passes ``create_ebt_block_mask(flexebt.masks.ebt_causal_mask, ...)``.
         scale: default ``D ** -0.5``.
         enable_gqa: allow fewer key/value heads than query heads.
         return_lse: also return ``lse_o [B, Hq, S_o]`` and ``lse_p [B, Hq, S_p]``.
@@ -190,6 +193,8 @@ def flex_ebt_attention(q_o: Tensor, k_o: Tensor, v_o: Tensor, q_p: Tensor, k_p: 
     V.check_scale(fn, scale)
     V.check_callable(fn, "score_mod", score_mod)
     _check_ebt_block_mask(fn, block_mask, q_o.shape[0], q_o.shape[1], S_o, S_p)
+    if block_mask is None and not torch.compiler.is_compiling():
+        _warn_not_causal(fn, S_o, S_p)
     V.check_kernel_options(fn, kernel_options)
     backend = _backend_for(fn, kernel_options, (q_o, k_o, v_o, q_p, k_p, v_p), v_o)
     B, H = q_o.shape[:2]
@@ -246,6 +251,18 @@ def _flex_ebt_attention_triton(q_o, k_o, v_o, q_p, k_p, v_p, score_mod, block_ma
 
     call = AttentionCall(pl, scale, kernel_options, reference, (score_mod,))
     return Attention.apply(call, *[x.contiguous() for x in (q_o, k_o, v_o, q_p, k_p, v_p)], *buffers)
+
+
+def _warn_not_causal(fn: str, S_o: int, S_p: int) -> None:
+    """block_mask=None is the bare two-stream structure -- every frame pair kept, later frames
+    included -- which the autoregressive EBT must not use; a forgotten mask would silently leak the
+    future, so it is said at the caller's line (once per line, Python's default warning filter)."""
+    warnings.warn(
+        f"{fn}: block_mask=None keeps every frame pair, so each query also sees the keys of later frames "
+        f"(not causal). The autoregressive EBT needs flexebt.create_ebt_block_mask(flexebt.masks.ebt_causal_mask, "
+        f"B, H, S_obs={S_o}, S_pred={S_p}) (mask_mod=None also means causal; build it once and reuse it). To "
+        f"attend to every frame on purpose, pass create_ebt_block_mask(torch.nn.attention.flex_attention.noop_mask, "
+        f"B, H, {S_o}, {S_p}), which does not warn.", UserWarning, stacklevel=3)
 
 
 def _check_ebt_block_mask(fn: str, block_mask, B: int, H: int, S_o: int, S_p: int) -> None:

@@ -177,10 +177,24 @@ def test_block_mask_none_means_causal_and_structure():
 
 
 def test_block_mask_none_in_attention_means_structure_only():
+    """None is the bare structure (every frame pair, later frames included), and says so at the
+    calling line; the same structure asked for explicitly (noop_mask) gives the same values
+    silently; the causal mask differs."""
+    from torch.nn.attention.flex_attention import noop_mask
+
     x = _streams(6, 4)
-    out = flexebt.flex_ebt_attention(*x)
+    with pytest.warns(UserWarning, match=r"block_mask=None keeps every frame pair.*not causal.*ebt_causal_mask") as w:
+        out = flexebt.flex_ebt_attention(*x)
+    assert w[0].filename == __file__  # attributed to the caller's line
     ref = ebt_oracle(*x)
     assert rel_err(out[0], ref[0]) < TOL and rel_err(out[1], ref[1]) < TOL
+    full = flexebt.create_ebt_block_mask(noop_mask, None, None, 6, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        explicit = flexebt.flex_ebt_attention(*x, block_mask=full)
+        causal = flexebt.flex_ebt_attention(*x, block_mask=flexebt.create_ebt_block_mask(masks.ebt_causal_mask, None,
+                                                                                         None, 6, 4))
+    assert rel_err(explicit[1], out[1]) < TOL and rel_err(causal[1], out[1]) > 1e-3
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
