@@ -25,8 +25,10 @@ def check_positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
-def check_tensors(fn: str, named: Sequence[tuple[str, object]]) -> None:
-    """Rank 4, floating dtype, and one dtype and device for all of ``named``."""
+def check_tensors(fn: str, named: Sequence[tuple[str, object]], like_query: tuple = ()) -> None:
+    """Rank 4, floating dtype, and one dtype, device and batch for all of ``named``.  The inputs
+    named in ``like_query`` may differ from the first in dtype and batch (``kv_like_query`` casts
+    and broadcasts them, as torch's flex_attention does); they must agree with each other."""
     first_name, first = None, None
     for name, t in named:
         if not isinstance(t, Tensor):
@@ -48,6 +50,19 @@ def check_tensors(fn: str, named: Sequence[tuple[str, object]]) -> None:
         if first is None:
             first_name, first = name, t
             continue
+        if name in like_query:
+            if name != like_query[0]:
+                ref_name, ref = next((n, x) for n, x in named if n == like_query[0])
+                if t.dtype != ref.dtype or t.shape[0] != ref.shape[0]:
+                    raise ValueError(
+                        f"{fn}: {name} has dtype {t.dtype} and batch {t.shape[0]} but {ref_name} has {ref.dtype} and "
+                        f"{ref.shape[0]}; they must match.")
+            if t.device != first.device:
+                raise ValueError(
+                    f"{fn}: {name} is on {t.device} but {first_name} is on {first.device}; "
+                    f"move all inputs to one device."
+                )
+            continue
         if t.dtype != first.dtype:
             raise ValueError(
                 f"{fn}: {name} has dtype {t.dtype} but {first_name} has {first.dtype}; "
@@ -62,6 +77,44 @@ def check_tensors(fn: str, named: Sequence[tuple[str, object]]) -> None:
             raise ValueError(
                 f"{fn}: batch size mismatch: {first_name} has B={first.shape[0]} but {name} has B={t.shape[0]}."
             )
+
+
+def kv_like_query(fn: str, query: Tensor, key: Tensor, value: Tensor, block_mask) -> tuple[Tensor, Tensor]:
+    """torch's flex_attention rules for key/value that differ from the query (after check_tensors):
+    another floating dtype is cast to the query's (the output takes the query's dtype; the cast is
+    differentiable), and a key/value batch of 1 broadcasts over a larger query batch when the
+    block mask was built for the query's batch (expanded: each batch element reads the same keys,
+    and their gradients sum)."""
+    if key.dtype != query.dtype:
+        key, value = key.to(query.dtype), value.to(query.dtype)
+    Bq, Bkv = query.shape[0], key.shape[0]
+    if Bq == Bkv:
+        return key, value
+    if Bkv != 1:
+        raise ValueError(
+            f"{fn}: query has batch {Bq} but key/value have {Bkv}; they must match, or key/value may have batch 1 to "
+            f"be shared by every query batch element (with a block_mask built for B={Bq}).")
+    mask_b = block_mask.kv_num_blocks.shape[0] if isinstance(block_mask, BlockMask) else None
+    if mask_b != Bq:
+        got = "block_mask=None" if block_mask is None else f"a block_mask of batch {mask_b}"
+        raise ValueError(
+            f"{fn}: key/value of batch 1 broadcast over the query's batch {Bq} only with a block_mask built for that "
+            f"batch (as in torch's flex_attention); got {got}. Build it with create_block_mask(mask_mod, B={Bq}, ...), "
+            f"or expand key/value with key.expand({Bq}, -1, -1, -1).")
+    return key.expand(Bq, *key.shape[1:]), value.expand(Bq, *value.shape[1:])
+
+
+def check_return_aux(fn: str, return_lse: bool, return_aux) -> bool:
+    """torch's ``return_aux=AuxRequest(lse=..., max_scores=...)``; returns whether max_scores are wanted."""
+    if return_aux is None:
+        return False
+    if not (hasattr(return_aux, "lse") and hasattr(return_aux, "max_scores")):
+        raise TypeError(f"{fn}: return_aux must be a torch.nn.attention.flex_attention.AuxRequest or None, got "
+                        f"{type(return_aux).__name__}.")
+    if return_lse:
+        raise ValueError(f"{fn}: return_lse and return_aux cannot both be given; use "
+                         f"return_aux=AuxRequest(lse=True) alone (as torch's flex_attention requires).")
+    return bool(return_aux.max_scores)
 
 
 def check_qkv(fn: str, q: Tensor, k: Tensor, v: Tensor, enable_gqa: bool, q_name="query", k_name="key",

@@ -7,7 +7,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
-from torch.nn.attention.flex_attention import BlockMask
+from torch.nn.attention.flex_attention import AuxOutput, BlockMask
 
 from . import _validation as V
 from .backends import composition_needs_reference, resolve_backend
@@ -23,15 +23,17 @@ __all__ = ["flex_attention", "flex_ebt_attention", "piecewise_attention"]
 
 def flex_attention(query: Tensor, key: Tensor, value: Tensor, score_mod: Optional[Callable] = None,
                    block_mask: Optional[BlockMask] = None, scale: Optional[float] = None, enable_gqa: bool = False,
-                   return_lse: bool = False, kernel_options: Optional[dict] = None):
+                   return_lse: bool = False, kernel_options: Optional[dict] = None, *, return_aux=None):
     """FlexAttention with second-order gradients; a drop-in for torch's ``flex_attention``.
 
     Computes ``softmax(score_mod(scale * Q K^T) masked by block_mask) V`` for each batch and head.
 
     Args:
         query: ``[B, Hq, Sq, D]``.
-        key: ``[B, Hkv, Skv, D]``.
-        value: ``[B, Hkv, Skv, Dv]``.
+        key: ``[B, Hkv, Skv, D]``, or ``[1, Hkv, Skv, D]`` broadcast over a query batch ``B > 1``
+            (as torch: then ``block_mask`` must be built for batch ``B``).  A dtype other than the
+            query's is cast to the query's (torch's eager rule: the output has the query's dtype).
+        value: ``[B, Hkv, Skv, Dv]`` (batch and dtype as ``key``).
         score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` (torch convention); may
             capture tensors, which receive gradients (first and second order).
         block_mask: a torch ``BlockMask`` from ``create_block_mask`` for ``(Sq, Skv)``; its
@@ -41,6 +43,10 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor, score_mod: Optiona
             ``h // (Hq // Hkv)``).
         return_lse: also return the log-sum-exp ``[B, Hq, Sq]`` (natural log, fp32; float64
             for float64 inputs). A query with no kept key has ``lse = -inf`` and output 0.
+        return_aux: torch's ``AuxRequest(lse=..., max_scores=...)``: return ``(out, AuxOutput)``
+            with the requested fields (``max_scores``: each row's largest kept modified score,
+            natural units, fp32, ``-inf`` for a row that keeps nothing, no gradient, as torch).
+            Not together with ``return_lse``.
         kernel_options: dict; ``{"BACKEND": "AUTO" | "TRITON" | "REFERENCE"}`` picks the
             backend (default: the ``FLEXEBT_BACKEND`` environment variable, else ``AUTO``).
             Tile and launch keys (torch's names where it has them: ``BLOCK_M``, ``num_warps``,
@@ -49,7 +55,7 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor, score_mod: Optiona
             type is refused.
 
     Returns:
-        ``out`` ``[B, Hq, Sq, Dv]`` in the input dtype, or ``(out, lse)``.
+        ``out`` ``[B, Hq, Sq, Dv]`` in the query's dtype, or ``(out, lse)``, or ``(out, aux)``.
 
     Raises:
         ValueError / TypeError: for shapes, dtypes, devices, head counts, a block mask built for
@@ -64,26 +70,31 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor, score_mod: Optiona
         torch.Size([1, 2, 8, 16])
     """
     fn = "flex_attention"
-    V.check_tensors(fn, [("query", query), ("key", key), ("value", value)])
+    V.check_tensors(fn, [("query", query), ("key", key), ("value", value)], like_query=("key", "value"))
+    key, value = V.kv_like_query(fn, query, key, value, block_mask)
     V.check_qkv(fn, query, key, value, enable_gqa)
     V.check_scale(fn, scale)
     V.check_callable(fn, "score_mod", score_mod)
     V.check_block_mask(fn, block_mask, query.shape[0], query.shape[1], query.shape[2], key.shape[2])
     V.check_kernel_options(fn, kernel_options)
+    want_max = V.check_return_aux(fn, return_lse, return_aux)
     backend = _backend_for(fn, kernel_options, (query, key, value), value)
     B, H, Sq = query.shape[:3]
     if backend == "TRITON" and (B * H * Sq == 0 or key.shape[2] == 0):  # nothing to launch
         out, lse = _empty_attention((query, key, value), [(B, H, Sq, value.shape[3])], [(B, H, Sq)])
-        return (out[0], lse[0]) if return_lse else out[0]
-    if backend == "TRITON" and torch.compiler.is_compiling():
+        res = (out[0], lse[0], lse[0].detach().clone()) if want_max else (out[0], lse[0])
+    elif backend == "TRITON" and torch.compiler.is_compiling():
         from .compiled import flex_attention_compiled
 
-        out, lse = flex_attention_compiled(query, key, value, score_mod, block_mask, scale, kernel_options)
+        res = flex_attention_compiled(query, key, value, score_mod, block_mask, scale, kernel_options, want_max)
     elif backend == "TRITON":
-        out, lse = _flex_attention_triton(query, key, value, score_mod, block_mask, scale, kernel_options)
+        res = _flex_attention_triton(query, key, value, score_mod, block_mask, scale, kernel_options, want_max)
     else:
-        out, lse = flex_attention_reference(query, key, value, score_mod, block_mask, scale)
-    return (out, lse) if return_lse else out
+        res = flex_attention_reference(query, key, value, score_mod, block_mask, scale, want_max)
+    if return_aux is not None:
+        return res[0], AuxOutput(lse=res[1] if return_aux.lse else None,
+                                 max_scores=res[2] if return_aux.max_scores else None)
+    return (res[0], res[1]) if return_lse else res[0]
 
 
 def _empty_attention(inputs, out_shapes, lse_shapes):
@@ -110,7 +121,7 @@ def _backend_for(fn: str, kernel_options, tensors, value) -> str:
     return backend
 
 
-def _flex_attention_triton(query, key, value, score_mod, block_mask, scale, kernel_options):
+def _flex_attention_triton(query, key, value, score_mod, block_mask, scale, kernel_options, return_max=False):
     Sq, Skv = query.shape[2], key.shape[2]
     with torch._C._DisableFuncTorch():  # plain int32 tables even inside torch.func transforms
         tables = cached_tables(block_mask, Sq, Skv, query.device)
@@ -126,7 +137,7 @@ def _flex_attention_triton(query, key, value, score_mod, block_mask, scale, kern
         return flex_attention_reference(q, k, v, score_mod, block_mask, scale)
 
     call = AttentionCall(single_stream_plan(kernels, tables, len(buffers)), scale, kernel_options, reference,
-                         (score_mod,))
+                         (score_mod,), return_max)
     return Attention.apply(call, query.contiguous(), key.contiguous(), value.contiguous(), *buffers)
 
 

@@ -165,6 +165,7 @@ class AttentionCall:
     # differentiates
     reference: Callable
     mods: tuple = ()  # the score_mod / mask_mods the reference reads (third order swaps their captured tensors)
+    return_max: bool = False  # the forward also returns each row group's max_scores (no gradient)
 
     @property
     def n_inputs(self) -> int:
@@ -186,14 +187,18 @@ class Attention(torch.autograd.Function):
     def forward(call: AttentionCall, *xs):
         n = call.n_inputs
         with torch._C._DisableFuncTorch():
-            return tuple(plan_forward(call.plan, list(xs[:n]), list(xs[n:]), call.scale, call.options))
+            return tuple(plan_forward(call.plan, list(xs[:n]), list(xs[n:]), call.scale, call.options,
+                                      call.return_max))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         call, xs = inputs[0], inputs[1:]
         ctx.call = call
         ctx.set_materialize_grads(False)  # unused outputs (usually the lse) arrive as None, not zeros to read
-        ctx.save_for_backward(*xs[:call.n_inputs], *output, *xs[call.n_inputs:])
+        m = call.n_outputs
+        if call.return_max:
+            ctx.mark_non_differentiable(*output[m:])  # as torch's max_scores: no gradient
+        ctx.save_for_backward(*xs[:call.n_inputs], *output[:m], *xs[call.n_inputs:])
         ctx.jvp_inputs = xs
 
     @staticmethod
@@ -206,12 +211,16 @@ class Attention(torch.autograd.Function):
         tans = [_one_level(t) for t in tangents[:n]]
         _check_jvp_inputs(xs[:n] + tans, tangents[n:])
         with torch._C._DisableFuncTorch():
-            return tuple(plan_jvp(call.plan, xs[:n], tans, xs[n:], call.scale, call.options))
+            res = plan_jvp(call.plan, xs[:n], tans, xs[n:], call.scale, call.options)
+        if call.return_max:  # max_scores carry no derivative
+            res += [torch.zeros_like(d) for d in res[call.n_outputs // 2:]]
+        return tuple(res)
 
     @staticmethod
     def backward(ctx, *cts):
         call: AttentionCall = ctx.call
         n, m = call.n_inputs, call.n_outputs
+        cts = cts[:m]  # (max_scores, if returned, are not differentiable)
         saved = ctx.saved_tensors
         ins, outs, buffers = saved[:n], list(saved[n:n + m]), saved[n + m:]
         if all(c is None for c in cts):

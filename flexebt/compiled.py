@@ -147,18 +147,20 @@ def _tables_from_list(ts: list[Tensor], sparse_q: int, sparse_kv: int, has_full:
 # (torch._dynamo.config.trace_autograd_ops) traces the fused double backward.
 
 
-def _layout(passes: list, n_inputs: int, n_rows: int) -> str:
+def _layout(passes: list, n_inputs: int, n_rows: int, return_max: bool = False) -> str:
     """The plan as a string, a constant of the graph.  ``passes``: per pass (q, k, v, rows, kernel
-    key, BlockTables, (lo, hi), q_off, own or None)."""
+    key, BlockTables, (lo, hi), q_off, own or None); ``return_max``: the forward also returns the
+    row groups' max_scores."""
     def one(q, k, v, rows, key, t, buf, q_off, own):
         own_s = f"{own[0]}.{own[1]}" if own is not None else "-"
         return f"{q},{k},{v},{rows},{key},{t.sparse_q}x{t.sparse_kv}x{int(t.has_full)},{buf[0]}.{buf[1]},{q_off},{own_s}"
-    return f"{n_inputs}|{n_rows}|" + ";".join(one(*p) for p in passes)
+    return f"{n_inputs}|{n_rows}|{int(return_max)}|" + ";".join(one(*p) for p in passes)
 
 
 @functools.lru_cache(maxsize=256)
 def _parse(layout: str) -> tuple:
-    n_inputs, n_rows, passes = layout.split("|")
+    """(n_inputs, n_rows, passes); ``_returns_max`` reads the flag."""
+    n_inputs, n_rows, _, passes = layout.split("|")
     parsed = []
     for entry in passes.split(";"):
         q, k, v, rows, key, sizes, buf, q_off, own = entry.split(",")
@@ -167,6 +169,10 @@ def _parse(layout: str) -> tuple:
         parsed.append((int(q), int(k), int(v), int(rows), key, sq, skv, bool(full), (lo, hi), int(q_off),
                        None if own == "-" else tuple(int(x) for x in own.split("."))))
     return int(n_inputs), int(n_rows), tuple(parsed)
+
+
+def _returns_max(layout: str) -> bool:
+    return layout.split("|")[2] == "1"
 
 
 def _plan_of(layout: str, aux: list) -> AttentionPlan:
@@ -201,7 +207,8 @@ def _dense(xs: list, likes: list) -> list:
 
 def _forward(layout: str, meta: str, ins: list, aux: list, buffers: list) -> list:
     scale, options = _unmeta(meta)
-    return [o.contiguous() for o in plan_forward(_plan_of(layout, aux), ins, buffers, scale, options)]
+    return [o.contiguous() for o in plan_forward(_plan_of(layout, aux), ins, buffers, scale, options,
+                                                 _returns_max(layout))]
 
 
 def _backward(layout: str, meta: str, ins: list, outs: list, cts: list, aux: list, buffers: list) -> list:
@@ -224,7 +231,7 @@ def _double_backward(layout: str, meta: str, ins: list, outs: list, cts: list, g
 
 @torch.library.custom_op("flexebt::attention", mutates_args=())
 def attention_op(layout: str, meta: str, ins: list[Tensor], aux: list[Tensor], buffers: list[Tensor]) -> list[Tensor]:
-    """The outputs of every row group, then their lse."""
+    """The outputs of every row group, then their lse (then their max_scores, if the layout asks)."""
     return _forward(layout, meta, ins, aux, buffers)
 
 
@@ -236,7 +243,8 @@ def _(layout, meta, ins, aux, buffers):
         first.setdefault(p[3], p)
     rows = [first[r] for r in range(n_rows)]
     outs = [ins[p[0]].new_empty(*ins[p[0]].shape[:3], ins[p[2]].shape[-1]) for p in rows]
-    return outs + [ins[p[0]].new_empty(ins[p[0]].shape[:3], dtype=torch.float32) for p in rows]
+    stats = [ins[p[0]].new_empty(ins[p[0]].shape[:3], dtype=torch.float32) for p in rows]
+    return outs + stats + ([s.new_empty(s.shape) for s in stats] if _returns_max(layout) else [])
 
 
 @torch.library.custom_op("flexebt::attention_backward", mutates_args=())
@@ -301,7 +309,8 @@ def _attention_setup(ctx, inputs, output):
     layout, meta, ins, aux, buffers = inputs
     ctx.call = (layout, meta)
     ctx.needs = [b.requires_grad for b in buffers]
-    _save(ctx, ins=list(ins), outs=list(output), aux=list(aux), buffers=list(buffers))
+    n_out = 2 * _parse(layout)[1]  # outputs and lse; max_scores (if any) carry no gradient
+    _save(ctx, ins=list(ins), outs=list(output[:n_out]), aux=list(aux), buffers=list(buffers))
 
 
 def _attention_grad(ctx, grads):
@@ -310,8 +319,9 @@ def _attention_grad(ctx, grads):
     # out and lse enter the backward as constants: its own backward (the double backward)
     # differentiates the total dependence on the inputs.
     outs = [o.detach() for o in t["outs"]]
+    grads = grads[:len(outs)]
     res = attention_backward_op(layout, meta, t["ins"], outs, [g.contiguous() if g is not None else None
-                                                                     for g in grads], t["aux"], t["buffers"])
+                                                                for g in grads], t["aux"], t["buffers"])
     n = len(t["ins"])
     gbuf = [_grad_or_none(g, b) if need else None for g, b, need in zip(res[n:], t["buffers"], ctx.needs)]
     return None, None, list(res[:n]), [None] * len(t["aux"]), gbuf
@@ -456,8 +466,9 @@ def _mod_call(score_mod, mask_mod, extents: dict, frame_mask: bool = False) -> t
     return call[0], buffers
 
 
-def flex_attention_compiled(query, key, value, score_mod, block_mask, scale, kernel_options):
-    """The Triton path as custom ops (used while ``torch.compiler.is_compiling()``)."""
+def flex_attention_compiled(query, key, value, score_mod, block_mask, scale, kernel_options, return_max=False):
+    """The Triton path as custom ops (used while ``torch.compiler.is_compiling()``): (out, lse) or,
+    with ``return_max``, (out, lse, max_scores)."""
     refuse_torch_func("flex_attention")
     B, H, Sq = query.shape[:3]
     Skv = key.shape[2]
@@ -465,10 +476,10 @@ def flex_attention_compiled(query, key, value, score_mod, block_mask, scale, ker
     mask_mod = block_mask.mask_mod if block_mask is not None else None
     kern, buffers = _mod_call(score_mod, mask_mod, position_extents(B, H, Sq, Skv))
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-    layout = _layout([(0, 1, 2, 0, kern, tables, (0, len(buffers)), 0, None)], 3, 1)
-    out, lse = attention_op(layout, _meta(scale, kernel_options),
-                            [query.contiguous(), key.contiguous(), value.contiguous()], _tables_list(tables), buffers)
-    return out, lse
+    layout = _layout([(0, 1, 2, 0, kern, tables, (0, len(buffers)), 0, None)], 3, 1, return_max)
+    res = attention_op(layout, _meta(scale, kernel_options), [query.contiguous(), key.contiguous(), value.contiguous()],
+                       _tables_list(tables), buffers)
+    return (res[0], res[1], res[2].detach()) if return_max else (res[0], res[1])  # max_scores: no gradient
 
 
 @torch.compiler.assume_constant_result

@@ -365,18 +365,21 @@ def _row_descriptors(block: int, *tensors: Tensor) -> tuple:
 
 def flex_forward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, scale: float, tables: BlockTables,
                  buffers: list[Tensor], options: Optional[dict] = None, q_off: int = 0,
-                 own: Optional[OwnKeys] = None) -> tuple[Tensor, Tensor]:
+                 own: Optional[OwnKeys] = None, return_max: bool = False) -> tuple:
+    """(out, lse), or (out, lse, max_scores) with ``return_max``: each row's largest kept modified
+    score (fp32, natural units, -inf where nothing is kept)."""
     B, H, Sq, D = q.shape
     Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
     out = torch.empty(B, H, Sq, DV, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
+    maxs = torch.empty_like(lse) if return_max else lse
     own_in = (own.kp, own.vp, own.keep) if own is not None else ()
     kp, vp, keep = own_in or (q, v, lse)
     bargs = _buffer_args(buffers, {})
 
     def args(c, tma):
         descs = _row_descriptors(c.BLOCK_N, k, v) if tma else (k, v)
-        return (q, k, v, out, lse, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx,
+        return (q, k, v, out, lse, maxs, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx,
                 H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
                 tables.full_kv_idx.shape[-1], scale, q_off, kp, vp, keep, *descs, *bargs)
 
@@ -388,12 +391,13 @@ def flex_forward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, scale: float
                 dict(D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), SPARSE_Q=tables.sparse_q,
                      SPARSE_KV=tables.sparse_kv, HAS_FULL=tables.has_full, EVEN=_even(Sq, Skv, tables),
                      REVERSE=_reverse(options), HAS_SELF=own is not None, USE_TMA=tma,
-                     LINEAR_SCORE=_linear_score(kern, scale), **_precision(q.dtype, options)),
+                     LINEAR_SCORE=_linear_score(kern, scale), RETURN_MAX=return_max, **_precision(q.dtype, options)),
                 cfg, (D, DV, q.dtype, tma))
 
-    plan = _plan_key("fwd", tables, options, (q_off, scale > 0, own is not None), (q, k, v, *own_in), bargs)
+    plan = _plan_key("fwd", tables, options, (q_off, scale > 0, own is not None, return_max), (q, k, v, *own_in),
+                     bargs)
     _launch(kern.module.flex_fwd, plan, args, spec, options, q.device)
-    return out, lse
+    return (out, lse, maxs) if return_max else (out, lse)
 
 
 def _common(q, k, v, tables, options=None, second_order=False):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 from typing import Optional
 
 import torch
@@ -201,15 +202,21 @@ def merge_parts(parts: list) -> tuple:
     return out, lse
 
 
-def plan_forward(plan: AttentionPlan, ins: list, buffers: list, scale: float, options: Optional[dict] = None) -> list:
-    """The outputs of every row group, then their lse."""
+def plan_forward(plan: AttentionPlan, ins: list, buffers: list, scale: float, options: Optional[dict] = None,
+                 return_max: bool = False) -> list:
+    """The outputs of every row group, then their lse, then (``return_max``) each row's largest
+    kept modified score (the largest of its passes')."""
     parts = [[] for _ in range(plan.n_rows)]
     for p in plan.passes:
         lo, hi = p.buffers
         parts[p.rows].append(flex_forward(p.kern, ins[p.q], ins[p.k], ins[p.v], scale, p.tables,
-                                          list(buffers[lo:hi]), options, q_off=p.q_off, own=_own(p, ins)))
-    merged = [merge_parts(pp) for pp in parts]
-    return [o for o, _ in merged] + [lse for _, lse in merged]
+                                          list(buffers[lo:hi]), options, q_off=p.q_off, own=_own(p, ins),
+                                          return_max=return_max))
+    merged = [merge_parts([x[:2] for x in pp]) for pp in parts]
+    res = [o for o, _ in merged] + [lse for _, lse in merged]
+    if return_max:
+        res += [functools.reduce(torch.maximum, [x[2] for x in pp]) for pp in parts]
+    return res
 
 
 def _cotangents(plan: AttentionPlan, outs: list, cts: list) -> tuple:

@@ -13,9 +13,11 @@ from .core import apply_score_mod, compute_dtype, expand_kv_heads, index_grid, l
 
 
 def flex_attention_reference(query: Tensor, key: Tensor, value: Tensor, score_mod: Optional[Callable] = None,
-                             block_mask: Optional[BlockMask] = None, scale: Optional[float] = None
-                             ) -> tuple[Tensor, Tensor]:
-    """``(out, lse)`` of ``softmax(score_mod(scale * q k^T) | mask) v`` for ``[B, H, S, D]`` inputs.
+                             block_mask: Optional[BlockMask] = None, scale: Optional[float] = None,
+                             return_max: bool = False) -> tuple:
+    """``(out, lse)`` of ``softmax(score_mod(scale * q k^T) | mask) v`` for ``[B, H, S, D]`` inputs;
+    with ``return_max`` also each row's largest kept modified score (no gradient; ``-inf`` for a
+    row that keeps nothing), as torch's ``AuxOutput.max_scores``.
 
     Inputs are assumed validated.  GQA is handled by expanding the key/value heads.
     """
@@ -33,4 +35,9 @@ def flex_attention_reference(query: Tensor, key: Tensor, value: Tensor, score_mo
     keep = dense_keep(block_mask, B, Hq, Sq, Skv, query.device)
     p, lse = masked_softmax(t, keep)
     out = torch.matmul(p, v)
-    return out.to(query.dtype), lse.to(lse_dtype(query.dtype))
+    out, lse = out.to(query.dtype), lse.to(lse_dtype(query.dtype))
+    if not return_max:
+        return out, lse
+    kept = torch.where(keep, t.detach(), float("-inf"))
+    maxs = kept.amax(-1) if Skv > 0 else lse.detach().clone()
+    return out, lse, maxs.to(lse.dtype)

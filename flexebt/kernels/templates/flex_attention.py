@@ -224,17 +224,20 @@ def _program_tile(n_tiles, HEAD_GROUP, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def flex_fwd(Q, K, V, O, LSE, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
+def flex_fwd(Q, K, V, O, LSE, MAXS, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
              H, Hkv, Sq, Skv, MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, scale, Q_OFF, KP, VP, SELF_KEEP,
              K_DESC, V_DESC, __BUFFERS__ HEAD_GROUP,
              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
              HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-             REVERSE: tl.constexpr, HAS_SELF: tl.constexpr, USE_TMA: tl.constexpr, LINEAR_SCORE: tl.constexpr):
+             REVERSE: tl.constexpr, HAS_SELF: tl.constexpr, USE_TMA: tl.constexpr, LINEAR_SCORE: tl.constexpr,
+             RETURN_MAX: tl.constexpr):
     """One query tile.  Q_OFF shifts the query positions the score_mod sees (frame coordinates of
     the EBT predicted stream; 0 otherwise).  HAS_SELF: each query i also attends to its own key
     KP[i], VP[i] (EBT), kept iff SELF_KEEP[b, h, i]; that key seeds the online softmax.
-    USE_TMA: K and V tiles come through the tensor descriptors K_DESC, V_DESC (Hopper's TMA)."""
+    USE_TMA: K and V tiles come through the tensor descriptors K_DESC, V_DESC (Hopper's TMA).
+    RETURN_MAX: also store each row's largest kept modified score (MAXS, natural units; -inf for
+    a row that keeps nothing) -- the online softmax's final running max."""
     pid_m, pid_bh = _program_tile(tl.cdiv(Sq, BLOCK_M), HEAD_GROUP, REVERSE)
     off_b = pid_bh // H
     off_h = pid_bh % H
@@ -277,6 +280,8 @@ def flex_fwd(Q, K, V, O, LSE, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
     tl.store(O + qh * Sq * DV + offs_m[:, None] * DV + offs_dv[None, :], out.to(O.dtype.element_ty),
              mask=(offs_m[:, None] < Sq) & (offs_dv[None, :] < DV))
     tl.store(LSE + qh * Sq + offs_m, lse, mask=offs_m < Sq)
+    if RETURN_MAX:
+        tl.store(MAXS + qh * Sq + offs_m, m_i * LN2, mask=offs_m < Sq)
 
 
 # Backward, given dO (do_i), O and L.  With D_i = do_i.o_i (computed before the launch):
