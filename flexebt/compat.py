@@ -8,10 +8,12 @@ mask by ``ln 2`` (multiply by ``1.4427``) to reproduce its numbers.
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.nn.attention.flex_attention import noop_mask
 
 from . import _validation as V
 from .api import flex_ebt_attention
@@ -23,18 +25,25 @@ __all__ = ["ebt_attention"]
 
 
 def ebt_attention(q_o: Tensor, k_o: Tensor, v_o: Tensor, q_p: Tensor, k_p: Tensor, v_p: Tensor,
-                  sm_scale: Optional[float] = None, attn_mask: Optional[Tensor] = None, causal: bool = False):
+                  sm_scale: Optional[float] = None, attn_mask: Optional[Tensor] = None, causal: bool = False,
+                  enable_gqa: bool = False, return_lse: bool = False, kernel_options: Optional[dict] = None):
     """EBT two-stream attention with ebt_flash_attention's signature; returns ``(out_o, out_p)``.
 
     Args:
         q_o, k_o, v_o: observed stream ``[B, H, S_o, D]``.  q_p, k_p, v_p: predicted ``[B, H, S_p, D]``.
         sm_scale: softmax scale, default ``D ** -0.5``.
         attn_mask: frame mask ``[S_o + 1, S_o + 1]`` (or with leading ``[H]`` / ``[B, H]`` dims),
-            bool (True = attend) or floating additive (natural log units; ``-inf`` drops).
-        causal: AND the causal frame mask.
+            bool (True = attend) or floating additive (natural log units; ``-inf`` drops).  The
+            positions it drops become a block mask, so whole tiles it drops are skipped.
+        causal: AND the causal frame mask.  With neither ``attn_mask`` nor ``causal`` every frame
+            pair is kept (a ``UserWarning`` says so: the autoregressive EBT passes ``causal=True``).
+        enable_gqa: allow fewer key/value heads than query heads.
+        return_lse: also return ``lse_o``, ``lse_p`` (as :func:`flexebt.flex_ebt_attention`).
+        kernel_options: as :func:`flexebt.flex_ebt_attention` (backend, tiles).
 
     Returns:
-        ``(out_o, out_p)``: ``[B, H, S_o, D]`` and ``[B, H, S_p, D]`` in the input dtype.
+        ``(out_o, out_p)``: ``[B, H, S_o, D]`` and ``[B, H, S_p, D]`` in the input dtype, or
+        ``(out_o, out_p, lse_o, lse_p)`` with ``return_lse``.
 
     Raises:
         ValueError: stream lengths with ``S_o < S_p``, or an ``attn_mask`` of the wrong shape.
@@ -55,6 +64,7 @@ def ebt_attention(q_o: Tensor, k_o: Tensor, v_o: Tensor, q_p: Tensor, k_p: Tenso
     S_p = q_p.shape[2]
     V.check_ebt_lengths(S_o, S_p)
     score_mod, mask_mod = None, None
+    mask_b = mask_h = None  # the mask's own batch / heads: the block tables must follow them
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):
             raise TypeError(f"{fn}: attn_mask must be a tensor or None, got {type(attn_mask).__name__}.")
@@ -71,19 +81,31 @@ def ebt_attention(q_o: Tensor, k_o: Tensor, v_o: Tensor, q_p: Tensor, k_p: Tenso
             raise ValueError(f"{fn}: attn_mask is on {attn_mask.device} but the inputs are on {q_o.device}.")
         if attn_mask.dim() == 4:
             attn_mask = attn_mask.expand(B, H, F, F)
+            mask_b, mask_h = B, H
+        elif attn_mask.dim() == 3:
+            mask_h = H
         if attn_mask.dtype == torch.bool:
             mask_mod = generate_frame_mask(attn_mask)
         elif attn_mask.is_floating_point():
-            score_mod = generate_bias_score_mod(attn_mask)
+            # -inf drops the pair: that part becomes the block mask (tiles it drops are skipped);
+            # the finite values are an additive bias (differentiable, if the mask requires grad)
+            kept = attn_mask != float("-inf")
+            mask_mod = generate_frame_mask(kept)
+            score_mod = generate_bias_score_mod(torch.where(kept, attn_mask, 0.0))
         else:
             raise TypeError(f"{fn}: attn_mask must be bool or floating point, got {attn_mask.dtype}.")
     if causal:
         mask_mod = frame_causal_mask if mask_mod is None else _and(mask_mod, frame_causal_mask)
-    block_mask = None
-    if mask_mod is not None:
-        block_mask = create_ebt_block_mask(mask_mod, None, None, S_o, S_p, device=q_o.device)
+    if mask_mod is None:
+        if not torch.compiler.is_compiling():
+            warnings.warn(f"{fn}: attn_mask=None and causal=False keep every frame pair, so each query also sees "
+                          f"the keys of later frames (not causal). Pass causal=True for the autoregressive EBT.",
+                          UserWarning, stacklevel=2)
+        mask_mod = noop_mask
+    block_mask = create_ebt_block_mask(mask_mod, mask_b, mask_h, S_o, S_p, device=q_o.device)
     return flex_ebt_attention(q_o, k_o, v_o, q_p, k_p, v_p, score_mod=score_mod, block_mask=block_mask,
-                              scale=sm_scale)
+                              scale=sm_scale, enable_gqa=enable_gqa, return_lse=return_lse,
+                              kernel_options=kernel_options)
 
 
 def _and(first, second):
