@@ -79,6 +79,24 @@ def check_tensors(fn: str, named: Sequence[tuple[str, object]], like_query: tupl
             )
 
 
+LAYOUT_HINT = ("flexebt, like torch's flex_attention, takes [B, H, S, D]; tensors laid out [B, S, H, D] (as many "
+               "transformer codes keep them) need x.transpose(1, 2)")
+
+
+def check_layout(fn: str, first: Tensor, second: Tensor, lengths: Optional[tuple]) -> None:
+    """Recognise inputs laid out ``[B, S, H, D]``: a block mask built for lengths that are the
+    inputs' dim 1 rather than their sequence dim 2.  (``first``, ``second``: the tensors whose
+    lengths the mask's two lengths describe.)"""
+    if lengths is None:
+        return
+    want = tuple(int(n) for n in lengths)
+    if (first.shape[2], second.shape[2]) != want and (first.shape[1], second.shape[1]) == want:
+        raise ValueError(
+            f"{fn}: the block mask was built for lengths {want}, which are the inputs' dim 1 "
+            f"({tuple(first.shape)}, {tuple(second.shape)}), not their sequence dim 2: the inputs look laid out "
+            f"[B, S, H, D]. {LAYOUT_HINT}.")
+
+
 def kv_like_query(fn: str, query: Tensor, key: Tensor, value: Tensor, block_mask) -> tuple[Tensor, Tensor]:
     """torch's flex_attention rules for key/value that differ from the query (after check_tensors):
     another floating dtype is cast to the query's (the output takes the query's dtype; the cast is
@@ -140,7 +158,8 @@ def check_qkv(fn: str, q: Tensor, k: Tensor, v: Tensor, enable_gqa: bool, q_name
         if not enable_gqa:
             raise ValueError(
                 f"{fn}: {q_name} has {Hq} heads but {k_name}/{v_name} have {Hkv}; pass enable_gqa=True for "
-                f"grouped-query attention, or give them the same number of heads."
+                f"grouped-query attention, or give them the same number of heads. (If these are sequence "
+                f"lengths: {LAYOUT_HINT}.)"
             )
         if Hq % Hkv != 0:
             raise ValueError(

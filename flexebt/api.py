@@ -71,6 +71,7 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor, score_mod: Optiona
     """
     fn = "flex_attention"
     V.check_tensors(fn, [("query", query), ("key", key), ("value", value)], like_query=("key", "value"))
+    V.check_layout(fn, query, key, block_mask.seq_lengths if isinstance(block_mask, BlockMask) else None)
     key, value = V.kv_like_query(fn, query, key, value, block_mask)
     V.check_qkv(fn, query, key, value, enable_gqa)
     V.check_scale(fn, scale)
@@ -183,6 +184,8 @@ def flex_ebt_attention(q_o: Tensor, k_o: Tensor, v_o: Tensor, q_p: Tensor, k_p: 
     """
     fn = "flex_ebt_attention"
     V.check_tensors(fn, [("q_o", q_o), ("k_o", k_o), ("v_o", v_o), ("q_p", q_p), ("k_p", k_p), ("v_p", v_p)])
+    V.check_layout(fn, q_o, q_p, (block_mask.S_obs, block_mask.S_pred) if isinstance(block_mask, EBTBlockMask)
+                   else None)
     V.check_qkv(fn, q_o, k_o, v_o, enable_gqa, "q_o", "k_o", "v_o")
     V.check_qkv(fn, q_p, k_p, v_p, enable_gqa, "q_p", "k_p", "v_p")
     for a, b, what in ((q_o, q_p, "q"), (k_o, k_p, "k"), (v_o, v_p, "v")):
@@ -192,9 +195,11 @@ def flex_ebt_attention(q_o: Tensor, k_o: Tensor, v_o: Tensor, q_p: Tensor, k_p: 
                 f"({b.shape[1]}, {b.shape[3]}); both streams must use the same heads and head dims."
             )
     if q_o.shape[2] != k_o.shape[2]:
-        raise ValueError(f"{fn}: q_o has {q_o.shape[2]} positions but k_o has {k_o.shape[2]}; they must match.")
+        raise ValueError(f"{fn}: q_o has {q_o.shape[2]} positions but k_o has {k_o.shape[2]}; they must match. "
+                         f"({V.LAYOUT_HINT}.)")
     if q_p.shape[2] != k_p.shape[2]:
-        raise ValueError(f"{fn}: q_p has {q_p.shape[2]} positions but k_p has {k_p.shape[2]}; they must match.")
+        raise ValueError(f"{fn}: q_p has {q_p.shape[2]} positions but k_p has {k_p.shape[2]}; they must match. "
+                         f"({V.LAYOUT_HINT}.)")
     S_o, S_p = q_o.shape[2], q_p.shape[2]
     if S_p > S_o:
         raise ValueError(
@@ -343,6 +348,7 @@ def piecewise_attention(q1: Tensor, k1: Tensor, q2: Tensor, k2: Tensor, v: Tenso
     for qa, qb, na, nb in ((q1, q2, "q1", "q2"), (k1, k2, "k1", "k2")):
         if qa.shape != qb.shape:
             raise ValueError(f"{fn}: {na} has shape {tuple(qa.shape)} but {nb} has {tuple(qb.shape)}; they must match.")
+    V.check_layout(fn, q1, k1, block_mask.seq_lengths if isinstance(block_mask, BlockMask) else None)
     V.check_qkv(fn, q1, k1, v, enable_gqa=False, q_name="q1", k_name="k1", v_name="v")
     V.check_dist_threshold(fn, dist_threshold)
     V.check_scale(fn, scale)

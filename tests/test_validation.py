@@ -358,3 +358,23 @@ def test_piecewise_huge_thresholds_are_exact_on_both_backends(w):
                                        kernel_options={"BACKEND": "REFERENCE"})
     assert torch.equal(ref, near)
     assert (kern.double() - ref).abs().max() < 1e-5
+
+
+def test_inputs_laid_out_b_s_h_d_are_recognised():
+    """[B, S, H, D] tensors: the error says transpose(1, 2) instead of blaming the mask or the heads."""
+    B, S, H, D = 1, 40, 4, 16
+    x = [torch.randn(B, S, H, D) for _ in range(3)]
+    bm = flexebt.create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, S, S, device="cpu")
+    with pytest.raises(ValueError, match=r"look laid out \[B, S, H, D\].*transpose\(1, 2\)"):
+        flexebt.flex_attention(*x, block_mask=bm)
+    with pytest.raises(ValueError, match=r"transpose\(1, 2\)"):  # no mask, Sq != Skv: reads as a head mismatch
+        flexebt.flex_attention(torch.randn(B, S, H, D), torch.randn(B, S + 3, H, D), torch.randn(B, S + 3, H, D))
+    ebt = flexebt.create_ebt_block_mask(None, None, None, S, S - 1)
+    xo = [torch.randn(B, S, H, D) for _ in range(3)]
+    xp = [torch.randn(B, S - 1, H, D) for _ in range(3)]
+    with pytest.raises(ValueError, match=r"look laid out \[B, S, H, D\]"):
+        flexebt.flex_ebt_attention(*xo, *xp, block_mask=ebt)
+    with pytest.raises(ValueError, match=r"look laid out \[B, S, H, D\]"):
+        flexebt.piecewise_attention(x[0], x[1], x[0], x[1], x[2], 5, block_mask=bm)
+    assert torch.equal(flexebt.flex_attention(*[t.transpose(1, 2) for t in x], block_mask=bm),
+                       flexebt.flex_attention(*[t.transpose(1, 2).contiguous() for t in x], block_mask=bm))
