@@ -70,6 +70,9 @@ def _grads(model) -> torch.Tensor:
 def _stepper(impl: str, model, tokens, targets):
     """A function running one training step (loss and backward) for ``impl``."""
     if impl in ("compiled_math", "flexebt_compiled", "flexebt_compiled_ro", "floor_compiled"):
+        # the block mask is made once, before compiling (as examples/ebt/train.py does): made inside the
+        # first compiled call, the model's mask cache changes and the second call compiles everything again
+        model.block_mask(tokens.shape[1], tokens.device)
         loss_fn = torch.compile(model.loss, fullgraph=True, mode="reduce-overhead" if impl.endswith("_ro") else None)
 
         def step():
