@@ -1,0 +1,1 @@
+"""Integrations of flexebt with other libraries (each imported on demand)."""

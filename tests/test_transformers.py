@@ -1,0 +1,131 @@
+"""flexebt as a transformers attention implementation (flexebt.integrations.transformers): a tiny
+randomly initialised Llama with grouped-query attention gives the logits, the padded-batch
+logits, the greedy generate (KV cache) and the second-order gradients of plain float64 attention
+math registered the same way (transformers' "eager" takes its softmax in fp32, and SDPA's CPU
+kernel has no double backward)."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers.masking_utils")
+
+import flexebt.integrations.transformers as flexebt_hf  # noqa: E402
+from helpers import rel_err  # noqa: E402
+
+
+def _model(attn, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(config).to(dtype).eval()
+    model.set_attn_implementation(attn)
+    return model
+
+
+def _math64(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The oracle: dense attention in the inputs' dtype, boolean mask from transformers' sdpa mask."""
+    g = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
+    s = query @ key.transpose(-1, -2) * scaling
+    if attention_mask is None:  # transformers' sdpa mask skips a plain causal mask (SDPA's is_causal)
+        Sq, Skv = s.shape[-2:]
+        attention_mask = torch.ones(Sq, Skv, dtype=torch.bool).tril(Skv - Sq)
+    s = s.masked_fill(~attention_mask, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)  # a padding query keeps no key: output 0, as flexebt's
+    return (p @ value).transpose(1, 2).contiguous(), None
+
+
+@pytest.fixture(scope="module")
+def name():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register("math64", _math64)
+    AttentionMaskInterface.register("math64", sdpa_mask)
+    return flexebt_hf.register()
+
+
+def test_register_installs_the_attention_and_its_mask(name):
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    assert name == "flexebt"
+    assert AttentionInterface._global_mapping[name] is flexebt_hf.attention_forward
+    assert name in AttentionMaskInterface._global_mapping  # without it the model would run unmasked
+
+
+def test_logits_match_math_with_gqa_and_padding(name):
+    ids = torch.randint(0, 61, (2, 19))
+    pad = torch.ones(2, 19, dtype=torch.long)
+    pad[1, :5] = 0  # left padding in the second sequence
+    want = _model("math64")(input_ids=ids, attention_mask=pad).logits
+    got = _model(name)(input_ids=ids, attention_mask=pad).logits
+    assert rel_err(got[0], want[0]) < 1e-12
+    assert rel_err(got[1, 5:], want[1, 5:]) < 1e-12
+    causal = _model(name)(input_ids=ids[:1, :10]).logits  # a prefix sees nothing after it
+    assert rel_err(causal[0], got[0, :10]) < 1e-12
+
+
+def test_generate_with_a_kv_cache_matches_math(name):
+    ids = torch.randint(0, 61, (2, 7))
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    want = _model("math64").generate(ids, **kw)
+    got = _model(name).generate(ids, **kw)
+    assert torch.equal(got, want)
+
+
+def test_second_order_gradients_match_math(name):
+    """An EBT-style step through the whole model: a gradient w.r.t. the input embeddings with
+    create_graph=True, then a loss on it, back to every parameter."""
+    ids = torch.randint(0, 61, (1, 15))
+
+    def step(model):
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_()
+        logits = model(inputs_embeds=emb).logits
+        (g,) = torch.autograd.grad(logits.square().sum(), emb, create_graph=True)
+        params = [p for p in model.parameters()]
+        return torch.autograd.grad(g.square().sum(), params, allow_unused=True)
+
+    want = step(_model("math64"))
+    got = step(_model(name))
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert rel_err(a, b) < 1e-10
+
+
+@pytest.mark.interpreter
+def test_kernels_in_float32(name):
+    """The Triton kernels (interpreter) under the same model, float32."""
+    import os
+
+    ids = torch.randint(0, 61, (1, 21))
+    want = _model("math64")(input_ids=ids).logits
+    os.environ["FLEXEBT_BACKEND"] = "TRITON"
+    try:
+        got = _model(name, torch.float32)(input_ids=ids).logits
+    finally:
+        del os.environ["FLEXEBT_BACKEND"]
+    assert rel_err(got, want) < 1e-5
+
+
+def test_dropout_is_refused(name):
+    import torch.nn as nn
+
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="dropout"):
+        flexebt_hf.attention_forward(nn.Module(), q, q, q, None, dropout=0.1)
+
+
+def test_softcap_and_sinks(name):
+    """Soft-capping and attention sinks against the same math written out."""
+    import torch.nn as nn
+
+    q, k, v = (torch.randn(1, 4, 9, 8, dtype=torch.float64) for _ in range(3))
+    sinks = torch.randn(4, dtype=torch.float64)
+    out, _ = flexebt_hf.attention_forward(nn.Module(), q, k, v, None, scaling=0.3, softcap=2.0, s_aux=sinks)
+    s = 2.0 * torch.tanh(q @ k.transpose(-1, -2) * 0.3 / 2.0)
+    s = torch.cat([s, sinks.view(1, 4, 1, 1).expand(1, 4, 9, 1)], -1)
+    p = torch.softmax(s, -1)[..., :-1]
+    assert rel_err(out, (p @ v).transpose(1, 2)) < 1e-12
