@@ -347,6 +347,17 @@ def _declare_kernel_options() -> dict:
 
 KERNEL_OPTIONS = _declare_kernel_options()
 
+
+def kernel_options_table() -> str:
+    """The kernel options as a markdown table (docs/kernel-options.md is this text; a test keeps them
+    equal)."""
+    rows = ["| key | value | meaning |", "| --- | --- | --- |"]
+    for key, (kind, meaning) in KERNEL_OPTIONS.items():
+        value = " / ".join(f"`{v!r}`" for v in kind) if isinstance(kind, tuple) else _KIND_TEXT[kind]
+        rows.append(f"| `{key}` | {value} | {meaning} |")
+    return "\n".join(rows) + "\n"
+
+
 _KIND_TEXT = {"tile": "a power of two >= 16 (an int)", "warps": "a power of two >= 1 (an int)",
               "count": "an int >= 1", "group": "an int (<= 0: all heads)", "flag": "a bool (or 0 / 1)"}
 

@@ -378,3 +378,14 @@ def test_inputs_laid_out_b_s_h_d_are_recognised():
         flexebt.piecewise_attention(x[0], x[1], x[0], x[1], x[2], 5, block_mask=bm)
     assert torch.equal(flexebt.flex_attention(*[t.transpose(1, 2) for t in x], block_mask=bm),
                        flexebt.flex_attention(*[t.transpose(1, 2).contiguous() for t in x], block_mask=bm))
+
+
+def test_kernel_options_page_lists_every_declared_option():
+    """docs/kernel-options.md holds the declared options' table as it is generated now."""
+    import pathlib
+
+    from flexebt._validation import KERNEL_OPTIONS, kernel_options_table
+
+    page = (pathlib.Path(__file__).parent.parent / "docs" / "kernel-options.md").read_text()
+    assert kernel_options_table() in page
+    assert all(f"| `{k}` |" in page for k in KERNEL_OPTIONS)
