@@ -104,3 +104,30 @@ def test_tma_matches_pointer_loads(dtype, D, Hkv, S):
     for sm in (None, mods.generate_alibi_bias(4)):
         for a, b in zip(run(sm, {**T, "USE_TMA": True}), run(sm, {**T, "USE_TMA": False})):
             assert rel_err(a, b) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("with_mod", [False, True])
+def test_return_aux_max_scores_cuda(dtype, with_mod):
+    """AuxRequest(max_scores=True) on the kernels (the forward's running max) against torch's own
+    flex_attention on CUDA and the reference; rows that keep nothing give -inf."""
+    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask
+    from torch.nn.attention.flex_attention import flex_attention as torch_flex
+
+    B, H, S, D = 2, 4, 700, 64
+    q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=dtype) for _ in range(3))
+    sm = (lambda s, b, h, q_idx, kv_idx: s * 1.3 - 0.01 * (q_idx - kv_idx)) if with_mod else None  # noqa: E731
+    bm = create_block_mask(lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx != 5), None, None, S, S,
+                           device="cuda")
+    aux = AuxRequest(lse=True, max_scores=True)
+    out, got = flexebt.flex_attention(q, k, v, score_mod=sm, block_mask=bm, kernel_options=T, return_aux=aux)
+    _, ref = flexebt.flex_attention(q.double(), k.double(), v.double(), score_mod=sm, block_mask=bm,
+                                    kernel_options=R, return_aux=aux)
+    _, want = torch_flex(q, k, v, score_mod=sm, block_mask=bm, return_aux=aux)
+    assert torch.isneginf(got.max_scores[:, :, 5]).all()
+    fin = torch.isfinite(ref.max_scores)
+    assert torch.equal(fin, torch.isfinite(got.max_scores)) and torch.equal(fin, torch.isfinite(want.max_scores))
+    scale = ref.max_scores[fin].abs().max()
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    assert (got.max_scores[fin].double() - ref.max_scores[fin]).abs().max() < tol * scale
+    assert (got.max_scores[fin].double() - want.max_scores[fin].double()).abs().max() < tol * scale
