@@ -194,9 +194,16 @@ def _meta(scale: float, options: Optional[dict]) -> str:
     return f"{float(scale).hex()}|{opts}"
 
 
-def _unmeta(meta: str) -> tuple:
+@functools.lru_cache(maxsize=256)
+def _unmeta_cached(meta: str) -> tuple:
     scale, opts = meta.split("|")
-    return float.fromhex(scale), _options(opts)
+    return float.fromhex(scale), tuple(sorted(_options(opts).items()))
+
+
+def _unmeta(meta: str) -> tuple:
+    """(scale, kernel options) of a meta string (parsed once per string; the ops run it every call)."""
+    scale, opts = _unmeta_cached(meta)
+    return scale, dict(opts)
 
 
 def _dense(xs: list, likes: list) -> list:
