@@ -45,7 +45,8 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor, score_mod: Optiona
             for float64 inputs). A query with no kept key has ``lse = -inf`` and output 0.
         return_aux: torch's ``AuxRequest(lse=..., max_scores=...)``: return ``(out, AuxOutput)``
             with the requested fields (``max_scores``: each row's largest kept modified score,
-            natural units, fp32, ``-inf`` for a row that keeps nothing, no gradient, as torch).
+            natural units, fp32 (float64 for float64 inputs), ``-inf`` for a row that keeps
+            nothing, no gradient, as torch).
             Not together with ``return_lse``.
         kernel_options: dict; ``{"BACKEND": "AUTO" | "TRITON" | "REFERENCE"}`` picks the
             backend (default: the ``FLEXEBT_BACKEND`` environment variable, else ``AUTO``).

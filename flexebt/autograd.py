@@ -212,8 +212,8 @@ class Attention(torch.autograd.Function):
         _check_jvp_inputs(xs[:n] + tans, tangents[n:])
         with torch._C._DisableFuncTorch():
             res = plan_jvp(call.plan, xs[:n], tans, xs[n:], call.scale, call.options)
-        if call.return_max:  # max_scores carry no derivative
-            res += [torch.zeros_like(d) for d in res[call.n_outputs // 2:]]
+        if call.return_max:  # max_scores are non-differentiable outputs: no tangent (None, as torch requires)
+            res += [None] * (call.n_outputs // 2)
         return tuple(res)
 
     @staticmethod

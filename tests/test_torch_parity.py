@@ -173,3 +173,30 @@ def test_return_aux_under_compile():
     want = f(q, k, v)
     for a, b in zip(got, want):
         assert rel_err(a, b) < 1e-6
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("kernels", marks=pytest.mark.interpreter)])
+def test_forward_mode_through_return_aux(backend):
+    """torch.func.jvp and forward_ad through a call that also returns max_scores: the outputs'
+    tangents are the plain call's, max_scores has none."""
+    import torch.autograd.forward_ad as fwAD
+
+    x = tuple(torch.randn(1, 2, 19, 16) for _ in range(3))
+    t = tuple(torch.randn_like(a) for a in x)
+    opts = T if backend == "kernels" else R
+
+    def f(*a):
+        out, aux = flexebt.flex_attention(*a, score_mod=_sm, kernel_options=opts,
+                                          return_aux=AuxRequest(lse=True, max_scores=True))
+        return out, aux.lse
+
+    _, (d_out, d_lse) = torch.func.jvp(f, x, t)
+    _, (w_out, w_lse) = torch.func.jvp(lambda *a: flexebt.flex_attention(*a, score_mod=_sm, kernel_options=R,
+                                                                          return_lse=True), x, t)
+    assert rel_err(d_out, w_out) < 1e-5 and rel_err(d_lse, w_lse) < 1e-5
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(a, b) for a, b in zip(x, t)]
+        out, aux = flexebt.flex_attention(*duals, score_mod=_sm, kernel_options=opts,
+                                          return_aux=AuxRequest(max_scores=True))
+        assert rel_err(fwAD.unpack_dual(out).tangent, w_out) < 1e-5
+        assert fwAD.unpack_dual(aux.max_scores).tangent is None

@@ -129,3 +129,18 @@ def test_softcap_and_sinks(name):
     s = torch.cat([s, sinks.view(1, 4, 1, 1).expand(1, 4, 9, 1)], -1)
     p = torch.softmax(s, -1)[..., :-1]
     assert rel_err(out, (p @ v).transpose(1, 2)) < 1e-12
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_a_dense_4d_mask_is_applied(name, kind):
+    """A dense mask handed to the attention function (bool as SDPA reads it, or additive), with a
+    batch dimension of 1 broadcast over the batch."""
+    import torch.nn as nn
+
+    q, k, v = (torch.randn(2, 4, 9, 8, dtype=torch.float64) for _ in range(3))
+    keep = torch.rand(1, 1, 9, 9) < 0.6
+    keep[..., 0] = True  # every row keeps a key
+    mask = keep if kind == "bool" else torch.where(keep, 0.0, float("-inf")).double()
+    out, _ = flexebt_hf.attention_forward(nn.Module(), q, k, v, mask, scaling=0.3)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=0.3)
+    assert rel_err(out, want.transpose(1, 2)) < 1e-12

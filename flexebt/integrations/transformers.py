@@ -36,14 +36,17 @@ def _softcap_mod(softcap: float):
     return softcap_score
 
 
-def _bias_mod(bias: torch.Tensor, softcap):
-    """An additive float mask [B, 1 or H, Sq, Skv] (a model that hands one over), after the soft-cap."""
-    per_head = bias.shape[1] > 1
+def _bias_mod(mask: torch.Tensor, softcap):
+    """A dense mask [B or 1, H or 1, Sq, Skv] that a model hands over (a user's 4-D mask): bool
+    (True = attend, as SDPA) or additive float, applied after the soft-cap; size-1 batch and head
+    dimensions broadcast."""
+    bias = torch.where(mask, 0.0, float("-inf")) if mask.dtype == torch.bool else mask
+    per_batch, per_head = bias.shape[0] > 1, bias.shape[1] > 1
 
     def masked_score(score, b, h, q_idx, kv_idx):
         if softcap is not None:
             score = softcap * torch.tanh(score / softcap)
-        return score + bias[b, h if per_head else 0, q_idx, kv_idx]
+        return score + bias[b if per_batch else 0, h if per_head else 0, q_idx, kv_idx]
 
     return masked_score
 
@@ -53,7 +56,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                       softcap: float | None = None, s_aux: torch.Tensor | None = None, **kwargs):
     """transformers' attention-function contract: ``query`` ``[B, Hq, Sq, D]``, ``key`` / ``value``
     ``[B, Hkv, Skv, D]``, ``attention_mask`` a BlockMask (from the mask function ``register``
-    installs), an additive float mask or None; returns ``(out [B, Sq, Hq, D], None)``."""
+    installs), a dense 4-D mask (bool, True = attend, or additive float) or None; returns
+    ``(out [B, Sq, Hq, D], None)``."""
     if dropout:
         raise ValueError(f"flexebt attention: attention dropout ({dropout}) is not supported; call model.eval() "
                          "or set the model config's attention_dropout to 0.")
