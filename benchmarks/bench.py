@@ -28,8 +28,19 @@ import flexebt  # noqa: E402
 from flexebt import masks, mods  # noqa: E402
 from ebt_step import IMPLS as B3_IMPLS, run_b3  # noqa: E402
 
-FIELDS = ["suite", "device", "torch", "triton", "commit", "impl", "variant", "dtype", "B", "H", "S", "D", "mode",
-          "ms", "tflops", "peak_mem_gib", "first_step_s", "grad_rel_err", "note"]
+FIELDS = ["suite", "device", "torch", "triton", "commit", "timestamp", "impl", "variant", "dtype", "B", "H", "S", "D",
+          "mode", "ms", "tflops", "peak_mem_gib", "first_step_s", "grad_rel_err", "note"]
+
+
+def _git_commit() -> str:
+    """The checkout's commit (short), or "unknown" outside a git checkout."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 # FLOPs per mode in units of one forward: a backward counts 2.5; the double backward (the
 # backward of the backward: row statistics, g_q and g_k/g_v passes) is counted as 2x fwd+bwd.
 MODES = {"fwd": 1.0, "fwd+bwd": 3.5, "fwd+bwd+dbwd": 10.5}
@@ -304,13 +315,22 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=0, help="fixed batch; default: tokens // S")
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--commit", default=os.environ.get("FLEXEBT_COMMIT", "unknown"))
+    p.add_argument("--commit", default=os.environ.get("FLEXEBT_COMMIT"),
+                   help="commit recorded in every row (default: FLEXEBT_COMMIT, else the checkout's git HEAD)")
     p.add_argument("--out", required=True, help="path prefix; writes PREFIX.csv and PREFIX.json")
     args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench.py: the benchmarks time CUDA kernels and this machine has no CUDA device "
+              "(torch.cuda.is_available() is False); run them on a GPU machine.", file=sys.stderr)
+        raise SystemExit(2)
     import triton
 
+    import datetime
+
+    args.commit = args.commit or _git_commit()
+
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                commit=args.commit)
+                commit=args.commit, timestamp=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
     rows = []
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".csv", "w", newline="") as f:
