@@ -13,15 +13,22 @@ def load(name):
     return mod
 
 
-def test_ebt_language_model_trains(capsys):
+def test_ebt_language_model_trains(capsys, tmp_path):
     """The EBT example: loss on MCMC-refined predictions (second order through flexebt attention)
-    falls in a short CPU run."""
+    falls in a short CPU run; it reports the held batch's energy before and after refinement and
+    saves the curves."""
+    import re
     import sys
 
     sys.path.insert(0, str(EXAMPLES / "ebt"))
-    first, last = load("ebt/train").main(["--steps", "40", "--context", "32"])
+    plot = tmp_path / "curves.png"
+    first, last = load("ebt/train").main(["--steps", "40", "--context", "32", "--eval-every", "20",
+                                          "--plot", str(plot)])
     assert last < first - 0.2
-    assert "sample:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "sample:" in out and plot.stat().st_size > 1000
+    before, after = (float(x) for x in re.search(r"first candidate (\S+), after MCMC refinement (\S+)", out).groups())
+    assert after < before  # refinement descends the energy
 
 
 def test_ebt_example_trains_compiled_like_eager(capsys):
@@ -34,7 +41,7 @@ def test_ebt_example_trains_compiled_like_eager(capsys):
 
     sys.path.insert(0, str(EXAMPLES / "ebt"))
     train = load("ebt/train")
-    args = ["--steps", "3", "--context", "16", "--dim", "32", "--layers", "1", "--batch", "4"]
+    args = ["--steps", "3", "--context", "16", "--dim", "32", "--layers", "1", "--batch", "4", "--plot", ""]
     eager = train.main(args)
     torch._dynamo.reset()
     try:
