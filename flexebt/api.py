@@ -62,7 +62,7 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor, score_mod: Optiona
         ValueError / TypeError: for shapes, dtypes, devices, head counts, a block mask built for
             other lengths, or an unknown backend (each message says how to fix it).
 
-    Example:
+    Examples:
         >>> import torch, flexebt
         >>> q = k = v = torch.randn(1, 2, 8, 16)
         >>> causal = lambda b, h, q_idx, kv_idx: q_idx >= kv_idx
@@ -177,7 +177,7 @@ def flex_ebt_attention(q_o: Tensor, k_o: Tensor, v_o: Tensor, q_p: Tensor, k_p: 
         ValueError: if ``S_p > S_o``, the streams disagree in batch, heads or head dim, or the
             block mask was built for other lengths; TypeError for a wrong block mask type.
 
-    Example:
+    Examples:
         >>> import torch, flexebt
         >>> x = lambda S: torch.randn(2, 4, S, 32)
         >>> bm = flexebt.create_ebt_block_mask(None, None, None, S_obs=16, S_pred=16)
@@ -338,7 +338,7 @@ def piecewise_attention(q1: Tensor, k1: Tensor, q2: Tensor, k2: Tensor, v: Tenso
     wholly on one side of the threshold computes one product; the two passes merge exactly
     through their log-sum-exps (``flexebt/piecewise.py``).
 
-    Example:
+    Examples:
         >>> import torch, flexebt
         >>> x = torch.randn(1, 2, 10, 16)
         >>> flexebt.piecewise_attention(x, x, x, x, x, dist_threshold=4, causal=True).shape

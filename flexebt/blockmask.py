@@ -212,7 +212,7 @@ def create_ebt_block_mask(mask_mod: Optional[Callable], B: Optional[int], H: Opt
         ValueError: non-positive lengths, ``S_obs < S_pred``, or a bad ``B`` / ``H`` / ``BLOCK_SIZE``.
         TypeError: a ``mask_mod`` that is not callable.
 
-    Example:
+    Examples:
         >>> bm = create_ebt_block_mask(None, 1, 1, S_obs=5, S_pred=4)
         >>> bm.offset
         1

@@ -51,7 +51,7 @@ def ebt_attention(q_o: Tensor, k_o: Tensor, v_o: Tensor, q_p: Tensor, k_p: Tenso
 
     Unlike ebt_flash_attention, second-order gradients (``create_graph=True``) are exact.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from flexebt.compat import ebt_attention
         >>> x = lambda: torch.randn(1, 2, 8, 16)

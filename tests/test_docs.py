@@ -20,11 +20,17 @@ def test_mkdocs_build_strict(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     assert (tmp_path / "site" / "api" / "flex_attention" / "index.html").exists()
+    # the docstrings' examples render as code, not as nested quotes ('>>>' read as markdown quoting)
+    for page in (tmp_path / "site" / "api").glob("*/index.html"):
+        html = page.read_text()
+        assert "<blockquote>" not in html, f"{page.parent.name}: an example renders as a quote"
+    html = (tmp_path / "site" / "api" / "flex_attention" / "index.html").read_text()
+    assert '<span class="gp">&gt;&gt;&gt; </span>' in html
 
 
 @pytest.mark.parametrize("fn", [flexebt.flex_attention, flexebt.flex_ebt_attention, flexebt.piecewise_attention,
                                 flexebt.create_ebt_block_mask, flexebt.compat.ebt_attention])
 def test_public_docstrings(fn):
     doc = inspect.getdoc(fn)
-    for part in ("Args:", "Returns:", "Raises:", "Example:", "[B, H"):
+    for part in ("Args:", "Returns:", "Raises:", "Examples:", "[B, H"):
         assert part in doc, f"{fn.__name__}: docstring lacks {part!r}"

@@ -6,7 +6,7 @@ from attn_gym.masks import causal_mask
 def generate_causal_mask():
     """The causal mask_mod ``q_idx >= kv_idx`` (attention-gym's ``causal_mask``).
 
-    Example:
+    Examples:
         >>> import flexebt
         >>> flexebt.masks.generate_causal_mask().__name__
         'causal_mask'

@@ -20,7 +20,7 @@ def generate_doc_mask_mod(mask_mod, offsets: torch.Tensor):
         mask_mod: the mask inside a document, in document-local positions (e.g. causal).
         offsets: ``[num_docs + 1]`` cumulative lengths, e.g. ``[0, 2, 6, 9]`` for lengths 2, 4, 3.
 
-    Example:
+    Examples:
         >>> import torch, flexebt
         >>> offsets = torch.tensor([0, 2, 6, 9])
         >>> flexebt.masks.generate_doc_mask_mod(flexebt.masks.causal_mask, offsets).__name__

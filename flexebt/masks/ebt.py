@@ -21,7 +21,7 @@ def ebt_causal_mask(b, h, q_idx, kv_idx):
 def generate_ebt_causal_mask():
     """The EBT causal frame mask_mod (identical to the causal mask, in frame coordinates).
 
-    Example:
+    Examples:
         >>> import flexebt
         >>> flexebt.masks.generate_ebt_causal_mask().__name__
         'ebt_causal_mask'

@@ -34,7 +34,7 @@ def generate_piecewise_far_mask(dist_threshold, M: int, N: int):
 def generate_end_aligned_causal_mask(M: int, N: int):
     """Causal mask with queries aligned to the end of the keys: keep ``kv_idx <= N - M + q_idx``.
 
-    Example:
+    Examples:
         >>> import flexebt
         >>> flexebt.masks.generate_end_aligned_causal_mask(4, 6).__name__
         'end_aligned_causal_4x6'

@@ -6,7 +6,7 @@ from attn_gym.masks import generate_prefix_lm_mask as _attn_gym_prefix_lm
 def generate_prefix_lm_mask(prefix_length: int):
     """Prefix-LM mask_mod: keep ``kv_idx < prefix_length`` or ``q_idx >= kv_idx``.
 
-    Example:
+    Examples:
         >>> import flexebt
         >>> flexebt.masks.generate_prefix_lm_mask(4).__name__
         'prefix_lm_causal_mask_4'

@@ -8,7 +8,7 @@ def generate_sliding_window(window_size: int):
 
     Each query sees itself and the ``window_size`` keys before it (attention-gym's convention).
 
-    Example:
+    Examples:
         >>> import flexebt
         >>> flexebt.masks.generate_sliding_window(3).__name__
         'sliding_window_3'

@@ -10,7 +10,7 @@ from attn_gym.mods import generate_alibi_bias as _attn_gym_alibi
 def generate_alibi_bias(H: int):
     """ALiBi score_mod for ``H`` query heads: ``score + (kv_idx - q_idx) * 2 ** (-8 (h + 1) / H)``.
 
-    Example:
+    Examples:
         >>> import flexebt
         >>> flexebt.mods.generate_alibi_bias(8).__name__
         'alibi_8heads'

@@ -13,7 +13,7 @@ def generate_bias_score_mod(bias: Tensor):
             requires grad, flexebt returns its gradient, first and second order.  For EBT
             attention index it by frame: ``[S_o + 1, S_o + 1]``.
 
-    Example:
+    Examples:
         >>> import torch, flexebt
         >>> bias = torch.zeros(4, 8, 8, requires_grad=True)
         >>> flexebt.mods.generate_bias_score_mod(bias).__name__

@@ -13,7 +13,7 @@ def generate_relative_position_bias(table: Tensor, max_distance: int):
         table: ``[H, 2 * max_distance + 1]`` learned biases (gradients flow to it).
         max_distance: distances beyond this share the edge value.
 
-    Example:
+    Examples:
         >>> import torch, flexebt
         >>> t = torch.zeros(4, 9, requires_grad=True)
         >>> flexebt.mods.generate_relative_position_bias(t, 4).__name__

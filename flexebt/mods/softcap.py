@@ -8,7 +8,7 @@ def generate_tanh_softcap(soft_cap: float, approx: bool = False):
 
     ``approx=True`` asks attention-gym for its ``tanh.approx`` PTX lowering (CUDA + Inductor only).
 
-    Example:
+    Examples:
         >>> import flexebt
         >>> flexebt.mods.generate_tanh_softcap(30).__name__
         'tanh_softcap_30'
