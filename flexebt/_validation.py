@@ -28,7 +28,7 @@ def check_positive_int(name: str, value) -> None:
 def check_tensors(fn: str, named: Sequence[tuple[str, object]], like_query: tuple = ()) -> None:
     """Rank 4, floating dtype, and one dtype, device and batch for all of ``named``.  The inputs
     named in ``like_query`` may differ from the first in dtype and batch (``kv_like_query`` casts
-    and broadcasts them, as torch's flex_attention does); they must agree with each other."""
+    and broadcasts them, as torch's flex_attention does); they must share one batch."""
     first_name, first = None, None
     for name, t in named:
         if not isinstance(t, Tensor):
@@ -53,10 +53,9 @@ def check_tensors(fn: str, named: Sequence[tuple[str, object]], like_query: tupl
         if name in like_query:
             if name != like_query[0]:
                 ref_name, ref = next((n, x) for n, x in named if n == like_query[0])
-                if t.dtype != ref.dtype or t.shape[0] != ref.shape[0]:
+                if t.shape[0] != ref.shape[0]:
                     raise ValueError(
-                        f"{fn}: {name} has dtype {t.dtype} and batch {t.shape[0]} but {ref_name} has {ref.dtype} and "
-                        f"{ref.shape[0]}; they must match.")
+                        f"{fn}: {name} has batch {t.shape[0]} but {ref_name} has {ref.shape[0]}; they must match.")
             if t.device != first.device:
                 raise ValueError(
                     f"{fn}: {name} is on {t.device} but {first_name} is on {first.device}; "
@@ -103,8 +102,7 @@ def kv_like_query(fn: str, query: Tensor, key: Tensor, value: Tensor, block_mask
     differentiable), and a key/value batch of 1 broadcasts over a larger query batch when the
     block mask was built for the query's batch (expanded: each batch element reads the same keys,
     and their gradients sum)."""
-    if key.dtype != query.dtype:
-        key, value = key.to(query.dtype), value.to(query.dtype)
+    key, value = key.to(query.dtype), value.to(query.dtype)  # (no copy where the dtype is already the query's)
     Bq, Bkv = query.shape[0], key.shape[0]
     if Bq == Bkv:
         return key, value

@@ -128,7 +128,7 @@ def test_kv_batch_broadcast_refusals_match_torch():
         with pytest.raises(ValueError, match=match):
             flexebt.flex_attention(q, kv, kv, block_mask=bm)
     with pytest.raises(ValueError, match="they must match"):
-        flexebt.flex_attention(q, k1, k2, block_mask=bm3)  # key and value disagree
+        flexebt.flex_attention(q, k1, k2, block_mask=bm3)  # key and value disagree in batch
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("kernels", marks=pytest.mark.interpreter)])
@@ -200,3 +200,12 @@ def test_forward_mode_through_return_aux(backend):
                                           return_aux=AuxRequest(max_scores=True))
         assert rel_err(fwAD.unpack_dual(out).tangent, w_out) < 1e-5
         assert fwAD.unpack_dual(aux.max_scores).tangent is None
+
+
+def test_value_alone_in_another_dtype():
+    """torch accepts a value whose dtype alone differs from the query's; the output has the query's dtype."""
+    q, k = torch.randn(1, 2, 12, 16), torch.randn(1, 2, 12, 16)
+    v = torch.randn(1, 2, 12, 16, dtype=torch.float16)
+    out = flexebt.flex_attention(q, k, v, kernel_options=R)
+    want = _torch(q, k, v)
+    assert out.dtype == want.dtype == torch.float32 and rel_err(out, want) < 1e-6
