@@ -144,3 +144,14 @@ def test_a_dense_4d_mask_is_applied(name, kind):
     out, _ = flexebt_hf.attention_forward(nn.Module(), q, k, v, mask, scaling=0.3)
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=0.3)
     assert rel_err(out, want.transpose(1, 2)) < 1e-12
+
+
+def test_softcap_then_a_dense_mask(name):
+    """The soft-cap applies to the score before the dense mask's bias is added."""
+    import torch.nn as nn
+
+    q, k, v = (torch.randn(1, 2, 7, 8, dtype=torch.float64) for _ in range(3))
+    bias = torch.randn(1, 2, 7, 7, dtype=torch.float64)
+    out, _ = flexebt_hf.attention_forward(nn.Module(), q, k, v, bias, scaling=0.5, softcap=1.5)
+    s = 1.5 * torch.tanh(q @ k.transpose(-1, -2) * 0.5 / 1.5) + bias
+    assert rel_err(out, (torch.softmax(s, -1) @ v).transpose(1, 2)) < 1e-12

@@ -23,29 +23,23 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from ..api import flex_attention
+from ..mods.softcap import generate_tanh_softcap
 
 __all__ = ["NAME", "attention_forward", "register"]
 
 NAME = "flexebt"
 
 
-def _softcap_mod(softcap: float):
-    def softcap_score(score, b, h, q_idx, kv_idx):
-        return softcap * torch.tanh(score / softcap)
-
-    return softcap_score
-
-
-def _bias_mod(mask: torch.Tensor, softcap):
+def _dense_mask_mod(mask: torch.Tensor, first):
     """A dense mask [B or 1, H or 1, Sq, Skv] that a model hands over (a user's 4-D mask): bool
-    (True = attend, as SDPA) or additive float, applied after the soft-cap; size-1 batch and head
-    dimensions broadcast."""
+    (True = attend, as SDPA) or additive float, added after the score_mod ``first`` (the soft-cap,
+    or None); size-1 batch and head dimensions broadcast."""
     bias = torch.where(mask, 0.0, float("-inf")) if mask.dtype == torch.bool else mask
     per_batch, per_head = bias.shape[0] > 1, bias.shape[1] > 1
 
     def masked_score(score, b, h, q_idx, kv_idx):
-        if softcap is not None:
-            score = softcap * torch.tanh(score / softcap)
+        if first is not None:
+            score = first(score, b, h, q_idx, kv_idx)
         return score + bias[b if per_batch else 0, h if per_head else 0, q_idx, kv_idx]
 
     return masked_score
@@ -61,11 +55,11 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if dropout:
         raise ValueError(f"flexebt attention: attention dropout ({dropout}) is not supported; call model.eval() "
                          "or set the model config's attention_dropout to 0.")
-    block_mask, score_mod = None, _softcap_mod(softcap) if softcap is not None else None
+    block_mask, score_mod = None, generate_tanh_softcap(softcap) if softcap is not None else None
     if isinstance(attention_mask, BlockMask):
         block_mask = attention_mask
     elif isinstance(attention_mask, torch.Tensor):
-        score_mod = _bias_mod(attention_mask[:, :, :, :key.shape[2]], softcap)
+        score_mod = _dense_mask_mod(attention_mask[:, :, :, :key.shape[2]], score_mod)
     elif attention_mask is not None:
         raise TypeError(f"flexebt attention: attention_mask must be a BlockMask, a tensor or None, got "
                         f"{type(attention_mask).__name__}.")
