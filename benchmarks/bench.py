@@ -5,7 +5,8 @@
 
 Every row: suite, device, torch, triton, commit, impl, variant, dtype, B, H, S, D, mode, ms,
 tflops, peak_mem_gib.  FLOPs: 4 B H S^2 D per forward (dense), halved for causal; a backward
-counts 2.5x a forward.  Times are the best of three triton.testing.do_bench medians, with the
+counts 2.5x a forward.  ``ms`` is the best of three triton.testing.do_bench medians (``p20_ms`` and
+``p80_ms``: the 20th and 80th percentiles of that same run), with the
 outputs' cotangents made outside the timed step (since commit a775d76; earlier result files
 made them inside and took one median).
 """
@@ -29,7 +30,7 @@ from flexebt import masks, mods  # noqa: E402
 from ebt_step import IMPLS as B3_IMPLS, run_b3  # noqa: E402
 
 FIELDS = ["suite", "device", "torch", "triton", "commit", "timestamp", "impl", "variant", "dtype", "B", "H", "S", "D",
-          "mode", "ms", "tflops", "peak_mem_gib", "first_step_s", "grad_rel_err", "note"]
+          "mode", "ms", "p20_ms", "p80_ms", "tflops", "peak_mem_gib", "first_step_s", "grad_rel_err", "note"]
 
 
 def _git_commit() -> str:
@@ -89,22 +90,34 @@ def prepared(fn, mode, inputs):
     return step, (torch.cuda.max_memory_allocated() - base) / 2 ** 30
 
 
-def median_ms(step) -> float:
+def quantiles_ms(step) -> tuple:
+    """(p20, p50, p80) in ms of one ``triton.testing.do_bench`` run."""
     import triton.testing
 
-    return triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
+    return tuple(triton.testing.do_bench(step, warmup=25, rep=100, quantiles=[0.2, 0.5, 0.8]))
+
+
+def spread(q: tuple) -> dict:
+    """The row fields of a (p20, p50, p80) triple: ``ms`` is the median."""
+    return dict(ms=round(q[1], 4), p20_ms=round(q[0], 4), p80_ms=round(q[2], 4))
+
+
+def timed_spread(fn, mode, inputs, repeats: int = 3):
+    """(p20, p50, p80) of the do_bench run with the best median out of ``repeats``, and the peak
+    memory of fwd or fwd+bwd.  Host-side hiccups only ever slow a run down, so the best of a few
+    medians is the steadier figure."""
+    step, peak = prepared(fn, mode, inputs)
+    return min((quantiles_ms(step) for _ in range(repeats)), key=lambda q: q[1]), peak
 
 
 def timed(fn, mode, inputs, repeats: int = 3):
-    """Best of ``repeats`` do_bench medians (ms) and the peak memory of fwd or fwd+bwd.
-    Host-side hiccups only ever slow a run down, so the best of a few medians is the steadier
-    figure."""
-    step, peak = prepared(fn, mode, inputs)
-    return min(median_ms(step) for _ in range(repeats)), peak
+    """(best median ms, peak GiB): ``timed_spread`` without the spread."""
+    q, peak = timed_spread(fn, mode, inputs, repeats)
+    return q[1], peak
 
 
 def timed_side_by_side(calls: dict, modes, inputs, repeats: int = 3) -> dict:
-    """``{(name, mode): (ms, peak)}`` for every call and mode, each the best of ``repeats``
+    """``{(name, mode): ((p20, p50, p80), peak)}`` for every call and mode, each the best of ``repeats``
     do_bench medians taken in rounds (every call and mode once per round), so that a slow spell
     of the host lands on all of them alike rather than on whichever ran then (B2 at S = 1k is
     host-bound for every implementation on the GPU machine; single runs there swing by tens of %).
@@ -115,12 +128,12 @@ def timed_side_by_side(calls: dict, modes, inputs, repeats: int = 3) -> dict:
             try:
                 steps[name, mode] = prepared(fn, mode, inputs)
             except torch.OutOfMemoryError:
-                best[name, mode] = (float("nan"), float("nan"))
+                best[name, mode] = ((float("nan"),) * 3, float("nan"))
                 torch.cuda.empty_cache()
     for _ in range(repeats):
         for key, (step, peak) in steps.items():
-            ms = median_ms(step)
-            best[key] = (min(ms, best[key][0]) if key in best else ms, peak)
+            q = quantiles_ms(step)
+            best[key] = (min(q, best[key][0], key=lambda x: x[1]) if key in best else q, peak)
     return best
 
 
@@ -161,9 +174,9 @@ def run_b2(args, meta, writer):
                                                                                 kernel_options=o or None))(opts)
                     elif impl in impls:
                         calls[impl] = impls[impl]
-                for (impl, mode), (ms, peak) in timed_side_by_side(calls, args.modes, [q, k, v]).items():
+                for (impl, mode), (qs, peak) in timed_side_by_side(calls, args.modes, [q, k, v]).items():
                     writer(dict(meta, suite="B2", impl=impl, variant=variant, dtype=args.dtype, B=B, H=H, S=S, D=D,
-                                mode=mode, ms=round(ms, 4), tflops=round(flops * MODES[mode] / ms / 1e9, 2),
+                                mode=mode, **spread(qs), tflops=round(flops * MODES[mode] / qs[1] / 1e9, 2),
                                 peak_mem_gib=round(peak, 3)))
                 del q, k, v
                 torch.cuda.empty_cache()
@@ -195,13 +208,13 @@ def run_b4(args, meta, writer):
                     continue
                 for mode in args.modes:
                     try:
-                        ms, peak = timed(impls[impl], mode, x if impl != "flexebt_causal" else [x[0], x[1], x[4]])
+                        qs, peak = timed_spread(impls[impl], mode, x if impl != "flexebt_causal" else [x[0], x[1], x[4]])
                     except torch.OutOfMemoryError:
-                        ms, peak = float("nan"), float("nan")
+                        qs, peak = (float("nan"),) * 3, float("nan")
                         torch.cuda.empty_cache()
                     writer(dict(meta, suite="B4", impl=impl, variant=variant, dtype=args.dtype, B=B,
-                                H=H, S=S, D=D, mode=mode, ms=round(ms, 4),
-                                tflops=round(flops * MODES[mode] / ms / 1e9, 2), peak_mem_gib=round(peak, 3)))
+                                H=H, S=S, D=D, mode=mode, **spread(qs),
+                                tflops=round(flops * MODES[mode] / qs[1] / 1e9, 2), peak_mem_gib=round(peak, 3)))
             del x
             torch.cuda.empty_cache()
 
@@ -277,15 +290,15 @@ def run_b1(args, meta, writer):
                     continue
                 for mode in args.modes:
                     try:
-                        ms, peak = timed(impls[impl], mode, x)
+                        qs, peak = timed_spread(impls[impl], mode, x)
                     except torch.OutOfMemoryError:
-                        ms, peak = float("nan"), float("nan")
+                        qs, peak = (float("nan"),) * 3, float("nan")
                         torch.cuda.empty_cache()
                     except (RuntimeError, NotImplementedError) as e:  # no double backward (torch flex, SDPA flash, ebt_flash_attention)
                         print(f"# {impl} {mode} S={S}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
-                        ms, peak = float("nan"), float("nan")
+                        qs, peak = (float("nan"),) * 3, float("nan")
                     writer(dict(meta, suite="B1", impl=impl, variant=variant, dtype=dtype_name, B=B, H=H,
-                                S=S, D=D, mode=mode, ms=round(ms, 4), tflops=round(flops * MODES[mode] / ms / 1e9, 2),
+                                S=S, D=D, mode=mode, **spread(qs), tflops=round(flops * MODES[mode] / qs[1] / 1e9, 2),
                                 peak_mem_gib=round(peak, 3)))
             del x
             torch.cuda.empty_cache()
@@ -296,7 +309,7 @@ def main(argv=None):
     p.add_argument("--suite", default="B2", choices=["B1", "B2", "B3", "B4"])
     p.add_argument("--piecewise-w", type=int, default=0, help="B4 threshold; default S // 8")
     p.add_argument("--b3-dtypes", default="float32,bfloat16", type=lambda s: s.split(","))
-    p.add_argument("--b3-reps", type=int, default=5)
+    p.add_argument("--b3-reps", type=int, default=10, help="B3 timed steps per row (after three warm ones)")
     p.add_argument("--b3-layers", type=int, default=12)
     p.add_argument("--b3-tokens", type=int, default=4096, help="B3 tokens per batch: B16 at S256")
     p.add_argument("--b3-impls", default=",".join(B3_IMPLS), type=lambda s: s.split(","))
@@ -341,7 +354,7 @@ def main(argv=None):
             rows.append(row)
             w.writerow(row)
             f.flush()
-            print(" ".join(f"{k}={row[k]}" for k in ("impl", "variant", "D", "S", "mode", "ms", "tflops",
+            print(" ".join(f"{k}={row[k]}" for k in ("impl", "variant", "D", "S", "mode", "ms", "p20_ms", "p80_ms", "tflops",
                                                      "peak_mem_gib", "first_step_s", "grad_rel_err", "note")
                            if k in row), flush=True)
 

@@ -6,7 +6,8 @@ through every attention layer.  The implementations:
 
 - ``eager_math``: the dense attention math of the reference backend, eager (the EBT reference
   code's way);
-- ``compiled_math``: the same under ``torch.compile(fullgraph=True)`` (inductor);
+- ``compiled_math`` / ``compiled_math_ro``: the same under ``torch.compile(fullgraph=True)`` (inductor),
+  default mode and ``mode="reduce-overhead"`` (CUDA graphs);
 - ``flexebt``: the Triton kernels, eager;
 - ``flexebt_cudagraph``: the eager step captured once in a ``torch.cuda.graph`` and replayed;
 - ``flexebt_compiled`` / ``flexebt_compiled_ro``: the kernels as custom ops under
@@ -31,8 +32,8 @@ import types
 
 import torch
 
-IMPLS = ("eager_math", "compiled_math", "flexebt", "flexebt_cudagraph", "flexebt_compiled", "flexebt_compiled_ro",
-         "floor_compiled")
+IMPLS = ("eager_math", "compiled_math", "compiled_math_ro", "flexebt", "flexebt_cudagraph", "flexebt_compiled",
+         "flexebt_compiled_ro", "floor_compiled")
 
 
 def _model_class():
@@ -69,7 +70,7 @@ def _grads(model) -> torch.Tensor:
 
 def _stepper(impl: str, model, tokens, targets):
     """A function running one training step (loss and backward) for ``impl``."""
-    if impl in ("compiled_math", "flexebt_compiled", "flexebt_compiled_ro", "floor_compiled"):
+    if "compiled" in impl:
         # the block mask is made once, before compiling (as examples/ebt/train.py does): made inside the
         # first compiled call, the model's mask cache changes and the second call compiles everything again
         model.block_mask(tokens.shape[1], tokens.device)
@@ -100,7 +101,8 @@ def _stepper(impl: str, model, tokens, targets):
     return graph.replay
 
 
-def _time(step, reps: int) -> float:
+def _time(step, reps: int) -> tuple:
+    """(p20, p50, p80) ms of ``reps`` timed steps."""
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -109,11 +111,12 @@ def _time(step, reps: int) -> float:
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    times.sort()
+    return tuple(times[min(len(times) - 1, int(q * len(times)))] for q in (0.2, 0.5, 0.8))
 
 
 def _measure(impl: str, model, tokens, targets, reps: int) -> tuple:
-    """(median ms per step, peak GiB above the model, seconds to the first finished step, gradients
+    """((p20, p50, p80) ms per step, peak GiB above the model, seconds to the first finished step, gradients
     of the first step)."""
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
@@ -142,7 +145,7 @@ def run_b3(args, meta, writer):
             B = args.batch or max(1, args.b3_tokens // S)
             ref_grads = None
             for impl in args.b3_impls:  # in the order given
-                os.environ["FLEXEBT_BACKEND"] = "REFERENCE" if impl.endswith("_math") else "AUTO"
+                os.environ["FLEXEBT_BACKEND"] = "REFERENCE" if "_math" in impl else "AUTO"
                 if impl not in IMPLS:
                     raise ValueError(f"B3: unknown implementation {impl!r}; choose from {', '.join(IMPLS)}")
                 torch._dynamo.reset()
@@ -151,7 +154,8 @@ def run_b3(args, meta, writer):
                 gen = torch.Generator(device="cuda").manual_seed(1)
                 tokens = torch.randint(0, vocab, (B, S), device="cuda", generator=gen)
                 targets = torch.randint(0, vocab, (B, S), device="cuda", generator=gen)
-                ms = peak = first_s = err = float("nan")
+                peak = first_s = err = float("nan")
+                ms = (float("nan"),) * 3
                 note = ""
                 try:
                     with _attention(impl):
@@ -171,7 +175,8 @@ def run_b3(args, meta, writer):
                 del model
                 torch.cuda.empty_cache()
                 writer(dict(meta, suite="B3", impl=impl, variant=f"ebt_step_{layers}L_d{dim}_mcmc2", dtype=dtype_name,
-                            B=B, H=heads, S=S, D=dim // heads, mode="train_step", ms=round(ms, 2),
+                            B=B, H=heads, S=S, D=dim // heads, mode="train_step", ms=round(ms[1], 2),
+                            p20_ms=round(ms[0], 2), p80_ms=round(ms[2], 2),
                             tflops=float("nan"), peak_mem_gib=round(peak, 3), first_step_s=round(first_s, 1),
                             grad_rel_err=f"{err:.2e}", note=note))
     os.environ.pop("FLEXEBT_BACKEND", None)

@@ -87,6 +87,12 @@ def run(dtype, dev="cuda"):
           f"{_rel(eout[0], rout[0]):.1e}; first {[f'{_rel(a, r):.1e}/{_rel(e, r):.1e}' for a, e, r in zip(first, efirst, rfirst)]}; "
           f"second {[f'{_rel(a, r):.1e}/{_rel(e, r):.1e}' for a, e, r in zip(second, esecond, rsecond)]}", flush=True)
 
+    # the forward's running maximum written out (return_aux max_scores), same odd shapes and mask
+    aux = flexebt.flex_attention(q, k, v, score_mod=mixed, block_mask=cropped, enable_gqa=True,
+                                 kernel_options={"BACKEND": "TRITON"},
+                                 return_aux=flexebt.AuxRequest(lse=True, max_scores=True))[1]
+    print(f"flex {dtype} max_scores: finite rows {torch.isfinite(aux.max_scores).float().mean().item():.3f}", flush=True)
+
     # EBT two streams, causal frame mask, odd lengths, r = 3
     S_o, S_p = 131, 128
     qo, ko, vo = (torch.randn(B, H, S_o, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
