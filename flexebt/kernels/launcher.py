@@ -3,7 +3,7 @@
 ``kernel[grid](*args, **constexprs)`` binds every argument, computes Triton's specialization of
 each (dtype, 16-byte alignment, integer value classes), builds a cache key string and looks the
 compiled kernel up -- 100-150 us of host time per launch on the GPU machine's CPU, against 27-48
-us for calling the compiled kernel's launcher directly (``benchmarks/small_s.py``, design D45).  A
+us for calling the compiled kernel's launcher directly (``benchmarks/tools/small_s.py``, design D45).  A
 small-S fwd+bwd makes three launches and is host-bound, so this matters there.
 
 ``FastLaunches`` remembers, per *launch plan key*, the compiled kernel Triton chose, the argument

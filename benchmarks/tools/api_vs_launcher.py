@@ -3,7 +3,7 @@ flex_attention, flexebt's public call, and flexebt's kernel launcher alone with 
 loads; plus the host time of one public call (a loop of 50 calls that the GPU does not hold
 back).  It tells a slow kernel from a slow dispatch path.
 
-    python benchmarks/api_vs_launcher.py
+    python benchmarks/tools/api_vs_launcher.py
 """
 import os
 import sys
@@ -14,7 +14,7 @@ import torch
 import triton.testing
 from torch.nn.attention.flex_attention import flex_attention as torch_flex
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repository root
 import flexebt  # noqa: E402
 from flexebt import masks  # noqa: E402
 from flexebt.codegen.source import get_kernels  # noqa: E402

@@ -1,7 +1,7 @@
 """fp32 under matmul precision "highest": IEEE-exact products (FMA) vs three tf32 products
 (kernel_options FP32_PRODUCTS="tf32x3"), accuracy against float64 and speed (GPU).
 
-    python benchmarks/fp32_products.py
+    python benchmarks/tools/fp32_products.py
 """
 
 import os
@@ -10,7 +10,7 @@ import sys
 import torch
 import triton.testing
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repository root
 import flexebt  # noqa: E402
 
 

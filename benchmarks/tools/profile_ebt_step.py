@@ -2,7 +2,7 @@
 wall time per step against the GPU's busy time, and the kernels that take it, for flexebt's
 kernels and for the dense math side by side.
 
-    python benchmarks/profile_ebt_step.py --S 256 --B 16 --layers 12 --dtype bfloat16
+    python benchmarks/tools/profile_ebt_step.py --S 256 --B 16 --layers 12 --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repository root
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # benchmarks/
 
 from ebt_step import _model_class  # noqa: E402
 

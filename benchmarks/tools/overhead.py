@@ -1,7 +1,7 @@
 """flexebt's own Python work per call (CPU; the Triton launches are stubbed out), to keep the
 dispatch path lean: small-S steps and many-layer models are CPU-bound on a GPU machine.
 
-    python benchmarks/overhead.py
+    python benchmarks/tools/overhead.py
 """
 
 import os
@@ -9,7 +9,7 @@ import sys
 import time
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels are never launched here; no GPU needed
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repository root
 
 import torch  # noqa: E402
 

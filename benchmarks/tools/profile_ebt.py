@@ -3,9 +3,9 @@ with ``--floor``, time the B1 floor (2 x SDPA causal) under each SDPA backend; w
 A/B one kernel option on the EBT fwd and fwd+bwd; with ``--sweep``, time sets of kernel options
 (tiles) one after the other.
 
-    python benchmarks/profile_ebt.py --S 1024
-    python benchmarks/profile_ebt.py --S 4096 --floor --ab USE_TMA=0,1 --no-profile
-    python benchmarks/profile_ebt.py --S 4096 --sweep "BLOCK_M1=64,BLOCK_N1=128,dkdv_num_warps=8" --no-profile
+    python benchmarks/tools/profile_ebt.py --S 1024
+    python benchmarks/tools/profile_ebt.py --S 4096 --floor --ab USE_TMA=0,1 --no-profile
+    python benchmarks/tools/profile_ebt.py --S 4096 --sweep "BLOCK_M1=64,BLOCK_N1=128,dkdv_num_warps=8" --no-profile
 """
 
 import argparse
@@ -14,10 +14,10 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repository root
 import flexebt  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # benchmarks/
 from bench import timed  # noqa: E402
 
 

@@ -4,20 +4,22 @@ A kernel that compiles slowly (register spills, shared-memory retries) shows up 
 the medians of bench.py.  Each launch prints: kernel, tiles that ran, first-call seconds and
 warm milliseconds.
 
-    python benchmarks/first_call.py --dtypes float32,bfloat16 --S 600 --out launches.txt
+    python benchmarks/tools/first_call.py --dtypes float32,bfloat16 --S 600 --out launches.txt
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 import torch
 
-import flexebt
-from flexebt import masks, mods
-from flexebt.kernels import flex as flex_kernels
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repository root
+import flexebt  # noqa: E402
+from flexebt import masks, mods  # noqa: E402
+from flexebt.kernels import flex as flex_kernels  # noqa: E402
 
 _LOG: list = []
 

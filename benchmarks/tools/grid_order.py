@@ -2,7 +2,7 @@
 default, and the time of the default against the plain head-by-head order (HEAD_GROUP=1),
 alternated twice, for single-stream causal attention and EBT.
 
-    python benchmarks/grid_order.py --D 64,128 --S 1024,4096,16384
+    python benchmarks/tools/grid_order.py --D 64,128 --S 1024,4096,16384
 """
 
 import argparse
@@ -11,11 +11,11 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repository root
 import flexebt  # noqa: E402
 from flexebt.kernels import flex as flex_mod  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # benchmarks/
 from bench import timed  # noqa: E402
 
 CHOSEN: dict = {}

@@ -6,7 +6,7 @@ each launch, the host time with the launches stubbed, a cProfile of fwd+bwd (top
 time), an autograd floor (a Function that launches nothing) and torch's compiled fwd+bwd.
 A call whose do_bench time is near its host time and far above its kernel time is host-bound.
 
-    python benchmarks/small_s.py --S 1024,2048,4096 --D 64 --variant causal
+    python benchmarks/tools/small_s.py --S 1024,2048,4096 --D 64 --variant causal
 """
 import argparse
 import cProfile
@@ -19,7 +19,8 @@ import warnings
 import torch
 import triton.testing
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repository root
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # benchmarks/
 import flexebt  # noqa: E402
 from bench import b2_variant  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Sweep tile configurations of the single-stream kernels, pass by pass (GPU).
 
-    python benchmarks/tune.py --dims 64,128 --S 4096 --variant causal
+    python benchmarks/tools/tune.py --dims 64,128 --S 4096 --variant causal
 
 Prints, per head dim: each config's median ms for fwd, dq and dk/dv separately, and torch's
 compiled flex_attention fwd and fwd+bwd for reference.  Used to choose the defaults in
@@ -15,14 +15,14 @@ import warnings
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repository root
 import flexebt  # noqa: E402
 from flexebt.codegen.source import kernels_and_buffers, position_extents  # noqa: E402
 from flexebt.kernels import flex as flex_mod  # noqa: E402
 from flexebt.kernels.flex import flex_forward, tables_from_block_mask  # noqa: E402
 from flexebt.kernels.plan import plan_backward, single_stream_plan  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # benchmarks/
 from bench import b2_variant  # noqa: E402
 
 FWD = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4), (128, 32, 4, 3),

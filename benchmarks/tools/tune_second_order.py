@@ -1,7 +1,7 @@
 """Sweep tiles of the double-backward passes on the EBT second-order step (GPU).
 
-    python benchmarks/tune_second_order.py --S 4096
-    python benchmarks/tune_second_order.py --S 2048 --D 32 --dtype float32 --fp32-products tf32x3
+    python benchmarks/tools/tune_second_order.py --S 4096
+    python benchmarks/tools/tune_second_order.py --S 2048 --D 32 --dtype float32 --fp32-products tf32x3
 
 Times every launch of fwd + bwd(create_graph) + double backward at each config (second of two
 runs) and prints the summed time of the passes the config changes.
@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repository root
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import first_call as fc  # noqa: E402
 
