@@ -1,7 +1,7 @@
 """Plot benchmark rows: TFLOP/s against S, one panel per (variant, D, mode), one line per impl.
 B3 rows (a training step has no FLOP count) plot ms per step and peak memory instead.
 
-    python benchmarks/plot.py benchmarks/results/B2_h100.csv   # writes B2_h100.png beside it
+    python benchmarks/plot.py benchmarks/results/h100_<date>/B2_h100_<commit>.csv   # writes the .png beside it
 """
 
 import csv

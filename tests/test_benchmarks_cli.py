@@ -1,6 +1,9 @@
-"""The benchmark CLI on a machine without CUDA: one line that says so, a non-zero exit."""
+"""The benchmark CLI on a machine without CUDA: one line that says so, a non-zero exit; the index of
+the result files lists every file, each in its device-and-day folder."""
 
+import importlib.util
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -17,3 +20,35 @@ def test_bench_without_cuda_says_so_in_one_line():
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "no CUDA device" in lines[0]
     assert "Traceback" not in res.stderr + res.stdout
+
+
+RESULTS = pathlib.Path(__file__).parent.parent / "benchmarks" / "results"
+
+
+def _index_tool():
+    path = RESULTS.parent / "tools" / "index_results.py"
+    spec = importlib.util.spec_from_file_location("index_results", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_results_index_links_every_result_file():
+    """benchmarks/results/README.md links each file under results/ (and nothing that is not there)."""
+    index = (RESULTS / "README.md").read_text()
+    linked = {target for target in re.findall(r"\]\(([^)\s]+)\)", index) if not target.startswith("../")}
+    files = {p.relative_to(RESULTS).as_posix() for p in RESULTS.rglob("*")
+             if p.is_file() and p != RESULTS / "README.md"}
+    assert files, "no result files found"
+    assert not files - linked, f"result files missing from the index: {sorted(files - linked)}"
+    assert not linked - files, f"the index links files that do not exist: {sorted(linked - files)}"
+
+
+def test_results_are_in_device_and_date_folders():
+    """Every result file lies in <device>_<YYYY-MM-DD>/ (or invalid/), matching its rows' device and day."""
+    assert _index_tool().misplaced() == []
+
+
+def test_results_index_is_current():
+    """The index is what tools/index_results.py writes today (run it after adding or moving a file)."""
+    assert (RESULTS / "README.md").read_text() == _index_tool().render()

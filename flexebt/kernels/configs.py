@@ -75,16 +75,17 @@ def _flex_config(pass_name: str, head_dim: int, sparse_q: int, sparse_kv: int, o
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass and head-dim class (64 / 128 / 256).
-# bf16: measured on an H200, bf16, S = 4096 (benchmarks/tools/tune.py; benchmarks/results/tune_*.txt).
-# The double backward keeps ~3x the tiles of a first-order pass live, the JVP two extra
-# accumulators: smaller tiles, fewer stages.  D64 second order: EBT step, B8 H8 S4096
-# (benchmarks/tools/tune_second_order.py; results/tune_dbwd_h200_ebt_s4096.txt): g_k/g_v pass
-# 8.5 -> 4.0 ms at 64 x 64 with 2 stages, row + g_q passes 5.9 -> 5.1 ms at 64 x 32.
-# D128 dq and dk/dv (H100, B2 causal, B*S = 16k, H16, S = 1k..8k; benchmarks/tools/tune.py,
-# results/tune_d128_bwd_h100_5aabe51.txt): 64 x 64 tiles, 4 warps, 2 stages for both passes, where
-# they were 128 x 128 (dq) and 64 x 128 (dk/dv) with 8 warps; the backward 0.76 -> 0.65 ms at
-# S1k, 1.16 -> 1.00-1.03 at 2k, 2.05 -> 1.79-1.82 at 4k, 3.68 -> 3.46-3.51 ms at 8k (the old
-# tiles re-timed: results/tune_d128_bwd_old_defaults_h100_71d0160.txt); EBT D128 S4096
+# bf16: measured on an H200, bf16, S = 4096 (benchmarks/tools/tune.py;
+# benchmarks/results/h200_2026-11-21/tune_h200_*.txt).
+# The double backward keeps ~3x the tiles of a first-order pass live, the JVP two extra accumulators:
+# smaller tiles, fewer stages.  D64 second order: EBT step, B8 H8 S4096
+# (benchmarks/tools/tune_second_order.py; results/h200_2026-11-21/tune_dbwd_h200_ebt_s4096.txt):
+# g_k/g_v pass 8.5 -> 4.0 ms at 64 x 64 with 2 stages, row + g_q passes 5.9 -> 5.1 ms at 64 x 32. D128
+# dq and dk/dv (H100, B2 causal, B*S = 16k, H16, S = 1k..8k; benchmarks/tools/tune.py,
+# results/h100_2026-11-21/tune_d128_bwd_h100_5aabe51.txt): 64 x 64 tiles, 4 warps, 2 stages for both
+# passes, where they were 128 x 128 (dq) and 64 x 128 (dk/dv) with 8 warps; the backward 0.76 -> 0.65
+# ms at S1k, 1.16 -> 1.00-1.03 at 2k, 2.05 -> 1.79-1.82 at 4k, 3.68 -> 3.46-3.51 ms at 8k (the old
+# tiles re-timed: results/h100_2026-11-21/tune_d128_bwd_old_defaults_h100_71d0160.txt); EBT D128 S4096
 # fwd+bwd 5.56 -> 5.09 ms.
 _BF16 = {
     "fwd": {64: (128, 64, 4, 6), 128: (128, 128, 8, 3), 256: (64, 32, 4, 2)},
@@ -117,12 +118,12 @@ _TF32 = {
     "dbwd_dkdv": {64: (32, 64, 4, 2), 128: (32, 32, 4, 1), 256: (16, 32, 4, 1)},
     "jvp": {64: (64, 32, 4, 2), 128: (32, 32, 4, 1), 256: (16, 32, 4, 1)},
 }
-# fp32 double backward with tf32x3 products (three tf32 dots per product: each operand split
-# into hi and lo parts, so ~2x the live registers of a tf32 tile).  A head-dim class 32 of its
-# own: the best tiles at D32 spill at D64.  H200, EBT step (benchmarks/tools/tune_second_order.py;
-# results/tune_dbwd_fp32_*.txt): D32 S512 B16 H12 rows + dq + g_k/g_v 37.8 + 6.5 + 1.4 ms at the
-# tf32 table's 32 x 64 tiles -> 0.85 + 0.88 + 1.05 ms (IEEE: 3.1 + 3.0 + 3.0); D64 S1024 B8 H8
-# 3.4 + 23.2 + 5.9 -> ~2.7 + 2.3 + 2.4 ms.  At D128 every tile tried spilled (> 10 ms), so the
+# fp32 double backward with tf32x3 products (three tf32 dots per product: each operand split into hi
+# and lo parts, so ~2x the live registers of a tf32 tile).  A head-dim class 32 of its own: the best
+# tiles at D32 spill at D64.  H200, EBT step (benchmarks/tools/tune_second_order.py;
+# results/h200_2026-11-21/tune_dbwd_fp32_*.txt): D32 S512 B16 H12 rows + dq + g_k/g_v 37.8 + 6.5 + 1.4
+# ms at the tf32 table's 32 x 64 tiles -> 0.85 + 0.88 + 1.05 ms (IEEE: 3.1 + 3.0 + 3.0); D64 S1024 B8
+# H8 3.4 + 23.2 + 5.9 -> ~2.7 + 2.3 + 2.4 ms.  At D128 every tile tried spilled (> 10 ms), so the
 # default there stays IEEE (flex._precision); these entries serve an explicit FP32_PRODUCTS.
 _TF32X3_SECOND_ORDER = {
     "dbwd_rows": {32: (64, 64, 4, 1), 64: (32, 32, 4, 1), 128: (16, 32, 4, 1), 256: (16, 16, 4, 1)},
@@ -130,19 +131,20 @@ _TF32X3_SECOND_ORDER = {
     "dbwd_dkdv": {32: (64, 64, 4, 1), 64: (16, 32, 4, 1), 128: (16, 32, 4, 1), 256: (16, 16, 4, 1)},
 }
 # bf16 with TMA loads, where other tiles win (H100, bf16 causal S4096 B2 H16, benchmarks/tools/tune.py
-# --options USE_TMA=1; results/tune_bwd_tma_*_h100_*.txt): the dk/dv pass at D64 takes 64 x 64
-# tiles, 0.668 -> 0.620 ms for the whole backward (torch's compiled flex_attention: 0.668).
+# --options USE_TMA=1; results/h100_2026-11-21/tune_bwd_tma_h100_3b07fca.txt): the dk/dv pass at D64
+# takes 64 x 64 tiles, 0.668 -> 0.620 ms for the whole backward (torch's compiled flex_attention:
+# 0.668).
 # D64 on the H100 (EBT B8 H8 S4096, benchmarks/tools/profile_ebt.py --sweep,
-# results/ebt_sweep_h100_8bcea66.txt, ebt_fwd_sweep_h100_224ce16.txt, and the single-stream sweeps):
-# two stages in the dq and dk/dv passes (EBT fwd+bwd 3.41 -> 3.35 ms each), forward 128 x 64 with
-# six stages (EBT fwd 0.85-0.86 -> 0.79-0.80 ms; single stream causal B2 H16 0.227 -> 0.221 ms;
-# odd: four stages are slower than three or five, 0.88 ms).
+# results/h100_2026-11-21/ebt_sweep_h100_8bcea66.txt, ebt_fwd_sweep_h100_224ce16.txt, and the
+# single-stream sweeps): two stages in the dq and dk/dv passes (EBT fwd+bwd 3.41 -> 3.35 ms each),
+# forward 128 x 64 with six stages (EBT fwd 0.85-0.86 -> 0.79-0.80 ms; single stream causal B2 H16
+# 0.227 -> 0.221 ms; odd: four stages are slower than three or five, 0.88 ms).
 _BF16_TMA = {"dkdv": {64: (64, 64, 4, 2)}}
-# bf16 where the keys are at most SHORT_KV long: a program's key loop is then at most 8 tiles of
-# 128, and the pipeline's fill and drain weigh more than smaller tiles' lower reuse (H100, B2
-# shapes, benchmarks/bench.py side by side; results/B2_h100_d128_71d0160): D128 forward at S1k
-# causal 0.251 -> 0.237 ms, ALiBi 0.271 -> 0.257, soft-cap 0.358 -> 0.326; at S2k 64 x 64 is
-# no better (0.380 -> 0.386 causal), at 4k slower (0.640 -> 0.694).
+# bf16 where the keys are at most SHORT_KV long: a program's key loop is then at most 8 tiles of 128,
+# and the pipeline's fill and drain weigh more than smaller tiles' lower reuse (H100, B2 shapes,
+# benchmarks/bench.py side by side; results/h100_2026-11-21/B2_h100_d128_71d0160): D128 forward at S1k
+# causal 0.251 -> 0.237 ms, ALiBi 0.271 -> 0.257, soft-cap 0.358 -> 0.326; at S2k 64 x 64 is no better
+# (0.380 -> 0.386 causal), at 4k slower (0.640 -> 0.694).
 SHORT_KV = 1024
 _BF16_SHORT_KV = {"fwd": {128: (64, 64, 4, 3)}}
 _TABLES = {"bf16": _BF16, "ieee": _IEEE, "tf32": _TF32, "tf32x3": _TF32X3_SECOND_ORDER}

@@ -308,8 +308,9 @@ def _linear_score(kern: ModKernels, scale: float) -> bool:
 # A first-order pass smaller than this (B * H * Sq * Skv * D, the work of its products) loads through
 # pointers by default: each tensor descriptor costs the host ~15-20 us per launch (Triton's
 # launcher encodes it anew every time), which a small pass does not win back.  H100, B2 shapes
-# (B * S = 16k, H16; results/B2_h100_d64_small_71d0160): D64 causal fwd+bwd at S1k (2^34) 0.729 ms
-# with descriptors vs 0.558 without (host-bound), at 2k (2^35) 0.863 vs 0.886 (GPU-bound); design D47.
+# (B * S = 16k, H16; results/h100_2026-11-21/B2_h100_d64_small_71d0160): D64 causal fwd+bwd at S1k
+# (2^34) 0.729 ms with descriptors vs 0.558 without (host-bound), at 2k (2^35) 0.863 vs 0.886
+# (GPU-bound); design D47.
 TMA_MIN_WORK = 2 ** 35
 
 
