@@ -35,9 +35,10 @@ INVALID = "invalid"
 CURRENT = {
     "B1_h100_2accba0", "B1_h100_bf16_s4096_2accba0",
     "B2_h100_d64_5d5846c", "B2_h100_d64_large_1486128", "B2_h100_d128_5d5846c", "B2_h100_d64_d128_all_5d5846c",
-    "B3_h100_bf16_s256_255ad00", "B3_h100_bf16_s256_compiled_8c58776", "B3_h200_bf16_s256_e8859c7",
+    "B3_h100_bf16_s256_ro_7f5672b", "B3_h100_bf16_s256_compiled_7f5672b", "B3_h100_bf16_s2048_7f5672b",
+    "B3_h100_bf16_s1024_s4096_7f5672b",
     "B4_h200_71970fc", "B4_h100_d128_daf5d74",
-    "gpu_checks_h100_255ad00",
+    "gpu_checks_h100_7f5672b",
 }
 
 # Why a run is not to be cited, per file in invalid/.
