@@ -304,34 +304,50 @@ def run_b1(args, meta, writer):
             torch.cuda.empty_cache()
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: every flag has its help text."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", default="B2", choices=["B1", "B2", "B3", "B4"])
+    p.add_argument("--suite", default="B2", choices=["B1", "B2", "B3", "B4"],
+                   help="B1 EBT attention, B2 single-stream variants, B3 EBT training step, B4 piecewise")
     p.add_argument("--piecewise-w", type=int, default=0, help="B4 threshold; default S // 8")
-    p.add_argument("--b3-dtypes", default="float32,bfloat16", type=lambda s: s.split(","))
+    p.add_argument("--b3-dtypes", default="float32,bfloat16", type=lambda s: s.split(","),
+                   help="B3 dtypes, comma-separated (float32 runs with matmul precision 'high')")
     p.add_argument("--b3-reps", type=int, default=10, help="B3 timed steps per row (after three warm ones)")
-    p.add_argument("--b3-layers", type=int, default=12)
+    p.add_argument("--b3-layers", type=int, default=12, help="B3 transformer layers (the reference shape has 12)")
     p.add_argument("--b3-tokens", type=int, default=4096, help="B3 tokens per batch: B16 at S256")
-    p.add_argument("--b3-impls", default=",".join(B3_IMPLS), type=lambda s: s.split(","))
+    p.add_argument("--b3-impls", default=",".join(B3_IMPLS), type=lambda s: s.split(","),
+                   help="B3 implementations, run in the order given (eager_math first gives the gradient "
+                        f"reference); any of: {', '.join(B3_IMPLS)}")
     p.add_argument("--b1-configs", default="float32:32,bfloat16:64,bfloat16:128",
-                   type=lambda s: [(a, int(b)) for a, b in (x.split(":") for x in s.split(","))])
-    p.add_argument("--eager-max-s", type=int, default=2048)
-    p.add_argument("--dims", default="64,128", type=lambda s: [int(x) for x in s.split(",")])
-    p.add_argument("--seqs", default="1024,2048,4096,8192,16384", type=lambda s: [int(x) for x in s.split(",")])
-    p.add_argument("--variants", default="causal,alibi,softcap,learned_bias", type=lambda s: s.split(","))
+                   type=lambda s: [(a, int(b)) for a, b in (x.split(":") for x in s.split(","))],
+                   help="B1 dtype:head-dim pairs, comma-separated")
+    p.add_argument("--eager-max-s", type=int, default=2048, help="B1/B4: the largest S at which eager math runs")
+    p.add_argument("--dims", default="64,128", type=lambda s: [int(x) for x in s.split(",")],
+                   help="B2/B4 head dims, comma-separated")
+    p.add_argument("--seqs", default="1024,2048,4096,8192,16384", type=lambda s: [int(x) for x in s.split(",")],
+                   help="sequence lengths, comma-separated (every suite)")
+    p.add_argument("--variants", default="causal,alibi,softcap,learned_bias", type=lambda s: s.split(","),
+                   help="B2 variants, comma-separated")
     p.add_argument("--impls", default="flexebt,torch_flex_compiled,sdpa_causal,torch_flex_concat_compiled,"
                    "sdpa_2x_causal,sdpa_2x_causal_flash,sdpa_2x_causal_cudnn,ebt_flash_attention,eager_math,"
                    "flexebt_piecewise,flexebt_causal",
-                   type=lambda s: s.split(","))
-    p.add_argument("--modes", default="fwd,fwd+bwd", type=lambda s: s.split(","))
-    p.add_argument("--dtype", default="bfloat16")
+                   type=lambda s: s.split(","),
+                   help="B1/B2/B4 implementations (each suite runs the ones it knows); 'flexebt:KEY=V;KEY=V' adds "
+                        "flexebt with those kernel_options as an implementation of its own")
+    p.add_argument("--modes", default="fwd,fwd+bwd", type=lambda s: s.split(","),
+                   help="B1/B2/B4 modes, comma-separated: fwd, fwd+bwd, fwd+bwd+dbwd (B1: the EBT-style double backward)")
+    p.add_argument("--dtype", default="bfloat16", help="B2/B4 dtype")
     p.add_argument("--batch", type=int, default=0, help="fixed batch; default: tokens // S")
-    p.add_argument("--tokens", type=int, default=16384)
-    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--tokens", type=int, default=16384, help="B2/B4 tokens per batch (B = tokens // S)")
+    p.add_argument("--heads", type=int, default=16, help="B2/B4 heads")
     p.add_argument("--commit", default=os.environ.get("FLEXEBT_COMMIT"),
                    help="commit recorded in every row (default: FLEXEBT_COMMIT, else the checkout's git HEAD)")
     p.add_argument("--out", required=True, help="path prefix; writes PREFIX.csv and PREFIX.json")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if not torch.cuda.is_available():
         print("bench.py: the benchmarks time CUDA kernels and this machine has no CUDA device "
               "(torch.cuda.is_available() is False); run them on a GPU machine.", file=sys.stderr)

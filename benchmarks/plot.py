@@ -90,6 +90,7 @@ def main(path, *more, out=None):
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl, color=COLORS.get(impl))
         ax.set_xscale("log", base=2)
+        ax.set_ylim(bottom=0)  # from zero: ratios read off the bars' heights
         ax.set_title(f"{key[0]} D{key[1]} {key[2]}", fontsize=9)
         ax.set_xlabel("S")
         ax.set_ylabel(key[2] if key[2] in ("ms/step", "peak GiB") else "TFLOP/s")

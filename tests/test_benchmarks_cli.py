@@ -22,6 +22,20 @@ def test_bench_without_cuda_says_so_in_one_line():
     assert "Traceback" not in res.stderr + res.stdout
 
 
+def test_every_bench_flag_has_help_text():
+    bench_dir = pathlib.Path(__file__).parent.parent / "benchmarks"
+    sys.path.insert(0, str(bench_dir))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_cli", bench_dir / "bench.py")
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path.remove(str(bench_dir))
+    actions = [a for a in bench.build_parser()._actions if a.option_strings and a.dest != "help"]
+    assert len(actions) >= 15
+    assert [a.option_strings[0] for a in actions if not (a.help or "").strip()] == []
+
+
 RESULTS = pathlib.Path(__file__).parent.parent / "benchmarks" / "results"
 
 
