@@ -330,6 +330,8 @@ def _declare_kernel_options() -> dict:
         "FP32_PRODUCTS": (("ieee", "tf32x3"), "how fp32 products are computed under matmul precision 'highest'"),
         "USE_TMA": ("flag", "load K/V tiles through tensor descriptors (Hopper)"),
         "REVERSE_Q_ORDER": ("flag", "heaviest query tiles first (default on)"),
+        "LINEAR_SCORE": ("flag", "forward without a score_mod: the running row max taken on the raw products, "
+                                 "scaled once (default on; 0 scales every score first)"),
         "num_warps": ("warps", "warps of every pass"),
         "num_stages": ("count", "pipeline stages of every pass"),
         "HEAD_GROUP": ("group", "heads per group of the grid order, every pass"),

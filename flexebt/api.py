@@ -116,7 +116,7 @@ def _backend_for(fn: str, kernel_options, tensors, value) -> str:
     except that torch.func compositions the kernels' Functions do not cover take the reference
     (backends.composition_needs_reference; not decided while torch.compile traces)."""
     q = tensors[0]
-    backend = resolve_backend(kernel_options, q.device, fn, has_kernels=True, dtype=q.dtype,
+    backend = resolve_backend(kernel_options, q.device, fn, dtype=q.dtype,
                               head_dim=max(q.shape[-1], value.shape[-1]))
     if backend == "TRITON" and not torch.compiler.is_compiling() and composition_needs_reference(fn, tensors):
         backend = "REFERENCE"

@@ -269,7 +269,7 @@ class AttentionBackward(torch.autograd.Function):
         ins, outs, buffers = list(saved[:n]), list(saved[n:n + m]), saved[n + 2 * m:]
         cts = [c if has else None for c, has in zip(saved[n + m:n + 2 * m], ctx.has_ct)]
         gcts, gbuf_cts = gouts[:n], gouts[n:]
-        if _fused_double_backward(call.plan, buffers):
+        if _fused_double_backward(buffers):
             # Fused double-backward kernels (O(S) memory), captured tensors' terms included.
             res = AttentionDoubleBackward.apply(call, *ins, *cts, *_zeros_for_none(gcts, ins), *outs, *buffers,
                                                 *gbuf_cts)
@@ -284,14 +284,13 @@ class AttentionBackward(torch.autograd.Function):
         return (None, *g_ins, *([None] * m), *g_cts, *g_bufs)
 
 
-def _fused_double_backward(plan: AttentionPlan, buffers) -> bool:
+def _fused_double_backward(buffers) -> bool:
     """The fused double-backward kernels serve every score_mod the codegen accepts, captured
     tensors with gradients included.  Their own backward (third order) is autograd through the
     dense reference, which has no captured-tensor terms: when a captured tensor needs a gradient
     and this double backward builds a graph (create_graph=True), the reference double backward
     runs instead."""
-    return all(p.kern.fused_second_order for p in plan.passes) and not (
-        torch.is_grad_enabled() and any(b.requires_grad for b in buffers))
+    return not (torch.is_grad_enabled() and any(b.requires_grad for b in buffers))
 
 
 class AttentionDoubleBackward(torch.autograd.Function):

@@ -47,22 +47,17 @@ def _triton_available() -> bool:
     return _TRITON
 
 
-def resolve_backend(kernel_options: Optional[dict], device: torch.device, fn: str, has_kernels: bool = False,
+def resolve_backend(kernel_options: Optional[dict], device: torch.device, fn: str,
                     dtype: Optional[torch.dtype] = None, head_dim: int = 0) -> str:
-    """``"REFERENCE"`` or ``"TRITON"`` for a call on ``device``.
-
-    ``has_kernels`` says whether this function has Triton kernels (without them ``AUTO`` takes the
-    reference and ``TRITON`` raises).
-    """
+    """``"REFERENCE"`` or ``"TRITON"`` for a call on ``device``: ``AUTO`` takes the kernels on CUDA
+    for the dtypes and head dims they cover, the reference otherwise; ``TRITON`` says why it
+    cannot run where it cannot."""
     backend = requested_backend(kernel_options)
-    kernel_ok = has_kernels and dtype != torch.float64 and head_dim <= MAX_HEAD_DIM
+    kernel_ok = dtype != torch.float64 and head_dim <= MAX_HEAD_DIM
     if backend == "AUTO":
         return "TRITON" if (device.type == "cuda" and kernel_ok and _triton_available()) else "REFERENCE"
     if backend == "REFERENCE":
         return "REFERENCE"
-    if not has_kernels:
-        raise NotImplementedError(
-            f"{fn}: the Triton backend is not available yet for this function; use BACKEND='REFERENCE' or 'AUTO'.")
     if dtype == torch.float64:
         raise ValueError(f"{fn}: the Triton kernels take float16, bfloat16 or float32; float64 runs on "
                          f"BACKEND='REFERENCE' (or 'AUTO').")

@@ -36,12 +36,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import runtime
 from .codegen.source import get_kernels, position_extents, prepare_captured
 from .codegen.identity import Buffers, captured_tensors, resolve
 from .kernels.flex import BlockTables, tables_from_block_mask
 from .kernels.plan import AttentionPlan, KernelPass, plan_backward, plan_double_backward, plan_forward
 
-_REGISTRY: dict = {}  # key -> ModKernels; read by the ops (outside the trace), never by traced code
+# runtime.compiled: key -> ModKernels, read by the ops (outside the trace), never by traced code;
+# pinned, because compiled graphs name the keys
 _THIS = sys.modules[__name__]
 
 
@@ -49,15 +51,12 @@ def _stash(key: str, make) -> str:
     """Keep ``make()`` as an attribute of this module, once per ``key``; return the attribute's name.
     Traced code reads it with ``getattr(_THIS, name)``: dynamo reads module attributes when it
     meets them, where a dict it has already read keeps the entries it saw then."""
-    name = _STASHED.get(key)
+    name = runtime.stashed.get(key)
     if name is None:
-        name = f"_stashed_{len(_STASHED)}"
+        name = f"_stashed_{len(runtime.stashed)}"
         setattr(_THIS, name, make())
-        _STASHED[key] = name
+        runtime.stashed.put(key, name)
     return name
-
-
-_STASHED: dict = {}
 
 
 def _parts(mod) -> tuple:
@@ -103,7 +102,7 @@ def _kernel_parts(score_fn, score_obj, mask_fn, mask_obj, frame_mask: bool) -> t
     mask = captured_tensors(mask_mod, guards=True) if mask_mod is not None else Buffers()
     paths = tuple(("score", b.steps) for b in score) + tuple(("mask", b.steps) for b in mask)
     guards = (score.guards, mask.guards)
-    _REGISTRY.setdefault(key, kern)
+    runtime.compiled.setdefault(key, kern)
     return key, paths, tuple(sorted(kern.grad_slots)), tuple(sorted(kern.positional)), kern.name, guards
 
 
@@ -182,8 +181,8 @@ def _plan_of(layout: str, aux: list) -> AttentionPlan:
         keep = None
         if own is not None:
             keep, own_at = aux[own_at], own_at + 1
-        built.append(KernelPass(q, k, v, rows, _REGISTRY[key], _tables_from_list(aux[8 * i:8 * i + 8], sq, skv, full),
-                                buf, q_off, own, keep))
+        tables = _tables_from_list(aux[8 * i:8 * i + 8], sq, skv, full)
+        built.append(KernelPass(q, k, v, rows, runtime.compiled.get(key), tables, buf, q_off, own, keep))
     return AttentionPlan(tuple(built), n_inputs, n_rows)
 
 
@@ -263,7 +262,7 @@ def attention_backward_op(layout: str, meta: str, ins: list[Tensor], outs: list[
 def _buffer_grad_fakes(layout: str, buffers: list) -> list:
     slots = set()
     for p in _parse(layout)[2]:
-        slots.update(p[8][0] + s for s in _REGISTRY[p[4]].grad_slots)
+        slots.update(p[8][0] + s for s in runtime.compiled.get(p[4]).grad_slots)
     return [b.new_empty(b.shape) if i in slots else b.new_empty(0) for i, b in enumerate(buffers)]
 
 

@@ -53,8 +53,9 @@ def test_triton_rejects_float64_and_huge_head_dims(monkeypatch):
 def test_auto_picks_reference_on_cpu(monkeypatch):
     from flexebt.backends import resolve_backend
 
-    assert resolve_backend(None, torch.device("cpu"), "f", has_kernels=True, dtype=torch.float32) == "REFERENCE"
-    assert resolve_backend(None, torch.device("cuda"), "f", has_kernels=False, dtype=torch.float32) == "REFERENCE"
+    assert resolve_backend(None, torch.device("cpu"), "f", dtype=torch.float32) == "REFERENCE"
+    assert resolve_backend(None, torch.device("cuda"), "f", dtype=torch.float64) == "REFERENCE"
+    assert resolve_backend(None, torch.device("cuda"), "f", dtype=torch.float32, head_dim=512) == "REFERENCE"
 
 
 def test_import_does_not_load_the_compiler():

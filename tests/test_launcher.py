@@ -114,8 +114,9 @@ def test_a_new_kernel_object_with_a_reused_id_is_not_confused(monkeypatch):
     x = torch.zeros(64)
     _launch(k, x)
     other = FakeKernel()
-    key = next(iter(fl._entries))
-    fl._entries[(id(other),) + key[1:]] = fl._entries.pop(key)  # as if `other` took k's id
+    entries = fl.store._entries
+    key = next(iter(entries))
+    entries[(id(other),) + key[1:]] = entries.pop(key)  # as if `other` took k's id
     _launch(other, x)
     assert len(other.jit_calls) == 1 and not other.fast_calls and not k.fast_calls
 

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repository root
 import flexebt  # noqa: E402
-from flexebt import masks, mods  # noqa: E402
+from flexebt import masks, mods, runtime  # noqa: E402
 from flexebt.kernels import flex as flex_kernels  # noqa: E402
 
 _LOG: list = []
@@ -30,8 +30,8 @@ def _timed_launch(original):
         t0 = time.perf_counter()
         original(kernel, plan, args, spec, options, device)
         torch.cuda.synchronize()
-        _, _, cfg, key = spec()  # the pass's planned tiles; _WORKING has what ran if they did not fit
-        ran = flex_kernels._WORKING.get((id(kernel), key, cfg), cfg)
+        _, _, cfg, key = spec()  # the pass's planned tiles; runtime.tile_fits has what ran if they did not fit
+        ran = runtime.tile_fits.get((id(kernel), key, cfg), kernel, default=cfg)
         _LOG.append((kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), ran, time.perf_counter() - t0))
     return launch
 

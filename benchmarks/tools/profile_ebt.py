@@ -55,8 +55,8 @@ def main():
     p.add_argument("--S", type=int, default=1024)
     p.add_argument("--D", type=int, default=64)
     p.add_argument("--floor", action="store_true", help="time 2 x SDPA causal under each SDPA backend")
-    p.add_argument("--ab", default="", help="A/B one kernel option, 'KEY=v1,v2' (LINEAR_SCORE: the forward's "
-                   "raw-max path, switched in the launcher)")
+    p.add_argument("--ab", default="", help="A/B one kernel option, 'KEY=v1,v2' (e.g. LINEAR_SCORE=1,0: the forward's "
+                   "raw-max path)")
     p.add_argument("--options", default="", help="kernel_options for every flexebt run, 'KEY=int,...'")
     p.add_argument("--sweep", default="", help="kernel_options sets timed one after the other (plus the defaults), "
                    "';'-separated, each 'KEY=int,...' (e.g. 'BLOCK_M1=64,BLOCK_N1=128,dkdv_num_warps=8')")
@@ -71,18 +71,12 @@ def main():
     if a.floor:
         floor(x)
     if a.ab:
-        from flexebt.kernels import flex as flex_mod
-
-        linear_default = flex_mod._linear_score
         key, values = a.ab.split("=")
         for val in [int(v) for v in values.split(",")] * 2:  # twice, interleaved
             opts = dict(base, **{key: val})
-            if key == "LINEAR_SCORE":
-                flex_mod._linear_score = linear_default if val else (lambda kern, scale: False)
             f = lambda: flexebt.flex_ebt_attention(*x, block_mask=bm, kernel_options=opts)  # noqa: E731
             t = {mode: timed(f, mode, x)[0] for mode in a.modes.split(",")}
             print(f"  flexebt {key}={val}: " + ", ".join(f"{m} {ms:.3f} ms" for m, ms in t.items()), flush=True)
-        flex_mod._linear_score = linear_default
     if a.sweep:
         for text in [""] + a.sweep.split(";"):
             opts = dict(base, **{k: int(v) for k, v in (x.split("=") for x in text.split(",") if x)})

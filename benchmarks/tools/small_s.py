@@ -22,6 +22,7 @@ import triton.testing
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repository root
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # benchmarks/
 import flexebt  # noqa: E402
+from flexebt import runtime  # noqa: E402
 from bench import b2_variant  # noqa: E402
 
 warnings.simplefilter("ignore")
@@ -75,8 +76,9 @@ def launch_breakdown(fwd_bwd, n=200):
         kf._launch = real
     for kernel, plan, args, spec, options, device in seen:
         order, kwargs, cfg, key = spec()
-        cfg = kf._WORKING.get((id(kernel), key, cfg), cfg)
-        group = kf.head_group(order, cfg, options, device, kf._RESIDENT.get((id(kernel), key, cfg), 2))
+        cfg = runtime.tile_fits.get((id(kernel), key, cfg), kernel, default=cfg)
+        group = kf.head_group(order, cfg, options, device,
+                              runtime.residency.get((id(kernel), key, cfg), kernel, default=2))
         grid = (order.tiles(cfg) * order.n_bh,)
         tma = kwargs.get("USE_TMA", False)
         kw = dict(kwargs, HEAD_GROUP=group, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps,

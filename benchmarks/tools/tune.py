@@ -18,7 +18,6 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repository root
 import flexebt  # noqa: E402
 from flexebt.codegen.source import kernels_and_buffers, position_extents  # noqa: E402
-from flexebt.kernels import flex as flex_mod  # noqa: E402
 from flexebt.kernels.flex import flex_forward, tables_from_block_mask  # noqa: E402
 from flexebt.kernels.plan import plan_backward, single_stream_plan  # noqa: E402
 
@@ -61,7 +60,6 @@ def main():
         global FWD, DQ, DKDV
         FWD = DQ = DKDV = [tuple(int(x) for x in c.split(",")) for c in a.configs.split(";")]
     dtype = getattr(torch, a.dtype)
-    linear_default = flex_mod._linear_score
     bench = lambda f: triton.testing.do_bench(f, warmup=20, rep=60, return_mode="median")  # noqa: E731
     for D, S in itertools.product([int(x) for x in a.dims.split(",")], [int(x) for x in a.S.split(",")]):
         torch._dynamo.reset()
@@ -96,13 +94,9 @@ def main():
             key, values = a.ab.split("=")
             for val in [int(x) for x in values.split(",")] * 2:  # twice, interleaved
                 o = dict(base, **{key: val})
-                if key == "LINEAR_SCORE":  # not a kernel option: the launcher decides it
-                    flex_mod._linear_score = (lambda kern, scale: kern.traced_score is None and scale > 0) if val \
-                        else (lambda kern, scale: False)
                 tf = bench(lambda: flex_forward(kern, q, k, v, scale, tables, bufs, o))
                 tb = bench(lambda: backward(o))
                 print(f"  {key}={val}: fwd {tf:.3f} ms, bwd {tb:.3f} ms, fwd+bwd {tf + tb:.3f} ms", flush=True)
-            flex_mod._linear_score = linear_default
             continue
         for m, n, w, st in (FWD if "fwd" in a.passes else []):
             opts = dict(base, BLOCK_M=m, BLOCK_N=n, fwd_num_warps=w, fwd_num_stages=st)

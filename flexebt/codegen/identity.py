@@ -37,6 +37,8 @@ from typing import Callable
 
 import torch
 
+from .. import runtime
+
 _Module = torch.nn.Module
 _CONTAINERS = (torch.nn.ModuleList, torch.nn.ParameterList, torch.nn.ParameterDict, torch.nn.ModuleDict,
                torch.nn.Sequential)
@@ -101,13 +103,10 @@ def _is_library(modname) -> bool:
     return isinstance(modname, str) and modname.partition(".")[0] in _LIBRARY
 
 
-_CODE_NAMES: dict = {}
-
-
 def _code_names(code: types.CodeType):
     """Names a code object can read as globals or attributes (nested code and identifier-like
     string constants included), or ``_ALL`` if it can read them by computed name."""
-    hit = _CODE_NAMES.get(code)
+    hit = runtime.code_names.get(code)
     if hit is None:
         names, stack = set(), [code]
         while stack:
@@ -118,8 +117,7 @@ def _code_names(code: types.CodeType):
                     stack.append(k)
                 elif isinstance(k, str) and k.isidentifier():
                     names.add(k)
-        hit = _ALL if names & _DYNAMIC else tuple(sorted(names))
-        _CODE_NAMES[code] = hit
+        hit = runtime.code_names.put(code, _ALL if names & _DYNAMIC else tuple(sorted(names)))
     return hit
 
 
@@ -190,15 +188,12 @@ def _union(a, b):
     return a + tuple(extra) if extra else a
 
 
-_USER_MRO: dict = {}
-
-
 def _user_mro(cls) -> tuple:
     """The classes of ``cls.__mro__`` defined outside the library packages (cached per class)."""
-    hit = _USER_MRO.get(cls)
-    if hit is None or hit[0] is not cls.__mro__:
-        hit = _USER_MRO[cls] = (cls.__mro__, tuple(k for k in cls.__mro__ if not _is_library(k.__module__)))
-    return hit[1]
+    hit = runtime.user_classes.get(cls, cls.__mro__)  # a class whose bases were reassigned is looked at again
+    if hit is None:
+        hit = runtime.user_classes.put(cls, tuple(k for k in cls.__mro__ if not _is_library(k.__module__)), cls.__mro__)
+    return hit
 
 
 def _class_attr(cls, name):

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .. import runtime
 from .emit import Emitter
 from .identity import describe, fingerprint, wide_offsets
 from .trace import TracedMod, trace_mask_mod, trace_score_mod
@@ -38,7 +39,6 @@ class ModKernels:
     grad_slots: list[int]          # buffer slots whose gradient the kernels accumulate
     internal: dict[int, torch.Tensor]  # slots of tensors created inside the mod at trace time
     gathers: bool = False          # the score_mod loads from a captured tensor (tile choice)
-    fused_second_order: bool = True  # double-backward kernels apply (all score_mods the codegen accepts)
     positional: frozenset = frozenset()  # (slot, dim, position name): dims indexed by a bare position
     name: str = "mod"
 
@@ -97,9 +97,6 @@ def _overlapping(t: torch.Tensor) -> bool:
     return False
 
 
-_CACHE: dict = {}
-
-
 def cache_dir() -> pathlib.Path:
     d = pathlib.Path(os.environ.get("FLEXEBT_CACHE_DIR", pathlib.Path.home() / ".cache" / "flexebt")) / "kernels"
     d.mkdir(parents=True, exist_ok=True)
@@ -133,12 +130,12 @@ def kernels_and_buffers(template: str, score_mod: Optional[Callable], mask_mod: 
 
 def _kernels(template: str, score_key, mask_key, score_mod, mask_mod, frame_mask: bool) -> ModKernels:
     key = (template, score_key, mask_key, _interpret(), frame_mask)
-    hit = _CACHE.get(key)
+    hit = runtime.kernels.get(key)
     if hit is None:
         # Building traces the mods with make_fx and autograd. That is code generation, not part of
         # the caller's math, so it runs on a worker thread: torch.func transforms, no_grad,
         # inference_mode and autocast are thread-local and do not follow it there.
-        hit = _CACHE[key] = run_on_builder(_build, template, score_mod, mask_mod, frame_mask)
+        hit = runtime.kernels.put(key, run_on_builder(_build, template, score_mod, mask_mod, frame_mask))
     return hit
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from .. import runtime
 from ..codegen.source import ModKernels, kernels_and_buffers, position_extents
 from .flex import BlockTables, tables_from_block_mask
 from .plan import AttentionPlan, KernelPass
@@ -30,9 +31,6 @@ def ebt_plan(kern: ModKernels, tables_o: BlockTables, tables_p: BlockTables, own
                          6, 2)
 
 
-_STRUCTURE: dict = {}
-
-
 def _keep_all(b, h, q_idx, kv_idx):
     return q_idx >= 0
 
@@ -46,12 +44,11 @@ def structure_mask(S_o: int, S_p: int, device):
     from ..codegen.source import run_on_builder
 
     key = (S_o, S_p, str(device))
-    if key not in _STRUCTURE:
-        _STRUCTURE[key] = run_on_builder(create_ebt_block_mask, _keep_all, None, None, S_o, S_p, device=device)
-    return _STRUCTURE[key]
-
-
-_PLANS: dict = {}  # (ids, shapes) -> (block_mask, score_mod, AttentionPlan); identity-checked, small
+    hit = runtime.structures.get(key)
+    if hit is None:
+        hit = runtime.structures.put(key, run_on_builder(create_ebt_block_mask, _keep_all, None, None, S_o, S_p,
+                                                         device=device))
+    return hit
 
 
 def plan(score_mod, block_mask, B: int, H: int, S_o: int, S_p: int, device) -> tuple:
@@ -66,17 +63,14 @@ def plan(score_mod, block_mask, B: int, H: int, S_o: int, S_p: int, device) -> t
     # the kernel lookup runs every call: what the mods read (globals, attributes) may have changed
     kern, buffers = kernels_and_buffers("flex_attention", score_mod, block_mask.mask_mod,
                                         _frame_extents(B, H, S_o, S_p), frame_mask=True)
-    hit = _PLANS.get(key)
-    if hit is not None and hit[0] is block_mask and hit[1] is score_mod and hit[2].passes[0].kern is kern \
-            and hit[2].passes[0].buffers[1] == len(buffers):
-        return hit[2], buffers
+    hit = runtime.plans.get(key, block_mask, score_mod)
+    if hit is not None and hit.passes[0].kern is kern and hit.passes[0].buffers[1] == len(buffers):
+        return hit, buffers
     tables_o = tables_from_block_mask(block_mask.observed, S_o, S_o, device)
     tables_p = tables_from_block_mask(block_mask.predicted, S_p, S_o, device)
     keep = block_mask.own_keep_for(B, H)  # evaluated once, when the mask was made
     fresh = ebt_plan(kern, tables_o, tables_p, keep, S_o - S_p + 1, len(buffers))
-    if len(_PLANS) > 64:
-        _PLANS.clear()
-    _PLANS[key] = (block_mask, score_mod, fresh)
+    runtime.plans.put(key, fresh, block_mask, score_mod)
     return fresh, buffers
 
 

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import runtime
 from ..codegen.source import ModKernels
 from .configs import MIN_TILE, flex_config, interpreting
 from .grid import DEFAULT_RESIDENT, GridOrder, device_index, head_group, resident_programs
@@ -90,27 +91,18 @@ def tables_from_block_mask(block_mask, Sq: int, Skv: int, device) -> BlockTables
         sparse_q=bq, sparse_kv=bkv, has_full=has_full, mask_mod=block_mask.mask_mod)
 
 
-_TABLES: dict = {}  # (id(block_mask), Sq, Skv, device) -> (block_mask, tables); identity-checked, small
-
-
 def cached_tables(block_mask, Sq: int, Skv: int, device) -> BlockTables:
     """tables_from_block_mask, converted once per block mask and lengths: a training loop calls
     attention with the same mask every step, and the conversion (eight int32 copies, or the
     all-full tables) costs more host time than the launch itself at small sizes."""
     key = (id(block_mask), Sq, Skv, str(device))
-    hit = _TABLES.get(key)
-    if hit is not None and hit[0] is block_mask:
-        return hit[1]
-    tables = tables_from_block_mask(block_mask, Sq, Skv, device)
-    if len(_TABLES) > 64:
-        _TABLES.clear()
-    _TABLES[key] = (block_mask, tables)
-    return tables
+    hit = runtime.tables.get(key, block_mask)
+    if hit is None:
+        hit = runtime.tables.put(key, tables_from_block_mask(block_mask, Sq, Skv, device), block_mask)
+    return hit
 
 
-_WORKING: dict = {}  # (kernel, shape key, requested config) -> config that fit in shared memory
-_RESIDENT: dict = {}  # (kernel, shape key, config) -> programs per SM of the compiled kernel
-_FAST = FastLaunches()  # launches seen before, re-issued without Triton's binding
+_FAST = FastLaunches(store=runtime.launches)  # launches seen before, re-issued without Triton's binding
 
 
 def _tensor_key(t: Optional[Tensor]):
@@ -155,10 +147,10 @@ def _launch(kernel, plan: tuple, args, spec, options: Optional[dict], device):
 
     order, kwargs, cfg, key = spec()
     want = (id(kernel), key, cfg)
-    cfg = _WORKING.get(want, cfg)
+    cfg = runtime.tile_fits.get(want, kernel, default=cfg)
     while True:
         try:
-            resident = _RESIDENT.get((id(kernel), key, cfg), DEFAULT_RESIDENT)
+            resident = runtime.residency.get((id(kernel), key, cfg), kernel, default=DEFAULT_RESIDENT)
             group = head_group(order, cfg, options, device, resident)
             # args may depend on the tiles (tensor descriptors carry their block shape)
             tma = kwargs.get("USE_TMA", False)
@@ -168,9 +160,9 @@ def _launch(kernel, plan: tuple, args, spec, options: Optional[dict], device):
             compiled = kernel[(grid,)](*a, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **kw)
             if fast and not interpreting():
                 _FAST.remember((id(kernel), plan), kernel, compiled, grid, a, kw, (cfg, tma))
-            _WORKING[want] = cfg
-            if (id(kernel), key, cfg) not in _RESIDENT:
-                _RESIDENT[(id(kernel), key, cfg)] = resident_programs(compiled, cfg.num_warps, device)
+            runtime.tile_fits.put(want, cfg, kernel)
+            if runtime.residency.get((id(kernel), key, cfg), kernel) is None:
+                runtime.residency.put((id(kernel), key, cfg), resident_programs(compiled, cfg.num_warps, device), kernel)
             _check_indices(kernel, device)
             return
         except OutOfResources:
@@ -183,13 +175,11 @@ def _launch(kernel, plan: tuple, args, spec, options: Optional[dict], device):
                 raise
 
 
-_INDEX_FLAGS: dict = {}  # device -> int32 [1]: 1 while every load of a captured tensor was in range
-
-
 def index_flag(device) -> Tensor:
-    flag = _INDEX_FLAGS.get(device)
+    """The int32 [1] flag of ``device``: 1 while every load of a captured tensor was in range."""
+    flag = runtime.index_flags.get(device)
     if flag is None:
-        flag = _INDEX_FLAGS[device] = torch.ones(1, dtype=torch.int32, device=device)
+        flag = runtime.index_flags.put(device, torch.ones(1, dtype=torch.int32, device=device))
     return flag
 
 
@@ -299,10 +289,10 @@ class OwnKeys:
     keep: Tensor  # int8 [B, H, Sq]
 
 
-def _linear_score(kern: ModKernels, scale: float) -> bool:
+def _linear_score(kern: ModKernels, scale: float, options: Optional[dict]) -> bool:
     """No score_mod and a positive scale: the forward takes its row max on the raw products
-    (template comment in _fwd_tile)."""
-    return kern.traced_score is None and scale > 0
+    (template comment in _fwd_tile), unless kernel_options["LINEAR_SCORE"] is 0."""
+    return kern.traced_score is None and scale > 0 and bool((options or {}).get("LINEAR_SCORE", 1))
 
 
 # A first-order pass smaller than this (B * H * Sq * Skv * D, the work of its products) loads through
@@ -392,7 +382,7 @@ def flex_forward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, scale: float
                 dict(D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), SPARSE_Q=tables.sparse_q,
                      SPARSE_KV=tables.sparse_kv, HAS_FULL=tables.has_full, EVEN=_even(Sq, Skv, tables),
                      REVERSE=_reverse(options), HAS_SELF=own is not None, USE_TMA=tma,
-                     LINEAR_SCORE=_linear_score(kern, scale), RETURN_MAX=return_max, **_precision(q.dtype, options)),
+                     LINEAR_SCORE=_linear_score(kern, scale, options), RETURN_MAX=return_max, **_precision(q.dtype, options)),
                 cfg, (D, DV, q.dtype, tma))
 
     plan = _plan_key("fwd", tables, options, (q_off, scale > 0, own is not None, return_max), (q, k, v, *own_in),

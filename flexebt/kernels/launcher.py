@@ -27,31 +27,32 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Optional
 
-MAX_ENTRIES = 4096  # launch plans remembered (cleared when full: shapes churn, kernels stay)
-
+from ..runtime import Store
 
 class FastLaunches:
     """Compiled-kernel launchers by launch plan key (see the module docstring)."""
 
-    def __init__(self, enabled: Optional[bool] = None):
+    def __init__(self, enabled: Optional[bool] = None, store: Optional[Store] = None):
         if enabled is None:
             enabled = os.environ.get("FLEXEBT_FAST_LAUNCH", "1") not in ("0", "")
         self.enabled = enabled
         self.device_type = "cuda"  # where launches take the path (tests point it at stand-in kernels on CPU)
         self.hits = 0  # launches re-issued (observability, tests)
-        self._entries: dict = {}
+        # (kernel id, plan key) -> (runner, tail, extra), kept for that very kernel object (an id can be
+        # reused once a kernel is freed); the process-wide one is flexebt.runtime.launches
+        self.store = store if store is not None else Store("launches", 4096)
 
     def lookup(self, key: tuple, kernel) -> Optional[tuple]:
         """``(runner, tail, extra)`` remembered for ``key`` and this very kernel object, else None.
         Call ``runner(*args, *tail)``."""
         try:
-            hit = self._entries.get(key)
+            hit = self.store.get(key, kernel)
         except TypeError:  # an unhashable kernel option: never fast
             return None
-        if hit is None or hit[0] is not kernel:  # (an id can be reused once a kernel is freed)
+        if hit is None:
             return None
         self.hits += 1
-        return hit[1:]
+        return hit
 
     def remember(self, key: tuple, kernel, compiled, grid: int, args: tuple, kwargs: dict, extra: Any = None,
                  binder: Optional[Callable[..., Any]] = None) -> None:
@@ -75,11 +76,9 @@ class FastLaunches:
             runner = compiled[(grid, 1, 1)]
         except Exception:  # Triton internals moved: stay correct, lose the speed
             self.enabled = False
-            self._entries.clear()
+            self.store.clear()
             return
-        if len(self._entries) >= MAX_ENTRIES:
-            self._entries.clear()
-        self._entries[key] = (kernel, runner, tail, extra)
+        self.store.put(key, (runner, tail, extra), kernel)
 
     def clear(self) -> None:
-        self._entries.clear()
+        self.store.clear()

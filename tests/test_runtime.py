@@ -1,0 +1,78 @@
+"""flexebt.runtime: what the library remembers between calls, under one rule (least recently used
+goes when a store is full; entries made for objects are found only for those very objects)."""
+
+import gc
+
+import torch
+
+import flexebt
+from flexebt import runtime
+from flexebt.runtime import Store
+
+from helpers import rel_err
+
+T = {"BACKEND": "TRITON"}
+R = {"BACKEND": "REFERENCE"}
+
+
+def test_least_recently_used_entry_goes_first():
+    s = Store("t", 2)
+    s.put("a", 1)
+    s.put("b", 2)
+    assert s.get("a") == 1  # a is now the most recent
+    s.put("c", 3)
+    assert "b" not in s and s.get("a") == 1 and s.get("c") == 3 and len(s) == 2
+    assert s.puts == 3
+
+
+def test_entries_for_objects_are_found_only_for_those_objects():
+    s = Store("t", 8)
+    owner = torch.zeros(1)
+    s.put(("key", id(owner)), "value", owner)
+    assert s.get(("key", id(owner)), owner) == "value"
+    other = torch.zeros(1)
+    assert s.get(("key", id(owner)), other) is None  # same key (as if the id were reused), another object
+    assert s.get(("key", id(owner)), other, default="miss") == "miss"
+    assert s.get(("key", id(owner))) is None  # made for an object: no hit without it
+
+
+def test_pinned_stores_survive_clear():
+    pinned, bounded = Store("p", None), Store("b", 4)
+    for i in range(10):
+        pinned.put(i, i)
+        bounded.put(i, i)
+    assert len(pinned) == 10 and len(bounded) == 4
+    pinned.clear()
+    bounded.clear()
+    assert len(pinned) == 10 and len(bounded) == 0
+    assert runtime.compiled.capacity is None and runtime.stashed.capacity is None
+
+
+def test_calls_after_clear_rebuild_what_they_need_and_agree():
+    x = torch.randn(1, 2, 21, 16)
+    bias = torch.randn(2, 21, 21)
+    sm = flexebt.mods.generate_bias_score_mod(bias)
+    bm = flexebt.create_block_mask(flexebt.masks.causal_mask, None, None, 21, 21, device="cpu", BLOCK_SIZE=16)
+    first = flexebt.flex_attention(x, x, x, score_mod=sm, block_mask=bm, kernel_options=T)
+    built = runtime.kernels.puts
+    runtime.clear()
+    gc.collect()
+    assert runtime.sizes()["kernels"] == 0 and runtime.sizes()["tables"] == 0
+    again = flexebt.flex_attention(x, x, x, score_mod=sm, block_mask=bm, kernel_options=T)
+    assert runtime.kernels.puts == built + 1  # generated again (from its source on disk)
+    assert torch.equal(first, again)
+    ref = flexebt.flex_attention(x.double(), x.double(), x.double(), score_mod=flexebt.mods.generate_bias_score_mod(
+        bias.double()), block_mask=bm, kernel_options=R)
+    assert rel_err(again, ref) < 1e-5
+
+
+def test_linear_score_option_gives_the_same_attention():
+    """kernel_options["LINEAR_SCORE"] = 0 turns off the forward's raw-max path (no score_mod):
+    same outputs and lse within fp32 rounding."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 37, 16, generator=g) for _ in range(3))
+    on, lse_on = flexebt.flex_attention(q, k, v, kernel_options=T, return_lse=True)
+    off, lse_off = flexebt.flex_attention(q, k, v, kernel_options={**T, "LINEAR_SCORE": 0}, return_lse=True)
+    ref, lse_ref = flexebt.flex_attention(q.double(), k.double(), v.double(), kernel_options=R, return_lse=True)
+    for a, b in ((on, ref), (off, ref), (lse_on, lse_ref), (lse_off, lse_ref)):
+        assert rel_err(a, b) < 1e-5
