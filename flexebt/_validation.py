@@ -321,9 +321,9 @@ def check_ebt_lengths(S_obs: int, S_pred: int) -> None:
 # kernel_options, declared once: name -> (kind, meaning).  Kinds: "tile" (a power of two >= 16 that
 # divides the block mask's blocks), "warps" (a power of two), "count" (an int >= 1), "group" (an
 # int; <= 0 means all heads), "flag" (bool or 0 / 1), or a tuple of the accepted strings.  The
-# tile keys and the per-pass keys follow the passes of kernels/configs.py (TILE_KEYS).
+# tile keys and the per-pass keys follow the passes of kernels/options.py (TILE_KEYS).
 def _declare_kernel_options() -> dict:
-    from .kernels.configs import TILE_KEYS
+    from .kernels.options import TILE_KEYS
 
     decl = {
         "BACKEND": (("AUTO", "TRITON", "REFERENCE"), "which implementation runs (also FLEXEBT_BACKEND)"),

@@ -15,6 +15,7 @@ from .blockmask import EBTBlockMask
 from .autograd import Attention, AttentionCall
 from .codegen.source import kernels_and_buffers, position_extents
 from .kernels.flex import cached_tables
+from .kernels.options import KernelOptions
 from .kernels.plan import single_stream_plan
 from .reference import ebt_attention_reference, flex_attention_reference, piecewise_attention_reference
 
@@ -138,8 +139,8 @@ def _flex_attention_triton(query, key, value, score_mod, block_mask, scale, kern
     def reference(q, k, v):
         return flex_attention_reference(q, k, v, score_mod, block_mask, scale)
 
-    call = AttentionCall(single_stream_plan(kernels, tables, len(buffers)), scale, kernel_options, reference,
-                         (score_mod,), return_max)
+    call = AttentionCall(single_stream_plan(kernels, tables, len(buffers)), scale, KernelOptions.of(kernel_options),
+                         reference, (score_mod,), return_max)
     return Attention.apply(call, query.contiguous(), key.contiguous(), value.contiguous(), *buffers)
 
 
@@ -266,7 +267,7 @@ def _flex_ebt_attention_triton(q_o, k_o, v_o, q_p, k_p, v_p, score_mod, block_ma
     def reference(*x):
         return ebt_attention_reference(*x, score_mod, block_mask, scale)
 
-    call = AttentionCall(pl, scale, kernel_options, reference, (score_mod,))
+    call = AttentionCall(pl, scale, KernelOptions.of(kernel_options), reference, (score_mod,))
     return Attention.apply(call, *[x.contiguous() for x in (q_o, k_o, v_o, q_p, k_p, v_p)], *buffers)
 
 

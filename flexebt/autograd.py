@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import types
+from collections.abc import Mapping
 from typing import Callable, Optional
 
 import torch
@@ -159,7 +160,7 @@ class AttentionCall:
 
     plan: AttentionPlan
     scale: float
-    options: Optional[dict]  # kernel_options (tile overrides)
+    options: Optional[Mapping]  # kernel_options as a KernelOptions (tile overrides), or None
     # (*inputs) -> outputs then lse: the dense math of the same call (reference/), which the
     # double backward falls back to where the fused kernels do not apply, and the third order
     # differentiates

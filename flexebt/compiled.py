@@ -40,6 +40,7 @@ from . import runtime
 from .codegen.source import get_kernels, position_extents, prepare_captured
 from .codegen.identity import Buffers, captured_tensors, resolve
 from .kernels.flex import BlockTables, tables_from_block_mask
+from .kernels.options import KernelOptions
 from .kernels.plan import AttentionPlan, KernelPass, plan_backward, plan_double_backward, plan_forward
 
 # runtime.compiled: key -> ModKernels, read by the ops (outside the trace), never by traced code;
@@ -122,12 +123,6 @@ def _captured(score_mod, mask_mod, call: tuple, extents: dict) -> list:
     return prepare_captured(tensors, extents, grad_slots, positional, name)
 
 
-def _options(text: str) -> dict:
-    """kernel_options travel through the op as "KEY=value;..." (a str argument); values are ints
-    except the few string-valued options (FP32_PRODUCTS)."""
-    return {k: int(v) if v.lstrip("-").isdigit() else v for k, v in (item.split("=") for item in text.split(";") if item)}
-
-
 def _tables_list(t: BlockTables) -> list[Tensor]:
     return [t.kv_num, t.kv_idx, t.full_kv_num, t.full_kv_idx, t.q_num, t.q_idx, t.full_q_num, t.full_q_idx]
 
@@ -186,23 +181,17 @@ def _plan_of(layout: str, aux: list) -> AttentionPlan:
     return AttentionPlan(tuple(built), n_inputs, n_rows)
 
 
-def _meta(scale: float, options: Optional[dict]) -> str:
-    """scale (exact, as float.hex), then the kernel options: one string, a constant of the graph."""
-    opts = ";".join(f"{k}={v if isinstance(v, str) else int(v)}"
-                    for k, v in sorted((options or {}).items()) if k != "BACKEND")
-    return f"{float(scale).hex()}|{opts}"
+def _meta(scale: float, options) -> str:
+    """scale (exact, as float.hex), then the kernel options (KernelOptions.encode): one string, a
+    constant of the graph."""
+    return f"{float(scale).hex()}|{KernelOptions.of(options).encode()}"
 
 
 @functools.lru_cache(maxsize=256)
-def _unmeta_cached(meta: str) -> tuple:
-    scale, opts = meta.split("|")
-    return float.fromhex(scale), tuple(sorted(_options(opts).items()))
-
-
 def _unmeta(meta: str) -> tuple:
-    """(scale, kernel options) of a meta string (parsed once per string; the ops run it every call)."""
-    scale, opts = _unmeta_cached(meta)
-    return scale, dict(opts)
+    """(scale, KernelOptions) of a meta string (parsed once per string; the ops run it every call)."""
+    scale, opts = meta.split("|")
+    return float.fromhex(scale), KernelOptions.decode(opts)
 
 
 def _dense(xs: list, likes: list) -> list:

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .autograd import Attention, AttentionCall
+from .kernels.options import KernelOptions
 from .kernels.plan import AttentionPlan, KernelPass
 
 _MASKS: "collections.OrderedDict" = collections.OrderedDict()  # a few recent (near, far) block-mask pairs
@@ -117,6 +118,6 @@ def piecewise_attention_kernels(q1, k1, q2, k2, v, dist_threshold, causal, scale
     def reference(*x):
         return piecewise_attention_reference(*x, dist_threshold, causal, scale, score_mod, block_mask)
 
-    call = AttentionCall(piecewise_plan(k_near, t_near, len(b_near), k_far, t_far, len(b_far)), scale, kernel_options,
-                         reference, (score_mod,))
+    call = AttentionCall(piecewise_plan(k_near, t_near, len(b_near), k_far, t_far, len(b_far)), scale,
+                         KernelOptions.of(kernel_options), reference, (score_mod,))
     return Attention.apply(call, *[x.contiguous() for x in (q1, k1, q2, k2, v)], *b_near, *b_far)

@@ -290,7 +290,7 @@ def test_size_dependent_defaults(monkeypatch):
     from flexebt.kernels.flex import TMA_MIN_WORK, _tma_pays
 
     fwd = lambda kv_len, options=None, tiles="bf16", D=128: configs._flex_config(  # noqa: E731
-        "fwd", D, 128, 128, tuple(sorted((options or {}).items())), False, tiles, False, False,
+        "fwd", D, 128, 128, configs.KernelOptions.of(options).for_pass("fwd"), False, tiles, False, False,
         0 < kv_len <= configs.SHORT_KV)
     short, long_ = fwd(configs.SHORT_KV), fwd(configs.SHORT_KV + 1)
     assert (short.BLOCK_M, short.BLOCK_N) == (64, 64) and short != long_

@@ -76,3 +76,40 @@ def test_linear_score_option_gives_the_same_attention():
     ref, lse_ref = flexebt.flex_attention(q.double(), k.double(), v.double(), kernel_options=R, return_lse=True)
     for a, b in ((on, ref), (off, ref), (lse_on, lse_ref), (lse_off, lse_ref)):
         assert rel_err(a, b) < 1e-5
+
+
+def test_kernel_options_resolve_once_into_a_frozen_hashable_value():
+    from flexebt.kernels.options import KernelOptions
+
+    given = {"BACKEND": "TRITON", "BLOCK_M1": 32, "num_warps": 2, "dkdv_num_warps": 8, "USE_TMA": True,
+             "FP32_PRODUCTS": "ieee", "HEAD_GROUP": 0}
+    o = KernelOptions.of(given)
+    assert "BACKEND" not in o and o["USE_TMA"] == 1 and o == KernelOptions.of(dict(given))
+    assert hash(o) == hash(KernelOptions.of({k: v for k, v in reversed(list(given.items()))}))
+    dkdv, fwd = o.for_pass("dkdv"), o.for_pass("fwd")
+    assert (dkdv.BLOCK_M, dkdv.BLOCK_N, dkdv.num_warps, dkdv.head_group) == (32, None, 8, 0)  # per-pass key wins
+    assert (fwd.BLOCK_M, fwd.num_warps, fwd.num_stages) == (None, 2, None)  # all-passes key
+    assert KernelOptions.decode(o.encode()) == o and KernelOptions.decode(o.encode())["FP32_PRODUCTS"] == "ieee"
+    assert KernelOptions.of(None) == KernelOptions.of({}) and not KernelOptions.of(None)
+    try:
+        o._items = ()
+    except AttributeError:
+        pass
+    else:
+        raise AssertionError("KernelOptions must be immutable")
+
+
+def test_tile_options_reach_the_launch():
+    """A per-pass tile option changes what the pass is planned with (and still computes the same)."""
+    from flexebt.kernels import configs
+
+    cfg = configs.flex_config("dkdv", 16, 128, 128, {"BLOCK_M1": 16, "BLOCK_N1": 32, "dkdv_num_stages": 1})
+    assert (cfg.BLOCK_M, cfg.BLOCK_N, cfg.num_stages) == (16, 32, 1)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=g, requires_grad=True) for _ in range(3))
+    outs = []
+    for opts in ({}, {"BLOCK_M1": 16, "BLOCK_N1": 16, "BLOCK_M2": 16, "num_warps": 2}):
+        out = flexebt.flex_attention(q, k, v, kernel_options={**T, **opts})
+        outs.append([out] + list(torch.autograd.grad(out.square().sum(), (q, k, v))))
+    for a, b in zip(*outs):
+        assert rel_err(a, b) < 1e-5

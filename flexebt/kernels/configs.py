@@ -10,6 +10,8 @@ import dataclasses
 import functools
 import os
 
+from .options import TILE_KEYS, KernelOptions, PassOptions  # noqa: F401  (TILE_KEYS: read from here too)
+
 
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
@@ -33,11 +35,6 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-# kernel_options keys that override a pass's tiles (torch flex_attention's names where it has them).
-# The double-backward and JVP passes walk the same loops as dq / dk-dv / fwd and share their keys.
-TILE_KEYS = {"fwd": ("BLOCK_M", "BLOCK_N"), "dq": ("BLOCK_M2", "BLOCK_N2"), "dkdv": ("BLOCK_M1", "BLOCK_N1"),
-             "dbwd_rows": ("BLOCK_M2", "BLOCK_N2"), "dbwd_dq": ("BLOCK_M2", "BLOCK_N2"),
-             "dbwd_dkdv": ("BLOCK_M1", "BLOCK_N1"), "jvp": ("BLOCK_M", "BLOCK_N")}
 
 
 def flex_config(pass_name: str, head_dim: int, sparse_q: int, sparse_kv: int, options=None,
@@ -46,31 +43,32 @@ def flex_config(pass_name: str, head_dim: int, sparse_q: int, sparse_kv: int, op
     by the float32 matmul precision, see ``_precision`` in kernels/flex.py); ``tma``: the pass
     loads its tiles through tensor descriptors (some passes prefer other tiles then); ``kv_len``:
     the keys' length, where short key loops prefer other tiles (0: not given)."""
-    key = tuple(sorted((k, v) for k, v in options.items() if k != "BACKEND")) if options else ()
+    asked = KernelOptions.of(options).for_pass(pass_name)
     short = 0 < kv_len <= SHORT_KV
-    return _flex_config(pass_name, head_dim, sparse_q, sparse_kv, key, gathers, tiles, interpreting(), tma, short)
+    return _flex_config(pass_name, head_dim, sparse_q, sparse_kv, asked, gathers, tiles, interpreting(), tma, short)
 
 
 @functools.lru_cache(maxsize=1024)
-def _flex_config(pass_name: str, head_dim: int, sparse_q: int, sparse_kv: int, option_items: tuple,
+def _flex_config(pass_name: str, head_dim: int, sparse_q: int, sparse_kv: int, asked: PassOptions,
                  gathers: bool, tiles: str, interp: bool, tma: bool = False, short_kv: bool = False) -> TileConfig:
     """Tiles of one pass of the single-stream family.
 
-    ``options`` (the call's kernel_options) may set the tiles (``BLOCK_M``/``BLOCK_N`` forward and
-    JVP, ``BLOCK_M2``/``BLOCK_N2`` dq and the double backward's row and dq passes,
-    ``BLOCK_M1``/``BLOCK_N1`` dk/dv and the double backward's dk/dv pass) and ``num_warps`` /
-    ``num_stages`` (all passes) or ``<pass>_num_warps`` / ``<pass>_num_stages``.
+    ``asked``: what the call's kernel_options set for this pass (options.KernelOptions.for_pass):
+    the tiles (``BLOCK_M``/``BLOCK_N`` forward and JVP, ``BLOCK_M2``/``BLOCK_N2`` dq and the double
+    backward's row and dq passes, ``BLOCK_M1``/``BLOCK_N1`` dk/dv and the double backward's dk/dv
+    pass) and ``num_warps`` / ``num_stages`` (all passes) or ``<pass>_num_warps`` /
+    ``<pass>_num_stages``.
     """
     cfg = _default_flex_config(pass_name, head_dim, sparse_q, sparse_kv, gathers, tiles, interp, tma, short_kv)
-    options = dict(option_items)
     km, kn = TILE_KEYS[pass_name]
-    m, n = options.get(km, cfg.BLOCK_M), options.get(kn, cfg.BLOCK_N)
+    m = cfg.BLOCK_M if asked.BLOCK_M is None else asked.BLOCK_M
+    n = cfg.BLOCK_N if asked.BLOCK_N is None else asked.BLOCK_N
     for key, tile, sparse in ((km, m, sparse_q), (kn, n, sparse_kv)):
         if tile < MIN_TILE or tile & (tile - 1) or sparse % tile:
             raise ValueError(f"kernel_options[{key!r}] = {tile} must be a power of two >= {MIN_TILE} dividing the "
                              f"block mask's block size {sparse}.")
-    warps = options.get(f"{pass_name}_num_warps", options.get("num_warps", cfg.num_warps))
-    stages = options.get(f"{pass_name}_num_stages", options.get("num_stages", cfg.num_stages))
+    warps = cfg.num_warps if asked.num_warps is None else asked.num_warps
+    stages = cfg.num_stages if asked.num_stages is None else asked.num_stages
     return TileConfig(m, n, warps, stages)
 
 

@@ -12,6 +12,7 @@ from torch import Tensor
 from .. import runtime
 from ..codegen.source import ModKernels
 from .configs import MIN_TILE, flex_config, interpreting
+from .options import KernelOptions
 from .grid import DEFAULT_RESIDENT, GridOrder, device_index, head_group, resident_programs
 from .launcher import FastLaunches
 
@@ -120,7 +121,7 @@ def _plan_key(name: str, tables: BlockTables, options: Optional[dict], flags: tu
     these, and every other tensor argument is allocated by the pass."""
     t0 = tensors[0]
     fp32 = torch.get_float32_matmul_precision() if t0.dtype == torch.float32 else None
-    return (name, flags, tables.layout, tuple(sorted(options.items())) if options else None, fp32, t0.device,
+    return (name, flags, tables.layout, KernelOptions.of(options), fp32, t0.device,
             tuple(map(_tensor_key, tensors)),
             tuple(_tensor_key(x) if isinstance(x, Tensor) else x for x in extra) if extra else None)
 

@@ -28,6 +28,8 @@ from typing import Optional
 
 import torch
 
+from .options import KernelOptions
+
 DEFAULT_RESIDENT = 2  # programs per SM assumed before a kernel's first launch has been seen
 
 
@@ -68,8 +70,7 @@ def head_group(order: GridOrder, cfg, options: Optional[dict], device: torch.dev
     """Heads per group: at most enough tiles to fill one wave of ``resident`` programs on every
     SM and no more heads than half the L2 holds, a divisor of the head count; 1 (the plain order)
     off CUDA."""
-    o = options or {}
-    asked = o.get(f"{order.which}_head_group", o.get("HEAD_GROUP"))
+    asked = KernelOptions.of(options).for_pass(order.which).head_group
     if asked is not None:
         asked = int(asked)
         return order.n_bh if asked <= 0 else min(asked, order.n_bh)
