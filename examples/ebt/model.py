@@ -55,7 +55,8 @@ class CharEBT(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
         self.energy_head = nn.Linear(dim, 1)
-        self.log_step = nn.Parameter(torch.tensor(float(step_size)).log())  # learned MCMC step size
+        # learned MCMC step size (one element, not a scalar: FSDP2 shards 1-d and larger parameters only)
+        self.log_step = nn.Parameter(torch.tensor([float(step_size)]).log())
         self.init_logits = nn.Parameter(torch.zeros(vocab))  # the uninformed first candidate, learned
         self.mcmc_steps = mcmc_steps
         self.context = context

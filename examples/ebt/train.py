@@ -3,6 +3,7 @@
     python examples/ebt/train.py                 # CPU: about 2 minutes (12-14 steps/s on a 2-core CPU)
     python examples/ebt/train.py --device cuda   # the same code on a GPU (fused Triton kernels)
     python examples/ebt/train.py --device cuda --compile   # the training loss under torch.compile
+    torchrun --nproc-per-node 2 examples/ebt/train.py --dist ddp   # data parallel (gloo on CPU, NCCL on CUDA)
 
 Every training step differentiates the energy with create_graph=True and back-propagates the
 loss through those gradients: second-order gradients through every attention layer. A progress
@@ -79,8 +80,20 @@ def main(argv=None):
     p.add_argument("--eval-every", type=int, default=100, help="steps between energy measurements on a held batch")
     p.add_argument("--plot", default="ebt_training.png",
                    help="where to save the loss and energy curves (PNG; needs matplotlib); '' for none")
+    p.add_argument("--dist", default="none", choices=["none", "ddp", "fsdp2"],
+                   help="data parallel under torchrun: ddp (each process takes --batch sequences; see "
+                        "examples/ebt/distributed.py for what the second-order step needs); fsdp2 is refused for now")
     a = p.parse_args(argv)
-    torch.manual_seed(a.seed)
+    rank, world = 0, 1
+    if a.dist == "fsdp2":
+        raise SystemExit("--dist fsdp2: FSDP2 does not run the EBT step correctly yet -- its hooks end a backward at "
+                         "the inner autograd.grad(create_graph=True) (see examples/ebt/distributed.py); use --dist ddp.")
+    if a.dist == "ddp":
+        from distributed import init_from_env, wrap_ddp
+
+        rank, world, device = init_from_env(a.device)
+        a.device = str(device)
+    torch.manual_seed(a.seed)  # the same initial model in every process
 
     text = open(TEXT).read()
     chars = sorted(set(text))
@@ -88,31 +101,39 @@ def main(argv=None):
     model = CharEBT(len(chars), a.context, dim=a.dim, layers=a.layers, mcmc_steps=a.mcmc_steps).to(a.device)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr)
     loss_fn = model.loss
+    if a.dist == "ddp":
+        loss_fn = wrap_ddp(model, torch.device(a.device))  # its forward is the loss; backward all-reduces
     if a.compile:
         # autograd.grad(create_graph=True) inside a compiled function needs this switch (torch >= 2.11);
         # flexebt's attention enters the graph as custom ops whose backward is itself differentiable
         torch._dynamo.config.trace_autograd_ops = True
         model.block_mask(a.context, a.device)  # the EBT block mask, made once and reused by every step
         compiled = torch.compile(model.loss, fullgraph=True, backend=a.compile_backend, mode=a.compile_mode)
+        if a.dist == "ddp":
+            loss_fn.module.model.loss = compiled  # DDP's forward calls the compiled loss
 
-        def loss_fn(x, y):
+        def step_loss(x, y, run=loss_fn if a.dist == "ddp" else compiled):
             if a.compile_mode == "reduce-overhead":
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are done with
-            return compiled(x, y)
+            return run(x, y)
+        loss_fn = step_loss
+
+    gen = torch.Generator().manual_seed(a.seed * 1000 + 1 + rank)  # each process its own batches
 
     def batch():
-        starts = torch.randint(0, len(data) - a.context - 1, (a.batch,))
+        starts = torch.randint(0, len(data) - a.context - 1, (a.batch,), generator=gen)
         x = torch.stack([data[s:s + a.context] for s in starts]).to(a.device)
         y = torch.stack([data[s + 1:s + a.context + 1] for s in starts]).to(a.device)
         return x, y
 
-    print(f"{len(text)} characters, vocab {len(chars)}, {sum(p.numel() for p in model.parameters())} parameters; "
-          f"uniform guess = {math.log(len(chars)):.3f} nats")
+    say = print if rank == 0 else (lambda *args, **kwargs: None)
+    say(f"{len(text)} characters, vocab {len(chars)}, {sum(p.numel() for p in model.parameters())} parameters; "
+        f"uniform guess = {math.log(len(chars)):.3f} nats" + (f"; {world} processes (DDP)" if world > 1 else ""))
     held, _ = batch()
     e0 = energies(model, held)
-    print(f"energy of a held batch before training: first candidate {e0[0]:.3f}, after refinement {e0[1]:.3f}")
+    say(f"energy of a held batch before training: first candidate {e0[0]:.3f}, after refinement {e0[1]:.3f}")
     history, evals = [], [(0, *e0)]
-    bar = tqdm(range(1, a.steps + 1), desc="training", unit="step")
+    bar = tqdm(range(1, a.steps + 1), desc="training", unit="step", disable=rank != 0)
     for i in bar:
         x, y = batch()
         loss = loss_fn(x, y)
@@ -126,8 +147,14 @@ def main(argv=None):
                         energy=f"{evals[-1][1]:.2f}->{evals[-1][2]:.2f}")
     bar.close()
     first, last = sum(history[:10]) / min(10, len(history)), sum(history[-10:]) / min(10, len(history))
-    print(f"loss {first:.3f} -> {last:.3f}; held batch energy: first candidate {evals[-1][1]:.3f}, after "
-          f"MCMC refinement {evals[-1][2]:.3f}")
+    say(f"loss {first:.3f} -> {last:.3f}; held batch energy: first candidate {evals[-1][1]:.3f}, after "
+        f"MCMC refinement {evals[-1][2]:.3f}")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+        if rank != 0:
+            return first, last
     if a.plot:
         try:
             save_plot(a.plot, list(range(1, len(history) + 1)), history, evals)
