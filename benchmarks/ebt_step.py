@@ -165,9 +165,10 @@ def run_b3(args, meta, writer):
                     elif ref_grads is not None and impl != "floor_compiled":
                         err = ((grads - ref_grads).norm() / ref_grads.norm()).item()
                     if impl.startswith("flexebt"):
-                        from flexebt.kernels.flex import _FAST
+                        from flexebt import runtime
 
-                        note = f"fast launch {'on' if _FAST.enabled else 'off'}, {_FAST.hits} remembered launches"
+                        launches = runtime.stats()["launches"]
+                        note = f"{launches['entries']} launches remembered, {launches['hits']} re-issued so far"
                 except torch.OutOfMemoryError:
                     note = "out of memory"
                 except Exception as e:  # noqa: BLE001 - a failing implementation is a row, not the end of the run

@@ -41,6 +41,7 @@ class Store:
         self.name = name
         self.capacity = capacity  # None: pinned, never forgets
         self.puts = 0  # entries made so far (tests count what a call built)
+        self.hits = 0  # lookups answered from the store
         self._entries: collections.OrderedDict = collections.OrderedDict()
 
     def get(self, key: Hashable, *owners: Any, default: Any = None) -> Any:
@@ -52,6 +53,7 @@ class Store:
         if len(kept) != len(owners) or any(a is not b for a, b in zip(kept, owners)):
             return default
         self._entries.move_to_end(key)
+        self.hits += 1
         return value
 
     def put(self, key: Hashable, value: Any, *owners: Any) -> Any:
@@ -110,3 +112,9 @@ def clear() -> None:
 def sizes() -> dict:
     """Entries per store (for tests and for looking at a long-running process)."""
     return {store.name: len(store) for store in STORES}
+
+
+def stats() -> dict:
+    """Per store: entries held, entries made and lookups answered so far (e.g. ``stats()["launches"]``:
+    launches remembered and re-issued without Triton's binding)."""
+    return {store.name: {"entries": len(store), "made": store.puts, "hits": store.hits} for store in STORES}

@@ -113,3 +113,13 @@ def test_tile_options_reach_the_launch():
         outs.append([out] + list(torch.autograd.grad(out.square().sum(), (q, k, v))))
     for a, b in zip(*outs):
         assert rel_err(a, b) < 1e-5
+
+
+def test_stats_count_entries_made_and_lookups_answered():
+    s = Store("t", 4)
+    s.put("a", 1)
+    s.get("a")
+    s.get("a")
+    s.get("missing")
+    assert (len(s), s.puts, s.hits) == (1, 1, 2)
+    assert set(runtime.stats()) == set(runtime.sizes()) and "launches" in runtime.stats()

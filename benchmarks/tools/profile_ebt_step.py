@@ -63,9 +63,10 @@ def main(argv=None):
         gpu = sum(e.device_time_total for e in events) / 3 / 1e3
         name = "flexebt" if backend == "AUTO" else "eager_math"
         if backend == "AUTO":
-            from flexebt.kernels.flex import _FAST
+            from flexebt import runtime
 
-            name += f" (fast launch {'on' if _FAST.enabled else 'off'}, {_FAST.hits} remembered launches)"
+            launches = runtime.stats()["launches"]
+            name += f" ({launches['entries']} launches remembered, {launches['hits']} re-issued)"
         print(f"== {name}: {torch.cuda.get_device_name()} torch {torch.__version__} S{a.S} B{a.B} "
               f"{a.layers} layers {a.dtype}: wall {wall:.1f} ms/step, host until the last launch {host:.1f} ms, "
               f"GPU busy {gpu:.1f} ms/step")
