@@ -2,8 +2,7 @@
 of one step -- MCMC refinement with create_graph=True, loss backward, second order through every
 attention layer -- equal the single-process gradients of the same global batch.
 
-DDP runs through ``examples/ebt/distributed.py`` (the example's recipe); FSDP2 is a strict
-expected failure that documents why it does not run this step yet."""
+DDP and FSDP2 run through ``examples/ebt/distributed.py`` (the example's recipe)."""
 
 import os
 import pathlib
@@ -16,7 +15,7 @@ import torch
 EXAMPLE = pathlib.Path(__file__).resolve().parent.parent / "examples" / "ebt"
 sys.path.insert(0, str(EXAMPLE))
 
-from distributed import LossStep, wrap_ddp  # noqa: E402
+from distributed import LossStep, finish_fsdp2_step, wrap_ddp, wrap_fsdp2  # noqa: E402
 from model import CharEBT  # noqa: E402
 
 GLOBAL_BATCH, WORLD = 4, 2
@@ -40,7 +39,7 @@ def _single_process_grads(dtype, backend, layers=2):
     return {n: p.grad for n, p in model.named_parameters()}
 
 
-def _worker(rank, init, wrapper, dtype, backend, compile_backend, layers, out):
+def _worker(rank, init, wrapper, dtype, backend, compile_backend, layers, out, reshard_after_forward=True):
     import torch.distributed as dist
 
     os.environ["FLEXEBT_BACKEND"] = backend
@@ -55,30 +54,27 @@ def _worker(rank, init, wrapper, dtype, backend, compile_backend, layers, out):
                 model.loss = torch.compile(model.loss, fullgraph=True, backend=compile_backend)
             step(x, y).backward()
             grads = {n: p.grad for n, p in model.named_parameters()}
-        else:  # FSDP2, with the settings that keep the parameters unsharded through the step
+        else:
             from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
 
-            mesh = init_device_mesh("cpu", (WORLD,))
-            step = LossStep(model)
-            for block in model.blocks:
-                fully_shard(block, mesh=mesh, reshard_after_forward=False)
-            fully_shard(step, mesh=mesh, reshard_after_forward=False)
-            step.set_reshard_after_backward(False, recurse=True)
+            step = wrap_fsdp2(model, init_device_mesh("cpu", (WORLD,)), reshard_after_forward)
             step(x, y).backward()
+            finish_fsdp2_step(step)
             grads = {n: None if p.grad is None else p.grad.full_tensor() for n, p in model.named_parameters()}
+            assert all(type(p).__name__ == "DTensor" for p in model.parameters())  # sharded again
         if rank == 0:
             torch.save(grads, out)
     finally:
         dist.destroy_process_group()
 
 
-def _parallel_grads(wrapper, dtype, backend, compile_backend=None, layers=2):
+def _parallel_grads(wrapper, dtype, backend, compile_backend=None, layers=2, reshard_after_forward=True):
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "grads.pt")
-        mp.spawn(_worker, args=(f"file://{d}/init", wrapper, dtype, backend, compile_backend, layers, out), nprocs=WORLD)
+        mp.spawn(_worker, args=(f"file://{d}/init", wrapper, dtype, backend, compile_backend, layers, out,
+                                      reshard_after_forward), nprocs=WORLD)
         return torch.load(out)
 
 
@@ -120,8 +116,7 @@ def test_ddp_compiled_second_order_step_equals_single_process():
              _single_process_grads(torch.float64, "REFERENCE", layers=1), 1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason="FSDP2's hooks end a backward at the inner autograd.grad(create_graph=True): "
-                   "the gradients are reduced there and none are left for the step's backward")
-def test_fsdp2_second_order_step_equals_single_process():
-    _compare(_parallel_grads("fsdp2", torch.float64, "REFERENCE"),
+@pytest.mark.parametrize("reshard_after_forward", [True, False])
+def test_fsdp2_second_order_step_equals_single_process(reshard_after_forward):
+    _compare(_parallel_grads("fsdp2", torch.float64, "REFERENCE", reshard_after_forward=reshard_after_forward),
              _single_process_grads(torch.float64, "REFERENCE"), 1e-12)

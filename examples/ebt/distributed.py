@@ -1,4 +1,4 @@
-"""Data-parallel EBT training: what DDP needs for the second-order step.
+"""Data-parallel EBT training: what DDP and FSDP2 need for the second-order step.
 
 An EBT step takes the energy's gradient with ``create_graph=True`` inside the forward (MCMC
 refinement of the candidates), then back-propagates the loss through those gradients with one
@@ -14,11 +14,13 @@ single-process gradients of the whole batch, on two conditions that ``wrap_ddp``
   all-reduces the bucket they share with others and hands back each process's own, un-averaged
   gradients -- without an error in that step.  ``static_graph=True`` works too.
 
-FSDP2 (``fully_shard``) does not run this step correctly yet: its hooks treat the inner
-``autograd.grad`` as the end of a backward -- they reshard the parameters (the refinement then
-multiplies by a sharded one) or, with ``set_reshard_after_backward(False)``, reduce the gradients
-there and leave none for the real backward.  ``tests/test_distributed.py`` keeps a strict expected
-failure that says so.
+Under FSDP2 (``fully_shard``, ``wrap_fsdp2``) the inner ``autograd.grad`` is a backward too, and
+FSDP2's hooks end it as one: by default they reshard the parameters there, and the refinement's
+next step then mixes sharded and plain tensors.  ``set_reshard_after_backward(False)`` keeps them
+unsharded through the step (the gradients are still reduce-scattered into the sharded
+parameters at the step's real backward); ``finish_fsdp2_step`` reshards afterwards, which puts
+the sharded parameters, with their gradients, back in the modules for the optimizer.  The
+parameters must be at least one-dimensional (FSDP2 refuses scalars).
 """
 
 from __future__ import annotations
@@ -27,14 +29,25 @@ import torch
 
 
 class LossStep(torch.nn.Module):
-    """The EBT loss as a module's forward (what DDP wraps)."""
+    """The EBT loss as a module's forward (what DDP and FSDP2 wrap).  ``task`` runs the model's
+    other entry points through the same forward -- ``"energy"`` (``second``: the candidates, None
+    for the model's first candidate) and ``"refine"`` -- so that an FSDP2 model is only ever entered
+    through its root, and reads its parameters only inside it."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens, targets):
-        return self.model.loss(tokens, targets)
+    def forward(self, tokens, second=None, task: str = "loss"):
+        if task == "loss":
+            return self.model.loss(tokens, second)
+        if task == "energy":
+            if second is None:
+                second = self.model.init_logits.expand(*tokens.shape, -1)
+            return self.model.energy(tokens, second).clone()  # not a view: FSDP2 hooks the output
+        if task == "refine":
+            return self.model.refine(tokens, create_graph=False)
+        raise ValueError(f"LossStep: unknown task {task!r}")
 
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device):
@@ -43,6 +56,27 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device):
 
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
     return DistributedDataParallel(LossStep(model), device_ids=ids, find_unused_parameters=True)
+
+
+def wrap_fsdp2(model: torch.nn.Module, mesh, reshard_after_forward: bool = True) -> torch.nn.Module:
+    """FSDP2 over the model's transformer blocks and the loss step, set up for the second-order
+    step; returns the loss step (call it, ``backward()``, then ``finish_fsdp2_step``)."""
+    from torch.distributed.fsdp import fully_shard
+
+    step = LossStep(model)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(step, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    step.set_reshard_after_backward(False, recurse=True)  # the inner autograd.grad must not reshard
+    return step
+
+
+def finish_fsdp2_step(step: torch.nn.Module) -> None:
+    """After the step's backward: reshard every FSDP2 module (the optimizer steps the sharded
+    parameters, which now hold the reduced gradients)."""
+    for module in step.modules():
+        if hasattr(module, "reshard") and hasattr(module, "set_reshard_after_backward"):
+            module.reshard()
 
 
 def init_from_env(device_name: str) -> tuple:

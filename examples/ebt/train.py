@@ -28,14 +28,19 @@ from model import CharEBT  # noqa: E402
 TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lighthouse.txt")
 
 
-def energies(model, x) -> tuple[float, float]:
+def energies(model, x, run=None) -> tuple[float, float]:
     """Mean energy of the model's first candidate and of the candidate after MCMC refinement, on the
-    batch x: refinement descends the energy, so the second should be lower."""
+    batch x: refinement descends the energy, so the second should be lower.  ``run(task, *args)``
+    calls the model's ``energy`` / ``refine`` (through a distributed wrapper's forward)."""
+    if run is None:
+        def run(task, x, candidates=None):
+            if task == "refine":
+                return model.refine(x, create_graph=False)
+            return model.energy(x, model.init_logits.expand(*x.shape, -1) if candidates is None else candidates)
     with torch.enable_grad():
-        init = model.init_logits.expand(*x.shape, -1).detach()
-        before = model.energy(x, init).mean().item()
-        refined = model.refine(x, create_graph=False).detach()
-        after = model.energy(x, refined).mean().item()
+        before = run("energy", x).mean().item()
+        refined = run("refine", x).detach()
+        after = run("energy", x, refined).mean().item()
     return before, after
 
 
@@ -81,15 +86,12 @@ def main(argv=None):
     p.add_argument("--plot", default="ebt_training.png",
                    help="where to save the loss and energy curves (PNG; needs matplotlib); '' for none")
     p.add_argument("--dist", default="none", choices=["none", "ddp", "fsdp2"],
-                   help="data parallel under torchrun: ddp (each process takes --batch sequences; see "
-                        "examples/ebt/distributed.py for what the second-order step needs); fsdp2 is refused for now")
+                   help="data parallel under torchrun: ddp or fsdp2 (each process takes --batch sequences; see "
+                        "examples/ebt/distributed.py for what the second-order step needs)")
     a = p.parse_args(argv)
     rank, world = 0, 1
-    if a.dist == "fsdp2":
-        raise SystemExit("--dist fsdp2: FSDP2 does not run the EBT step correctly yet -- its hooks end a backward at "
-                         "the inner autograd.grad(create_graph=True) (see examples/ebt/distributed.py); use --dist ddp.")
-    if a.dist == "ddp":
-        from distributed import init_from_env, wrap_ddp
+    if a.dist != "none":
+        from distributed import finish_fsdp2_step, init_from_env, wrap_ddp, wrap_fsdp2
 
         rank, world, device = init_from_env(a.device)
         a.device = str(device)
@@ -99,20 +101,24 @@ def main(argv=None):
     chars = sorted(set(text))
     data = torch.tensor([chars.index(c) for c in text], dtype=torch.long)
     model = CharEBT(len(chars), a.context, dim=a.dim, layers=a.layers, mcmc_steps=a.mcmc_steps).to(a.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr)
     loss_fn = model.loss
     if a.dist == "ddp":
         loss_fn = wrap_ddp(model, torch.device(a.device))  # its forward is the loss; backward all-reduces
+    elif a.dist == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        loss_fn = wrap_fsdp2(model, init_device_mesh(torch.device(a.device).type, (world,)))
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr)  # after sharding: FSDP2 steps the shards
     if a.compile:
         # autograd.grad(create_graph=True) inside a compiled function needs this switch (torch >= 2.11);
         # flexebt's attention enters the graph as custom ops whose backward is itself differentiable
         torch._dynamo.config.trace_autograd_ops = True
         model.block_mask(a.context, a.device)  # the EBT block mask, made once and reused by every step
         compiled = torch.compile(model.loss, fullgraph=True, backend=a.compile_backend, mode=a.compile_mode)
-        if a.dist == "ddp":
-            loss_fn.module.model.loss = compiled  # DDP's forward calls the compiled loss
+        if a.dist != "none":
+            model.loss = compiled  # the wrapper's forward calls the compiled loss
 
-        def step_loss(x, y, run=loss_fn if a.dist == "ddp" else compiled):
+        def step_loss(x, y, run=loss_fn if a.dist != "none" else compiled):
             if a.compile_mode == "reduce-overhead":
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are done with
             return run(x, y)
@@ -130,7 +136,13 @@ def main(argv=None):
     say(f"{len(text)} characters, vocab {len(chars)}, {sum(p.numel() for p in model.parameters())} parameters; "
         f"uniform guess = {math.log(len(chars)):.3f} nats" + (f"; {world} processes (DDP)" if world > 1 else ""))
     held, _ = batch()
-    e0 = energies(model, held)
+    def fsdp2_run(task, *args, step=loss_fn):  # the model entered only through the wrapper, resharded after
+        out = step(*args, task=task)
+        finish_fsdp2_step(step)
+        return out
+
+    run = fsdp2_run if a.dist == "fsdp2" else None
+    e0 = energies(model, held, run)
     say(f"energy of a held batch before training: first candidate {e0[0]:.3f}, after refinement {e0[1]:.3f}")
     history, evals = [], [(0, *e0)]
     bar = tqdm(range(1, a.steps + 1), desc="training", unit="step", disable=rank != 0)
@@ -139,39 +151,40 @@ def main(argv=None):
         loss = loss_fn(x, y)
         opt.zero_grad()
         loss.backward()
+        if a.dist == "fsdp2":
+            finish_fsdp2_step(loss_fn)
         opt.step()
         history.append(loss.item())
         if i % a.eval_every == 0 or i == a.steps:
-            evals.append((i, *energies(model, held)))
+            evals.append((i, *energies(model, held, run)))
         bar.set_postfix(loss=f"{sum(history[-20:]) / len(history[-20:]):.3f}",
                         energy=f"{evals[-1][1]:.2f}->{evals[-1][2]:.2f}")
     bar.close()
     first, last = sum(history[:10]) / min(10, len(history)), sum(history[-10:]) / min(10, len(history))
     say(f"loss {first:.3f} -> {last:.3f}; held batch energy: first candidate {evals[-1][1]:.3f}, after "
         f"MCMC refinement {evals[-1][2]:.3f}")
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
-        if rank != 0:
-            return first, last
-    if a.plot:
+    if a.plot and rank == 0:
         try:
             save_plot(a.plot, list(range(1, len(history) + 1)), history, evals)
             print(f"loss and energy curves: {a.plot}")
         except ImportError:
             print("(matplotlib is not installed: no plot)")
 
-    # Greedy generation: each next character is the argmin-energy refinement of a candidate.
+    # Greedy generation: each next character is the argmin-energy refinement of a candidate (every
+    # process runs it: under FSDP2 gathering the parameters takes them all).
     with torch.no_grad():
         prompt = torch.tensor([chars.index(c) for c in "The keeper "], device=a.device)[None]
     out = prompt
     for _ in range(60):
         ctx = out[:, -a.context:]
         with torch.enable_grad():
-            logits = model.refine(ctx, create_graph=False)
+            logits = run("refine", ctx) if run else model.refine(ctx, create_graph=False)
         out = torch.cat([out, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    print("sample:", "".join(chars[t] for t in out[0].tolist()))
+    say("sample:", "".join(chars[t] for t in out[0].tolist()))
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return first, last
 
 
