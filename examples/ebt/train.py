@@ -90,6 +90,10 @@ def main(argv=None):
                         "examples/ebt/distributed.py for what the second-order step needs)")
     a = p.parse_args(argv)
     rank, world = 0, 1
+    if a.dist == "fsdp2" and a.compile:
+        raise SystemExit("--dist fsdp2 with --compile: the loss compiles with fullgraph=True, and FSDP2's module hooks "
+                         "inside it are a graph break dynamo refuses there; run FSDP2 eagerly, or --dist ddp with "
+                         "--compile.")
     if a.dist != "none":
         from distributed import finish_fsdp2_step, init_from_env, wrap_ddp, wrap_fsdp2
 
@@ -103,11 +107,11 @@ def main(argv=None):
     model = CharEBT(len(chars), a.context, dim=a.dim, layers=a.layers, mcmc_steps=a.mcmc_steps).to(a.device)
     loss_fn = model.loss
     if a.dist == "ddp":
-        loss_fn = wrap_ddp(model, torch.device(a.device))  # its forward is the loss; backward all-reduces
+        loss_fn = wrapper = wrap_ddp(model, torch.device(a.device))  # its forward is the loss; backward all-reduces
     elif a.dist == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
 
-        loss_fn = wrap_fsdp2(model, init_device_mesh(torch.device(a.device).type, (world,)))
+        loss_fn = wrapper = wrap_fsdp2(model, init_device_mesh(torch.device(a.device).type, (world,)))
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr)  # after sharding: FSDP2 steps the shards
     if a.compile:
         # autograd.grad(create_graph=True) inside a compiled function needs this switch (torch >= 2.11);
@@ -134,11 +138,12 @@ def main(argv=None):
 
     say = print if rank == 0 else (lambda *args, **kwargs: None)
     say(f"{len(text)} characters, vocab {len(chars)}, {sum(p.numel() for p in model.parameters())} parameters; "
-        f"uniform guess = {math.log(len(chars)):.3f} nats" + (f"; {world} processes (DDP)" if world > 1 else ""))
+        f"uniform guess = {math.log(len(chars)):.3f} nats" + (f"; {world} processes ({a.dist})" if world > 1 else ""))
     held, _ = batch()
-    def fsdp2_run(task, *args, step=loss_fn):  # the model entered only through the wrapper, resharded after
-        out = step(*args, task=task)
-        finish_fsdp2_step(step)
+
+    def fsdp2_run(task, *args):  # the model entered only through the wrapper, resharded after
+        out = wrapper(*args, task=task)
+        finish_fsdp2_step(wrapper)
         return out
 
     run = fsdp2_run if a.dist == "fsdp2" else None
@@ -152,7 +157,7 @@ def main(argv=None):
         opt.zero_grad()
         loss.backward()
         if a.dist == "fsdp2":
-            finish_fsdp2_step(loss_fn)
+            finish_fsdp2_step(wrapper)
         opt.step()
         history.append(loss.item())
         if i % a.eval_every == 0 or i == a.steps:
