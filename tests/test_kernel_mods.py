@@ -210,3 +210,32 @@ def test_mask_combining_positions_with_a_captured_scalar(op):
     got, want = second_order(run("TRITON"), x), second_order(run("REFERENCE"), x)
     for a, b in zip(got[0] + got[1], want[0] + want[1]):
         assert rel_err(a, b) < 1e-4
+
+
+def test_a_reduction_over_a_captured_tensor_is_refused_with_the_way_out():
+    """A mod that sums a row of a captured tensor is refused by the kernels, naming the tensor as
+    the mod wrote it and the rewrite; the rewrite (reduce outside the mod, capture the result)
+    gives the reference's numbers and gradients."""
+    table_base = torch.randn(B, H, 6, dtype=torch.float64, requires_grad=True)
+    table = table_base
+
+    def summed_row_bias(score, b, h, q_idx, kv_idx):
+        return score + table[b, h].sum()
+
+    def summed_row_mask(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) | (table[b, h].sum() < 0)
+
+    q, k, v = (torch.randn(B, H, S, D) for _ in range(3))
+    with pytest.raises(NotImplementedError, match=r"summed_row_bias.*'table' of shape \(1, 4, 6\).*sum.*outside the mod"):
+        flexebt.flex_attention(q, k, v, score_mod=summed_row_bias, kernel_options=T)
+    bm = create_block_mask(summed_row_mask, None, None, S, S, device="cpu", BLOCK_SIZE=16)
+    with pytest.raises(NotImplementedError, match=r"summed_row_mask.*'table'.*REFERENCE"):
+        flexebt.flex_attention(q, k, v, block_mask=bm, kernel_options=T)
+    flexebt.flex_attention(q, k, v, score_mod=summed_row_bias, kernel_options=R)  # the reference computes it
+
+    row_sum = table_base.sum(-1)
+
+    def precomputed(score, b, h, q_idx, kv_idx):
+        return score * 0.5 + torch.tanh(row_sum[b, h] * (q_idx - kv_idx) / S)
+
+    _compare(precomputed, [table_base])
