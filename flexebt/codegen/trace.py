@@ -136,11 +136,15 @@ def _tensor_labels(fn, buffers: list[Buffer], consts: dict[str, int]) -> dict[st
     labels = {}
     for attr, slot in consts.items():
         buf = buffers[slot]
+        if not buf.steps:  # created inside the mod: no name to give
+            continue
         label = buf.path
-        if buf.steps and buf.steps[0][0] == "cell" and buf.steps[0][1] < len(freevars):
+        if buf.steps[0][0] == "cell" and buf.steps[0][1] < len(freevars):
             label = freevars[buf.steps[0][1]] + label[len(f"closure[{buf.steps[0][1]}]"):]
-        elif buf.steps and buf.steps[0][0] == "global":
+        elif buf.steps[0][0] == "global":
             label = label[len("global:"):]
+        elif buf.steps[0] == ("attr", "__self__"):  # a bound method's object
+            label = "self" + label[len("__self__"):]
         labels[attr] = label
     return labels
 
