@@ -279,3 +279,14 @@ def test_mask_mod_of_the_head_only_with_a_learned_bias(family):
             acc.extend(outs + list(torch.autograd.grad(total, xs + [bias])))
         for a, b in zip(got, want):
             assert torch.isfinite(a).all() and rel_err(a, b) < 2e-5
+
+
+def test_where_between_a_captured_scalar_and_the_score():
+    """``torch.where(cond, |temperature|, score)`` with a 0-d captured tensor: autograd's second
+    derivative graph creates ``torch.zeros(())``, which the kernels once refused."""
+    temperature = torch.tensor(1.18)
+
+    def scalar_or_score(score, b, h, q_idx, kv_idx):
+        return torch.abs(torch.where(q_idx >= kv_idx, torch.abs(temperature), score))
+
+    _compare(scalar_or_score, [])
