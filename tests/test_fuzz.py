@@ -16,7 +16,8 @@ import fuzzer
 
 # Seeds run against every implementation, at lengths <= KERNEL_MAX_LEN (about 1.5 minutes on two
 # cores in the interpreter).
-KERNEL_SEEDS = list(range(0, 16)) + [90025]  # 90025: a mask_mod of b / h only, with a learned bias
+KERNEL_SEEDS = list(range(0, 16)) + [90025, 90294]  # 90025: a mask_mod of b / h only, with a learned bias;
+# 90294: torch.where between a 0-d captured tensor and the score
 KERNEL_MAX_LEN = 20
 # Seeds for the cheap layers (reference backend and the fuzzer's own self-check) only.
 REFERENCE_SEEDS = list(range(1000, 1060)) + [90168, 90214]  # 90168, 90214: a per-head bias, whose gradients
