@@ -16,10 +16,12 @@ import fuzzer
 
 # Seeds run against every implementation, at lengths <= KERNEL_MAX_LEN (about 1.5 minutes on two
 # cores in the interpreter).
-KERNEL_SEEDS = list(range(0, 16))
+KERNEL_SEEDS = list(range(0, 16)) + [90025, 90294]  # 90025: a mask_mod of b / h only, with a learned bias;
+# 90294: torch.where between a 0-d captured tensor and the score
 KERNEL_MAX_LEN = 20
 # Seeds for the cheap layers (reference backend and the fuzzer's own self-check) only.
-REFERENCE_SEEDS = list(range(1000, 1060))
+REFERENCE_SEEDS = list(range(1000, 1060)) + [90168, 90214]  # 90168, 90214: a per-head bias, whose gradients
+# vanish (softmax ignores it): judged by the rounding floor of their terms
 
 
 def _fail(findings):
@@ -91,3 +93,72 @@ def test_fuzzer_catches_a_wrong_kernel(monkeypatch):
     findings, info = fuzzer.compare_case(dataclasses.replace(case), ("REFERENCE",))
     assert info["skipped"] is None
     assert any(f.kind == "wrong" for f in findings)
+
+
+def _bias_case(index, seed=5):
+    """A hand-written flex case: ``score + bias0[<index>]`` with a learned float32 bias."""
+    size = {"b": 2, "h": 2, "q_idx": 7, "kv_idx": 9}
+    shape = tuple(size[a] for a in index)
+    table = fuzzer.Table("bias0", "f", torch.float32, shape,
+                         [f"bias0_base = 0.5 * torch.randn({shape}, generator=g, dtype=torch.float32)"
+                          ".requires_grad_()", "bias0 = bias0_base"], grad_leaf="bias0_base")
+    load = fuzzer.Node("load", "f", tuple(fuzzer.Node("idx", "i", attr=a) for a in index), attr="bias0", data=True)
+    tree = fuzzer.Node("add", "f", (fuzzer.Node("score", "f", data=True), load), data=True)
+    return fuzzer.Case(seed, "flex", 2, 2, 2, 16, 16, 7, 9, None, tree, None, "none", 16, False, [table],
+                       data_seed=seed)
+
+
+def test_gradient_terms_measure_what_a_vanishing_gradient_sums():
+    """A bias indexed by ``b`` alone leaves the softmax unchanged: its gradient is exactly zero, a
+    sum of terms that cancel.  The oracle's term sizes are the scale of fp32 rounding there; with a
+    bias read once per score, each element's size bounds its gradient."""
+    vanishing = fuzzer.run_impl(_bias_case(("b",)), "oracle", torch.float64, order=1)
+    g, terms = vanishing.g1[-1], vanishing.g1_terms[-1]
+    assert (terms > 1.0).all() and (g.abs() < 1e-9 * terms).all()
+    per_score = fuzzer.run_impl(_bias_case(("b", "h", "q_idx", "kv_idx")), "oracle", torch.float64, order=1)
+    g, terms = per_score.g1[-1], per_score.g1_terms[-1]
+    assert (g.abs() <= terms * (1 + 1e-6)).all() and (g.abs() > 1e-3 * terms).any()
+
+
+@pytest.mark.parametrize("scale, wrong", [(0.2, False), (5.0, True)])
+def test_vanishing_gradient_floor_admits_rounding_and_catches_more(monkeypatch, scale, wrong):
+    """An error in a vanishing captured-tensor gradient passes below the rounding floor of its
+    terms and is reported above it (the floor can fail)."""
+    case = _bias_case(("b",))
+    oracle = fuzzer.run_impl(dataclasses.replace(case), "oracle", torch.float64)
+    floor = fuzzer.CANCEL_ROUNDING * oracle.g1_terms[-1].norm().item()
+    real = fuzzer.run_impl
+
+    def offset_leaf_grad(c, impl, dtype, data_seed=None, order=2):
+        res = real(c, impl, dtype, data_seed, order)
+        if impl == "REFERENCE" and dtype == torch.float32 and res.g1 is not None:
+            off = torch.tensor([1.0, -1.0]) * (scale * floor / 2 ** 0.5)
+            res.g1[-1] = res.g1[-1] + off.to(res.g1[-1].dtype)
+        return res
+
+    monkeypatch.setattr(fuzzer, "run_impl", offset_leaf_grad)
+    findings, info = fuzzer.compare_case(case, ("REFERENCE",), check_ref64=False)
+    assert info["skipped"] is None
+    assert [f.what for f in findings] == (["grad:dbias0_base"] if wrong else [])
+
+
+def test_gradient_terms_are_per_score_under_a_broadcast():
+    """``score * bias[b]``: the terms are ``dS_ij * score_ij`` with both signs; their size sums
+    their absolute values, not the (cancelling) sum over the broadcast."""
+    case = _bias_case(("b",))
+    case.score_tree = fuzzer.Node("mul", "f", case.score_tree.args, data=True)
+    res = fuzzer.run_impl(case, "oracle", torch.float64, order=1)
+    terms = res.g1_terms[-1]
+    xs = [x.requires_grad_() for x in fuzzer._inputs(case, case.data_seed)]
+    _, _, tables, _ = case.build()
+    aux = {}
+    outs, _, _ = fuzzer.oracle_forward(case, xs, tables, torch.float64, True, aux)
+    g = torch.Generator().manual_seed(case.data_seed + 7)
+    ct = torch.randn(outs[0].shape, generator=g, dtype=torch.float64)
+    p = aux["p"]
+    dp = torch.autograd.grad((outs[0] * ct).sum(), p)[0]
+    w = p * (dp.abs() + (p * dp).sum(-1, keepdim=True).abs())
+    q, k = xs[0], xs[1]
+    score = (q @ k.transpose(-1, -2)) * case.D ** -0.5
+    want = (w * score.abs()).sum((1, 2, 3)).detach()
+    assert torch.allclose(terms.double(), want, rtol=1e-5)

@@ -210,3 +210,83 @@ def test_mask_combining_positions_with_a_captured_scalar(op):
     got, want = second_order(run("TRITON"), x), second_order(run("REFERENCE"), x)
     for a, b in zip(got[0] + got[1], want[0] + want[1]):
         assert rel_err(a, b) < 1e-4
+
+
+def test_a_reduction_over_a_captured_tensor_is_refused_with_the_way_out():
+    """A mod that sums a row of a captured tensor is refused by the kernels, naming the tensor as
+    the mod wrote it and the rewrite; the rewrite (reduce outside the mod, capture the result)
+    gives the reference's numbers and gradients."""
+    table_base = torch.randn(B, H, 6, dtype=torch.float64, requires_grad=True)
+    table = table_base
+
+    def summed_row_bias(score, b, h, q_idx, kv_idx):
+        return score + table[b, h].sum()
+
+    def summed_row_mask(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) | (table[b, h].sum() < 0)
+
+    q, k, v = (torch.randn(B, H, S, D) for _ in range(3))
+    with pytest.raises(NotImplementedError, match=r"summed_row_bias.*'table' of shape \(1, 4, 6\).*sum.*outside the mod"):
+        flexebt.flex_attention(q, k, v, score_mod=summed_row_bias, kernel_options=T)
+    bm = create_block_mask(summed_row_mask, None, None, S, S, device="cpu", BLOCK_SIZE=16)
+    with pytest.raises(NotImplementedError, match=r"summed_row_mask.*'table'.*REFERENCE"):
+        flexebt.flex_attention(q, k, v, block_mask=bm, kernel_options=T)
+    flexebt.flex_attention(q, k, v, score_mod=summed_row_bias, kernel_options=R)  # the reference computes it
+
+    row_sum = table_base.sum(-1)
+
+    def precomputed(score, b, h, q_idx, kv_idx):
+        return score * 0.5 + torch.tanh(row_sum[b, h] * (q_idx - kv_idx) / S)
+
+    _compare(precomputed, [table_base])
+
+
+@pytest.mark.parametrize("family", ["flex", "ebt"])
+def test_mask_mod_of_the_head_only_with_a_learned_bias(family):
+    """A mask_mod that reads only ``h`` is one value per program, not a tile; in partial blocks it
+    masks the scatter of a captured tensor's gradient, which needs a boolean tile (the interpreter
+    once broadcast it to an int32 one and refused it as a mask: a crash in the backward)."""
+    bias = (0.5 * torch.randn(2, H, dtype=torch.float64)).requires_grad_()
+    sq, skv = 13, 11
+
+    def clamped_bias(score, b, h, q_idx, kv_idx):
+        return score + bias[torch.clamp(q_idx - kv_idx, min=0, max=1), h]
+
+    def every_head(b, h, q_idx, kv_idx):
+        return h >= h
+
+    def odd_heads_or_causal(b, h, q_idx, kv_idx):
+        return (h % 2 == 1) | (q_idx >= kv_idx)
+
+    for mask_mod in (every_head, odd_heads_or_causal):
+        if family == "flex":
+            xs = [torch.randn(B, H, s, D, dtype=torch.float64).float().requires_grad_() for s in (sq, skv, skv)]
+            bm = create_block_mask(mask_mod, B, H, sq, skv, device="cpu", BLOCK_SIZE=16)
+
+            def run(opts):
+                return [flexebt.flex_attention(*xs, score_mod=clamped_bias, block_mask=bm, kernel_options=opts)]
+        else:
+            xs = [torch.randn(B, H, s, D).requires_grad_() for s in (sq, sq, sq, skv, skv, skv)]
+            bm = flexebt.create_ebt_block_mask(mask_mod, B, H, sq, skv, device="cpu", BLOCK_SIZE=16)
+
+            def run(opts):
+                return list(flexebt.flex_ebt_attention(*xs, score_mod=clamped_bias, block_mask=bm,
+                                                       kernel_options=opts))
+        got, want = [], []
+        for opts, acc in ((T, got), (R, want)):
+            outs = run(opts)
+            total = sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in outs)
+            acc.extend(outs + list(torch.autograd.grad(total, xs + [bias])))
+        for a, b in zip(got, want):
+            assert torch.isfinite(a).all() and rel_err(a, b) < 2e-5
+
+
+def test_where_between_a_captured_scalar_and_the_score():
+    """``torch.where(cond, |temperature|, score)`` with a 0-d captured tensor: autograd's second
+    derivative graph creates ``torch.zeros(())``, which the kernels once refused."""
+    temperature = torch.tensor(1.18)
+
+    def scalar_or_score(score, b, h, q_idx, kv_idx):
+        return torch.abs(torch.where(q_idx >= kv_idx, torch.abs(temperature), score))
+
+    _compare(scalar_or_score, [])

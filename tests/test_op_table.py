@@ -109,7 +109,8 @@ CASES = {
     "casts": lambda s, b, h, q, kv: q.to(torch.float32) + s.to(torch.int32) + s.to(torch.bfloat16).float() +
     (s * 1000.3).to(torch.float16).float() + q.to(torch.bool) + (q - kv).long() + s.double(),
     "fills": lambda s, b, h, q, kv: torch.ones_like(s) + torch.zeros_like(s) + torch.full_like(s, 3.5) + s +
-    s.new_ones(()) + s.new_zeros(()) + s.new_full((), 0.25) + torch.full_like(q, 2),
+    s.new_ones(()) + s.new_zeros(()) + s.new_full((), 0.25) + torch.full_like(q, 2) +
+    torch.zeros(()) + torch.ones(()) * 0.5 + torch.full((), 0.75),
     "reductions_of_one": lambda s, b, h, q, kv: s.sum() + s.mean() + s.amax() + s.norm() +
     s.view(1).sum(0) + s.unsqueeze(0).squeeze(0),
     "constant": lambda s, b, h, q, kv: 1.5,

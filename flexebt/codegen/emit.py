@@ -458,6 +458,19 @@ _op([aten.new_full.default], "Tensor.new_full")(
 _op([aten.scalar_tensor.default], "torch.tensor(number) / torch.scalar_tensor")(
     lambda em, node, a: em.fill(node, node.args[0]))
 
+
+# torch.zeros(()) / ones / full of one value (autograd's own derivative graphs create them: the
+# gradient of torch.where where one branch is a 0-d tensor)
+@_op([aten.zeros.default, aten.ones.default, aten.full.default], "torch.zeros / ones / full of one value")
+def _factory(em, node, a):
+    shape = node.args[0]
+    if math.prod(shape) != 1:
+        raise NotImplementedError(
+            f"flexebt codegen: {node.target} of shape {tuple(shape)} in {em.mod_name!r}: a mod works on one score "
+            f"at a time, so a tensor it creates must hold one value.")
+    value = {aten.zeros.default: 0, aten.ones.default: 1}.get(node.target)
+    return em.fill(node, node.args[1] if value is None else value)
+
 # Values that are the same one-element tensor: views, copies and reductions of one value (a mod is
 # applied to one score at a time, so score.sum() is the score).
 IDENTITY = {aten.detach.default, aten.alias.default, aten.clone.default, aten.expand.default, aten.view.default,

@@ -200,6 +200,15 @@ def _unroll_visited_tiles(text: str) -> str:
 _NOT_OWN_FRAME = "((kv_idx != q_idx) | (q_idx == mq_idx))"
 
 
+def _bool_tile(x: str) -> str:
+    """The mask_mod's value as a boolean [BLOCK_M, BLOCK_N] tile.  A mask of ``b`` / ``h`` only is
+    one value per program; combined with a tile, Triton's interpreter broadcasts it to int32
+    data under an int1 type, which ``tl.atomic_add(..., mask=keep)`` (a captured tensor's
+    gradient) then refuses.  Going through ZERO and a comparison gives a bool tile everywhere
+    (free once compiled)."""
+    return f"((({x}).to(tl.int32) + ZERO) != 0)"
+
+
 def _scatter_add(ld, score: TracedMod, off: str, value: str) -> str:
     """The line adding a tile's ``value`` (where kept) to a captured tensor's gradient at the load's
     offset.  A load whose index does not depend on the query or key position (a temperature, a
@@ -304,11 +313,11 @@ def _build(template: str, score_mod, mask_mod, frame_mask: bool = False) -> ModK
             # EBT: frame positions; the predicted stream never sees the observed key at its own
             # frame (the token it replaces)
             (out,) = em.emit(mask.graph, ["off_b", "off_h", "q_idx", "kv_idx"], mask_consts)
-            blocks["MASK"] = em.lines + [f"mask_keep = ({out}) & {_NOT_OWN_FRAME}"]
+            blocks["MASK"] = em.lines + [f"mask_keep = {_bool_tile(out)} & {_NOT_OWN_FRAME}"]
         else:
             # block-mask mods see stream-local query positions (mq_idx); score_mods see frame positions
             (out,) = em.emit(mask.graph, ["off_b", "off_h", "mq_idx", "kv_idx"], mask_consts)
-            blocks["MASK"] = em.lines + [f"mask_keep = {out}"]
+            blocks["MASK"] = em.lines + [f"mask_keep = {_bool_tile(out)}"]
     else:
         blocks["MASK"] = ["mask_keep = VALID" + (f" & {_NOT_OWN_FRAME}" if frame_mask else "")]
 

@@ -128,7 +128,28 @@ _PASS_THROUGH = {aten.detach.default, aten.alias.default, aten.clone.default, at
                  aten.contiguous.default}
 
 
-def _normalize_loads(gm: torch.fx.GraphModule, name: str) -> None:
+def _tensor_labels(fn, buffers: list[Buffer], consts: dict[str, int]) -> dict[str, str]:
+    """For messages: graph attribute -> how the user wrote the tensor (the closure variable's
+    name, the global's name, ``self.bias``), falling back to where it was found."""
+    code = getattr(fn, "__code__", None)
+    freevars = code.co_freevars if code is not None else ()
+    labels = {}
+    for attr, slot in consts.items():
+        buf = buffers[slot]
+        if not buf.steps:  # created inside the mod: no name to give
+            continue
+        label = buf.path
+        if buf.steps[0][0] == "cell" and buf.steps[0][1] < len(freevars):
+            label = freevars[buf.steps[0][1]] + label[len(f"closure[{buf.steps[0][1]}]"):]
+        elif buf.steps[0][0] == "global":
+            label = label[len("global:"):]
+        elif buf.steps[0] == ("attr", "__self__"):  # a bound method's object
+            label = "self" + label[len("__self__"):]
+        labels[attr] = label
+    return labels
+
+
+def _normalize_loads(gm: torch.fx.GraphModule, name: str, labels: dict[str, str] | None = None) -> None:
     """Rewrite every read of a captured tensor as one ``aten.index.Tensor(tensor, [i_0, .., i_n])``
     node with an index per dimension (a *load*; the emitter bounds-checks it):
 
@@ -171,12 +192,17 @@ def _normalize_loads(gm: torch.fx.GraphModule, name: str) -> None:
             continue
         if not complete:
             shape = tuple(tensor.shape)
+            label = (labels or {}).get(attr.target)
             raise NotImplementedError(
-                f"flexebt codegen: the mod {name!r} uses a captured tensor of shape {shape} "
+                f"flexebt codegen: the mod {name!r} uses the captured tensor "
+                f"{repr(label) + ' ' if label else ''}of shape {shape} "
                 f"{'indexed with ' + str(len(idx)) + ' of its ' + str(len(shape)) + ' dimensions' if idx else 'as a whole'}"
                 f" ({', '.join(str(u.target) for u in outside)}). A mod works on one score at a time: read one "
                 f"value per score, with an index for every dimension (e.g. bias[h, q_idx, kv_idx]); slices, "
-                f"reductions over a tensor and tensor-wide arithmetic are not supported by the kernels.")
+                f"reductions over a tensor and tensor-wide arithmetic are not supported by the kernels. Compute "
+                f"that outside the mod and capture the result instead (e.g. `row_sum = bias.sum(-1)` once, then "
+                f"`row_sum[b, h]` in the mod; autograd carries gradients through it), or run this mod with "
+                f"kernel_options={{'BACKEND': 'REFERENCE'}}.")
         if node.target is aten.index.Tensor and node.args[0] is attr and len(idx) == len(node.args[1]) \
                 and not detached:
             continue  # already one load
@@ -229,7 +255,7 @@ def trace_mask_mod(mask_mod: Callable) -> TracedMod:
 
     gm = _trace(per_score, tuple(_idx(dev) for _ in range(4)), name)
     consts = _constant_map(gm, buffers)
-    _normalize_loads(gm, name)
+    _normalize_loads(gm, name, _tensor_labels(mask_mod, buffers, consts))
     return TracedMod("mask", gm, buffers, consts, [], {}, {}, name)
 
 
@@ -266,7 +292,7 @@ def trace_score_mod(score_mod: Callable, want_second_order: bool = False) -> Tra
 
     gm = _trace(per_score, args, name, _MOD_DECOMPOSED)
     consts = _constant_map(gm, buffers)
-    _normalize_loads(gm, name)
+    _normalize_loads(gm, name, _tensor_labels(score_mod, buffers, consts))
 
     # Floating loads become derivative leaves.
     loads = []
