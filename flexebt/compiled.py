@@ -184,7 +184,7 @@ def _plan_of(layout: str, aux: list) -> AttentionPlan:
 def _meta(scale: float, options) -> str:
     """scale (exact, as float.hex), then the kernel options (KernelOptions.encode): one string, a
     constant of the graph."""
-    return f"{float(scale).hex()}|{KernelOptions.of(options).encode()}"
+    return f"{float(scale).hex()}|{KernelOptions.text_of(options)}"
 
 
 @functools.lru_cache(maxsize=256)

@@ -45,17 +45,23 @@ class KernelOptions(Mapping):
     __slots__ = ("_items", "_dict", "_hash", "_passes")
 
     def __init__(self, options: Optional[Mapping] = None):
-        items = tuple(sorted((k, _normal(v)) for k, v in (options or {}).items() if k != "BACKEND"))
+        items = _items_of(options)
         object.__setattr__(self, "_items", items)
         object.__setattr__(self, "_dict", dict(items))
-        object.__setattr__(self, "_hash", hash(items))
+        object.__setattr__(self, "_hash", None)  # worked out on first use: see __hash__
         object.__setattr__(self, "_passes", {})
 
     @classmethod
     def of(cls, options) -> "KernelOptions":
         """``options`` as a KernelOptions (a dict or None is converted; a KernelOptions is itself)."""
-        return options if isinstance(options, KernelOptions) else _of_items(
-            tuple(sorted((k, _normal(v)) for k, v in (options or {}).items() if k != "BACKEND")))
+        return options if isinstance(options, KernelOptions) else _of_items(_items_of(options))
+
+    @staticmethod
+    def text_of(options) -> str:
+        """``KernelOptions.of(options).encode()`` without building the value: the compiled path calls
+        this inside traced code, where only plain sorting and formatting can be traced on every
+        supported torch (torch 2.11's tracer cannot call ``hash`` on a tuple)."""
+        return _encode(options._items if isinstance(options, KernelOptions) else _items_of(options))
 
     def __setattr__(self, name, value):
         raise AttributeError("KernelOptions is immutable")
@@ -70,6 +76,8 @@ class KernelOptions(Mapping):
         return len(self._items)
 
     def __hash__(self) -> int:
+        if self._hash is None:
+            object.__setattr__(self, "_hash", hash(self._items))
         return self._hash
 
     def __eq__(self, other) -> bool:
@@ -100,11 +108,20 @@ class KernelOptions(Mapping):
 
     def encode(self) -> str:
         """``KEY=value;...`` (values are ints, except the declared string choices)."""
-        return ";".join(f"{k}={v}" for k, v in self._items)
+        return _encode(self._items)
 
     @staticmethod
     def decode(text: str) -> "KernelOptions":
         return _decoded(text)
+
+
+def _items_of(options) -> tuple:
+    """The sorted (key, normalised value) pairs of a kernel_options mapping, BACKEND left out."""
+    return tuple(sorted((k, _normal(v)) for k, v in (options or {}).items() if k != "BACKEND"))
+
+
+def _encode(items: tuple) -> str:
+    return ";".join(f"{k}={v}" for k, v in items)
 
 
 def _normal(value):
