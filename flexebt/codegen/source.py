@@ -1,4 +1,8 @@
-"""Fill a kernel template with the code of a score_mod / mask_mod, and cache the result.
+"""Fill the kernel templates with the code of a score_mod / mask_mod, and cache the result.
+
+The template files of a kernel set are joined into one module, each entry kernel's parameter list
+is written from its declaration (``kernels/signatures.py``) and each hook statement is replaced by
+the mods' code for it (``hooks.py``, ``ModCode``).
 
 Kernels are cached per (template, mod code and constants, captured-tensor metadata, interpreter
 or not): a second call with the same mods reuses the compiled module without tracing again.
@@ -22,6 +26,7 @@ import torch
 
 from .. import runtime
 from .emit import Emitter
+from .hooks import expand_hooks
 from .identity import describe, fingerprint, wide_offsets
 from .trace import TracedMod, trace_mask_mod, trace_score_mod
 
@@ -170,34 +175,10 @@ def _merge_buffers(score: Optional[TracedMod], mask: Optional[TracedMod]):
     return n_score, shift
 
 
-# In the templates, ``for start, IS_FULL in _visited_tiles(IDX, FULL_IDX, base, base_full, n_partial,
-# n_full, SPARSE, BLOCK):`` walks the tiles of one row of the block tables: first those of the
-# partial blocks (IS_FULL = False: the mask_mod runs), then those of the full blocks (IS_FULL =
-# True: no mask).  IS_FULL must be a compile-time constant in the tile functions, so the loop is
-# written once and unrolled here into two Triton loops, one per block kind.
-_VISITED_TILES = re.compile(
-    r"^(?P<ind>[ \t]*)for (?P<start>\w+), IS_FULL in _visited_tiles\((?P<args>[^)]*)\):[ \t]*\n"
-    r"(?P<body>(?:(?P=ind)[ \t]+\S[^\n]*\n)+)", re.M)
-
-
-def _unroll_visited_tiles(text: str) -> str:
-    def expand(m):
-        ind, start = m["ind"], m["start"]
-        idx, full_idx, base, base_full, n_partial, n_full, sparse, block = (a.strip() for a in m["args"].split(","))
-        per = f"({sparse} // {block})"  # tiles per sparse block
-        out = []
-        for table, row, count, full in ((idx, base, n_partial, "False"), (full_idx, base_full, n_full, "True")):
-            out.append(f"{ind}for it in range({count} * {per}):")
-            out.append(f"{ind}    {start} = tl.load({table} + {row} + it // {per}) * {sparse} + (it % {per}) * {block}")
-            out.append(re.sub(r"\bIS_FULL\b", full, m["body"]).rstrip("\n"))
-        return "\n".join(out) + "\n"
-
-    return _VISITED_TILES.sub(expand, text)
-
-
-# EBT frame masks: keep a key unless it is the observed key at a predicted query's own frame
-# (q_idx == mq_idx exactly when Q_OFF = 0, i.e. in the observed stream)
-_NOT_OWN_FRAME = "((kv_idx != q_idx) | (q_idx == mq_idx))"
+def _not_own_frame(q_idx: str, mq_idx: str, kv_idx: str) -> str:
+    """EBT frame masks: keep a key unless it is the observed key at a predicted query's own frame
+    (q_idx == mq_idx exactly when Q_OFF = 0, i.e. in the observed stream)."""
+    return f"(({kv_idx} != {q_idx}) | ({q_idx} == {mq_idx}))"
 
 
 def _bool_tile(x: str) -> str:
@@ -209,15 +190,15 @@ def _bool_tile(x: str) -> str:
     return f"((({x}).to(tl.int32) + ZERO) != 0)"
 
 
-def _scatter_add(ld, score: TracedMod, off: str, value: str) -> str:
+def _scatter_add(ld, score: TracedMod, off: str, value: str, keep: str) -> str:
     """The line adding a tile's ``value`` (where kept) to a captured tensor's gradient at the load's
     offset.  A load whose index does not depend on the query or key position (a temperature, a
     per-head scale) has one address per tile: the tile is summed first (a tree sum) and added once,
     instead of one fp32 atomic per score -- fewer atomics, and a sum as accurate as eager math's."""
     if not _depends_on_position(score.graph, ld.node_name):
         return (f"tl.atomic_add(GBUF{ld.buffer} + tl.max(tl.max({off} + ZERO, 1), 0), "
-                f"tl.sum(tl.sum(tl.where(keep, {value}, 0.0), 1), 0))")
-    return f"tl.atomic_add(GBUF{ld.buffer} + ({off} + ZERO), tl.where(keep, {value}, 0.0), mask=keep)"
+                f"tl.sum(tl.sum(tl.where({keep}, {value}, 0.0), 1), 0))")
+    return f"tl.atomic_add(GBUF{ld.buffer} + ({off} + ZERO), tl.where({keep}, {value}, 0.0), mask={keep})"
 
 
 def _depends_on_position(gm, node_name: str) -> bool:
@@ -238,6 +219,157 @@ def _depends_on_position(gm, node_name: str) -> bool:
     return False
 
 
+class ModCode:
+    """The code a pair of mods gives each hook (codegen/hooks.py), bound to the names a template's
+    hook statement passes.  Every statement is emitted afresh from the traced graphs; the emitters
+    say whether any index is checked in the kernel and which dimensions are indexed by a bare
+    position (the launcher's host-side checks)."""
+
+    def __init__(self, score: Optional[TracedMod], mask: Optional[TracedMod], mask_consts: dict, wide: list,
+                 frame_mask: bool):
+        self.traced_score, self.traced_mask, self.mask_consts, self.wide, self.frame_mask = score, mask, mask_consts, wide, frame_mask
+        self.emitters: list[Emitter] = []
+        self._last = {}  # hook name -> (emitter, derivative outputs) of the latest one in this function
+
+    def begin_function(self) -> None:
+        self._last = {}
+
+    def _emitter(self, prefix: str) -> Emitter:
+        em = Emitter(prefix, self.wide, self.traced_score.name if prefix != "mm_" else self.traced_mask.name)
+        self.emitters.append(em)
+        return em
+
+    def _primal(self, em: Emitter, call) -> tuple:
+        """Emit the score_mod at the call's inputs: (t expression, the mod's inputs as named there)."""
+        i = call.inputs
+        em.lines.append(f"{em.prefix}s = {i['s_raw']} * {i['scale']}")
+        inputs = [f"{em.prefix}s", i["b"], i["h"], i["q_idx"], i["kv_idx"]]
+        (t,) = em.emit(self.traced_score.graph, inputs, self.traced_score.constants)
+        return t, inputs
+
+    def _plain_t2(self, call) -> str:
+        # no score_mod: scale and log2(e) fold into one multiply
+        return f"{call.outputs[0]} = {call.inputs['s_raw']} * ({call.inputs['scale']} * LOG2E)"
+
+    def score(self, call) -> list:
+        if self.traced_score is None:
+            return [self._plain_t2(call)]
+        em = self._emitter("sm_")
+        t, _ = self._primal(em, call)
+        return em.lines + [f"{call.outputs[0]} = ({t}) * LOG2E"]
+
+    def score_grad(self, call) -> list:
+        if self.traced_score is None:
+            return [self._plain_t2(call), f"{call.outputs[1]} = 1.0"]
+        em = self._emitter("sb_")
+        t, inputs = self._primal(em, call)
+        loads = [f"sb_{ld.node_name}" for ld in self.traced_score.loads]
+        outs = em.emit(self.traced_score.derivative["bwd"], inputs + loads, self.traced_score.deriv_constants["bwd"], tag="d_")
+        self._last["score_grad"] = (em, outs)
+        return em.lines + [f"{call.outputs[0]} = ({t}) * LOG2E", f"{call.outputs[1]} = {outs[1]}"]
+
+    def captured_grad(self, call) -> list:
+        """dt df/dc_k into GBUF of each learned captured tensor c_k (outputs 2.. of the bwd graph)."""
+        if self.traced_score is None or not any(ld.learned for ld in self.traced_score.loads):
+            return ["pass"]
+        em, outs = self._paired(call)
+        dt, keep = call.inputs["dt"], call.inputs["keep"]
+        return [_scatter_add(ld, self.traced_score, em.load_offsets[ld.node_name], f"{dt} * ({outs[2 + k]})", keep)
+                for k, ld in enumerate(self.traced_score.loads) if ld.learned]
+
+    def score_second(self, call) -> list:
+        t2, dtds, d2, ew, ewds = call.outputs
+        zero = "ZERO.to(tl.float32)"
+        if self.traced_score is None:
+            return [self._plain_t2(call), f"{dtds} = {zero} + 1.0", f"{d2} = {zero}", f"{ew} = {zero}",
+                    f"{ewds} = {zero}"]
+        em = self._emitter("sd_")
+        t, inputs = self._primal(em, call)
+        score = self.traced_score
+        outs = em.emit(score.derivative["dbwd"], inputs + [f"sd_{ld.node_name}" for ld in score.loads],
+                       score.deriv_constants["dbwd"], tag="d_")
+        self._last["score_second"] = (em, outs)
+        L, f32 = len(score.loads), f" + {zero}"
+        lines = em.lines + [f"{t2} = ({t}) * LOG2E", f"{dtds} = ({outs[1]}){f32}", f"{d2} = ({outs[2 + L]}){f32}"]
+        learned = [k for k, ld in enumerate(score.loads) if ld.learned]
+        for k in learned:  # Gc_k: the cotangent of dc_k, read where c_k was read
+            ld = score.loads[k]
+            lines.append(f"sd_gc{k} = tl.load(CBUF{ld.buffer} + ({em.load_offsets[ld.node_name]} + ZERO))"
+                         f".to(tl.float32)")
+            lines.append(f"sd_fc{k} = ({outs[2 + k]}){f32}")
+            lines.append(f"sd_fsc{k} = ({outs[3 + L + k]}){f32}")
+        # u gains sum_k Gc_k f_c_k, du/ds gains sum_k Gc_k f_sc_k (templates/double_backward.py)
+        lines.append(f"{ew} = " + " + ".join([f"sd_gc{k} * sd_fc{k}" for k in learned] + [zero]))
+        lines.append(f"{ewds} = " + " + ".join([f"sd_gc{k} * sd_fsc{k}" for k in learned] + [zero]))
+        return lines
+
+    def captured_second_grad(self, call) -> list:
+        """g_c_k += gt f_c_k + dt (f_sc_k A + sum_l f_c_k c_l Gc_l) for each learned captured tensor."""
+        if self.traced_score is None or not any(ld.learned for ld in self.traced_score.loads):
+            return ["pass"]
+        em, outs = self._paired(call)
+        gt, dt, a, keep = (call.inputs[n] for n in ("gt", "dt", "a", "keep"))
+        L = len(self.traced_score.loads)
+        learned = [k for k, ld in enumerate(self.traced_score.loads) if ld.learned]
+        lines = []
+        for k in learned:
+            ld = self.traced_score.loads[k]
+            cross = "".join(f" + ({outs[3 + 2 * L + k * L + l]}) * sd_gc{l}" for l in learned)
+            lines.append(_scatter_add(ld, self.traced_score, em.load_offsets[ld.node_name],
+                                      f"{gt} * sd_fc{k} + {dt} * (sd_fsc{k} * {a}{cross})", keep))
+        return lines
+
+    def _paired(self, call):
+        from .hooks import PAIRED
+
+        hit = self._last.get(PAIRED[call.name])
+        if hit is None:
+            raise ValueError(f"flexebt templates: hook {call.name} needs a {PAIRED[call.name]} before it in the same "
+                             f"function")
+        return hit
+
+    def mask(self, call) -> list:
+        i = call.inputs
+        own = f" & {_not_own_frame(i['q_idx'], i['mq_idx'], i['kv_idx'])}" if self.frame_mask else ""
+        if self.traced_mask is None:
+            return [f"{call.outputs[0]} = {i['valid']}{own}"]
+        em = self._emitter("mm_")
+        # EBT frame masks see frame positions and never the observed key at a predicted query's own
+        # frame (the token it replaces); block-mask mods see stream-local query positions (mq_idx)
+        q = i["q_idx"] if self.frame_mask else i["mq_idx"]
+        (out,) = em.emit(self.traced_mask.graph, [i["b"], i["h"], q, i["kv_idx"]], self.mask_consts)
+        return em.lines + [f"{call.outputs[0]} = {_bool_tile(out)}{own}"]
+
+    def keep(self, call) -> list:
+        i, out = call.inputs, call.outputs[0]
+        mask = self.mask(dataclasses.replace(call, outputs=[out], indent=""))
+        mask[-1] = mask[-1].replace(f"{out} = ", f"{out} = {i['valid']} & (", 1) + ")"
+        return [f"if {i['full']}:", f"    {out} = {i['valid']}", "else:"] + [f"    {line}" for line in mask]
+
+
+# The template files of a kernel set, in the order they are joined into one generated module.
+TEMPLATE_FILES = {"flex_attention": ("common", "forward", "backward", "double_backward", "jvp")}
+
+
+def template_text(template: str) -> str:
+    """The kernel set's template files joined, each entry's ``__SIGNATURE__`` written from its
+    declaration (kernels/signatures.py).  The files' own imports of each other are dropped: joined,
+    they are one module."""
+    from ..kernels.signatures import SIGNATURES
+
+    parts = []
+    for name in TEMPLATE_FILES[template]:
+        text = (TEMPLATES / f"{name}.py").read_text()
+        text = re.sub(r"^from common import [^\n]*\n", "", text, flags=re.M)
+        parts.append(f"# ---- {name}.py ----\n{text}")
+    text = "\n\n".join(parts)
+
+    def signature(m):
+        return f"def {m[1]}({SIGNATURES[m[1]].source()}):"
+
+    return re.sub(r"^def (\w+)\(__SIGNATURE__\):", signature, text, flags=re.M)
+
+
 def _build(template: str, score_mod, mask_mod, frame_mask: bool = False) -> ModKernels:
     score = trace_score_mod(score_mod, want_second_order=True) if score_mod is not None else None
     mask = trace_mask_mod(mask_mod) if mask_mod is not None else None
@@ -246,81 +378,12 @@ def _build(template: str, score_mod, mask_mod, frame_mask: bool = False) -> ModK
     name = "_".join(x.name for x in (score, mask) if x) or "plain"
     if frame_mask:
         name += " (EBT frame mask)"
-
     grad_slots = []
-    blocks = {}
-    wide = [wide_offsets(b.tensor) for b in buffers]
-    emitters = []
-    # Forward: t = f(s)
-    if score is not None:
-        em = Emitter("sm_", wide, score.name)
-        emitters.append(em)
-        (out,) = em.emit(score.graph, ["s", "off_b", "off_h", "q_idx", "kv_idx"], score.constants)
-        blocks["SCORE_FWD"] = ["s = s_raw * scale"] + em.lines + [f"t2 = ({out}) * LOG2E"]
-        # Backward: t, f'(s) and df/dc_k for the floating loads c_k.
-        em = Emitter("sb_", wide, score.name)
-        emitters.append(em)
-        (t_out,) = em.emit(score.graph, ["s", "off_b", "off_h", "q_idx", "kv_idx"], score.constants)
-        load_vals = [f"sb_{ld.node_name}" for ld in score.loads]
-        outs = em.emit(score.derivative["bwd"], ["s", "off_b", "off_h", "q_idx", "kv_idx"] + load_vals,
-                       score.deriv_constants["bwd"], tag="d_")
-        blocks["SCORE_BWD"] = ["s = s_raw * scale"] + em.lines + [f"t2 = ({t_out}) * LOG2E", f"dtds = {outs[1]}"]
-        grad_lines = []
-        for k, ld in enumerate(score.loads):
-            if ld.learned:
-                grad_lines.append(_scatter_add(ld, score, em.load_offsets[ld.node_name], f"dt * ({outs[2 + k]})"))
-                if ld.buffer not in grad_slots:
-                    grad_slots.append(ld.buffer)
-        blocks["CAPTURED_GRAD"] = grad_lines or ["pass"]
-        # Double backward: t, f'(s) and f''(s) (outputs t, ds, dc_0.., dss, dsc_0.. of the dbwd graph).
-        em = Emitter("sd_", wide, score.name)
-        emitters.append(em)
-        (t_out,) = em.emit(score.graph, ["s", "off_b", "off_h", "q_idx", "kv_idx"], score.constants)
-        outs = em.emit(score.derivative["dbwd"], ["s", "off_b", "off_h", "q_idx", "kv_idx"] +
-                       [f"sd_{ld.node_name}" for ld in score.loads], score.deriv_constants["dbwd"], tag="d_")
-        L = len(score.loads)
-        f32 = " + ZERO.to(tl.float32)"
-        learned = [k for k, ld in enumerate(score.loads) if ld.learned]
-        extra, grad2 = [], []
-        for k in learned:  # Gc_k: the cotangent of dc_k, read where c_k was read
-            ld = score.loads[k]
-            extra.append(f"gc{k} = tl.load(CBUF{ld.buffer} + ({em.load_offsets[ld.node_name]} + ZERO)).to(tl.float32)")
-            extra.append(f"fc{k} = ({outs[2 + k]}){f32}")
-            extra.append(f"fsc{k} = ({outs[3 + L + k]}){f32}")
-        # u gains sum_k Gc_k f_c_k, du/ds gains sum_k Gc_k f_sc_k (template comment above _dbwd_scores)
-        extra.append("ew = " + " + ".join([f"gc{k} * fc{k}" for k in learned] + ["ZERO.to(tl.float32)"]))
-        extra.append("ewds = " + " + ".join([f"gc{k} * fsc{k}" for k in learned] + ["ZERO.to(tl.float32)"]))
-        blocks["SCORE_DBWD"] = ["s = s_raw * scale"] + em.lines + [
-            f"t2 = ({t_out}) * LOG2E", f"dtds = ({outs[1]}){f32}", f"d2tds2 = ({outs[2 + L]}){f32}"] + extra
-        for k in learned:  # g_c_k += gt f_c_k + dt (f_sc_k A + sum_l f_c_k c_l Gc_l)
-            ld = score.loads[k]
-            cross = "".join(f" + ({outs[3 + 2 * L + k * L + l]}) * gc{l}" for l in learned)
-            grad2.append(_scatter_add(ld, score, em.load_offsets[ld.node_name], f"gt * fc{k} + dt * (fsc{k} * a{cross})"))
-        blocks["DBWD_CAPTURED_GRAD"] = grad2 or ["pass"]
-    else:
-        # No score_mod: fold scale and log2(e) into one multiply.
-        blocks["SCORE_FWD"] = ["t2 = s_raw * (scale * LOG2E)"]
-        blocks["SCORE_BWD"] = ["t2 = s_raw * (scale * LOG2E)", "dtds = 1.0"]
-        blocks["CAPTURED_GRAD"] = ["pass"]
-        blocks["SCORE_DBWD"] = ["t2 = s_raw * (scale * LOG2E)", "dtds = ZERO.to(tl.float32) + 1.0",
-                                "d2tds2 = ZERO.to(tl.float32)", "ew = ZERO.to(tl.float32)",
-                                "ewds = ZERO.to(tl.float32)"]
-        blocks["DBWD_CAPTURED_GRAD"] = ["pass"]
-    if mask is not None:
-        em = Emitter("mm_", wide, mask.name)
-        emitters.append(em)
-        if frame_mask:
-            # EBT: frame positions; the predicted stream never sees the observed key at its own
-            # frame (the token it replaces)
-            (out,) = em.emit(mask.graph, ["off_b", "off_h", "q_idx", "kv_idx"], mask_consts)
-            blocks["MASK"] = em.lines + [f"mask_keep = {_bool_tile(out)} & {_NOT_OWN_FRAME}"]
-        else:
-            # block-mask mods see stream-local query positions (mq_idx); score_mods see frame positions
-            (out,) = em.emit(mask.graph, ["off_b", "off_h", "mq_idx", "kv_idx"], mask_consts)
-            blocks["MASK"] = em.lines + [f"mask_keep = {_bool_tile(out)}"]
-    else:
-        blocks["MASK"] = ["mask_keep = VALID" + (f" & {_NOT_OWN_FRAME}" if frame_mask else "")]
+    for ld in (score.loads if score else []):
+        if ld.learned and ld.buffer not in grad_slots:
+            grad_slots.append(ld.buffer)
 
+    code = ModCode(score, mask, mask_consts, [wide_offsets(b.tensor) for b in buffers], frame_mask)
     # Per captured tensor: its pointer and strides, GBUF (fp32 gradient accumulator) and CBUF (the
     # cotangent of its first-order gradient, read by the double backward).
     params = "".join(f"BUF{k}, " + "".join(f"BUF{k}_S{d}, " for d in range(b.tensor.dim())) +
@@ -328,15 +391,10 @@ def _build(template: str, score_mod, mask_mod, frame_mask: bool = False) -> ModK
                      for k, b in enumerate(buffers))
     if buffers:
         params = "IDXERR, " + params
-    text = (TEMPLATES / f"{template}.py").read_text()
-    # unroll first: with no captured tensors __BUFFERS__ leaves blank lines inside loop bodies
-    text = _unroll_visited_tiles(text).replace("__BUFFERS__", params)
-    for marker, lines in blocks.items():
-        text = re.sub(rf"^([ \t]*)# @{marker}[^\n]*$",
-                      lambda m, lines=lines: "\n".join(m.group(1) + ln for ln in lines), text, flags=re.M)
+    text = expand_hooks(template_text(template), code).replace("__BUFFERS__", params)
     header = f"# Generated by flexebt from template {template!r} for mods: {name}\n"
-    indexed = any(em_.checked for em_ in emitters)
-    positional = frozenset().union(*(em_.positional for em_ in emitters))
+    indexed = any(em_.checked for em_ in code.emitters)
+    positional = frozenset().union(*(em_.positional for em_ in code.emitters))
     # read by the launcher: a mod that indexes captured tensors has its index flag checked
     header += f"FLEXEBT_INDEXED = {name if indexed else ''!r}\n"
     source = header + text

@@ -13,6 +13,7 @@ from .. import runtime
 from ..codegen.source import ModKernels
 from .configs import MIN_TILE, flex_config, interpreting
 from .options import KernelOptions
+from .signatures import SIGNATURES
 from .grid import DEFAULT_RESIDENT, GridOrder, device_index, head_group, resident_programs
 from .launcher import FastLaunches
 
@@ -46,6 +47,20 @@ class BlockTables:
                   self.full_q_num, self.full_q_idx)
         return (self.sparse_q, self.sparse_kv, self.has_full, self.mask_mod is None,
                 tuple((t.shape, t.stride(), t.data_ptr() % 16 == 0) for t in tables))
+
+    @functools.cached_property
+    def kv_args(self) -> dict:
+        """The kernel arguments of the kv-side tables (passes over query tiles), by name."""
+        return dict(KV_NUM=self.kv_num, KV_IDX=self.kv_idx, FULL_NUM=self.full_kv_num, FULL_IDX=self.full_kv_idx,
+                    MB=self.MB, MH=self.MH, NQ_BLOCKS=self.kv_num.shape[-1], NKV_LIST=self.kv_idx.shape[-1],
+                    NKV_LIST_FULL=self.full_kv_idx.shape[-1])
+
+    @functools.cached_property
+    def q_args(self) -> dict:
+        """The kernel arguments of the q-side (transposed) tables (passes over key tiles), by name."""
+        return dict(Q_NUM=self.q_num, Q_IDX=self.q_idx, FULL_Q_NUM=self.full_q_num, FULL_Q_IDX=self.full_q_idx,
+                    MB=self.MB, MH=self.MH, NKV_BLOCKS=self.q_num.shape[-1], NQ_LIST=self.q_idx.shape[-1],
+                    NQ_LIST_FULL=self.full_q_idx.shape[-1])
 
     @property
     def MB(self):
@@ -147,6 +162,7 @@ def _launch(kernel, plan: tuple, args, spec, options: Optional[dict], device):
     from triton.runtime.errors import OutOfResources
 
     order, kwargs, cfg, key = spec()
+    SIGNATURES[kernel.fn.__name__].check_constexprs([*kwargs, "BLOCK_M", "BLOCK_N"])
     want = (id(kernel), key, cfg)
     cfg = runtime.tile_fits.get(want, kernel, default=cfg)
     while True:
@@ -355,39 +371,56 @@ def _row_descriptors(block: int, *tensors: Tensor) -> tuple:
     return tuple(out)
 
 
+def _shape(q: Tensor, k: Tensor) -> dict:
+    """The shape arguments every pass takes: query heads, key heads, query and key lengths."""
+    return dict(H=q.shape[1], Hkv=k.shape[1], Sq=q.shape[2], Skv=k.shape[2])
+
+
+def _own_inputs(own: Optional["OwnKeys"]) -> dict:
+    """The EBT own keys' kernel arguments (none without own keys: the kernel's are then absent)."""
+    return {} if own is None else dict(KP=own.kp, VP=own.vp, SELF_KEEP=own.keep)
+
+
+def _descriptors(tma: bool, block: int, **tensors: Tensor) -> dict:
+    """``{NAME_DESC: descriptor}`` of the tensors given by name, where the launch loads through TMA
+    (absent otherwise)."""
+    if not tma:
+        return {}
+    return {f"{name}_DESC": d for name, d in zip(tensors, _row_descriptors(block, *tensors.values()))}
+
+
+_FWD = SIGNATURES["flex_fwd"].bind
+
+
 def flex_forward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, scale: float, tables: BlockTables,
                  buffers: list[Tensor], options: Optional[dict] = None, q_off: int = 0,
                  own: Optional[OwnKeys] = None, return_max: bool = False) -> tuple:
     """(out, lse), or (out, lse, max_scores) with ``return_max``: each row's largest kept modified
     score (fp32, natural units, -inf where nothing is kept)."""
     B, H, Sq, D = q.shape
-    Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
+    Skv, DV = k.shape[2], v.shape[3]
     out = torch.empty(B, H, Sq, DV, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
-    maxs = torch.empty_like(lse) if return_max else lse
-    own_in = (own.kp, own.vp, own.keep) if own is not None else ()
-    kp, vp, keep = own_in or (q, v, lse)
+    maxs = torch.empty_like(lse) if return_max else None
     bargs = _buffer_args(buffers, {})
+    named = dict(Q=q, K=k, V=v, O=out, LSE=lse, MAXS=maxs, **tables.kv_args, **_shape(q, k), scale=scale, Q_OFF=q_off,
+                 **_own_inputs(own))
 
     def args(c, tma):
-        descs = _row_descriptors(c.BLOCK_N, k, v) if tma else (k, v)
-        return (q, k, v, out, lse, maxs, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx,
-                H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1],
-                tables.full_kv_idx.shape[-1], scale, q_off, kp, vp, keep, *descs, *bargs)
+        return (*_FWD(**named, **_descriptors(tma, c.BLOCK_N, K=k, V=v)), *bargs)
 
     def spec():
         tma = _use_tma(options, k, v, by_default=_tma_pays(q, k))
         cfg = flex_config("fwd", max(D, DV), tables.sparse_q, tables.sparse_kv, options, kern.gathers,
                           _tiles_for(q.dtype, options), kv_len=Skv)
         return (_query_order("fwd", q, k, v),
-                dict(D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), SPARSE_Q=tables.sparse_q,
-                     SPARSE_KV=tables.sparse_kv, HAS_FULL=tables.has_full, EVEN=_even(Sq, Skv, tables),
-                     REVERSE=_reverse(options), HAS_SELF=own is not None, USE_TMA=tma,
-                     LINEAR_SCORE=_linear_score(kern, scale, options), RETURN_MAX=return_max, **_precision(q.dtype, options)),
+                dict(REVERSE=_reverse(options), HAS_SELF=own is not None, USE_TMA=tma,
+                     LINEAR_SCORE=_linear_score(kern, scale, options), RETURN_MAX=return_max,
+                     **_common(q, k, v, tables, options)),
                 cfg, (D, DV, q.dtype, tma))
 
-    plan = _plan_key("fwd", tables, options, (q_off, scale > 0, own is not None, return_max), (q, k, v, *own_in),
-                     bargs)
+    plan = _plan_key("fwd", tables, options, (q_off, scale > 0, own is not None, return_max),
+                     (q, k, v, *_own_inputs(own).values()), bargs)
     _launch(kern.module.flex_fwd, plan, args, spec, options, q.device)
     return (out, lse, maxs) if return_max else (out, lse)
 
@@ -399,24 +432,23 @@ def _common(q, k, v, tables, options=None, second_order=False):
                 **_precision(q.dtype, options, second_order, max(D, DV)))
 
 
+_DQ = SIGNATURES["flex_bwd_dq"].bind
+
+
 def dq_pass(kern: ModKernels, q, k, v, out, lse, dout, dlse, scale, tables: BlockTables, bargs: list,
             options=None, q_off: int = 0, own: Optional[OwnKeys] = None):
     """dq, Delta (for the dk/dv pass) and, with own keys, their per-query-head dk, dv."""
     B, H, Sq, D = q.shape
-    Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
+    DV = v.shape[3]
     delta = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)  # written by this pass
     dq = torch.empty_like(q)
-    if own is not None:
-        dkp, dvp = _own_key_grad_buffers(own, H)
-        kp, vp, keep = own.kp, own.vp, own.keep
-    else:
-        dkp = dvp = kp = vp = keep = lse
+    own_grads = _own_key_grad_buffers(own, H) if own is not None else None
+    named = dict(Q=q, K=k, V=v, O=out, DO=dout, LSE=lse, DLSE=dlse, DELTA=delta, DQ=dq, **tables.kv_args,
+                 **_shape(q, k), scale=scale, Q_OFF=q_off, **_own_inputs(own),
+                 **(dict(DKP=own_grads[0], DVP=own_grads[1]) if own is not None else {}))
+
     def args(c, tma):
-        descs = _row_descriptors(c.BLOCK_N, k, v) if tma else (k, v)
-        return (q, k, v, out, dout, lse, dlse if dlse is not None else lse, delta, dq, tables.kv_num, tables.kv_idx,
-                tables.full_kv_num, tables.full_kv_idx, H, Hkv, Sq, Skv, tables.MB, tables.MH,
-                tables.kv_num.shape[-1], tables.kv_idx.shape[-1], tables.full_kv_idx.shape[-1], scale, q_off,
-                kp, vp, keep, dkp, dvp, *descs, *bargs)
+        return (*_DQ(**named, **_descriptors(tma, c.BLOCK_N, K=k, V=v)), *bargs)
 
     def spec():
         tma = _use_tma(options, k, v, by_default=_tma_pays(q, k))
@@ -426,11 +458,10 @@ def dq_pass(kern: ModKernels, q, k, v, out, lse, dout, dlse, scale, tables: Bloc
                 dict(HAS_DLSE=dlse is not None, REVERSE=_reverse(options), HAS_SELF=own is not None, USE_TMA=tma,
                      **_common(q, k, v, tables, options)), cfg, (D, DV, q.dtype, tma))
 
-    own_in = (own.kp, own.vp, own.keep) if own is not None else ()
     plan = _plan_key("dq", tables, options, (q_off, own is not None),
-                     (q, k, v, out, lse, dout, dlse, *own_in), bargs)
+                     (q, k, v, out, lse, dout, dlse, *_own_inputs(own).values()), bargs)
     _launch(kern.module.flex_bwd_dq, plan, args, spec, options, q.device)
-    return dq, delta, ((dkp, dvp) if own is not None else None)
+    return dq, delta, own_grads
 
 
 @dataclasses.dataclass
@@ -444,6 +475,9 @@ class QueryStream:
     delta: Tensor
     tables: BlockTables
     q_off: int
+
+
+_DKDV = SIGNATURES["flex_bwd_dkdv"].bind
 
 
 def dkdv_pass(kern: ModKernels, q, k, v, lse, delta, dout, scale, tables: BlockTables, bargs: list, options=None,
@@ -460,36 +494,42 @@ def dkdv_pass(kern: ModKernels, q, k, v, lse, delta, dout, scale, tables: BlockT
     else:
         dk, dv = into
     two = second is not None
-    s2 = second if two else QueryStream(q, dout, lse, delta, tables, q_off)  # stand-in arguments
-    if two and (s2.tables.sparse_q, s2.tables.sparse_kv) != (tables.sparse_q, tables.sparse_kv):
+    if two and (second.tables.sparse_q, second.tables.sparse_kv) != (tables.sparse_q, tables.sparse_kv):
         raise ValueError("dkdv_pass: both query streams need block tables of the same block size")
-    t2 = s2.tables
+    named = dict(Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, DK=dk, DV_OUT=dv, **tables.q_args, **_shape(q, k),
+                 scale=scale, Q_OFF=q_off)
+    if add is not None:
+        named.update(ADD_K=add[0], ADD_V=add[1])
+    if two:
+        t2 = second.tables
+        named.update(Q2=second.q, DO2=second.dout, LSE2=second.lse, DELTA2=second.delta, Q2_NUM=t2.q_num,
+                     Q2_IDX=t2.q_idx, FULL_Q2_NUM=t2.full_q_num, FULL_Q2_IDX=t2.full_q_idx, Sq2=second.q.shape[2],
+                     MB2=t2.MB, MH2=t2.MH, NQ2_LIST=t2.q_idx.shape[-1], NQ2_LIST_FULL=t2.full_q_idx.shape[-1],
+                     Q2_OFF=second.q_off)
 
     def args(c, tma):
-        descs = _row_descriptors(c.BLOCK_M, q, dout) if tma else (q, dout)
-        descs += _row_descriptors(c.BLOCK_M, s2.q, s2.dout) if tma and two else descs
-        return (q, k, v, dout, lse, delta, dk, dv, *(add or (dk, dv)), tables.q_num, tables.q_idx, tables.full_q_num,
-                tables.full_q_idx,
-                H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.q_num.shape[-1], tables.q_idx.shape[-1],
-                tables.full_q_idx.shape[-1], scale, q_off, *descs[:2],
-                s2.q, s2.dout, s2.lse, s2.delta, t2.q_num, t2.q_idx, t2.full_q_num, t2.full_q_idx, s2.q.shape[2],
-                t2.MB, t2.MH, t2.q_idx.shape[-1], t2.full_q_idx.shape[-1], s2.q_off, *descs[2:], *bargs)
+        descs = _descriptors(tma, c.BLOCK_M, Q=q, DO=dout)
+        if two:
+            descs.update(_descriptors(tma, c.BLOCK_M, Q2=second.q, DO2=second.dout))
+        return (*_DKDV(**named, **descs), *bargs)
 
     def spec():
-        tma = _use_tma(options, q, dout, *((s2.q, s2.dout) if two else ()), by_default=_tma_pays(q, k))
+        tma = _use_tma(options, q, dout, *((second.q, second.dout) if two else ()), by_default=_tma_pays(q, k))
         cfg = flex_config("dkdv", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
                           tiles=_tiles_for(q.dtype, options), tma=tma)
         # one key head's programs read q and dO of its query heads (of both streams)
         row_bytes = (D + DV) * q.element_size() * (H // Hkv)
-        order = GridOrder("dkdv", B * Hkv, Skv, "BLOCK_N", row_bytes * (Sq + (s2.q.shape[2] if two else 0)))
-        return (order, dict(ACCUMULATE=add is not None, USE_TMA=tma, TWO_STREAMS=two, HAS_FULL2=t2.has_full,
-                            EVEN2=_even(s2.q.shape[2], Skv, t2), **_common(q, k, v, tables, options)),
+        order = GridOrder("dkdv", B * Hkv, Skv, "BLOCK_N", row_bytes * (Sq + (second.q.shape[2] if two else 0)))
+        return (order, dict(ACCUMULATE=add is not None, USE_TMA=tma, TWO_STREAMS=two,
+                            HAS_FULL2=two and second.tables.has_full,
+                            EVEN2=two and _even(second.q.shape[2], Skv, second.tables),
+                            **_common(q, k, v, tables, options)),
                 cfg, (D, DV, q.dtype, tma))
 
     # (dk, dv allocated here are aligned; into / add are the caller's)
-    second_in = (s2.q, s2.dout, s2.lse, s2.delta) if two else ()
-    plan = _plan_key("dkdv", tables, options, (q_off, into is not None, add is not None, two, s2.q_off,
-                                                t2.layout if two else None),
+    second_in = (second.q, second.dout, second.lse, second.delta) if two else ()
+    plan = _plan_key("dkdv", tables, options, (q_off, into is not None, add is not None, two,
+                                                second.q_off if two else None, second.tables.layout if two else None),
                      (q, k, v, lse, delta, dout, *(into or ()), *(add or ()), *second_in), bargs)
     _launch(kern.module.flex_bwd_dkdv, plan, args, spec, options, q.device)
     return dk, dv
@@ -504,9 +544,11 @@ def finish_captured_grads(buffers: list[Tensor], gbufs: dict[int, Tensor]) -> li
     return [gbufs[s].to(buffers[s].dtype) if s in gbufs else None for s in range(len(buffers))]
 
 
-def _dbwd_args(q, k, v, out, dout, lse, dlse, gq, gk, gv):
+def _dbwd_inputs(q, k, v, dout, lse, dlse, gq, gk, gv) -> dict:
+    """The inputs every double-backward pass reads, by kernel parameter name."""
     c = lambda t: t.contiguous()  # noqa: E731
-    return (q, k, v, out, c(dout), lse, c(dlse) if dlse is not None else lse, c(gq), c(gk), c(gv))
+    return dict(Q=q, K=k, V=v, DO=c(dout), LSE=lse, DLSE=c(dlse) if dlse is not None else None, GQ=c(gq), GK=c(gk),
+                GV=c(gv))
 
 
 def _own_key_grad_buffers(own: OwnKeys, H: int):
@@ -518,26 +560,25 @@ def _own_key_grad_buffers(own: OwnKeys, H: int):
             torch.empty(B, H, Sq, own.vp.shape[3], dtype=dtypes[1], device=own.kp.device))
 
 
-def _own_args(own: Optional[OwnKeys], own_cts, fallback):
+def _own_dbwd_inputs(own: Optional[OwnKeys], own_cts) -> dict:
+    """The own keys and the cotangents of their gradients (none without own keys)."""
     if own is None:
-        return (fallback,) * 5
-    return own.kp, own.vp, own_cts[0].contiguous(), own_cts[1].contiguous(), own.keep
+        return {}
+    return dict(KP=own.kp, VP=own.vp, GKP=own_cts[0].contiguous(), GVP=own_cts[1].contiguous(), SELF_KEEP=own.keep)
 
 
-def _dbwd_query_pass(kern: ModKernels, which: str, args: tuple, own_a: tuple, head: tuple, tail: tuple,
-                     inputs: tuple, constexprs: dict, q, k, v, dlse, scale, tables: BlockTables, bargs: list,
-                     options, q_off: int, has_own: bool) -> None:
+def _dbwd_query_pass(kern: ModKernels, which: str, named: dict, constexprs: dict, q, k, v, dlse, scale,
+                     tables: BlockTables, bargs: list, options, q_off: int, has_own: bool) -> None:
     """Launch one of the double backward's passes over query tiles (``which``: dbwd_rows or
-    dbwd_dq).  Their arguments: ``args`` (_dbwd_args), ``head`` (their outputs and the row
-    statistics), the kv-side block tables, ``own_a`` (_own_args), ``tail`` (more outputs), the
-    key-side tiles (descriptors with TMA) and the captured tensors; ``inputs``: tensors read that
-    are not in ``args`` (for the plan key); ``constexprs``: the pass's own."""
-    B, H, Sq, D = q.shape
-    Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
-    kv_side = (args[1], args[2], args[8], args[9])  # k, v, Gk, Gv
+    dbwd_dq).  ``named``: the pass's tensor arguments by kernel parameter name (the key-side tiles
+    K, V, GK, GV among them: they load through descriptors with TMA); ``constexprs``: the pass's own."""
+    D, DV = q.shape[3], v.shape[3]
+    kv_side = {n: named[n] for n in ("K", "V", "GK", "GV")}
+    bind = SIGNATURES[f"flex_{which}"].bind
+    named = dict(named, **tables.kv_args, **_shape(q, k), scale=scale, Q_OFF=q_off)
 
     def spec():
-        tma = _use_tma(options, *kv_side, by_default=False)
+        tma = _use_tma(options, *kv_side.values(), by_default=False)
         cfg = flex_config(which, max(D, DV), tables.sparse_q, tables.sparse_kv, options,
                           tiles=_tiles_for(q.dtype, options, True, max(D, DV)))
         return (_query_order(which, q, k, v, auto=False),
@@ -545,12 +586,10 @@ def _dbwd_query_pass(kern: ModKernels, which: str, args: tuple, own_a: tuple, he
                      **_common(q, k, v, tables, options, True)), cfg, (D, DV, q.dtype, which, tma))
 
     def launch_args(c, tma):
-        return (*args, *head, tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx, H, Hkv, Sq, Skv,
-                tables.MB, tables.MH, tables.kv_num.shape[-1], tables.kv_idx.shape[-1], tables.full_kv_idx.shape[-1],
-                scale, q_off, *own_a, *tail, *(_row_descriptors(c.BLOCK_N, *kv_side) if tma else kv_side), *bargs)
+        return (*bind(**named, **_descriptors(tma, c.BLOCK_N, **kv_side)), *bargs)
 
-    plan = _plan_key(which, tables, options, (q_off, dlse is None, has_own, *constexprs.values()),
-                     (*args, *inputs, *own_a), bargs)
+    inputs = tuple(x for x in named.values() if isinstance(x, Tensor) or x is None)
+    plan = _plan_key(which, tables, options, (q_off, dlse is None, has_own, *constexprs.values()), inputs, bargs)
     _launch(getattr(kern.module, f"flex_{which}"), plan, launch_args, spec, options, q.device)
 
 
@@ -561,11 +600,12 @@ def dbwd_rows_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, 
     are one part of the rows' keys (``out``, ``lse`` are the merged ones); returns the raw sums
     (U, W, Bbar, D0) and the fp32 part P u v + P Gv of g_do instead, for ``finish_row_parts``."""
     B, H, Sq, _ = q.shape
-    args = _dbwd_args(q, k, v, out, dout, lse, dlse, gq, gk, gv)
+    named = _dbwd_inputs(q, k, v, dout, lse, dlse, gq, gk, gv)
     stats = torch.empty(B, H, Sq, 4, dtype=torch.float32, device=q.device)
-    g_do = torch.empty(args[4].shape, dtype=torch.float32, device=q.device) if partial else torch.empty_like(args[4])
-    _dbwd_query_pass(kern, "dbwd_rows", args, _own_args(own, own_cts, lse), (g_do, stats), (), (),
-                     dict(PARTIAL_ROWS=partial), q, k, v, dlse, scale, tables, bargs, options, q_off, own is not None)
+    g_do = torch.empty(named["DO"].shape, dtype=torch.float32 if partial else dout.dtype, device=q.device)
+    named.update(O=out, G_DO=g_do, STATS=stats, **_own_dbwd_inputs(own, own_cts))
+    _dbwd_query_pass(kern, "dbwd_rows", named, dict(PARTIAL_ROWS=partial), q, k, v, dlse, scale, tables, bargs,
+                     options, q_off, own is not None)
     return g_do, stats
 
 
@@ -589,17 +629,18 @@ def dbwd_dq_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, st
                  captured_grads: bool = False):
     """g_q of the double backward; with own keys also their g_kp, g_vp per query head (fp32);
     with ``captured_grads`` also the captured tensors' gradients (into the GBUFs of ``bargs``)."""
-    H = q.shape[1]
-    args = _dbwd_args(q, k, v, out, dout, lse, dlse, gq, gk, gv)
+    named = _dbwd_inputs(q, k, v, dout, lse, dlse, gq, gk, gv)
     g_q = torch.empty_like(q)
+    own_grads = _own_key_grad_buffers(own, q.shape[1]) if own is not None else None
+    named.update(G_Q=g_q, STATS=stats, **_own_dbwd_inputs(own, own_cts))
     if own is not None:
-        g_kp, g_vp = _own_key_grad_buffers(own, H)
-    else:
-        g_kp = g_vp = lse
-    _dbwd_query_pass(kern, "dbwd_dq", args, _own_args(own, own_cts, lse), (g_q, stats), (g_kp, g_vp), (stats,),
-                     dict(CAPTURED_GRADS=captured_grads), q, k, v, dlse, scale, tables, bargs, options, q_off,
-                     own is not None)
-    return g_q, ((g_kp, g_vp) if own is not None else None)
+        named.update(G_KP=own_grads[0], G_VP=own_grads[1])
+    _dbwd_query_pass(kern, "dbwd_dq", named, dict(CAPTURED_GRADS=captured_grads), q, k, v, dlse, scale, tables,
+                     bargs, options, q_off, own is not None)
+    return g_q, own_grads
+
+
+_DBWD_DKDV = SIGNATURES["flex_dbwd_dkdv"].bind
 
 
 def dbwd_dkdv_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, stats, scale, tables: BlockTables,
@@ -608,46 +649,53 @@ def dbwd_dkdv_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, 
     """g_k, g_v of the double backward from these queries (into / add as in dkdv_pass)."""
     B, H, Sq, D = q.shape
     Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
-    args = _dbwd_args(q, k, v, out, dout, lse, dlse, gq, gk, gv)
+    named = _dbwd_inputs(q, k, v, dout, lse, dlse, gq, gk, gv)
     g_k, g_v = into if into is not None else (torch.empty_like(k), torch.empty_like(v))
-    q_side = (args[0], args[3], args[4], args[7])  # q, O, dO, Gq
+    q_side = {n: named[n] for n in ("Q", "DO", "GQ")}
+    named.update(G_K=g_k, G_V=g_v, STATS=stats, **tables.q_args, **_shape(q, k), scale=scale, Q_OFF=q_off)
+    if add is not None:
+        named.update(ADD_K=add[0], ADD_V=add[1])
 
     def spec():
-        tma = _use_tma(options, *q_side, by_default=False)
+        tma = _use_tma(options, *q_side.values(), by_default=False)
         cfg = flex_config("dbwd_dkdv", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
                           tiles=_tiles_for(q.dtype, options, True, max(D, DV)))
         return (GridOrder("dbwd_dkdv", B * Hkv, Skv, "BLOCK_N", 0, auto=False),
                 dict(HAS_DLSE=dlse is not None, ACCUMULATE=add is not None, USE_TMA=tma,
                      **_common(q, k, v, tables, options, True)), cfg, (D, DV, q.dtype, "dbwd_dkdv", tma))
 
+    inputs = (q, k, v, out, named["DO"], lse, named["DLSE"], named["GQ"], named["GK"], named["GV"], stats,
+              *(into or ()), *(add or ()))
     plan = _plan_key("dbwd_dkdv", tables, options, (q_off, dlse is None, into is not None, add is not None),
-                     (*args, stats, *(into or ()), *(add or ())), bargs)
+                     inputs, bargs)
+
     def launch_args(c, tma):
-        return (*args, g_k, g_v, *(add or (g_k, g_v)), stats, tables.q_num, tables.q_idx, tables.full_q_num,
-                tables.full_q_idx, H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.q_num.shape[-1],
-                tables.q_idx.shape[-1], tables.full_q_idx.shape[-1], scale, q_off,
-                *(_row_descriptors(c.BLOCK_M, *q_side) if tma else q_side), *bargs)
+        return (*_DBWD_DKDV(**named, **_descriptors(tma, c.BLOCK_M, **q_side)), *bargs)
 
     _launch(kern.module.flex_dbwd_dkdv, plan, launch_args, spec, options, q.device)
     return g_k, g_v
+
+
+_JVP = SIGNATURES["flex_jvp"].bind
 
 
 def flex_jvp(kern: ModKernels, q, k, v, dq, dk, dv, scale: float, tables: BlockTables, buffers: list[Tensor],
              options: Optional[dict] = None, q_off: int = 0, own: Optional[OwnKeys] = None, own_tangents=None):
     """Forward and forward-mode tangents in one pass: (out, lse, d_out, d_lse)."""
     B, H, Sq, D = q.shape
-    Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
+    DV = v.shape[3]
     c = lambda t: t.contiguous()  # noqa: E731
     dq, dk, dv = c(dq), c(dk), c(dv)
     out = torch.empty(B, H, Sq, DV, dtype=q.dtype, device=q.device)
     d_out = torch.empty_like(out)
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
     d_lse = torch.empty_like(lse)
-    own_a = (own.kp, own.vp, c(own_tangents[0]), c(own_tangents[1]), own.keep) if own is not None else (lse,) * 5
+    own_in = _own_inputs(own)
+    if own is not None:
+        own_in.update(DKP=c(own_tangents[0]), DVP=c(own_tangents[1]))
     bargs = _buffer_args(buffers, {})
-    a = (q, k, v, dq, dk, dv, out, lse, d_out, d_lse, tables.kv_num, tables.kv_idx, tables.full_kv_num,
-         tables.full_kv_idx, H, Hkv, Sq, Skv, tables.MB, tables.MH, tables.kv_num.shape[-1],
-         tables.kv_idx.shape[-1], tables.full_kv_idx.shape[-1], scale, q_off, *own_a, *bargs)
+    a = (*_JVP(Q=q, K=k, V=v, DQ=dq, DK=dk, DVT=dv, O=out, LSE=lse, DO=d_out, DLSE=d_lse, **tables.kv_args,
+               **_shape(q, k), scale=scale, Q_OFF=q_off, **own_in), *bargs)
 
     def spec():
         cfg = flex_config("jvp", max(D, DV), tables.sparse_q, tables.sparse_kv, options, kern.gathers,
@@ -655,7 +703,6 @@ def flex_jvp(kern: ModKernels, q, k, v, dq, dk, dv, scale: float, tables: BlockT
         return (_query_order("jvp", q, k, v, auto=False),
                 dict(HAS_SELF=own is not None, **_common(q, k, v, tables, options)), cfg, (D, DV, q.dtype, "jvp"))
 
-    plan = _plan_key("jvp", tables, options, (q_off, own is not None),
-                     (q, k, v, dq, dk, dv, *(own_a if own is not None else ())), bargs)
+    plan = _plan_key("jvp", tables, options, (q_off, own is not None), (q, k, v, dq, dk, dv, *own_in.values()), bargs)
     _launch(kern.module.flex_jvp, plan, lambda c_, tma: a, spec, options, q.device)
     return out, lse, d_out, d_lse

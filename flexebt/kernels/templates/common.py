@@ -1,0 +1,245 @@
+# flexebt kernel templates: what every pass shares.
+#
+# The kernels of one pair of mods are generated from these files, concatenated in the order
+# common, forward, backward, double_backward, jvp (flexebt/codegen/source.py), and are never
+# imported as they stand.  Mod code enters only at *hooks*: lines of the form
+#
+#     t2 = hook.score(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx, kv_idx=kv_idx)
+#
+# where the keyword arguments name the template variables the mod's inputs are bound to and the
+# names on the left receive its outputs (the hooks and their inputs and outputs are declared in
+# flexebt/codegen/hooks.py, which checks every hook line against that declaration).  The code a
+# hook expands to may also read the tile's ZERO (int32 zeros of the tile's shape, to broadcast a
+# value), VALID (the tile's positions inside both sequences) and the captured-tensor parameters
+# that `__BUFFERS__` stands for in the signatures ("IDXERR, BUF0, BUF0_S0, ..., GBUF0, CBUF0, ...").
+#
+# Layout: q [B, H, Sq, D], k [B, Hkv, Skv, D], v [B, Hkv, Skv, DV], all contiguous.
+# Block sparsity: torch BlockMask tables, contiguous, [MB, MH, nQ(, nKVmax)] with MB in {1, B},
+# MH in {1, H}; a row of sparse Q blocks lists partial kv blocks (mask_mod applied) and full kv
+# blocks (mask_mod skipped).  Kernel tiles (BLOCK_M x BLOCK_N) subdivide the sparse blocks
+# (SPARSE_Q x SPARSE_KV).  A pass walks the tiles of a row's partial blocks, then those of its
+# full blocks: `for FULL in tl.static_range(2)` is unrolled at compile time, so FULL (and the
+# tile functions' IS_FULL) is a constant and a full tile carries no mask code.
+#
+# Math (one query row i, keys j):  s_ij = scale q_i.k_j,  t_ij = f(s_ij),
+#   P_ij = exp(t_ij - L_i),  L_i = log sum_j exp(t_ij),  o_i = sum_j P_ij v_j.
+# Scores are kept in log2 units (t2 = t log2 e) so every exponential is one exp2; lse is stored in
+# natural log units.
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _mm(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with fp32 accumulation.  IEEE = 1: exact fp32 products (no tf32); IEEE = 2: fp32
+    products as three tf32 products (tensor cores).  UPCAST: compute in fp32 (only for bf16 under
+    Triton's CPU interpreter, whose bf16 dot is wrong)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif IEEE == 1:
+        return tl.dot(a, b, input_precision="ieee")
+    elif IEEE == 2:
+        return tl.dot(a, b, input_precision="tf32x3")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _load_rows(ptr, rows, n_rows, ncols: tl.constexpr, BLOCK_C: tl.constexpr, EVEN: tl.constexpr):
+    """Rows ``rows`` of a contiguous [n_rows, ncols] matrix as a [len(rows), BLOCK_C] tile (0-padded)."""
+    cols = tl.arange(0, BLOCK_C)
+    if EVEN and ncols == BLOCK_C:
+        return tl.load(ptr + rows[:, None] * ncols + cols[None, :])
+    return tl.load(ptr + rows[:, None] * ncols + cols[None, :],
+                   mask=(rows[:, None] < n_rows) & (cols[None, :] < ncols), other=0.0)
+
+
+@triton.jit
+def _store_rows(ptr, value, rows, n_rows, ncols: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Store a [len(rows), BLOCK_C] tile as rows ``rows`` of a contiguous [n_rows, ncols] matrix, in
+    the matrix's dtype (rows past n_rows and columns past ncols are not written)."""
+    cols = tl.arange(0, BLOCK_C)
+    tl.store(ptr + rows[:, None] * ncols + cols[None, :], value.to(ptr.dtype.element_ty),
+             mask=(rows[:, None] < n_rows) & (cols[None, :] < ncols))
+
+
+@triton.jit
+def _load_tile(ptr, DESC, head, start, n_rows, ncols: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+               EVEN: tl.constexpr, USE_TMA: tl.constexpr):
+    """Rows start .. start + BLOCK of one head's contiguous [n_rows, ncols] matrix at ``ptr``.
+    USE_TMA: through the tensor descriptor DESC over [heads, n_rows, ncols] instead -- the copy
+    engine fetches the tile and fills rows past n_rows and columns past ncols with zeros, as the
+    pointer loads do."""
+    if USE_TMA:
+        return DESC.load([head.to(tl.int32), start, 0]).reshape(BLOCK, BLOCK_C)
+    return _load_rows(ptr, start + tl.arange(0, BLOCK), n_rows, ncols, BLOCK_C, EVEN)
+
+
+@triton.jit
+def _load_lse2(LSE, qh, offs_m, Sq):
+    """A row tile's log-sum-exp in log2 units.  lse = -inf marks a row with nothing kept; it
+    becomes 0 there, so exp2(t2 - lse2) stays finite (those probabilities are masked anyway)."""
+    lse = tl.load(LSE + qh * Sq + offs_m, mask=offs_m < Sq, other=float("-inf"))
+    return tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+
+
+@triton.jit
+def _mod_indices(offs_m, offs_n, Sq, Skv, EVEN: tl.constexpr):
+    """Positions the mods see.  Past the end of a sequence they are clamped to the last position so
+    a mod's loads stay in bounds (those scores are masked anyway); when every tile is inside
+    (EVEN) no clamp is needed, which keeps the offsets visibly contiguous for vectorized loads."""
+    if EVEN:
+        return offs_m, offs_n
+    return tl.minimum(offs_m, Sq - 1), tl.minimum(offs_n, Skv - 1)
+
+
+@triton.jit
+def _tile_positions(offs_m, offs_n, Sq, Skv, Q_OFF, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    EVEN: tl.constexpr):
+    """What the mod code of a [BLOCK_M queries, BLOCK_N keys] tile sees: VALID (inside both
+    sequences), mq_idx (stream-local query position, for block-mask mods), q_idx (frame position,
+    for score_mods), kv_idx, and ZERO (to broadcast values to the tile)."""
+    VALID = (offs_m[:, None] < Sq) & (offs_n[None, :] < Skv)
+    mq_idx, kv_idx = _mod_indices(offs_m, offs_n, Sq, Skv, EVEN)
+    return (VALID, mq_idx[:, None], mq_idx[:, None] + Q_OFF, kv_idx[None, :],
+            tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32))
+
+
+@triton.jit
+def _tile_positions_t(offs_m, offs_n, Sq, Skv, Q_OFF, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      EVEN: tl.constexpr):
+    """_tile_positions of a transposed [BLOCK_N keys, BLOCK_M queries] tile (the dk/dv pass)."""
+    VALID = (offs_m[None, :] < Sq) & (offs_n[:, None] < Skv)
+    mq_idx, kv_idx = _mod_indices(offs_m, offs_n, Sq, Skv, EVEN)
+    return (VALID, mq_idx[None, :], mq_idx[None, :] + Q_OFF, kv_idx[:, None],
+            tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32))
+
+
+@triton.jit
+def _own_positions(offs_m, Sq, Q_OFF, BLOCK_M: tl.constexpr, EVEN: tl.constexpr):
+    """Mod inputs of the EBT own-key column ([BLOCK_M, 1]): query i meets its own key at its
+    own frame position (kv_idx = q_idx), the one-column form of _tile_positions."""
+    VALID = (offs_m < Sq)[:, None]
+    mq_idx, _unused = _mod_indices(offs_m, offs_m, Sq, Sq, EVEN)
+    q_idx = mq_idx[:, None] + Q_OFF
+    return VALID, mq_idx, q_idx, q_idx, tl.zeros([BLOCK_M, 1], dtype=tl.int32)
+
+
+@triton.jit
+def _own_keep(SELF_KEEP, VALID, qh, offs_m, Sq):
+    """Which rows keep their EBT own key ([BLOCK_M, 1]): SELF_KEEP[b, h, i] != 0 inside the sequence."""
+    return VALID & (tl.load(SELF_KEEP + qh * Sq + offs_m, mask=offs_m < Sq, other=0) != 0)[:, None]
+
+
+@triton.jit
+def _row_dot(a, b):
+    """Row-wise dot products of two [BLOCK_M, BLOCK_C] tiles in fp32, as a [BLOCK_M, 1] column."""
+    return tl.sum(a.to(tl.float32) * b.to(tl.float32), 1)[:, None]
+
+
+@triton.jit
+def _program_tile(n_tiles, HEAD_GROUP, REVERSE: tl.constexpr):
+    """(tile, batch x head) of this program in a 1-d grid of n_tiles x (B * heads) programs.
+
+    The hardware starts programs roughly in launch order.  Heads go in groups of HEAD_GROUP; a
+    group's programs run tile index by tile index across its heads.  With REVERSE (last tiles
+    first: under a causal mask they see the most keys) a group starts all its heavy tiles before
+    any light one, and the launch ends on light tiles -- a short tail.  When HEAD_GROUP does not
+    divide the heads, the narrower group goes first: last, its heavy tiles would start near the
+    end and run alone.  HEAD_GROUP = 1 is the plain head-by-head order; a larger group shortens
+    the tail but spreads the programs running at one time over more heads, whose K/V (or q/dO)
+    must share the L2 cache (kernels/grid.py chooses it)."""
+    pid = tl.program_id(0)
+    n_bh = tl.num_programs(0) // n_tiles
+    narrow = n_bh % HEAD_GROUP
+    if narrow == 0:
+        narrow = HEAD_GROUP
+    if pid < narrow * n_tiles:
+        first = pid * 0
+        width = narrow
+    else:
+        rest = pid - narrow * n_tiles
+        first = narrow + (rest // (HEAD_GROUP * n_tiles)) * HEAD_GROUP  # first head of the group
+        width = HEAD_GROUP
+    within = pid - first * n_tiles
+    pid_t = within // width
+    if REVERSE:
+        pid_t = n_tiles - 1 - pid_t
+    return pid_t, first + within % width
+
+
+@triton.jit
+def _query_program(Sq, H, Hkv, HEAD_GROUP, BLOCK_M: tl.constexpr, REVERSE: tl.constexpr):
+    """Who a program of a pass over query tiles is: its query tile pid_m (rows offs_m), batch off_b,
+    query head off_h, the flat query head qh = b * H + h and its key head kvh = b * Hkv + h // (H / Hkv)
+    (int64, for the head offsets)."""
+    pid_m, pid_bh = _program_tile(tl.cdiv(Sq, BLOCK_M), HEAD_GROUP, REVERSE)
+    off_b = pid_bh // H
+    off_h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    qh = (off_b * H + off_h).to(tl.int64)
+    kvh = (off_b * Hkv + off_h // (H // Hkv)).to(tl.int64)
+    return pid_m, off_b, off_h, offs_m, qh, kvh
+
+
+@triton.jit
+def _key_program(Skv, Hkv, HEAD_GROUP, BLOCK_N: tl.constexpr):
+    """Who a program of a pass over key tiles is: its key tile pid_n (keys offs_n), batch off_b,
+    key head off_hk and the flat key head kvh (int64)."""
+    pid_n, pid_bh = _program_tile(tl.cdiv(Skv, BLOCK_N), HEAD_GROUP, False)
+    off_b = pid_bh // Hkv
+    off_hk = pid_bh % Hkv
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_n, off_b, off_hk, offs_n, (off_b * Hkv + off_hk).to(tl.int64)
+
+
+@triton.jit
+def _row_table(NUM, FULL_NUM, off_b, off_h, block, MB, MH, N_ROWS, N_LIST, N_LIST_FULL, HAS_FULL: tl.constexpr):
+    """Where one row of the block tables starts, and its partial and full block counts.  A table
+    built with B/H = None has MB/MH = 1 and is shared by all batches/heads (x % 1 == 0)."""
+    row = ((off_b % MB) * MH + (off_h % MH)) * N_ROWS + block
+    n_partial = tl.load(NUM + row)
+    n_full = 0
+    if HAS_FULL:
+        n_full = tl.load(FULL_NUM + row)
+    return row * N_LIST, row * N_LIST_FULL, n_partial, n_full
+
+
+@triton.jit
+def _blocks(FULL: tl.constexpr, IDX, FULL_IDX, base, base_full, n_partial, n_full, SPARSE: tl.constexpr,
+            BLOCK: tl.constexpr):
+    """The block list a row walks for FULL = 0 (its partial blocks) or 1 (its full blocks): the
+    list's start in the table, where it begins, and how many tiles of BLOCK it holds."""
+    if FULL:
+        return FULL_IDX, base_full, n_full * (SPARSE // BLOCK)
+    return IDX, base, n_partial * (SPARSE // BLOCK)
+
+
+@triton.jit
+def _tile_start(IDX, base, it, SPARSE: tl.constexpr, BLOCK: tl.constexpr):
+    """First position of tile ``it`` of a row's block list: tile it sits in listed block
+    it // MULT at offset (it % MULT) * BLOCK, MULT = SPARSE / BLOCK tiles per sparse block."""
+    return tl.load(IDX + base + it // (SPARSE // BLOCK)) * SPARSE + (it % (SPARSE // BLOCK)) * BLOCK
+
+
+@triton.jit
+def _store_key_grads(DK, DV_OUT, ADD_K, ADD_V, dk, dv, kvh, offs_n, Skv, D: tl.constexpr, DV: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """Write one key tile's gradients [BLOCK_N, D] / [BLOCK_N, DV].  ACCUMULATE: first add what
+    ADD_K / ADD_V hold (an earlier pass's fp32 partial sums; they may be DK / DV_OUT themselves),
+    so the last pass can write the final dtype directly."""
+    col_ok = offs_n < Skv
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dk_off = kvh * Skv * D + offs_n[:, None] * D + offs_d[None, :]
+    dv_off = kvh * Skv * DV + offs_n[:, None] * DV + offs_dv[None, :]
+    dk_ok = col_ok[:, None] & (offs_d[None, :] < D)
+    dv_ok = col_ok[:, None] & (offs_dv[None, :] < DV)
+    if ACCUMULATE:
+        dk += tl.load(ADD_K + dk_off, mask=dk_ok, other=0.0).to(tl.float32)
+        dv += tl.load(ADD_V + dv_off, mask=dv_ok, other=0.0).to(tl.float32)
+    tl.store(DK + dk_off, dk.to(DK.dtype.element_ty), mask=dk_ok)
+    tl.store(DV_OUT + dv_off, dv.to(DV_OUT.dtype.element_ty), mask=dv_ok)
