@@ -39,7 +39,7 @@ CURRENT = {
     "B3_h100_bf16_s1024_s4096_7f5672b", "B3_h100_fp32_s256_eager_7b38585", "B3_h100_fp32_s256_compiled_7b38585",
     "B3_h100_fp32_s256_ro_b493a3c",
     "B4_h200_71970fc", "B4_h100_d128_daf5d74",
-    "gpu_checks_h100_b493a3c",
+    "gpu_checks_h100_b493a3c", "gpu_checks_h100_ac6afad",
 }
 
 # Why a run is not to be cited, per file in invalid/.
