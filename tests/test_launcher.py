@@ -233,3 +233,26 @@ def test_equal_plan_keys_mean_equal_triton_launches(monkeypatch):
             assert got == want[n], f"{name}: {n} re-issued a launch Triton would not make"
     for kn in vars(kern.module).values():
         assert len(kn.fast_calls) >= len(_CASES)  # every case hit in the second round
+
+
+def test_wrap_launches_sees_every_pass_and_restores_the_launch():
+    """The benchmark tools' instrumentation point: every pass of a call goes through the wrapper,
+    named by its declared kernel, and the launch is restored after the block."""
+    import flexebt
+    import flexebt.kernels.flex as kf
+    from flexebt.kernels.signatures import SIGNATURES
+
+    seen = []
+
+    def record(launch):
+        def wrapped(kernel, plan, args, spec, options, device):
+            seen.append(kernel.fn.__name__)  # recorded, not run (the outputs stay unwritten)
+        return wrapped
+
+    real = kf._launch
+    x = [torch.randn(1, 2, 32, 16, requires_grad=True) for _ in range(3)]
+    with kf.wrap_launches(record):
+        out = flexebt.flex_attention(*x, kernel_options={"BACKEND": "TRITON"})
+        torch.autograd.grad(out, x, torch.ones_like(out))
+    assert kf._launch is real
+    assert seen == ["flex_fwd", "flex_bwd_dq", "flex_bwd_dkdv"] and set(seen) <= set(SIGNATURES)

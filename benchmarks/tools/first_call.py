@@ -82,17 +82,17 @@ def main(argv=None):
     p.add_argument("--out", default="-")
     a = p.parse_args(argv)
     out = sys.stdout if a.out == "-" else open(a.out, "w")
-    flex_kernels._launch = _timed_launch(flex_kernels._launch)
-    print(f"{torch.cuda.get_device_name()} torch {torch.__version__}", file=out, flush=True)
-    for dt in a.dtypes.split(","):
-        for name, fn in _cases(a.S, getattr(torch, dt), a.B, a.H).items():
-            if a.cases and not any(c in name for c in a.cases.split(",")):
-                continue
-            for rep in ("first", "warm"):
-                t0 = time.perf_counter()
-                fn()
-                torch.cuda.synchronize()
-                _report(f"{dt} S{a.S} {name} [{rep}] total {time.perf_counter() - t0:.2f} s", out)
+    with flex_kernels.wrap_launches(_timed_launch):
+        print(f"{torch.cuda.get_device_name()} torch {torch.__version__}", file=out, flush=True)
+        for dt in a.dtypes.split(","):
+            for name, fn in _cases(a.S, getattr(torch, dt), a.B, a.H).items():
+                if a.cases and not any(c in name for c in a.cases.split(",")):
+                    continue
+                for rep in ("first", "warm"):
+                    t0 = time.perf_counter()
+                    fn()
+                    torch.cuda.synchronize()
+                    _report(f"{dt} S{a.S} {name} [{rep}] total {time.perf_counter() - t0:.2f} s", out)
 
 
 if __name__ == "__main__":

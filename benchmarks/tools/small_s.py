@@ -63,17 +63,17 @@ def launch_breakdown(fwd_bwd, n=200):
     import flexebt.kernels.flex as kf
     import triton
 
-    seen, real = [], kf._launch
+    seen = []
 
-    def spy(kernel, plan, args, spec, options, device):
-        seen.append((kernel, plan, args, spec, options, device))
-        return real(kernel, plan, args, spec, options, device)
+    def spy(real):
+        def launch(kernel, plan, args, spec, options, device):
+            seen.append((kernel, plan, args, spec, options, device))
+            return real(kernel, plan, args, spec, options, device)
+        return launch
 
-    kf._launch = spy
-    try:
+    with kf.wrap_launches(spy):
         fwd_bwd()
-    finally:
-        kf._launch = real
+    real = kf._launch  # the fast path as it runs (this tool measures the launcher itself)
     for kernel, plan, args, spec, options, device in seen:
         order, kwargs, cfg, key = spec()
         cfg = runtime.tile_fits.get((id(kernel), key, cfg), kernel, default=cfg)
@@ -177,11 +177,8 @@ def main(argv=None):
                       f"{host_ms(fwd_bwd):.3f} ms", flush=True)
             kf._FAST = default
             launch_breakdown(fwd_bwd)
-            real, kf._launch = kf._launch, (lambda *a, **k: None)
-            try:
+            with kf.wrap_launches(lambda launch: (lambda *a, **k: None)):
                 print(f"    host per fwd+bwd with the launches stubbed: {host_ms(fwd_bwd):.3f} ms", flush=True)
-            finally:
-                kf._launch = real
             if args.cprofile:  # where the host time of a fwd+bwd goes (launches included)
                 pr = cProfile.Profile()
                 pr.enable()

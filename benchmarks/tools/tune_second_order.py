@@ -40,42 +40,42 @@ def main():
     a = p.parse_args()
     dtype = getattr(torch, a.dtype)
     extra = {"FP32_PRODUCTS": a.fp32_products} if a.fp32_products else {}
-    fk._launch = fc._timed_launch(fk._launch)
-    S = a.S
-    x = [torch.randn(a.B, a.H, S, a.D, device="cuda", dtype=dtype) for _ in range(6)]
-    bm = flexebt.create_ebt_block_mask(None, None, None, S, S, device="cuda")
+    with fk.wrap_launches(fc._timed_launch):
+        S = a.S
+        x = [torch.randn(a.B, a.H, S, a.D, device="cuda", dtype=dtype) for _ in range(6)]
+        bm = flexebt.create_ebt_block_mask(None, None, None, S, S, device="cuda")
 
-    def step(opts):
-        xs = [t.detach().requires_grad_() for t in x]
-        o = flexebt.flex_ebt_attention(*xs, block_mask=bm, kernel_options={**opts, **extra})
-        g = torch.autograd.grad(o, xs, [torch.ones_like(t) * 0.01 for t in o], create_graph=True)
-        torch.autograd.grad(sum((t.float() ** 2).sum() for t in g), xs)
+        def step(opts):
+            xs = [t.detach().requires_grad_() for t in x]
+            o = flexebt.flex_ebt_attention(*xs, block_mask=bm, kernel_options={**opts, **extra})
+            g = torch.autograd.grad(o, xs, [torch.ones_like(t) * 0.01 for t in o], create_graph=True)
+            torch.autograd.grad(sum((t.float() ** 2).sum() for t in g), xs)
 
-    def timed(opts, names):
-        step(opts)
-        torch.cuda.synchronize()
-        fc._LOG.clear()
-        step(opts)
-        torch.cuda.synchronize()
-        out = {n: sum(sec for name, _, sec in fc._LOG if name == n) * 1e3 for n in names}
-        fc._LOG.clear()
-        return " ".join(f"{n} {t:.2f}" for n, t in out.items())
+        def timed(opts, names):
+            step(opts)
+            torch.cuda.synchronize()
+            fc._LOG.clear()
+            step(opts)
+            torch.cuda.synchronize()
+            out = {n: sum(sec for name, _, sec in fc._LOG if name == n) * 1e3 for n in names}
+            fc._LOG.clear()
+            return " ".join(f"{n} {t:.2f}" for n, t in out.items())
 
-    print(f"default tiles: {timed({}, PASSES)} ms", flush=True)
-    for m, n, w, s in (FP32 if dtype == torch.float32 else DKDV):
-        o = dict(BLOCK_M1=m, BLOCK_N1=n, dbwd_dkdv_num_warps=w, dbwd_dkdv_num_stages=s)
-        try:
-            print(f"dkdv M{m} N{n} w{w} s{s}: {timed(o, ['flex_dbwd_dkdv', 'flex_bwd_dkdv'])} ms", flush=True)
-        except Exception as e:  # out of resources
-            print(f"dkdv M{m} N{n} w{w} s{s}: failed {type(e).__name__}", flush=True)
-    for m, n, w, s in (FP32 if dtype == torch.float32 else DQ):
-        o = dict(BLOCK_M2=m, BLOCK_N2=n, dbwd_dq_num_warps=w, dbwd_dq_num_stages=s, dbwd_rows_num_warps=w,
-                 dbwd_rows_num_stages=s)
-        try:
-            print(f"dq   M{m} N{n} w{w} s{s}: {timed(o, ['flex_dbwd_rows', 'flex_dbwd_dq', 'flex_bwd_dq'])} ms",
-                  flush=True)
-        except Exception as e:
-            print(f"dq   M{m} N{n} w{w} s{s}: failed {type(e).__name__}", flush=True)
+        print(f"default tiles: {timed({}, PASSES)} ms", flush=True)
+        for m, n, w, s in (FP32 if dtype == torch.float32 else DKDV):
+            o = dict(BLOCK_M1=m, BLOCK_N1=n, dbwd_dkdv_num_warps=w, dbwd_dkdv_num_stages=s)
+            try:
+                print(f"dkdv M{m} N{n} w{w} s{s}: {timed(o, ['flex_dbwd_dkdv', 'flex_bwd_dkdv'])} ms", flush=True)
+            except Exception as e:  # out of resources
+                print(f"dkdv M{m} N{n} w{w} s{s}: failed {type(e).__name__}", flush=True)
+        for m, n, w, s in (FP32 if dtype == torch.float32 else DQ):
+            o = dict(BLOCK_M2=m, BLOCK_N2=n, dbwd_dq_num_warps=w, dbwd_dq_num_stages=s, dbwd_rows_num_warps=w,
+                     dbwd_rows_num_stages=s)
+            try:
+                print(f"dq   M{m} N{n} w{w} s{s}: {timed(o, ['flex_dbwd_rows', 'flex_dbwd_dq', 'flex_bwd_dq'])} ms",
+                      flush=True)
+            except Exception as e:
+                print(f"dq   M{m} N{n} w{w} s{s}: failed {type(e).__name__}", flush=True)
 
 
 if __name__ == "__main__":
