@@ -54,6 +54,8 @@ NOTES = {
     # CPU
     "ebt_codegen_cpu_181c3f5": ("timing script", "tracing and code generation of a new EBT call (S512, captured "
                                 "bias): one kernel module for both streams"),
+    "same_numbers_cpu_7b38585_3a3c26a": ("same_numbers.py", "the kernel engine rebuilt from per-family template "
+                                        "files against the commit before: every result bit-identical"),
     "overhead_cpu_0ca08bc": ("overhead.py", "flexebt's Python time per call, launches stubbed"),
     "overhead_cpu_74851fc": ("overhead.py", "flexebt's Python time per call, launches stubbed: before and after "
                              "precomputed Function signatures and cached tile configs"),
