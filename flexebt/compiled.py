@@ -95,7 +95,9 @@ def _kernel_parts(score_fn, score_obj, mask_fn, mask_obj, frame_mask: bool) -> t
     """(arguments one by one: dynamo converts an object only as a direct argument)"""
     score_mod, mask_mod = _joined(score_fn, score_obj), _joined(mask_fn, mask_obj)
     kern = get_kernels("flex_attention", score_mod, mask_mod, frame_mask=frame_mask)
-    key = f"flex_attention:{id(kern)}"
+    # named by its generated source's digest: the same in every process, so a compiled graph that names
+    # it is the same graph from one run to the next (inductor's caches can hit)
+    key = f"flex_attention:{kern.module.__name__.rsplit('_', 1)[1]}"
     if kern.internal:
         raise NotImplementedError("flexebt under torch.compile: a mod that creates tensors inside its body is "
                                   "not supported; create them outside and capture them.")

@@ -660,3 +660,20 @@ def test_several_mods_in_one_compiled_function():
 
     x, y = torch.randn(1, 2, 16, 16), torch.randn(1, 2, 19, 16)
     assert rel_err(torch.compile(f, backend="aot_eager", fullgraph=True)(x, y), f(x, y)) < 1e-6
+
+
+def test_compiled_graphs_name_kernels_the_same_in_every_process(tmp_path):
+    """The kernel key a compiled graph carries as a constant comes from the generated source, not
+    from an object's address: two processes give the same key (so inductor's caches can hit), and
+    a different mod gives a different one."""
+    import subprocess
+    import sys
+
+    script = ("import torch, flexebt.compiled as c\n"
+              "from flexebt import masks, mods\n"
+              "print(c._kernel_parts(mods.generate_alibi_bias(2), None, masks.causal_mask, None, False)[0])\n"
+              "print(c._kernel_parts(mods.generate_tanh_softcap(5.0), None, None, None, False)[0])\n")
+    env = dict(__import__("os").environ, FLEXEBT_CACHE_DIR=str(tmp_path))
+    runs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+            .stdout.split() for _ in range(2)]
+    assert runs[0] == runs[1] and runs[0][0] != runs[0][1] and all(k.startswith("flex_attention:") for k in runs[0])
