@@ -585,15 +585,15 @@ def _own_dbwd_inputs(own: Optional[OwnKeys], own_cts) -> dict:
     return dict(KP=own.kp, VP=own.vp, GKP=own_cts[0].contiguous(), GVP=own_cts[1].contiguous(), SELF_KEEP=own.keep)
 
 
-def _dbwd_query_pass(kern: ModKernels, which: str, named: dict, constexprs: dict, q, k, v, dlse, scale,
-                     tables: BlockTables, bargs: list, options, q_off: int, has_own: bool) -> None:
+def _dbwd_query_pass(kern: ModKernels, which: str, named: dict, outputs: dict, constexprs: dict, q, k, v, dlse,
+                     scale, tables: BlockTables, bargs: list, options, q_off: int, has_own: bool) -> None:
     """Launch one of the double backward's passes over query tiles (``which``: dbwd_rows or
-    dbwd_dq).  ``named``: the pass's tensor arguments by kernel parameter name (the key-side tiles
-    K, V, GK, GV among them: they load through descriptors with TMA); ``constexprs``: the pass's own."""
+    dbwd_dq).  ``named``: the pass's input tensors by kernel parameter name (the key-side tiles K, V,
+    GK, GV among them: they load through descriptors with TMA); ``outputs``: the tensors it writes
+    (allocated by the pass, so not part of the launch plan's key); ``constexprs``: the pass's own."""
     D, DV = q.shape[3], v.shape[3]
     kv_side = {n: named[n] for n in ("K", "V", "GK", "GV")}
     bind = SIGNATURES[f"flex_{which}"].bind
-    named = dict(named, **tables.kv_args, **_shape(q, k), scale=scale, Q_OFF=q_off)
 
     def spec():
         tma = _use_tma(options, *kv_side.values(), by_default=False)
@@ -606,8 +606,9 @@ def _dbwd_query_pass(kern: ModKernels, which: str, named: dict, constexprs: dict
     def launch_args(c, tma):
         return (*bind(**named, **_descriptors(tma, c.BLOCK_N, **kv_side)), *bargs)
 
-    inputs = tuple(x for x in named.values() if isinstance(x, Tensor) or x is None)
-    plan = _plan_key(which, tables, options, (q_off, dlse is None, has_own, *constexprs.values()), inputs, bargs)
+    plan = _plan_key(which, tables, options, (q_off, dlse is None, has_own, *constexprs.values()),
+                     tuple(named.values()), bargs)
+    named = dict(named, **outputs, **tables.kv_args, **_shape(q, k), scale=scale, Q_OFF=q_off)
     _launch(getattr(kern.module, f"flex_{which}"), plan, launch_args, spec, options, q.device)
 
 
@@ -621,9 +622,9 @@ def dbwd_rows_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, 
     named = _dbwd_inputs(q, k, v, dout, lse, dlse, gq, gk, gv)
     stats = torch.empty(B, H, Sq, 4, dtype=torch.float32, device=q.device)
     g_do = torch.empty(named["DO"].shape, dtype=torch.float32 if partial else dout.dtype, device=q.device)
-    named.update(O=out, G_DO=g_do, STATS=stats, **_own_dbwd_inputs(own, own_cts))
-    _dbwd_query_pass(kern, "dbwd_rows", named, dict(PARTIAL_ROWS=partial), q, k, v, dlse, scale, tables, bargs,
-                     options, q_off, own is not None)
+    named.update(O=out, **_own_dbwd_inputs(own, own_cts))
+    _dbwd_query_pass(kern, "dbwd_rows", named, dict(G_DO=g_do, STATS=stats), dict(PARTIAL_ROWS=partial), q, k, v,
+                     dlse, scale, tables, bargs, options, q_off, own is not None)
     return g_do, stats
 
 
@@ -650,11 +651,10 @@ def dbwd_dq_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, st
     named = _dbwd_inputs(q, k, v, dout, lse, dlse, gq, gk, gv)
     g_q = torch.empty_like(q)
     own_grads = _own_key_grad_buffers(own, q.shape[1]) if own is not None else None
-    named.update(G_Q=g_q, STATS=stats, **_own_dbwd_inputs(own, own_cts))
-    if own is not None:
-        named.update(G_KP=own_grads[0], G_VP=own_grads[1])
-    _dbwd_query_pass(kern, "dbwd_dq", named, dict(CAPTURED_GRADS=captured_grads), q, k, v, dlse, scale, tables,
-                     bargs, options, q_off, own is not None)
+    named.update(STATS=stats, **_own_dbwd_inputs(own, own_cts))
+    outputs = dict(G_Q=g_q) if own is None else dict(G_Q=g_q, G_KP=own_grads[0], G_VP=own_grads[1])
+    _dbwd_query_pass(kern, "dbwd_dq", named, outputs, dict(CAPTURED_GRADS=captured_grads), q, k, v, dlse, scale,
+                     tables, bargs, options, q_off, own is not None)
     return g_q, own_grads
 
 
