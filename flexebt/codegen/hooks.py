@@ -43,6 +43,10 @@ HOOKS = {
 }
 # a captured-gradient hook reuses the loads of this hook, earlier in the same function
 PAIRED = {"captured_grad": "score_grad", "captured_second_grad": "score_second"}
+# A position input must be the tile's variable of that position: a captured tensor indexed by a
+# bare position is range-checked once on the host against that position's extent instead of per
+# score (codegen/emit.py), which is only sound if the name really holds that position.
+POSITION_VARIABLES = {"b": "off_b", "h": "off_h", "q_idx": "q_idx", "mq_idx": "mq_idx", "kv_idx": "kv_idx"}
 
 
 @dataclasses.dataclass
@@ -80,6 +84,14 @@ def parse_call(statement: str, indent: str) -> HookCall:
     if call.args or [k.arg for k in call.keywords] != list(declared):
         raise ValueError(f"flexebt templates: hook {name} takes the keywords {', '.join(declared)} in that order, "
                          f"got {ast.unparse(call)}")
+    for k in call.keywords:
+        # bare names only: the expansion pastes an input into expressions as it is written
+        if not isinstance(k.value, ast.Name):
+            raise ValueError(f"flexebt templates: hook {name} input {k.arg}={ast.unparse(k.value)}: pass a variable "
+                             f"(assign the expression to a name before the hook)")
+        if POSITION_VARIABLES.get(k.arg, k.value.id) != k.value.id:
+            raise ValueError(f"flexebt templates: hook {name} input {k.arg} must be the tile's "
+                             f"{POSITION_VARIABLES[k.arg]}, got {k.value.id}")
     outputs = []
     if isinstance(node, ast.Assign):
         target = node.targets[0]
@@ -98,6 +110,9 @@ def expand_hooks(text: str, code) -> str:
         if m.start() < pos:
             continue
         end = _statement_end(text, m.end() - 1)
+        if text[end:text.find("\n", end)].strip():
+            raise ValueError(f"flexebt templates: code after a hook call: {text[m.start():text.find(chr(10), end)]!r} "
+                             f"(a hook is a statement of its own)")
         between = text[pos:m.start()]
         if re.search(r"^def ", between, re.M):
             code.begin_function()

@@ -363,6 +363,11 @@ def template_text(template: str) -> str:
         text = re.sub(r"^from common import [^\n]*\n", "", text, flags=re.M)
         parts.append(f"# ---- {name}.py ----\n{text}")
     text = "\n\n".join(parts)
+    names = re.findall(r"^(?:def (\w+)\(|(\w+) = )", text, flags=re.M)
+    seen = [a or b for a, b in names]
+    repeated = sorted({n for n in seen if seen.count(n) > 1})
+    if repeated:  # joined into one module, a later definition would silently replace an earlier one
+        raise ValueError(f"flexebt templates: {', '.join(repeated)} defined in more than one template file")
 
     def signature(m):
         return f"def {m[1]}({SIGNATURES[m[1]].source()}):"

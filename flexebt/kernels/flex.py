@@ -163,9 +163,9 @@ def _launch(kernel, plan: tuple, args, spec, options: Optional[dict], device):
     from triton.runtime.errors import OutOfResources
 
     order, kwargs, cfg, key = spec()
-    declared = SIGNATURES.get(getattr(getattr(kernel, "fn", None), "__name__", None))
-    if declared is not None:  # (test stand-ins for kernels declare nothing)
-        declared.check_constexprs([*kwargs, "BLOCK_M", "BLOCK_N"])
+    fn = getattr(kernel, "fn", None)
+    if fn is not None:  # (test stand-ins for kernels have no function and declare nothing)
+        SIGNATURES[fn.__name__].check_constexprs([*kwargs, "BLOCK_M", "BLOCK_N"])
     want = (id(kernel), key, cfg)
     cfg = runtime.tile_fits.get(want, kernel, default=cfg)
     while True:
