@@ -26,6 +26,8 @@ def pytest_cmdline_main(config):
     """The whole CPU suite (``python -m pytest`` with no test paths, no ``-n``) runs in one
     worker per CPU core when pytest-xdist is installed (it is in the test extras); a run of chosen
     files, the GPU tests (``-m gpu``) or FLEXEBT_TEST_WORKERS=0 stays in one process."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # a worker itself runs its share in its own process
+        return None
     try:
         import xdist  # noqa: F401
     except ImportError:
