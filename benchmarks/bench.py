@@ -23,7 +23,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+# FLEXEBT_IMPORT_ROOT: measure the flexebt of another checkout with this harness (tools/ab_commits.py)
+sys.path.insert(0, os.environ.get("FLEXEBT_IMPORT_ROOT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import flexebt  # noqa: E402
 from flexebt import masks, mods  # noqa: E402
