@@ -328,23 +328,27 @@ class ModCode:
                              f"function")
         return hit
 
-    def mask(self, call) -> list:
-        i = call.inputs
+    def _mask(self, i: dict) -> tuple:
+        """(lines, boolean tile expression) of the mask_mod at the call's inputs ``i``."""
         own = f" & {_not_own_frame(i['q_idx'], i['mq_idx'], i['kv_idx'])}" if self.frame_mask else ""
         if self.traced_mask is None:
-            return [f"{call.outputs[0]} = {i['valid']}{own}"]
+            return [], f"{i['valid']}{own}"
         em = self._emitter("mm_")
         # EBT frame masks see frame positions and never the observed key at a predicted query's own
         # frame (the token it replaces); block-mask mods see stream-local query positions (mq_idx)
         q = i["q_idx"] if self.frame_mask else i["mq_idx"]
         (out,) = em.emit(self.traced_mask.graph, [i["b"], i["h"], q, i["kv_idx"]], self.mask_consts)
-        return em.lines + [f"{call.outputs[0]} = {_bool_tile(out)}{own}"]
+        return em.lines, f"{_bool_tile(out)}{own}"
+
+    def mask(self, call) -> list:
+        lines, keep = self._mask(call.inputs)
+        return lines + [f"{call.outputs[0]} = {keep}"]
 
     def keep(self, call) -> list:
         i, out = call.inputs, call.outputs[0]
-        mask = self.mask(dataclasses.replace(call, outputs=[out], indent=""))
-        mask[-1] = mask[-1].replace(f"{out} = ", f"{out} = {i['valid']} & (", 1) + ")"
-        return [f"if {i['full']}:", f"    {out} = {i['valid']}", "else:"] + [f"    {line}" for line in mask]
+        lines, keep = self._mask(i)
+        return [f"if {i['full']}:", f"    {out} = {i['valid']}", "else:"] + [
+            f"    {line}" for line in lines + [f"{out} = {i['valid']} & ({keep})"]]
 
 
 # The template files of a kernel set, in the order they are joined into one generated module.
