@@ -421,11 +421,12 @@ def flex_forward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, scale: float
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
     maxs = torch.empty_like(lse) if return_max else None
     bargs = _buffer_args(buffers, {})
-    named = dict(Q=q, K=k, V=v, O=out, LSE=lse, MAXS=maxs, **tables.kv_args, **_shape(q, k), scale=scale, Q_OFF=q_off,
-                 **_own_inputs(own))
+    own_in = _own_inputs(own)
 
-    def args(c, tma):
-        return (*_FWD(**named, **_descriptors(tma, c.BLOCK_N, K=k, V=v)), *bargs)
+    def args(c, tma):  # (bound at each launch, in one call: a remembered launch re-issues from here)
+        return (*_FWD(Q=q, K=k, V=v, O=out, LSE=lse, MAXS=maxs, **tables.kv_args, H=H, Hkv=k.shape[1], Sq=Sq, Skv=Skv,
+                      scale=scale, Q_OFF=q_off, **own_in, **(_descriptors(True, c.BLOCK_N, K=k, V=v) if tma else {})),
+                *bargs)
 
     def spec():
         tma = _use_tma(options, k, v, by_default=_tma_pays(q, k))
@@ -438,7 +439,7 @@ def flex_forward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, scale: float
                 cfg, (D, DV, q.dtype, tma))
 
     plan = _plan_key("fwd", tables, options, (q_off, scale > 0, own is not None, return_max),
-                     (q, k, v, *_own_inputs(own).values()), bargs)
+                     (q, k, v, *own_in.values()), bargs)
     _launch(kern.module.flex_fwd, plan, args, spec, options, q.device)
     return (out, lse, maxs) if return_max else (out, lse)
 
@@ -461,12 +462,14 @@ def dq_pass(kern: ModKernels, q, k, v, out, lse, dout, dlse, scale, tables: Bloc
     delta = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)  # written by this pass
     dq = torch.empty_like(q)
     own_grads = _own_key_grad_buffers(own, H) if own is not None else None
-    named = dict(Q=q, K=k, V=v, O=out, DO=dout, LSE=lse, DLSE=dlse, DELTA=delta, DQ=dq, **tables.kv_args,
-                 **_shape(q, k), scale=scale, Q_OFF=q_off, **_own_inputs(own),
-                 **(dict(DKP=own_grads[0], DVP=own_grads[1]) if own is not None else {}))
+    own_in = _own_inputs(own)
+    if own is not None:
+        own_in.update(DKP=own_grads[0], DVP=own_grads[1])
 
-    def args(c, tma):
-        return (*_DQ(**named, **_descriptors(tma, c.BLOCK_N, K=k, V=v)), *bargs)
+    def args(c, tma):  # (bound at each launch, in one call)
+        return (*_DQ(Q=q, K=k, V=v, O=out, DO=dout, LSE=lse, DLSE=dlse, DELTA=delta, DQ=dq, **tables.kv_args, H=H,
+                     Hkv=k.shape[1], Sq=Sq, Skv=k.shape[2], scale=scale, Q_OFF=q_off, **own_in,
+                     **(_descriptors(True, c.BLOCK_N, K=k, V=v) if tma else {})), *bargs)
 
     def spec():
         tma = _use_tma(options, k, v, by_default=_tma_pays(q, k))
