@@ -56,6 +56,8 @@ NOTES = {
                                 "bias): one kernel module for both streams"),
     "same_numbers_cpu_7b38585_3a3c26a": ("same_numbers.py", "the kernel engine rebuilt from per-family template "
                                         "files against the commit before: every result bit-identical"),
+    "overhead_cpu_7b38585_a3eec18": ("overhead.py", "flexebt's Python per call, launches stubbed: the engine before and "
+                                "after the per-family templates and declared signatures"),
     "overhead_cpu_0ca08bc": ("overhead.py", "flexebt's Python time per call, launches stubbed"),
     "overhead_cpu_74851fc": ("overhead.py", "flexebt's Python time per call, launches stubbed: before and after "
                              "precomputed Function signatures and cached tile configs"),
