@@ -271,9 +271,9 @@ def test_fp32_product_mode_and_tile_table_per_pass():
 
     f32 = torch.float32
     assert torch.get_float32_matmul_precision() == "highest"
-    assert _precision(f32, None, False, 128)["IEEE"] == 2 and _tiles_for(f32, None, False, 128) == "tf32"
-    assert _precision(f32, None, True, 64)["IEEE"] == 2 and _tiles_for(f32, None, True, 64) == "tf32x3"
-    assert _precision(f32, None, True, 128)["IEEE"] == 1 and _tiles_for(f32, None, True, 128) == "ieee"
+    assert _precision(f32, None, False, 128)["DOT"] == 2 and _tiles_for(f32, None, False, 128) == "tf32"
+    assert _precision(f32, None, True, 64)["DOT"] == 2 and _tiles_for(f32, None, True, 64) == "tf32x3"
+    assert _precision(f32, None, True, 128)["DOT"] == 1 and _tiles_for(f32, None, True, 128) == "ieee"
     assert _tiles_for(f32, {"FP32_PRODUCTS": "tf32x3"}, True, 128) == "tf32x3"
     assert _tiles_for(f32, {"FP32_PRODUCTS": "ieee"}, True, 32) == "ieee"
     assert _tiles_for(torch.bfloat16, None, True, 32) == "bf16"

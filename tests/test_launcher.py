@@ -17,16 +17,19 @@ from flexebt.kernels.grid import GridOrder
 from flexebt.kernels.launcher import FastLaunches
 
 
+def _specialization(a):
+    """What Triton specializes an argument on (conservatively: integers by value); an argument
+    group (a named tuple) field by field."""
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a.data_ptr() % 16 == 0
+    if isinstance(a, tuple):
+        return type(a), tuple(map(_specialization, a))
+    return type(a), a if not isinstance(a, float) else None
+
+
 def _triton_signature(grid, args, kw):
-    """What Triton's choice of compiled kernel and its launch depend on (conservatively: integers
-    by value), for comparing launches."""
-    sig = []
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            sig.append((a.dtype, a.data_ptr() % 16 == 0))
-        else:
-            sig.append((type(a), a if not isinstance(a, float) else None))
-    return grid, tuple(sig), tuple(sorted(kw.items()))
+    """What Triton's choice of compiled kernel and its launch depend on, for comparing launches."""
+    return grid, tuple(map(_specialization, args)), tuple(sorted(kw.items()))
 
 
 class FakeKernel:

@@ -1,10 +1,13 @@
 """The kernel templates' contract: declared signatures, hook statements, the joined module."""
 
 import re
+import typing
 
 import pytest
+import torch
 
 from flexebt.codegen import hooks, source
+from flexebt.kernels import signatures
 from flexebt.kernels.signatures import SIGNATURES, KernelSignature
 
 GOOD = "t2 = hook.score(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx, kv_idx=kv_idx)"
@@ -19,6 +22,30 @@ def test_every_entry_kernel_gets_its_declared_parameters():
         names = [p.split(":")[0].strip() for p in params.replace("__BUFFERS__", ",").split(",") if p.strip()]
         sig = SIGNATURES[name]
         assert names == [*sig.params, "HEAD_GROUP", *sig.constexprs], name
+
+
+GROUPS = {name: cls for name, cls in vars(signatures).items()
+          if isinstance(cls, type) and issubclass(cls, tuple) and hasattr(cls, "_fields")}
+
+
+def test_argument_groups_keep_entry_points_narrow_and_flat():
+    """Grouped arguments (block tables, query streams, own keys) keep every entry point at a few
+    dozen parameters; a group never holds another (Triton 3.6 drops a nested group's specialised
+    integers) and no field is optional."""
+    assert max(sig.width for sig in SIGNATURES.values()) <= 40
+    assert {"BlockArgs", "StreamArgs", "OwnArgs"} <= set(GROUPS)
+    for cls in GROUPS.values():
+        for field, kind in typing.get_type_hints(cls).items():
+            assert kind in (torch.Tensor, int), (cls.__name__, field, kind)
+
+
+def test_every_group_field_a_template_reads_is_declared():
+    """``OWN.KP``, ``STREAM.Q``, ``BLOCKS.MB``, ...: each field read in the templates belongs to a
+    declared group (a misspelt one would only fail when Triton compiles that pass)."""
+    text = source.template_text("flex_attention")
+    fields = set().union(*(cls._fields for cls in GROUPS.values()))
+    read = set(re.findall(r"\b(?:OWN|STREAM2?|BLOCKS|KV_BLOCKS|Q2?_BLOCKS)\.(\w+)", text))
+    assert read and read <= fields, read - fields
 
 
 def test_bind_orders_by_declaration_and_refuses_unknown_or_missing_names():

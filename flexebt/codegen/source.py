@@ -352,7 +352,7 @@ class ModCode:
 
 
 # The template files of a kernel set, in the order they are joined into one generated module.
-TEMPLATE_FILES = {"flex_attention": ("common", "forward", "backward", "double_backward", "jvp")}
+TEMPLATE_FILES = {"flex_attention": ("common", "own_key", "forward", "backward", "double_backward", "jvp")}
 
 
 def template_text(template: str) -> str:
@@ -364,7 +364,7 @@ def template_text(template: str) -> str:
     parts = []
     for name in TEMPLATE_FILES[template]:
         text = (TEMPLATES / f"{name}.py").read_text()
-        text = re.sub(r"^from common import [^\n]*\n", "", text, flags=re.M)
+        text = re.sub(r"^from (?:common|own_key) import [^\n]*\n", "", text, flags=re.M)
         parts.append(f"# ---- {name}.py ----\n{text}")
     text = "\n\n".join(parts)
     names = re.findall(r"^(?:def (\w+)\(|(\w+) = )", text, flags=re.M)

@@ -14,7 +14,8 @@ from .. import runtime
 from ..codegen.source import ModKernels
 from .configs import MIN_TILE, flex_config, interpreting
 from .options import KernelOptions
-from .signatures import SIGNATURES
+from .signatures import (SIGNATURES, BlockArgs, OwnArgs, OwnFirstArgs, OwnSecondArgs, OwnSecondGradArgs, SecondStreamArgs,
+                         StreamArgs)
 from .grid import DEFAULT_RESIDENT, GridOrder, device_index, head_group, resident_programs
 from .launcher import FastLaunches
 
@@ -50,18 +51,16 @@ class BlockTables:
                 tuple((t.shape, t.stride(), t.data_ptr() % 16 == 0) for t in tables))
 
     @functools.cached_property
-    def kv_args(self) -> dict:
-        """The kernel arguments of the kv-side tables (passes over query tiles), by name."""
-        return dict(KV_NUM=self.kv_num, KV_IDX=self.kv_idx, FULL_NUM=self.full_kv_num, FULL_IDX=self.full_kv_idx,
-                    MB=self.MB, MH=self.MH, NQ_BLOCKS=self.kv_num.shape[-1], NKV_LIST=self.kv_idx.shape[-1],
-                    NKV_LIST_FULL=self.full_kv_idx.shape[-1])
+    def kv_blocks(self) -> BlockArgs:
+        """The kernel argument of the kv-side tables (passes over query tiles)."""
+        return BlockArgs(self.kv_num, self.kv_idx, self.full_kv_num, self.full_kv_idx, self.MB, self.MH,
+                      self.kv_num.shape[-1], self.kv_idx.shape[-1], self.full_kv_idx.shape[-1])
 
     @functools.cached_property
-    def q_args(self) -> dict:
-        """The kernel arguments of the q-side (transposed) tables (passes over key tiles), by name."""
-        return dict(Q_NUM=self.q_num, Q_IDX=self.q_idx, FULL_Q_NUM=self.full_q_num, FULL_Q_IDX=self.full_q_idx,
-                    MB=self.MB, MH=self.MH, NKV_BLOCKS=self.q_num.shape[-1], NQ_LIST=self.q_idx.shape[-1],
-                    NQ_LIST_FULL=self.full_q_idx.shape[-1])
+    def q_blocks(self) -> BlockArgs:
+        """The kernel argument of the q-side (transposed) tables (passes over key tiles)."""
+        return BlockArgs(self.q_num, self.q_idx, self.full_q_num, self.full_q_idx, self.MB, self.MH,
+                      self.q_num.shape[-1], self.q_idx.shape[-1], self.full_q_idx.shape[-1])
 
     @property
     def MB(self):
@@ -280,7 +279,8 @@ def _precision(dtype, options: Optional[dict] = None, second_order: bool = False
     math in our measurements -- docs/design.md D31).  Default: tf32x3, except IEEE for the double
     backward at head dims > 64, where tf32x3's split operands spill at every tile we tried (D40);
     kernel_options["FP32_PRODUCTS"] = "ieee" | "tf32x3" picks one for all passes.
-    UPCAST works around the Triton interpreter's wrong bf16 dot (interpreter only)."""
+    The kernels' DOT constexpr: 0 default, 1 IEEE, 2 tf32x3, 3 bf16 products in fp32 -- a
+    workaround for the Triton interpreter's wrong bf16 dot (interpreter only)."""
     ieee = 0
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         default = "ieee" if second_order and head_dim > 64 else "tf32x3"
@@ -288,14 +288,14 @@ def _precision(dtype, options: Optional[dict] = None, second_order: bool = False
         if mode not in ("ieee", "tf32x3"):
             raise ValueError(f"kernel_options['FP32_PRODUCTS'] must be 'ieee' or 'tf32x3', got {mode!r}.")
         ieee = 1 if mode == "ieee" else 2
-    return dict(IEEE=ieee, UPCAST=dtype == torch.bfloat16 and interpreting())
+    return dict(DOT=3 if dtype == torch.bfloat16 and interpreting() else ieee)
 
 
 def _tiles_for(dtype, options: Optional[dict] = None, second_order: bool = False, head_dim: int = 0) -> str:
     """Which tile table of kernels/configs.py fits these inputs."""
     if dtype != torch.float32:
         return "bf16"
-    ieee = _precision(dtype, options, second_order, head_dim)["IEEE"]
+    ieee = _precision(dtype, options, second_order, head_dim)["DOT"]
     return "ieee" if ieee == 1 else "tf32x3" if ieee == 2 and second_order else "tf32"
 
 
@@ -394,9 +394,9 @@ def _shape(q: Tensor, k: Tensor) -> dict:
     return dict(H=q.shape[1], Hkv=k.shape[1], Sq=q.shape[2], Skv=k.shape[2])
 
 
-def _own_inputs(own: Optional["OwnKeys"]) -> dict:
-    """The EBT own keys' kernel arguments (none without own keys: the kernel's are then absent)."""
-    return {} if own is None else dict(KP=own.kp, VP=own.vp, SELF_KEEP=own.keep)
+def _own_tensors(own: Optional["OwnKeys"]) -> tuple:
+    """The EBT own keys' tensors (none without own keys), for launch plan keys."""
+    return () if own is None else (own.kp, own.vp, own.keep)
 
 
 def _descriptors(tma: bool, block: int, **tensors: Tensor) -> dict:
@@ -421,11 +421,12 @@ def flex_forward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, scale: float
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
     maxs = torch.empty_like(lse) if return_max else None
     bargs = _buffer_args(buffers, {})
-    own_in = _own_inputs(own)
+    own_in = None if own is None else OwnArgs(own.kp, own.vp, own.keep)
 
     def args(c, tma):  # (bound at each launch, in one call: a remembered launch re-issues from here)
-        return (*_FWD(Q=q, K=k, V=v, O=out, LSE=lse, MAXS=maxs, **tables.kv_args, H=H, Hkv=k.shape[1], Sq=Sq, Skv=Skv,
-                      scale=scale, Q_OFF=q_off, **own_in, **(_descriptors(True, c.BLOCK_N, K=k, V=v) if tma else {})),
+        return (*_FWD(Q=q, K=k, V=v, O=out, LSE=lse, MAXS=maxs, KV_BLOCKS=tables.kv_blocks, H=H, Hkv=k.shape[1],
+                      Sq=Sq, Skv=Skv, scale=scale, Q_OFF=q_off, OWN=own_in,
+                      **(_descriptors(True, c.BLOCK_N, K=k, V=v) if tma else {})),
                 *bargs)
 
     def spec():
@@ -439,7 +440,7 @@ def flex_forward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, scale: float
                 cfg, (D, DV, q.dtype, tma))
 
     plan = _plan_key("fwd", tables, options, (q_off, scale > 0, own is not None, return_max),
-                     (q, k, v, *own_in.values()), bargs)
+                     (q, k, v, *_own_tensors(own)), bargs)
     _launch(kern.module.flex_fwd, plan, args, spec, options, q.device)
     return (out, lse, maxs) if return_max else (out, lse)
 
@@ -462,13 +463,11 @@ def dq_pass(kern: ModKernels, q, k, v, out, lse, dout, dlse, scale, tables: Bloc
     delta = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)  # written by this pass
     dq = torch.empty_like(q)
     own_grads = _own_key_grad_buffers(own, H) if own is not None else None
-    own_in = _own_inputs(own)
-    if own is not None:
-        own_in.update(DKP=own_grads[0], DVP=own_grads[1])
+    own_in = None if own is None else OwnFirstArgs(own.kp, own.vp, own.keep, *own_grads)
 
     def args(c, tma):  # (bound at each launch, in one call)
-        return (*_DQ(Q=q, K=k, V=v, O=out, DO=dout, LSE=lse, DLSE=dlse, DELTA=delta, DQ=dq, **tables.kv_args, H=H,
-                     Hkv=k.shape[1], Sq=Sq, Skv=k.shape[2], scale=scale, Q_OFF=q_off, **own_in,
+        return (*_DQ(Q=q, K=k, V=v, O=out, DO=dout, LSE=lse, DLSE=dlse, DELTA=delta, DQ=dq, KV_BLOCKS=tables.kv_blocks,
+                     H=H, Hkv=k.shape[1], Sq=Sq, Skv=k.shape[2], scale=scale, Q_OFF=q_off, OWN=own_in,
                      **(_descriptors(True, c.BLOCK_N, K=k, V=v) if tma else {})), *bargs)
 
     def spec():
@@ -480,7 +479,7 @@ def dq_pass(kern: ModKernels, q, k, v, out, lse, dout, dlse, scale, tables: Bloc
                      **_common(q, k, v, tables, options)), cfg, (D, DV, q.dtype, tma))
 
     plan = _plan_key("dq", tables, options, (q_off, own is not None),
-                     (q, k, v, out, lse, dout, dlse, *_own_inputs(own).values()), bargs)
+                     (q, k, v, out, lse, dout, dlse, *_own_tensors(own)), bargs)
     _launch(kern.module.flex_bwd_dq, plan, args, spec, options, q.device)
     return dq, delta, own_grads
 
@@ -517,16 +516,13 @@ def dkdv_pass(kern: ModKernels, q, k, v, lse, delta, dout, scale, tables: BlockT
     two = second is not None
     if two and (second.tables.sparse_q, second.tables.sparse_kv) != (tables.sparse_q, tables.sparse_kv):
         raise ValueError("dkdv_pass: both query streams need block tables of the same block size")
-    named = dict(Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, DK=dk, DV_OUT=dv, **tables.q_args, **_shape(q, k),
-                 scale=scale, Q_OFF=q_off)
+    named = dict(K=k, V=v, DK=dk, DV_OUT=dv, STREAM=StreamArgs(q, dout, lse, delta, Sq, q_off),
+                 Q_BLOCKS=tables.q_blocks, H=H, Hkv=Hkv, Skv=Skv, scale=scale)
     if add is not None:
         named.update(ADD_K=add[0], ADD_V=add[1])
     if two:
-        t2 = second.tables
-        named.update(Q2=second.q, DO2=second.dout, LSE2=second.lse, DELTA2=second.delta, Q2_NUM=t2.q_num,
-                     Q2_IDX=t2.q_idx, FULL_Q2_NUM=t2.full_q_num, FULL_Q2_IDX=t2.full_q_idx, Sq2=second.q.shape[2],
-                     MB2=t2.MB, MH2=t2.MH, NQ2_LIST=t2.q_idx.shape[-1], NQ2_LIST_FULL=t2.full_q_idx.shape[-1],
-                     Q2_OFF=second.q_off)
+        named.update(STREAM2=StreamArgs(second.q, second.dout, second.lse, second.delta, second.q.shape[2],
+                                        second.q_off), Q2_BLOCKS=second.tables.q_blocks)
 
     def args(c, tma):
         descs = _descriptors(tma, c.BLOCK_M, Q=q, DO=dout)
@@ -581,20 +577,25 @@ def _own_key_grad_buffers(own: OwnKeys, H: int):
             torch.empty(B, H, Sq, own.vp.shape[3], dtype=dtypes[1], device=own.kp.device))
 
 
-def _own_dbwd_inputs(own: Optional[OwnKeys], own_cts) -> dict:
-    """The own keys and the cotangents of their gradients (none without own keys)."""
+def _own_second_inputs(own: Optional[OwnKeys], own_cts) -> tuple:
+    """The own keys and the cotangents of their gradients: kp, vp, keep, gkp, gvp (none without
+    own keys)."""
     if own is None:
-        return {}
-    return dict(KP=own.kp, VP=own.vp, GKP=own_cts[0].contiguous(), GVP=own_cts[1].contiguous(), SELF_KEEP=own.keep)
+        return ()
+    return own.kp, own.vp, own.keep, own_cts[0].contiguous(), own_cts[1].contiguous()
 
 
 def _dbwd_query_pass(kern: ModKernels, which: str, named: dict, outputs: dict, constexprs: dict, q, k, v, dlse,
-                     scale, tables: BlockTables, bargs: list, options, q_off: int, has_own: bool) -> None:
+                     scale, tables: BlockTables, bargs: list, options, q_off: int, own_in: tuple = (),
+                     own_out: tuple = ()) -> None:
     """Launch one of the double backward's passes over query tiles (``which``: dbwd_rows or
     dbwd_dq).  ``named``: the pass's input tensors by kernel parameter name (the key-side tiles K, V,
     GK, GV among them: they load through descriptors with TMA); ``outputs``: the tensors it writes
-    (allocated by the pass, so not part of the launch plan's key); ``constexprs``: the pass's own."""
+    (allocated by the pass, so not part of the launch plan's key); ``constexprs``: the pass's own.
+    ``own_in``: the EBT own keys' inputs (kp, vp, keep, gkp, gvp; empty without own keys);
+    ``own_out``: the own-key gradients the pass writes (the dq pass's g_kp, g_vp)."""
     D, DV = q.shape[3], v.shape[3]
+    has_own = bool(own_in)
     kv_side = {n: named[n] for n in ("K", "V", "GK", "GV")}
     bind = SIGNATURES[f"flex_{which}"].bind
 
@@ -610,8 +611,9 @@ def _dbwd_query_pass(kern: ModKernels, which: str, named: dict, outputs: dict, c
         return (*bind(**named, **_descriptors(tma, c.BLOCK_N, **kv_side)), *bargs)
 
     plan = _plan_key(which, tables, options, (q_off, dlse is None, has_own, *constexprs.values()),
-                     tuple(named.values()), bargs)
-    named = dict(named, **outputs, **tables.kv_args, **_shape(q, k), scale=scale, Q_OFF=q_off)
+                     (*named.values(), *own_in), bargs)
+    own = (OwnSecondGradArgs(*own_in, *own_out) if own_out else OwnSecondArgs(*own_in)) if has_own else None
+    named = dict(named, **outputs, OWN=own, KV_BLOCKS=tables.kv_blocks, **_shape(q, k), scale=scale, Q_OFF=q_off)
     _launch(getattr(kern.module, f"flex_{which}"), plan, launch_args, spec, options, q.device)
 
 
@@ -625,9 +627,9 @@ def dbwd_rows_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, 
     named = _dbwd_inputs(q, k, v, dout, lse, dlse, gq, gk, gv)
     stats = torch.empty(B, H, Sq, 4, dtype=torch.float32, device=q.device)
     g_do = torch.empty(named["DO"].shape, dtype=torch.float32 if partial else dout.dtype, device=q.device)
-    named.update(O=out, **_own_dbwd_inputs(own, own_cts))
+    named.update(O=out)
     _dbwd_query_pass(kern, "dbwd_rows", named, dict(G_DO=g_do, STATS=stats), dict(PARTIAL_ROWS=partial), q, k, v,
-                     dlse, scale, tables, bargs, options, q_off, own is not None)
+                     dlse, scale, tables, bargs, options, q_off, _own_second_inputs(own, own_cts))
     return g_do, stats
 
 
@@ -654,10 +656,9 @@ def dbwd_dq_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, st
     named = _dbwd_inputs(q, k, v, dout, lse, dlse, gq, gk, gv)
     g_q = torch.empty_like(q)
     own_grads = _own_key_grad_buffers(own, q.shape[1]) if own is not None else None
-    named.update(STATS=stats, **_own_dbwd_inputs(own, own_cts))
-    outputs = dict(G_Q=g_q) if own is None else dict(G_Q=g_q, G_KP=own_grads[0], G_VP=own_grads[1])
-    _dbwd_query_pass(kern, "dbwd_dq", named, outputs, dict(CAPTURED_GRADS=captured_grads), q, k, v, dlse, scale,
-                     tables, bargs, options, q_off, own is not None)
+    named.update(STATS=stats)
+    _dbwd_query_pass(kern, "dbwd_dq", named, dict(G_Q=g_q), dict(CAPTURED_GRADS=captured_grads), q, k, v, dlse, scale,
+                     tables, bargs, options, q_off, _own_second_inputs(own, own_cts), own_grads or ())
     return g_q, own_grads
 
 
@@ -673,9 +674,13 @@ def dbwd_dkdv_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, 
     named = _dbwd_inputs(q, k, v, dout, lse, dlse, gq, gk, gv)
     g_k, g_v = into if into is not None else (torch.empty_like(k), torch.empty_like(v))
     q_side = {n: named[n] for n in ("Q", "DO", "GQ")}
-    named.update(G_K=g_k, G_V=g_v, STATS=stats, **tables.q_args, **_shape(q, k), scale=scale, Q_OFF=q_off)
+    inputs = (q, k, v, out, named["DO"], lse, named["DLSE"], named["GQ"], named["GK"], named["GV"], stats,
+              *(into or ()), *(add or ()))
+    launch = dict(K=k, V=v, GK=named["GK"], GV=named["GV"], G_K=g_k, G_V=g_v, DLSE=named["DLSE"],
+                  STREAM=SecondStreamArgs(named["Q"], named["DO"], named["GQ"], lse, stats, Sq, q_off),
+                  Q_BLOCKS=tables.q_blocks, H=H, Hkv=Hkv, Skv=Skv, scale=scale)
     if add is not None:
-        named.update(ADD_K=add[0], ADD_V=add[1])
+        launch.update(ADD_K=add[0], ADD_V=add[1])
 
     def spec():
         tma = _use_tma(options, *q_side.values(), by_default=False)
@@ -685,13 +690,11 @@ def dbwd_dkdv_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, 
                 dict(HAS_DLSE=dlse is not None, ACCUMULATE=add is not None, USE_TMA=tma,
                      **_common(q, k, v, tables, options, True)), cfg, (D, DV, q.dtype, "dbwd_dkdv", tma))
 
-    inputs = (q, k, v, out, named["DO"], lse, named["DLSE"], named["GQ"], named["GK"], named["GV"], stats,
-              *(into or ()), *(add or ()))
     plan = _plan_key("dbwd_dkdv", tables, options, (q_off, dlse is None, into is not None, add is not None),
                      inputs, bargs)
 
     def launch_args(c, tma):
-        return (*_DBWD_DKDV(**named, **_descriptors(tma, c.BLOCK_M, **q_side)), *bargs)
+        return (*_DBWD_DKDV(**launch, **_descriptors(tma, c.BLOCK_M, **q_side)), *bargs)
 
     _launch(kern.module.flex_dbwd_dkdv, plan, launch_args, spec, options, q.device)
     return g_k, g_v
@@ -711,12 +714,11 @@ def flex_jvp(kern: ModKernels, q, k, v, dq, dk, dv, scale: float, tables: BlockT
     d_out = torch.empty_like(out)
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
     d_lse = torch.empty_like(lse)
-    own_in = _own_inputs(own)
-    if own is not None:
-        own_in.update(DKP=c(own_tangents[0]), DVP=c(own_tangents[1]))
+    own_in = (None if own is None else
+              OwnFirstArgs(own.kp, own.vp, own.keep, c(own_tangents[0]), c(own_tangents[1])))
     bargs = _buffer_args(buffers, {})
-    a = (*_JVP(Q=q, K=k, V=v, DQ=dq, DK=dk, DVT=dv, O=out, LSE=lse, DO=d_out, DLSE=d_lse, **tables.kv_args,
-               **_shape(q, k), scale=scale, Q_OFF=q_off, **own_in), *bargs)
+    a = (*_JVP(Q=q, K=k, V=v, DQ=dq, DK=dk, DVT=dv, O=out, LSE=lse, DO=d_out, DLSE=d_lse,
+               KV_BLOCKS=tables.kv_blocks, **_shape(q, k), scale=scale, Q_OFF=q_off, OWN=own_in), *bargs)
 
     def spec():
         cfg = flex_config("jvp", max(D, DV), tables.sparse_q, tables.sparse_kv, options, kern.gathers,
@@ -724,6 +726,6 @@ def flex_jvp(kern: ModKernels, q, k, v, dq, dk, dv, scale: float, tables: BlockT
         return (_query_order("jvp", q, k, v, auto=False),
                 dict(HAS_SELF=own is not None, **_common(q, k, v, tables, options)), cfg, (D, DV, q.dtype, "jvp"))
 
-    plan = _plan_key("jvp", tables, options, (q_off, own is not None), (q, k, v, dq, dk, dv, *own_in.values()), bargs)
+    plan = _plan_key("jvp", tables, options, (q_off, own is not None), (q, k, v, dq, dk, dv, *(own_in or ())), bargs)
     _launch(kern.module.flex_jvp, plan, lambda c_, tma: a, spec, options, q.device)
     return out, lse, d_out, d_lse

@@ -1,8 +1,8 @@
 """The arguments of every kernel entry point, declared once.
 
 A ``KernelSignature`` lists a pass's run-time parameters in order -- tensors, integers, floats,
-tensor descriptors -- which of them may be absent, and its compile-time constants.  From it come
-both sides of a launch:
+tensor descriptors, and *groups* -- which of them may be absent, and its compile-time constants.
+From it come both sides of a launch:
 
 - the kernel's parameter list: ``def flex_fwd(__SIGNATURE__):`` in a template becomes
   ``def flex_fwd(Q, K, ..., <captured tensors>, HEAD_GROUP, D: tl.constexpr, ...)``
@@ -14,6 +14,14 @@ both sides of a launch:
   ``TypeError`` naming it, and so is a launch whose compile-time constants differ from the
   declared ones (``check_constexprs``, worked out once per launch plan).
 
+A group is a named tuple (``BlockArgs``, ``StreamArgs``, ``OwnArgs``, ...) that travels as one
+parameter: Triton passes a tuple's fields to the kernel one by one, and the template reads them
+by name (``BLOCKS.NUM``, ``OWN.KP``).  Groups keep the parameters that belong together --
+one direction of the block tables, one query stream of a key-tile pass, the EBT own keys --
+together, so no entry point takes more than a few dozen parameters and a stream or the own keys
+enter a pass as one argument.  A group is present or absent as a whole (its fields are never None),
+and groups are not nested.
+
 ``bind`` is a generated Python function with the declared parameters, so binding costs one call
 (the launch path runs it for every launch).
 """
@@ -21,17 +29,107 @@ both sides of a launch:
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
+
+from torch import Tensor
 
 # The captured tensors' parameters stand between the declared run-time parameters and HEAD_GROUP
 # (flexebt/codegen/source.py writes them); HEAD_GROUP and the constexprs travel as keywords.
 BUFFERS = "__BUFFERS__"
 
+
+class BlockArgs(NamedTuple):
+    """One direction of the block-sparse tables (torch BlockMask layout, int32, contiguous).
+    For a pass over query tiles: per query block, the kv blocks it meets; for a pass over key
+    tiles (the transposed tables): per kv block, the query blocks.  NUM / FULL_NUM: [MB, MH, N_ROWS]
+    counts of partial / full blocks; IDX / FULL_IDX: [MB, MH, N_ROWS, N_LIST / N_LIST_FULL] their
+    indices.  MB in {1, B}, MH in {1, H}: a table built without batch / head dims is shared."""
+
+    NUM: Tensor
+    IDX: Tensor
+    FULL_NUM: Tensor
+    FULL_IDX: Tensor
+    MB: int
+    MH: int
+    N_ROWS: int
+    N_LIST: int
+    N_LIST_FULL: int
+
+
+class StreamArgs(NamedTuple):
+    """The queries a key-tile pass of the backward walks: q, dO, lse, D = do.o - dlse, length and
+    frame offset (the EBT predicted stream is a second one over the same keys).  Its block tables
+    travel beside it (a tuple inside a tuple loses Triton's integer specialisation on Triton 3.6:
+    groups are never nested)."""
+
+    Q: Tensor
+    DO: Tensor
+    LSE: Tensor
+    DELTA: Tensor
+    Sq: int
+    Q_OFF: int
+
+
+class SecondStreamArgs(NamedTuple):
+    """The queries the double backward's key-tile pass walks: q, dO, the cotangent Gq of dq, lse,
+    the row statistics of the rows pass, length and frame offset (block tables beside it)."""
+
+    Q: Tensor
+    DO: Tensor
+    GQ: Tensor
+    LSE: Tensor
+    STATS: Tensor
+    Sq: int
+    Q_OFF: int
+
+
+class OwnArgs(NamedTuple):
+    """The EBT own keys of a forward: query i of the predicted stream also attends to KP[i], VP[i]
+    ([B, Hkv, Sq, D]) where KEEP[b, h, i] != 0 (int8 [B, H, Sq])."""
+
+    KP: Tensor
+    VP: Tensor
+    KEEP: Tensor
+
+
+class OwnFirstArgs(NamedTuple):
+    """The own keys with the own-key rows of a first-order pass: their gradients DKP, DVP (the
+    backward writes them, per query head) or their tangents (forward mode reads them)."""
+
+    KP: Tensor
+    VP: Tensor
+    KEEP: Tensor
+    DKP: Tensor
+    DVP: Tensor
+
+
+class OwnSecondArgs(NamedTuple):
+    """The own keys in the double backward's rows pass: with GKP, GVP, the cotangents of their
+    first-order gradients."""
+
+    KP: Tensor
+    VP: Tensor
+    KEEP: Tensor
+    GKP: Tensor
+    GVP: Tensor
+
+
+class OwnSecondGradArgs(NamedTuple):
+    """The own keys in the double backward's dq pass: as OwnSecondArgs, plus the second-order
+    gradients G_KP, G_VP it writes (per query head)."""
+
+    KP: Tensor
+    VP: Tensor
+    KEEP: Tensor
+    GKP: Tensor
+    GVP: Tensor
+    G_KP: Tensor
+    G_VP: Tensor
+
+
 # Parameter groups several passes share.
 SHAPE = ("H", "Hkv", "Sq", "Skv")
-KV_TABLES = ("KV_NUM", "KV_IDX", "FULL_NUM", "FULL_IDX", "MB", "MH", "NQ_BLOCKS", "NKV_LIST", "NKV_LIST_FULL")
-Q_TABLES = ("Q_NUM", "Q_IDX", "FULL_Q_NUM", "FULL_Q_IDX", "MB", "MH", "NKV_BLOCKS", "NQ_LIST", "NQ_LIST_FULL")
-TILES = ("D", "DV", "BLOCK_D", "BLOCK_DV", "BLOCK_M", "BLOCK_N", "SPARSE_Q", "SPARSE_KV", "HAS_FULL", "EVEN",
-         "IEEE", "UPCAST")
+TILES = ("D", "DV", "BLOCK_D", "BLOCK_DV", "BLOCK_M", "BLOCK_N", "SPARSE_Q", "SPARSE_KV", "HAS_FULL", "EVEN", "DOT")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +160,12 @@ class KernelSignature:
         return ", ".join(self.params) + f", {BUFFERS} HEAD_GROUP, " + ", ".join(
             f"{c}: tl.constexpr" for c in self.constexprs)
 
+    @property
+    def width(self) -> int:
+        """How many parameters the entry point declares (run-time and compile-time; a group counts
+        once, the captured tensors' parameters, which depend on the mods, not at all)."""
+        return len(self.params) + len(self.constexprs)
+
     def check_constexprs(self, given) -> None:
         """Raise unless ``given`` (the constexpr names a launch passes) are exactly the declared ones."""
         if set(given) != set(self.constexprs):
@@ -73,45 +177,42 @@ def _sig(name: str, params: tuple, optional: tuple, constexprs: tuple) -> Kernel
     return KernelSignature(name, tuple(params), frozenset(optional), tuple(constexprs))
 
 
-OWN = ("KP", "VP", "SELF_KEEP")  # the EBT own keys (absent without HAS_SELF)
-
+# Groups: KV_BLOCKS / Q_BLOCKS / Q2_BLOCKS are BlockArgs; OWN one of the Own*Args (absent without
+# HAS_SELF); STREAM / STREAM2 a StreamArgs (the second absent without TWO_STREAMS, with Q2_BLOCKS),
+# or a SecondStreamArgs.
 SIGNATURES = {s.name: s for s in (
     _sig("flex_fwd",
-         ("Q", "K", "V", "O", "LSE", "MAXS", *KV_TABLES, *SHAPE, "scale", "Q_OFF", *OWN, "K_DESC", "V_DESC"),
-         ("MAXS", *OWN, "K_DESC", "V_DESC"),
+         ("Q", "K", "V", "O", "LSE", "MAXS", "KV_BLOCKS", *SHAPE, "scale", "Q_OFF", "OWN", "K_DESC", "V_DESC"),
+         ("MAXS", "OWN", "K_DESC", "V_DESC"),
          (*TILES, "REVERSE", "HAS_SELF", "USE_TMA", "LINEAR_SCORE", "RETURN_MAX")),
     _sig("flex_bwd_dq",
-         ("Q", "K", "V", "O", "DO", "LSE", "DLSE", "DELTA", "DQ", *KV_TABLES, *SHAPE, "scale", "Q_OFF", *OWN,
-          "DKP", "DVP", "K_DESC", "V_DESC"),
-         ("DLSE", *OWN, "DKP", "DVP", "K_DESC", "V_DESC"),
+         ("Q", "K", "V", "O", "DO", "LSE", "DLSE", "DELTA", "DQ", "KV_BLOCKS", *SHAPE, "scale", "Q_OFF", "OWN",
+          "K_DESC", "V_DESC"),
+         ("DLSE", "OWN", "K_DESC", "V_DESC"),
          (*TILES, "HAS_DLSE", "REVERSE", "HAS_SELF", "USE_TMA")),
     _sig("flex_bwd_dkdv",
-         ("Q", "K", "V", "DO", "LSE", "DELTA", "DK", "DV_OUT", "ADD_K", "ADD_V", *Q_TABLES, *SHAPE, "scale", "Q_OFF",
-          "Q_DESC", "DO_DESC",
-          # the second query stream (EBT), absent without TWO_STREAMS
-          "Q2", "DO2", "LSE2", "DELTA2", "Q2_NUM", "Q2_IDX", "FULL_Q2_NUM", "FULL_Q2_IDX", "Sq2", "MB2", "MH2",
-          "NQ2_LIST", "NQ2_LIST_FULL", "Q2_OFF", "Q2_DESC", "DO2_DESC"),
-         ("ADD_K", "ADD_V", "Q_DESC", "DO_DESC", "Q2", "DO2", "LSE2", "DELTA2", "Q2_NUM", "Q2_IDX", "FULL_Q2_NUM",
-          "FULL_Q2_IDX", "Sq2", "MB2", "MH2", "NQ2_LIST", "NQ2_LIST_FULL", "Q2_OFF", "Q2_DESC", "DO2_DESC"),
+         ("K", "V", "DK", "DV_OUT", "ADD_K", "ADD_V", "STREAM", "Q_BLOCKS", "STREAM2", "Q2_BLOCKS", "H", "Hkv",
+          "Skv", "scale", "Q_DESC", "DO_DESC", "Q2_DESC", "DO2_DESC"),
+         ("ADD_K", "ADD_V", "STREAM2", "Q2_BLOCKS", "Q_DESC", "DO_DESC", "Q2_DESC", "DO2_DESC"),
          (*TILES, "ACCUMULATE", "USE_TMA", "TWO_STREAMS", "HAS_FULL2", "EVEN2")),
     _sig("flex_dbwd_rows",
-         ("Q", "K", "V", "O", "DO", "LSE", "DLSE", "GQ", "GK", "GV", "G_DO", "STATS", *KV_TABLES, *SHAPE, "scale",
-          "Q_OFF", "KP", "VP", "GKP", "GVP", "SELF_KEEP", "K_DESC", "V_DESC", "GK_DESC", "GV_DESC"),
-         ("DLSE", "KP", "VP", "GKP", "GVP", "SELF_KEEP", "K_DESC", "V_DESC", "GK_DESC", "GV_DESC"),
+         ("Q", "K", "V", "O", "DO", "LSE", "DLSE", "GQ", "GK", "GV", "G_DO", "STATS", "KV_BLOCKS", *SHAPE, "scale",
+          "Q_OFF", "OWN", "K_DESC", "V_DESC", "GK_DESC", "GV_DESC"),
+         ("DLSE", "OWN", "K_DESC", "V_DESC", "GK_DESC", "GV_DESC"),
          (*TILES, "HAS_DLSE", "HAS_SELF", "USE_TMA", "PARTIAL_ROWS")),
     _sig("flex_dbwd_dq",
-         ("Q", "K", "V", "DO", "LSE", "DLSE", "GQ", "GK", "GV", "G_Q", "STATS", *KV_TABLES, *SHAPE, "scale", "Q_OFF",
-          "KP", "VP", "GKP", "GVP", "SELF_KEEP", "G_KP", "G_VP", "K_DESC", "V_DESC", "GK_DESC", "GV_DESC"),
-         ("DLSE", "KP", "VP", "GKP", "GVP", "SELF_KEEP", "G_KP", "G_VP", "K_DESC", "V_DESC", "GK_DESC", "GV_DESC"),
+         ("Q", "K", "V", "DO", "LSE", "DLSE", "GQ", "GK", "GV", "G_Q", "STATS", "KV_BLOCKS", *SHAPE, "scale", "Q_OFF",
+          "OWN", "K_DESC", "V_DESC", "GK_DESC", "GV_DESC"),
+         ("DLSE", "OWN", "K_DESC", "V_DESC", "GK_DESC", "GV_DESC"),
          (*TILES, "HAS_DLSE", "HAS_SELF", "CAPTURED_GRADS", "USE_TMA")),
     _sig("flex_dbwd_dkdv",
-         ("Q", "K", "V", "DO", "LSE", "DLSE", "GQ", "GK", "GV", "G_K", "G_V", "ADD_K", "ADD_V", "STATS", *Q_TABLES,
-          *SHAPE, "scale", "Q_OFF", "Q_DESC", "DO_DESC", "GQ_DESC"),
+         ("K", "V", "GK", "GV", "G_K", "G_V", "ADD_K", "ADD_V", "STREAM", "Q_BLOCKS", "DLSE", "H", "Hkv", "Skv",
+          "scale",
+          "Q_DESC", "DO_DESC", "GQ_DESC"),
          ("DLSE", "ADD_K", "ADD_V", "Q_DESC", "DO_DESC", "GQ_DESC"),
          (*TILES, "HAS_DLSE", "ACCUMULATE", "USE_TMA")),
     _sig("flex_jvp",
-         ("Q", "K", "V", "DQ", "DK", "DVT", "O", "LSE", "DO", "DLSE", *KV_TABLES, *SHAPE, "scale", "Q_OFF", *OWN,
-          "DKP", "DVP"),
-         (*OWN, "DKP", "DVP"),
+         ("Q", "K", "V", "DQ", "DK", "DVT", "O", "LSE", "DO", "DLSE", "KV_BLOCKS", *SHAPE, "scale", "Q_OFF", "OWN"),
+         ("OWN",),
          (*TILES, "HAS_SELF")),
 )}

@@ -8,31 +8,9 @@
 # key tiles.
 import triton
 import triton.language as tl
-from common import LOG2E, _blocks, _load_lse2, _load_rows, _load_tile, _mm, _own_keep, _own_positions  # noqa
-from common import _key_program, _query_program, _row_dot, _row_table, _store_key_grads, _store_rows  # noqa
-from common import _tile_positions, _tile_positions_t, _tile_start  # noqa
-
-
-@triton.jit
-def _own_key_grads(q, do, lse2, delta, KP, VP, SELF_KEEP, own, qh, offs_m, off_b, off_h, Sq, scale, Q_OFF,
-                   __BUFFERS__
-                   D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                   BLOCK_M: tl.constexpr, EVEN: tl.constexpr):
-    """Backward of the own-key term of one query tile: returns (ds_self [BLOCK_M, 1], kp, dkp
-    without scale, dvp) and scatters its captured-tensor gradients.  p_i = exp(t_i - L_i),
-    dt_i = p_i (do_i.vp_i - D_i), ds_i = dt_i f'(s_i); dq_i += ds_i kp_i, dkp_i = ds_i q_i,
-    dvp_i = p_i do_i (times scale where the score had it)."""
-    kp = _load_rows(KP + own * D, offs_m, Sq, D, BLOCK_D, EVEN)
-    vp = _load_rows(VP + own * DV, offs_m, Sq, DV, BLOCK_DV, EVEN)
-    s_raw = _row_dot(q, kp)
-    VALID, mq_idx, q_idx, kv_idx, ZERO = _own_positions(offs_m, Sq, Q_OFF, BLOCK_M, EVEN)
-    t2, dtds = hook.score_grad(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx, kv_idx=kv_idx)
-    keep = _own_keep(SELF_KEEP, VALID, qh, offs_m, Sq)
-    p = tl.where(keep, tl.math.exp2(t2 - lse2[:, None]), 0.0)
-    dt = p * (_row_dot(do, vp) - delta[:, None])
-    hook.captured_grad(dt=dt, keep=keep)
-    ds = tl.where(keep, dt * dtds, 0.0)
-    return ds, kp, ds * q.to(tl.float32), p * do.to(tl.float32)
+from common import _blocks, _key_program, _load_lse2, _load_rows, _load_tile, _mm, _query_program, _row_table  # noqa
+from common import _store_key_grads, _store_rows, _tile_positions, _tile_positions_t, _tile_start  # noqa
+from own_key import _own_key_grads  # noqa
 
 
 @triton.jit
@@ -40,11 +18,11 @@ def _dq_tile(dq, q, do, lse2, delta, K, V, K_DESC, V_DESC, kvh, start_n, offs_m,
              __BUFFERS__
              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
-             IEEE: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
+             DOT: tl.constexpr, USE_TMA: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load_tile(K + kvh * Skv * D, K_DESC, kvh, start_n, Skv, D, BLOCK_N, BLOCK_D, EVEN, USE_TMA)
     v = _load_tile(V + kvh * Skv * DV, V_DESC, kvh, start_n, Skv, DV, BLOCK_N, BLOCK_DV, EVEN, USE_TMA)
-    s_raw = _mm(q, tl.trans(k), IEEE, UPCAST)
+    s_raw = _mm(q, tl.trans(k), DOT)
     VALID, mq_idx, q_idx, kv_idx, ZERO = _tile_positions(offs_m, offs_n, Sq, Skv, Q_OFF, BLOCK_M, BLOCK_N, EVEN)
     t2, dtds = hook.score_grad(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx, kv_idx=kv_idx)
     keep = hook.keep(full=IS_FULL, b=off_b, h=off_h, q_idx=q_idx, mq_idx=mq_idx, kv_idx=kv_idx, valid=VALID)
@@ -52,7 +30,7 @@ def _dq_tile(dq, q, do, lse2, delta, K, V, K_DESC, V_DESC, kvh, start_n, offs_m,
         p = tl.math.exp2(t2 - lse2[:, None])
     else:
         p = tl.where(keep, tl.math.exp2(t2 - lse2[:, None]), 0.0)
-    dp = _mm(do, tl.trans(v), IEEE, UPCAST)
+    dp = _mm(do, tl.trans(v), DOT)
     dt = p * (dp - delta[:, None])
     hook.captured_grad(dt=dt, keep=keep)
     # Where nothing is masked, p > 0 everywhere; elsewhere guard against a mod whose derivative
@@ -61,7 +39,7 @@ def _dq_tile(dq, q, do, lse2, delta, K, V, K_DESC, V_DESC, kvh, start_n, offs_m,
         ds = dt * dtds
     else:
         ds = tl.where(keep, dt * dtds, 0.0)
-    dq += _mm(ds.to(k.dtype), k, IEEE, UPCAST)
+    dq += _mm(ds.to(k.dtype), k, DOT)
     return dq
 
 
@@ -69,7 +47,7 @@ def _dq_tile(dq, q, do, lse2, delta, K, V, K_DESC, V_DESC, kvh, start_n, offs_m,
 def flex_bwd_dq(__SIGNATURE__):
     """dq for one query tile; also writes D_i = do_i.o_i - dlse_i for the dk/dv pass (a cotangent
     of lse adds P_ij dlse_i to dt_ij, which is the same as lowering D_i by dlse_i).  With HAS_SELF
-    (EBT) it also writes the own keys' gradients DKP, DVP, per query head [B, H, Sq, D].
+    (EBT) it also writes the own keys' gradients OWN.DKP, OWN.DVP, per query head [B, H, Sq, D].
     USE_TMA: K and V tiles through the descriptors K_DESC, V_DESC."""
     pid_m, off_b, off_h, offs_m, qh, kvh = _query_program(Sq, H, Hkv, HEAD_GROUP, BLOCK_M, REVERSE)
     row_ok = offs_m < Sq
@@ -82,21 +60,20 @@ def flex_bwd_dq(__SIGNATURE__):
     tl.store(DELTA + qh * Sq + offs_m, delta, mask=row_ok)
     lse2 = _load_lse2(LSE, qh, offs_m, Sq)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    base, base_full, n_partial, n_full = _row_table(KV_NUM, FULL_NUM, off_b, off_h, (pid_m * BLOCK_M) // SPARSE_Q,
-                                                    MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, HAS_FULL)
+    IDX, FULL_IDX, base, base_full, n_partial, n_full = _row_table(KV_BLOCKS, off_b, off_h,
+                                                                   (pid_m * BLOCK_M) // SPARSE_Q, HAS_FULL)
     for FULL in tl.static_range(2):
-        IDX, row, n_tiles = _blocks(FULL, KV_IDX, FULL_IDX, base, base_full, n_partial, n_full, SPARSE_KV, BLOCK_N)
+        LIST, row, n_tiles = _blocks(FULL, IDX, FULL_IDX, base, base_full, n_partial, n_full, SPARSE_KV, BLOCK_N)
         for it in range(n_tiles):
-            dq = _dq_tile(dq, q, do, lse2, delta, K, V, K_DESC, V_DESC, kvh, _tile_start(IDX, row, it, SPARSE_KV, BLOCK_N),
-                          offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF, __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV, BLOCK_M,
-                          BLOCK_N, FULL == 1, EVEN, IEEE, UPCAST, USE_TMA)
+            dq = _dq_tile(dq, q, do, lse2, delta, K, V, K_DESC, V_DESC, kvh,
+                          _tile_start(LIST, row, it, SPARSE_KV, BLOCK_N), offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
+                          __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, FULL == 1, EVEN, DOT, USE_TMA)
     if HAS_SELF:
-        ds_self, kp, dkp, dvp = _own_key_grads(q, do, lse2, delta, KP, VP, SELF_KEEP, kvh * Sq, qh, offs_m, off_b,
-                                               off_h, Sq, scale, Q_OFF, __BUFFERS__
-                                               D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, EVEN)
+        ds_self, kp, dkp, dvp = _own_key_grads(q, do, lse2, delta, OWN, kvh * Sq, qh, offs_m, off_b, off_h, Sq,
+                                               scale, Q_OFF, __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, EVEN)
         dq += ds_self * kp.to(tl.float32)
-        _store_rows(DKP + qh * Sq * D, dkp * scale, offs_m, Sq, D, BLOCK_D)
-        _store_rows(DVP + qh * Sq * DV, dvp, offs_m, Sq, DV, BLOCK_DV)
+        _store_rows(OWN.DKP + qh * Sq * D, dkp * scale, offs_m, Sq, D, BLOCK_D)
+        _store_rows(OWN.DVP + qh * Sq * DV, dvp, offs_m, Sq, DV, BLOCK_DV)
     _store_rows(DQ + qh * Sq * D, dq * scale, offs_m, Sq, D, BLOCK_D)
 
 
@@ -105,7 +82,7 @@ def _dkdv_tile(dk, dv, k, v, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, qh, start_m, of
                Q_OFF, __BUFFERS__
                D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
-               IEEE: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
+               DOT: tl.constexpr, USE_TMA: tl.constexpr):
     """Transposed orientation: tiles are [BLOCK_N keys, BLOCK_M queries], so P^T and dS^T come
     out of the products directly (the mod code is elementwise; only q_idx / kv_idx swap axes)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -113,7 +90,7 @@ def _dkdv_tile(dk, dv, k, v, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, qh, start_m, of
     do = _load_tile(DO + qh * Sq * DV, DO_DESC, qh, start_m, Sq, DV, BLOCK_M, BLOCK_DV, EVEN, USE_TMA)
     lse2 = _load_lse2(LSE, qh, offs_m, Sq)
     delta = tl.load(DELTA + qh * Sq + offs_m, mask=offs_m < Sq, other=0.0)
-    s_raw = _mm(k, tl.trans(q), IEEE, UPCAST)
+    s_raw = _mm(k, tl.trans(q), DOT)
     VALID, mq_idx, q_idx, kv_idx, ZERO = _tile_positions_t(offs_m, offs_n, Sq, Skv, Q_OFF, BLOCK_M, BLOCK_N, EVEN)
     t2, dtds = hook.score_grad(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx, kv_idx=kv_idx)
     keep = hook.keep(full=IS_FULL, b=off_b, h=off_h, q_idx=q_idx, mq_idx=mq_idx, kv_idx=kv_idx, valid=VALID)
@@ -121,43 +98,41 @@ def _dkdv_tile(dk, dv, k, v, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, qh, start_m, of
         pT = tl.math.exp2(t2 - lse2[None, :])
     else:
         pT = tl.where(keep, tl.math.exp2(t2 - lse2[None, :]), 0.0)
-    dv += _mm(pT.to(do.dtype), do, IEEE, UPCAST)
-    dpT = _mm(v, tl.trans(do), IEEE, UPCAST)
+    dv += _mm(pT.to(do.dtype), do, DOT)
+    dpT = _mm(v, tl.trans(do), DOT)
     if IS_FULL and EVEN:
         dsT = pT * (dpT - delta[None, :]) * dtds
     else:
         dsT = tl.where(keep, pT * (dpT - delta[None, :]) * dtds, 0.0)
-    dk += _mm(dsT.to(q.dtype), q, IEEE, UPCAST)
+    dk += _mm(dsT.to(q.dtype), q, DOT)
     return dk, dv
 
 
 @triton.jit
-def _dkdv_stream(dk, dv, k, v, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX, qh, pid_n,
-                 offs_n, off_b, off_h, Sq, Skv, MB, MH, NKV_BLOCKS, NQ_LIST, NQ_LIST_FULL, scale, Q_OFF, __BUFFERS__
+def _dkdv_stream(dk, dv, k, v, STREAM, IDX, FULL_IDX, base, base_full, n_partial, n_full, Q_DESC, DO_DESC, qh,
+                 offs_n, off_b, off_h, Skv, scale, __BUFFERS__
                  D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
-                 HAS_FULL: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                 USE_TMA: tl.constexpr):
-    """Add one query head's share to a key tile's dk, dv: the query tiles of the blocks the
-    transposed block tables list for this kv block."""
-    base, base_full, n_partial, n_full = _row_table(Q_NUM, FULL_Q_NUM, off_b, off_h, (pid_n * BLOCK_N) // SPARSE_KV,
-                                                    MB, MH, NKV_BLOCKS, NQ_LIST, NQ_LIST_FULL, HAS_FULL)
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_Q: tl.constexpr, EVEN: tl.constexpr,
+                 DOT: tl.constexpr, USE_TMA: tl.constexpr):
+    """Add one query head's share of a query stream (signatures.StreamArgs) to a key tile's dk,
+    dv: the query tiles of the blocks its transposed block tables list for this kv block (the
+    row of the tables _row_table found)."""
     for FULL in tl.static_range(2):
-        IDX, row, n_tiles = _blocks(FULL, Q_IDX, FULL_Q_IDX, base, base_full, n_partial, n_full, SPARSE_Q, BLOCK_M)
+        LIST, row, n_tiles = _blocks(FULL, IDX, FULL_IDX, base, base_full, n_partial, n_full, SPARSE_Q, BLOCK_M)
         for it in range(n_tiles):
-            dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, qh,
-                                _tile_start(IDX, row, it, SPARSE_Q, BLOCK_M), offs_n, off_b, off_h, Sq, Skv, scale,
-                                Q_OFF, __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, FULL == 1, EVEN, IEEE,
-                                UPCAST, USE_TMA)
+            dk, dv = _dkdv_tile(dk, dv, k, v, STREAM.Q, STREAM.DO, Q_DESC, DO_DESC, STREAM.LSE, STREAM.DELTA, qh,
+                                _tile_start(LIST, row, it, SPARSE_Q, BLOCK_M), offs_n, off_b, off_h, STREAM.Sq, Skv,
+                                scale, STREAM.Q_OFF, __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
+                                FULL == 1, EVEN, DOT, USE_TMA)
     return dk, dv
 
 
 @triton.jit
 def flex_bwd_dkdv(__SIGNATURE__):
     """One program per (kv tile, batch, kv head); loops over the query heads of its GQA group
-    and the query blocks the transposed block tables list for its kv block.  TWO_STREAMS (EBT):
-    a second query stream (Q2, DO2, ... with its own tables, length and frame offset Q2_OFF) sees
-    the same keys, and its share is added in the same program -- dk, dv stay in registers.
+    and the query blocks the transposed block tables Q_BLOCKS of STREAM list for its kv block.
+    TWO_STREAMS (EBT): a second query stream STREAM2 (its own tables Q2_BLOCKS, length and frame offset)
+    sees the same keys, and its share is added in the same program -- dk, dv stay in registers.
     ACCUMULATE adds ADD_K / ADD_V to what it writes.  USE_TMA: q and dO tiles through the
     descriptors Q_DESC, DO_DESC (Q2_DESC, DO2_DESC)."""
     pid_n, off_b, off_hk, offs_n, kvh = _key_program(Skv, Hkv, HEAD_GROUP, BLOCK_N)
@@ -169,16 +144,15 @@ def flex_bwd_dkdv(__SIGNATURE__):
     for g in range(group):
         off_h = off_hk * group + g
         qh = (off_b * H + off_h).to(tl.int64)
-        dk, dv = _dkdv_stream(dk, dv, k, v, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX,
-                              qh, pid_n, offs_n, off_b, off_h, Sq, Skv, MB, MH, NKV_BLOCKS, NQ_LIST, NQ_LIST_FULL,
-                              scale, Q_OFF, __BUFFERS__
-                              D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, SPARSE_Q, SPARSE_KV, HAS_FULL, EVEN, IEEE,
-                              UPCAST, USE_TMA)
+        block = (pid_n * BLOCK_N) // SPARSE_KV
+        IDX, FULL_IDX, base, base_full, n_partial, n_full = _row_table(Q_BLOCKS, off_b, off_h, block, HAS_FULL)
+        dk, dv = _dkdv_stream(dk, dv, k, v, STREAM, IDX, FULL_IDX, base, base_full, n_partial, n_full, Q_DESC, DO_DESC,
+                              qh, offs_n, off_b, off_h, Skv, scale, __BUFFERS__
+                              D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, SPARSE_Q, EVEN, DOT, USE_TMA)
         if TWO_STREAMS:
-            dk, dv = _dkdv_stream(dk, dv, k, v, Q2, DO2, Q2_DESC, DO2_DESC, LSE2, DELTA2, Q2_NUM, Q2_IDX, FULL_Q2_NUM,
-                                  FULL_Q2_IDX, qh, pid_n, offs_n, off_b, off_h, Sq2, Skv, MB2, MH2, NKV_BLOCKS,
-                                  NQ2_LIST, NQ2_LIST_FULL, scale, Q2_OFF, __BUFFERS__
-                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, SPARSE_Q, SPARSE_KV, HAS_FULL2, EVEN2,
-                                  IEEE, UPCAST, USE_TMA)
+            IDX, FULL_IDX, base, base_full, n_partial, n_full = _row_table(Q2_BLOCKS, off_b, off_h, block, HAS_FULL2)
+            dk, dv = _dkdv_stream(dk, dv, k, v, STREAM2, IDX, FULL_IDX, base, base_full, n_partial, n_full, Q2_DESC,
+                                  DO2_DESC, qh, offs_n, off_b, off_h, Skv, scale, __BUFFERS__
+                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, SPARSE_Q, EVEN2, DOT, USE_TMA)
     _store_key_grads(DK, DV_OUT, ADD_K, ADD_V, dk * scale, dv, kvh, offs_n, Skv, D, DV, BLOCK_D, BLOCK_DV,
                      ACCUMULATE)

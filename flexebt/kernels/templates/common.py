@@ -1,8 +1,8 @@
 # flexebt kernel templates: what every pass shares.
 #
 # The kernels of one pair of mods are generated from these files, concatenated in the order
-# common, forward, backward, double_backward, jvp (flexebt/codegen/source.py), and are never
-# imported as they stand.  Mod code enters only at *hooks*: lines of the form
+# common, own_key, forward, backward, double_backward, jvp (flexebt/codegen/source.py), and are
+# never imported as they stand.  Mod code enters only at *hooks*: lines of the form
 #
 #     t2 = hook.score(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx, kv_idx=kv_idx)
 #
@@ -14,6 +14,8 @@
 # that `__BUFFERS__` stands for in the signatures ("IDXERR, BUF0, BUF0_S0, ..., GBUF0, CBUF0, ...").
 #
 # Layout: q [B, H, Sq, D], k [B, Hkv, Skv, D], v [B, Hkv, Skv, DV], all contiguous.
+# Entry points take grouped arguments as named tuples (flexebt/kernels/signatures.py): one
+# direction of the block tables (BLOCKS.NUM, ...), a query stream, the EBT own keys (OWN.KP, ...).
 # Block sparsity: torch BlockMask tables, contiguous, [MB, MH, nQ(, nKVmax)] with MB in {1, B},
 # MH in {1, H}; a row of sparse Q blocks lists partial kv blocks (mask_mod applied) and full kv
 # blocks (mask_mod skipped).  Kernel tiles (BLOCK_M x BLOCK_N) subdivide the sparse blocks
@@ -33,15 +35,15 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _mm(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """a @ b with fp32 accumulation.  IEEE = 1: exact fp32 products (no tf32); IEEE = 2: fp32
-    products as three tf32 products (tensor cores).  UPCAST: compute in fp32 (only for bf16 under
-    Triton's CPU interpreter, whose bf16 dot is wrong)."""
-    if UPCAST:
+def _mm(a, b, DOT: tl.constexpr):
+    """a @ b with fp32 accumulation.  DOT = 0: the tensor cores' default for the dtype; 1: exact fp32
+    products (IEEE, no tf32); 2: fp32 products as three tf32 products (tensor cores); 3: compute in
+    fp32 (only for bf16 under Triton's CPU interpreter, whose bf16 dot is wrong)."""
+    if DOT == 3:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    elif IEEE == 1:
+    elif DOT == 1:
         return tl.dot(a, b, input_precision="ieee")
-    elif IEEE == 2:
+    elif DOT == 2:
         return tl.dot(a, b, input_precision="tf32x3")
     else:
         return tl.dot(a, b)
@@ -119,22 +121,6 @@ def _tile_positions_t(offs_m, offs_n, Sq, Skv, Q_OFF, BLOCK_M: tl.constexpr, BLO
 
 
 @triton.jit
-def _own_positions(offs_m, Sq, Q_OFF, BLOCK_M: tl.constexpr, EVEN: tl.constexpr):
-    """Mod inputs of the EBT own-key column ([BLOCK_M, 1]): query i meets its own key at its
-    own frame position (kv_idx = q_idx), the one-column form of _tile_positions."""
-    VALID = (offs_m < Sq)[:, None]
-    mq_idx, _unused = _mod_indices(offs_m, offs_m, Sq, Sq, EVEN)
-    q_idx = mq_idx[:, None] + Q_OFF
-    return VALID, mq_idx, q_idx, q_idx, tl.zeros([BLOCK_M, 1], dtype=tl.int32)
-
-
-@triton.jit
-def _own_keep(SELF_KEEP, VALID, qh, offs_m, Sq):
-    """Which rows keep their EBT own key ([BLOCK_M, 1]): SELF_KEEP[b, h, i] != 0 inside the sequence."""
-    return VALID & (tl.load(SELF_KEEP + qh * Sq + offs_m, mask=offs_m < Sq, other=0) != 0)[:, None]
-
-
-@triton.jit
 def _row_dot(a, b):
     """Row-wise dot products of two [BLOCK_M, BLOCK_C] tiles in fp32, as a [BLOCK_M, 1] column."""
     return tl.sum(a.to(tl.float32) * b.to(tl.float32), 1)[:, None]
@@ -197,15 +183,18 @@ def _key_program(Skv, Hkv, HEAD_GROUP, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _row_table(NUM, FULL_NUM, off_b, off_h, block, MB, MH, N_ROWS, N_LIST, N_LIST_FULL, HAS_FULL: tl.constexpr):
-    """Where one row of the block tables starts, and its partial and full block counts.  A table
-    built with B/H = None has MB/MH = 1 and is shared by all batches/heads (x % 1 == 0)."""
-    row = ((off_b % MB) * MH + (off_h % MH)) * N_ROWS + block
-    n_partial = tl.load(NUM + row)
+def _row_table(BLOCKS, off_b, off_h, block, HAS_FULL: tl.constexpr):
+    """Row ``block`` of the block tables BLOCKS (signatures.BlockArgs): its partial and full index
+    lists (IDX, FULL_IDX), where each list's row starts, and the row's partial and full block
+    counts.  A table built with B/H = None has MB/MH = 1 and is shared by all batches/heads
+    (x % 1 == 0).  (Called where BLOCKS is the entry kernel's own argument: a group handed on
+    through a second function loses its specialised integers on Triton 3.6.)"""
+    row = ((off_b % BLOCKS.MB) * BLOCKS.MH + (off_h % BLOCKS.MH)) * BLOCKS.N_ROWS + block
+    n_partial = tl.load(BLOCKS.NUM + row)
     n_full = 0
     if HAS_FULL:
-        n_full = tl.load(FULL_NUM + row)
-    return row * N_LIST, row * N_LIST_FULL, n_partial, n_full
+        n_full = tl.load(BLOCKS.FULL_NUM + row)
+    return BLOCKS.IDX, BLOCKS.FULL_IDX, row * BLOCKS.N_LIST, row * BLOCKS.N_LIST_FULL, n_partial, n_full
 
 
 @triton.jit

@@ -22,27 +22,27 @@
 # flex_dbwd_dkdv over key tiles.
 import triton
 import triton.language as tl
-from common import _blocks, _key_program, _load_lse2, _load_rows, _load_tile, _mm, _own_keep, _own_positions  # noqa
-from common import _query_program, _row_dot, _row_table, _store_key_grads, _store_rows, _tile_positions  # noqa
-from common import _tile_start  # noqa
+from common import _blocks, _key_program, _load_lse2, _load_rows, _load_tile, _mm, _query_program, _row_table  # noqa
+from common import _store_key_grads, _store_rows, _tile_positions, _tile_start  # noqa
+from own_key import _own_key_captured, _own_key_second  # noqa
 
 
 @triton.jit
 def _dbwd_scores(q, k, v, do, gq, gk, gv, lse2, offs_m, offs_n, off_b, off_h, Sq, Skv, scale, Q_OFF,
                  __BUFFERS__
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
-                 IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                 DOT: tl.constexpr):
     """Per tile: P, dP, A, u, Bm, f', du/ds (zero where masked) and the raw scores."""
-    s_raw = _mm(q, tl.trans(k), IEEE, UPCAST)
+    s_raw = _mm(q, tl.trans(k), DOT)
     VALID, mq_idx, q_idx, kv_idx, ZERO = _tile_positions(offs_m, offs_n, Sq, Skv, Q_OFF, BLOCK_M, BLOCK_N, EVEN)
     t2, dtds, d2tds2, ew, ewds = hook.score_second(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx,
                                                    kv_idx=kv_idx)
     keep = hook.keep(full=IS_FULL, b=off_b, h=off_h, q_idx=q_idx, mq_idx=mq_idx, kv_idx=kv_idx, valid=VALID)
     p = tl.where(keep, tl.math.exp2(t2 - lse2[:, None]), 0.0)
     f1 = tl.where(keep, dtds, 0.0)
-    dp = _mm(do, tl.trans(v), IEEE, UPCAST)
-    a = (_mm(gq, tl.trans(k), IEEE, UPCAST) + _mm(q, tl.trans(gk), IEEE, UPCAST)) * scale
-    bm = _mm(do, tl.trans(gv), IEEE, UPCAST)
+    dp = _mm(do, tl.trans(v), DOT)
+    a = (_mm(gq, tl.trans(k), DOT) + _mm(q, tl.trans(gk), DOT)) * scale
+    bm = _mm(do, tl.trans(gv), DOT)
     u = tl.where(keep, dtds * a + ew, 0.0)
     duds = tl.where(keep, d2tds2 * a + ewds, 0.0)
     return p, dp, a, u, bm, f1, duds, s_raw
@@ -103,58 +103,21 @@ def _dbwd_rows_tile(U, W, Bbar, D0, puv, pgv, q, gq, do, lse2, K, V, GK, GV, K_D
                     start_n, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF, __BUFFERS__
                     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
-                    IEEE: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
+                    DOT: tl.constexpr, USE_TMA: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k, v, gk, gv = _dbwd_kv_rows(K, V, GK, GV, K_DESC, V_DESC, GK_DESC, GV_DESC, kvh, start_n, Skv, D, DV, BLOCK_N,
                                  BLOCK_D, BLOCK_DV, EVEN, USE_TMA)
     p, dp, a, u, bm, f1, duds, s_raw = _dbwd_scores(q, k, v, do, gq, gk, gv, lse2, offs_m, offs_n, off_b, off_h,
                                                     Sq, Skv, scale, Q_OFF, __BUFFERS__
-                                                    BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST)
+                                                    BLOCK_M, BLOCK_N, IS_FULL, EVEN, DOT)
     pu = p * u
     U += tl.sum(pu, 1)
     W += tl.sum(pu * dp, 1)
     Bbar += tl.sum(p * bm, 1)
     D0 += tl.sum(p * dp, 1)
-    puv += _mm(pu.to(v.dtype), v, IEEE, UPCAST)
-    pgv += _mm(p.to(gv.dtype), gv, IEEE, UPCAST)
+    puv += _mm(pu.to(v.dtype), v, DOT)
+    pgv += _mm(p.to(gv.dtype), gv, DOT)
     return U, W, Bbar, D0, puv, pgv
-
-
-@triton.jit
-def _dbwd_own(q, gq, do, lse2, KP, VP, GKP, GVP, SELF_KEEP, own, qh, offs_m, off_b, off_h, Sq, scale, Q_OFF,
-              __BUFFERS__
-              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-              BLOCK_M: tl.constexpr, EVEN: tl.constexpr):
-    """The EBT own key of each row as one [BLOCK_M, 1] column of the double backward:
-    (p, dP, A, u, Bm, f', du/ds) of that column, its raw score, and the rows kp, vp, gkp, gvp."""
-    kp = _load_rows(KP + own * D, offs_m, Sq, D, BLOCK_D, EVEN)
-    vp = _load_rows(VP + own * DV, offs_m, Sq, DV, BLOCK_DV, EVEN)
-    gkp = _load_rows(GKP + own * D, offs_m, Sq, D, BLOCK_D, EVEN)
-    gvp = _load_rows(GVP + own * DV, offs_m, Sq, DV, BLOCK_DV, EVEN)
-    s_raw = _row_dot(q, kp)
-    VALID, mq_idx, q_idx, kv_idx, ZERO = _own_positions(offs_m, Sq, Q_OFF, BLOCK_M, EVEN)
-    t2, dtds, d2tds2, ew, ewds = hook.score_second(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx,
-                                                   kv_idx=kv_idx)
-    keep = _own_keep(SELF_KEEP, VALID, qh, offs_m, Sq)
-    p = tl.where(keep, tl.math.exp2(t2 - lse2[:, None]), 0.0)
-    f1 = tl.where(keep, dtds, 0.0)
-    dp = _row_dot(do, vp)
-    a = (_row_dot(gq, kp) + _row_dot(q, gkp)) * scale
-    bm = _row_dot(do, gvp)
-    u = tl.where(keep, dtds * a + ew, 0.0)
-    duds = tl.where(keep, d2tds2 * a + ewds, 0.0)
-    return p, dp, a, u, bm, f1, duds, s_raw, kp, vp, gkp, gvp
-
-
-@triton.jit
-def _dbwd_own_captured(s_raw, gt, dt, a, SELF_KEEP, qh, offs_m, off_b, off_h, Sq, scale, Q_OFF, __BUFFERS__
-                       BLOCK_M: tl.constexpr, EVEN: tl.constexpr):
-    """g_c of the EBT own-key column (see _dbwd_captured)."""
-    VALID, mq_idx, q_idx, kv_idx, ZERO = _own_positions(offs_m, Sq, Q_OFF, BLOCK_M, EVEN)
-    t2, dtds, d2tds2, ew, ewds = hook.score_second(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx,
-                                                   kv_idx=kv_idx)
-    keep = _own_keep(SELF_KEEP, VALID, qh, offs_m, Sq)
-    hook.captured_second_grad(gt=gt, dt=dt, a=a, keep=keep)
 
 
 @triton.jit
@@ -170,9 +133,9 @@ def flex_dbwd_rows(__SIGNATURE__):
     q, gq, do, lse2, dl = _dbwd_row_inputs(Q, DO, GQ, Q, DO, GQ, LSE, DLSE, qh, pid_m * BLOCK_M, Sq,
                                            D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN, HAS_DLSE, False)
     if HAS_SELF:
-        p_s, dp_s, a_s, u_s, bm_s, f1_s, duds_s, s_s, kp, vp, gkp, gvp = _dbwd_own(
-            q, gq, do, lse2, KP, VP, GKP, GVP, SELF_KEEP, kvh * Sq, qh, offs_m, off_b, off_h, Sq, scale,
-            Q_OFF, __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, EVEN)
+        p_s, dp_s, a_s, u_s, bm_s, f1_s, duds_s, s_s, kp, vp, gkp, gvp = _own_key_second(
+            q, gq, do, lse2, OWN, kvh * Sq, qh, offs_m, off_b, off_h, Sq, scale, Q_OFF, __BUFFERS__
+            D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, EVEN)
         pu_s = p_s * u_s
         U = tl.sum(pu_s, 1)
         W = tl.sum(pu_s * dp_s, 1)
@@ -187,15 +150,15 @@ def flex_dbwd_rows(__SIGNATURE__):
         D0 = tl.zeros([BLOCK_M], dtype=tl.float32)
         puv = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
         pgv = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    base, base_full, n_partial, n_full = _row_table(KV_NUM, FULL_NUM, off_b, off_h, (pid_m * BLOCK_M) // SPARSE_Q,
-                                                    MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, HAS_FULL)
+    IDX, FULL_IDX, base, base_full, n_partial, n_full = _row_table(KV_BLOCKS, off_b, off_h,
+                                                                   (pid_m * BLOCK_M) // SPARSE_Q, HAS_FULL)
     for FULL in tl.static_range(2):
-        IDX, row, n_tiles = _blocks(FULL, KV_IDX, FULL_IDX, base, base_full, n_partial, n_full, SPARSE_KV, BLOCK_N)
+        LIST, row, n_tiles = _blocks(FULL, IDX, FULL_IDX, base, base_full, n_partial, n_full, SPARSE_KV, BLOCK_N)
         for it in range(n_tiles):
             U, W, Bbar, D0, puv, pgv = _dbwd_rows_tile(
                 U, W, Bbar, D0, puv, pgv, q, gq, do, lse2, K, V, GK, GV, K_DESC, V_DESC, GK_DESC, GV_DESC, kvh,
-                _tile_start(IDX, row, it, SPARSE_KV, BLOCK_N), offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
-                __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, FULL == 1, EVEN, IEEE, UPCAST, USE_TMA)
+                _tile_start(LIST, row, it, SPARSE_KV, BLOCK_N), offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
+                __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, FULL == 1, EVEN, DOT, USE_TMA)
     if PARTIAL_ROWS:
         g_do = puv + pgv
     else:
@@ -227,25 +190,26 @@ def _dbwd_dq_tile(g_q, q, gq, do, lse2, U, Wc, Bbar, dsh, K, V, GK, GV, K_DESC, 
                   start_n, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF, __BUFFERS__
                   D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
-                  IEEE: tl.constexpr, UPCAST: tl.constexpr, CAPTURED_GRADS: tl.constexpr, USE_TMA: tl.constexpr):
+                  DOT: tl.constexpr, CAPTURED_GRADS: tl.constexpr, USE_TMA: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k, v, gk, gv = _dbwd_kv_rows(K, V, GK, GV, K_DESC, V_DESC, GK_DESC, GV_DESC, kvh, start_n, Skv, D, DV, BLOCK_N,
                                  BLOCK_D, BLOCK_DV, EVEN, USE_TMA)
     p, dp, a, u, bm, f1, duds, s_raw = _dbwd_scores(q, k, v, do, gq, gk, gv, lse2, offs_m, offs_n, off_b, off_h,
                                                     Sq, Skv, scale, Q_OFF, __BUFFERS__
-                                                    BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST)
+                                                    BLOCK_M, BLOCK_N, IS_FULL, EVEN, DOT)
     gs, ds, gt, dt = _dbwd_gs(p, dp, u, bm, f1, duds, dsh, U, Wc, Bbar)
     if CAPTURED_GRADS:
         _dbwd_captured(s_raw, gt, dt, a, offs_m, offs_n, off_b, off_h, Sq, Skv, scale, Q_OFF, __BUFFERS__
                        BLOCK_M, BLOCK_N, IS_FULL, EVEN)
-    g_q += _mm(gs.to(k.dtype), k, IEEE, UPCAST) + _mm(ds.to(gk.dtype), gk, IEEE, UPCAST)
+    g_q += _mm(gs.to(k.dtype), k, DOT) + _mm(ds.to(gk.dtype), gk, DOT)
     return g_q
 
 
 @triton.jit
 def flex_dbwd_dq(__SIGNATURE__):
     """Pass 2 of the double backward, per query tile: g_q = scale sum_j (gs k + ds Gk).  HAS_SELF:
-    the own key's column adds to g_q and gives its g_kp, g_vp (per query head; fp32 under GQA).
+    the own key's column adds to g_q and gives its g_kp, g_vp (OWN.G_KP, OWN.G_VP, per query head;
+    fp32 under GQA).
     CAPTURED_GRADS: also scatter the captured tensors' second-order gradients.  USE_TMA: the
     key-side tiles through the descriptors."""
     pid_m, off_b, off_h, offs_m, qh, kvh = _query_program(Sq, H, Hkv, HEAD_GROUP, BLOCK_M, False)
@@ -254,27 +218,27 @@ def flex_dbwd_dq(__SIGNATURE__):
                                            D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN, HAS_DLSE, False)
     U, Wc, Bbar, dsh = _load_stats(STATS, qh, offs_m, Sq)
     g_q = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    base, base_full, n_partial, n_full = _row_table(KV_NUM, FULL_NUM, off_b, off_h, (pid_m * BLOCK_M) // SPARSE_Q,
-                                                    MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, HAS_FULL)
+    IDX, FULL_IDX, base, base_full, n_partial, n_full = _row_table(KV_BLOCKS, off_b, off_h,
+                                                                   (pid_m * BLOCK_M) // SPARSE_Q, HAS_FULL)
     for FULL in tl.static_range(2):
-        IDX, row, n_tiles = _blocks(FULL, KV_IDX, FULL_IDX, base, base_full, n_partial, n_full, SPARSE_KV, BLOCK_N)
+        LIST, row, n_tiles = _blocks(FULL, IDX, FULL_IDX, base, base_full, n_partial, n_full, SPARSE_KV, BLOCK_N)
         for it in range(n_tiles):
             g_q = _dbwd_dq_tile(g_q, q, gq, do, lse2, U, Wc, Bbar, dsh, K, V, GK, GV, K_DESC, V_DESC, GK_DESC, GV_DESC,
-                                kvh, _tile_start(IDX, row, it, SPARSE_KV, BLOCK_N), offs_m, off_b, off_h, Sq, Skv,
+                                kvh, _tile_start(LIST, row, it, SPARSE_KV, BLOCK_N), offs_m, off_b, off_h, Sq, Skv,
                                 scale, Q_OFF, __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, FULL == 1, EVEN,
-                                IEEE, UPCAST, CAPTURED_GRADS, USE_TMA)
+                                DOT, CAPTURED_GRADS, USE_TMA)
     if HAS_SELF:
-        p_s, dp_s, a_s, u_s, bm_s, f1_s, duds_s, s_s, kp, vp, gkp, gvp = _dbwd_own(
-            q, gq, do, lse2, KP, VP, GKP, GVP, SELF_KEEP, kvh * Sq, qh, offs_m, off_b, off_h, Sq, scale,
-            Q_OFF, __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, EVEN)
+        p_s, dp_s, a_s, u_s, bm_s, f1_s, duds_s, s_s, kp, vp, gkp, gvp = _own_key_second(
+            q, gq, do, lse2, OWN, kvh * Sq, qh, offs_m, off_b, off_h, Sq, scale, Q_OFF, __BUFFERS__
+            D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, EVEN)
         gs_s, ds_s, gt_s, dt_s = _dbwd_gs(p_s, dp_s, u_s, bm_s, f1_s, duds_s, dsh, U, Wc, Bbar)
         if CAPTURED_GRADS:
-            _dbwd_own_captured(s_s, gt_s, dt_s, a_s, SELF_KEEP, qh, offs_m, off_b, off_h, Sq, scale, Q_OFF,
-                               __BUFFERS__ BLOCK_M, EVEN)
+            _own_key_captured(s_s, gt_s, dt_s, a_s, OWN, qh, offs_m, off_b, off_h, Sq, scale, Q_OFF, __BUFFERS__
+                              BLOCK_M, EVEN)
         g_q += gs_s * kp.to(tl.float32) + ds_s * gkp.to(tl.float32)
         g_kp = (gs_s * q.to(tl.float32) + ds_s * gq.to(tl.float32)) * scale
-        _store_rows(G_KP + qh * Sq * D, g_kp, offs_m, Sq, D, BLOCK_D)
-        _store_rows(G_VP + qh * Sq * DV, p_s * (u_s - U[:, None]) * do.to(tl.float32), offs_m, Sq, DV, BLOCK_DV)
+        _store_rows(OWN.G_KP + qh * Sq * D, g_kp, offs_m, Sq, D, BLOCK_D)
+        _store_rows(OWN.G_VP + qh * Sq * DV, p_s * (u_s - U[:, None]) * do.to(tl.float32), offs_m, Sq, DV, BLOCK_DV)
     _store_rows(G_Q + qh * Sq * D, g_q * scale, offs_m, Sq, D, BLOCK_D)
 
 
@@ -283,7 +247,7 @@ def _dbwd_dkdv_tile(g_k, g_v, k, v, gk, gv, Q, DO, GQ, Q_DESC, DO_DESC, GQ_DESC,
                     start_m, offs_n, off_b, off_h, Sq, Skv, scale, Q_OFF, __BUFFERS__
                     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
-                    IEEE: tl.constexpr, UPCAST: tl.constexpr, HAS_DLSE: tl.constexpr, USE_TMA: tl.constexpr):
+                    DOT: tl.constexpr, HAS_DLSE: tl.constexpr, USE_TMA: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q, gq, do, lse2, dl = _dbwd_row_inputs(Q, DO, GQ, Q_DESC, DO_DESC, GQ_DESC, LSE, DLSE, qh,
                                            start_m, Sq, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN, HAS_DLSE,
@@ -291,18 +255,19 @@ def _dbwd_dkdv_tile(g_k, g_v, k, v, gk, gv, Q, DO, GQ, Q_DESC, DO_DESC, GQ_DESC,
     U, Wc, Bbar, dsh = _load_stats(STATS, qh, offs_m, Sq)
     p, dp, a, u, bm, f1, duds, s_raw = _dbwd_scores(q, k, v, do, gq, gk, gv, lse2, offs_m, offs_n, off_b, off_h,
                                                     Sq, Skv, scale, Q_OFF, __BUFFERS__
-                                                    BLOCK_M, BLOCK_N, IS_FULL, EVEN, IEEE, UPCAST)
+                                                    BLOCK_M, BLOCK_N, IS_FULL, EVEN, DOT)
     gs, ds, gt, dt = _dbwd_gs(p, dp, u, bm, f1, duds, dsh, U, Wc, Bbar)
-    g_k += _mm(tl.trans(gs.to(q.dtype)), q, IEEE, UPCAST) + _mm(tl.trans(ds.to(gq.dtype)), gq, IEEE, UPCAST)
-    g_v += _mm(tl.trans((p * (u - U[:, None])).to(do.dtype)), do, IEEE, UPCAST)
+    g_k += _mm(tl.trans(gs.to(q.dtype)), q, DOT) + _mm(tl.trans(ds.to(gq.dtype)), gq, DOT)
+    g_v += _mm(tl.trans((p * (u - U[:, None])).to(do.dtype)), do, DOT)
     return g_k, g_v
 
 
 @triton.jit
 def flex_dbwd_dkdv(__SIGNATURE__):
     """Pass 3 of the double backward, per key tile: g_k = scale sum_i (gs^T q + ds^T Gq) and
-    g_v = sum_i (P (u - U))^T do, over the query heads of a GQA group (ACCUMULATE: add ADD_K, ADD_V).
-    USE_TMA: the query-side tiles through the descriptors."""
+    g_v = sum_i (P (u - U))^T do, over the query heads of a GQA group and the query blocks the
+    transposed block tables Q_BLOCKS of STREAM (signatures.SecondStreamArgs) list for the kv block
+    (ACCUMULATE: add ADD_K, ADD_V).  USE_TMA: the query-side tiles through the descriptors."""
     pid_n, off_b, off_hk, offs_n, kvh = _key_program(Skv, Hkv, HEAD_GROUP, BLOCK_N)
     # the program's own keys, loaded once: pointer loads (the descriptor slots are unused)
     k, v, gk, gv = _dbwd_kv_rows(K, V, GK, GV, K, V, GK, GV, kvh, pid_n * BLOCK_N, Skv, D, DV, BLOCK_N, BLOCK_D,
@@ -313,14 +278,15 @@ def flex_dbwd_dkdv(__SIGNATURE__):
     for g in range(group):
         off_h = off_hk * group + g
         qh = (off_b * H + off_h).to(tl.int64)
-        base, base_full, n_partial, n_full = _row_table(Q_NUM, FULL_Q_NUM, off_b, off_h, (pid_n * BLOCK_N) // SPARSE_KV,
-                                                        MB, MH, NKV_BLOCKS, NQ_LIST, NQ_LIST_FULL, HAS_FULL)
+        IDX, FULL_IDX, base, base_full, n_partial, n_full = _row_table(Q_BLOCKS, off_b, off_h,
+                                                                       (pid_n * BLOCK_N) // SPARSE_KV, HAS_FULL)
         for FULL in tl.static_range(2):
-            IDX, row, n_tiles = _blocks(FULL, Q_IDX, FULL_Q_IDX, base, base_full, n_partial, n_full, SPARSE_Q, BLOCK_M)
+            LIST, row, n_tiles = _blocks(FULL, IDX, FULL_IDX, base, base_full, n_partial, n_full, SPARSE_Q, BLOCK_M)
             for it in range(n_tiles):
-                g_k, g_v = _dbwd_dkdv_tile(g_k, g_v, k, v, gk, gv, Q, DO, GQ, Q_DESC, DO_DESC, GQ_DESC, LSE, DLSE,
-                                           STATS, qh, _tile_start(IDX, row, it, SPARSE_Q, BLOCK_M), offs_n, off_b,
-                                           off_h, Sq, Skv, scale, Q_OFF, __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV,
-                                           BLOCK_M, BLOCK_N, FULL == 1, EVEN, IEEE, UPCAST, HAS_DLSE, USE_TMA)
+                g_k, g_v = _dbwd_dkdv_tile(g_k, g_v, k, v, gk, gv, STREAM.Q, STREAM.DO, STREAM.GQ, Q_DESC, DO_DESC,
+                                           GQ_DESC, STREAM.LSE, DLSE, STREAM.STATS, qh,
+                                           _tile_start(LIST, row, it, SPARSE_Q, BLOCK_M), offs_n, off_b, off_h,
+                                           STREAM.Sq, Skv, scale, STREAM.Q_OFF, __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV,
+                                           BLOCK_M, BLOCK_N, FULL == 1, EVEN, DOT, HAS_DLSE, USE_TMA)
     _store_key_grads(G_K, G_V, ADD_K, ADD_V, g_k * scale, g_v, kvh, offs_n, Skv, D, DV, BLOCK_D, BLOCK_DV,
                      ACCUMULATE)

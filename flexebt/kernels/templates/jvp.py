@@ -8,69 +8,50 @@
 # same factor as the output accumulator, so the tangents come out normalised at the end.
 import triton
 import triton.language as tl
-from common import LN2, _blocks, _load_rows, _mm, _own_keep, _own_positions, _query_program, _row_dot  # noqa
-from common import _row_table, _store_rows, _tile_positions, _tile_start  # noqa
+from common import LN2, _blocks, _load_rows, _mm, _query_program, _row_table, _store_rows, _tile_positions  # noqa
+from common import _tile_start  # noqa
+from own_key import _own_key_jvp  # noqa
 
 
 @triton.jit
-def _jvp_tile(acc, tacc, macc, l_i, m_i, q, dq, K, V, DK, DVT, kvh, start_n, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF, __BUFFERS__
+def _jvp_tile(acc, tacc, macc, l_i, m_i, q, dq, K, V, DK, DVT, kvh, start_n, offs_m, off_b, off_h, Sq, Skv, scale,
+              Q_OFF, __BUFFERS__
               D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
-              IEEE: tl.constexpr, UPCAST: tl.constexpr):
+              DOT: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load_rows(K + kvh * Skv * D, offs_n, Skv, D, BLOCK_D, EVEN)
     v = _load_rows(V + kvh * Skv * DV, offs_n, Skv, DV, BLOCK_DV, EVEN)
     dk = _load_rows(DK + kvh * Skv * D, offs_n, Skv, D, BLOCK_D, EVEN)
     dv = _load_rows(DVT + kvh * Skv * DV, offs_n, Skv, DV, BLOCK_DV, EVEN)
-    s_raw = _mm(q, tl.trans(k), IEEE, UPCAST)
+    s_raw = _mm(q, tl.trans(k), DOT)
     VALID, mq_idx, q_idx, kv_idx, ZERO = _tile_positions(offs_m, offs_n, Sq, Skv, Q_OFF, BLOCK_M, BLOCK_N, EVEN)
     t2, dtds = hook.score_grad(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx, kv_idx=kv_idx)
     keep = hook.keep(full=IS_FULL, b=off_b, h=off_h, q_idx=q_idx, mq_idx=mq_idx, kv_idx=kv_idx, valid=VALID)
     t2 = tl.where(keep, t2, float("-inf"))
-    dt = tl.where(keep, dtds * (_mm(dq, tl.trans(k), IEEE, UPCAST) + _mm(q, tl.trans(dk), IEEE, UPCAST)) * scale, 0.0)
+    dt = tl.where(keep, dtds * (_mm(dq, tl.trans(k), DOT) + _mm(q, tl.trans(dk), DOT)) * scale, 0.0)
     m_new = tl.maximum(m_i, tl.max(t2, 1))
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m_i - m_shift)
     p = tl.math.exp2(t2 - m_shift[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, IEEE, UPCAST)
+    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, DOT)
     pdt = p * dt
-    tacc = tacc * alpha[:, None] + _mm(pdt.to(v.dtype), v, IEEE, UPCAST) + _mm(p.to(dv.dtype), dv, IEEE, UPCAST)
+    tacc = tacc * alpha[:, None] + _mm(pdt.to(v.dtype), v, DOT) + _mm(p.to(dv.dtype), dv, DOT)
     macc = macc * alpha + tl.sum(pdt, 1)
     return acc, tacc, macc, l_i, m_new
 
 
 @triton.jit
-def _own_key_jvp(q, dq, KP, VP, DKP, DVP, SELF_KEEP, own, qh, offs_m, off_b, off_h, Sq, scale, Q_OFF,
-                 __BUFFERS__
-                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                 BLOCK_M: tl.constexpr, EVEN: tl.constexpr):
-    """The EBT own key's column for the JVP: (t2, d t, keep) per row and the rows vp, d vp."""
-    kp = _load_rows(KP + own * D, offs_m, Sq, D, BLOCK_D, EVEN)
-    vp = _load_rows(VP + own * DV, offs_m, Sq, DV, BLOCK_DV, EVEN)
-    dkp = _load_rows(DKP + own * D, offs_m, Sq, D, BLOCK_D, EVEN)
-    dvp = _load_rows(DVP + own * DV, offs_m, Sq, DV, BLOCK_DV, EVEN)
-    s_raw = _row_dot(q, kp)
-    VALID, mq_idx, q_idx, kv_idx, ZERO = _own_positions(offs_m, Sq, Q_OFF, BLOCK_M, EVEN)
-    t2, dtds = hook.score_grad(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx, kv_idx=kv_idx)
-    keep = _own_keep(SELF_KEEP, VALID, qh, offs_m, Sq)
-    ds = (tl.sum(dq.to(tl.float32) * kp.to(tl.float32), 1) + tl.sum(q.to(tl.float32) * dkp.to(tl.float32), 1))
-    dt = tl.sum(tl.where(keep, dtds * ds[:, None] * scale, 0.0), 1)
-    t2 = tl.sum(tl.where(keep, t2, float("-inf")), 1)
-    return t2, dt, tl.sum(keep.to(tl.int32), 1) > 0, vp, dvp
-
-
-@triton.jit
 def flex_jvp(__SIGNATURE__):
     """Forward and JVP in one pass: O, LSE and their tangents DO (d out), DLSE (d lse).  HAS_SELF:
-    the EBT own key (and its tangents DKP, DVP) seeds the accumulators, as in the forward."""
+    the EBT own key (OWN, with its tangents) seeds the accumulators, as in the forward."""
     pid_m, off_b, off_h, offs_m, qh, kvh = _query_program(Sq, H, Hkv, HEAD_GROUP, BLOCK_M, False)
     q = _load_rows(Q + qh * Sq * D, offs_m, Sq, D, BLOCK_D, EVEN)
     dq = _load_rows(DQ + qh * Sq * D, offs_m, Sq, D, BLOCK_D, EVEN)
     if HAS_SELF:
-        t2_s, dt_s, keep_s, vp, dvp = _own_key_jvp(q, dq, KP, VP, DKP, DVP, SELF_KEEP, kvh * Sq, qh, offs_m, off_b,
-                                                   off_h, Sq, scale, Q_OFF, __BUFFERS__
-                                                   D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, EVEN)
+        t2_s, dt_s, keep_s, vp, dvp = _own_key_jvp(q, dq, OWN, kvh * Sq, qh, offs_m, off_b, off_h, Sq, scale, Q_OFF,
+                                                   __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, EVEN)
         m_i = t2_s
         l_i = tl.where(keep_s, 1.0, 0.0)
         acc = tl.where(keep_s[:, None], vp.to(tl.float32), 0.0)
@@ -82,15 +63,15 @@ def flex_jvp(__SIGNATURE__):
         acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
         tacc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
         macc = tl.zeros([BLOCK_M], dtype=tl.float32)
-    base, base_full, n_partial, n_full = _row_table(KV_NUM, FULL_NUM, off_b, off_h, (pid_m * BLOCK_M) // SPARSE_Q,
-                                                    MB, MH, NQ_BLOCKS, NKV_LIST, NKV_LIST_FULL, HAS_FULL)
+    IDX, FULL_IDX, base, base_full, n_partial, n_full = _row_table(KV_BLOCKS, off_b, off_h,
+                                                                   (pid_m * BLOCK_M) // SPARSE_Q, HAS_FULL)
     for FULL in tl.static_range(2):
-        IDX, row, n_tiles = _blocks(FULL, KV_IDX, FULL_IDX, base, base_full, n_partial, n_full, SPARSE_KV, BLOCK_N)
+        LIST, row, n_tiles = _blocks(FULL, IDX, FULL_IDX, base, base_full, n_partial, n_full, SPARSE_KV, BLOCK_N)
         for it in range(n_tiles):
             acc, tacc, macc, l_i, m_i = _jvp_tile(acc, tacc, macc, l_i, m_i, q, dq, K, V, DK, DVT, kvh,
-                                                  _tile_start(IDX, row, it, SPARSE_KV, BLOCK_N), offs_m, off_b, off_h,
+                                                  _tile_start(LIST, row, it, SPARSE_KV, BLOCK_N), offs_m, off_b, off_h,
                                                   Sq, Skv, scale, Q_OFF, __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV, BLOCK_M,
-                                                  BLOCK_N, FULL == 1, EVEN, IEEE, UPCAST)
+                                                  BLOCK_N, FULL == 1, EVEN, DOT)
     empty = l_i == 0.0
     inv = 1.0 / tl.where(empty, 1.0, l_i)
     out = acc * inv[:, None]
