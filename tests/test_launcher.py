@@ -238,6 +238,87 @@ def test_equal_plan_keys_mean_equal_triton_launches(monkeypatch):
         assert len(kn.fast_calls) >= len(_CASES)  # every case hit in the second round
 
 
+def _all_kern():
+    """A stand-in ModKernels with every entry kernel."""
+    from flexebt.kernels.signatures import SIGNATURES
+
+    module = types.SimpleNamespace(**{name: FakeKernel() for name in SIGNATURES})
+    return types.SimpleNamespace(module=module, gathers=False, traced_score=None, grad_slots=[])
+
+
+def _ebt_inputs(S=100, S2=None, dtype=torch.bfloat16, own_dtype=None, kp=None, gkp=None, q_off=0, H=2, Hkv=2,
+                q2=None):
+    """Inputs of every pass of an EBT call: the observed stream over the keys, the predicted stream
+    (length S2) with its own keys, and the double backward's cotangents."""
+    S2 = S if S2 is None else S2
+    mk = lambda *s, dt=dtype: torch.zeros(*s, dtype=dt)  # noqa: E731
+    D, B = 32, 1
+    own_dtype = own_dtype or dtype
+    q2 = mk(B, H, S2, D) if q2 is None else q2
+    own = kf.OwnKeys(kp=mk(B, Hkv, S2, D, dt=own_dtype) if kp is None else kp, vp=mk(B, Hkv, S2, D, dt=own_dtype),
+                     keep=torch.ones(B, H, S2, dtype=torch.int8))
+    bm = flexebt.create_block_mask(masks.causal_mask, None, None, S, S, device="cpu", BLOCK_SIZE=32)
+    bm2 = flexebt.create_block_mask(masks.causal_mask, None, None, S2, S, device="cpu", BLOCK_SIZE=32)
+    return dict(q=mk(B, H, S, D), k=mk(B, Hkv, S, D), v=mk(B, Hkv, S, D), q2=q2, own=own, q_off=q_off,
+                tables=kf.tables_from_block_mask(bm, S, S, "cpu"), tables2=kf.tables_from_block_mask(bm2, S2, S, "cpu"),
+                own_cts=(mk(B, Hkv, S2, D) if gkp is None else gkp, mk(B, Hkv, S2, D)))
+
+
+def _run_ebt_passes(kern, x, scale=0.125):
+    """Each entry kernel once: the predicted stream's forward, dq and forward mode with own keys,
+    the dk/dv pass with both streams, the double backward's three passes with own keys."""
+    q, k, v, q2, own, t, t2, off = x["q"], x["k"], x["v"], x["q2"], x["own"], x["tables"], x["tables2"], x["q_off"]
+    out, lse = kf.flex_forward(kern, q2, k, v, scale, t2, [], None, off, own)
+    dout = torch.zeros_like(out)
+    _, delta, _ = kf.dq_pass(kern, q2, k, v, out, lse, dout, None, scale, t2, [], None, off, own)
+    rows = torch.zeros(q.shape[:3])  # the observed stream's lse and D (fp32)
+    kf.dkdv_pass(kern, q, k, v, rows, rows, torch.zeros_like(q), scale, t, [],
+                 second=kf.QueryStream(q2, dout, lse, delta, t2, off))
+    g = (torch.zeros_like(q2), torch.zeros_like(k), torch.zeros_like(v))
+    _, stats = kf.dbwd_rows_pass(kern, q2, k, v, out, dout, lse, None, *g, scale, t2, [], None, off, own, x["own_cts"])
+    kf.dbwd_dq_pass(kern, q2, k, v, out, dout, lse, None, *g, stats, scale, t2, [], None, off, own, x["own_cts"])
+    kf.dbwd_dkdv_pass(kern, q2, k, v, out, dout, lse, None, *g, stats, scale, t2, [], None, off)
+    kf.flex_jvp(kern, q2, k, v, *g, scale, t2, [], None, off, own, x["own_cts"])
+
+
+# Cases for the passes with argument groups: each changes one thing in a group's tensors or sizes.
+_EBT_CASES = {
+    "base": lambda: _ebt_inputs(),
+    "same shapes, new tensors": lambda: _ebt_inputs(),
+    "frame offset": lambda: _ebt_inputs(q_off=100),
+    "frame offset 1": lambda: _ebt_inputs(q_off=1),
+    "shorter predicted stream": lambda: _ebt_inputs(S2=64),
+    "gqa": lambda: _ebt_inputs(H=4, Hkv=2),
+    "fp32 own keys": lambda: _ebt_inputs(own_dtype=torch.float32),
+    "unaligned predicted queries": lambda: _ebt_inputs(q2=_unaligned(1, 2, 100, 32)),
+    "unaligned own keys": lambda: _ebt_inputs(kp=_unaligned(1, 2, 100, 32)),
+    "unaligned own-key cotangents": lambda: _ebt_inputs(gkp=_unaligned(1, 2, 100, 32)),
+}
+
+
+def test_equal_plan_keys_mean_equal_triton_launches_of_grouped_arguments(monkeypatch):
+    """As above, for every entry kernel and the argument groups: the own keys, both query streams
+    of the dk/dv pass, the double backward and forward mode."""
+    kern, fast = _all_kern(), _cpu_launches()
+    for name, case in list(_EBT_CASES.items()) + list(_EBT_CASES.items()):
+        x = case()
+        slow = _fast(monkeypatch, enabled=False)
+        marks = {n: len(kn.jit_calls) for n, kn in vars(kern.module).items()}
+        _run_ebt_passes(kern, x)
+        want = {n: kn.jit_calls[marks[n]][3] for n, kn in vars(kern.module).items()}
+        assert slow.hits == 0
+        monkeypatch.setattr(kf, "_FAST", fast)
+        marks = {n: (len(kn.jit_calls), len(kn.fast_calls)) for n, kn in vars(kern.module).items()}
+        _run_ebt_passes(kern, x)
+        for n, kn in vars(kern.module).items():
+            new_jit, new_fast = kn.jit_calls[marks[n][0]:], kn.fast_calls[marks[n][1]:]
+            assert len(new_jit) + len(new_fast) == 1
+            got = new_jit[0][3] if new_jit else new_fast[0][2]
+            assert got == want[n], f"{name}: {n} re-issued a launch Triton would not make"
+    for kn in vars(kern.module).values():
+        assert len(kn.fast_calls) >= len(_EBT_CASES)
+
+
 def test_wrap_launches_sees_every_pass_and_restores_the_launch():
     """The benchmark tools' instrumentation point: every pass of a call goes through the wrapper,
     named by its declared kernel, and the launch is restored after the block."""

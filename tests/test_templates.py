@@ -1,5 +1,6 @@
 """The kernel templates' contract: declared signatures, hook statements, the joined module."""
 
+import ast
 import re
 import typing
 
@@ -39,13 +40,37 @@ def test_argument_groups_keep_entry_points_narrow_and_flat():
             assert kind in (torch.Tensor, int), (cls.__name__, field, kind)
 
 
-def test_every_group_field_a_template_reads_is_declared():
-    """``OWN.KP``, ``STREAM.Q``, ``BLOCKS.MB``, ...: each field read in the templates belongs to a
-    declared group (a misspelt one would only fail when Triton compiles that pass)."""
-    text = source.template_text("flex_attention")
-    fields = set().union(*(cls._fields for cls in GROUPS.values()))
-    read = set(re.findall(r"\b(?:OWN|STREAM2?|BLOCKS|KV_BLOCKS|Q2?_BLOCKS)\.(\w+)", text))
-    assert read and read <= fields, read - fields
+def test_each_pass_reads_only_the_fields_of_its_groups():
+    """Follow each entry kernel's grouped parameters (their declared types, kernels/signatures.py)
+    into the functions they are handed to: every field read on the way (``OWN.G_KP``,
+    ``STREAM.Sq``) must be a field of that pass's group type -- a pass handed a group without
+    the field would only fail when Triton compiles that branch."""
+    tree = ast.parse(source.template_text("flex_attention").replace("__BUFFERS__", ""))
+    funcs = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)}
+    params = {name: [a.arg for a in f.args.args] for name, f in funcs.items()}
+    reads, handed = {}, {}  # (function, parameter) -> fields read / (callee, parameter) it goes to
+    for name, f in funcs.items():
+        for node in ast.walk(f):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in params[name]:
+                reads.setdefault((name, node.value.id), set()).add(node.attr)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in funcs:
+                for i, arg in enumerate(node.args):
+                    if isinstance(arg, ast.Name) and arg.id in params[name]:
+                        handed.setdefault((name, arg.id), set()).add((node.func.id, params[node.func.id][i]))
+    checked = 0
+    for sig in SIGNATURES.values():
+        for group, kind in sig.groups:
+            todo, seen = [(sig.name, group)], set()
+            while todo:
+                at = todo.pop()
+                if at in seen:
+                    continue
+                seen.add(at)
+                extra = reads.get(at, set()) - set(kind._fields)
+                assert not extra, f"{sig.name}: {group} ({kind.__name__}) has no field {sorted(extra)} ({at[0]})"
+                checked += len(reads.get(at, ()))
+                todo.extend(handed.get(at, ()))
+    assert checked > 50  # the walk found the reads
 
 
 def test_bind_orders_by_declaration_and_refuses_unknown_or_missing_names():

@@ -58,6 +58,10 @@ NOTES = {
                                         "files against the commit before: every result bit-identical"),
     "overhead_cpu_7b38585_a3eec18": ("overhead.py", "flexebt's Python per call, launches stubbed: the engine before and "
                                 "after the per-family templates and declared signatures"),
+    "same_numbers_cpu_b4ea005_f02d396": ("same_numbers.py", "argument groups, the own key's template file and one "
+                                         "DOT constexpr against the commit before: every result bit-identical"),
+    "overhead_bind_cpu_b4ea005_7380fa9": ("overhead.py --bind", "flexebt's Python per call with each launch's "
+                                          "argument binding, before and after the argument groups"),
     "overhead_cpu_0ca08bc": ("overhead.py", "flexebt's Python time per call, launches stubbed"),
     "overhead_cpu_74851fc": ("overhead.py", "flexebt's Python time per call, launches stubbed: before and after "
                              "precomputed Function signatures and cached tile configs"),

@@ -174,6 +174,8 @@ def _launch(kernel, plan: tuple, args, spec, options: Optional[dict], device):
             # args may depend on the tiles (tensor descriptors carry their block shape)
             tma = kwargs.get("USE_TMA", False)
             a = args(cfg, tma)
+            if fn is not None:
+                SIGNATURES[fn.__name__].check_groups(a)
             grid = order.tiles(cfg) * order.n_bh
             kw = dict(kwargs, HEAD_GROUP=group, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N)
             compiled = kernel[(grid,)](*a, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **kw)
@@ -274,8 +276,8 @@ def captured_cotangents(kern: ModKernels, buffers: list[Tensor], cts: list) -> d
 def _precision(dtype, options: Optional[dict] = None, second_order: bool = False, head_dim: int = 0) -> dict:
     """How tl.dot multiplies.  bf16/fp16, and fp32 when the matmul precision allows
     tf32: the tensor cores' default.  fp32 under matmul precision "highest": fp32-accurate products,
-    either IEEE-exact (IEEE=1, FMA units) or as three tf32 products hi*hi + hi*lo + lo*hi on the
-    tensor cores (IEEE=2, "tf32x3": ~2^-22 relative error per product, as accurate as fp32 eager
+    either IEEE-exact (DOT=1, FMA units) or as three tf32 products hi*hi + hi*lo + lo*hi on the
+    tensor cores (DOT=2, "tf32x3": ~2^-22 relative error per product, as accurate as fp32 eager
     math in our measurements -- docs/design.md D31).  Default: tf32x3, except IEEE for the double
     backward at head dims > 64, where tf32x3's split operands spill at every tile we tried (D40);
     kernel_options["FP32_PRODUCTS"] = "ieee" | "tf32x3" picks one for all passes.

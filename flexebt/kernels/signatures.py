@@ -141,10 +141,12 @@ class KernelSignature:
     params: tuple
     optional: frozenset
     constexprs: tuple
+    groups: tuple = ()  # (parameter, argument group type) of the grouped parameters
 
     def __post_init__(self):
         names = self.params + self.constexprs
-        if len(set(names)) != len(names) or not self.optional <= set(self.params):
+        if len(set(names)) != len(names) or not self.optional <= set(self.params) or \
+                not {g for g, _ in self.groups} <= set(self.params):
             raise ValueError(f"{self.name}: repeated or undeclared parameters")
         # bind(): a function whose parameters are the declared ones (keyword-only, optional ones
         # default to None) returning them in order
@@ -166,6 +168,15 @@ class KernelSignature:
         once, the captured tensors' parameters, which depend on the mods, not at all)."""
         return len(self.params) + len(self.constexprs)
 
+    def check_groups(self, args) -> None:
+        """Raise unless each grouped parameter of the positional ``args`` holds its declared group
+        type (or None where it may be absent): a pass handed another pass's group would read
+        fields that are not there.  Checked once per launch plan, with the constexprs."""
+        for name, kind in self.groups:
+            value = args[self.params.index(name)]
+            if not (isinstance(value, kind) or (value is None and name in self.optional)):
+                raise TypeError(f"{self.name}: {name} must be a {kind.__name__}, got {type(value).__name__}")
+
     def check_constexprs(self, given) -> None:
         """Raise unless ``given`` (the constexpr names a launch passes) are exactly the declared ones."""
         if set(given) != set(self.constexprs):
@@ -173,46 +184,53 @@ class KernelSignature:
             raise TypeError(f"{self.name}: constexprs not declared {extra}, declared but not given {missing}")
 
 
-def _sig(name: str, params: tuple, optional: tuple, constexprs: tuple) -> KernelSignature:
-    return KernelSignature(name, tuple(params), frozenset(optional), tuple(constexprs))
+def _sig(name: str, params: tuple, optional: tuple, constexprs: tuple, **groups) -> KernelSignature:
+    return KernelSignature(name, tuple(params), frozenset(optional), tuple(constexprs), tuple(groups.items()))
 
 
-# Groups: KV_BLOCKS / Q_BLOCKS / Q2_BLOCKS are BlockArgs; OWN one of the Own*Args (absent without
-# HAS_SELF); STREAM / STREAM2 a StreamArgs (the second absent without TWO_STREAMS, with Q2_BLOCKS),
-# or a SecondStreamArgs.
+# The keywords after the constexprs declare each grouped parameter's type (check_groups, and the
+# templates' field reads in tests/test_templates.py).  OWN is absent without HAS_SELF; STREAM2 and
+# Q2_BLOCKS without TWO_STREAMS.
 SIGNATURES = {s.name: s for s in (
     _sig("flex_fwd",
          ("Q", "K", "V", "O", "LSE", "MAXS", "KV_BLOCKS", *SHAPE, "scale", "Q_OFF", "OWN", "K_DESC", "V_DESC"),
          ("MAXS", "OWN", "K_DESC", "V_DESC"),
-         (*TILES, "REVERSE", "HAS_SELF", "USE_TMA", "LINEAR_SCORE", "RETURN_MAX")),
+         (*TILES, "REVERSE", "HAS_SELF", "USE_TMA", "LINEAR_SCORE", "RETURN_MAX"),
+         KV_BLOCKS=BlockArgs, OWN=OwnArgs),
     _sig("flex_bwd_dq",
          ("Q", "K", "V", "O", "DO", "LSE", "DLSE", "DELTA", "DQ", "KV_BLOCKS", *SHAPE, "scale", "Q_OFF", "OWN",
           "K_DESC", "V_DESC"),
          ("DLSE", "OWN", "K_DESC", "V_DESC"),
-         (*TILES, "HAS_DLSE", "REVERSE", "HAS_SELF", "USE_TMA")),
+         (*TILES, "HAS_DLSE", "REVERSE", "HAS_SELF", "USE_TMA"),
+         KV_BLOCKS=BlockArgs, OWN=OwnFirstArgs),
     _sig("flex_bwd_dkdv",
          ("K", "V", "DK", "DV_OUT", "ADD_K", "ADD_V", "STREAM", "Q_BLOCKS", "STREAM2", "Q2_BLOCKS", "H", "Hkv",
           "Skv", "scale", "Q_DESC", "DO_DESC", "Q2_DESC", "DO2_DESC"),
          ("ADD_K", "ADD_V", "STREAM2", "Q2_BLOCKS", "Q_DESC", "DO_DESC", "Q2_DESC", "DO2_DESC"),
-         (*TILES, "ACCUMULATE", "USE_TMA", "TWO_STREAMS", "HAS_FULL2", "EVEN2")),
+         (*TILES, "ACCUMULATE", "USE_TMA", "TWO_STREAMS", "HAS_FULL2", "EVEN2"),
+         STREAM=StreamArgs, Q_BLOCKS=BlockArgs, STREAM2=StreamArgs, Q2_BLOCKS=BlockArgs),
     _sig("flex_dbwd_rows",
          ("Q", "K", "V", "O", "DO", "LSE", "DLSE", "GQ", "GK", "GV", "G_DO", "STATS", "KV_BLOCKS", *SHAPE, "scale",
           "Q_OFF", "OWN", "K_DESC", "V_DESC", "GK_DESC", "GV_DESC"),
          ("DLSE", "OWN", "K_DESC", "V_DESC", "GK_DESC", "GV_DESC"),
-         (*TILES, "HAS_DLSE", "HAS_SELF", "USE_TMA", "PARTIAL_ROWS")),
+         (*TILES, "HAS_DLSE", "HAS_SELF", "USE_TMA", "PARTIAL_ROWS"),
+         KV_BLOCKS=BlockArgs, OWN=OwnSecondArgs),
     _sig("flex_dbwd_dq",
          ("Q", "K", "V", "DO", "LSE", "DLSE", "GQ", "GK", "GV", "G_Q", "STATS", "KV_BLOCKS", *SHAPE, "scale", "Q_OFF",
           "OWN", "K_DESC", "V_DESC", "GK_DESC", "GV_DESC"),
          ("DLSE", "OWN", "K_DESC", "V_DESC", "GK_DESC", "GV_DESC"),
-         (*TILES, "HAS_DLSE", "HAS_SELF", "CAPTURED_GRADS", "USE_TMA")),
+         (*TILES, "HAS_DLSE", "HAS_SELF", "CAPTURED_GRADS", "USE_TMA"),
+         KV_BLOCKS=BlockArgs, OWN=OwnSecondGradArgs),
     _sig("flex_dbwd_dkdv",
          ("K", "V", "GK", "GV", "G_K", "G_V", "ADD_K", "ADD_V", "STREAM", "Q_BLOCKS", "DLSE", "H", "Hkv", "Skv",
           "scale",
           "Q_DESC", "DO_DESC", "GQ_DESC"),
          ("DLSE", "ADD_K", "ADD_V", "Q_DESC", "DO_DESC", "GQ_DESC"),
-         (*TILES, "HAS_DLSE", "ACCUMULATE", "USE_TMA")),
+         (*TILES, "HAS_DLSE", "ACCUMULATE", "USE_TMA"),
+         STREAM=SecondStreamArgs, Q_BLOCKS=BlockArgs),
     _sig("flex_jvp",
          ("Q", "K", "V", "DQ", "DK", "DVT", "O", "LSE", "DO", "DLSE", "KV_BLOCKS", *SHAPE, "scale", "Q_OFF", "OWN"),
          ("OWN",),
-         (*TILES, "HAS_SELF")),
+         (*TILES, "HAS_SELF"),
+         KV_BLOCKS=BlockArgs, OWN=OwnFirstArgs),
 )}

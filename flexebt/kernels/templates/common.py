@@ -187,8 +187,9 @@ def _row_table(BLOCKS, off_b, off_h, block, HAS_FULL: tl.constexpr):
     """Row ``block`` of the block tables BLOCKS (signatures.BlockArgs): its partial and full index
     lists (IDX, FULL_IDX), where each list's row starts, and the row's partial and full block
     counts.  A table built with B/H = None has MB/MH = 1 and is shared by all batches/heads
-    (x % 1 == 0).  (Called where BLOCKS is the entry kernel's own argument: a group handed on
-    through a second function loses its specialised integers on Triton 3.6.)"""
+    (x % 1 == 0).  Called where BLOCKS is the entry kernel's own argument: on Triton 3.6 a group
+    nested in another and read from a helper it was handed to lost its specialised integers
+    (design D63)."""
     row = ((off_b % BLOCKS.MB) * BLOCKS.MH + (off_h % BLOCKS.MH)) * BLOCKS.N_ROWS + block
     n_partial = tl.load(BLOCKS.NUM + row)
     n_full = 0
