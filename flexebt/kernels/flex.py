@@ -14,8 +14,8 @@ from .. import runtime
 from ..codegen.source import ModKernels
 from .configs import MIN_TILE, flex_config, interpreting
 from .options import KernelOptions
-from .signatures import (SIGNATURES, BlockArgs, OwnArgs, OwnFirstArgs, OwnSecondArgs, OwnSecondGradArgs, SecondStreamArgs,
-                         StreamArgs)
+from .signatures import (SIGNATURES, BlockArgs, OwnArgs, OwnFirstArgs, OwnSecondArgs, OwnSecondGradArgs,
+                         SecondStreamArgs, StreamArgs)
 from .grid import DEFAULT_RESIDENT, GridOrder, device_index, head_group, resident_programs
 from .launcher import FastLaunches
 
@@ -297,8 +297,8 @@ def _tiles_for(dtype, options: Optional[dict] = None, second_order: bool = False
     """Which tile table of kernels/configs.py fits these inputs."""
     if dtype != torch.float32:
         return "bf16"
-    ieee = _precision(dtype, options, second_order, head_dim)["DOT"]
-    return "ieee" if ieee == 1 else "tf32x3" if ieee == 2 and second_order else "tf32"
+    dot = _precision(dtype, options, second_order, head_dim)["DOT"]
+    return "ieee" if dot == 1 else "tf32x3" if dot == 2 and second_order else "tf32"
 
 
 def _reverse(options: Optional[dict]) -> bool:
