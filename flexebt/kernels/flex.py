@@ -554,8 +554,35 @@ def dkdv_pass(kern: ModKernels, q, k, v, lse, delta, dout, scale, tables: BlockT
     return dk, dv
 
 
+# Device types where the kernels' atomic adds into a captured tensor's gradient land in an order that
+# changes from run to run (Triton's CPU interpreter runs programs one after another).
+NONDETERMINISTIC_SCATTER = ("cuda",)
+
+
+def alert_nondeterministic_scatter(kern: ModKernels, device) -> None:
+    """Under ``torch.use_deterministic_algorithms(True)``, refuse (or, with ``warn_only=True``,
+    warn about) a backward whose kernels scatter captured tensors' gradients with atomic adds --
+    fp32 sums in a run-dependent order -- as torch does for its own non-deterministic operations."""
+    if device.type not in NONDETERMINISTIC_SCATTER or not torch.are_deterministic_algorithms_enabled():
+        return
+    msg = (f"flexebt: the backward of the mod {kern.name!r} adds the gradients of its captured tensors with atomic "
+           f"adds, whose order (and so the last bits of the sum) changes from run to run, but "
+           f"torch.use_deterministic_algorithms(True) is set. For a deterministic gradient pass "
+           f"kernel_options={{'BACKEND': 'REFERENCE'}} (dense math, O(S^2) memory) or detach the captured tensors "
+           f"that need no gradient; or allow it with torch.use_deterministic_algorithms(True, warn_only=True).")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        import warnings
+
+        warnings.warn(msg, stacklevel=3)
+    else:
+        raise RuntimeError(msg)
+
+
 def captured_grad_buffers(kern: ModKernels, buffers: list[Tensor], device) -> dict[int, Tensor]:
-    """fp32 accumulators for the captured tensors whose gradient the kernels scatter."""
+    """fp32 accumulators for the captured tensors whose gradient the kernels scatter (refused
+    under deterministic algorithms where that scatter is not deterministic)."""
+    if kern.grad_slots:
+        alert_nondeterministic_scatter(kern, torch.device(device))
     return {slot: _strided_zeros(buffers[slot], device) for slot in kern.grad_slots}
 
 
