@@ -218,24 +218,27 @@ def test_equal_plan_keys_mean_equal_triton_launches(monkeypatch):
     for name, case in list(_CASES.items()) + list(_CASES.items()):  # the second round hits
         x, options, scale, *precision = case()
         monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: (precision or ["highest"])[0])
-        # what Triton's own path launches for these inputs
-        slow = _fast(monkeypatch, enabled=False)
-        marks = {n: len(kn.jit_calls) for n, kn in vars(kern.module).items()}
-        _run_passes(kern, x, options, scale)
-        want = {n: kn.jit_calls[marks[n]][3] for n, kn in vars(kern.module).items()}
-        assert slow.hits == 0
-        # the fast path for the same inputs: a miss launches through Triton; a hit must re-issue
-        # a launch made for a signature equal to Triton's
-        monkeypatch.setattr(kf, "_FAST", fast)
-        marks = {n: (len(kn.jit_calls), len(kn.fast_calls)) for n, kn in vars(kern.module).items()}
-        _run_passes(kern, x, options, scale)
-        for n, kn in vars(kern.module).items():
-            new_jit, new_fast = kn.jit_calls[marks[n][0]:], kn.fast_calls[marks[n][1]:]
-            assert len(new_jit) + len(new_fast) == 1
-            got = new_jit[0][3] if new_jit else new_fast[0][2]
-            assert got == want[n], f"{name}: {n} re-issued a launch Triton would not make"
+        _check_same_launches(monkeypatch, kern, fast, name, lambda: _run_passes(kern, x, options, scale))
     for kn in vars(kern.module).values():
         assert len(kn.fast_calls) >= len(_CASES)  # every case hit in the second round
+
+
+def _check_same_launches(monkeypatch, kern, fast, name, run):
+    """Run the passes through Triton's own path, then through ``fast``: each kernel launches once,
+    and a re-issued launch must have been made for a signature equal to Triton's."""
+    slow = _fast(monkeypatch, enabled=False)
+    marks = {n: len(kn.jit_calls) for n, kn in vars(kern.module).items()}
+    run()
+    want = {n: kn.jit_calls[marks[n]][3] for n, kn in vars(kern.module).items()}
+    assert slow.hits == 0
+    monkeypatch.setattr(kf, "_FAST", fast)
+    marks = {n: (len(kn.jit_calls), len(kn.fast_calls)) for n, kn in vars(kern.module).items()}
+    run()
+    for n, kn in vars(kern.module).items():
+        new_jit, new_fast = kn.jit_calls[marks[n][0]:], kn.fast_calls[marks[n][1]:]
+        assert len(new_jit) + len(new_fast) == 1
+        got = new_jit[0][3] if new_jit else new_fast[0][2]
+        assert got == want[n], f"{name}: {n} re-issued a launch Triton would not make"
 
 
 def _all_kern():
@@ -302,19 +305,7 @@ def test_equal_plan_keys_mean_equal_triton_launches_of_grouped_arguments(monkeyp
     kern, fast = _all_kern(), _cpu_launches()
     for name, case in list(_EBT_CASES.items()) + list(_EBT_CASES.items()):
         x = case()
-        slow = _fast(monkeypatch, enabled=False)
-        marks = {n: len(kn.jit_calls) for n, kn in vars(kern.module).items()}
-        _run_ebt_passes(kern, x)
-        want = {n: kn.jit_calls[marks[n]][3] for n, kn in vars(kern.module).items()}
-        assert slow.hits == 0
-        monkeypatch.setattr(kf, "_FAST", fast)
-        marks = {n: (len(kn.jit_calls), len(kn.fast_calls)) for n, kn in vars(kern.module).items()}
-        _run_ebt_passes(kern, x)
-        for n, kn in vars(kern.module).items():
-            new_jit, new_fast = kn.jit_calls[marks[n][0]:], kn.fast_calls[marks[n][1]:]
-            assert len(new_jit) + len(new_fast) == 1
-            got = new_jit[0][3] if new_jit else new_fast[0][2]
-            assert got == want[n], f"{name}: {n} re-issued a launch Triton would not make"
+        _check_same_launches(monkeypatch, kern, fast, name, lambda: _run_ebt_passes(kern, x))
     for kn in vars(kern.module).values():
         assert len(kn.fast_calls) >= len(_EBT_CASES)
 
