@@ -44,18 +44,46 @@ def cpu_counts_as_nondeterministic(monkeypatch):
     monkeypatch.setattr(kf, "NONDETERMINISTIC_SCATTER", ("cuda", "cpu"))
 
 
-@pytest.mark.parametrize("create_graph", [False, True], ids=["first order", "second order"])
-def test_a_learned_bias_backward_is_refused_under_deterministic_algorithms(cpu_counts_as_nondeterministic,
-                                                                          create_graph):
+def test_a_learned_bias_backward_is_refused_under_deterministic_algorithms(cpu_counts_as_nondeterministic):
     with deterministic(), pytest.raises(RuntimeError, match="atomic adds.*use_deterministic_algorithms"):
-        _learned_bias_call(create_graph=create_graph)
+        _learned_bias_call()
 
 
-def test_warn_only_warns_and_computes_the_same_gradients(cpu_counts_as_nondeterministic):
-    want = _learned_bias_call()
-    with deterministic(warn_only=True), pytest.warns(UserWarning, match="atomic adds"):
-        got = _learned_bias_call()
+# second order: the backward, the double backward, and the forward's backward once more (the
+# first-order cotangent 2 * out depends on the output) each scatter the bias's gradient
+@pytest.mark.parametrize("create_graph, alerts", [(False, 1), (True, 3)], ids=["first order", "second order"])
+def test_warn_only_warns_for_each_scatter_and_computes_the_same_gradients(cpu_counts_as_nondeterministic,
+                                                                          create_graph, alerts):
+    """Every scatter is flagged -- the double backward's too -- and the gradients are those of a
+    run without the flag."""
+    want = _learned_bias_call(create_graph=create_graph)
+    with deterministic(warn_only=True), pytest.warns(UserWarning, match="atomic adds") as record:
+        got = _learned_bias_call(create_graph=create_graph)
+    assert sum("atomic adds" in str(w.message) for w in record) == alerts
     assert all(torch.equal(a, b) for a, b in zip(want, got))
+
+
+def test_several_captured_tensors_only_a_learned_one_is_flagged(cpu_counts_as_nondeterministic):
+    """A mod reading a learned bias and a fixed per-head scale (a view with negative and zero
+    entries) is refused; the same mod with neither learned runs, equal to the reference."""
+    torch.manual_seed(1)
+    x = [torch.randn(1, 3, 20, 8, requires_grad=True) for _ in range(3)]
+    scale = torch.tensor([[-1.5, 0.0, 2.0, 7.0]])[0, 1:]  # a view, offset into its storage
+
+    def run(bias, options=T):
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score * scale[h] + bias[h, q_idx, kv_idx]
+        out = flexebt.flex_attention(*x, score_mod=score_mod, kernel_options=options)
+        leaves = x + ([bias] if bias.requires_grad else [])
+        return torch.autograd.grad(out.square().sum(), leaves)
+
+    bias = 0.2 * torch.randn(3, 20, 20)
+    with deterministic():
+        with pytest.raises(RuntimeError, match="score_mod"):
+            run(bias.clone().requires_grad_())
+        got = run(bias)
+    want = run(bias, {"BACKEND": "REFERENCE"})
+    assert all(rel_err(a, b) < 1e-5 for a, b in zip(got, want))
 
 
 def test_no_captured_gradient_or_the_reference_backend_is_deterministic(cpu_counts_as_nondeterministic):
