@@ -12,7 +12,7 @@ from torch.nn.attention.flex_attention import AuxOutput, BlockMask
 from . import _validation as V
 from .backends import composition_needs_reference, resolve_backend
 from .blockmask import EBTBlockMask
-from .autograd import Attention, AttentionCall
+from .autograd import AttentionCall, apply_attention
 from .codegen.source import kernels_and_buffers, position_extents
 from .kernels.flex import cached_tables
 from .kernels.options import KernelOptions
@@ -141,7 +141,7 @@ def _flex_attention_triton(query, key, value, score_mod, block_mask, scale, kern
 
     call = AttentionCall(single_stream_plan(kernels, tables, len(buffers)), scale, KernelOptions.of(kernel_options),
                          reference, (score_mod,), return_max)
-    return Attention.apply(call, query.contiguous(), key.contiguous(), value.contiguous(), *buffers)
+    return apply_attention(call, [query.contiguous(), key.contiguous(), value.contiguous()], buffers)
 
 
 def flex_ebt_attention(q_o: Tensor, k_o: Tensor, v_o: Tensor, q_p: Tensor, k_p: Tensor, v_p: Tensor,
@@ -268,7 +268,7 @@ def _flex_ebt_attention_triton(q_o, k_o, v_o, q_p, k_p, v_p, score_mod, block_ma
         return ebt_attention_reference(*x, score_mod, block_mask, scale)
 
     call = AttentionCall(pl, scale, KernelOptions.of(kernel_options), reference, (score_mod,))
-    return Attention.apply(call, *[x.contiguous() for x in (q_o, k_o, v_o, q_p, k_p, v_p)], *buffers)
+    return apply_attention(call, [x.contiguous() for x in (q_o, k_o, v_o, q_p, k_p, v_p)], buffers)
 
 
 def _warn_not_causal(fn: str, S_o: int, S_p: int) -> None:

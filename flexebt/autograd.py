@@ -167,6 +167,7 @@ class AttentionCall:
     reference: Callable
     mods: tuple = ()  # the score_mod / mask_mods the reference reads (third order swaps their captured tensors)
     return_max: bool = False  # the forward also returns each row group's max_scores (no gradient)
+    unwanted: frozenset = frozenset()  # inputs (positions) whose first-order gradient nobody asked for
 
     @property
     def n_inputs(self) -> int:
@@ -236,8 +237,30 @@ class Attention(torch.autograd.Function):
         # grad mode off -- there is no edge to cut.)
         if torch.is_grad_enabled():
             outs = [o.detach() for o in outs]
+        unwanted = _unwanted_inputs(ctx, n)
+        if unwanted:
+            # e.g. the observed keys, when a gradient is taken with respect to the predicted stream
+            # only: their key pass is skipped.  The engine drops what is returned for them.
+            call = dataclasses.replace(call, unwanted=unwanted)
         grads = AttentionBackward.apply(call, *ins, *outs, *cts, *buffers)
         return (None, *grads)
+
+
+def _unwanted_inputs(ctx, n: int) -> frozenset:
+    """The inputs (positions) whose gradient this backward's graph task will not use: those that
+    need none, and those whose graph the engine will not run now (``autograd.grad`` with respect to
+    other tensors).  Under torch.func transforms, every input that needs a gradient is wanted."""
+    need = ctx.needs_input_grad[1:n + 1]
+    out = {i for i, x in enumerate(need) if not x}
+    if len(out) == n or torch._C._are_functorch_transforms_active():
+        return frozenset(out)
+    try:
+        edges = ctx.next_functions[:n]  # one edge per tensor input (the call is not one)
+        out.update(i for i, (node, _) in enumerate(edges)
+                   if node is not None and not torch._C._will_engine_execute_node(node))
+    except (AttributeError, RuntimeError):  # no engine task here (e.g. a direct call): all are wanted
+        pass
+    return frozenset(out)
 
 
 class AttentionBackward(torch.autograd.Function):
@@ -250,7 +273,7 @@ class AttentionBackward(torch.autograd.Function):
         ins, outs, cts, buffers = xs[:n], xs[n:n + m], xs[n + m:n + 2 * m], xs[n + 2 * m:]
         with torch._C._DisableFuncTorch():
             grads, gbuf = plan_backward(call.plan, list(ins), list(outs), list(cts), list(buffers), call.scale,
-                                        call.options)
+                                        call.options, call.unwanted)
         return (*_zeros_for_none(grads, ins), *_zeros_for_none(gbuf, buffers))
 
     @staticmethod
@@ -343,6 +366,33 @@ class AttentionDoubleBackward(torch.autograd.Function):
         g_ins3, rest = grads[:n], grads[n:]
         g_cts3 = [rest.pop(0) if h else None for h in ctx.has]
         return (None, *g_ins3, *g_cts3, *rest[:n], *([None] * m), *([None] * ctx.n_extra))
+
+
+def apply_attention(call: AttentionCall, ins: list, buffers: list) -> tuple:
+    """The call's outputs, then their lse (then max_scores): ``Attention.apply``, one node per row
+    group where the row groups read different inputs (``AttentionPlan.row_groups``), so that autograd
+    sees which outputs depend on which inputs."""
+    groups = call.plan.row_groups
+    if groups is None:
+        return Attention.apply(call, *ins, *buffers)
+    per_group = [Attention.apply(_row_group_call(call, plan, inputs, r, ins), *[ins[i] for i in inputs], *buffers)
+                 for r, (plan, inputs) in enumerate(groups)]
+    return tuple(res[j] for j in range(len(per_group[0])) for res in per_group)  # outputs, lse, max_scores
+
+
+def _row_group_call(call: AttentionCall, plan: AttentionPlan, inputs: tuple, r: int, ins: list) -> AttentionCall:
+    """The call of row group ``r`` alone.  Its dense reference is the whole call's with the other
+    inputs held constant (the group's outputs do not depend on them) and this group's outputs."""
+    n_rows = call.plan.n_rows
+
+    def reference(*xs):
+        full = [x.detach() for x in ins]
+        for j, i in enumerate(inputs):
+            full[i] = xs[j]
+        res = call.reference(*full)
+        return res[r], res[n_rows + r]
+
+    return dataclasses.replace(call, plan=plan, reference=reference)
 
 
 # Every Function here is set up the same way (eager_function): apply without torch's per-call

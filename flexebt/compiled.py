@@ -488,8 +488,9 @@ def _structure_name(S_o: int, S_p: int, device: str) -> str:
 
 
 def ebt_attention_compiled(q_o, k_o, v_o, q_p, k_p, v_p, score_mod, block_mask, scale, kernel_options):
-    """flex_ebt_attention's Triton path as custom ops: (out_o, out_p, lse_o, lse_p).  The plan is
-    kernels/ebt.py's: both streams' passes with one kernel module and one slice of captured tensors."""
+    """flex_ebt_attention's Triton path as custom ops: (out_o, out_p, lse_o, lse_p).  The passes are
+    kernels/ebt.py's, both with one kernel module and one slice of captured tensors, each stream's
+    in an op of its own."""
     from .kernels.ebt import _frame_extents
 
     refuse_torch_func("flex_ebt_attention")
@@ -501,12 +502,15 @@ def ebt_attention_compiled(q_o, k_o, v_o, q_p, k_p, v_p, score_mod, block_mask, 
     tables_p = tables_from_block_mask(block_mask.predicted, S_p, S_o, q_o.device)
     kern, buffers = _mod_call(score_mod, block_mask.mask_mod, _frame_extents(B, H, S_o, S_p), True)
     scale = q_o.shape[-1] ** -0.5 if scale is None else float(scale)
-    ins = [x.contiguous() for x in (q_o, k_o, v_o, q_p, k_p, v_p)]
-    b = (0, len(buffers))
-    layout = _layout([(0, 1, 2, 0, kern, tables_o, b, 0, None),
-                      (3, 1, 2, 1, kern, tables_p, b, S_o - S_p + 1, (4, 5))], 6, 2)
-    aux = _tables_list(tables_o) + _tables_list(tables_p) + [block_mask.own_keep_for(B, H)]
-    out_o, out_p, lse_o, lse_p = attention_op(layout, _meta(scale, kernel_options), ins, aux, buffers)
+    q_o, k_o, v_o, q_p, k_p, v_p = (x.contiguous() for x in (q_o, k_o, v_o, q_p, k_p, v_p))
+    b, meta = (0, len(buffers)), _meta(scale, kernel_options)
+    # One op per stream, as the eager path's one autograd node per row group: the observed outputs
+    # do not depend on the predicted stream, and the graph must say so.
+    out_o, lse_o = attention_op(_layout([(0, 1, 2, 0, kern, tables_o, b, 0, None)], 3, 1), meta,
+                                [q_o, k_o, v_o], _tables_list(tables_o), buffers)
+    out_p, lse_p = attention_op(_layout([(0, 1, 2, 0, kern, tables_p, b, S_o - S_p + 1, (3, 4))], 5, 1), meta,
+                                [q_p, k_o, v_o, k_p, v_p], _tables_list(tables_p) + [block_mask.own_keep_for(B, H)],
+                                buffers)
     return out_o, out_p, lse_o, lse_p
 
 

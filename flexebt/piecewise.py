@@ -30,7 +30,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .autograd import Attention, AttentionCall
+from .autograd import AttentionCall, apply_attention
 from .kernels.options import KernelOptions
 from .kernels.plan import AttentionPlan, KernelPass
 
@@ -120,4 +120,4 @@ def piecewise_attention_kernels(q1, k1, q2, k2, v, dist_threshold, causal, scale
 
     call = AttentionCall(piecewise_plan(k_near, t_near, len(b_near), k_far, t_far, len(b_far)), scale,
                          KernelOptions.of(kernel_options), reference, (score_mod,))
-    return Attention.apply(call, *[x.contiguous() for x in (q1, k1, q2, k2, v)], *b_near, *b_far)
+    return apply_attention(call, [x.contiguous() for x in (q1, k1, q2, k2, v)], [*b_near, *b_far])

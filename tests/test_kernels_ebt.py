@@ -176,3 +176,57 @@ def test_ebt_hessian_matches_the_reference():
     h = torch.func.hessian(lambda q: energy(q, "TRITON", torch.float32))(x[3])
     want = torch.func.hessian(lambda q: energy(q, "REFERENCE", torch.float64))(x[3].double())
     assert rel_err(h, want) < 1e-5
+
+
+def _streams(S_o=21, S_p=19, H=2, D=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, H, S, D, generator=g).requires_grad_() for S in (S_o,) * 3 + (S_p,) * 3]
+
+
+def test_observed_outputs_do_not_depend_on_the_predicted_stream():
+    """Each stream's outputs are their own autograd node: the observed outputs have no graph to
+    the predicted stream (as in the reference), so a gradient with respect to the predicted stream
+    never runs the observed stream's backward above this call."""
+    bm = flexebt.create_ebt_block_mask(None, None, None, 21, 19, BLOCK_SIZE=16)
+    for backend in (T, R):
+        x = _streams()
+        out_o, out_p = flexebt.flex_ebt_attention(*x, block_mask=bm, kernel_options=backend)
+        assert torch.autograd.grad(out_o.sum(), x[3:], allow_unused=True) == (None, None, None)
+        with pytest.raises(RuntimeError, match="not have been used"):
+            torch.autograd.grad(out_o.sum(), x[3])
+        assert all(g is not None for g in torch.autograd.grad(out_p.sum(), x[1:], allow_unused=True))
+
+
+@pytest.mark.parametrize("captured", [False, True])
+def test_gradient_of_some_inputs_skips_the_key_pass_of_the_others(monkeypatch, captured):
+    """autograd.grad with respect to the predicted stream (and a captured bias) only: the dk/dv pass
+    over the observed keys is not launched, and every gradient still equals the reference's, first
+    order and second order (the energy-gradient step of EBT training)."""
+    import flexebt.kernels.plan as plan_mod
+
+    launches = []
+    real = plan_mod.dkdv_pass
+    monkeypatch.setattr(plan_mod, "dkdv_pass", lambda *a, **k: launches.append(1) or real(*a, **k))
+    bias = (0.5 * torch.randn(2, 22, 22)).requires_grad_()
+    sm = mods.generate_bias_score_mod(bias) if captured else None
+    bm = flexebt.create_ebt_block_mask(masks.ebt_causal_mask, None, None, 21, 19, BLOCK_SIZE=16)
+
+    def step(backend):
+        x = _streams(seed=3)
+        out_o, out_p = flexebt.flex_ebt_attention(*x, score_mod=sm, block_mask=bm, kernel_options=backend)
+        energy = (out_p.sin() * out_p).sum() + 0.1 * (out_o * out_o).sum()
+        wrt = x[3:] + ([bias] if captured else [])
+        del launches[:]
+        first = torch.autograd.grad(energy, wrt, create_graph=True)
+        n_first = len(launches)
+        loss = sum((f * f).sum() for f in first) + out_o.pow(2).sum()
+        second = torch.autograd.grad(loss, x + ([bias] if captured else []), allow_unused=True)
+        return n_first, [f.detach() for f in first] + list(second)
+
+    n_first, got = step(T)
+    _, want = step(R)
+    assert n_first == 0  # the only key pass left would have been the observed keys'
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert rel_err(a, b) < 1e-4

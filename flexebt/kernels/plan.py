@@ -25,6 +25,12 @@ observed keys in EBT) adds up in fp32 across launches, rounded once (``_KeySideS
 Each pass also names the captured tensors its kernels read: a slice of the call's list.  Passes
 with the same slice share one generated kernel module and one set of gradient accumulators (the
 two EBT streams); piecewise's two passes have their own mask_mods, kernels and slices.
+
+Row groups that read different inputs run as separate autograd nodes (``AttentionPlan.row_groups``):
+EBT's observed outputs do not depend on the predicted stream, and autograd must know it.  As one
+node, a gradient taken with respect to the predicted stream only (the energy's gradient in an EBT
+step) would run the whole observed stream's backward through the layers above, to multiply it by
+zero here.
 """
 
 from __future__ import annotations
@@ -73,6 +79,27 @@ class AttentionPlan:
         for p in self.passes:
             if kerns.setdefault(p.buffers, p.kern) is not p.kern:
                 raise ValueError("AttentionPlan: passes reading the same captured tensors must share their kernels")
+
+    @functools.cached_property
+    def row_groups(self) -> Optional[tuple]:
+        """``((plan, inputs), ...)``, one per row group, when the row groups read different inputs:
+        the passes of that row group alone, over ``inputs`` (positions in this plan's inputs, in
+        order), writing row group 0.  None when one node serves: a single row group, or row groups
+        that all read the same inputs."""
+        if self.n_rows == 1:
+            return None
+        reads = [sorted({i for p in self.passes if p.rows == r for i in (p.q, p.k, p.v, *(p.own or ()))})
+                 for r in range(self.n_rows)]
+        if all(x == reads[0] for x in reads):
+            return None
+        groups = []
+        for r, inputs in enumerate(reads):
+            at = {i: j for j, i in enumerate(inputs)}
+            passes = tuple(dataclasses.replace(p, q=at[p.q], k=at[p.k], v=at[p.v], rows=0,
+                                               own=None if p.own is None else (at[p.own[0]], at[p.own[1]]))
+                           for p in self.passes if p.rows == r)
+            groups.append((AttentionPlan(passes, len(inputs), 1), tuple(inputs)))
+        return tuple(groups)
 
 
 def _own(p: KernelPass, ins) -> Optional[OwnKeys]:
@@ -227,9 +254,11 @@ def _cotangents(plan: AttentionPlan, outs: list, cts: list) -> tuple:
 
 
 def plan_backward(plan: AttentionPlan, ins: list, outs: list, cts: list, buffers: list, scale: float,
-                  options: Optional[dict] = None) -> tuple:
+                  options: Optional[dict] = None, unwanted: frozenset = frozenset()) -> tuple:
     """First order: (gradients of the inputs, of the captured tensors); None where none flows.
-    ``outs`` are the forward's outputs then lse; ``cts`` their cotangents (None: zero)."""
+    ``outs`` are the forward's outputs then lse; ``cts`` their cotangents (None: zero).  The
+    inputs in ``unwanted`` (positions) get no gradient: a key pass whose keys and values are both
+    unwanted is not launched (the captured tensors' gradients come from the query passes)."""
     n = plan.n_rows
     out, lse = outs[:n], outs[n:]
     douts, dlses = _cotangents(plan, outs, cts)
@@ -247,7 +276,8 @@ def plan_backward(plan: AttentionPlan, ins: list, outs: list, cts: list, buffers
             dkp, dvp = _own_key_grads(*own_g, own.kp, own.vp)
             grads.add(p.own[0], dkp)
             grads.add(p.own[1], dvp)
-    launches = _key_launches(plan)
+    launches = [ls for ls in _key_launches(plan)
+                if not {plan.passes[ls[0]].k, plan.passes[ls[0]].v} <= unwanted]
     sums = _KeySideSums(ins, [(plan.passes[ls[0]].k, plan.passes[ls[0]].v) for ls in launches])
     for ls in launches:
         p = plan.passes[ls[0]]
