@@ -237,7 +237,7 @@ class Attention(torch.autograd.Function):
         # grad mode off -- there is no edge to cut.)
         if torch.is_grad_enabled():
             outs = [o.detach() for o in outs]
-        unwanted = _unwanted_inputs(ctx, n)
+        unwanted = _unwanted_inputs(ctx, call.plan)
         if unwanted:
             # e.g. the observed keys, when a gradient is taken with respect to the predicted stream
             # only: their key pass is skipped.  The engine drops what is returned for them.
@@ -246,20 +246,33 @@ class Attention(torch.autograd.Function):
         return (None, *grads)
 
 
-def _unwanted_inputs(ctx, n: int) -> frozenset:
+def _unwanted_inputs(ctx, plan: AttentionPlan) -> frozenset:
     """The inputs (positions) whose gradient this backward's graph task will not use: those that
-    need none, and those whose graph the engine will not run now (``autograd.grad`` with respect to
-    other tensors).  Under torch.func transforms, every input that needs a gradient is wanted."""
-    need = ctx.needs_input_grad[1:n + 1]
+    need none, and -- asked of the engine only for the key-side inputs that are not leaves, the
+    ones that decide whether a key pass runs -- those whose graph the engine will not run now
+    (``autograd.grad`` with respect to other tensors).  Under torch.func transforms, every input
+    that needs a gradient is wanted."""
+    need = ctx.needs_input_grad[1:plan.n_inputs + 1]
     out = {i for i, x in enumerate(need) if not x}
-    if len(out) == n or torch._C._are_functorch_transforms_active():
+    keys = plan.key_inputs - out
+    if not keys or torch._C._are_functorch_transforms_active():
         return frozenset(out)
     try:
-        edges = ctx.next_functions[:n]  # one edge per tensor input (the call is not one)
-        out.update(i for i, (node, _) in enumerate(edges)
-                   if node is not None and not torch._C._will_engine_execute_node(node))
-    except (AttributeError, RuntimeError):  # no engine task here (e.g. a direct call): all are wanted
-        pass
+        edges = ctx.next_functions  # one edge per tensor input (the call is not one)
+    except AttributeError:  # not run by the engine (e.g. a direct call): all are wanted
+        return frozenset(out)
+    for i in keys:
+        node = edges[i][0]
+        # A leaf (an AccumulateGrad node) counts as wanted: when autograd.grad was asked for it, the
+        # engine raises rather than answer, and raising costs more than the key pass saves at small
+        # sizes.  Keys and values computed in the model (projections) are never leaves.
+        if node is None or hasattr(node, "variable"):
+            continue
+        try:
+            if not torch._C._will_engine_execute_node(node):
+                out.add(i)
+        except RuntimeError:  # no engine task here: wanted
+            pass
     return frozenset(out)
 
 

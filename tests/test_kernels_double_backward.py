@@ -24,14 +24,19 @@ CASES = {
 }
 
 
-def _spy(monkeypatch, n_inputs: int):
-    """Record the fused double backwards of plans with ``n_inputs`` inputs (3: flex_attention, 6:
-    EBT, 5: piecewise), to assert that the fused kernels really ran."""
+def _spy(monkeypatch, family):
+    """Record the fused double backwards of plans of one family ("flex": one pass over three inputs;
+    "ebt": the predicted stream's node, the pass with own keys -- the observed stream's node is a
+    flex plan; "piecewise": two passes writing one row group), to assert that the fused kernels
+    really ran."""
     calls = []
     original = flexebt.autograd.plan_double_backward
+    is_family = {"flex": lambda pl: pl.n_inputs == 3 and len(pl.passes) == 1,
+                 "ebt": lambda pl: any(p.own is not None for p in pl.passes),
+                 "piecewise": lambda pl: len(pl.passes) == 2 and pl.n_rows == 1}[family]
 
     def spy(plan, *args, **kwargs):
-        if plan.n_inputs == n_inputs:
+        if is_family(plan):
             calls.append(1)
         return original(plan, *args, **kwargs)
 
@@ -41,17 +46,17 @@ def _spy(monkeypatch, n_inputs: int):
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    return _spy(monkeypatch, 3)
+    return _spy(monkeypatch, "flex")
 
 
 @pytest.fixture
 def fused_ebt_calls(monkeypatch):
-    return _spy(monkeypatch, 6)
+    return _spy(monkeypatch, "ebt")
 
 
 @pytest.fixture
 def fused_piecewise_calls(monkeypatch):
-    return _spy(monkeypatch, 5)
+    return _spy(monkeypatch, "piecewise")
 
 
 def _loss(x, sm, bm, backend, lse_weight, S):

@@ -81,6 +81,12 @@ class AttentionPlan:
                 raise ValueError("AttentionPlan: passes reading the same captured tensors must share their kernels")
 
     @functools.cached_property
+    def key_inputs(self) -> frozenset:
+        """The inputs read as keys or values by some pass (own keys aside): those a key pass
+        writes the gradient of."""
+        return frozenset(i for p in self.passes for i in (p.k, p.v))
+
+    @functools.cached_property
     def row_groups(self) -> Optional[tuple]:
         """``((plan, inputs), ...)``, one per row group, when the row groups read different inputs:
         the passes of that row group alone, over ``inputs`` (positions in this plan's inputs, in
