@@ -90,16 +90,16 @@ def test_head_dims_and_lengths():
     _run("sliding_window", "none", 0, S_p=16, D=32, block=32)
 
 
-def test_streams_of_different_lengths_share_the_dkdv_launch():
-    """One dk/dv launch serves both query streams (design D43): here the observed stream's tiles
-    are all inside (S_o = 32) and the predicted stream's are not (S_p = 29), and under GQA."""
+def test_streams_of_different_lengths():
+    """The observed stream's tiles all inside (S_o = 32), the predicted stream's not (S_p = 29), and
+    under GQA: both streams' key passes add into the observed keys' gradients."""
     _run("causal", "softcap", 3, S_p=29, H=4, Hkv=2)
     _run("sliding_window", "frame_bias", 3, S_p=29)
 
 
 def test_tma_and_pointer_loads_agree():
-    """USE_TMA (q / dO tiles of both streams through descriptors in the shared dk/dv launch, K / V
-    in the forward and dq passes): the same outputs and gradients, bit for bit."""
+    """USE_TMA (q / dO tiles through descriptors in the dk/dv passes, K / V in the forward and dq
+    passes): the same outputs and gradients, bit for bit."""
     torch.manual_seed(0)
     bm = flexebt.create_ebt_block_mask(None, None, None, 32, 29, BLOCK_SIZE=16)
     x0 = [torch.randn(1, h, S, 16) for h, S in ((4, 32), (2, 32), (2, 32), (4, 29), (2, 29), (2, 29))]
