@@ -63,6 +63,8 @@ NOTES = {
     "overhead_bind_cpu_b4ea005_7380fa9": ("overhead.py --bind", "flexebt's Python per call with each launch's "
                                           "argument binding, before and after the argument groups"),
     "overhead_cpu_0ca08bc": ("overhead.py", "flexebt's Python time per call, launches stubbed"),
+    "overhead_bind_cpu_d2f2895_c1d9086": ("overhead.py --bind", "flexebt's Python per call with one EBT node, "
+                                          "and with one node per stream"),
     "overhead_cpu_74851fc": ("overhead.py", "flexebt's Python time per call, launches stubbed: before and after "
                              "precomputed Function signatures and cached tile configs"),
     "cpu_host_measurements_c6c71ae": ("timing scripts", "import time of torch and flexebt, the example trainer's "
@@ -122,6 +124,17 @@ NOTES = {
     "tune_fwd_tma_d64_h100_3b07fca": ("tune.py", "causal D64 S4096: forward tiles with TMA loads"),
     "profile_ebt_step_h100_s256_58528d4": ("profile_ebt_step.py", "where one eager EBT training step's time goes "
                                            "(12 layers, bf16 S256 B16)"),
+    "profile_ebt_step_h100_fp32_l4_d2f2895": ("profile_ebt_step.py", "the eager EBT step, fp32 S256 B16, 4 layers: "
+                                              "flexebt against eager math, kernels by GPU time"),
+    "profile_ebt_step_h100_bf16_l4_d2f2895": ("profile_ebt_step.py", "the eager EBT step, bf16 S256 B16, 4 layers: "
+                                              "flexebt against eager math, kernels by GPU time"),
+    "profile_ebt_step_h100_fp32_l4_compiled_d2f2895": ("profile_ebt_step.py", "the compiled EBT step, fp32 S256 B16, "
+                                                       "4 layers: floor, flexebt and math in reduce-overhead mode"),
+    "profile_ebt_step_h100_fp32_l4_7db08c9": ("profile_ebt_step.py", "the EBT step, fp32 S256 B16, 4 layers, with "
+                                              "one autograd node per EBT stream (summary lines of the run)"),
+    "small_s_h100_7b38585_d2f2895": ("small_s.py", "causal D64 S1024 B16, two alternating rounds of the commit "
+                                     "before and after the argument groups: kernel and host time of a fwd+bwd"),
+    "launch_cost_h100_d2f2895": ("launch_cost.py", "host time of one launch with flat against grouped arguments"),
     # H200
     "ab_reverse_h200_5be9c1a": ("tune.py --ab", "causal D64 S4096: heavy-first query order off / on"),
     "ebt_ab_merged_dkdv_h200_75507d2": ("profile_ebt.py", "EBT bf16 D64 S4096: dk/dv in two launches against one "
