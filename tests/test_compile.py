@@ -520,6 +520,31 @@ def test_second_order_inside_fullgraph_compile(family, backend):
 
 
 @pytest.mark.interpreter
+def test_ebt_energy_gradient_of_the_predicted_stream_inside_fullgraph_compile():
+    """The EBT step's shape under torch.compile: the energy's gradient with respect to the predicted
+    stream only (create_graph=True), then a loss on it back to every input.  Each stream is its own
+    op, so the observed stream's output carries no graph to the predicted stream (as in eager and
+    the reference); the gradients equal the reference's."""
+    H, D, S_o, S_p = 2, 16, 21, 20
+    bm = flexebt.create_ebt_block_mask(masks.ebt_causal_mask, None, None, S_o, S_p, device="cpu", BLOCK_SIZE=16)
+
+    def step(*xs, backend=T):
+        xs = [x * 1.0 for x in xs]  # computed streams, as a model has them
+        out_o, out_p = flexebt.flex_ebt_attention(*xs, block_mask=bm, kernel_options=backend)
+        energy = (out_p * out_p).sum() + out_o.sum()
+        grads = torch.autograd.grad(energy, xs[3:], create_graph=True)
+        return sum((g * g).sum() for g in grads) + out_o.square().sum()
+
+    torch._dynamo.reset()
+    x = [torch.randn(1, H, S, D, requires_grad=True) for S in (S_o,) * 3 + (S_p,) * 3]
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        got = torch.autograd.grad(torch.compile(step, fullgraph=True, backend="aot_eager")(*x), x)
+    want = torch.autograd.grad(step(*x, backend={"BACKEND": "REFERENCE"}), x)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.interpreter
 def test_second_order_compile_without_the_switch_names_it_and_third_order_is_refused():
     """Without trace_autograd_ops a fullgraph compile of the step fails naming the switch; a third
     order through the compiled ops raises a clear error, never a silent drop."""

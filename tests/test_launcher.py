@@ -269,14 +269,13 @@ def _ebt_inputs(S=100, S2=None, dtype=torch.bfloat16, own_dtype=None, kp=None, g
 
 def _run_ebt_passes(kern, x, scale=0.125):
     """Each entry kernel once: the predicted stream's forward, dq and forward mode with own keys,
-    the dk/dv pass with both streams, the double backward's three passes with own keys."""
+    the dk/dv pass of its queries (the observed stream's passes are single-stream ones), the double
+    backward's three passes with own keys."""
     q, k, v, q2, own, t, t2, off = x["q"], x["k"], x["v"], x["q2"], x["own"], x["tables"], x["tables2"], x["q_off"]
     out, lse = kf.flex_forward(kern, q2, k, v, scale, t2, [], None, off, own)
     dout = torch.zeros_like(out)
     _, delta, _ = kf.dq_pass(kern, q2, k, v, out, lse, dout, None, scale, t2, [], None, off, own)
-    rows = torch.zeros(q.shape[:3])  # the observed stream's lse and D (fp32)
-    kf.dkdv_pass(kern, q, k, v, rows, rows, torch.zeros_like(q), scale, t, [],
-                 second=kf.QueryStream(q2, dout, lse, delta, t2, off))
+    kf.dkdv_pass(kern, q2, k, v, lse, delta, dout, scale, t2, [], None, off)
     g = (torch.zeros_like(q2), torch.zeros_like(k), torch.zeros_like(v))
     _, stats = kf.dbwd_rows_pass(kern, q2, k, v, out, dout, lse, None, *g, scale, t2, [], None, off, own, x["own_cts"])
     kf.dbwd_dq_pass(kern, q2, k, v, out, dout, lse, None, *g, stats, scale, t2, [], None, off, own, x["own_cts"])

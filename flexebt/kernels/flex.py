@@ -486,28 +486,14 @@ def dq_pass(kern: ModKernels, q, k, v, out, lse, dout, dlse, scale, tables: Bloc
     return dq, delta, own_grads
 
 
-@dataclasses.dataclass
-class QueryStream:
-    """A second stream of queries over the same keys for the dk/dv pass (EBT: the predicted
-    queries), with its saved row statistics, block tables and frame offset."""
-
-    q: Tensor
-    dout: Tensor
-    lse: Tensor
-    delta: Tensor
-    tables: BlockTables
-    q_off: int
-
-
 _DKDV = SIGNATURES["flex_bwd_dkdv"].bind
 
 
 def dkdv_pass(kern: ModKernels, q, k, v, lse, delta, dout, scale, tables: BlockTables, bargs: list, options=None,
-              q_off: int = 0, into: Optional[tuple] = None, add: Optional[tuple] = None,
-              second: Optional[QueryStream] = None):
-    """dk, dv of the keys from these queries (and from the ``second`` stream's, in the same
-    programs), plus ``add=(dk0, dv0)`` if given (an earlier pass's partial sums, fp32), written to
-    ``into=(dk, dv)`` if given (it may be ``add`` itself), else to new tensors of k's / v's dtype."""
+              q_off: int = 0, into: Optional[tuple] = None, add: Optional[tuple] = None):
+    """dk, dv of the keys from these queries, plus ``add=(dk0, dv0)`` if given (an earlier pass's
+    partial sums, fp32), written to ``into=(dk, dv)`` if given (it may be ``add`` itself), else to
+    new tensors of k's / v's dtype."""
     B, H, Sq, D = q.shape
     Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
     if into is None:
@@ -515,41 +501,27 @@ def dkdv_pass(kern: ModKernels, q, k, v, lse, delta, dout, scale, tables: BlockT
         dv = torch.empty(B, Hkv, Skv, DV, dtype=v.dtype, device=v.device)
     else:
         dk, dv = into
-    two = second is not None
-    if two and (second.tables.sparse_q, second.tables.sparse_kv) != (tables.sparse_q, tables.sparse_kv):
-        raise ValueError("dkdv_pass: both query streams need block tables of the same block size")
     named = dict(K=k, V=v, DK=dk, DV_OUT=dv, STREAM=StreamArgs(q, dout, lse, delta, Sq, q_off),
                  Q_BLOCKS=tables.q_blocks, H=H, Hkv=Hkv, Skv=Skv, scale=scale)
     if add is not None:
         named.update(ADD_K=add[0], ADD_V=add[1])
-    if two:
-        named.update(STREAM2=StreamArgs(second.q, second.dout, second.lse, second.delta, second.q.shape[2],
-                                        second.q_off), Q2_BLOCKS=second.tables.q_blocks)
 
     def args(c, tma):
-        descs = _descriptors(tma, c.BLOCK_M, Q=q, DO=dout)
-        if two:
-            descs.update(_descriptors(tma, c.BLOCK_M, Q2=second.q, DO2=second.dout))
-        return (*_DKDV(**named, **descs), *bargs)
+        return (*_DKDV(**named, **_descriptors(tma, c.BLOCK_M, Q=q, DO=dout)), *bargs)
 
     def spec():
-        tma = _use_tma(options, q, dout, *((second.q, second.dout) if two else ()), by_default=_tma_pays(q, k))
+        tma = _use_tma(options, q, dout, by_default=_tma_pays(q, k))
         cfg = flex_config("dkdv", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
                           tiles=_tiles_for(q.dtype, options), tma=tma)
-        # one key head's programs read q and dO of its query heads (of both streams)
+        # one key head's programs read q and dO of its query heads
         row_bytes = (D + DV) * q.element_size() * (H // Hkv)
-        order = GridOrder("dkdv", B * Hkv, Skv, "BLOCK_N", row_bytes * (Sq + (second.q.shape[2] if two else 0)))
-        return (order, dict(ACCUMULATE=add is not None, USE_TMA=tma, TWO_STREAMS=two,
-                            HAS_FULL2=two and second.tables.has_full,
-                            EVEN2=two and _even(second.q.shape[2], Skv, second.tables),
-                            **_common(q, k, v, tables, options)),
+        order = GridOrder("dkdv", B * Hkv, Skv, "BLOCK_N", row_bytes * Sq)
+        return (order, dict(ACCUMULATE=add is not None, USE_TMA=tma, **_common(q, k, v, tables, options)),
                 cfg, (D, DV, q.dtype, tma))
 
     # (dk, dv allocated here are aligned; into / add are the caller's)
-    second_in = (second.q, second.dout, second.lse, second.delta) if two else ()
-    plan = _plan_key("dkdv", tables, options, (q_off, into is not None, add is not None, two,
-                                                second.q_off if two else None, second.tables.layout if two else None),
-                     (q, k, v, lse, delta, dout, *(into or ()), *(add or ()), *second_in), bargs)
+    plan = _plan_key("dkdv", tables, options, (q_off, into is not None, add is not None),
+                     (q, k, v, lse, delta, dout, *(into or ()), *(add or ())), bargs)
     _launch(kern.module.flex_bwd_dkdv, plan, args, spec, options, q.device)
     return dk, dv
 

@@ -19,18 +19,20 @@ pair, whichever pass scores it, and the first-order score gradient ``P_ij (dP_ij
 ``D_i = do_i . out_i`` needs nothing else: each pass's backward kernels return exactly their pairs'
 share.  The double backward's row statistics (``U, W, Bbar, D0``) are sums over all of a row's
 keys: a row group with several passes adds its passes' raw sums before any pass uses them
-(``finish_row_parts``).  The gradient of an input read by several passes (v in piecewise, the
-observed keys in EBT) adds up in fp32 across launches, rounded once (``_KeySideSums``).
+(``finish_row_parts``).  The gradient of an input read by several passes of one plan (v in
+piecewise) adds up in fp32 across launches, rounded once (``_KeySideSums``).
 
 Each pass also names the captured tensors its kernels read: a slice of the call's list.  Passes
-with the same slice share one generated kernel module and one set of gradient accumulators (the
-two EBT streams); piecewise's two passes have their own mask_mods, kernels and slices.
+with the same slice share one generated kernel module (the two EBT streams) and, within one
+autograd node, one set of gradient accumulators; piecewise's two passes have their own
+mask_mods, kernels and slices.
 
 Row groups that read different inputs run as separate autograd nodes (``AttentionPlan.row_groups``):
 EBT's observed outputs do not depend on the predicted stream, and autograd must know it.  As one
 node, a gradient taken with respect to the predicted stream only (the energy's gradient in an EBT
 step) would run the whole observed stream's backward through the layers above, to multiply it by
-zero here.
+zero here.  Each node's plan is then one row group, and the gradient of an input both nodes read
+(EBT's observed keys) is the sum autograd makes of their shares.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import torch
 from torch import Tensor
 
 from ..codegen.source import ModKernels
-from .flex import (BlockTables, OwnKeys, QueryStream, _buffer_args, captured_cotangents, captured_grad_buffers,
+from .flex import (BlockTables, OwnKeys, _buffer_args, captured_cotangents, captured_grad_buffers,
                    dbwd_dkdv_pass, dbwd_dq_pass, dbwd_rows_pass, dkdv_pass, dq_pass, finish_captured_grads,
                    finish_row_parts, flex_forward, flex_jvp)
 
@@ -209,22 +211,6 @@ class _KeySideSums:
         return tuple(into), tuple(add), finals
 
 
-def _key_launches(plan: AttentionPlan) -> list:
-    """The backward's dk/dv launches: lists of pass indices.  Two passes over the same keys and
-    values with the same kernels and block sizes share one launch (its programs add both query
-    streams' shares in registers, the EBT case); every other pass has its own."""
-    launches, open_ = [], {}
-    for i, p in enumerate(plan.passes):
-        key = (p.k, p.v, p.buffers, p.tables.sparse_q, p.tables.sparse_kv)
-        j = open_.get(key)
-        if j is not None and len(launches[j]) < 2:
-            launches[j].append(i)
-        else:
-            open_[key] = len(launches)
-            launches.append([i])
-    return launches
-
-
 def merge_parts(parts: list) -> tuple:
     """(out, lse) of one row group from its passes' (out, lse)."""
     from .merge import merge_partial_softmax
@@ -282,21 +268,16 @@ def plan_backward(plan: AttentionPlan, ins: list, outs: list, cts: list, buffers
             dkp, dvp = _own_key_grads(*own_g, own.kp, own.vp)
             grads.add(p.own[0], dkp)
             grads.add(p.own[1], dvp)
-    launches = [ls for ls in _key_launches(plan)
-                if not {plan.passes[ls[0]].k, plan.passes[ls[0]].v} <= unwanted]
-    sums = _KeySideSums(ins, [(plan.passes[ls[0]].k, plan.passes[ls[0]].v) for ls in launches])
-    for ls in launches:
-        p = plan.passes[ls[0]]
-        second = None
-        if len(ls) == 2:
-            p2 = plan.passes[ls[1]]
-            second = QueryStream(ins[p2.q], douts[p2.rows], lse[p2.rows], deltas[ls[1]], p2.tables, p2.q_off)
+    key_passes = [i for i, p in enumerate(plan.passes) if not {p.k, p.v} <= unwanted]
+    sums = _KeySideSums(ins, [(plan.passes[i].k, plan.passes[i].v) for i in key_passes])
+    for i in key_passes:
+        p = plan.passes[i]
         into, add, finals = sums.launch(p.k, p.v)
-        dk, dv = dkdv_pass(p.kern, ins[p.q], ins[p.k], ins[p.v], lse[p.rows], deltas[ls[0]], douts[p.rows], scale,
-                           p.tables, captured.args(p), options, q_off=p.q_off, into=into, add=add, second=second)
-        for i, g, last in ((p.k, dk, finals[0]), (p.v, dv, finals[1])):
+        dk, dv = dkdv_pass(p.kern, ins[p.q], ins[p.k], ins[p.v], lse[p.rows], deltas[i], douts[p.rows], scale,
+                           p.tables, captured.args(p), options, q_off=p.q_off, into=into, add=add)
+        for j, g, last in ((p.k, dk, finals[0]), (p.v, dv, finals[1])):
             if last:
-                grads.add(i, g)
+                grads.add(j, g)
     return grads.g, captured.grads()
 
 

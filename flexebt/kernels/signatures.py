@@ -58,7 +58,7 @@ class BlockArgs(NamedTuple):
 
 class StreamArgs(NamedTuple):
     """The queries a key-tile pass of the backward walks: q, dO, lse, D = do.o - dlse, length and
-    frame offset (the EBT predicted stream is a second one over the same keys).  Its block tables
+    frame offset (the EBT predicted stream's is r + 1).  Its block tables
     travel beside it (a tuple inside a tuple loses Triton's integer specialisation on Triton 3.6:
     groups are never nested)."""
 
@@ -189,8 +189,7 @@ def _sig(name: str, params: tuple, optional: tuple, constexprs: tuple, **groups)
 
 
 # The keywords after the constexprs declare each grouped parameter's type (check_groups, and the
-# templates' field reads in tests/test_templates.py).  OWN is absent without HAS_SELF; STREAM2 and
-# Q2_BLOCKS without TWO_STREAMS.
+# templates' field reads in tests/test_templates.py).  OWN is absent without HAS_SELF.
 SIGNATURES = {s.name: s for s in (
     _sig("flex_fwd",
          ("Q", "K", "V", "O", "LSE", "MAXS", "KV_BLOCKS", *SHAPE, "scale", "Q_OFF", "OWN", "K_DESC", "V_DESC"),
@@ -204,11 +203,11 @@ SIGNATURES = {s.name: s for s in (
          (*TILES, "HAS_DLSE", "REVERSE", "HAS_SELF", "USE_TMA"),
          KV_BLOCKS=BlockArgs, OWN=OwnFirstArgs),
     _sig("flex_bwd_dkdv",
-         ("K", "V", "DK", "DV_OUT", "ADD_K", "ADD_V", "STREAM", "Q_BLOCKS", "STREAM2", "Q2_BLOCKS", "H", "Hkv",
-          "Skv", "scale", "Q_DESC", "DO_DESC", "Q2_DESC", "DO2_DESC"),
-         ("ADD_K", "ADD_V", "STREAM2", "Q2_BLOCKS", "Q_DESC", "DO_DESC", "Q2_DESC", "DO2_DESC"),
-         (*TILES, "ACCUMULATE", "USE_TMA", "TWO_STREAMS", "HAS_FULL2", "EVEN2"),
-         STREAM=StreamArgs, Q_BLOCKS=BlockArgs, STREAM2=StreamArgs, Q2_BLOCKS=BlockArgs),
+         ("K", "V", "DK", "DV_OUT", "ADD_K", "ADD_V", "STREAM", "Q_BLOCKS", "H", "Hkv", "Skv", "scale", "Q_DESC",
+          "DO_DESC"),
+         ("ADD_K", "ADD_V", "Q_DESC", "DO_DESC"),
+         (*TILES, "ACCUMULATE", "USE_TMA"),
+         STREAM=StreamArgs, Q_BLOCKS=BlockArgs),
     _sig("flex_dbwd_rows",
          ("Q", "K", "V", "O", "DO", "LSE", "DLSE", "GQ", "GK", "GV", "G_DO", "STATS", "KV_BLOCKS", *SHAPE, "scale",
           "Q_OFF", "OWN", "K_DESC", "V_DESC", "GK_DESC", "GV_DESC"),

@@ -131,10 +131,8 @@ def _dkdv_stream(dk, dv, k, v, STREAM, IDX, FULL_IDX, base, base_full, n_partial
 def flex_bwd_dkdv(__SIGNATURE__):
     """One program per (kv tile, batch, kv head); loops over the query heads of its GQA group
     and the query blocks the transposed block tables Q_BLOCKS of STREAM list for its kv block.
-    TWO_STREAMS (EBT): a second query stream STREAM2 (its own tables Q2_BLOCKS, length and frame offset)
-    sees the same keys, and its share is added in the same program -- dk, dv stay in registers.
     ACCUMULATE adds ADD_K / ADD_V to what it writes.  USE_TMA: q and dO tiles through the
-    descriptors Q_DESC, DO_DESC (Q2_DESC, DO2_DESC)."""
+    descriptors Q_DESC, DO_DESC."""
     pid_n, off_b, off_hk, offs_n, kvh = _key_program(Skv, Hkv, HEAD_GROUP, BLOCK_N)
     k = _load_rows(K + kvh * Skv * D, offs_n, Skv, D, BLOCK_D, EVEN)
     v = _load_rows(V + kvh * Skv * DV, offs_n, Skv, DV, BLOCK_DV, EVEN)
@@ -149,10 +147,5 @@ def flex_bwd_dkdv(__SIGNATURE__):
         dk, dv = _dkdv_stream(dk, dv, k, v, STREAM, IDX, FULL_IDX, base, base_full, n_partial, n_full, Q_DESC, DO_DESC,
                               qh, offs_n, off_b, off_h, Skv, scale, __BUFFERS__
                               D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, SPARSE_Q, EVEN, DOT, USE_TMA)
-        if TWO_STREAMS:
-            IDX, FULL_IDX, base, base_full, n_partial, n_full = _row_table(Q2_BLOCKS, off_b, off_h, block, HAS_FULL2)
-            dk, dv = _dkdv_stream(dk, dv, k, v, STREAM2, IDX, FULL_IDX, base, base_full, n_partial, n_full, Q2_DESC,
-                                  DO2_DESC, qh, offs_n, off_b, off_h, Skv, scale, __BUFFERS__
-                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, SPARSE_Q, EVEN2, DOT, USE_TMA)
     _store_key_grads(DK, DV_OUT, ADD_K, ADD_V, dk * scale, dv, kvh, offs_n, Skv, D, DV, BLOCK_D, BLOCK_DV,
                      ACCUMULATE)
