@@ -60,6 +60,8 @@ NOTES = {
                                 "after the per-family templates and declared signatures"),
     "same_numbers_cpu_b4ea005_f02d396": ("same_numbers.py", "argument groups, the own key's template file and one "
                                          "DOT constexpr against the commit before: every result bit-identical"),
+    "same_numbers_cpu_fcf12fd_13ea89e": ("same_numbers.py", "the two-stream dk/dv kernel removed, against the "
+                                         "commit before: every result bit-identical"),
     "overhead_bind_cpu_b4ea005_7380fa9": ("overhead.py --bind", "flexebt's Python per call with each launch's "
                                           "argument binding, before and after the argument groups"),
     "overhead_cpu_0ca08bc": ("overhead.py", "flexebt's Python time per call, launches stubbed"),
