@@ -271,7 +271,7 @@ def _unwanted_inputs(ctx, plan: AttentionPlan) -> frozenset:
         try:
             if not torch._C._will_engine_execute_node(node):
                 out.add(i)
-        except RuntimeError:  # no engine task here: wanted
+        except (RuntimeError, AttributeError):  # no engine task here, or a torch without the query: wanted
             pass
     return frozenset(out)
 

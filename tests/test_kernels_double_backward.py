@@ -204,7 +204,7 @@ def _ebt_fn(sm, bm, backend):
 
 @pytest.mark.parametrize("r", [0, 1, 3])
 @pytest.mark.parametrize("case", list(EBT_CASES))
-def test_ebt_second_order_matches_reference(case, r, fused_ebt_calls):
+def test_ebt_second_order_matches_reference(case, r, fused_ebt_calls, fused_calls):
     from helpers import second_order
 
     S_p, H = 21, 2
@@ -215,6 +215,7 @@ def test_ebt_second_order_matches_reference(case, r, fused_ebt_calls):
     x = [torch.randn(1, H, S, 16, requires_grad=True) for S in (S_o, S_o, S_o, S_p, S_p, S_p)]
     got = second_order(_ebt_fn(sm, bm, T), x)
     assert fused_ebt_calls, "the fused EBT double-backward kernels did not run"
+    assert fused_calls, "the observed stream's node (a single-stream plan) did not run its fused double backward"
     want = second_order(_ebt_fn(sm, bm, R), x)
     for a, b in zip(got[0] + got[1], want[0] + want[1]):
         assert torch.isfinite(a).all() and rel_err(a, b) < 1e-5

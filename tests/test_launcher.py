@@ -299,8 +299,8 @@ _EBT_CASES = {
 
 
 def test_equal_plan_keys_mean_equal_triton_launches_of_grouped_arguments(monkeypatch):
-    """As above, for every entry kernel and the argument groups: the own keys, both query streams
-    of the dk/dv pass, the double backward and forward mode."""
+    """As above, for every entry kernel and the argument groups: the own keys, the predicted
+    stream's dk/dv pass (its frame offset and tables), the double backward and forward mode."""
     kern, fast = _all_kern(), _cpu_launches()
     for name, case in list(_EBT_CASES.items()) + list(_EBT_CASES.items()):
         x = case()

@@ -4,10 +4,10 @@ No concatenation: the observed stream is one ordinary pass over the observed key
 predicted stream is one pass over the *same* observed keys (its block mask already drops the
 key at each query's own frame) whose score_mod sees frame positions (``Q_OFF = r + 1``), with
 each query's own key as a row-wise term that seeds the online softmax -- no predicted x
-predicted tile.  In the backward both passes share one dk/dv launch whose programs add both
-query streams' shares for a tile of observed keys.  One generated kernel module serves both
-streams (its mask code reads the frame mask_mod and drops the own-frame key where Q_OFF > 0),
-with one set of captured-tensor accumulators.
+predicted tile.  One generated kernel module serves both streams (its mask code reads the frame mask_mod
+and drops the own-frame key where Q_OFF > 0).  The two passes write different rows from
+different inputs, so they run as two autograd nodes (``AttentionPlan.row_groups``); the observed
+keys' gradient is the sum of the two nodes' shares.
 """
 
 from __future__ import annotations
