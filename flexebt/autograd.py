@@ -248,10 +248,8 @@ class Attention(torch.autograd.Function):
 
 def _unwanted_inputs(ctx, plan: AttentionPlan) -> frozenset:
     """The inputs (positions) whose gradient this backward's graph task will not use: those that
-    need none, and -- asked of the engine only for the key-side inputs that are not leaves, the
-    ones that decide whether a key pass runs -- those whose graph the engine will not run now
-    (``autograd.grad`` with respect to other tensors).  Under torch.func transforms, every input
-    that needs a gradient is wanted."""
+    need none, and those of the key-side inputs that ``unused_by_engine`` finds.  Under torch.func
+    transforms, every input that needs a gradient is wanted."""
     need = ctx.needs_input_grad[1:plan.n_inputs + 1]
     out = {i for i, x in enumerate(need) if not x}
     keys = plan.key_inputs - out
@@ -261,7 +259,15 @@ def _unwanted_inputs(ctx, plan: AttentionPlan) -> frozenset:
         edges = ctx.next_functions  # one edge per tensor input (the call is not one)
     except AttributeError:  # not run by the engine (e.g. a direct call): all are wanted
         return frozenset(out)
-    for i in keys:
+    return frozenset(out | unused_by_engine(edges, keys))
+
+
+def unused_by_engine(edges, positions) -> set:
+    """Of the inputs at ``positions`` (their ``next_functions`` edges), those whose graph the engine
+    will not run in the backward under way (``autograd.grad`` with respect to other tensors): the
+    key-side inputs, which decide whether a key pass runs.  Only non-leaves are asked."""
+    out = set()
+    for i in positions:
         node = edges[i][0]
         # A leaf (an AccumulateGrad node) counts as wanted: when autograd.grad was asked for it, the
         # engine raises rather than answer, and raising costs more than the key pass saves at small
@@ -273,7 +279,7 @@ def _unwanted_inputs(ctx, plan: AttentionPlan) -> frozenset:
                 out.add(i)
         except (RuntimeError, AttributeError):  # no engine task here, or a torch without the query: wanted
             pass
-    return frozenset(out)
+    return out
 
 
 class AttentionBackward(torch.autograd.Function):

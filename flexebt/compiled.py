@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from . import runtime
+from .autograd import unused_by_engine
 from .codegen.source import get_kernels, position_extents, prepare_captured
 from .codegen.identity import Buffers, captured_tensors, resolve
 from .kernels.flex import BlockTables, tables_from_block_mask
@@ -191,9 +192,24 @@ def _meta(scale: float, options) -> str:
 
 @functools.lru_cache(maxsize=256)
 def _unmeta(meta: str) -> tuple:
-    """(scale, KernelOptions) of a meta string (parsed once per string; the ops run it every call)."""
-    scale, opts = meta.split("|")
+    """(scale, KernelOptions) of a meta string (parsed once per string; the ops run it every call).
+    The backward op's meta may end in ``|unwanted=<bits>`` (``_unwanted_meta``)."""
+    scale, opts = meta.split("|")[:2]
     return float.fromhex(scale), KernelOptions.decode(opts)
+
+
+def _unwanted_meta(meta: str, bits: int) -> str:
+    """The backward op's meta: a bit per input whose gradient nobody uses (zeros; a key pass of
+    only such inputs is skipped).  In the string, not a new op argument, so the ops' schemas -- and
+    graphs compiled and cached before -- stay as they were."""
+    return f"{meta}|unwanted={bits}" if bits else meta
+
+
+@functools.lru_cache(maxsize=256)
+def _unwanted_of(meta: str) -> frozenset:
+    parts = meta.split("|")
+    bits = int(parts[2].partition("=")[2]) if len(parts) > 2 else 0
+    return frozenset(i for i in range(bits.bit_length()) if bits >> i & 1)
 
 
 def _dense(xs: list, likes: list) -> list:
@@ -211,7 +227,7 @@ def _forward(layout: str, meta: str, ins: list, aux: list, buffers: list) -> lis
 def _backward(layout: str, meta: str, ins: list, outs: list, cts: list, aux: list, buffers: list) -> list:
     """Gradients of the inputs, then of the captured tensors (empty where none flows)."""
     scale, options = _unmeta(meta)
-    grads, gbuf = plan_backward(_plan_of(layout, aux), ins, outs, cts, buffers, scale, options)
+    grads, gbuf = plan_backward(_plan_of(layout, aux), ins, outs, cts, buffers, scale, options, _unwanted_of(meta))
     return [g.contiguous() if g is not None else torch.zeros_like(x) for g, x in zip(grads, ins)] + _dense(gbuf, buffers)
 
 
@@ -317,11 +333,25 @@ def _attention_grad(ctx, grads):
     # differentiates the total dependence on the inputs.
     outs = [o.detach() for o in t["outs"]]
     grads = grads[:len(outs)]
-    res = attention_backward_op(layout, meta, t["ins"], outs, [g.contiguous() if g is not None else None
-                                                                for g in grads], t["aux"], t["buffers"])
+    res = attention_backward_op(layout, _unwanted_meta(meta, _unwanted_bits(ctx, layout, len(t["ins"]))), t["ins"],
+                                outs, [g.contiguous() if g is not None else None for g in grads], t["aux"],
+                                t["buffers"])
     n = len(t["ins"])
     gbuf = [_grad_or_none(g, b) if need else None for g, b, need in zip(res[n:], t["buffers"], ctx.needs)]
     return None, None, list(res[:n]), [None] * len(t["aux"]), gbuf
+
+
+def _unwanted_bits(ctx, layout: str, n: int) -> int:
+    """A bit per input (of the first ``n`` edges: the op's ``ins``) whose gradient the backward
+    under way will not use -- asked of the engine at trace time, so the graph keeps the answer as
+    a constant in the op's meta string (a traced ``autograd.grad`` always has the same inputs).
+    Only key-side inputs."""
+    keys = {i for p in _parse(layout)[2] for i in (p[1], p[2])}
+    try:
+        edges = ctx.next_functions
+    except AttributeError:
+        return 0
+    return sum(1 << i for i in unused_by_engine(edges, keys) if i < n)
 
 
 def _backward_setup(ctx, inputs, output):

@@ -520,11 +520,17 @@ def test_second_order_inside_fullgraph_compile(family, backend):
 
 
 @pytest.mark.interpreter
-def test_ebt_energy_gradient_of_the_predicted_stream_inside_fullgraph_compile():
+def test_ebt_energy_gradient_of_the_predicted_stream_inside_fullgraph_compile(monkeypatch):
     """The EBT step's shape under torch.compile: the energy's gradient with respect to the predicted
     stream only (create_graph=True), then a loss on it back to every input.  Each stream is its own
     op, so the observed stream's output carries no graph to the predicted stream (as in eager and
-    the reference); the gradients equal the reference's."""
+    the reference), and the compiled energy gradient launches no key pass (the observed keys'
+    gradient is not asked for); the gradients equal the reference's."""
+    import flexebt.kernels.plan as plan_mod
+
+    launches = []
+    real = plan_mod.dkdv_pass
+    monkeypatch.setattr(plan_mod, "dkdv_pass", lambda *a, **k: launches.append(1) or real(*a, **k))
     H, D, S_o, S_p = 2, 16, 21, 20
     bm = flexebt.create_ebt_block_mask(masks.ebt_causal_mask, None, None, S_o, S_p, device="cpu", BLOCK_SIZE=16)
 
@@ -538,7 +544,12 @@ def test_ebt_energy_gradient_of_the_predicted_stream_inside_fullgraph_compile():
     torch._dynamo.reset()
     x = [torch.randn(1, H, S, D, requires_grad=True) for S in (S_o,) * 3 + (S_p,) * 3]
     with torch._dynamo.config.patch(trace_autograd_ops=True):
-        got = torch.autograd.grad(torch.compile(step, fullgraph=True, backend="aot_eager")(*x), x)
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+        compiled(*x)
+        del launches[:]
+        loss = compiled(*x)  # the forward, the energy gradient inside it
+        assert launches == []
+        got = torch.autograd.grad(loss, x)
     want = torch.autograd.grad(step(*x, backend={"BACKEND": "REFERENCE"}), x)
     for a, b in zip(got, want):
         assert rel_err(a, b) < 1e-5
