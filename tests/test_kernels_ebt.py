@@ -232,3 +232,54 @@ def test_gradient_of_some_inputs_skips_the_key_pass_of_the_others(monkeypatch, c
         assert (a is None) == (b is None)
         if a is not None:
             assert rel_err(a, b) < 1e-4
+
+
+def test_predicted_stream_gradient_with_views_gqa_and_several_captured_tensors(monkeypatch):
+    """The energy-gradient step with the streams as views of one projection (transposed, not
+    contiguous), GQA (4 query heads, 2 key heads), r = 3, odd lengths, and a mod reading three
+    captured tensors: a learned frame bias, a learned per-head scale that is negative and zero for
+    some heads, and a frozen integer table indexed with negative (wrapping) positions.  No key pass
+    in the energy gradient; every gradient equals the reference's, first and second order."""
+    import flexebt.kernels.plan as plan_mod
+
+    launches = []
+    real = plan_mod.dkdv_pass
+    monkeypatch.setattr(plan_mod, "dkdv_pass", lambda *a, **k: launches.append(1) or real(*a, **k))
+    H, Hkv, D, S_p, r = 4, 2, 16, 17, 3
+    S_o = S_p + r
+    g = torch.Generator().manual_seed(7)
+    bias = (0.5 * torch.randn(S_o + 1, S_o + 1, generator=g)).requires_grad_()
+    head_scale = torch.tensor([0.7, -0.4, 0.0, 1.3]).requires_grad_()
+    table = torch.randint(-3, 4, (S_o + 1,), generator=g)
+
+    def sm(score, b, h, q_idx, kv_idx):
+        return score * (1 + head_scale[h]) + bias[q_idx, kv_idx] + 0.1 * table[-1 - kv_idx]
+
+    bm = flexebt.create_ebt_block_mask(masks.ebt_causal_mask, None, None, S_o, S_p, BLOCK_SIZE=16)
+    w = torch.randn(D, (H + 2 * Hkv) * D, generator=g) / 4
+    tok_o, tok_p = torch.randn(1, S_o, D, generator=g), torch.randn(1, S_p, D, generator=g)
+
+    def streams(tok, wm):
+        x = (tok @ wm).view(1, tok.shape[1], H + 2 * Hkv, D).transpose(1, 2)  # [B, heads, S, D] views
+        return x[:, :H], x[:, H:H + Hkv], x[:, H + Hkv:]
+
+    def step(backend):
+        wm = w.clone().requires_grad_()
+        tp = tok_p.clone().requires_grad_()
+        q_o, k_o, v_o = streams(tok_o, wm)
+        q_p, k_p, v_p = streams(tp, wm)
+        assert not q_o.is_contiguous()
+        out_o, out_p = flexebt.flex_ebt_attention(q_o, k_o, v_o, q_p, k_p, v_p, score_mod=sm, block_mask=bm,
+                                                  enable_gqa=True, kernel_options=backend)
+        energy = (out_p * out_p.sin()).sum() + 0.1 * out_o.square().sum()
+        del launches[:]
+        (g_tok,) = torch.autograd.grad(energy, tp, create_graph=True)  # the candidates' gradient only
+        n_first = len(launches)
+        loss = g_tok.square().sum() + out_o.square().sum()
+        return n_first, [g_tok.detach(), *torch.autograd.grad(loss, [wm, tp, bias, head_scale])]
+
+    n_first, got = step(T)
+    _, want = step(R)
+    assert n_first == 0
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all() and rel_err(a, b) < 1e-4
