@@ -8,7 +8,8 @@ new commit is slower than the old by more than ``--tolerance`` (default 2 %).
         -- --suite B2 --dims 64,128 --seqs 1024,4096,16384 --modes fwd,fwd+bwd --impls flexebt
 
 Everything after ``--`` goes to bench.py (its ``--out`` and ``--commit`` are set here).  The old
-checkout's flexebt is imported through FLEXEBT_IMPORT_ROOT, with this checkout's harness.  Writes
+checkout's flexebt is imported through FLEXEBT_IMPORT_ROOT, with this checkout's harness; ``--new`` names
+a second checkout to measure in place of this one (two older commits compared with today's harness).  Writes
 ``PREFIX_<label>_r<round>.csv`` per run and ``PREFIX_ab.csv`` with the comparison; exits 1 when a
 row is slower than the tolerance allows.
 """
@@ -71,12 +72,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--old", required=True, help="a checkout (or copy) of the older commit: its flexebt is measured")
     p.add_argument("--old-commit", required=True, help="the older commit's name, recorded in its rows")
-    p.add_argument("--new-commit", default=None, help="this checkout's commit (default: git HEAD)")
+    p.add_argument("--new", default="", help="a checkout (or copy) of the newer commit (default: this one)")
+    p.add_argument("--new-commit", default=None, help="the newer commit's name (default: this checkout's git HEAD)")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds per commit (each a bench.py run)")
     p.add_argument("--tolerance", type=float, default=0.02, help="allowed slowdown of a row, as a fraction")
     p.add_argument("--out", required=True, help="path prefix of the result files")
     a = p.parse_args(own)
-    labels = {"old": (a.old_commit, os.path.abspath(a.old)), "new": (a.new_commit or _git_head(), "")}
+    labels = {"old": (a.old_commit, os.path.abspath(a.old)), "new": (a.new_commit or _git_head(), a.new and os.path.abspath(a.new))}
     rows = {"old": [], "new": []}
     for r in range(a.rounds):
         for label, (commit, root) in labels.items():
