@@ -229,6 +229,8 @@ class Attention(torch.autograd.Function):
             # Reached in a double backward when the outputs feed nothing that needs a gradient:
             # the engine still visits this node; there is nothing to compute.
             return (None,) * (1 + n + len(buffers))
+        if _any_batched(cts):
+            return (None, *_reference_vjp(call, ins, buffers, cts))  # is_grads_batched=True
         r = m // 2
         cts = _zeros_for_none(cts[:r], outs[:r]) + list(cts[r:])  # an absent lse cotangent stays None
         # The outputs enter the backward as constants: its backward (AttentionDoubleBackward or the
@@ -244,6 +246,43 @@ class Attention(torch.autograd.Function):
             call = dataclasses.replace(call, unwanted=unwanted)
         grads = AttentionBackward.apply(call, *ins, *outs, *cts, *buffers)
         return (None, *grads)
+
+
+def _any_batched(tensors) -> bool:
+    """Whether a cotangent has no storage of its own for a kernel to read: batched by
+    ``autograd.grad(..., is_grads_batched=True)`` (torch's own vmap over the backward), which the
+    dense reference then serves.  torch.func.vmap over a vjp of the kernels is refused: the
+    kernels have no batching rule, and the reference cannot run inside that transform from here."""
+    if not any(t is not None and not torch._C._has_storage(t) for t in tensors):
+        return False
+    if torch._C._are_functorch_transforms_active():
+        raise NotImplementedError(
+            "flexebt: torch.func.vmap over the backward of the Triton kernels (e.g. vmap of a vjp function) is not "
+            "supported: the kernels have no batching rule. Pass kernel_options={'BACKEND': 'REFERENCE'} to the "
+            "attention call (dense math, O(S^2) memory), or batch the cotangents with "
+            "torch.autograd.grad(..., is_grads_batched=True), which the kernels' backward supports.")
+    return True
+
+
+def _reference_vjp(call: AttentionCall, ins, buffers, cts) -> list:
+    """First-order gradients by autograd through the dense reference, for cotangents the kernels
+    cannot take: batched ones (the kernels have no batching rule).  Same values, O(S^2) memory.
+    Returns the gradients of the inputs, then of the captured tensors (None where none flows);
+    with grad mode on (``create_graph``) they keep their graph back to the inputs, through
+    aliases (``_alias``; the captured tensors swapped for theirs inside the mods)."""
+    create_graph = torch.is_grad_enabled()
+    indep = _alias if create_graph else (lambda x: x.detach().requires_grad_())
+    need = [b for b in buffers if b.requires_grad]
+    with torch.enable_grad():
+        p = [indep(x) for x in ins]
+        grad_bufs = [indep(b) for b in need]
+        with _captured_swapped(list(call.mods), {id(b): a for b, a in zip(need, grad_bufs)}):
+            outs = call.reference(*p)
+        pairs = [(o, c) for o, c in zip(outs, cts) if c is not None]
+        res = list(torch.autograd.grad([o for o, _ in pairs], p + grad_bufs, [c for _, c in pairs],
+                                       allow_unused=True, create_graph=create_graph))
+    g_ins, g_bufs = res[:len(p)], res[len(p):]
+    return g_ins + [g_bufs.pop(0) if b.requires_grad else None for b in buffers]
 
 
 def _unwanted_inputs(ctx, plan: AttentionPlan) -> frozenset:
@@ -312,7 +351,7 @@ class AttentionBackward(torch.autograd.Function):
         ins, outs, buffers = list(saved[:n]), list(saved[n:n + m]), saved[n + 2 * m:]
         cts = [c if has else None for c, has in zip(saved[n + m:n + 2 * m], ctx.has_ct)]
         gcts, gbuf_cts = gouts[:n], gouts[n:]
-        if _fused_double_backward(buffers):
+        if _fused_double_backward(buffers) and not _any_batched(gouts):
             # Fused double-backward kernels (O(S) memory), captured tensors' terms included.
             res = AttentionDoubleBackward.apply(call, *ins, *cts, *_zeros_for_none(gcts, ins), *outs, *buffers,
                                                 *gbuf_cts)
