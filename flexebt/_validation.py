@@ -408,7 +408,7 @@ def check_dist_threshold(fn: str, dist_threshold) -> None:
     if isinstance(dist_threshold, bool) or not isinstance(dist_threshold, numbers.Real):
         raise TypeError(f"{fn}: dist_threshold must be a number (int or float), got {dist_threshold!r} "
                         f"({type(dist_threshold).__name__}).")
-    if math.isnan(dist_threshold):
+    if dist_threshold != dist_threshold:  # NaN (a comparison, which torch.compile traces for symbolic numbers too)
         raise ValueError(f"{fn}: dist_threshold is NaN; pass a number >= 0 (math.inf makes every pair near).")
     if dist_threshold < 0:
         raise ValueError(f"{fn}: dist_threshold must be >= 0, got {dist_threshold}.")

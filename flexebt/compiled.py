@@ -509,6 +509,15 @@ def flex_attention_compiled(query, key, value, score_mod, block_mask, scale, ker
     return (res[0], res[1], res[2].detach()) if return_max else (res[0], res[1])  # max_scores: no gradient
 
 
+def _static(*sizes) -> tuple:
+    """Integers as plain Python ints.  Under dynamic shapes -- what torch.compile turns to once a
+    function sees a second sequence length, or with dynamic=True -- sizes are symbolic, but the
+    block masks built once per shape outside the trace need their values: formatting them makes
+    dynamo specialize the graph to these values (one guard each), so a new length compiles anew,
+    as with dynamic=False.  flex_attention needs no such values and stays dynamic."""
+    return tuple(int(x) for x in ",".join(f"{int(n)}" for n in sizes).split(","))
+
+
 @torch.compiler.assume_constant_result
 def _structure_name(S_o: int, S_p: int, device: str) -> str:
     """The EBT structure mask of a shape (block_mask=None), built once outside the trace."""
@@ -527,7 +536,7 @@ def ebt_attention_compiled(q_o, k_o, v_o, q_p, k_p, v_p, score_mod, block_mask, 
     B, H, S_o = q_o.shape[:3]
     S_p = q_p.shape[2]
     if block_mask is None:
-        block_mask = getattr(_THIS, _structure_name(S_o, S_p, str(q_o.device)))
+        block_mask = getattr(_THIS, _structure_name(*_static(S_o, S_p), str(q_o.device)))
     tables_o = tables_from_block_mask(block_mask.observed, S_o, S_o, q_o.device)
     tables_p = tables_from_block_mask(block_mask.predicted, S_p, S_o, q_o.device)
     kern, buffers = _mod_call(score_mod, block_mask.mask_mod, _frame_extents(B, H, S_o, S_p), True)
@@ -562,7 +571,9 @@ def piecewise_attention_compiled(q1, k1, q2, k2, v, dist_threshold, causal, scal
     refuse_torch_func("piecewise_attention")
     B, H, M = q1.shape[:3]
     N = k1.shape[2]
-    _, near, far = getattr(_THIS, _region_name(M, N, dist_threshold, causal, str(q1.device), block_mask))
+    # the regions depend on the threshold only through ceil(w): distances are integers
+    _, near, far = getattr(_THIS, _region_name(*_static(M, N, math.ceil(dist_threshold)), causal, str(q1.device),
+                                               block_mask))
     extents = position_extents(B, H, M, N)
     t_near = tables_from_block_mask(near, M, N, q1.device)
     t_far = tables_from_block_mask(far, M, N, q1.device)

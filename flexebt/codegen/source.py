@@ -92,8 +92,19 @@ def position_extents(B: int, H: int, n_q: int, n_kv: int, n_mq: Optional[int] = 
 
 
 def _overlapping(t: torch.Tensor) -> bool:
-    """Whether two indices of ``t`` may address one element (conservative: True when unsure)."""
-    dims = sorted((s, n) for s, n in zip(t.stride(), t.shape) if n > 1)
+    """Whether two indices of ``t`` may address one element (conservative: True when unsure).
+
+    The dimensions of more than one element, by stride: each stride must reach past every
+    element the smaller strides span.  Ordered with plain comparisons rather than ``sorted``:
+    under torch.compile with dynamic shapes the sizes are symbolic, and comparisons trace (as
+    guards) where a sort by symbolic keys does not.  Equal strides overlap in either order."""
+    dims: list = []
+    for stride, size in zip(t.stride(), t.shape):
+        if size > 1:
+            at = 0
+            while at < len(dims) and dims[at][0] <= stride:
+                at += 1
+            dims.insert(at, (stride, size))
     extent = 1
     for stride, size in dims:
         if stride < extent:
