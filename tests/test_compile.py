@@ -519,6 +519,53 @@ def test_second_order_inside_fullgraph_compile(family, backend):
     assert counter.frame_count == 1
 
 
+_LENGTH_STATE: dict = {}
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("family", ["flex", "ebt", "piecewise"])
+def test_new_sequence_lengths_under_dynamic_shapes(family):
+    """A compiled step called with a new sequence length is recompiled with dynamic sizes (torch's
+    automatic dynamic shapes): the step -- a learned captured tensor sized by the length, the
+    energy's gradient with create_graph=True, the loss back to everything -- still equals the
+    reference at every length, piecewise's threshold changing with it."""
+    state = _LENGTH_STATE  # a module global: the bias is replaced at every length
+
+    def sm(score, b, h, q_idx, kv_idx):
+        return score * 0.8 + _LENGTH_STATE["bias"][h, q_idx, kv_idx]
+
+    def fn(*xs, thr=5, backend=T):
+        if family == "ebt":
+            out_o, out_p, _, lse_p = flexebt.flex_ebt_attention(*xs, score_mod=sm, return_lse=True,
+                                                                kernel_options=backend)
+            return out_p.square().sum() + out_o.sum() + lse_p.sum()
+        if family == "flex":
+            return flexebt.flex_attention(*xs, score_mod=sm, kernel_options=backend).square().sum()
+        return flexebt.piecewise_attention(*xs, dist_threshold=thr, causal=True, score_mod=sm,
+                                           kernel_options=backend).square().sum()
+
+    def step(*xs, thr=5, backend=T):
+        grads = torch.autograd.grad(fn(*xs, thr=thr, backend=backend), list(xs) + [_LENGTH_STATE["bias"]],
+                                    create_graph=True)
+        return sum((g * g).sum() * (i + 1) for i, g in enumerate(grads))
+
+    H, D = 2, 8
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        compiled = torch.compile(step, fullgraph=True, backend=counter)
+        for S, thr in ((16, 5), (23, 2.5)):
+            shapes = {"flex": [(1, H, S, D)] * 3, "ebt": [(1, H, S, D)] * 3 + [(1, H, S - 2, D)] * 3,
+                      "piecewise": [(1, H, S, D), (1, H, S + 3, D)] * 2 + [(1, H, S + 3, D)]}[family]
+            state["bias"] = (0.3 * torch.randn(H, S + 4, S + 4)).requires_grad_()
+            x = [torch.randn(s, requires_grad=True) for s in shapes]
+            got = torch.autograd.grad(compiled(*x, thr=thr), x + [state["bias"]])
+            want = torch.autograd.grad(step(*x, thr=thr, backend={"BACKEND": "REFERENCE"}), x + [state["bias"]])
+            for a, b in zip(got, want):
+                assert rel_err(a, b) < 1e-5
+    assert counter.frame_count >= 2  # the new length compiled anew (dynamic, or specialized)
+
+
 @pytest.mark.interpreter
 def test_ebt_energy_gradient_of_the_predicted_stream_inside_fullgraph_compile(monkeypatch):
     """The EBT step's shape under torch.compile: the energy's gradient with respect to the predicted
