@@ -253,15 +253,22 @@ def _any_batched(tensors) -> bool:
     ``autograd.grad(..., is_grads_batched=True)`` (torch's own vmap over the backward), which the
     dense reference then serves.  torch.func.vmap over a vjp of the kernels is refused: the
     kernels have no batching rule, and the reference cannot run inside that transform from here."""
-    if not any(t is not None and not torch._C._has_storage(t) for t in tensors):
-        return False
-    if torch._C._are_functorch_transforms_active():
+    batched = False
+    for t in tensors:
+        if t is None:
+            continue
+        if torch._C._functorch.is_batchedtensor(t):
+            batched = "func"
+        elif not torch._C._has_storage(t) and not torch._C._functorch.is_functorch_wrapped_tensor(t):
+            batched = batched or "legacy"  # torch's own vmap (torch._vmap_internals) keeps no storage
+    # (torch.func.grad's wrapped cotangents are not batched: torch's Function.apply unwraps them)
+    if batched == "func":
         raise NotImplementedError(
             "flexebt: torch.func.vmap over the backward of the Triton kernels (e.g. vmap of a vjp function) is not "
             "supported: the kernels have no batching rule. Pass kernel_options={'BACKEND': 'REFERENCE'} to the "
             "attention call (dense math, O(S^2) memory), or batch the cotangents with "
             "torch.autograd.grad(..., is_grads_batched=True), which the kernels' backward supports.")
-    return True
+    return bool(batched)
 
 
 def _reference_vjp(call: AttentionCall, ins, buffers, cts) -> list:
