@@ -78,11 +78,13 @@ def main(argv=None):
     p.add_argument("--families", default="flex,ebt", type=lambda s: s.split(","))
     p.add_argument("--modes", default="fwd,fwd+bwd,fwd+bwd+dbwd", type=lambda s: s.split(","))
     p.add_argument("--out", default=None, help="also write the table to this file")
+    p.add_argument("--commit", default=os.environ.get("FLEXEBT_COMMIT"),
+                   help="the commit recorded in the header (default: FLEXEBT_COMMIT, else git HEAD)")
     a = p.parse_args(argv)
     import triton
 
     lines = [f"# host_split.py on {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
-             f"{triton.__version__}, commit {_git_commit()}, bf16",
+             f"{triton.__version__}, commit {a.commit or _git_commit()}, bf16",
              f"{'family':6s} {'S':>6s} {'shape':14s} {'mode':14s} {'do_bench':>9s} {'gpu':>8s} {'host':>8s} "
              f"{'host/gpu':>8s}"]
     print("\n".join(lines), flush=True)

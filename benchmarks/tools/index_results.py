@@ -137,6 +137,8 @@ NOTES = {
     "small_s_h100_7b38585_d2f2895": ("small_s.py", "causal D64 S1024 B16, two alternating rounds of the commit "
                                      "before and after the argument groups: kernel and host time of a fwd+bwd"),
     "launch_cost_h100_d2f2895": ("launch_cost.py", "host time of one launch with flat against grouped arguments"),
+    "host_split_h100_ca98eb6": ("host_split.py", "host against GPU time of one eager call: flex B2 shapes and EBT "
+                                "B1 shapes, S1024 / 2048, fwd / fwd+bwd / double backward"),
     # H200
     "ab_reverse_h200_5be9c1a": ("tune.py --ab", "causal D64 S4096: heavy-first query order off / on"),
     "ebt_ab_merged_dkdv_h200_75507d2": ("profile_ebt.py", "EBT bf16 D64 S4096: dk/dv in two launches against one "
@@ -162,6 +164,10 @@ NOTES = {
     "B1_h200_bf16_d64_532990d_plan_cache": (None, "after the EBT plan cache"),
     "B2_h100_d64_d128_all_5d5846c": (None, "the current B2 files in one, and the plot"),
     "B2_h100_d64_small_a775d76_run2": (None, "a second run of the same commit"),
+    "AB_B1_h100_7b38585_d2f2895_d128_old_r1": (None, "cut short by its call's time limit (no S16384 double-backward "
+                                               "row)"),
+    "AB_B1_h100_7b38585_d2f2895_d128_ab": (None, "from all six rounds; new r1, old r2 and new r2 ran in two later "
+                                           "calls on the same warm machine, in that order"),
 }
 
 # The tool behind a text log without a NOTES entry, by name prefix (first match), and what such a
@@ -170,7 +176,8 @@ TOOLS = [
     ("tune_dbwd", "tune_second_order.py", None), ("tune", "tune.py", None),
     ("sweep", "profile_ebt.py / tune.py", None), ("profile_ebt_step", "profile_ebt_step.py", None),
     ("ebt", "profile_ebt.py", None), ("grid_order", "grid_order.py", None), ("small_s", "small_s.py", None),
-    ("api_vs_launcher", "api_vs_launcher.py", None), ("overhead", "overhead.py", None),
+    ("api_vs_launcher", "api_vs_launcher.py", None),
+    ("host_split", "host_split.py", None), ("overhead", "overhead.py", None),
     ("fp32_products", "fp32_products.py", None), ("first_call", "first_call.py", None),
     ("gpu_tests", "pytest -m gpu", "the GPU tests' log"),
     ("gpu_checks", "gpu_checks.sh", "memcheck over the workload, the out-of-range assert, the GPU tests (its "
