@@ -11,6 +11,9 @@ and mode (fwd, fwd+bwd, fwd+bwd+dbwd), it prints
 A step is the same as bench.py's (``prepared``: the cotangents are made once, outside the step).
 
     python benchmarks/tools/host_split.py --S 1024,2048 --out results/host_split.txt
+
+With FLEXEBT_IMPORT_ROOT set (as ``ab_commits.py`` sets it), another checkout's flexebt is measured:
+the GPU column compares two commits' kernels where a host-bound row's do_bench time cannot.
 """
 
 import argparse
@@ -21,10 +24,9 @@ import time
 import torch
 import triton.testing
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repository root
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # benchmarks/
+from bench import _git_commit, prepared  # noqa: E402  (puts FLEXEBT_IMPORT_ROOT, or the repository, first)
 import flexebt  # noqa: E402
-from bench import _git_commit, prepared  # noqa: E402
 from flexebt import masks  # noqa: E402
 
 
@@ -58,15 +60,15 @@ def host_ms(step, n: int = 20, rounds: int = 3) -> float:
     return best
 
 
-def calls(family: str, S: int):
+def calls(family: str, S: int, D: int = 64):
     """(fn, inputs, shape label) of one call of the family at S."""
     dt = torch.bfloat16
     if family == "flex":
-        B, H, D = max(1, 16384 // S), 16, 64
+        B, H = max(1, 16384 // S), 16
         x = [torch.randn(B, H, S, D, device="cuda", dtype=dt, requires_grad=True) for _ in range(3)]
         bm = flexebt.create_block_mask(masks.causal_mask, None, None, S, S, device="cuda")
         return (lambda: flexebt.flex_attention(*x, block_mask=bm)), x, f"B{B} H{H} D{D}"
-    B, H, D = 8, 8, 64
+    B, H = 8, 8
     x = [torch.randn(B, H, S, D, device="cuda", dtype=dt, requires_grad=True) for _ in range(6)]
     bm = flexebt.create_ebt_block_mask(None, None, None, S, S, device="cuda")
     return (lambda: flexebt.flex_ebt_attention(*x, block_mask=bm)), x, f"B{B} H{H} D{D}"
@@ -75,6 +77,7 @@ def calls(family: str, S: int):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--S", default="1024,2048", type=lambda s: [int(x) for x in s.split(",")])
+    p.add_argument("--D", default=64, type=int, help="head dimension")
     p.add_argument("--families", default="flex,ebt", type=lambda s: s.split(","))
     p.add_argument("--modes", default="fwd,fwd+bwd,fwd+bwd+dbwd", type=lambda s: s.split(","))
     p.add_argument("--out", default=None, help="also write the table to this file")
@@ -91,7 +94,7 @@ def main(argv=None):
     rows = []
     for family in a.families:
         for S in a.S:
-            fn, x, shape = calls(family, S)
+            fn, x, shape = calls(family, S, a.D)
             for mode in a.modes:
                 step, _ = prepared(fn, mode, x)
                 bench = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
