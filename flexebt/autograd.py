@@ -74,10 +74,7 @@ def _captured_swapped(mods: list, mapping: dict):
             walk(m)
         missing = set(mapping) - {id(val) for _, _, val in undo}
         if missing:
-            raise NotImplementedError(
-                "flexebt: a tensor that needs a gradient is captured by the score_mod where it cannot be swapped "
-                "for the third-order computation (inside a tuple?); capture it directly in the closure, a list or "
-                "a module global.")
+            raise NotImplementedError(_UNSWAPPABLE)
         yield
     finally:
         for container, key, val in reversed(undo):
@@ -85,6 +82,39 @@ def _captured_swapped(mods: list, mapping: dict):
                 container[key] = val
             else:
                 container.cell_contents = val
+
+
+_UNSWAPPABLE = (
+    "flexebt: this gradient runs through the dense reference (a third-order derivative with a captured tensor that "
+    "needs a gradient, or a batched backward: autograd.grad(..., is_grads_batched=True)), which must read each such "
+    "tensor through a stand-in; the mod reads one where it cannot be replaced (an object's attribute, a tuple, a "
+    "default argument, a functools.partial, a dict, or a copy made for an expanded view). Capture the tensor "
+    "directly in the mod's closure, a list or a module global, or pass kernel_options={'BACKEND': 'REFERENCE'} to "
+    "the attention call.")
+
+
+def _check_only_stand_ins_read(reference: Callable, mods, primals: list, originals: list, outs,
+                               stand_ins_detached: bool) -> None:
+    """After the reference ran with captured tensors swapped for stand-ins: its outputs must not
+    depend on the originals.  A read the swap did not reach (the same tensor also read through an
+    object's attribute) would leave part of the gradient out -- refused, never a wrong number.
+    With detached stand-ins and inputs, ``outs`` shows it directly (the engine runs nothing when
+    no path leads to the originals); stand-ins that are views of the originals (create_graph)
+    depend on them by design, so a probe run with detached ones looks instead."""
+    if not originals:
+        return
+    if not stand_ins_detached:
+        with torch.enable_grad():
+            probe = [b.detach().requires_grad_() for b in originals]
+            with _captured_swapped(list(mods), {id(b): a for b, a in zip(originals, probe)}):
+                outs = reference(*[x.detach() for x in primals])
+    outs = [o for o in outs if o is not None and o.requires_grad]
+    if not outs:
+        return
+    deps = torch.autograd.grad(outs, originals, [torch.zeros_like(o) for o in outs], allow_unused=True,
+                               retain_graph=True)
+    if any(d is not None for d in deps):
+        raise NotImplementedError(_UNSWAPPABLE)
 
 
 def _reference_double_backward(reference: Callable, primals: list, buffers: list, cts: list, grad_cts: list,
@@ -113,6 +143,8 @@ def _reference_double_backward(reference: Callable, primals: list, buffers: list
         swap = {id(b): a for b, a in zip([b for b in buffers if b.requires_grad], grad_bufs)}
         with _captured_swapped(list(mods), swap):
             outs = reference(*p)
+        _check_only_stand_ins_read(reference, mods, primals, [b for b in buffers if b.requires_grad], outs,
+                                   not create_graph)
         pairs = [(o, ct) for o, ct in zip(outs, c) if ct is not None]
         wrt = p + grad_bufs
         first = torch.autograd.grad([o for o, _ in pairs], wrt, [ct for _, ct in pairs], create_graph=True,
@@ -285,6 +317,7 @@ def _reference_vjp(call: AttentionCall, ins, buffers, cts) -> list:
         grad_bufs = [indep(b) for b in need]
         with _captured_swapped(list(call.mods), {id(b): a for b, a in zip(need, grad_bufs)}):
             outs = call.reference(*p)
+        _check_only_stand_ins_read(call.reference, call.mods, list(ins), need, outs, not create_graph)
         pairs = [(o, c) for o, c in zip(outs, cts) if c is not None]
         res = list(torch.autograd.grad([o for o, _ in pairs], p + grad_bufs, [c for _, c in pairs],
                                        allow_unused=True, create_graph=create_graph))

@@ -137,3 +137,41 @@ def test_func_vmap_over_a_vjp_of_the_kernels_is_refused_by_name_and_the_referenc
     for i in range(cts.shape[0]):
         for g, w in zip(got, vjp(cts[i])):
             assert rel_err(g[i], w) < 1e-5
+
+
+class _Holder:
+    pass
+
+
+def test_a_captured_tensor_read_where_no_stand_in_reaches_is_refused_never_partial():
+    """The dense-reference fallbacks (a batched backward; a double backward that builds a graph for
+    the third order while a captured tensor needs a gradient) read each learned captured tensor
+    through a stand-in swapped into the mod.  The same tensor also read through an object's
+    attribute, where no stand-in reaches, would lose that read's share of the gradient: refused.
+    The kernels' own backward (unbatched, first and second order) serves it exactly."""
+    S = 12
+    hold = _Holder()
+    bias = hold.b = (0.3 * torch.randn(H, S, S)).requires_grad_()
+
+    def sm(score, b, h, q_idx, kv_idx):
+        return score + bias[h, q_idx, kv_idx] + 0.5 * hold.b[h, q_idx, kv_idx]
+
+    x = [torch.randn(1, H, S, D, requires_grad=True) for _ in range(3)]
+    out = flexebt.flex_attention(*x, score_mod=sm, kernel_options=T)
+    cts = torch.randn(2, *out.shape)
+    with pytest.raises(NotImplementedError, match="cannot be replaced"):
+        torch.autograd.grad(out, [bias], cts, is_grads_batched=True, retain_graph=True)
+    first = torch.autograd.grad(out, x + [bias], cts[0], create_graph=True)
+    with pytest.raises(NotImplementedError, match="cannot be replaced"):
+        torch.autograd.grad(sum((g * g).sum() for g in first), x + [bias], create_graph=True, retain_graph=True)
+    want = torch.autograd.grad(flexebt.flex_attention(*x, score_mod=sm, kernel_options={"BACKEND": "REFERENCE"}),
+                               x + [bias], cts[0])
+    for a, b in zip(first, want):
+        assert rel_err(a, b) < 1e-5
+    # second order without a graph for a third order: the fused kernels, exact
+    second = torch.autograd.grad(sum((g * g).sum() for g in first), x + [bias])
+    ref_first = torch.autograd.grad(flexebt.flex_attention(*x, score_mod=sm, kernel_options={"BACKEND": "REFERENCE"}),
+                                    x + [bias], cts[0], create_graph=True)
+    ref_second = torch.autograd.grad(sum((g * g).sum() for g in ref_first), x + [bias])
+    for a, b in zip(second, ref_second):
+        assert rel_err(a, b) < 1e-5
