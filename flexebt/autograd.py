@@ -184,6 +184,13 @@ def _check_jvp_inputs(tensors, buffer_tangents):
     if any(t is not None for t in buffer_tangents):
         raise NotImplementedError("flexebt: forward-mode AD with tangents on tensors captured by a score_mod is not "
                                   "supported by the kernels yet; use kernel_options={'BACKEND': 'REFERENCE'}.")
+    if any(t is not None and not torch._C._has_storage(t) for t in tensors):
+        # e.g. torch.autograd.functional.jacobian(..., vectorize=True, strategy="forward-mode"): torch's own vmap
+        # batches the tangents, and the kernels have no batching rule
+        raise NotImplementedError(
+            "flexebt: batched tangents (torch.autograd.functional.jacobian / hessian with vectorize=True and "
+            "strategy='forward-mode') are not supported by the kernels' forward-mode AD; use the default "
+            "strategy='reverse-mode', or kernel_options={'BACKEND': 'REFERENCE'} for this call.")
 
 
 @dataclasses.dataclass

@@ -175,3 +175,21 @@ def test_a_captured_tensor_read_where_no_stand_in_reaches_is_refused_never_parti
     ref_second = torch.autograd.grad(sum((g * g).sum() for g in ref_first), x + [bias])
     for a, b in zip(second, ref_second):
         assert rel_err(a, b) < 1e-5
+
+
+def test_jacobians_vectorized_by_torch_reverse_mode_exact_forward_mode_refused():
+    """torch.autograd.functional.jacobian(vectorize=True) batches with torch's own vmap: in reverse
+    mode (batched cotangents) the kernels' backward gives the reference's Jacobian; in forward mode
+    (batched tangents into the kernels' JVP) the call is refused by name."""
+    S = 6
+    x = [torch.randn(1, 1, S, 4) for _ in range(3)]
+
+    def f(backend):
+        return lambda q, k, v: flexebt.flex_attention(q, k, v, kernel_options=backend)
+
+    got = torch.autograd.functional.jacobian(f(T), tuple(x), vectorize=True)
+    want = torch.autograd.functional.jacobian(f({"BACKEND": "REFERENCE"}), tuple(x))
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-5
+    with pytest.raises(NotImplementedError, match="strategy='reverse-mode'"):
+        torch.autograd.functional.jacobian(f(T), tuple(x), vectorize=True, strategy="forward-mode")
