@@ -117,6 +117,23 @@ def _check_only_stand_ins_read(reference: Callable, mods, primals: list, origina
         raise NotImplementedError(_UNSWAPPABLE)
 
 
+def _swapped_reference(reference: Callable, mods, primals: list, buffers: list, create_graph: bool):
+    """The reference's outputs over stand-ins: ``(p, grad_bufs, outs)``, where ``p`` stand in for
+    ``primals`` and ``grad_bufs`` for the captured tensors that need a gradient (swapped into the
+    mods while the reference runs).  Without ``create_graph`` the stand-ins are detached leaves;
+    with it, aliases (``_alias``) that keep the results' graph back to the real tensors.  A read
+    of an original that no stand-in reached is refused (``_check_only_stand_ins_read``).  Call
+    with grad mode on."""
+    indep = _alias if create_graph else (lambda x: x.detach().requires_grad_())
+    need = [b for b in buffers if b.requires_grad]
+    p = [indep(x) for x in primals]
+    grad_bufs = [indep(b) for b in need]
+    with _captured_swapped(list(mods), {id(b): a for b, a in zip(need, grad_bufs)}):
+        outs = reference(*p)
+    _check_only_stand_ins_read(reference, mods, primals, need, outs, not create_graph)
+    return p, grad_bufs, outs
+
+
 def _reference_double_backward(reference: Callable, primals: list, buffers: list, cts: list, grad_cts: list,
                                create_graph: bool = False, mods: tuple = ()):
     """Backward of a first-order backward, by autograd through the dense reference.
@@ -137,14 +154,8 @@ def _reference_double_backward(reference: Callable, primals: list, buffers: list
     """
     indep = _alias if create_graph else (lambda x: x.detach().requires_grad_())
     with torch.enable_grad():
-        p = [indep(x) for x in primals]
+        p, grad_bufs, outs = _swapped_reference(reference, mods, primals, buffers, create_graph)
         c = [None if t is None else indep(t) for t in cts]
-        grad_bufs = [indep(b) for b in buffers if b.requires_grad]
-        swap = {id(b): a for b, a in zip([b for b in buffers if b.requires_grad], grad_bufs)}
-        with _captured_swapped(list(mods), swap):
-            outs = reference(*p)
-        _check_only_stand_ins_read(reference, mods, primals, [b for b in buffers if b.requires_grad], outs,
-                                   not create_graph)
         pairs = [(o, ct) for o, ct in zip(outs, c) if ct is not None]
         wrt = p + grad_bufs
         first = torch.autograd.grad([o for o, _ in pairs], wrt, [ct for _, ct in pairs], create_graph=True,
@@ -317,14 +328,8 @@ def _reference_vjp(call: AttentionCall, ins, buffers, cts) -> list:
     with grad mode on (``create_graph``) they keep their graph back to the inputs, through
     aliases (``_alias``; the captured tensors swapped for theirs inside the mods)."""
     create_graph = torch.is_grad_enabled()
-    indep = _alias if create_graph else (lambda x: x.detach().requires_grad_())
-    need = [b for b in buffers if b.requires_grad]
     with torch.enable_grad():
-        p = [indep(x) for x in ins]
-        grad_bufs = [indep(b) for b in need]
-        with _captured_swapped(list(call.mods), {id(b): a for b, a in zip(need, grad_bufs)}):
-            outs = call.reference(*p)
-        _check_only_stand_ins_read(call.reference, call.mods, list(ins), need, outs, not create_graph)
+        p, grad_bufs, outs = _swapped_reference(call.reference, call.mods, list(ins), buffers, create_graph)
         pairs = [(o, c) for o, c in zip(outs, cts) if c is not None]
         res = list(torch.autograd.grad([o for o, _ in pairs], p + grad_bufs, [c for _, c in pairs],
                                        allow_unused=True, create_graph=create_graph))
