@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import torch
 
-I32 = torch.int32
-
-
 def _scalar(i):
-    return torch.tensor(i, dtype=I32)
+    return torch.tensor(i, dtype=torch.int64)  # torch's eager flex_attention passes int64 positions
 
 
 def score_table(q, k, score_mod, scale, q_frames, kv_frames, mask_mod=None):

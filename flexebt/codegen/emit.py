@@ -36,8 +36,11 @@ from typing import Callable, Optional
 import torch
 import torch.fx
 
+from .intervals import INT32, kernel_dtypes
+
 aten = torch.ops.aten
 prims = torch.ops.prims
+_NARROW_INTS = (torch.int32, torch.int16, torch.int8, torch.uint8)
 
 _TL_DTYPE = {torch.float32: "tl.float32", torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16",
              torch.float64: "tl.float32", torch.int32: "tl.int32", torch.int64: "tl.int64", torch.int16: "tl.int16",
@@ -508,6 +511,8 @@ class Emitter:
         self.positional: set = set()  # (buffer, dim, position name): dims indexed by a bare position
         self.checked = False  # some index is checked in the kernel (not a bare position)
         self._env: dict[str, str] = {}
+        self._kdt: dict = {}  # node name -> the integer dtype the kernel computes it in (intervals.py)
+        self._widen = False  # while emitting an int64 op: arg() widens int32 operands
         self._tag = ""
 
     def tmp(self, node) -> str:
@@ -515,6 +520,8 @@ class Emitter:
 
     def arg(self, x) -> str:
         if isinstance(x, torch.fx.Node):
+            if self._widen and self._kdt.get(x.name) in _NARROW_INTS:
+                return f"({self._env[x.name]}).to(tl.int64)"
             return self._env[x.name]
         return _lit(x)
 
@@ -523,8 +530,23 @@ class Emitter:
         if dtype == torch.bool:
             return "(ZERO == 0)" if value else "(ZERO != 0)"
         if dtype is not None and not dtype.is_floating_point:
-            return f"(ZERO + {int(value)})"
+            v = int(value)
+            return f"(ZERO + {v})" if INT32[0] <= v <= INT32[1] else f"(ZERO.to(tl.int64) + {v})"
         return f"(ZERO.to(tl.float32) + {_lit(float(value))})"
+
+    def _wide_op(self, node) -> bool:
+        """Whether ``node`` computes in int64 in the kernel (codegen/intervals.py): its result, an
+        integer operand, or an integer constant operand needs more than int32 -- then its int32
+        operands are widened first (Triton would compute in int32, or refuse the constant)."""
+        if self._kdt.get(node.name) == torch.int64:
+            return True
+        for x in (*node.args, *node.kwargs.values()):
+            for y in (x if isinstance(x, (list, tuple)) else (x,)):
+                if isinstance(y, torch.fx.Node) and self._kdt.get(y.name) == torch.int64:
+                    return True
+                if isinstance(y, int) and not isinstance(y, bool) and not INT32[0] <= y <= INT32[1]:
+                    return True
+        return False
 
     def emit(self, gm: torch.fx.GraphModule, placeholders: list[str], constants: dict[str, int],
              tag: str = "") -> list[str]:
@@ -532,6 +554,7 @@ class Emitter:
         ``tag`` prefixes this graph's variable names (one tag per graph in a kernel body)."""
         self._tag = tag
         self._env = env = {}
+        self._kdt = kernel_dtypes(gm)
         ph = iter(placeholders)
         for node in gm.graph.nodes:
             if node.op == "placeholder":
@@ -539,11 +562,15 @@ class Emitter:
             elif node.op == "get_attr":
                 env[node.name] = f"@buf{constants[node.target]}"  # only read through loads (trace.py)
             elif node.op == "call_function":
-                expr = self._expr(node, gm, constants)
+                self._widen = node.target is not aten.index.Tensor and self._wide_op(node)
+                try:
+                    expr = self._expr(node, gm, constants)
+                finally:
+                    self._widen = False
                 if expr is None:
                     continue
                 var = self.tmp(node)
-                dtype = _dtype(node)
+                dtype = self._kdt.get(node.name, _dtype(node))
                 cast = f".to({_TL_DTYPE[dtype]})" if dtype in _TL_DTYPE else ""
                 self.lines.append(f"{var} = ({expr}){cast}")
                 env[node.name] = var
@@ -587,12 +614,19 @@ class Emitter:
         """``buffer[i_0, ..., i_n]``: negative indices wrap as in torch; an index still outside
         [0, size) clears IDXERR (the launcher raises) and is clamped so the load stays inside."""
         src, idx = node.args
+        while src.op == "call_function" and src.target in IDENTITY:  # (trace.py's view of a 0-d tensor)
+            src = src.args[0]
         k = constants[src.target]
         var = self.tmp(node)
-        wide = self.wide[k]
+        tensor = getattr(gm, src.target)
+        if tensor.dim() == 0:
+            idx = []  # a 0-d tensor read as a value (trace.py reads it through a one-element view)
         offs, bad = [], []
         for d, i in enumerate(idx):
             iv = f"{var}_i{d}"
+            # int64 offsets into a large tensor, or for an index that may not fit in int32 (so an index
+            # out of range is caught, not wrapped into range)
+            wide = self.wide[k] or (isinstance(i, torch.fx.Node) and self._kdt.get(i.name) == torch.int64)
             self.lines.append(f"{iv} = ({self.arg(i)}).to({'tl.int64' if wide else 'tl.int32'})")
             if self.arg(i) in POSITIONS:
                 # a bare position lies in [0, extent): the launcher checks size >= extent on the host
@@ -613,8 +647,7 @@ class Emitter:
         self.lines.append(f"{off_var} = {' + '.join(offs) or '0'}")
         self.load_offsets[self._tag + node.name] = off_var
         load = f"tl.load(BUF{k} + {off_var})"
-        val = getattr(gm, src.target)
-        if val.dtype == torch.bool:
+        if tensor.dtype == torch.bool:
             load = f"({load} != 0)"
         return load
 
@@ -653,7 +686,10 @@ def supported_ops_markdown() -> str:
              "(`kernel_options={\"BACKEND\": \"REFERENCE\"}`).", "",
              "Integer `//`, `%`, `torch.div(rounding_mode=\"floor\")` and `torch.remainder` floor like torch; "
              "`x ** n` is exact for negative bases; indexing a captured tensor out of range raises an error "
-             "and negative indices wrap, as in torch. Floating-point values inside a mod are computed in fp32.", ""]
+             "and negative indices wrap, as in torch. Positions are int64 as in torch's eager flex_attention, so "
+             "integer arithmetic is exact past 2^31 (a hash such as `(q_idx * 2654435761) % 97`); the kernels "
+             "compute in int32 the values that provably fit for positions below 2^30, and the rest in int64. "
+             "Floating-point values inside a mod are computed in fp32.", ""]
     lines += [f"- {name}" for name in supported_ops()]
     return "\n".join(lines) + "\n"
 

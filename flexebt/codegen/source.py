@@ -28,6 +28,7 @@ from .. import runtime
 from .emit import Emitter
 from .hooks import expand_hooks
 from .identity import describe, fingerprint, wide_offsets
+from .intervals import POSITION_LIMIT
 from .trace import TracedMod, trace_mask_mod, trace_score_mod
 
 TEMPLATES = pathlib.Path(__file__).resolve().parent.parent / "kernels" / "templates"
@@ -87,7 +88,13 @@ def prepare_captured(tensors: list, extents: dict, grad_slots, positional, name:
 
 def position_extents(B: int, H: int, n_q: int, n_kv: int, n_mq: Optional[int] = None) -> dict:
     """How many values each position takes: b, h (query heads), q_idx and kv_idx as the mods see
-    them, and mq_idx (the stream-local query position of block-mask mask_mods)."""
+    them, and mq_idx (the stream-local query position of block-mask mask_mods).  The kernels compute
+    a mod's integer values in int32 where they fit for positions below ``POSITION_LIMIT``
+    (codegen/intervals.py), so longer extents are refused."""
+    for n, what in ((B, "batch size"), (H, "number of heads"), (n_q, "query length"), (n_kv, "key length")):
+        if isinstance(n, int) and n > POSITION_LIMIT:
+            raise ValueError(f"flexebt: a {what} of {n} is more than the kernels support ({POSITION_LIMIT} = 2^30 "
+                             f"positions); split the call, or use kernel_options={{'BACKEND': 'REFERENCE'}}.")
     return {"off_b": B, "off_h": H, "q_idx": n_q, "kv_idx": n_kv, "mq_idx": n_q if n_mq is None else n_mq}
 
 

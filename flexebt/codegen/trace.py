@@ -1,6 +1,6 @@
 """Trace a score_mod / mask_mod to aten graphs of pointwise ops, and derive its derivatives.
 
-A mod is traced with ``make_fx`` on shape-``[1]`` tensors (score fp32, indices int32), so
+A mod is traced with ``make_fx`` on shape-``[1]`` tensors (score fp32, indices int64), so
 ``bias[h, q_idx, kv_idx]`` becomes ``aten.index.Tensor(constant, [h, q, kv])`` -- a *load*.
 Captured tensors are found by walking the mod's closure (and nested closures, and the module
 globals it names) so that later calls can pass the current tensors without re-tracing.
@@ -54,7 +54,9 @@ class TracedMod:
 
 
 def _idx(device="cpu"):
-    return torch.zeros((1,), dtype=torch.int32, device=device)
+    # int64, as torch's eager flex_attention passes positions: the traced graph then has torch's dtypes
+    # (integer arithmetic exact past 2^31); the kernels compute in int32 what fits (intervals.py)
+    return torch.zeros((1,), dtype=torch.int64, device=device)
 
 
 def _trace_device(buffers: list[Buffer]):
@@ -330,6 +332,11 @@ class _LeafInterpreter(torch.fx.Interpreter):
     def run_node(self, n):
         if n.name in self.leaves:
             return self.leaves[n.name]
+        if n.op == "call_function" and n.target is aten.index.Tensor and not n.args[1]:
+            # a 0-d captured tensor read as a value (_normalize_loads): torch indexes it through a
+            # one-element view; the emitter reads the tensor itself (emit.Emitter._load)
+            t = self.fetch_attr(n.args[0].target)
+            return aten.index.Tensor(t.reshape(1), [torch.zeros((1,), dtype=torch.int64, device=t.device)])
         return super().run_node(n)
 
 

@@ -59,16 +59,17 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def index_grid(B: int, H: int, Sq: int, Skv: int, device, q_offset: int = 0, kv_offset: int = 0):
-    """Broadcastable int32 index tensors ``b, h, q_idx, kv_idx`` for a dense evaluation.
+    """Broadcastable int64 index tensors ``b, h, q_idx, kv_idx`` for a dense evaluation (int64 as
+    torch's own eager flex_attention passes them: integer arithmetic in a mod is exact up to 2^63).
 
     Shapes are ``[B,1,1,1]``, ``[1,H,1,1]``, ``[1,1,Sq,1]``, ``[1,1,1,Skv]``; the mod evaluators
     below map each grid dimension with ``torch.vmap``, so a mod never sees these shapes, only
     one scalar index of each.
     """
-    b = torch.arange(B, device=device, dtype=torch.int32).view(B, 1, 1, 1)
-    h = torch.arange(H, device=device, dtype=torch.int32).view(1, H, 1, 1)
-    q = (torch.arange(Sq, device=device, dtype=torch.int32) + q_offset).view(1, 1, Sq, 1)
-    kv = (torch.arange(Skv, device=device, dtype=torch.int32) + kv_offset).view(1, 1, 1, Skv)
+    b = torch.arange(B, device=device, dtype=torch.int64).view(B, 1, 1, 1)
+    h = torch.arange(H, device=device, dtype=torch.int64).view(1, H, 1, 1)
+    q = (torch.arange(Sq, device=device, dtype=torch.int64) + q_offset).view(1, 1, Sq, 1)
+    kv = (torch.arange(Skv, device=device, dtype=torch.int64) + kv_offset).view(1, 1, 1, Skv)
     return b, h, q, kv
 
 
