@@ -140,6 +140,13 @@ NOTES = {
     "host_split_h100_ca98eb6": ("host_split.py", "host against GPU time of one eager call: flex B2 shapes and EBT "
                                 "B1 shapes, S1024 / 2048, fwd / fwd+bwd / double backward"),
     # H200
+    "host_split_h200_ebt_d128_s1024_7b38585": ("host_split.py", "EBT bf16 D128 S1024 fwd+bwd and double backward, "
+                                               "kernel and host time: the engine before its rebuild (one call with "
+                                               "the d2f2895 row)"),
+    "host_split_h200_ebt_d128_s1024_d2f2895": ("host_split.py", "the same rows after the engine rebuild (same call "
+                                               "as the 7b38585 row)"),
+    "host_profile_h200_ebt_s1024_d64_d73c5ef": ("host_profile.py", "host time per eager EBT step (bf16 B8 H8 S1024 "
+                                                "D64) and its cProfile: fwd, fwd+bwd, second order"),
     "ab_reverse_h200_5be9c1a": ("tune.py --ab", "causal D64 S4096: heavy-first query order off / on"),
     "ebt_ab_merged_dkdv_h200_75507d2": ("profile_ebt.py", "EBT bf16 D64 S4096: dk/dv in two launches against one "
                                         "over both query streams"),
