@@ -194,3 +194,92 @@ def test_intervals_hold_every_value():
                 if name in bounds:
                     lo, hi = bounds[name]
                     assert lo <= value <= hi, (name, value, bounds[name])
+
+
+# --- integer dtypes and numbers as torch promotes them -------------------------------------------
+_G = torch.Generator().manual_seed(11)
+_I8 = torch.randint(-128, 128, (S,), generator=_G, dtype=torch.int8)
+_U8 = torch.randint(0, 256, (S,), generator=_G, dtype=torch.uint8)
+_I16 = torch.randint(-2 ** 15, 2 ** 15, (S,), generator=_G, dtype=torch.int16)
+_I32 = torch.randint(-2 ** 31, 2 ** 31 - 1, (S,), generator=_G, dtype=torch.int32)
+_W64 = torch.tensor(2 ** 31)  # 0-d int64
+_W32 = torch.tensor(100, dtype=torch.int32)  # 0-d int32
+
+
+def _copy_past_int32(s, b, h, q, k):
+    x = k * 0
+    x.copy_(k * 2 ** 33 + k)
+    return s * (1 + 0.1 * ((x + 1) % 5))
+
+
+def _copy_into_int32(s, b, h, q, k):
+    x = (k * 0).to(torch.int32)
+    x.copy_(k * 2 ** 31 + k)  # truncated to int32, as torch does
+    return s * (1 + 0.1 * (x % 5))
+
+
+def _factor(value):
+    """A score_mod scaling the score by a function of an integer (or bool) value."""
+    return lambda s, b, h, q, k: s * (1 + 0.05 * (value(q, k) % 7))
+
+
+PROMOTION_MODS = {
+    # a 0-d tensor counts like any other value (torch applies the mod per score)
+    "int32_table_plus_0d_int64": _factor(lambda q, k: _I32[k] + _W64),
+    "uint8_table_plus_0d_int32": _factor(lambda q, k: _U8[k] + _W32),
+    "int32_table_times_tensor_made_inside": _factor(lambda q, k: _I32[k] * torch.tensor(3)),
+    "int8_sums_are_int64": _factor(lambda q, k: _I8[q].sum() + _I8[k].sum()),
+    "uint8_sums_are_int64": _factor(lambda q, k: _U8[q].sum() - _U8[k].sum()),
+    # mixed dtypes: uint8 with int8 is int16 in torch
+    "int8_minus_uint8": _factor(lambda q, k: _I8[q] - _U8[k]),
+    "uint8_greater_than_int8": _factor(lambda q, k: (_U8[k] > _I8[q]).long() * 3 + 1),
+    # a number is cast to the tensor's dtype, as torch casts it
+    "int32_below_2_pow_40": _factor(lambda q, k: (_I32[k] < 2 ** 40).long() + 1),
+    "int32_floor_div_uint32_range": _factor(lambda q, k: _I32[k] // 4294967295),
+    "int32_equal_past_int32": _factor(lambda q, k: (_I32[k] == 2 ** 32 + 1000).long() + 2),
+    "int16_remainder_65535": _factor(lambda q, k: _I16[k] % 65535 + 3),
+    "uint8_greater_than_minus_one": _factor(lambda q, k: (_U8[k] > -1).long() + 2),
+    "int16_greater_than_40000": _factor(lambda q, k: (_I16[k] > 40000).long() + 2),
+    "position_minus_2_pow_63": _factor(lambda q, k: k - 2 ** 63),
+    # bool with a number is int64
+    "bool_plus_uint32_range": _factor(lambda q, k: (q >= k) + 4294967295),
+    "bool_remainder": _factor(lambda q, k: (q > k) % 3 + 1),
+    "uint8_remainder": _factor(lambda q, k: _U8[k] % 7),
+    # a constant divisor between 2^31 and 2^32
+    "remainder_by_uint32_range_constant": _factor(lambda q, k: (q * 31 + k) % 2654435761),
+    # copy_ takes the source's values, cast to the destination's dtype
+    "copy_past_int32": None,
+    "copy_into_int32": None,
+}
+PROMOTION_MODS["copy_past_int32"] = _copy_past_int32
+PROMOTION_MODS["copy_into_int32"] = _copy_into_int32
+
+
+@pytest.mark.parametrize("name", sorted(PROMOTION_MODS))
+def test_integer_promotion_matches_torch(name):
+    sm = PROMOTION_MODS[name]
+    q, k, v = (x.detach() for x in _inputs(torch.float64))
+    with torch.no_grad():
+        want = torch_flex_attention(q, k, v, score_mod=sm)
+        assert rel_err(flexebt.flex_attention(q, k, v, score_mod=sm, kernel_options=R), want) < 1e-12
+        got = flexebt.flex_attention(q.float(), k.float(), v.float(), score_mod=sm, kernel_options=T)
+        assert rel_err(got, want) < 2e-6
+
+
+def test_learned_table_indexed_by_a_promoted_value_second_order():
+    """``learn[(u8[kv] + w) % 11]`` with a 0-d int32 ``w``: torch computes the index in int32 (values
+    past 255); first and second order, the table's gradient included."""
+    learn = torch.randn(11, requires_grad=True)
+
+    def sm(s, b, h, q, k):
+        return s * learn[(_U8[k] + _W32) % 11]
+
+    xs = _inputs()
+
+    def run(backend):
+        return lambda *a: flexebt.flex_attention(*a[:3], score_mod=sm, kernel_options=backend)
+
+    got = second_order(run(T), xs + [learn])
+    want = second_order(run(R), xs + [learn])
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        assert torch.isfinite(a).all() and rel_err(a, b) < 2e-5

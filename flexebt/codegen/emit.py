@@ -16,7 +16,9 @@ The emitted lines run inside a kernel tile, where these names exist:
 
 Each graph node becomes one assignment ``{prefix}{tag}{name} = <expr>`` (the tag keeps the nodes of
 two graphs emitted into one kernel apart), cast to the dtype torch gives that node, so integer and
-boolean arithmetic, type promotion and rounding of 16-bit casts follow torch.  Floating values are
+boolean arithmetic, type promotion and rounding of 16-bit casts follow torch.  An integer op's
+operands are cast to the dtype torch computes it in (``Emitter._integer_operands``), in int32 where
+that is int64 and the values fit (codegen/intervals.py).  Floating values are
 computed in fp32 (a float64 captured tensor is read in fp32).
 
 ``OPS`` is the table of supported aten ops: how each is written in Triton, with torch's semantics
@@ -36,11 +38,10 @@ from typing import Callable, Optional
 import torch
 import torch.fx
 
-from .intervals import INT32, kernel_dtypes
+from .intervals import INT32, integer_intervals, kernel_dtypes
 
 aten = torch.ops.aten
 prims = torch.ops.prims
-_NARROW_INTS = (torch.int32, torch.int16, torch.int8, torch.uint8)
 
 _TL_DTYPE = {torch.float32: "tl.float32", torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16",
              torch.float64: "tl.float32", torch.int32: "tl.int32", torch.int64: "tl.int64", torch.int16: "tl.int16",
@@ -163,6 +164,11 @@ def _floor_div(em, node, x, y, floating: bool) -> str:
 def _remainder(em, node, x, y, floating: bool) -> str:
     """torch.remainder / %: the result takes the divisor's sign (Triton's % is C's fmod)."""
     v = em.tmp(node)
+    if not floating and _INT_LITERAL.match(y):
+        # a constant divisor stays a number (assigned to a variable, Triton would type 2**31..2**32-1
+        # as uint32); the sign test is decided here
+        em.lines.append(f"{v}_r = {x} % {y}")
+        return f"tl.where({v}_r {'<' if int(y) > 0 else '>'} 0, {v}_r + {y}, {v}_r)"
     if floating:
         x, y = _f32(x), _f32(y)
     em.lines.append(f"{v}_y = {y}")
@@ -170,6 +176,7 @@ def _remainder(em, node, x, y, floating: bool) -> str:
     return f"tl.where(({v}_r != 0) & (({v}_r < 0) != ({v}_y < 0)), {v}_r + {v}_y, {v}_r)"
 
 
+_INT_LITERAL = re.compile(r"^-?\d+$")
 _NUMBER = re.compile(r"^-?\d+(\.\d*)?(e-?\d+)?$|^float\('-?(inf|nan)'\)$|^True$|^False$")
 
 
@@ -487,6 +494,28 @@ IDENTITY = {aten.detach.default, aten.alias.default, aten.clone.default, aten.ex
 _ABS_OF_ONE = {aten.linalg_vector_norm.default}
 
 
+# Ops whose integer operands are not cast to a common dtype (emit.Emitter._integer_operands): casts,
+# true division and float functions (computed in fp32), logic on (x != 0), fills and factories.
+_NOT_INTEGER_OPS = {t for t, op in OPS.items() if op.unary_float} | {
+    aten._to_copy.default, aten.div.Tensor, aten.div.Scalar, aten.pow.Tensor_Tensor, aten.pow.Scalar,
+    aten.logical_and.default, aten.logical_or.default, aten.logical_xor.default, aten.logical_not.default,
+    aten.isnan.default, aten.isinf.default, aten.ones_like.default, aten.new_ones.default, aten.zeros_like.default,
+    aten.new_zeros.default, aten._efficientzerotensor.default, aten.full_like.default, aten.new_full.default,
+    aten.scalar_tensor.default, aten.zeros.default, aten.ones.default, aten.full.default, aten.relu.default,
+    aten.hardtanh.default, aten.leaky_relu.default}
+_SHIFTS = {aten.__rshift__.Scalar, aten.__rshift__.Tensor, aten.bitwise_right_shift.Tensor, aten.__lshift__.Scalar,
+           aten.__lshift__.Tensor, aten.bitwise_left_shift.Tensor_Scalar}
+# Arguments that are not operands: where's condition, the exponent of x ** n.
+_NON_OPERAND_ARGS = {aten.where.self: (0,), aten.pow.Tensor_Scalar: (1,)}
+
+
+def _wrap(v: int, dtype: torch.dtype) -> int:
+    """``v`` cast to an integer dtype as torch casts a number next to a tensor of it: modulo 2^bits."""
+    info = torch.iinfo(dtype)
+    span = info.max - info.min + 1
+    return (v - info.min) % span + info.min
+
+
 def supported_ops() -> list[str]:
     """The torch spellings of the supported operations (the error message and docs show these)."""
     return sorted({op.doc for op in OPS.values() if not op.doc.startswith("(")} |
@@ -512,7 +541,10 @@ class Emitter:
         self.checked = False  # some index is checked in the kernel (not a bare position)
         self._env: dict[str, str] = {}
         self._kdt: dict = {}  # node name -> the integer dtype the kernel computes it in (intervals.py)
-        self._widen = False  # while emitting an int64 op: arg() widens int32 operands
+        self._iv: dict = {}  # node name -> the interval of an integer value (intervals.py)
+        self._operands = None  # while emitting an integer op: the dtype arg() casts its operands to
+        self._operand_torch_dtype = None  # (and the dtype torch casts its numbers to)
+        self._not_operands: set = set()  # ids of arguments that are not operands (where's condition)
         self._tag = ""
 
     def tmp(self, node) -> str:
@@ -520,9 +552,14 @@ class Emitter:
 
     def arg(self, x) -> str:
         if isinstance(x, torch.fx.Node):
-            if self._widen and self._kdt.get(x.name) in _NARROW_INTS:
-                return f"({self._env[x.name]}).to(tl.int64)"
-            return self._env[x.name]
+            val = self._env[x.name]
+            want = self._operands
+            have = self._kdt.get(x.name)
+            if want is not None and have is not None and have != want and id(x) not in self._not_operands:
+                return f"({val}).to({_TL_DTYPE[want]})"
+            return val
+        if self._operands is not None and isinstance(x, int) and not isinstance(x, bool):
+            return repr(_wrap(x, self._operand_torch_dtype))  # torch casts a number to the op's dtype
         return _lit(x)
 
     def fill(self, node, value) -> str:
@@ -534,20 +571,46 @@ class Emitter:
             return f"(ZERO + {v})" if INT32[0] <= v <= INT32[1] else f"(ZERO.to(tl.int64) + {v})"
         return f"(ZERO.to(tl.float32) + {_lit(float(value))})"
 
-    def _wide_op(self, node) -> bool:
-        """Whether ``node`` computes in int64 in the kernel (codegen/intervals.py): its result, an
-        integer operand, or an integer constant operand needs more than int32 -- then its int32
-        operands are widened first (Triton would compute in int32, or refuse the constant)."""
-        if self._kdt.get(node.name) == torch.int64:
-            return True
-        for x in (*node.args, *node.kwargs.values()):
-            for y in (x if isinstance(x, (list, tuple)) else (x,)):
-                if isinstance(y, torch.fx.Node) and self._kdt.get(y.name) == torch.int64:
-                    return True
-                if isinstance(y, int) and not isinstance(y, bool) and not INT32[0] <= y <= INT32[1]:
-                    return True
-        return False
-
+    def _integer_operands(self, node) -> Optional[tuple]:
+        """For an op on integer (or bool) operands: (the dtype torch computes it in, the dtype the
+        kernel computes it in), else None.  torch's dtype is its type promotion over the operands (a
+        Python number counts less than a tensor; bool with a number is int64).  The kernel computes
+        in int32 what torch computes in int64 where the result, every operand and every number fit in
+        int32 (codegen/intervals.py), else in torch's dtype; each operand is cast to it first (Triton
+        would otherwise pick its own: uint8 with int8 is uint8 there, int16 in torch), and each number
+        is cast to torch's dtype as torch casts it (2**40 is 0 next to an int32 tensor)."""
+        t = node.target
+        if t in _NOT_INTEGER_OPS or t in IDENTITY or t not in OPS:
+            return None
+        args = list(node.args) + list(node.kwargs.values())
+        skip = _NON_OPERAND_ARGS.get(t, ())
+        operands = [a for i, a in enumerate(args) if i not in skip and not isinstance(a, (str, torch.dtype))]
+        tensors = [a for a in operands if isinstance(a, torch.fx.Node)]
+        dts = [_dtype(a) for a in tensors]
+        if not dts or any(d is None or d.is_floating_point for d in dts):
+            return None
+        if all(d == torch.bool for d in dts) and not any(isinstance(a, int) and not isinstance(a, bool)
+                                                       for a in operands):
+            return None  # logic on bools
+        comp = dts[0]
+        for d in dts[1:]:
+            comp = torch.promote_types(comp, d)
+        for a in operands:
+            if isinstance(a, (int, float)) and not isinstance(a, bool):
+                comp = torch.result_type(torch.empty((1,), dtype=comp), a)
+        if comp.is_floating_point or comp == torch.bool:
+            return None
+        kernel = comp
+        if comp == torch.int64:
+            fits = self._kdt.get(node.name, torch.int32) != torch.int64 and all(
+                self._kdt.get(a.name) != torch.int64 for a in tensors) and all(
+                INT32[0] <= a <= INT32[1] for a in operands if isinstance(a, int) and not isinstance(a, bool))
+            if fits and t in _SHIFTS:  # a shift by 32 or more of an int32 is undefined on the GPU
+                amount = args[1] if len(args) > 1 else 0
+                hi = amount if isinstance(amount, int) else self._iv.get(amount.name, (0, 63))[1]
+                fits = hi < 31
+            kernel = torch.int32 if fits else torch.int64
+        return comp, kernel
     def emit(self, gm: torch.fx.GraphModule, placeholders: list[str], constants: dict[str, int],
              tag: str = "") -> list[str]:
         """Emit ``gm``; ``placeholders`` names its inputs in order.  Returns the output exprs.
@@ -555,6 +618,7 @@ class Emitter:
         self._tag = tag
         self._env = env = {}
         self._kdt = kernel_dtypes(gm)
+        self._iv = integer_intervals(gm)
         ph = iter(placeholders)
         for node in gm.graph.nodes:
             if node.op == "placeholder":
@@ -562,11 +626,16 @@ class Emitter:
             elif node.op == "get_attr":
                 env[node.name] = f"@buf{constants[node.target]}"  # only read through loads (trace.py)
             elif node.op == "call_function":
-                self._widen = node.target is not aten.index.Tensor and self._wide_op(node)
+                ints = self._integer_operands(node)
+                if ints is not None:
+                    self._operand_torch_dtype, self._operands = ints
+                    self._not_operands = {id(node.args[i]) for i in _NON_OPERAND_ARGS.get(node.target, ())
+                                          if i < len(node.args) and isinstance(node.args[i], torch.fx.Node)}
                 try:
                     expr = self._expr(node, gm, constants)
                 finally:
-                    self._widen = False
+                    self._operands = self._operand_torch_dtype = None
+                    self._not_operands = set()
                 if expr is None:
                     continue
                 var = self.tmp(node)
@@ -596,6 +665,11 @@ class Emitter:
             val = env[src.name] if isinstance(src, torch.fx.Node) else _lit(src)
             if t in _ABS_OF_ONE:
                 val = f"tl.abs({val})"
+            have = self._kdt.get(src.name) if isinstance(src, torch.fx.Node) else None
+            if have is not None and self._kdt.get(node.name, have) != have:
+                # a dtype change (torch sums an int8 value as int64; copy_ casts to the destination's
+                # dtype): an assignment, which the caller casts
+                return val
             env[node.name] = val
             if t is aten.copy_.default:
                 env[args[0].name] = val

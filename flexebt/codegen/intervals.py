@@ -134,7 +134,7 @@ _SAME = {aten.detach.default, aten.alias.default, aten.clone.default, aten.expan
          aten.squeeze.dims, aten.unsqueeze.default, aten.reshape.default, aten.contiguous.default,
          aten.sum.default, aten.sum.dim_IntList, aten.amax.default, aten.amin.default, aten.max.default,
          aten.min.default, aten.prod.default, aten.prod.dim_int, aten.permute.default, aten.t.default,
-         aten.transpose.int, aten.select.int, aten.copy.default, aten.copy_.default}
+         aten.transpose.int, aten.select.int}
 
 
 def _rule(node: torch.fx.Node, iv) -> Optional[tuple]:
@@ -232,6 +232,8 @@ def _rule(node: torch.fx.Node, iv) -> Optional[tuple]:
             return None
         r = dtype_range(dt)
         return x if r[0] <= x[0] and x[1] <= r[1] else None  # a narrowing cast that may wrap: its dtype's range
+    if t in (aten.copy.default, aten.copy_.default):  # the source's values, in the destination's dtype
+        return a(1)
     if t in _SAME:
         return a(0)
     return None

@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 import torch.fx
+import torch.utils._pytree
 from torch._decomp import get_decompositions
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -111,14 +112,36 @@ class _PerScoreIndexing(torch.overrides.TorchFunctionMode):
     """torch applies a mod to one score at a time, where ``bias[h]`` with a scalar ``h`` is a row
     and ``bias[h][q_idx]`` one value.  The trace runs the mod on one-element tensors instead, where
     ``bias[h]`` keeps a leading dimension of one; dropping it makes chained indexing mean what it
-    means in torch."""
+    means in torch.
+
+    Every value torch's mod sees is 0-d (one score at a time), so type promotion weighs a captured
+    0-d tensor (``w``, a ``.sum()``, ``torch.tensor(3)``) like any other value: ``i32[kv] + w`` with
+    an int64 ``w`` is int64.  In the trace the other values are one-element tensors, next to which a
+    0-d tensor would count less; so 0-d operands are read as one-element tensors too."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func not in _KEEP_0D and _tensor_count((args, kwargs)) > 1:  # (promotion needs two tensors)
+            args, kwargs = _one_element(args), _one_element(kwargs or {})
         out = func(*args, **(kwargs or {}))
         if func is torch.Tensor.__getitem__ and isinstance(out, torch.Tensor) and out.dim() > 1 \
                 and out.shape[0] == 1 and _per_score_index(args[1]):
             out = out.squeeze(0)
         return out
+
+
+# ops that take a 0-d tensor as a value to fill with (a one-element tensor is refused there)
+_KEEP_0D = {torch.Tensor.masked_fill, torch.masked_fill, torch.Tensor.masked_fill_, torch.Tensor.fill_,
+            torch.fill, torch.full_like, torch.Tensor.new_full, torch.full, torch.Tensor.item, torch.Tensor.tolist,
+            torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.__index__}
+
+
+def _tensor_count(tree) -> int:
+    return sum(isinstance(x, torch.Tensor) for x in torch.utils._pytree.tree_leaves(tree))
+
+
+def _one_element(tree):
+    return torch.utils._pytree.tree_map(
+        lambda x: x.reshape(1) if isinstance(x, torch.Tensor) and x.dim() == 0 else x, tree)
 
 
 def _per_score_index(index) -> bool:
