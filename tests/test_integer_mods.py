@@ -247,6 +247,20 @@ PROMOTION_MODS = {
     "uint8_remainder": _factor(lambda q, k: _U8[k] % 7),
     # a constant divisor between 2^31 and 2^32
     "remainder_by_uint32_range_constant": _factor(lambda q, k: (q * 31 + k) % 2654435761),
+    # where and clamp weigh a 0-d operand less, as torch's per-score evaluation does
+    "where_with_0d_int64_branch": _factor(lambda q, k: torch.where(q >= k, _I8[k], torch.tensor(0)) * 20),
+    "where_with_0d_int16_branch": _factor(lambda q, k: torch.where(q > k, torch.tensor(-30000, dtype=torch.int16),
+                                                                   _I8[k])),
+    "clamp_with_0d_int16_bound": _factor(lambda q, k: torch.clamp(_I8[k], min=torch.tensor(200, dtype=torch.int16))),
+    # in-place integer ops
+    "shift_left_in_place": _factor(lambda q, k: (q + k).bitwise_left_shift_(33) % 97),
+    "xor_in_place_past_int32": _factor(lambda q, k: (q + k).bitwise_xor_(2 ** 40) % 97),
+    "and_in_place_int8_number": _factor(lambda q, k: _I8[k].clone().bitwise_and_(-200)),
+    # an integer to a float power is a float
+    "int8_to_the_power_2_0": lambda s, b, h, q, k: s - 1e-4 * _I8[k] ** 2.0,
+    "int32_to_the_power_3_0": lambda s, b, h, q, k: s - 1e-20 * torch.pow(_I32[k], 3.0),
+    "int_to_the_power_0_5": lambda s, b, h, q, k: s - 0.1 * (q - k).abs() ** 0.5,
+    "int_to_the_power_minus_0_5": lambda s, b, h, q, k: s * (k + 1) ** -0.5,
     # copy_ takes the source's values, cast to the destination's dtype
     "copy_past_int32": None,
     "copy_into_int32": None,

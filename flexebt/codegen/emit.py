@@ -262,16 +262,18 @@ def _pow_scalar(em, node, a):
     e = node.args[1]
     if isinstance(e, float) and e.is_integer() and abs(e) <= 64:
         e = int(e)
+    # an integer base with a float result (int ** 2.0) is computed in fp32, as torch does
+    base = _f32(a(0)) if _is_float(node) and not _is_float(node.args[0]) else a(0)
     if isinstance(e, int) and not isinstance(e, bool) and abs(e) <= 64:
         if e < 0 and not _is_float(node):
             raise NotImplementedError("flexebt codegen: integers to negative integer powers are not allowed")
-        x = a(0) if _is_float(node) or e >= 0 else _f32(a(0))
+        x = base if _is_float(node) or e >= 0 else _f32(a(0))
         return _int_power(x, e)
     if e == 0.5:  # sqrt, except pow(-inf, 0.5) = inf
-        return f"tl.where({a(0)} == float('-inf'), float('inf'), tl.sqrt({a(0)}))"
+        return f"tl.where({base} == float('-inf'), float('inf'), tl.sqrt({base}))"
     if e == -0.5:  # torch takes rsqrt here (so (-0.0) ** -0.5 is -inf)
-        return f"(1.0 / tl.sqrt({a(0)}))"
-    return _general_power(em, node, a(0), _lit(float(e)))
+        return f"(1.0 / tl.sqrt({base}))"
+    return _general_power(em, node, base, _lit(float(e)))
 
 
 @_op([aten.pow.Tensor_Tensor], "** / torch.pow (tensor ** tensor)")
@@ -580,6 +582,8 @@ class Emitter:
         would otherwise pick its own: uint8 with int8 is uint8 there, int16 in torch), and each number
         is cast to torch's dtype as torch casts it (2**40 is 0 next to an int32 tensor)."""
         t = node.target
+        if t not in OPS:  # an in-place op is emitted as its functional form
+            t = _functional(t)
         if t in _NOT_INTEGER_OPS or t in IDENTITY or t not in OPS:
             return None
         args = list(node.args) + list(node.kwargs.values())
@@ -592,12 +596,16 @@ class Emitter:
         if all(d == torch.bool for d in dts) and not any(isinstance(a, int) and not isinstance(a, bool)
                                                        for a in operands):
             return None  # logic on bools
-        comp = dts[0]
-        for d in dts[1:]:
-            comp = torch.promote_types(comp, d)
-        for a in operands:
-            if isinstance(a, (int, float)) and not isinstance(a, bool):
-                comp = torch.result_type(torch.empty((1,), dtype=comp), a)
+        out = _dtype(node)
+        if out is not None and out != torch.bool:
+            comp = out  # an op with an integer result computes in its result's dtype (as traced: torch's)
+        else:  # a comparison: in the operands' promoted dtype
+            comp = dts[0]
+            for d in dts[1:]:
+                comp = torch.promote_types(comp, d)
+            for a in operands:
+                if isinstance(a, (int, float)) and not isinstance(a, bool):
+                    comp = torch.result_type(torch.empty((1,), dtype=comp), a)
         if comp.is_floating_point or comp == torch.bool:
             return None
         kernel = comp
@@ -629,7 +637,8 @@ class Emitter:
                 ints = self._integer_operands(node)
                 if ints is not None:
                     self._operand_torch_dtype, self._operands = ints
-                    self._not_operands = {id(node.args[i]) for i in _NON_OPERAND_ARGS.get(node.target, ())
+                    base = node.target if node.target in OPS else _functional(node.target)
+                    self._not_operands = {id(node.args[i]) for i in _NON_OPERAND_ARGS.get(base, ())
                                           if i < len(node.args) and isinstance(node.args[i], torch.fx.Node)}
                 try:
                     expr = self._expr(node, gm, constants)

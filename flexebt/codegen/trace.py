@@ -129,10 +129,15 @@ class _PerScoreIndexing(torch.overrides.TorchFunctionMode):
         return out
 
 
-# ops that take a 0-d tensor as a value to fill with (a one-element tensor is refused there)
+# ops that take a 0-d tensor as a value to fill with (a one-element tensor is refused there), and ops
+# whose type promotion under torch's per-score vmap still weighs a 0-d operand less (where, clamp with
+# tensor bounds, addcmul / addcdiv: probed against torch.vmap)
 _KEEP_0D = {torch.Tensor.masked_fill, torch.masked_fill, torch.Tensor.masked_fill_, torch.Tensor.fill_,
             torch.fill, torch.full_like, torch.Tensor.new_full, torch.full, torch.Tensor.item, torch.Tensor.tolist,
-            torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.__index__}
+            torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.__index__,
+            torch.where, torch.Tensor.where, torch.clamp, torch.Tensor.clamp, torch.clip, torch.Tensor.clip,
+            torch.Tensor.clamp_, torch.clamp_min, torch.clamp_max, torch.Tensor.clamp_min, torch.Tensor.clamp_max,
+            torch.addcmul, torch.Tensor.addcmul, torch.addcdiv, torch.Tensor.addcdiv}
 
 
 def _tensor_count(tree) -> int:
