@@ -290,3 +290,22 @@ def test_where_between_a_captured_scalar_and_the_score():
         return torch.abs(torch.where(q_idx >= kv_idx, torch.abs(temperature), score))
 
     _compare(scalar_or_score, [])
+
+
+def test_in_place_arithmetic():
+    """``score += ...``, ``*=``, ``-=``, ``/=`` on the score and on integer values, as torch runs them:
+    first and second order, a learned bias's gradient included."""
+    bias = torch.randn(S, requires_grad=True)
+
+    def in_place(score, b, h, q_idx, kv_idx):
+        score = score * 1.0
+        score *= 0.75
+        score += bias[kv_idx]
+        dist = q_idx - kv_idx
+        dist += 2 ** 33  # past int32: int64, as in torch
+        dist *= 3
+        score -= 0.05 * (dist % 7)
+        score /= 1.25
+        return score
+
+    _compare(in_place, [bias])

@@ -98,9 +98,11 @@ def _constant_map(gm: torch.fx.GraphModule, buffers: list[Buffer]) -> dict[str, 
 # those (emit.OPS).  The mod's own graph decomposes only ops whose decomposition has the same
 # derivatives everywhere (the derivative graphs are traced through it); activations with kinks
 # (relu, hardtanh, elu, leaky_relu) stay whole there, so their derivatives at the kink are torch's,
-# and are decomposed in the derivative graphs, where autograd has already recorded them.
+# and are decomposed in the derivative graphs, where autograd has already recorded them.  In-place
+# arithmetic (add_, mul_, ...) stays whole too: its decomposition is prims ops; the emitter writes it
+# as its functional form.
 _SMOOTH = ("silu", "gelu", "softplus", "mish", "masked_fill", "masked_fill_", "lerp", "addcmul", "addcdiv",
-           "fill_", "sub_", "add_", "mul_", "div_", "logical_and_", "logical_or_")
+           "fill_", "logical_and_", "logical_or_")
 _KINKED = ("hardtanh", "leaky_relu", "relu", "relu6")
 _BACKWARD = ("silu_backward", "gelu_backward", "elu_backward", "softplus_backward", "hardtanh_backward",
              "leaky_relu_backward", "threshold_backward", "mish_backward", "sigmoid_backward", "tanh_backward")
