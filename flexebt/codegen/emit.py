@@ -38,7 +38,7 @@ from typing import Callable, Optional
 import torch
 import torch.fx
 
-from .intervals import INT32, integer_intervals, kernel_dtypes
+from .intervals import INT32, ONE_VALUE_OPS, integer_intervals, kernel_dtypes
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -485,13 +485,7 @@ def _factory(em, node, a):
 
 # Values that are the same one-element tensor: views, copies and reductions of one value (a mod is
 # applied to one score at a time, so score.sum() is the score).
-IDENTITY = {aten.detach.default, aten.alias.default, aten.clone.default, aten.expand.default, aten.view.default,
-            aten.lift_fresh_copy.default, aten._unsafe_view.default, aten.squeeze.default, aten.squeeze.dim,
-            aten.squeeze.dims, aten.unsqueeze.default, aten.reshape.default, aten.contiguous.default,
-            aten.sum.default, aten.sum.dim_IntList, aten.mean.default, aten.mean.dim, aten.amax.default,
-            aten.amin.default, aten.max.default, aten.min.default, aten.prod.default, aten.prod.dim_int,
-            aten.permute.default, aten.t.default, aten.transpose.int, aten.select.int, aten.logsumexp.default,
-            aten.linalg_vector_norm.default, aten.copy.default}
+IDENTITY = ONE_VALUE_OPS
 # linalg_vector_norm of one value is its absolute value; select.int of a one-element tensor its value.
 _ABS_OF_ONE = {aten.linalg_vector_norm.default}
 
@@ -625,8 +619,8 @@ class Emitter:
         ``tag`` prefixes this graph's variable names (one tag per graph in a kernel body)."""
         self._tag = tag
         self._env = env = {}
-        self._kdt = kernel_dtypes(gm)
         self._iv = integer_intervals(gm)
+        self._kdt = kernel_dtypes(gm, self._iv)
         ph = iter(placeholders)
         for node in gm.graph.nodes:
             if node.op == "placeholder":

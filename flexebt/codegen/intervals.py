@@ -7,8 +7,9 @@ the common mods (``q_idx - kv_idx``, ``doc[q_idx] == doc[kv_idx]``), whose value
 each integer node gets an interval -- the values it can take, from the positions' range
 (``[0, POSITION_LIMIT)``, checked on the host before every launch) and the ops' arithmetic on
 exact Python integers -- and a node traced as int64 whose interval fits in int32 is computed in
-int32: its values are the same, so nothing changes but the cost.  An op whose result or operands
-do not fit works in int64 (``wide_op``), with its narrower operands widened first.
+int32: its values are the same, so nothing changes but the cost.  An op whose result, operands or
+constants do not fit works in int64, its narrower operands widened first
+(``emit.Emitter._integer_operands``).
 
 The intervals are conservative: an op without a rule here takes the whole range of its dtype.
 """
@@ -28,7 +29,6 @@ aten = torch.ops.aten
 POSITION_LIMIT = 2 ** 30
 
 INT32 = (-2 ** 31, 2 ** 31 - 1)
-Interval = Optional[tuple]  # (lo, hi) of exact integers; None: not an integer value
 
 
 def dtype_range(dtype: torch.dtype) -> tuple:
@@ -129,12 +129,17 @@ _BINARY = {
     aten.mul.Tensor: operator.mul, aten.mul.Scalar: operator.mul,
     aten.minimum.default: min, aten.maximum.default: max,
 }
-_SAME = {aten.detach.default, aten.alias.default, aten.clone.default, aten.expand.default, aten.view.default,
-         aten.lift_fresh_copy.default, aten._unsafe_view.default, aten.squeeze.default, aten.squeeze.dim,
-         aten.squeeze.dims, aten.unsqueeze.default, aten.reshape.default, aten.contiguous.default,
-         aten.sum.default, aten.sum.dim_IntList, aten.amax.default, aten.amin.default, aten.max.default,
-         aten.min.default, aten.prod.default, aten.prod.dim_int, aten.permute.default, aten.t.default,
-         aten.transpose.int, aten.select.int}
+# Values that are the same one-element tensor as their argument: views, copies and reductions of one
+# value (a mod is applied to one score at a time, so score.sum() is the score); linalg_vector_norm
+# of one value is its absolute value (emit.py).  The code generator aliases them; here an integer
+# one keeps its argument's interval (copy takes its source's, below).
+ONE_VALUE_OPS = {aten.detach.default, aten.alias.default, aten.clone.default, aten.expand.default, aten.view.default,
+                 aten.lift_fresh_copy.default, aten._unsafe_view.default, aten.squeeze.default, aten.squeeze.dim,
+                 aten.squeeze.dims, aten.unsqueeze.default, aten.reshape.default, aten.contiguous.default,
+                 aten.sum.default, aten.sum.dim_IntList, aten.mean.default, aten.mean.dim, aten.amax.default,
+                 aten.amin.default, aten.max.default, aten.min.default, aten.prod.default, aten.prod.dim_int,
+                 aten.permute.default, aten.t.default, aten.transpose.int, aten.select.int, aten.logsumexp.default,
+                 aten.linalg_vector_norm.default, aten.copy.default}
 
 
 def _rule(node: torch.fx.Node, iv) -> Optional[tuple]:
@@ -234,7 +239,7 @@ def _rule(node: torch.fx.Node, iv) -> Optional[tuple]:
         return x if r[0] <= x[0] and x[1] <= r[1] else None  # a narrowing cast that may wrap: its dtype's range
     if t in (aten.copy.default, aten.copy_.default):  # the source's values, in the destination's dtype
         return a(1)
-    if t in _SAME:
+    if t in ONE_VALUE_OPS:
         return a(0)
     return None
 
@@ -271,11 +276,11 @@ def integer_intervals(gm: torch.fx.GraphModule) -> dict:
     return out
 
 
-def kernel_dtypes(gm: torch.fx.GraphModule) -> dict:
+def kernel_dtypes(gm: torch.fx.GraphModule, intervals: Optional[dict] = None) -> dict:
     """node name -> the dtype the kernels compute its value in, for every integer or bool node: the
     traced dtype, except int32 for a node traced as int64 whose values fit in int32 (the values are
-    the same)."""
-    intervals = integer_intervals(gm)
+    the same).  ``intervals``: integer_intervals(gm), if already at hand."""
+    intervals = integer_intervals(gm) if intervals is None else intervals
     out = {}
     for node in gm.graph.nodes:
         dt = _int_dtype(node)
