@@ -41,6 +41,9 @@ def probe(S, Q, KV, T, D1, D2, N, off_b, off_h, {params}BLOCK: tl.constexpr):
 '''
 
 _MODULES: dict = {}
+# one folder for the probe kernels of this process, removed at exit (Triton reads a kernel's source
+# file while it compiles it, so the files stay until then)
+_FOLDER = tempfile.TemporaryDirectory(prefix="flexebt_probe_")
 
 
 def _kernel(mod):
@@ -58,13 +61,13 @@ def _kernel(mod):
     params = ("IDXERR, " + params) if buffers else params
     source = _KERNEL.format(params=params, body="\n".join("    " + ln for ln in em.lines), t=t, d1=outs[1],
                             d2=outs[2 + n_loads])
-    path = pathlib.Path(tempfile.mkdtemp(prefix="flexebt_probe_")) / "probe_kernel.py"
-    path.write_text(source)
     name = f"flexebt_probe_{len(_MODULES)}"
+    path = pathlib.Path(_FOLDER.name) / f"{name}.py"
+    path.write_text(source)
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    sys.modules[name] = module
+    sys.modules[name] = _MODULES[name] = module
     return module.probe, buffers, source
 
 
