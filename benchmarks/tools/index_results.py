@@ -173,6 +173,11 @@ NOTES = {
     "B2_h100_d64_small_a775d76_run2": (None, "a second run of the same commit"),
     "AB_B1_h100_7b38585_d2f2895_d128_old_r1": (None, "cut short by its call's time limit (no S16384 double-backward "
                                                "row)"),
+    "cprofile_ebt_step_h100_bf16_l4_compiled_7dc45a6": ("profile_ebt_step.py --python-profile (the same cProfile "
+                                                        "in a script of its own)", "host Python of five compiled "
+                                                        "steps, default mode, 4 layers: where the host time goes"),
+    "B3_h100_bf16_s256_compiled_7dc45a6_r2": (None, "a second call on the same warm machine (inductor's caches warm: "
+                                              "first step 26.7 s); 7b38585, run before it in the same call, did not compile this step"),
     "AB_B1_h100_7b38585_d2f2895_d128_ab": (None, "from all six rounds; new r1, old r2 and new r2 ran in two later "
                                            "calls on the same warm machine, in that order"),
 }

@@ -6,6 +6,8 @@ math; compiled ones compile first).
     python benchmarks/tools/profile_ebt_step.py --S 256 --B 16 --layers 12 --dtype bfloat16
     python benchmarks/tools/profile_ebt_step.py --layers 4 --dtype float32 \
         --impls flexebt_compiled_ro,compiled_math_ro,floor_compiled
+    python benchmarks/tools/profile_ebt_step.py --layers 4 --impls flexebt_compiled --python-profile
+        # also where the host's Python time goes (cProfile over five steps, by cumulative time)
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--top", type=int, default=12)
+    p.add_argument("--python-profile", action="store_true",
+                   help="also cProfile five steps (after the timed ones) and print the top functions")
     p.add_argument("--impls", default="flexebt,eager_math", type=lambda s: s.split(","),
                    help="B3 implementations (benchmarks/ebt_step.py IMPLS)")
     a = p.parse_args(argv)
@@ -66,6 +70,16 @@ def main(argv=None):
                 for _ in range(3):
                     step()
                 torch.cuda.synchronize()
+            if a.python_profile:
+                import cProfile
+                import pstats
+
+                host_prof = cProfile.Profile()
+                host_prof.enable()
+                for _ in range(5):
+                    step()
+                host_prof.disable()
+                torch.cuda.synchronize()
         events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
         gpu = sum(e.device_time_total for e in events) / 3 / 1e3
         own = sum(e.device_time_total for e in events if e.key.startswith("flex_")) / 3 / 1e3
@@ -80,6 +94,9 @@ def main(argv=None):
               f"GPU busy {gpu:.1f} ms/step, flexebt kernels {own:.1f} ms/step; first three steps {first:.1f} s")
         for e in sorted(events, key=lambda e: -e.device_time_total)[:a.top]:
             print(f"   {e.device_time_total / 3 / 1e3:8.2f} ms {e.count // 3:5d}x  {e.key[:90]}")
+        if a.python_profile:
+            print(f"-- {impl}: host Python over five steps (cProfile; times are totals over the five)")
+            pstats.Stats(host_prof, stream=sys.stdout).sort_stats("cumulative").print_stats(a.top * 4)
         del model, step
         torch._dynamo.reset()
         torch.cuda.empty_cache()
