@@ -74,6 +74,11 @@ def _parts(mod) -> tuple:
             "flexebt under torch.compile: a functools.partial mod with tensor arguments cannot be handed to the "
             "kernel generator; capture the tensors in a closure (def mod(score, b, h, q_idx, kv_idx): ...) or read "
             "them through self in a method.")
+    if isinstance(mod, functools.partial):
+        # its numbers as plain values: once dynamo has seen two values of an argument it makes it
+        # symbolic, and the kernel generator needs the value (one guard each)
+        return functools.partial(mod.func, *map(_plain, mod.args),
+                                 **{k: _plain(v) for k, v in mod.keywords.items()}), None
     if isinstance(mod, types.FunctionType) and mod.__code__.co_freevars:
         try:
             mod.__closure__
@@ -85,6 +90,15 @@ def _parts(mod) -> tuple:
                 "level, or once in a module's __init__), capturing its tensors there or reading them through self "
                 "(a method such as self.score_mod works).") from None
     return mod, None
+
+
+def _plain(x):
+    """A number as a plain Python value (specialised, under dynamo, where it was symbolic)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return x
+    if isinstance(x, int):
+        return _static(x)[0]
+    return float.fromhex(x.hex())  # (float() keeps it symbolic; its exact spelling does not)
 
 
 def _joined(fn, obj):
@@ -105,9 +119,21 @@ def _kernel_parts(score_fn, score_obj, mask_fn, mask_obj, frame_mask: bool) -> t
     score = captured_tensors(score_mod, guards=True) if score_mod is not None else Buffers()
     mask = captured_tensors(mask_mod, guards=True) if mask_mod is not None else Buffers()
     paths = tuple(("score", b.steps) for b in score) + tuple(("mask", b.steps) for b in mask)
-    guards = (score.guards, mask.guards)
+    # the sizes the kernels hold (a mod that reads a captured tensor's size): guarded as well
+    sizes = {"score": [], "mask": []}
+    for i, shape in kern.shape_pins:
+        which, steps = paths[i]
+        sizes[which].append((steps, "shape", shape))
+    guards = (score.guards + tuple(sizes["score"]), mask.guards + tuple(sizes["mask"]))
     runtime.compiled.setdefault(key, kern)
-    return key, paths, tuple(sorted(kern.grad_slots)), tuple(sorted(kern.positional)), kern.name, guards
+    built_for = tuple(_tensor_facts(b.tensor) for b in (*score, *mask))
+    return key, paths, tuple(sorted(kern.grad_slots)), tuple(sorted(kern.positional)), kern.name, guards, built_for
+
+
+def _tensor_facts(t) -> tuple:
+    """What the generated code depends on of a captured tensor, as the compiled path can read it
+    from a traced tensor too (dtype, rank, device type, one element or not, requires grad)."""
+    return t.dtype, t.dim(), t.device.type, t.numel() == 1, bool(t.requires_grad)
 
 
 def _kernel_call(score_mod, mask_mod, frame_mask: bool = False) -> tuple:
@@ -121,9 +147,34 @@ def _kernel_call(score_mod, mask_mod, frame_mask: bool = False) -> tuple:
 def _captured(score_mod, mask_mod, call: tuple, extents: dict) -> list:
     """The captured tensors of this call, read through their access steps and prepared as the
     eager path prepares them (codegen.source.prepare_captured)."""
-    _, paths, grad_slots, positional, name, _ = call
+    _, paths, grad_slots, positional, name, _, built_for = call
     tensors = [resolve(score_mod if which == "score" else mask_mod, steps) for which, steps in paths]
+    for t, (which, steps), facts in zip(tensors, paths, built_for):
+        _check_built_for(t, facts, name, steps)
     return prepare_captured(tensors, extents, grad_slots, positional, name)
+
+
+def _check_built_for(t, facts: tuple, name: str, steps: tuple) -> None:
+    """Refuse, while dynamo traces, a captured tensor that is not what the kernels were generated
+    for.  The kernels are generated from the mods' objects as they are when tracing starts; a
+    tensor the compiled function itself assigns before the call (``self.bias = ...`` in forward)
+    is seen by the graph with its new value.  Where that value needs other code -- another dtype,
+    rank or device, or a gradient the kernels would not form -- the result would be wrong."""
+    dtype, dim, device, one, grad = facts
+    now = _tensor_facts(t)
+    if now[:4] == (dtype, dim, device, one) and (grad or not now[4]):
+        return
+    where = ".".join(str(a) for _, a in steps).replace("__self__", "self", 1)
+    was = f"{dtype}, {dim}-d, {device}{', one element' if one else ''}{', requires grad' if grad else ''}"
+    got = (f"{now[0]}, {now[1]}-d, {now[2]}{', one element' if now[3] else ''}"
+           f"{', requires grad' if now[4] else ''}")
+    raise NotImplementedError(
+        f"flexebt under torch.compile: the mod {name!r} reads a captured tensor ({where}) that the compiled "
+        f"function changes before calling attention: the kernels were generated for the tensor held when tracing "
+        f"started ({was}), the graph passes another ({got}). flexebt generates kernels from the mods' objects as "
+        f"they are when torch.compile starts tracing, not from values assigned during the trace. Assign the tensor "
+        f"outside the compiled function, or read its source in the mod (e.g. "
+        f"`score + 2 * torch.tanh(self.table[h, q_idx, kv_idx])` instead of a `self.bias` computed in forward).")
 
 
 def _tables_list(t: BlockTables) -> list[Tensor]:
@@ -150,7 +201,10 @@ def _layout(passes: list, n_inputs: int, n_rows: int, return_max: bool = False) 
     row groups' max_scores."""
     def one(q, k, v, rows, key, t, buf, q_off, own):
         own_s = f"{own[0]}.{own[1]}" if own is not None else "-"
-        return f"{q},{k},{v},{rows},{key},{t.sparse_q}x{t.sparse_kv}x{int(t.has_full)},{buf[0]}.{buf[1]},{q_off},{own_s}"
+        # block sizes and the frame offset as plain ints: once dynamo has seen two values (two block
+        # masks, two lengths) it makes them symbolic, and a string needs their values (a guard each)
+        sq, skv, off = _static(t.sparse_q, t.sparse_kv, q_off)
+        return f"{q},{k},{v},{rows},{key},{sq}x{skv}x{int(t.has_full)},{buf[0]}.{buf[1]},{off},{own_s}"
     return f"{n_inputs}|{n_rows}|{int(return_max)}|" + ";".join(one(*p) for p in passes)
 
 
@@ -450,6 +504,8 @@ def _guards_hold(mod, guards) -> bool:
             ok = ok and _same_float(x, want)
         elif kind == "len":
             ok = ok and len(x) == want
+        elif kind == "shape":
+            ok = ok and x.dim() == len(want) and all(n == m for n, m in zip(x.shape, want))
         elif kind == "keys":
             ok = ok and tuple(x.keys()) == want
         elif kind == "same":
@@ -471,7 +527,12 @@ def _trace_mod_reads(score_mod, mask_mod, call: tuple) -> None:
     old value."""
     score_guards, mask_guards = call[5]
     if not (_guards_hold(score_mod, score_guards) and _guards_hold(mask_mod, mask_guards)):
-        raise RuntimeError("flexebt: a mod changed while torch.compile traced it; call again.")
+        raise NotImplementedError(
+            f"flexebt under torch.compile: the mod {call[4]!r} reads a value (a number, an object) that the compiled "
+            f"function assigns before calling attention (e.g. `self.scale = ...` in forward). flexebt generates the "
+            f"kernels from the mods' values as they are when torch.compile starts tracing, so the graph would keep "
+            f"the old one. Assign the value outside the compiled function, or hold it in a captured tensor (a 0-d "
+            f"tensor updated in place, e.g. `self.scale.fill_(x)`, is read when the kernels run).")
 
 
 def refuse_torch_func(fn: str) -> None:

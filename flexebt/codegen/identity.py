@@ -31,6 +31,7 @@ the cache entry, so its ``id`` can never be reused by another object.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import types
 from typing import Callable
@@ -196,6 +197,15 @@ def _user_mro(cls) -> tuple:
     return hit
 
 
+def _class_names(cls) -> tuple:
+    """The attributes the user classes of ``cls`` define, but for data dunders (a dataclass's
+    ``__dataclass_fields__``, ``__match_args__``: bookkeeping no mod reads, which reaches the
+    dataclasses module's own objects)."""
+    return tuple(dict.fromkeys(n for k in _user_mro(cls) for n, val in k.__dict__.items()
+                               if not (n.startswith("__") and n.endswith("__")) or callable(val)
+                               or type(val) in (staticmethod, classmethod, property)))
+
+
 def _class_attr(cls, name):
     """``name`` defined by a user class of ``cls.__mro__`` (read without running descriptors):
     (value, owning class) or (_MISSING, None).  Library classes' attributes are fixed code."""
@@ -324,6 +334,17 @@ class _Walk:
             emit(_REF)
             emit(_Ident(v))
             self.guard("fixed", chain)
+        elif isinstance(v, enum.Enum):  # a member (an IntEnum's is also a number): one object, by identity
+            emit(_REF)
+            emit(_Ident(v))
+            self.guard("fixed", chain)
+        elif isinstance(v, (int, float, complex, str, bytes)):  # a subclass of a number or a string: by value
+            emit(t)
+            base = next(b for b in (bool, int, float, complex, str, bytes) if isinstance(v, b))
+            plain = base(v)
+            emit(plain if not (base is float and (plain != plain or plain == 0.0)) else repr(plain))
+            self.guard("type", chain)
+            self.atom_guard(plain, chain)
         elif t.__module__ == "numpy" and hasattr(v, "tobytes"):  # arrays and scalars: baked by value
             emit(t)
             emit((v.dtype.str, v.shape, v.tobytes()))
@@ -456,6 +477,8 @@ class _Walk:
         if _is_library(c.__module__) or self._seen((id(c), names), c, chain):
             return
         names = self._expand(c, names)
+        if names is _ALL:  # every attribute of its user classes
+            names = _class_names(c)
         for name in names:
             val, owner = _class_attr(c, name)
             if val is not _MISSING:
@@ -488,8 +511,9 @@ class _Walk:
         user = _user_mro(cls)
         if not user:
             return names
-        extra = [n for k in user for n in k.__dict__
-                 if n.startswith("__") and n.endswith("__") and n not in _NOT_IMPLICIT]
+        extra = [n for k in user for n, val in k.__dict__.items()  # (methods: data such as a dataclass's
+                 if n.startswith("__") and n.endswith("__") and n not in _NOT_IMPLICIT  # fields are not called)
+                 and (callable(val) or type(val) in (staticmethod, classmethod, property))]
         out = _union(names, tuple(dict.fromkeys(extra)))
         i = 0
         while out is not _ALL and i < len(out):
@@ -519,14 +543,14 @@ class _Walk:
         is_mod = isinstance(o, _Module)
         stores = (d.get("_parameters"), d.get("_buffers"), d.get("_modules")) if is_mod and d else ()
         names = _union(names, self.reach)  # an object handed to a helper is read by the helper's code
+        if names is not _ALL:
+            names = self._expand(cls, names)  # (code it reaches may read names it computes: _ALL)
         if names is _ALL:
             listed = list(d or ())
             for s in stores:
                 listed += list(s or ())
-            listed += [n for k in _user_mro(cls) for n in k.__dict__]
+            listed += _class_names(cls)
             names = tuple(dict.fromkeys(listed))
-        else:
-            names = self._expand(cls, names)
         user = _user_mro(cls)
         dynamic = any("__getattr__" in k.__dict__ or "__getattribute__" in k.__dict__ for k in user)
         for name in names:
@@ -607,10 +631,21 @@ def captured_tensors(fn: Callable, guards: bool = False) -> Buffers:
     return describe(fn, guards)[1]
 
 
+def _walk_root(w: "_Walk", fn) -> None:
+    try:
+        w.root(fn)
+    except RecursionError:
+        raise NotImplementedError(
+            f"flexebt: the mod {_mod_name(fn)!r} reaches more objects than flexebt can describe (it reads names it "
+            f"computes -- getattr, vars, __dict__, globals(), eval -- so every attribute of every object it can "
+            f"reach counts, and those reach whole libraries). Read what it needs by name (cfg.temperature instead "
+            f"of getattr(cfg, 'temperature')), or capture the values in a closure.") from None
+
+
 def describe(fn: Callable, guards: bool = False) -> tuple:
     """``(fingerprint(fn), captured_tensors(fn))`` from one walk."""
     w = _Walk(True, guards)
-    w.root(fn)
+    _walk_root(w, fn)
     w.tensors.mod_name = _mod_name(fn)
     w.tensors.guards = tuple(w.guards)
     return tuple(w.key), w.tensors
@@ -622,7 +657,7 @@ def fingerprint(obj):
     if obj is None:
         return None
     w = _Walk(False)
-    w.root(obj)
+    _walk_root(w, obj)
     return tuple(w.key)
 
 

@@ -27,7 +27,7 @@ import torch
 from .. import runtime
 from .emit import Emitter
 from .hooks import expand_hooks
-from .identity import describe, fingerprint, wide_offsets
+from .identity import describe, wide_offsets
 from .intervals import POSITION_LIMIT
 from .trace import TracedMod, trace_mask_mod, trace_score_mod
 
@@ -47,6 +47,14 @@ class ModKernels:
     gathers: bool = False          # the score_mod loads from a captured tensor (tile choice)
     positional: frozenset = frozenset()  # (slot, dim, position name): dims indexed by a bare position
     name: str = "mod"
+    # (index among the captured tensors -- score_mod's, then mask_mod's --, shape) of each tensor
+    # whose size the mods read: the code holds those sizes (a call with other sizes gets other kernels)
+    shape_pins: tuple = ()
+
+    def shapes_differ(self, current: list) -> bool:
+        """Whether the captured tensors of a call (``Buffer`` entries) have other sizes than these
+        kernels were generated for, where the mods read them."""
+        return any(tuple(current[i].tensor.shape) != shape for i, shape in self.shape_pins)
 
     def buffers_of(self, current: list, extents: dict) -> list[torch.Tensor]:
         """The tensors of a call, in kernel-argument order, from the mods' captured tensors
@@ -138,28 +146,38 @@ def get_kernels(template: str, score_mod: Optional[Callable], mask_mod: Optional
     like the score_mod (``q_idx`` = stream position + ``Q_OFF``), and where ``Q_OFF > 0`` (the
     predicted stream) the observed key at the query's own frame is dropped as well -- so one
     module serves both query streams, with the streams told apart by ``Q_OFF`` alone."""
-    return _kernels(template, fingerprint(score_mod), fingerprint(mask_mod), score_mod, mask_mod, frame_mask)
+    return kernels_and_buffers(template, score_mod, mask_mod, None, frame_mask)[0]
 
 
 def kernels_and_buffers(template: str, score_mod: Optional[Callable], mask_mod: Optional[Callable], extents: dict,
                         frame_mask: bool = False) -> tuple:
     """``get_kernels`` and the call's ``buffers`` from one walk over each mod (the eager path's
-    per-call work)."""
+    per-call work; ``extents=None``: the kernels only, buffers None)."""
     score_key, score_bufs = describe(score_mod) if score_mod is not None else (None, [])
     mask_key, mask_bufs = describe(mask_mod) if mask_mod is not None else (None, [])
-    kern = _kernels(template, score_key, mask_key, score_mod, mask_mod, frame_mask)
-    return kern, kern.buffers_of(score_bufs + mask_bufs, extents)
+    current = score_bufs + mask_bufs
+    kern = _kernels(template, score_key, mask_key, score_mod, mask_mod, frame_mask, current)
+    return kern, (kern.buffers_of(current, extents) if extents is not None else None)
 
 
-def _kernels(template: str, score_key, mask_key, score_mod, mask_mod, frame_mask: bool) -> ModKernels:
+def _kernels(template: str, score_key, mask_key, score_mod, mask_mod, frame_mask: bool, current: list) -> ModKernels:
+    """The cached kernels of these mods, built on a miss.  Kernels of mods that read a captured
+    tensor's size hold that size: where the call's tensors have other sizes, the key grows by
+    them (again while the kernels found read sizes the key does not hold yet: a mod may read one
+    size only for some values of another)."""
     key = (template, score_key, mask_key, _interpret(), frame_mask)
-    hit = runtime.kernels.get(key)
-    if hit is None:
-        # Building traces the mods with make_fx and autograd. That is code generation, not part of
-        # the caller's math, so it runs on a worker thread: torch.func transforms, no_grad,
-        # inference_mode and autocast are thread-local and do not follow it there.
-        hit = runtime.kernels.put(key, run_on_builder(_build, template, score_mod, mask_mod, frame_mask))
-    return hit
+    for _ in range(len(current) + 2):
+        hit = runtime.kernels.get(key)
+        if hit is None:
+            # Building traces the mods with make_fx and autograd. That is code generation, not part of
+            # the caller's math, so it runs on a worker thread: torch.func transforms, no_grad,
+            # inference_mode and autocast are thread-local and do not follow it there.
+            hit = runtime.kernels.put(key, run_on_builder(_build, template, score_mod, mask_mod, frame_mask))
+        if not hit.shapes_differ(current):
+            return hit
+        key = key + (tuple((i, tuple(current[i].tensor.shape)) for i, _ in hit.shape_pins),)
+    raise RuntimeError("flexebt: the kernels of these mods could not be matched to the sizes of their captured "
+                       "tensors (the mods read different sizes on each build)")
 
 
 _POOL = None
@@ -440,4 +458,17 @@ def _build(template: str, score_mod, mask_mod, frame_mask: bool = False) -> ModK
         sys.modules[mod_name] = module
     internal = {i: b.tensor for i, b in enumerate(buffers) if b.path.startswith("internal:")}
     return ModKernels(module, score, mask, len(buffers), grad_slots, internal, gathers=bool(score and score.loads),
-                      positional=positional, name=name)
+                      positional=positional, name=name, shape_pins=_shape_pins(score, mask))
+
+
+def _shape_pins(score: Optional[TracedMod], mask: Optional[TracedMod]) -> tuple:
+    """ModKernels.shape_pins of the traced mods: indices among the captured tensors (score_mod's,
+    then mask_mod's; tensors created inside a mod are not captured), with the sizes traced."""
+    pins, at = [], 0
+    for traced in (score, mask):
+        if traced is None:
+            continue
+        captured = [b for b in traced.buffers if not b.path.startswith("internal:")]
+        pins += [(at + i, tuple(captured[i].tensor.shape)) for i in sorted(traced.shape_reads)]
+        at += len(captured)
+    return tuple(pins)

@@ -52,6 +52,7 @@ class TracedMod:
     derivative: dict[str, torch.fx.GraphModule]  # "bwd" / "dbwd" graphs (score mods only)
     deriv_constants: dict[str, dict[str, int]]
     name: str
+    shape_reads: frozenset = frozenset()  # captured tensors (their index in ``buffers``) whose shape the mod read
 
 
 def _idx(device="cpu"):
@@ -119,9 +120,37 @@ class _PerScoreIndexing(torch.overrides.TorchFunctionMode):
     Every value torch's mod sees is 0-d (one score at a time), so type promotion weighs a captured
     0-d tensor (``w``, a ``.sum()``, ``torch.tensor(3)``) like any other value: ``i32[kv] + w`` with
     an int64 ``w`` is int64.  In the trace the other values are one-element tensors, next to which a
-    0-d tensor would count less; so 0-d operands are read as one-element tensors too."""
+    0-d tensor would count less; so 0-d operands are read as one-element tensors too.
+
+    The mode also sees what the mod reads of the captured tensors besides their values (``captured``:
+    the tensors the kernels take as arguments).  A size (``bias.shape[0]``, ``len(table)``,
+    ``numel()``) becomes part of the generated code, so the sizes read are recorded
+    (``shape_reads``) and the kernels are cached per those sizes.  A tensor turned into a Python
+    value (``.item()``, ``float()``, ``.tolist()``, an ``if`` on it) or its memory layout (strides,
+    pointer) would be frozen into the code while the tensor changes from call to call: refused."""
+
+    def __init__(self, captured=(), name: str = "mod"):
+        super().__init__()
+        self.captured = {id(t): i for i, t in enumerate(captured)}
+        self.name = name
+        self.shape_reads: set = set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _SIZE_READS and args and isinstance(args[0], torch.Tensor):
+            self._size_read(args[0])
+        elif func in _PYTHON_VALUES:
+            raise NotImplementedError(
+                f"flexebt: the mod {self.name!r} turns a tensor into a Python value "
+                f"({_PYTHON_VALUES[func]}). The generated kernels would keep the value of the first call "
+                f"for every later one, while the tensor can change. Use the tensor in tensor ops instead "
+                f"(e.g. `score / temperature` with a 0-d or one-element tensor, "
+                f"`torch.where(flag, a, b)` for a choice; they read the current value at every call), or a "
+                f"Python number; kernel_options={{'BACKEND': 'REFERENCE'}} evaluates the mod as torch does.")
+        elif func in _LAYOUT_READS and args and id(args[0]) in self.captured:
+            raise NotImplementedError(
+                f"flexebt: the mod {self.name!r} reads the memory layout of a captured tensor ({func.__name__}); "
+                f"the generated kernels would keep the layout of the first call. Index the tensor by position "
+                f"instead.")
         if func not in _KEEP_0D and _tensor_count((args, kwargs)) > 1:  # (promotion needs two tensors)
             args, kwargs = _one_element(args), _one_element(kwargs or {})
         out = func(*args, **(kwargs or {}))
@@ -129,6 +158,16 @@ class _PerScoreIndexing(torch.overrides.TorchFunctionMode):
                 and out.shape[0] == 1 and _per_score_index(args[1]):
             out = out.squeeze(0)
         return out
+
+    def _size_read(self, t: torch.Tensor) -> None:
+        """Record a size read: of a captured tensor, that tensor's; of a tensor made from captured ones
+        (``bias.T.shape``, ``bias[0].numel()``), every captured tensor's (which one it came from is not
+        known here).  A per-score value (one element) has no size to record."""
+        slot = self.captured.get(id(t))
+        if slot is not None:
+            self.shape_reads.add(slot)
+        elif t.numel() != 1:
+            self.shape_reads.update(self.captured.values())
 
 
 # ops that take a 0-d tensor as a value to fill with (a one-element tensor is refused there), and ops
@@ -140,6 +179,19 @@ _KEEP_0D = {torch.Tensor.masked_fill, torch.masked_fill, torch.Tensor.masked_fil
             torch.where, torch.Tensor.where, torch.clamp, torch.Tensor.clamp, torch.clip, torch.Tensor.clip,
             torch.Tensor.clamp_, torch.clamp_min, torch.clamp_max, torch.Tensor.clamp_min, torch.Tensor.clamp_max,
             torch.addcmul, torch.Tensor.addcmul, torch.addcdiv, torch.Tensor.addcdiv}
+
+
+# sizes a mod may read from a captured tensor (the kernels are then cached per size)
+_SIZE_READS = {torch.Tensor.shape.__get__, torch.Tensor.size, torch.Tensor.__len__, torch.Tensor.numel,
+               torch.Tensor.nelement}
+# a tensor made a Python value (the trace would keep the value of the first call)
+_PYTHON_VALUES = {torch.Tensor.item: ".item()", torch.Tensor.tolist: ".tolist()", torch.Tensor.__float__: "float()",
+                  torch.Tensor.__int__: "int()", torch.Tensor.__bool__: "bool(), or an `if` / `and` / `or` on it",
+                  torch.Tensor.__index__: "a tensor used as a Python index or count",
+                  torch.Tensor.__complex__: "complex()", torch.Tensor.numpy: ".numpy()"}
+# the memory layout of a captured tensor
+_LAYOUT_READS = {torch.Tensor.stride, torch.Tensor.storage_offset, torch.Tensor.data_ptr, torch.Tensor.is_contiguous,
+                 torch.Tensor.untyped_storage}
 
 
 def _tensor_count(tree) -> int:
@@ -238,7 +290,10 @@ def _normalize_loads(gm: torch.fx.GraphModule, name: str, labels: dict[str, str]
         if node.target is aten.index.Tensor and node.args[0] is attr and len(idx) == len(node.args[1]) \
                 and not detached:
             continue  # already one load
-        with (gm.graph.inserting_after(node) if node.op == "get_attr" else gm.graph.inserting_before(node)):
+        # before the read itself, or (a tensor used whole) before its first use: the index constants
+        # come first, then the load
+        first_use = next(n for n in gm.graph.nodes if n in outside) if node.op == "get_attr" else node
+        with gm.graph.inserting_before(first_use):
             args = []
             for i in idx:
                 if isinstance(i, torch.fx.Node):
@@ -281,14 +336,16 @@ def trace_mask_mod(mask_mod: Callable) -> TracedMod:
     dev = _trace_device(buffers)
     name = getattr(mask_mod, "__name__", "mask_mod")
 
+    mode = _PerScoreIndexing([b.tensor for b in buffers], name)
+
     def per_score(b, h, q, kv):
-        with _PerScoreIndexing():
+        with mode:
             return _as_bool(mask_mod(b, h, q, kv), q, name)
 
     gm = _trace(per_score, tuple(_idx(dev) for _ in range(4)), name)
     consts = _constant_map(gm, buffers)
     _normalize_loads(gm, name, _tensor_labels(mask_mod, buffers, consts))
-    return TracedMod("mask", gm, buffers, consts, [], {}, {}, name)
+    return TracedMod("mask", gm, buffers, consts, [], {}, {}, name, frozenset(mode.shape_reads))
 
 
 def _one_value(x, like, name: str, kind: str):
@@ -318,8 +375,10 @@ def trace_score_mod(score_mod: Callable, want_second_order: bool = False) -> Tra
     args = (torch.zeros((1,), dtype=torch.float32, device=dev), *(_idx(dev) for _ in range(4)))
     name = getattr(score_mod, "__name__", "score_mod")
 
+    mode = _PerScoreIndexing([b.tensor for b in buffers], name)
+
     def per_score(s, b, h, q, kv):
-        with _PerScoreIndexing():
+        with mode:
             return _as_float(score_mod(s, b, h, q, kv), s, name)
 
     gm = _trace(per_score, args, name, _MOD_DECOMPOSED)
@@ -349,7 +408,7 @@ def trace_score_mod(score_mod: Callable, want_second_order: bool = False) -> Tra
                 f"operand or use a differentiable op.") from None
         derivative[which] = dg
         deriv_consts[which] = _constant_map(dg, buffers)
-    return TracedMod("score", gm, buffers, consts, loads, derivative, deriv_consts, name)
+    return TracedMod("score", gm, buffers, consts, loads, derivative, deriv_consts, name, frozenset(mode.shape_reads))
 
 
 class _LeafInterpreter(torch.fx.Interpreter):
