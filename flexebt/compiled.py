@@ -118,13 +118,16 @@ def _kernel_parts(score_fn, score_obj, mask_fn, mask_obj, frame_mask: bool) -> t
                                   "not supported; create them outside and capture them.")
     score = captured_tensors(score_mod, guards=True) if score_mod is not None else Buffers()
     mask = captured_tensors(mask_mod, guards=True) if mask_mod is not None else Buffers()
-    paths = tuple(("score", b.steps) for b in score) + tuple(("mask", b.steps) for b in mask)
+    mods = {"score": score_mod, "mask": mask_mod}
+    paths = tuple(("score", _traced_steps(score_mod, b.steps)) for b in score) + \
+        tuple(("mask", _traced_steps(mask_mod, b.steps)) for b in mask)
     # the sizes the kernels hold (a mod that reads a captured tensor's size): guarded as well
     sizes = {"score": [], "mask": []}
     for i, shape in kern.shape_pins:
         which, steps = paths[i]
         sizes[which].append((steps, "shape", shape))
-    guards = (score.guards + tuple(sizes["score"]), mask.guards + tuple(sizes["mask"]))
+    guards = tuple(tuple(_traced_guard(mods[which], g) for g in bufs.guards) + tuple(sizes[which])
+                   for which, bufs in (("score", score), ("mask", mask)))
     runtime.compiled.setdefault(key, kern)
     built_for = tuple(_tensor_facts(b.tensor) for b in (*score, *mask))
     return key, paths, tuple(sorted(kern.grad_slots)), tuple(sorted(kern.positional)), kern.name, guards, built_for
@@ -134,6 +137,50 @@ def _tensor_facts(t) -> tuple:
     """What the generated code depends on of a captured tensor, as the compiled path can read it
     from a traced tensor too (dtype, rank, device type, one element or not, requires grad)."""
     return t.dtype, t.dim(), t.device.type, t.numel() == 1, bool(t.requires_grad)
+
+
+def _traced_steps(mod, steps: tuple) -> tuple:
+    """Access steps as the traced code follows them (``_read``): a global read becomes a call of a
+    reader function made with the mod's module globals.  Dynamo inlines it and reads the global as
+    the compiled function sees it at that point -- a value the function itself assigned before the
+    call included -- where reading ``fn.__globals__[name]`` gives the value from before the call."""
+    out, obj = [], mod
+    for kind, arg in steps:
+        if kind == "global":
+            out.append(("reader", (_global_reader(obj.__globals__, arg), arg)))
+        else:
+            out.append((kind, arg))
+        obj = resolve(obj, ((kind, arg),))
+    return tuple(out)
+
+
+def _traced_guard(mod, guard: tuple) -> tuple:
+    steps, kind, want = guard
+    return _traced_steps(mod, steps), kind, (_traced_steps(mod, want) if kind == "same" else want)
+
+
+def _global_reader(namespace: dict, name: str) -> str:
+    """The stashed name of a function returning global ``name`` of ``namespace`` (a module's
+    globals), made once per namespace and name."""
+    def make():
+        made: dict = {}
+        exec(compile(f"def read_{name}():\n    return {name}\n", f"<flexebt global reader {name}>", "exec"),  # noqa: S102
+             namespace, made)
+        return made[f"read_{name}"]
+    return _stash(f"global:{id(namespace)}:{name}", make)
+
+
+def _read(mod, steps: tuple):
+    """``resolve`` for steps made by ``_traced_steps`` (traced code)."""
+    obj = mod
+    for kind, arg in steps:
+        obj = getattr(_THIS, arg[0])() if kind == "reader" else resolve(obj, ((kind, arg),))
+    return obj
+
+
+def _where(steps: tuple) -> str:
+    """Access steps as the user wrote them (messages)."""
+    return ".".join(str(a[1] if kind == "reader" else a) for kind, a in steps).replace("__self__", "self", 1)
 
 
 def _kernel_call(score_mod, mask_mod, frame_mask: bool = False) -> tuple:
@@ -148,7 +195,7 @@ def _captured(score_mod, mask_mod, call: tuple, extents: dict) -> list:
     """The captured tensors of this call, read through their access steps and prepared as the
     eager path prepares them (codegen.source.prepare_captured)."""
     _, paths, grad_slots, positional, name, _, built_for = call
-    tensors = [resolve(score_mod if which == "score" else mask_mod, steps) for which, steps in paths]
+    tensors = [_read(score_mod if which == "score" else mask_mod, steps) for which, steps in paths]
     for t, (which, steps), facts in zip(tensors, paths, built_for):
         _check_built_for(t, facts, name, steps)
     return prepare_captured(tensors, extents, grad_slots, positional, name)
@@ -161,13 +208,16 @@ def _check_built_for(t, facts: tuple, name: str, steps: tuple) -> None:
     is seen by the graph with its new value.  Where that value needs other code -- another dtype,
     rank or device, or a gradient the kernels would not form -- the result would be wrong."""
     dtype, dim, device, one, grad = facts
-    now = _tensor_facts(t)
-    if now[:4] == (dtype, dim, device, one) and (grad or not now[4]):
-        return
-    where = ".".join(str(a) for _, a in steps).replace("__self__", "self", 1)
+    same = t.dtype == dtype and t.dim() == dim and t.device.type == device and (grad or not t.requires_grad)
+    if same:  # (one element or not: a branch, so that a symbolic size becomes one guard)
+        if t.numel() == 1:
+            if one:
+                return
+        elif not one:
+            return
+    where = _where(steps)
     was = f"{dtype}, {dim}-d, {device}{', one element' if one else ''}{', requires grad' if grad else ''}"
-    got = (f"{now[0]}, {now[1]}-d, {now[2]}{', one element' if now[3] else ''}"
-           f"{', requires grad' if now[4] else ''}")
+    got = f"{t.dtype}, {t.dim()}-d, {t.device.type}{', requires grad' if t.requires_grad else ''}"
     raise NotImplementedError(
         f"flexebt under torch.compile: the mod {name!r} reads a captured tensor ({where}) that the compiled "
         f"function changes before calling attention: the kernels were generated for the tensor held when tracing "
@@ -497,7 +547,7 @@ def _guards_hold(mod, guards) -> bool:
     structure reuses the graph."""
     ok = True
     for steps, kind, want in guards:
-        x = resolve(mod, steps)
+        x = _read(mod, steps)
         if kind == "eq":
             ok = ok and _same_atom(x, want)
         elif kind == "float":
@@ -509,11 +559,11 @@ def _guards_hold(mod, guards) -> bool:
         elif kind == "keys":
             ok = ok and tuple(x.keys()) == want
         elif kind == "same":
-            ok = ok and x is resolve(mod, want)
+            ok = ok and x is _read(mod, want)
         elif kind == "numpy":
             raise NotImplementedError(
                 "flexebt under torch.compile: a mod that reads a numpy value (at "
-                f"{'.'.join(str(a) for _, a in steps)}) cannot be guarded by value (dynamo keeps only its shape); "
+                f"{_where(steps)}) cannot be guarded by value (dynamo keeps only its shape); "
                 "use a Python number or a torch tensor instead.")
         else:
             ok = ok and _pinned(type(x) if kind == "type" else x)
@@ -529,7 +579,8 @@ def _trace_mod_reads(score_mod, mask_mod, call: tuple) -> None:
     if not (_guards_hold(score_mod, score_guards) and _guards_hold(mask_mod, mask_guards)):
         raise NotImplementedError(
             f"flexebt under torch.compile: the mod {call[4]!r} reads a value (a number, an object) that the compiled "
-            f"function assigns before calling attention (e.g. `self.scale = ...` in forward). flexebt generates the "
+            f"function assigns before calling attention (e.g. `self.scale = ...` in forward, or a global). flexebt "
+            f"generates the "
             f"kernels from the mods' values as they are when torch.compile starts tracing, so the graph would keep "
             f"the old one. Assign the value outside the compiled function, or hold it in a captured tensor (a 0-d "
             f"tensor updated in place, e.g. `self.scale.fill_(x)`, is read when the kernels run).")

@@ -86,7 +86,7 @@ def test_other_size_reads(read):
         "len": lambda s, b, h, qi, ki: s * (len(holder["w"]) / 4),
         "numel": lambda s, b, h, qi, ki: s + holder["w"].numel() * 0.1,
         "size": lambda s, b, h, qi, ki: s * holder["w"].size(0) / 4,
-        "view_shape": lambda s, b, h, qi, ki: s * holder["w"].T.shape[-1] / 4,  # a view's size: every tensor's
+        "view_shape": lambda s, b, h, qi, ki: s * holder["w"].flip(0).shape[-1] / 4,  # a derived size: every tensor's
         "clamp_bound": lambda s, b, h, qi, ki: s + holder["w"][(qi - ki).abs().clamp(0, holder["w"].shape[0] - 1)],
     }
     for n in (4, 7, 3):
@@ -304,3 +304,42 @@ def test_compiled_values_assigned_before_the_call():
     scheduled(q, k, v)
     with pytest.raises(Exception, match="assigns before calling attention"):
         torch.compile(scheduled, backend="aot_eager", fullgraph=True)(q, k, v, temperature=2.0)
+
+
+_TEMPERATURE = 1.0
+_BIAS = torch.zeros(H, S, S)
+
+
+def _by_global_number(s, b, h, qi, ki):
+    return s * _TEMPERATURE
+
+
+def _by_global_tensor(s, b, h, qi, ki):
+    return s + _BIAS[h, qi, ki]
+
+
+def test_compiled_globals_assigned_before_the_call():
+    """A global the compiled function assigns before the call: a number is refused (the kernels were
+    generated for the old one); a tensor of the same kind is passed as the new one, exact."""
+    global _BIAS
+    q, k, v = _qkv()
+
+    def set_number(q, k, v, t):
+        global _TEMPERATURE
+        _TEMPERATURE = t
+        return flexebt.flex_attention(q, k, v, score_mod=_by_global_number, kernel_options=T)
+
+    with pytest.raises(Exception, match="assigns before calling attention"):
+        torch.compile(set_number, backend="aot_eager", fullgraph=True)(q, k, v, 2.0)
+
+    def set_tensor(q, k, v, table):
+        global _BIAS
+        _BIAS = torch.tanh(table)
+        return flexebt.flex_attention(q, k, v, score_mod=_by_global_tensor, kernel_options=T)
+
+    compiled = torch.compile(set_tensor, backend="aot_eager", fullgraph=True)
+    for seed in (1, 2):
+        table = torch.randn(H, S, S, generator=torch.Generator().manual_seed(seed))
+        out = compiled(q, k, v, table)
+        _BIAS = torch.tanh(table)
+        assert rel_err(out, _reference(q, k, v, _by_global_tensor)) < 2e-6

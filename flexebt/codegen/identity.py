@@ -338,6 +338,10 @@ class _Walk:
             emit(_REF)
             emit(_Ident(v))
             self.guard("fixed", chain)
+        elif t.__module__ == "numpy" and hasattr(v, "tobytes"):  # arrays and scalars: baked by value
+            emit(t)
+            emit((v.dtype.str, v.shape, v.tobytes()))
+            self.guard("numpy", chain)  # dynamo guards numpy values by shape only: refused when compiling
         elif isinstance(v, (int, float, complex, str, bytes)):  # a subclass of a number or a string: by value
             emit(t)
             base = next(b for b in (bool, int, float, complex, str, bytes) if isinstance(v, b))
@@ -345,10 +349,6 @@ class _Walk:
             emit(plain if not (base is float and (plain != plain or plain == 0.0)) else repr(plain))
             self.guard("type", chain)
             self.atom_guard(plain, chain)
-        elif t.__module__ == "numpy" and hasattr(v, "tobytes"):  # arrays and scalars: baked by value
-            emit(t)
-            emit((v.dtype.str, v.shape, v.tobytes()))
-            self.guard("numpy", chain)  # dynamo guards numpy values by shape only: refused when compiling
         elif hasattr(v, "__dict__") or hasattr(type(v), "__slots__"):
             self.obj(v, names, chain)
         else:
