@@ -39,7 +39,7 @@ from torch import Tensor
 from . import runtime
 from .autograd import unused_by_engine
 from .codegen.source import get_kernels, position_extents, prepare_captured
-from .codegen.identity import Buffers, captured_tensors, resolve
+from .codegen.identity import Buffers, captured_tensors, resolve, wide_offsets
 from .kernels.flex import BlockTables, tables_from_block_mask
 from .kernels.options import KernelOptions
 from .kernels.plan import AttentionPlan, KernelPass, plan_backward, plan_double_backward, plan_forward
@@ -94,9 +94,9 @@ def _parts(mod) -> tuple:
 
 def _plain(x):
     """A number as a plain Python value (specialised, under dynamo, where it was symbolic)."""
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
+    if type(x) is not int and type(x) is not float:  # (a bool, an IntEnum member, a subclass: as they are)
         return x
-    if isinstance(x, int):
+    if type(x) is int:
         return _static(x)[0]
     return float.fromhex(x.hex())  # (float() keeps it symbolic; its exact spelling does not)
 
@@ -136,7 +136,7 @@ def _kernel_parts(score_fn, score_obj, mask_fn, mask_obj, frame_mask: bool) -> t
 def _tensor_facts(t) -> tuple:
     """What the generated code depends on of a captured tensor, as the compiled path can read it
     from a traced tensor too (dtype, rank, device type, one element or not, requires grad)."""
-    return t.dtype, t.dim(), t.device.type, t.numel() == 1, bool(t.requires_grad)
+    return t.dtype, t.dim(), t.device.type, t.numel() == 1, bool(t.requires_grad), wide_offsets(t)
 
 
 def _traced_steps(mod, steps: tuple) -> tuple:
@@ -146,7 +146,7 @@ def _traced_steps(mod, steps: tuple) -> tuple:
     call included -- where reading ``fn.__globals__[name]`` gives the value from before the call."""
     out, obj = [], mod
     for kind, arg in steps:
-        if kind == "global":
+        if kind == "global" and _is_module_namespace(obj.__globals__):
             out.append(("reader", (_global_reader(obj.__globals__, arg), arg)))
         else:
             out.append((kind, arg))
@@ -157,6 +157,14 @@ def _traced_steps(mod, steps: tuple) -> tuple:
 def _traced_guard(mod, guard: tuple) -> tuple:
     steps, kind, want = guard
     return _traced_steps(mod, steps), kind, (_traced_steps(mod, want) if kind == "same" else want)
+
+
+def _is_module_namespace(namespace: dict) -> bool:
+    """Whether ``namespace`` is the dict of an imported module: dynamo reads an inlined function's
+    globals from the module its ``__name__`` names, so a reader works only there (a namespace of
+    ``exec`` or a copy of a module's globals keeps the plain read)."""
+    module = sys.modules.get(namespace.get("__name__")) if isinstance(namespace.get("__name__"), str) else None
+    return module is not None and getattr(module, "__dict__", None) is namespace
 
 
 def _global_reader(namespace: dict, name: str) -> str:
@@ -180,7 +188,10 @@ def _read(mod, steps: tuple):
 
 def _where(steps: tuple) -> str:
     """Access steps as the user wrote them (messages)."""
-    return ".".join(str(a[1] if kind == "reader" else a) for kind, a in steps).replace("__self__", "self", 1)
+    from .codegen.identity import _path
+
+    plain = tuple(("global", a[1]) if kind == "reader" else (kind, a) for kind, a in steps)
+    return _path(plain).replace("__self__", "self", 1)
 
 
 def _kernel_call(score_mod, mask_mod, frame_mask: bool = False) -> tuple:
@@ -207,9 +218,14 @@ def _check_built_for(t, facts: tuple, name: str, steps: tuple) -> None:
     tensor the compiled function itself assigns before the call (``self.bias = ...`` in forward)
     is seen by the graph with its new value.  Where that value needs other code -- another dtype,
     rank or device, or a gradient the kernels would not form -- the result would be wrong."""
-    dtype, dim, device, one, grad = facts
+    dtype, dim, device, one, grad, wide = facts
     same = t.dtype == dtype and t.dim() == dim and t.device.type == device and (grad or not t.requires_grad)
-    if same:  # (one element or not: a branch, so that a symbolic size becomes one guard)
+    if same:  # (sizes: branches, so that a symbolic size becomes one guard each)
+        if wide_offsets(t):
+            same = wide
+        else:
+            same = not wide
+    if same:
         if t.numel() == 1:
             if one:
                 return

@@ -116,7 +116,7 @@ def test_python_values_of_captured_tensors_are_refused(how):
         "if": lambda s, b, h, qi, ki: s * 2 if temp > 1 else s,
         "item_of_view": lambda s, b, h, qi, ki: s / (temp * 2).item(),
     }
-    with pytest.raises(NotImplementedError, match="turns a tensor into a Python value"):
+    with pytest.raises(NotImplementedError, match="turns a captured tensor into a Python value"):
         flexebt.flex_attention(q, k, v, score_mod=mods[how], kernel_options=T)
     if how in ("item", "float"):  # the reference evaluates it as torch does, with the current value
         temp.fill_(0.5)
@@ -196,13 +196,11 @@ def test_properties_and_getattr_are_read_through():
         _close(q, k, v, by_property)
         _close(q, k, v, by_getattr)
 
-    def in_a_big_module(s, b, h, qi, ki):
+    def in_a_big_module(s, b, h, qi, ki):  # every global of this module counts, pytest's objects with them
         return s * getattr(cfg, "temperature")
 
-    try:
-        _close(q, k, v, in_a_big_module)
-    except NotImplementedError as e:  # refused, naming what to do instead
-        assert "Read what it needs by name" in str(e)
+    with pytest.raises(NotImplementedError, match="Read what it needs by name"):
+        flexebt.flex_attention(q, k, v, score_mod=in_a_big_module, kernel_options=T)
 
 
 def test_one_element_tensor_of_rank_one_as_a_value():
@@ -343,3 +341,93 @@ def test_compiled_globals_assigned_before_the_call():
         out = compiled(q, k, v, table)
         _BIAS = torch.tanh(table)
         assert rel_err(out, _reference(q, k, v, _by_global_tensor)) < 2e-6
+
+
+def test_more_size_and_value_reads():
+    """``torch.numel``; a size of a row gathered per score (width 1 first); a layout read through a
+    derived tensor is refused; a tensor the mod makes from numbers may be read as a value."""
+    q, k, v = _qkv()
+    holder = {}
+
+    def by_numel(s, b, h, qi, ki):
+        return s + torch.numel(holder["w"]) * 0.1
+
+    def by_row_width(s, b, h, qi, ki):
+        row = holder["t"][h]
+        return s * row.shape[-1] / 4
+
+    for n in (1, 5, 1):
+        holder["w"], holder["t"] = torch.randn(n + 3), torch.randn(H, n)
+        _close(q, k, v, by_numel)
+        _close(q, k, v, by_row_width)
+
+    w = torch.randn(H, S)
+
+    def by_derived_stride(s, b, h, qi, ki):
+        return s * w.detach().stride(0)
+
+    with pytest.raises(NotImplementedError, match="memory layout"):
+        flexebt.flex_attention(q, k, v, score_mod=by_derived_stride, kernel_options=T)
+
+    def by_constant(s, b, h, qi, ki):
+        c = torch.tensor(2.0)
+        return s * [1.0, 2.0, 3.0, 4.0][torch.tensor(3)] if c > 1 else s
+
+    _close(q, k, v, by_constant)
+
+
+def test_size_read_by_a_mask_mod_next_to_captured_score_tensors():
+    """The mask_mod's captured tensors come after the score_mod's in the kernels' slots."""
+    q, k, v = _qkv()
+    bias = torch.randn(H, S, S)
+    holder = {}
+
+    def biased(s, b, h, qi, ki):
+        return s + bias[h, qi, ki]
+
+    def window(b, h, qi, ki):
+        return (qi - ki).abs() < holder["w"].shape[0]
+
+    for n in (3, 9, 3):
+        holder["w"] = torch.zeros(n)
+        bm = flexebt.create_block_mask(window, None, None, S, S, device="cpu", BLOCK_SIZE=16)
+        got = flexebt.flex_attention(q, k, v, score_mod=biased, block_mask=bm, kernel_options=T)
+        assert rel_err(got, _reference(q, k, v, biased, bm)) < 2e-6, n
+
+
+def test_size_read_in_ebt_attention():
+    g = torch.Generator().manual_seed(5)
+    x = [torch.randn(1, H, 12, D, generator=g) for _ in range(6)]
+    holder = {}
+
+    def rel_bias(s, b, h, qi, ki):
+        far = (holder["table"].shape[1] - 1) // 2
+        return s + holder["table"][h, (qi - ki).clamp(-far, far) + far]
+
+    for width in (3, 7):
+        holder["table"] = torch.randn(H, width, generator=g)
+        got = flexebt.flex_ebt_attention(*x, score_mod=rel_bias, kernel_options=T)
+        ref = flexebt.flex_ebt_attention(*(t.double() for t in x), score_mod=rel_bias, kernel_options=R)
+        for a, r in zip(got, ref):
+            assert rel_err(a, r) < 2e-6, width
+
+
+def test_compiled_partial_enum_and_copied_namespaces():
+    """A partial's IntEnum argument keeps its type under compile; a mod made by ``exec`` in a copy
+    of a module's globals (or a namespace named after no module) reads its own globals."""
+    q, k, v = _qkv()
+
+    def by_mode(s, b, h, qi, ki, mode=Mode.ONE):
+        return s * 3.0 if mode is Mode.THREE else torch.tanh(s)
+
+    attend = torch.compile(lambda q, k, v, mod: flexebt.flex_attention(q, k, v, score_mod=mod, kernel_options=T),
+                           backend="aot_eager", fullgraph=True)
+    for mode in (Mode.THREE, Mode.ONE, Mode.THREE):
+        mod = functools.partial(by_mode, mode=mode)
+        _close(q, k, v, mod, attend(q, k, v, mod))
+
+    for namespace in (dict(globals()), {"__name__": "generated_mods", "torch": torch}):
+        namespace["_BIAS"] = torch.randn(H, S, S, generator=torch.Generator().manual_seed(9))
+        exec("def made(s, b, h, qi, ki):\n    return s + _BIAS[h, qi, ki]", namespace)  # noqa: S102
+        made = namespace["made"]
+        _close(q, k, v, made, attend(q, k, v, made))

@@ -125,49 +125,58 @@ class _PerScoreIndexing(torch.overrides.TorchFunctionMode):
     The mode also sees what the mod reads of the captured tensors besides their values (``captured``:
     the tensors the kernels take as arguments).  A size (``bias.shape[0]``, ``len(table)``,
     ``numel()``) becomes part of the generated code, so the sizes read are recorded
-    (``shape_reads``) and the kernels are cached per those sizes.  A tensor turned into a Python
-    value (``.item()``, ``float()``, ``.tolist()``, an ``if`` on it) or its memory layout (strides,
-    pointer) would be frozen into the code while the tensor changes from call to call: refused."""
+    (``shape_reads``; of a tensor made from captured ones, ``bias.T.shape``, the sizes of those) and
+    the kernels are cached per those sizes.  A captured tensor, or one made from it, turned into a
+    Python value (``.item()``, ``float()``, ``.tolist()``, an ``if`` on it) or its memory layout
+    (strides, pointer) would be frozen into the code while the tensor changes from call to call:
+    refused.  (A tensor the mod makes from numbers is a constant: its values may be read.)"""
 
     def __init__(self, captured=(), name: str = "mod"):
         super().__init__()
-        self.captured = {id(t): i for i, t in enumerate(captured)}
+        # which captured tensors each tensor of the trace comes from (by id; the tensors are kept,
+        # so an id is not reused while the trace runs): the captured ones, then every op's outputs
+        # from its inputs'.  A tensor the mod makes from numbers comes from none.
+        self.sources: dict = {id(t): frozenset((i,)) for i, t in enumerate(captured)}
+        self.keep = list(captured)
         self.name = name
         self.shape_reads: set = set()
 
+    def _sources(self, tree) -> frozenset:
+        found = frozenset()
+        for x in torch.utils._pytree.tree_leaves(tree):
+            if isinstance(x, torch.Tensor):
+                found |= self.sources.get(id(x), frozenset())
+        return found
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in _SIZE_READS and args and isinstance(args[0], torch.Tensor):
-            self._size_read(args[0])
-        elif func in _PYTHON_VALUES:
+        came_from = self._sources((args, kwargs))
+        if func in _SIZE_READS:
+            self.shape_reads |= came_from  # the sizes of these captured tensors are in the generated code
+        elif func in _PYTHON_VALUES and came_from:
             raise NotImplementedError(
-                f"flexebt: the mod {self.name!r} turns a tensor into a Python value "
+                f"flexebt: the mod {self.name!r} turns a captured tensor into a Python value "
                 f"({_PYTHON_VALUES[func]}). The generated kernels would keep the value of the first call "
                 f"for every later one, while the tensor can change. Use the tensor in tensor ops instead "
                 f"(e.g. `score / temperature` with a 0-d or one-element tensor, "
                 f"`torch.where(flag, a, b)` for a choice; they read the current value at every call), or a "
                 f"Python number; kernel_options={{'BACKEND': 'REFERENCE'}} evaluates the mod as torch does.")
-        elif func in _LAYOUT_READS and args and id(args[0]) in self.captured:
+        elif func in _LAYOUT_READS and came_from:
             raise NotImplementedError(
-                f"flexebt: the mod {self.name!r} reads the memory layout of a captured tensor ({func.__name__}); "
-                f"the generated kernels would keep the layout of the first call. Index the tensor by position "
-                f"instead.")
+                f"flexebt: the mod {self.name!r} reads the memory layout of a captured tensor "
+                f"({getattr(func, '__name__', func)}); the generated kernels would keep the layout of the first "
+                f"call. Index the tensor by position instead.")
         if func not in _KEEP_0D and _tensor_count((args, kwargs)) > 1:  # (promotion needs two tensors)
             args, kwargs = _one_element(args), _one_element(kwargs or {})
         out = func(*args, **(kwargs or {}))
         if func is torch.Tensor.__getitem__ and isinstance(out, torch.Tensor) and out.dim() > 1 \
                 and out.shape[0] == 1 and _per_score_index(args[1]):
             out = out.squeeze(0)
+        if came_from:
+            for x in torch.utils._pytree.tree_leaves(out):
+                if isinstance(x, torch.Tensor):
+                    self.sources[id(x)] = self.sources.get(id(x), frozenset()) | came_from
+                    self.keep.append(x)
         return out
-
-    def _size_read(self, t: torch.Tensor) -> None:
-        """Record a size read: of a captured tensor, that tensor's; of a tensor made from captured ones
-        (``bias.T.shape``, ``bias[0].numel()``), every captured tensor's (which one it came from is not
-        known here).  A per-score value (one element) has no size to record."""
-        slot = self.captured.get(id(t))
-        if slot is not None:
-            self.shape_reads.add(slot)
-        elif t.numel() != 1:
-            self.shape_reads.update(self.captured.values())
 
 
 # ops that take a 0-d tensor as a value to fill with (a one-element tensor is refused there), and ops
@@ -183,7 +192,7 @@ _KEEP_0D = {torch.Tensor.masked_fill, torch.masked_fill, torch.Tensor.masked_fil
 
 # sizes a mod may read from a captured tensor (the kernels are then cached per size)
 _SIZE_READS = {torch.Tensor.shape.__get__, torch.Tensor.size, torch.Tensor.__len__, torch.Tensor.numel,
-               torch.Tensor.nelement}
+               torch.Tensor.nelement, torch.numel, torch.Tensor.nbytes.__get__}
 # a tensor made a Python value (the trace would keep the value of the first call)
 _PYTHON_VALUES = {torch.Tensor.item: ".item()", torch.Tensor.tolist: ".tolist()", torch.Tensor.__float__: "float()",
                   torch.Tensor.__int__: "int()", torch.Tensor.__bool__: "bool(), or an `if` / `and` / `or` on it",
@@ -340,7 +349,8 @@ def trace_mask_mod(mask_mod: Callable) -> TracedMod:
 
     def per_score(b, h, q, kv):
         with mode:
-            return _as_bool(mask_mod(b, h, q, kv), q, name)
+            out = mask_mod(b, h, q, kv)
+        return _as_bool(out, q, name)  # (outside the mode: its size checks are not the mod's reads)
 
     gm = _trace(per_score, tuple(_idx(dev) for _ in range(4)), name)
     consts = _constant_map(gm, buffers)
@@ -379,7 +389,8 @@ def trace_score_mod(score_mod: Callable, want_second_order: bool = False) -> Tra
 
     def per_score(s, b, h, q, kv):
         with mode:
-            return _as_float(score_mod(s, b, h, q, kv), s, name)
+            out = score_mod(s, b, h, q, kv)
+        return _as_float(out, s, name)
 
     gm = _trace(per_score, args, name, _MOD_DECOMPOSED)
     consts = _constant_map(gm, buffers)
