@@ -431,3 +431,37 @@ def test_compiled_partial_enum_and_copied_namespaces():
         exec("def made(s, b, h, qi, ki):\n    return s + _BIAS[h, qi, ki]", namespace)  # noqa: S102
         made = namespace["made"]
         _close(q, k, v, made, attend(q, k, v, made))
+
+
+def test_indirect_reads_of_captured_tensors():
+    """Sizes counted through results (``len(w.unbind(0))``, iterating, ``is_same_size``) key the
+    kernels; ``numpy.asarray``, ``storage()`` and a captured value written into a tensor the mod made
+    and then read as a number are refused."""
+    import numpy as np
+
+    q, k, v = _qkv()
+    holder = {}
+    counted = {
+        "unbind": lambda s, b, h, qi, ki: s * len(holder["w"].unbind(0)) / 4,
+        "iterate": lambda s, b, h, qi, ki: s * sum(1 for _ in holder["w"]) / 4,
+        "same_size": lambda s, b, h, qi, ki: s * 2 if torch.is_same_size(holder["w"], torch.zeros(4)) else s,
+    }
+    for n in (4, 7, 4):
+        holder["w"] = torch.linspace(-1, 1, n)
+        for mod in counted.values():
+            _close(q, k, v, mod)
+
+    temp = torch.tensor(2.0)
+
+    def written(s, b, h, qi, ki):
+        c = torch.tensor([0.0])
+        c[0] = temp
+        return s / c.item()
+
+    refused = [lambda s, b, h, qi, ki: s / float(np.asarray(temp)), written]
+    for mod in refused:
+        with pytest.raises(NotImplementedError, match="turns a captured tensor into a Python value"):
+            flexebt.flex_attention(q, k, v, score_mod=mod, kernel_options=T)
+    with pytest.raises(NotImplementedError, match="memory layout"):
+        flexebt.flex_attention(q, k, v, score_mod=lambda s, b, h, qi, ki: s * temp.storage().size(),
+                               kernel_options=T)

@@ -172,7 +172,10 @@ class _PerScoreIndexing(torch.overrides.TorchFunctionMode):
                 and out.shape[0] == 1 and _per_score_index(args[1]):
             out = out.squeeze(0)
         if came_from:
-            for x in torch.utils._pytree.tree_leaves(out):
+            written = []
+            if args and isinstance(args[0], torch.Tensor) and _writes_first_argument(func):
+                written = [args[0], args[0]._base]  # c[0] = w, c.copy_(w): c (and what it views) now hold w
+            for x in (*torch.utils._pytree.tree_leaves(out), *written):
                 if isinstance(x, torch.Tensor):
                     self.sources[id(x)] = self.sources.get(id(x), frozenset()) | came_from
                     self.keep.append(x)
@@ -190,17 +193,28 @@ _KEEP_0D = {torch.Tensor.masked_fill, torch.masked_fill, torch.Tensor.masked_fil
             torch.addcmul, torch.Tensor.addcmul, torch.addcdiv, torch.Tensor.addcdiv}
 
 
-# sizes a mod may read from a captured tensor (the kernels are then cached per size)
+def _writes_first_argument(func) -> bool:
+    """In-place ops (``add_``, ``copy_``, ``fill_``) and item assignment write their first argument."""
+    return func is torch.Tensor.__setitem__ or getattr(func, "__name__", "").endswith("_") and \
+        not getattr(func, "__name__", "").endswith("__")
+
+
+# sizes a mod may read from a captured tensor (the kernels are then cached per size): the size
+# itself, and ops that return as many results as a size (their count is a Python number)
 _SIZE_READS = {torch.Tensor.shape.__get__, torch.Tensor.size, torch.Tensor.__len__, torch.Tensor.numel,
-               torch.Tensor.nelement, torch.numel, torch.Tensor.nbytes.__get__}
+               torch.Tensor.nelement, torch.numel, torch.Tensor.nbytes.__get__, torch.Tensor.__iter__,
+               torch.Tensor.unbind, torch.unbind, torch.Tensor.split, torch.split, torch.Tensor.chunk, torch.chunk,
+               torch.Tensor.tensor_split, torch.tensor_split, torch.Tensor.split_with_sizes, torch.is_same_size,
+               torch.Tensor.is_same_size}
 # a tensor made a Python value (the trace would keep the value of the first call)
 _PYTHON_VALUES = {torch.Tensor.item: ".item()", torch.Tensor.tolist: ".tolist()", torch.Tensor.__float__: "float()",
                   torch.Tensor.__int__: "int()", torch.Tensor.__bool__: "bool(), or an `if` / `and` / `or` on it",
                   torch.Tensor.__index__: "a tensor used as a Python index or count",
-                  torch.Tensor.__complex__: "complex()", torch.Tensor.numpy: ".numpy()"}
+                  torch.Tensor.__complex__: "complex()", torch.Tensor.numpy: ".numpy()",
+                  torch.Tensor.__array__: "numpy.asarray()"}
 # the memory layout of a captured tensor
 _LAYOUT_READS = {torch.Tensor.stride, torch.Tensor.storage_offset, torch.Tensor.data_ptr, torch.Tensor.is_contiguous,
-                 torch.Tensor.untyped_storage}
+                 torch.Tensor.untyped_storage, torch.Tensor.storage}
 
 
 def _tensor_count(tree) -> int:
