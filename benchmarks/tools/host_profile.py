@@ -24,6 +24,17 @@ from bench import _git_commit  # noqa: E402  (puts FLEXEBT_IMPORT_ROOT, or the r
 import flexebt  # noqa: E402
 
 
+def python_profile(step, n: int) -> cProfile.Profile:
+    """cProfile of ``n`` calls of ``step`` (the host's Python only; the GPU is waited for after)."""
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        step()
+    prof.disable()
+    torch.cuda.synchronize()
+    return prof
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--S", type=int, default=1024)
@@ -64,12 +75,7 @@ def main():
             best = min(best, (time.perf_counter() - t) / 20)
             torch.cuda.synchronize()
         out.write(f"\n## {name}: host {best * 1e3:.3f} ms per step (no synchronisation in the loop, best of 5)\n")
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(50):
-            step()
-        prof.disable()
-        torch.cuda.synchronize()
+        prof = python_profile(step, 50)
         for order in ("tottime", "cumtime"):
             pstats.Stats(prof, stream=out).sort_stats(order).print_stats(a.rows)
     print(out.getvalue())

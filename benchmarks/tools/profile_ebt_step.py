@@ -71,15 +71,9 @@ def main(argv=None):
                     step()
                 torch.cuda.synchronize()
             if a.python_profile:
-                import cProfile
-                import pstats
+                from host_profile import python_profile
 
-                host_prof = cProfile.Profile()
-                host_prof.enable()
-                for _ in range(5):
-                    step()
-                host_prof.disable()
-                torch.cuda.synchronize()
+                host_prof = python_profile(step, 5)
         events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
         gpu = sum(e.device_time_total for e in events) / 3 / 1e3
         own = sum(e.device_time_total for e in events if e.key.startswith("flex_")) / 3 / 1e3
@@ -95,6 +89,8 @@ def main(argv=None):
         for e in sorted(events, key=lambda e: -e.device_time_total)[:a.top]:
             print(f"   {e.device_time_total / 3 / 1e3:8.2f} ms {e.count // 3:5d}x  {e.key[:90]}")
         if a.python_profile:
+            import pstats
+
             print(f"-- {impl}: host Python over five steps (cProfile; times are totals over the five)")
             pstats.Stats(host_prof, stream=sys.stdout).sort_stats("cumulative").print_stats(a.top * 4)
         del model, step
