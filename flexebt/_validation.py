@@ -320,13 +320,16 @@ def check_ebt_lengths(S_obs: int, S_pred: int) -> None:
 
 # kernel_options, declared once: name -> (kind, meaning).  Kinds: "tile" (a power of two >= 16 that
 # divides the block mask's blocks), "warps" (a power of two), "count" (an int >= 1), "group" (an
-# int; <= 0 means all heads), "flag" (bool or 0 / 1), or a tuple of the accepted strings.  The
-# tile keys and the per-pass keys follow the passes of kernels/options.py (TILE_KEYS).
+# int; <= 0 means all heads), "flag" (bool or 0 / 1), "int" (any int), or a tuple of the accepted
+# strings.  The tile keys and the per-pass keys follow the passes of kernels/options.py (TILE_KEYS);
+# torch's hints (TORCH_HINTS) are accepted and have no effect.
 def _declare_kernel_options() -> dict:
-    from .kernels.options import TILE_KEYS
+    from .kernels.options import TILE_KEYS, TORCH_HINTS
 
     decl = {
-        "BACKEND": (("AUTO", "TRITON", "REFERENCE"), "which implementation runs (also FLEXEBT_BACKEND)"),
+        "BACKEND": (("AUTO", "TRITON", "REFERENCE", "FLASH", "TRITON_DECODE"),
+                    "which implementation runs (also FLEXEBT_BACKEND); torch's 'FLASH' and 'TRITON_DECODE' "
+                    "mean 'TRITON'"),
         "FP32_PRODUCTS": (("ieee", "tf32x3"), "how fp32 products are computed under matmul precision 'highest'"),
         "USE_TMA": ("flag", "load K/V tiles through tensor descriptors (Hopper)"),
         "REVERSE_Q_ORDER": ("flag", "heaviest query tiles first (default on)"),
@@ -342,6 +345,8 @@ def _declare_kernel_options() -> dict:
         decl[f"{pass_name}_num_warps"] = ("warps", f"warps of the {pass_name} pass")
         decl[f"{pass_name}_num_stages"] = ("count", f"pipeline stages of the {pass_name} pass")
         decl[f"{pass_name}_head_group"] = ("group", f"heads per group of the {pass_name} pass")
+    for key, kind in TORCH_HINTS.items():
+        decl[key] = (kind, "a hint to torch's own kernels: accepted for code written for torch, no effect")
     return decl
 
 
@@ -359,7 +364,8 @@ def kernel_options_table() -> str:
 
 
 _KIND_TEXT = {"tile": "a power of two >= 16 (an int)", "warps": "a power of two >= 1 (an int)",
-              "count": "an int >= 1", "group": "an int (<= 0: all heads)", "flag": "a bool (or 0 / 1)"}
+              "count": "an int >= 1", "group": "an int (<= 0: all heads)", "flag": "a bool (or 0 / 1)",
+              "int": "an int"}
 
 
 def check_kernel_options(fn: str, kernel_options) -> None:
@@ -395,7 +401,7 @@ def check_kernel_options(fn: str, kernel_options) -> None:
             ok_type = isinstance(value, numbers.Integral) and not isinstance(value, bool)
             v = int(value) if ok_type else 0
             ok_value = ok_type and {"tile": v >= 16 and v & (v - 1) == 0, "warps": v >= 1 and v & (v - 1) == 0,
-                                    "count": v >= 1, "group": True}[kind]
+                                    "count": v >= 1, "group": True, "int": True}[kind]
         if not ok_type:
             raise TypeError(f"{fn}: kernel_options[{key!r}] = {value!r} is a {type(value).__name__}; expected "
                             f"{expected} ({meaning}).")

@@ -1,7 +1,8 @@
 """Backend selection.
 
 ``kernel_options={"BACKEND": ...}`` wins over the ``FLEXEBT_BACKEND`` environment variable;
-both take ``AUTO``, ``TRITON`` or ``REFERENCE``.  ``AUTO`` means the Triton kernels on CUDA and
+both take ``AUTO``, ``TRITON`` or ``REFERENCE`` (and torch's ``FLASH`` / ``TRITON_DECODE``, which
+mean ``TRITON``).  ``AUTO`` means the Triton kernels on CUDA and
 the reference on CPU.  ``TRITON`` on CPU tensors runs the kernels in Triton's interpreter, which
 must be switched on with ``TRITON_INTERPRET=1`` before the first kernel is built.
 """
@@ -16,6 +17,9 @@ import torch
 from torch.autograd import forward_ad as _forward_ad
 
 BACKENDS = ("AUTO", "TRITON", "REFERENCE")
+# torch flex_attention's names for its fused kernels (FlashAttention-style CuTe kernels, the decoding
+# kernel): code written for torch asks for fused kernels by them, which here are flexebt's
+TORCH_BACKENDS = {"FLASH": "TRITON", "TRITON_DECODE": "TRITON"}
 ENV_VAR = "FLEXEBT_BACKEND"
 MAX_HEAD_DIM = 256
 
@@ -28,6 +32,8 @@ def requested_backend(kernel_options: Optional[dict]) -> str:
         value, source = os.environ.get(ENV_VAR), f"the environment variable {ENV_VAR}"
     if value is None or value == "":
         return "AUTO"
+    if isinstance(value, str) and value.upper() in TORCH_BACKENDS:
+        return TORCH_BACKENDS[value.upper()]
     if not isinstance(value, str) or value.upper() not in BACKENDS:
         raise ValueError(f"Unknown backend {value!r} from {source}; expected one of {', '.join(BACKENDS)}.")
     return value.upper()

@@ -77,13 +77,14 @@ def region_block_masks(M: int, N: int, dist_threshold, causal: bool, device, blo
     else:
         B = H = None
         bs, user = 128, None
-    key = (M, N, w, causal, str(device), id(block_mask), bs)
+    # (the user's mask_mod by identity too: a BlockMask is mutable, ``bm.mask_mod = other`` after a call)
+    key = (M, N, w, causal, str(device), id(block_mask), bs, B, H)
     hit = _MASKS.get(key)
-    if hit is not None and (block_mask is None or hit[2] is block_mask):
+    if hit is not None and hit[2] is block_mask and hit[3] is user:
         _MASKS.move_to_end(key)
         return hit[0], hit[1]
     pair = run_on_builder(_build_pair, M, N, w, causal, device, user, B, H, bs)
-    _MASKS[key] = (*pair, block_mask)
+    _MASKS[key] = (*pair, block_mask, user)
     while len(_MASKS) > _MAX_CACHED:
         _MASKS.popitem(last=False)
     return pair

@@ -131,3 +131,25 @@ def test_return_aux_max_scores_cuda(dtype, with_mod):
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     assert (got.max_scores[fin].double() - ref.max_scores[fin]).abs().max() < tol * scale
     assert (got.max_scores[fin].double() - want.max_scores[fin].double()).abs().max() < tol * scale
+
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_rounding_inside_a_mod_matches_torch(low):
+    """A score_mod that rounds the score through a 16-bit type: the compiled kernels round to nearest
+    even, as torch does (Triton's CPU interpreter truncates to bfloat16, so only the GPU checks
+    this)."""
+    # integer q and k: every order of summation gives the same products, so both sides round the same
+    # fp32 scores (q.k times the scale), most of which are not 16-bit numbers
+    q, k = (torch.randint(-2, 3, (2, 4, 300, 64), device="cuda").float() for _ in range(2))
+    v = torch.randn(2, 4, 300, 64, device="cuda")
+
+    def sm(s, b, h, q_idx, kv_idx):
+        return s.to(low).to(s.dtype) * 0.7
+
+    out = flexebt.flex_attention(q, k, v, score_mod=sm, scale=0.1, kernel_options=T)
+    ref = flexebt.flex_attention(q, k, v, score_mod=sm, scale=0.1, kernel_options=R)
+    truncated = flexebt.flex_attention(q, k, v, scale=0.1, kernel_options=R,
+                                       score_mod=lambda s, b, h, qi, ki: (s.view(torch.int32) & -65536).view(s.dtype) * 0.7)
+    if low == torch.bfloat16:
+        assert rel_err(truncated, ref) > 1e-3  # (what truncation would give: the test can tell them apart)
+    assert rel_err(out, ref) < 1e-5

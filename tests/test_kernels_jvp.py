@@ -127,3 +127,39 @@ def test_gqa_jvp():
 
     for a, b in zip(torch.func.jvp(g(T), y, u)[1], torch.func.jvp(g(R), y, u)[1]):
         assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("fn", ["flex", "ebt", "piecewise"])
+def test_tangent_of_a_captured_tensor_is_refused_not_dropped(fn):
+    """A captured bias table made dual (forward_ad.make_dual) without requires_grad: the kernels pass
+    it detached, which would drop its tangent; they refuse, and the reference gives the tangent
+    dense math gives."""
+    L = 17
+    xs = [torch.randn(1, 2, L, 16, dtype=torch.float64) for _ in range(6)]
+    bias, tb = 0.3 * torch.randn(2, L + 1, L + 1, dtype=torch.float64), torch.randn(2, L + 1, L + 1, dtype=torch.float64)
+
+    def call(bd, backend, q_tangent=None):
+        def sm(s, b, h, q_idx, kv_idx):
+            return s + bd[h, q_idx, kv_idx]
+        x = [a.to(bd.dtype) for a in xs]  # (float32 for the kernels)
+        if q_tangent is not None:
+            x[0] = fwAD.make_dual(x[0], q_tangent.to(bd.dtype))
+        if fn == "flex":
+            return [flexebt.flex_attention(*x[:3], score_mod=sm, kernel_options=backend)]
+        if fn == "ebt":
+            return list(flexebt.flex_ebt_attention(*x, score_mod=sm, kernel_options=backend))
+        return [flexebt.piecewise_attention(*x[:5], dist_threshold=4, score_mod=sm, kernel_options=backend)]
+
+    for q_tangent in (None, torch.randn_like(xs[0])):
+        with fwAD.dual_level():
+            bd = fwAD.make_dual(bias.float(), tb.float())
+            with pytest.raises(NotImplementedError, match="forward-mode tangent"):
+                call(bd, T, q_tangent)
+        with fwAD.dual_level():  # the reference's tangents against a second forward difference of dense math
+            got = [fwAD.unpack_dual(o).tangent for o in call(fwAD.make_dual(bias, tb), R, q_tangent)]
+        eps = 1e-6
+        plus = call(bias + eps * tb, R) if q_tangent is None else None
+        if plus is not None:
+            minus = call(bias - eps * tb, R)
+            for g, a, b in zip(got, plus, minus):
+                assert g is not None and rel_err(g, (a - b) / (2 * eps)) < 1e-6

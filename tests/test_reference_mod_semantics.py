@@ -448,3 +448,19 @@ def test_empty_ebt_and_piecewise_references():
     out, lse = piecewise_attention_reference(*x, 1, causal=True)
     assert out.shape == (1, H, 0, D) and lse.shape == (1, H, 0)
     _check_empty([out], [lse], x)
+
+
+@pytest.mark.parametrize("mod,message", [
+    (lambda s, b, h, q, kv: s + (q // (kv % 3)).float(), "ZeroDivisionError"),
+    (lambda s, b, h, q, kv: s + (q % (kv % 3)).float(), "ZeroDivisionError"),
+    (lambda s, b, h, q, kv: s + (q ** -1).float(), "Integers to negative integer powers"),
+])
+def test_integer_arithmetic_errors_reach_the_caller_as_torch_raises_them(mod, message):
+    """An integer divided by zero in a mod is torch's RuntimeError, not a refusal of how the mod is
+    written."""
+    q = torch.randn(1, 1, 5, 8, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=message) as torch_error:
+        torch_flex(q, q, q, score_mod=mod)
+    with pytest.raises(RuntimeError, match=message) as ours:
+        flexebt.flex_attention(q, q, q, score_mod=mod, kernel_options={"BACKEND": "REFERENCE"})
+    assert type(ours.value) is type(torch_error.value)

@@ -123,3 +123,85 @@ def test_stats_count_entries_made_and_lookups_answered():
     s.get("missing")
     assert (len(s), s.puts, s.hits) == (1, 1, 2)
     assert set(runtime.stats()) == set(runtime.sizes()) and "launches" in runtime.stats()
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def _causal_but_row_5(b, h, q_idx, kv_idx):  # the block structure of causal at BLOCK_SIZE 16
+    return (q_idx >= kv_idx) & (q_idx != 5)
+
+
+def _window(b, h, q_idx, kv_idx):
+    return (q_idx - kv_idx).abs() <= 6
+
+
+def _mask(fn, L=33):
+    return flexebt.create_block_mask(fn, None, None, L, L, device="cpu", BLOCK_SIZE=16)
+
+
+def test_a_block_mask_changed_after_a_call_is_converted_again():
+    """A BlockMask is a mutable object: its mask_mod reassigned, a table replaced or edited in place
+    after a call.  The next call computes what a freshly built mask gives (the converted tables are
+    reused only while the mask is as it was), on the kernels and the reference."""
+    x = [torch.randn(1, 2, 33, 16) for _ in range(3)]
+
+    def run(bm, backend=T):
+        return flexebt.flex_attention(*x, block_mask=bm, kernel_options=backend)
+
+    want_row5 = run(_mask(_causal_but_row_5))
+    assert (want_row5[0, :, 5] == 0).all()
+    for backend in (T, R):
+        bm = _mask(_causal)
+        run(bm, backend)
+        bm.mask_mod = _causal_but_row_5  # same tables, another mask_mod
+        assert rel_err(run(bm, backend), want_row5) < 1e-6
+
+    # every table of another mask copied into the used object
+    bm, window = _mask(_causal), _mask(_window)
+    run(bm)
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
+                 "q_indices", "full_q_num_blocks", "full_q_indices", "mask_mod"):
+        setattr(bm, name, getattr(window, name))
+    assert torch.equal(run(bm), run(window))
+
+    # tables edited in place: int64 tables (converted to int32 copies) and int32 ones (read as they are)
+    for dtype in (torch.int64, torch.int32):
+        bm = _mask(_causal)
+        full = _mask(lambda b, h, q, kv: q >= 0)
+        for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
+                     "q_indices", "full_q_num_blocks", "full_q_indices"):
+            setattr(bm, name, getattr(bm, name).to(dtype))
+        bm.mask_mod = lambda b, h, q, kv: q >= 0
+        before = run(bm)  # causal's tables, all blocks kept by the mask_mod: the block-causal attention
+        for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
+                     "q_indices", "full_q_num_blocks", "full_q_indices"):
+            getattr(bm, name).copy_(getattr(full, name).to(dtype)) if getattr(bm, name).shape == getattr(
+                full, name).shape else setattr(bm, name, getattr(full, name).to(dtype))
+        assert not torch.equal(before, run(full))
+        assert torch.equal(run(bm), run(full))
+
+
+def test_a_block_mask_made_in_inference_mode_is_read_every_call():
+    x = [torch.randn(1, 2, 33, 16) for _ in range(3)]
+    with torch.inference_mode():
+        bm = _mask(_causal)
+        first = flexebt.flex_attention(*x, block_mask=bm, kernel_options=T)
+        bm.mask_mod = _causal_but_row_5
+        again = flexebt.flex_attention(*x, block_mask=bm, kernel_options=T)
+    assert not torch.equal(first, again) and (again[0, :, 5] == 0).all()
+    assert torch.equal(again, flexebt.flex_attention(*x, block_mask=_mask(_causal_but_row_5), kernel_options=T))
+
+
+def test_piecewise_sees_a_reassigned_mask_mod():
+    L = 33
+    x = [torch.randn(1, 2, L, 16) for _ in range(5)]
+    bm = _mask(_causal, L)
+    for backend in (T, R):
+        flexebt.piecewise_attention(*x, dist_threshold=8, block_mask=bm, kernel_options=backend)
+    bm.mask_mod = _causal_but_row_5
+    want = flexebt.piecewise_attention(*x, dist_threshold=8, block_mask=_mask(_causal_but_row_5, L), kernel_options=R)
+    for backend in (T, R):
+        got = flexebt.piecewise_attention(*x, dist_threshold=8, block_mask=bm, kernel_options=backend)
+        assert rel_err(got, want) < 1e-6

@@ -226,7 +226,9 @@ BAD_OPTIONS = [
     ({"FP32_PRODUCTS": 1}, TypeError, "FP32_PRODUCTS.*1.*'ieee'"),
     ({"FP32_PRODUCTS": "tf32"}, ValueError, "FP32_PRODUCTS.*'tf32'.*'tf32x3'"),
     ({"BLOCK_MM": 32}, ValueError, "unknown kernel_options key 'BLOCK_MM'.*Did you mean 'BLOCK_M'"),
-    ({"PRESCALE_QK": True}, ValueError, "unknown kernel_options key 'PRESCALE_QK'"),
+    ({"PRESCALE_Q": True}, ValueError, "unknown kernel_options key 'PRESCALE_Q'.*Did you mean 'PRESCALE_QK'"),
+    ({"PRESCALE_QK": 2}, ValueError, "PRESCALE_QK.*2"),
+    ({"BACKEND": "CUDNN"}, ValueError, "Unknown backend 'CUDNN'"),
 ]
 
 
@@ -247,6 +249,34 @@ def test_declared_kernel_options_are_accepted():
     flex(kernel_options=opts)
     ebt(kernel_options=opts)
     pw(kernel_options=opts)
+
+
+TORCH_OPTIONS = {"PRESCALE_QK": True, "ROWS_GUARANTEED_SAFE": False, "BLOCKS_ARE_CONTIGUOUS": True, "WRITE_DQ": True,
+                 "FORCE_USE_FLEX_ATTENTION": True, "kpack": 2, "matrix_instr_nonkdim": 0, "waves_per_eu": 1}
+
+
+@pytest.mark.parametrize("backend", ["FLASH", "TRITON_DECODE", "AUTO"])
+def test_torch_kernel_options_run_as_written_for_torch(backend):
+    """Every key of torch's FlexKernelOptions is accepted: its hints to torch's own kernels change no
+    result and are left out of the options the kernels see; torch's names of its fused backends
+    ask for flexebt's kernels."""
+    from torch.nn.attention import flex_attention as torch_flex
+
+    from flexebt.backends import requested_backend
+    from flexebt.kernels.options import KernelOptions
+
+    declared = getattr(torch_flex, "FlexKernelOptions", None)
+    if declared is not None:
+        from flexebt._validation import KERNEL_OPTIONS
+
+        assert set(declared.__annotations__) <= set(KERNEL_OPTIONS)
+    assert requested_backend({"BACKEND": backend}) == ("AUTO" if backend == "AUTO" else "TRITON")
+    assert KernelOptions.of({**TORCH_OPTIONS, "BLOCK_M": 32}) == KernelOptions.of({"BLOCK_M": 32})
+    x = dict(query=t(1, 2, 8, 16), key=t(1, 2, 8, 16), value=t(1, 2, 8, 16))
+    ref = flex(**x, kernel_options={"BACKEND": "REFERENCE"})
+    assert torch.equal(flex(**x, kernel_options={"BACKEND": "REFERENCE", **TORCH_OPTIONS}), ref)
+    ebt(kernel_options={"BACKEND": "REFERENCE", **TORCH_OPTIONS})
+    pw(kernel_options={"BACKEND": "REFERENCE", **TORCH_OPTIONS})
 
 
 # ---- head dim 0 ----

@@ -90,8 +90,27 @@ def prepare_captured(tensors: list, extents: dict, grad_slots, positional, name:
                 f"{tuple(tensors[slot].shape)} with {what}, which goes up to {need - 1} in this call: index "
                 f"{need - 1} is out of range for size {size} (as in torch). Give the tensor at least {need} "
                 f"entries along that dimension.")
+    if torch.autograd.forward_ad._current_level >= 0 and not torch.compiler.is_compiling():
+        _refuse_tangents(tensors, grad_slots, name)
     return [(x.contiguous() if _overlapping(x) else x) if k in grad_slots else x.detach()
             for k, x in enumerate(tensors)]
+
+
+def _refuse_tangents(tensors: list, grad_slots, name: str) -> None:
+    """Inside ``torch.autograd.forward_ad.dual_level``: refuse a captured tensor that carries a
+    forward-mode tangent.  A tensor whose gradient the kernels do not form is passed detached, and
+    ``detach()`` drops its tangent too, so the output's tangent would silently miss that tensor's
+    part; the kernels' forward mode covers tangents of q, k and v only (the tensors with gradients
+    reach ``Attention.jvp``, which refuses theirs)."""
+    from torch.autograd.forward_ad import unpack_dual
+
+    for k, x in enumerate(tensors):
+        if k not in grad_slots and unpack_dual(x).tangent is not None:
+            raise NotImplementedError(
+                f"flexebt: a tensor captured by the mod {name!r} (shape {tuple(x.shape)}) carries a forward-mode "
+                f"tangent (torch.autograd.forward_ad.make_dual); the kernels' forward mode takes tangents of q, k "
+                f"and v only. Use kernel_options={{'BACKEND': 'REFERENCE'}} for this call, or give the tangent to "
+                f"q, k or v.")
 
 
 def position_extents(B: int, H: int, n_q: int, n_kv: int, n_mq: Optional[int] = None) -> dict:

@@ -75,11 +75,12 @@ def _c(t: Optional[Tensor]) -> Tensor:
     return t.to(torch.int32).contiguous()
 
 
-def tables_from_block_mask(block_mask, Sq: int, Skv: int, device) -> BlockTables:
+def tables_from_block_mask(block_mask, Sq: int, Skv: int, device, sync_free: bool = False) -> BlockTables:
     """Tables of a torch BlockMask for inputs of lengths ``(Sq, Skv)``, or all-full tables when
     ``block_mask`` is None.  Only blocks that hold positions are listed (blockmask.tables_in_range):
     a mask made for longer sequences or cropped with ``BlockMask._adjust`` may list blocks past
-    the ends, which the kernels would otherwise read past K/V / Q."""
+    the ends, which the kernels would otherwise read past K/V / Q.  ``sync_free``: see
+    ``tables_in_range``."""
     if block_mask is None:
         sq = skv = 128
         nq, nkv = -(-Sq // sq), -(-Skv // skv)
@@ -98,7 +99,7 @@ def tables_from_block_mask(block_mask, Sq: int, Skv: int, device) -> BlockTables
             f"rebuild the mask with e.g. BLOCK_SIZE=128, or use kernel_options={{'BACKEND': 'REFERENCE'}}.")
     from ..blockmask import tables_in_range
 
-    kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx = tables_in_range(block_mask, Sq, Skv)
+    kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx = tables_in_range(block_mask, Sq, Skv, sync_free)
     has_full = fkv_num is not None
     full = (lambda t, like: _c(t) if has_full else torch.zeros_like(_c(like)))
     return BlockTables(
@@ -107,15 +108,44 @@ def tables_from_block_mask(block_mask, Sq: int, Skv: int, device) -> BlockTables
         sparse_q=bq, sparse_kv=bkv, has_full=has_full, mask_mod=block_mask.mask_mod)
 
 
+_MASK_TENSORS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks", "q_indices",
+                 "full_q_num_blocks", "full_q_indices")
+
+
+def _mask_state(block_mask) -> Optional[tuple]:
+    """What a block mask's converted tables were made from, besides the lengths: ``(objects, values)``
+    -- its mask_mod and table tensors (compared by identity), its block size and the tables'
+    version counters (an in-place edit bumps them; compared by value).  A
+    BlockMask is a mutable object -- ``bm.mask_mod = other`` or ``bm.kv_indices[...] = ...`` after a
+    call -- so a conversion is reused only while all of these are what they were.  None where a
+    version cannot be read (tensors made under torch.inference_mode): then nothing is reused."""
+    tensors = tuple(getattr(block_mask, name, None) for name in _MASK_TENSORS)
+    try:
+        versions = tuple(None if t is None else t._version for t in tensors)
+    except RuntimeError:  # inference tensors keep no version counter
+        return None
+    return (block_mask.mask_mod, *tensors), (tuple(block_mask.BLOCK_SIZE), versions)
+
+
 def cached_tables(block_mask, Sq: int, Skv: int, device) -> BlockTables:
     """tables_from_block_mask, converted once per block mask and lengths: a training loop calls
     attention with the same mask every step, and the conversion (eight int32 copies, or the
-    all-full tables) costs more host time than the launch itself at small sizes."""
+    all-full tables) costs more host time than the launch itself at small sizes.  The conversion
+    is made again when the mask has changed since (``_mask_state``)."""
+    if block_mask is None:
+        key = (None, Sq, Skv, str(device))
+        hit = runtime.tables.get(key)
+        return hit if hit is not None else runtime.tables.put(key, tables_from_block_mask(None, Sq, Skv, device))
+    state = _mask_state(block_mask)
+    if state is None:  # converted every call, without a host-device sync
+        return tables_from_block_mask(block_mask, Sq, Skv, device, sync_free=True)
+    made_from, versions = state
     key = (id(block_mask), Sq, Skv, str(device))
-    hit = runtime.tables.get(key, block_mask)
-    if hit is None:
-        hit = runtime.tables.put(key, tables_from_block_mask(block_mask, Sq, Skv, device), block_mask)
-    return hit
+    hit = runtime.tables.get(key, block_mask, *made_from)
+    if hit is not None and hit[0] == versions:
+        return hit[1]
+    return runtime.tables.put(key, (versions, tables_from_block_mask(block_mask, Sq, Skv, device)),
+                              block_mask, *made_from)[1]
 
 
 _FAST = FastLaunches(store=runtime.launches)  # launches seen before, re-issued without Triton's binding

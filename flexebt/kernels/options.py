@@ -28,6 +28,14 @@ TILE_KEYS = {"fwd": ("BLOCK_M", "BLOCK_N"), "dq": ("BLOCK_M2", "BLOCK_N2"), "dkd
              "dbwd_dkdv": ("BLOCK_M1", "BLOCK_N1"), "jvp": ("BLOCK_M", "BLOCK_N")}
 
 
+# torch flex_attention's kernel_options that tune or hint its own kernels and change no result
+# (name -> kind, as in flexebt._validation): accepted, so that code written for torch runs as it is,
+# and left out of the options the kernels see.
+TORCH_HINTS = {"PRESCALE_QK": "flag", "ROWS_GUARANTEED_SAFE": "flag", "BLOCKS_ARE_CONTIGUOUS": "flag",
+               "WRITE_DQ": "flag", "FORCE_USE_FLEX_ATTENTION": "flag", "kpack": "int", "matrix_instr_nonkdim": "int",
+               "waves_per_eu": "int"}
+
+
 @dataclasses.dataclass(frozen=True)
 class PassOptions:
     """What the options ask of one pass (None: the pass's own default)."""
@@ -116,8 +124,10 @@ class KernelOptions(Mapping):
 
 
 def _items_of(options) -> tuple:
-    """The sorted (key, normalised value) pairs of a kernel_options mapping, BACKEND left out."""
-    return tuple(sorted((k, _normal(v)) for k, v in (options or {}).items() if k != "BACKEND"))
+    """The sorted (key, normalised value) pairs of a kernel_options mapping, BACKEND and torch's
+    hints (TORCH_HINTS) left out."""
+    return tuple(sorted((k, _normal(v)) for k, v in (options or {}).items()
+                        if k != "BACKEND" and k not in TORCH_HINTS))
 
 
 def _encode(items: tuple) -> str:

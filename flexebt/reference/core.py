@@ -157,7 +157,14 @@ def _evaluate(kind: str, mod: Callable, one: Callable, args: Sequence[Tensor], s
     except (IndexError, TypeError):
         raise  # out-of-range indexing of a captured tensor, or our own message about the result
     except RuntimeError as err:
+        if str(err).startswith(_ARITHMETIC_ERRORS):
+            raise  # torch's own error for the mod's arithmetic (an integer divided by zero), as torch raises it
         raise _refusal(kind, mod, err) from err
+
+
+# RuntimeErrors torch raises for a value a mod computes, not for how the mod is written: they reach
+# the caller as they are, as from torch's flex_attention
+_ARITHMETIC_ERRORS = ("ZeroDivisionError", "Integers to negative integer powers are not allowed")
 
 
 def _one_result(kind: str, mod: Callable, out, dtype: torch.dtype, device) -> Tensor:
