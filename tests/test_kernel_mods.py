@@ -309,3 +309,36 @@ def test_in_place_arithmetic():
         return score
 
     _compare(in_place, [bias])
+
+
+def test_a_mod_torch_cannot_differentiate_runs_forward_and_refuses_a_gradient():
+    """``score // 0.5`` (floor_divide of a float has no derivative in torch): the forward equals
+    torch's, on every family; a gradient through it -- backward, forward mode -- is refused, as
+    torch's own backward refuses it."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.nn.attention.flex_attention import flex_attention as torch_flex
+
+    def sm(s, b, h, q_idx, kv_idx):
+        return s + (s // 0.5) * 0.1
+
+    x = [torch.randn(1, 2, S, D) for _ in range(3)]
+    want = torch_flex(*x, score_mod=sm)
+    for backend in (T, R):
+        assert rel_err(flexebt.flex_attention(*x, score_mod=sm, kernel_options=backend), want) < 1e-5
+    y = [torch.randn(1, 2, L, D) for L in (S + 2, S + 2, S + 2, S, S, S)]
+    for a, b in zip(flexebt.flex_ebt_attention(*y, score_mod=sm, kernel_options=T),
+                    flexebt.flex_ebt_attention(*y, score_mod=sm, kernel_options=R)):
+        assert rel_err(a, b) < 1e-5
+    z = [torch.randn(1, 2, L, D) for L in (S, S + 2, S, S + 2, S + 2)]
+    assert rel_err(flexebt.piecewise_attention(*z, dist_threshold=5, score_mod=sm, kernel_options=T),
+                   flexebt.piecewise_attention(*z, dist_threshold=5, score_mod=sm, kernel_options=R)) < 1e-5
+
+    xs = [a.clone().requires_grad_() for a in x]
+    out = flexebt.flex_attention(*xs, score_mod=sm, kernel_options=T)
+    with pytest.raises(NotImplementedError, match="cannot differentiate.*floor_divide"):
+        torch.autograd.grad(out.sum(), xs)
+    with pytest.raises(RuntimeError, match="floor_divide"):  # the reference: torch's own error
+        torch.autograd.grad(flexebt.flex_attention(*xs, score_mod=sm, kernel_options=R).sum(), xs)
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="cannot differentiate"):
+        flexebt.flex_attention(fwAD.make_dual(x[0], torch.randn_like(x[0])), x[1], x[2], score_mod=sm,
+                               kernel_options=T)

@@ -51,6 +51,11 @@ class ModKernels:
     # whose size the mods read: the code holds those sizes (a call with other sizes gets other kernels)
     shape_pins: tuple = ()
 
+    @property
+    def no_derivative(self) -> str:
+        """Why the score_mod has no derivative, or "" (codegen.trace.TracedMod.no_derivative)."""
+        return self.traced_score.no_derivative if self.traced_score is not None else ""
+
     def shapes_differ(self, current: list) -> bool:
         """Whether the captured tensors of a call (``Buffer`` entries) have other sizes than these
         kernels were generated for, where the mods read them."""
@@ -313,9 +318,20 @@ class ModCode:
         t, _ = self._primal(em, call)
         return em.lines + [f"{call.outputs[0]} = ({t}) * LOG2E"]
 
+    def _underivable(self, call) -> Optional[list]:
+        """For a score_mod without a derivative (TracedMod.no_derivative): the hook's outputs as
+        placeholders behind a compile-time assertion.  The launchers refuse every pass that would
+        need them (kernels/plan.py) before it is compiled; the assertion keeps it that way."""
+        if self.traced_score is None or not self.traced_score.no_derivative:
+            return None
+        return ['tl.static_assert(False, "flexebt: this score_mod has no derivative")',
+                *(f"{o} = ZERO.to(tl.float32)" for o in call.outputs)]
+
     def score_grad(self, call) -> list:
         if self.traced_score is None:
             return [self._plain_t2(call), f"{call.outputs[1]} = 1.0"]
+        if self._underivable(call):
+            return self._underivable(call)
         em = self._emitter("sb_")
         t, inputs = self._primal(em, call)
         loads = [f"sb_{ld.node_name}" for ld in self.traced_score.loads]
@@ -325,7 +341,8 @@ class ModCode:
 
     def captured_grad(self, call) -> list:
         """dt df/dc_k into GBUF of each learned captured tensor c_k (outputs 2.. of the bwd graph)."""
-        if self.traced_score is None or not any(ld.learned for ld in self.traced_score.loads):
+        if self.traced_score is None or self.traced_score.no_derivative or not any(
+                ld.learned for ld in self.traced_score.loads):
             return ["pass"]
         em, outs = self._paired(call)
         dt, keep = call.inputs["dt"], call.inputs["keep"]
@@ -338,6 +355,8 @@ class ModCode:
         if self.traced_score is None:
             return [self._plain_t2(call), f"{dtds} = {zero} + 1.0", f"{d2} = {zero}", f"{ew} = {zero}",
                     f"{ewds} = {zero}"]
+        if self._underivable(call):
+            return self._underivable(call)
         em = self._emitter("sd_")
         t, inputs = self._primal(em, call)
         score = self.traced_score
@@ -360,7 +379,8 @@ class ModCode:
 
     def captured_second_grad(self, call) -> list:
         """g_c_k += gt f_c_k + dt (f_sc_k A + sum_l f_c_k c_l Gc_l) for each learned captured tensor."""
-        if self.traced_score is None or not any(ld.learned for ld in self.traced_score.loads):
+        if self.traced_score is None or self.traced_score.no_derivative or not any(
+                ld.learned for ld in self.traced_score.loads):
             return ["pass"]
         em, outs = self._paired(call)
         gt, dt, a, keep = (call.inputs[n] for n in ("gt", "dt", "a", "keep"))

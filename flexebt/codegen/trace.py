@@ -53,6 +53,9 @@ class TracedMod:
     deriv_constants: dict[str, dict[str, int]]
     name: str
     shape_reads: frozenset = frozenset()  # captured tensors (their index in ``buffers``) whose shape the mod read
+    # why the mod has no derivative ("" where it has): an op torch cannot differentiate applied to the
+    # score or to a captured tensor that requires grad -- the forward runs, a gradient is refused
+    no_derivative: str = ""
 
 
 def _idx(device="cpu"):
@@ -419,7 +422,7 @@ def trace_score_mod(score_mod: Callable, want_second_order: bool = False) -> Tra
             if tensor is not None and tensor.is_floating_point():
                 detached = all(u.target is aten.detach.default for u in node.users)
                 loads.append(Load(node.name, consts[src.target], tensor.requires_grad and not detached))
-    derivative, deriv_consts = {}, {}
+    derivative, deriv_consts, no_derivative = {}, {}, ""
     for which in (("bwd", "dbwd") if want_second_order else ("bwd",)):
         learned = [ld.learned for ld in loads]
         try:
@@ -427,13 +430,18 @@ def trace_score_mod(score_mod: Callable, want_second_order: bool = False) -> Tra
         except RuntimeError as e:
             if "derivative for" not in str(e) and "not implemented" not in str(e):
                 raise
-            raise NotImplementedError(
+            # as in torch: the forward runs, and a gradient through the op is an error (raised by the
+            # kernels' backward and forward-mode passes: kernels/plan.py)
+            no_derivative = (
                 f"flexebt: the score_mod {name!r} applies an op that torch cannot differentiate to the score or to a "
-                f"captured tensor that requires grad ({e}); torch's own backward refuses it too. Detach that "
-                f"operand or use a differentiable op.") from None
+                f"captured tensor that requires grad ({e}); torch's own backward refuses it too. Its forward runs; "
+                f"for a gradient, detach that operand or use a differentiable op.")
+            derivative, deriv_consts = {}, {}
+            break
         derivative[which] = dg
         deriv_consts[which] = _constant_map(dg, buffers)
-    return TracedMod("score", gm, buffers, consts, loads, derivative, deriv_consts, name, frozenset(mode.shape_reads))
+    return TracedMod("score", gm, buffers, consts, loads, derivative, deriv_consts, name, frozenset(mode.shape_reads),
+                     no_derivative)
 
 
 class _LeafInterpreter(torch.fx.Interpreter):

@@ -238,6 +238,14 @@ def plan_forward(plan: AttentionPlan, ins: list, buffers: list, scale: float, op
     return res
 
 
+def _refuse_without_derivative(plan: AttentionPlan) -> None:
+    """A score_mod torch cannot differentiate runs forward only (codegen.trace.TracedMod.no_derivative):
+    every pass that needs its derivative refuses here, before a kernel is compiled or launched."""
+    for p in plan.passes:
+        if p.kern.no_derivative:
+            raise NotImplementedError(p.kern.no_derivative)
+
+
 def _cotangents(plan: AttentionPlan, outs: list, cts: list) -> tuple:
     n = plan.n_rows
     douts = [(c if c is not None else torch.zeros_like(o)).contiguous() for c, o in zip(cts[:n], outs[:n])]
@@ -251,6 +259,7 @@ def plan_backward(plan: AttentionPlan, ins: list, outs: list, cts: list, buffers
     ``outs`` are the forward's outputs then lse; ``cts`` their cotangents (None: zero).  The
     inputs in ``unwanted`` (positions) get no gradient: a key pass whose keys and values are both
     unwanted is not launched (the captured tensors' gradients come from the query passes)."""
+    _refuse_without_derivative(plan)
     n = plan.n_rows
     out, lse = outs[:n], outs[n:]
     douts, dlses = _cotangents(plan, outs, cts)
@@ -287,6 +296,7 @@ def plan_double_backward(plan: AttentionPlan, ins: list, outs: list, cts: list, 
     first-order gradients of the inputs (None: zero) and ``bcts`` of the captured tensors', the
     gradients of (the inputs, the first-order cotangents ``cts``, the captured tensors).  The
     forward's ``outs`` enter as constants (total derivatives)."""
+    _refuse_without_derivative(plan)
     n = plan.n_rows
     out, lse = outs[:n], outs[n:]
     douts, dlses = _cotangents(plan, outs, cts)
@@ -352,6 +362,7 @@ def plan_jvp(plan: AttentionPlan, ins: list, tangents: list, buffers: list, scal
              options: Optional[dict] = None) -> list:
     """Forward mode, fused: tangents of the outputs then of the lse along ``tangents`` of the
     inputs (zeros where None)."""
+    _refuse_without_derivative(plan)
     tangents = [t if t is not None else torch.zeros_like(x) for t, x in zip(tangents, ins)]
     parts = [[] for _ in range(plan.n_rows)]
     for p in plan.passes:
