@@ -108,7 +108,7 @@ def test_code_after_a_hook_and_an_unpaired_captured_gradient_are_refused():
     with pytest.raises(ValueError, match="a statement of its own"):
         hooks.expand_hooks(f"def f():\n    {GOOD}.to(x)\n", None)
     code = source.ModCode(None, None, {}, [], False)
-    code.traced_score = type("S", (), {"loads": [type("L", (), {"learned": True})()], "name": "m"})()
+    code.traced_score = type("S", (), {"loads": [type("L", (), {"learned": True})()], "name": "m", "no_derivative": ""})()
     with pytest.raises(ValueError, match="needs a score_grad before it"):
         hooks.expand_hooks("def f():\n    hook.captured_grad(dt=dt, keep=keep)\n", code)
 

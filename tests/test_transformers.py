@@ -155,3 +155,114 @@ def test_softcap_then_a_dense_mask(name):
     out, _ = flexebt_hf.attention_forward(nn.Module(), q, k, v, bias, scaling=0.5, softcap=1.5)
     s = 1.5 * torch.tanh(q @ k.transpose(-1, -2) * 0.5 / 1.5) + bias
     assert rel_err(out, (torch.softmax(s, -1) @ v).transpose(1, 2)) < 1e-12
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 1, 9), (1, 1, 9, 9), (2, 4, 1, 9), (1, 4, 9, 1)])
+def test_every_size_one_dimension_of_a_dense_mask_broadcasts(name, shape):
+    """A padding mask [B, 1, 1, Skv] (a user's, as BERT takes it) and other broadcast shapes, as
+    SDPA reads them; an integer mask is refused, as SDPA refuses it."""
+    import torch.nn as nn
+
+    q, k, v = (torch.randn(2, 4, 9, 8, dtype=torch.float64) for _ in range(3))
+    keep = torch.rand(shape) < 0.6
+    keep[..., 0] = True
+    for mask in (keep, torch.zeros(shape, dtype=torch.float64).masked_fill(~keep, torch.finfo(torch.float64).min)):
+        out, _ = flexebt_hf.attention_forward(nn.Module(), q, k, v, mask, scaling=0.3)
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+        assert rel_err(out, want.transpose(1, 2)) < 1e-12
+    with pytest.raises(TypeError, match="int64"):
+        flexebt_hf.attention_forward(nn.Module(), q, k, v, keep.long(), scaling=0.3)
+
+
+def test_position_bias_is_added_and_learned(name):
+    """T5's relative-position bias arrives as ``position_bias`` [1, H, Sq, Skv]: added to the scores
+    after the mask, with its gradient first and second order; a tiny T5 (encoder padding, decoder,
+    cross-attention, generate) gives plain float64 math's logits and tokens."""
+    import torch.nn as nn
+
+    q, k, v = (torch.randn(2, 4, 7, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 4, 7, 7, dtype=torch.float64, requires_grad=True)
+    keep = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    keep[1, ..., 5:] = False
+
+    def math(q, k, v, bias):
+        s = (q @ k.transpose(-1, -2)).masked_fill(~keep, float("-inf")) + bias
+        return (torch.softmax(s, -1) @ v).transpose(1, 2)
+
+    def ours(q, k, v, bias):
+        return flexebt_hf.attention_forward(nn.Module(), q, k, v, keep, scaling=1.0, position_bias=bias)[0]
+
+    for f in (ours, math):
+        out = f(q, k, v, bias)
+        g = torch.autograd.grad(out.square().sum(), (q, bias), create_graph=True)
+        g2 = torch.autograd.grad(sum(x.square().sum() for x in g), (k, bias))
+        if f is ours:
+            got = (out, *g, *g2)
+        else:
+            for a, b in zip(got, (out, *g, *g2)):
+                assert rel_err(a, b) < 1e-10
+
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
+                                   num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0,
+                                   decoder_start_token_id=0, pad_token_id=0)
+    model = transformers.T5ForConditionalGeneration(config).double().eval()
+    ids, dec = torch.randint(1, 64, (2, 9)), torch.randint(1, 64, (2, 6))
+    am = torch.ones(2, 9, dtype=torch.long)
+    am[1, 6:] = 0
+    res = {}
+    for impl in ("sdpa", name):
+        model.set_attn_implementation(impl)
+        res[impl] = (model(input_ids=ids, attention_mask=am, decoder_input_ids=dec).logits,
+                     model.generate(ids, attention_mask=am, max_new_tokens=5, do_sample=False))
+    assert rel_err(res[name][0], res["sdpa"][0]) < 1e-12
+    assert torch.equal(res[name][1], res["sdpa"][1])
+
+
+def test_keywords_flexebt_does_not_implement_are_refused(name):
+    import torch.nn as nn
+
+    q = torch.randn(1, 2, 4, 8)
+    for kw in ({"sinks": torch.zeros(1, 2, 4)}, {"indices": torch.zeros(1, 4, 2, dtype=torch.long)}):
+        with pytest.raises(NotImplementedError, match=next(iter(kw))):
+            flexebt_hf.attention_forward(nn.Linear(1, 1), q, q, q, None, **kw)
+
+
+def test_sinks_with_padded_rows_have_finite_second_order_gradients(name):
+    """A padded query keeps no key (lse = -inf): its sink weight and every derivative of it are 0,
+    not NaN; elsewhere the gradients are the written-out softmax's."""
+    import torch.nn as nn
+
+    q, k, v = (torch.randn(2, 4, 6, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    sinks = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    keep = torch.ones(2, 1, 6, 6, dtype=torch.bool)
+    keep[1, :, :, :2] = False
+    keep[1, :, :2, :] = False  # two padded queries in the second sequence: they keep nothing
+
+    def math(q, k, v, sinks):
+        s = (q @ k.transpose(-1, -2)) * 0.3
+        s = torch.cat([s.masked_fill(~keep, float("-inf")), sinks.view(1, 4, 1, 1).expand(2, 4, 6, 1)], -1)
+        return (torch.softmax(s, -1)[..., :-1] @ v).transpose(1, 2)
+
+    def ours(q, k, v, sinks):
+        return flexebt_hf.attention_forward(nn.Module(), q, k, v, keep, scaling=0.3, s_aux=sinks)[0]
+
+    results = []
+    for f in (ours, math):
+        out = f(q, k, v, sinks)
+        g = torch.autograd.grad(out.square().sum(), (q, sinks), create_graph=True)
+        results.append((out, *g, *torch.autograd.grad(sum(x.square().sum() for x in g), (k, sinks))))
+    for a, b in zip(*results):
+        assert torch.isfinite(a).all() and rel_err(a, b) < 1e-10
+
+
+def test_generate_with_a_static_cache_matches_sdpa(name):
+    """A static cache bumps the offsets its mask reads, in place, before each layer's attention; the
+    mask function copies them when the mask is made.  Without padding (nothing else hides the
+    next, empty cache slot), every decoding step gives SDPA's logits."""
+    ids = torch.randint(1, 61, (1, 7))
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static", output_logits=True,
+              return_dict_in_generate=True)
+    want = torch.stack(_model("sdpa").generate(ids, **kw).logits)
+    got = torch.stack(_model(name).generate(ids, **kw).logits)
+    assert rel_err(got, want) < 1e-12

@@ -19,6 +19,8 @@ Needs a transformers version with ``AttentionInterface`` and ``AttentionMaskInte
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
@@ -30,51 +32,102 @@ __all__ = ["NAME", "attention_forward", "register"]
 NAME = "flexebt"
 
 
-def _dense_mask_mod(mask: torch.Tensor, first):
-    """A dense mask [B or 1, H or 1, Sq, Skv] that a model hands over (a user's 4-D mask): bool
-    (True = attend, as SDPA) or additive float, added after the score_mod ``first`` (the soft-cap,
-    or None); size-1 batch and head dimensions broadcast."""
-    bias = torch.where(mask, 0.0, float("-inf")) if mask.dtype == torch.bool else mask
-    per_batch, per_head = bias.shape[0] > 1, bias.shape[1] > 1
+def _broadcast_reader(t: torch.Tensor):
+    """``read(b, h, q_idx, kv_idx)`` of a 4-D tensor whose size-1 dimensions broadcast (a padding
+    mask ``[B, 1, 1, Skv]``, a relative-position bias ``[1, H, Sq, Skv]``), as SDPA and eager
+    attention broadcast them."""
+    wide = [n > 1 for n in t.shape]
+
+    def read(b, h, q_idx, kv_idx):
+        return t[b if wide[0] else 0, h if wide[1] else 0, q_idx if wide[2] else 0, kv_idx if wide[3] else 0]
+
+    return read
+
+
+def _dense_mask_mod(mask: torch.Tensor, position_bias, first):
+    """The score_mod of what a model hands over besides a block mask: the soft-cap ``first`` (or
+    None), a dense 4-D mask (bool, True = attend, as SDPA, or additive float; None if there is none)
+    and an additive ``position_bias`` (T5's relative-position bias; None if there is none), applied
+    in that order, every size-1 dimension broadcast."""
+    if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(f"flexebt attention: attention_mask of dtype {mask.dtype}; pass a bool mask (True = attend) "
+                        f"or an additive floating-point mask, as for SDPA.")
+    mask_at = None if mask is None else _broadcast_reader(
+        torch.where(mask, 0.0, float("-inf")) if mask.dtype == torch.bool else mask)
+    bias_at = None if position_bias is None else _broadcast_reader(position_bias)
 
     def masked_score(score, b, h, q_idx, kv_idx):
         if first is not None:
             score = first(score, b, h, q_idx, kv_idx)
-        return score + bias[b if per_batch else 0, h if per_head else 0, q_idx, kv_idx]
+        if mask_at is not None:
+            score = score + mask_at(b, h, q_idx, kv_idx)
+        if bias_at is not None:
+            score = score + bias_at(b, h, q_idx, kv_idx)
+        return score
 
     return masked_score
 
 
+# keywords some models pass that change the attention and that flexebt does not implement: refused
+# rather than ignored (a per-token sink, a sparse selection of keys)
+_REFUSED_KEYWORDS = {"sinks": "per-token attention sinks", "indices": "sparse attention over selected keys"}
+
+
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask, scaling: float | None = None, dropout: float = 0.0,
-                      softcap: float | None = None, s_aux: torch.Tensor | None = None, **kwargs):
+                      softcap: float | None = None, s_aux: torch.Tensor | None = None,
+                      position_bias: torch.Tensor | None = None, **kwargs):
     """transformers' attention-function contract: ``query`` ``[B, Hq, Sq, D]``, ``key`` / ``value``
     ``[B, Hkv, Skv, D]``, ``attention_mask`` a BlockMask (from the mask function ``register``
-    installs), a dense 4-D mask (bool, True = attend, or additive float) or None; returns
-    ``(out [B, Sq, Hq, D], None)``."""
+    installs), a dense 4-D mask (bool, True = attend, or additive float) or None; ``softcap``,
+    attention sinks ``s_aux`` (one logit per head), an additive ``position_bias`` (T5's
+    relative-position bias) and ``kernel_options``; returns ``(out [B, Sq, Hq, D], None)``."""
     if dropout:
         raise ValueError(f"flexebt attention: attention dropout ({dropout}) is not supported; call model.eval() "
                          "or set the model config's attention_dropout to 0.")
-    block_mask, score_mod = None, generate_tanh_softcap(softcap) if softcap is not None else None
+    for name, what in _REFUSED_KEYWORDS.items():
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(
+                f"flexebt attention: {type(module).__name__} passes {name}= ({what}), which flexebt does not "
+                f"implement; run this model with attn_implementation='eager' or 'sdpa'.")
+    block_mask, dense = None, None
     if isinstance(attention_mask, BlockMask):
         block_mask = attention_mask
     elif isinstance(attention_mask, torch.Tensor):
-        score_mod = _dense_mask_mod(attention_mask[:, :, :, :key.shape[2]], score_mod)
+        dense = attention_mask[:, :, :, :key.shape[2]]
     elif attention_mask is not None:
         raise TypeError(f"flexebt attention: attention_mask must be a BlockMask, a tensor or None, got "
                         f"{type(attention_mask).__name__}.")
+    score_mod = generate_tanh_softcap(softcap) if softcap is not None else None
+    if dense is not None or position_bias is not None:
+        score_mod = _dense_mask_mod(dense, position_bias, score_mod)
+    call = dict(score_mod=score_mod, block_mask=block_mask, scale=scaling, enable_gqa=True,
+                kernel_options=kwargs.get("kernel_options"))
     if s_aux is None:
-        out = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling,
-                             enable_gqa=True)
+        out = flex_attention(query, key, value, **call)
     else:
-        # attention sinks: one more logit per head that takes probability mass but adds no value;
-        # renormalise through the log-sum-exp (differentiable at every order)
-        out, lse = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling,
-                                  enable_gqa=True, return_lse=True)
-        sink = s_aux.to(lse.dtype).view(1, -1, 1).expand_as(lse)
-        total = torch.logaddexp(lse, sink)
-        out = (out * torch.exp(lse - total).unsqueeze(-1).to(out.dtype)).to(query.dtype)
+        # attention sinks: one more logit per head that takes probability mass but adds no value.
+        # The rows' weight exp(lse) / (exp(lse) + exp(sink)) is sigmoid(lse - sink): unlike
+        # exp(lse - logaddexp(lse, sink)) it has finite derivatives of every order where a row keeps
+        # no key (lse = -inf, a padded query)
+        out, lse = flex_attention(query, key, value, return_lse=True, **call)
+        weight = torch.sigmoid(lse - s_aux.to(lse.dtype).view(1, -1, 1))
+        out = (out * weight.unsqueeze(-1).to(out.dtype)).to(query.dtype)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _mask_of_offsets_as_they_are(*args, **kwargs):
+    """transformers' BlockMask builder, with tensor arguments (the cache offsets) copied when the
+    mask is made.  A static KV cache hands over its live length tensor as the offset and bumps it in
+    place when a layer writes its keys, before that layer's attention; the mask_mod, read at call
+    time, would then let every query see the next, still empty slot of the cache."""
+    from transformers.masking_utils import flex_attention_mask
+
+    bound = inspect.signature(flex_attention_mask).bind_partial(*args, **kwargs)
+    for name in ("q_offset", "kv_offset"):
+        if isinstance(bound.arguments.get(name), torch.Tensor):
+            bound.arguments[name] = bound.arguments[name].clone()
+    return flex_attention_mask(*bound.args, **bound.kwargs)
 
 
 def register(name: str = NAME) -> str:
@@ -82,10 +135,10 @@ def register(name: str = NAME) -> str:
     ``name`` (pass it as ``attn_implementation=``, or to ``model.set_attn_implementation``)."""
     try:
         from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, flex_attention_mask
+        from transformers.masking_utils import AttentionMaskInterface, flex_attention_mask  # noqa: F401
     except ImportError as e:  # pragma: no cover - depends on the installed transformers
         raise ImportError("flexebt.integrations.transformers needs a transformers version with AttentionInterface and "
                           f"AttentionMaskInterface: {e}") from e
     AttentionInterface.register(name, attention_forward)
-    AttentionMaskInterface.register(name, flex_attention_mask)
+    AttentionMaskInterface.register(name, _mask_of_offsets_as_they_are)
     return name
