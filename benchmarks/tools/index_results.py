@@ -37,9 +37,9 @@ CURRENT = {
     "B2_h100_d64_5d5846c", "B2_h100_d64_large_1486128", "B2_h100_d128_5d5846c", "B2_h100_d64_d128_all_5d5846c",
     "B3_h100_bf16_s256_ro_7f5672b", "B3_h100_bf16_s256_compiled_7f5672b", "B3_h100_bf16_s2048_7f5672b",
     "B3_h100_bf16_s1024_s4096_7f5672b", "B3_h100_fp32_s256_eager_7b38585", "B3_h100_fp32_s256_compiled_7b38585",
-    "B3_h100_fp32_s256_ro_b493a3c",
+    "B3_h100_fp32_s256_ro_b493a3c", "B3_h100_bf16_s256_ro_7dc45a6", "B3_h100_bf16_s256_compiled_7dc45a6",
     "B4_h200_71970fc", "B4_h100_d128_daf5d74",
-    "gpu_checks_h100_b493a3c", "gpu_checks_h100_ac6afad",
+    "gpu_checks_h100_6bdaad8",
 }
 
 # Why a run is not to be cited, per file in invalid/.
