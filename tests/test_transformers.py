@@ -266,3 +266,11 @@ def test_generate_with_a_static_cache_matches_sdpa(name):
     want = torch.stack(_model("sdpa").generate(ids, **kw).logits)
     got = torch.stack(_model(name).generate(ids, **kw).logits)
     assert rel_err(got, want) < 1e-12
+
+
+def test_output_attentions_warns_that_none_are_returned(name):
+    import torch.nn as nn
+
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.warns(UserWarning, match="output_attentions"):
+        flexebt_hf.attention_forward(nn.Module(), q, q, q, None, output_attentions=True)

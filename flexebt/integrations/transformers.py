@@ -20,6 +20,7 @@ Needs a transformers version with ``AttentionInterface`` and ``AttentionMaskInte
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask
@@ -85,6 +86,9 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if dropout:
         raise ValueError(f"flexebt attention: attention dropout ({dropout}) is not supported; call model.eval() "
                          "or set the model config's attention_dropout to 0.")
+    if kwargs.get("output_attentions", False):
+        warnings.warn("flexebt attention does not return attention weights (output_attentions=True): the model's "
+                      "`attentions` stay empty; use attn_implementation='eager' for them.", stacklevel=2)
     for name, what in _REFUSED_KEYWORDS.items():
         if kwargs.get(name) is not None:
             raise NotImplementedError(
