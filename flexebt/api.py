@@ -81,7 +81,7 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor, score_mod: Optiona
     V.check_block_mask(fn, block_mask, query.shape[0], query.shape[1], query.shape[2], key.shape[2])
     V.check_kernel_options(fn, kernel_options)
     want_max = V.check_return_aux(fn, return_lse, return_aux)
-    backend = _backend_for(fn, kernel_options, (query, key, value), value)
+    backend = _backend_for(fn, kernel_options, (query, key, value), value, (score_mod, block_mask))
     B, H, Sq = query.shape[:3]
     if backend == "TRITON" and (B * H * Sq == 0 or key.shape[2] == 0):  # nothing to launch
         out, lse = _empty_attention((query, key, value), [(B, H, Sq, value.shape[3])], [(B, H, Sq)])
@@ -112,16 +112,34 @@ def _empty_attention(inputs, out_shapes, lse_shapes):
     return outs, lses
 
 
-def _backend_for(fn: str, kernel_options, tensors, value) -> str:
+def _backend_for(fn: str, kernel_options, tensors, value, mods=()) -> str:
     """"TRITON" or "REFERENCE" for this call: the requested backend (backends.resolve_backend),
     except that torch.func compositions the kernels' Functions do not cover take the reference
-    (backends.composition_needs_reference; not decided while torch.compile traces)."""
+    (backends.composition_needs_reference; not decided while torch.compile traces).  ``mods``: the
+    score_mod and block mask, whose captured tensors a transform may reach too."""
     q = tensors[0]
     backend = resolve_backend(kernel_options, q.device, fn, dtype=q.dtype,
                               head_dim=max(q.shape[-1], value.shape[-1]))
-    if backend == "TRITON" and not torch.compiler.is_compiling() and composition_needs_reference(fn, tensors):
+    if backend == "TRITON" and not torch.compiler.is_compiling() and composition_needs_reference(
+            fn, tensors, lambda: _captured_by(mods)):
         backend = "REFERENCE"
     return backend
+
+
+def _captured_by(mods) -> list:
+    """The tensors the score_mod and the block mask's mask_mod(s) capture."""
+    from .codegen.identity import captured_tensors
+
+    fns = []
+    for m in mods:
+        if m is None:
+            continue
+        if callable(m):
+            fns.append(m)
+        for part in (m, getattr(m, "observed", None), getattr(m, "predicted", None)):
+            if part is not None and callable(getattr(part, "mask_mod", None)):
+                fns.append(part.mask_mod)
+    return [b.tensor for f in fns for b in captured_tensors(f)]
 
 
 def _flex_attention_triton(query, key, value, score_mod, block_mask, scale, kernel_options, return_max=False):
@@ -214,7 +232,7 @@ def flex_ebt_attention(q_o: Tensor, k_o: Tensor, v_o: Tensor, q_p: Tensor, k_p: 
     if block_mask is None and not torch.compiler.is_compiling():
         _warn_not_causal(fn, S_o, S_p)
     V.check_kernel_options(fn, kernel_options)
-    backend = _backend_for(fn, kernel_options, (q_o, k_o, v_o, q_p, k_p, v_p), v_o)
+    backend = _backend_for(fn, kernel_options, (q_o, k_o, v_o, q_p, k_p, v_p), v_o, (score_mod, block_mask))
     B, H = q_o.shape[:2]
     if backend == "TRITON" and (B * H * S_o == 0 or S_p == 0):  # nothing to launch for some stream
         return _ebt_with_an_empty_stream((q_o, k_o, v_o, q_p, k_p, v_p), score_mod, block_mask, scale, return_lse,
@@ -357,7 +375,7 @@ def piecewise_attention(q1: Tensor, k1: Tensor, q2: Tensor, k2: Tensor, v: Tenso
     V.check_callable(fn, "score_mod", score_mod)
     V.check_block_mask(fn, block_mask, q1.shape[0], q1.shape[1], q1.shape[2], k1.shape[2])
     V.check_kernel_options(fn, kernel_options)
-    backend = _backend_for(fn, kernel_options, (q1, k1, q2, k2, v), v)
+    backend = _backend_for(fn, kernel_options, (q1, k1, q2, k2, v), v, (score_mod, block_mask))
     B, H, M = q1.shape[:3]
     dist_threshold = V.effective_dist_threshold(dist_threshold, M, k1.shape[2])
     if backend == "TRITON" and (B * H * M == 0 or k1.shape[2] == 0):  # nothing to launch

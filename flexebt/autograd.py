@@ -314,9 +314,10 @@ def _any_batched(tensors) -> bool:
     # (torch.func.grad's wrapped cotangents are not batched: torch's Function.apply unwraps them)
     if batched == "func":
         raise NotImplementedError(
-            "flexebt: torch.func.vmap over the backward of the Triton kernels (e.g. vmap of a vjp function) is not "
+            "flexebt: torch.func.vmap over the backward of the Triton kernels (torch.func.jacrev, or vmap of a vjp "
+            "function) is not "
             "supported: the kernels have no batching rule. Pass kernel_options={'BACKEND': 'REFERENCE'} to the "
-            "attention call (dense math, O(S^2) memory), or batch the cotangents with "
+            "attention call (dense math, O(S^2) memory), use torch.func.jacfwd, or batch the cotangents with "
             "torch.autograd.grad(..., is_grads_batched=True), which the kernels' backward supports.")
     return bool(batched)
 

@@ -92,7 +92,7 @@ def _requires_grad_underneath(tensors) -> bool:
     return False
 
 
-def composition_needs_reference(fn: str, tensors) -> bool:
+def composition_needs_reference(fn: str, tensors, captured=lambda: ()) -> bool:
     """True (with a one-time warning) when the active torch.func transforms ask for something the
     kernels' autograd Functions do not provide, so the call must run the dense reference instead:
 
@@ -102,21 +102,34 @@ def composition_needs_reference(fn: str, tensors) -> bool:
       ``torch.autograd.forward_ad`` inside an autograd graph): the kernels' JVP covers the
       forward outputs, not the backward's.
 
+    * a transform over a tensor a mod captures (``grad`` with respect to a learned bias, a
+      ``functional_call`` of a model's parameters, ``vmap`` over a batch of biases): the kernels
+      take captured tensors by identity, not through functorch's wrappers;
+    * three or more nested ``grad``: the fused double backward differentiates once more only
+      through autograd (``autograd.grad``), not inside a functorch transform.
+
     Plain ``grad``, ``grad(grad)``, ``jvp`` and ``autograd.grad(create_graph=True)`` stay on the
-    kernels.  The reference gives the same values with O(S^2) memory (small inputs)."""
+    kernels.  The reference gives the same values with O(S^2) memory (small inputs).  ``captured``:
+    a function giving the tensors the call's mods capture (asked only under a transform)."""
     if _in_dual_level() and torch.is_grad_enabled() and any(t.requires_grad and _has_forward_tangent(t)
                                                             for t in tensors):
         reason = "forward-mode AD (torch.autograd.forward_ad) inside an autograd graph"
         return _warn_once(fn, reason)
-    if not torch._C._are_functorch_transforms_active() or not any(_is_wrapped(t) for t in tensors):
-        # no transform is active, or none reaches this call's inputs
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    if any(_is_wrapped(t) for t in captured()):
+        return _warn_once(fn, "a torch.func transform over a tensor captured by a mod")
+    if not any(_is_wrapped(t) for t in tensors):  # no transform reaches this call's inputs
         return False
     from torch._C._functorch import TransformType
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
-    kinds = {i.key() for i in retrieve_all_functorch_interpreters()}
+    levels = [i.key() for i in retrieve_all_functorch_interpreters()]
+    kinds = set(levels)
     reason = None
-    if TransformType.Vmap in kinds:
+    if levels.count(TransformType.Grad) >= 3:
+        reason = "three or more nested torch.func.grad"
+    elif TransformType.Vmap in kinds:
         reason = "torch.func.vmap (also used by jacrev / jacfwd / hessian)"
     elif TransformType.Jvp in kinds and (TransformType.Grad in kinds or
                                           (torch.is_grad_enabled() and _requires_grad_underneath(tensors))):

@@ -163,3 +163,59 @@ def test_tangent_of_a_captured_tensor_is_refused_not_dropped(fn):
             minus = call(bias - eps * tb, R)
             for g, a, b in zip(got, plus, minus):
                 assert g is not None and rel_err(g, (a - b) / (2 * eps)) < 1e-6
+
+
+def test_transforms_over_captured_tensors_and_third_order_take_the_reference():
+    """torch.func.grad with respect to a tensor a mod captures (a closure's bias; a model's table
+    through functional_call), vmap over a batch of biases alone, and three nested torch.func.grad:
+    the kernels take captured tensors by identity and differentiate their double backward only
+    through autograd, so these calls run the reference (with a warning) and give its values."""
+    L = 17
+    q, k, v = (torch.randn(1, 2, L, 16) for _ in range(3))
+    bias = 0.3 * torch.randn(2, L, L)
+
+    def energy(q, b, backend):
+        def sm(s, bb, h, q_idx, kv_idx):
+            return s + b[h, q_idx, kv_idx]
+        return flexebt.flex_attention(q, k, v, score_mod=sm, kernel_options=backend).square().sum()
+
+    with pytest.warns(UserWarning, match="captured by a mod"):
+        got = torch.func.grad(energy, argnums=(0, 1))(q, bias, T)
+    want = torch.func.grad(energy, argnums=(0, 1))(q, bias, R)
+    assert all(rel_err(a, b) < 1e-6 for a, b in zip(got, want))
+
+    class Biased(torch.nn.Module):
+        def __init__(self, backend):
+            super().__init__()
+            self.table, self.backend = torch.nn.Parameter(bias.clone()), backend
+
+        def score_mod(self, s, b, h, q_idx, kv_idx):
+            return s + self.table[h, q_idx, kv_idx]
+
+        def forward(self, q):
+            return flexebt.flex_attention(q, k, v, score_mod=self.score_mod, kernel_options=self.backend)
+
+    grads = []
+    for backend in (T, R):
+        model = Biased(backend)
+        params = dict(model.named_parameters())
+        grads.append(torch.func.grad(lambda p, x: torch.func.functional_call(model, p, (x,)).square().sum())(
+            params, q)["table"])
+    assert rel_err(*grads) < 1e-6
+
+    biases = 0.3 * torch.randn(3, 2, L, L)
+
+    def attend(b, backend):
+        def sm(s, bb, h, q_idx, kv_idx):
+            return s + b[h, q_idx, kv_idx]
+        return flexebt.flex_attention(q, k, v, score_mod=sm, kernel_options=backend)
+
+    got = torch.func.vmap(lambda b: attend(b, T))(biases)
+    assert rel_err(got, torch.stack([attend(b, T) for b in biases])) < 1e-6
+
+    def f(x, backend):
+        return flexebt.flex_attention(x, k, v, kernel_options=backend).square().sum()
+
+    third = [torch.func.grad(lambda y: torch.func.grad(lambda z: torch.func.grad(lambda w: f(w, be))(z).square().sum())(
+        y).square().sum())(q) for be in (T, R)]
+    assert rel_err(*third) < 1e-5

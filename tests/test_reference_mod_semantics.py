@@ -464,3 +464,16 @@ def test_integer_arithmetic_errors_reach_the_caller_as_torch_raises_them(mod, me
     with pytest.raises(RuntimeError, match=message) as ours:
         flexebt.flex_attention(q, q, q, score_mod=mod, kernel_options={"BACKEND": "REFERENCE"})
     assert type(ours.value) is type(torch_error.value)
+
+
+def test_a_nan_row_has_a_nan_lse_as_in_torch():
+    """A NaN in one query row: that row's output and lse are NaN (not the -inf of a row that keeps no
+    key); the other rows are torch's."""
+    q, k, v = (torch.randn(1, 2, 7, 8, dtype=torch.float64) for _ in range(3))
+    q[0, 0, 3, 2] = float("nan")
+    want, want_lse = torch_flex(q, k, v, return_lse=True)
+    out, lse = flexebt.flex_attention(q, k, v, return_lse=True, kernel_options={"BACKEND": "REFERENCE"})
+    assert torch.isnan(lse[0, 0, 3]) and torch.isnan(out[0, 0, 3]).all()
+    assert torch.equal(torch.isnan(lse), torch.isnan(want_lse))
+    finite = ~torch.isnan(want_lse)
+    assert rel_err(lse[finite], want_lse[finite]) < 1e-12 and rel_err(out[finite], want[finite]) < 1e-12

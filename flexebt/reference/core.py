@@ -234,7 +234,7 @@ def masked_softmax(t: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.where(keep, torch.exp(torch.where(keep, t, m) - m), torch.zeros_like(t))
     denom = e.sum(dim=-1, keepdim=True)
-    nonempty = denom > 0
+    nonempty = denom != 0  # (a NaN row is not empty: its lse is NaN, as torch's)
     safe = torch.where(nonempty, denom, torch.ones_like(denom))
     p = e / safe
     lse = torch.where(nonempty, torch.log(safe) + m, neg_inf).squeeze(-1)
