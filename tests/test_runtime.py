@@ -205,3 +205,19 @@ def test_piecewise_sees_a_reassigned_mask_mod():
     for backend in (T, R):
         got = flexebt.piecewise_attention(*x, dist_threshold=8, block_mask=bm, kernel_options=backend)
         assert rel_err(got, want) < 1e-6
+
+
+def test_an_ebt_mask_whose_tables_change_after_a_call_is_planned_again():
+    S_o, S_p = 21, 19
+    y = [torch.randn(1, 2, S, 16) for S in (S_o, S_o, S_o, S_p, S_p, S_p)]
+    bm = flexebt.create_ebt_block_mask(None, None, None, S_o, S_p, BLOCK_SIZE=16)
+    before = flexebt.flex_ebt_attention(*y, block_mask=bm, kernel_options=T)
+    for name in ("kv_num_blocks", "full_kv_num_blocks"):  # observed queries past the first block see no key
+        table = getattr(bm.observed, name).clone()
+        table[..., 1:] = 0
+        setattr(bm.observed, name, table)
+    after = flexebt.flex_ebt_attention(*y, block_mask=bm, kernel_options=T)
+    want = flexebt.flex_ebt_attention(*y, block_mask=bm, kernel_options=R)
+    assert (after[0][:, :, 16:] == 0).all() and not torch.equal(after[0], before[0])
+    for a, b in zip(after, want):
+        assert rel_err(a, b) < 1e-5

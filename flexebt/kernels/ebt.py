@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .. import runtime
 from ..codegen.source import ModKernels, kernels_and_buffers, position_extents
-from .flex import BlockTables, tables_from_block_mask
+from .flex import BlockTables, block_mask_state, same_state, tables_from_block_mask
 from .plan import AttentionPlan, KernelPass
 
 
@@ -63,14 +63,18 @@ def plan(score_mod, block_mask, B: int, H: int, S_o: int, S_p: int, device) -> t
     # the kernel lookup runs every call: what the mods read (globals, attributes) may have changed
     kern, buffers = kernels_and_buffers("flex_attention", score_mod, block_mask.mask_mod,
                                         _frame_extents(B, H, S_o, S_p), frame_mask=True)
+    # the two streams' BlockMasks are mutable torch objects: the plan holds while they are as they were
+    state = (block_mask_state(block_mask.observed), block_mask_state(block_mask.predicted))
     hit = runtime.plans.get(key, block_mask, score_mod)
-    if hit is not None and hit.passes[0].kern is kern and hit.passes[0].buffers[1] == len(buffers):
-        return hit, buffers
-    tables_o = tables_from_block_mask(block_mask.observed, S_o, S_o, device)
-    tables_p = tables_from_block_mask(block_mask.predicted, S_p, S_o, device)
+    if (hit is not None and all(map(same_state, hit[0], state)) and hit[1].passes[0].kern is kern
+            and hit[1].passes[0].buffers[1] == len(buffers)):
+        return hit[1], buffers
+    unread = None in state  # (made under inference_mode: converted every call, without a host sync)
+    tables_o = tables_from_block_mask(block_mask.observed, S_o, S_o, device, sync_free=unread)
+    tables_p = tables_from_block_mask(block_mask.predicted, S_p, S_o, device, sync_free=unread)
     keep = block_mask.own_keep_for(B, H)  # evaluated once, when the mask was made
     fresh = ebt_plan(kern, tables_o, tables_p, keep, S_o - S_p + 1, len(buffers))
-    runtime.plans.put(key, fresh, block_mask, score_mod)
+    runtime.plans.put(key, (state, fresh), block_mask, score_mod)
     return fresh, buffers
 
 

@@ -112,7 +112,7 @@ _MASK_TENSORS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_i
                  "full_q_num_blocks", "full_q_indices")
 
 
-def _mask_state(block_mask) -> Optional[tuple]:
+def block_mask_state(block_mask) -> Optional[tuple]:
     """What a block mask's converted tables were made from, besides the lengths: ``(objects, values)``
     -- its mask_mod and table tensors (compared by identity), its block size and the tables'
     version counters (an in-place edit bumps them; compared by value).  A
@@ -127,16 +127,23 @@ def _mask_state(block_mask) -> Optional[tuple]:
     return (block_mask.mask_mod, *tensors), (tuple(block_mask.BLOCK_SIZE), versions)
 
 
+def same_state(a: Optional[tuple], b: Optional[tuple]) -> bool:
+    """Whether two ``block_mask_state`` results describe the same mask as it was (objects by
+    identity, values by value); never for an unreadable state (None)."""
+    return (a is not None and b is not None and len(a[0]) == len(b[0])
+            and all(x is y for x, y in zip(a[0], b[0])) and a[1] == b[1])
+
+
 def cached_tables(block_mask, Sq: int, Skv: int, device) -> BlockTables:
     """tables_from_block_mask, converted once per block mask and lengths: a training loop calls
     attention with the same mask every step, and the conversion (eight int32 copies, or the
     all-full tables) costs more host time than the launch itself at small sizes.  The conversion
-    is made again when the mask has changed since (``_mask_state``)."""
+    is made again when the mask has changed since (``block_mask_state``)."""
     if block_mask is None:
         key = (None, Sq, Skv, str(device))
         hit = runtime.tables.get(key)
         return hit if hit is not None else runtime.tables.put(key, tables_from_block_mask(None, Sq, Skv, device))
-    state = _mask_state(block_mask)
+    state = block_mask_state(block_mask)
     if state is None:  # converted every call, without a host-device sync
         return tables_from_block_mask(block_mask, Sq, Skv, device, sync_free=True)
     made_from, versions = state
