@@ -102,9 +102,10 @@ def composition_needs_reference(fn: str, tensors, captured=lambda: ()) -> bool:
       ``torch.autograd.forward_ad`` inside an autograd graph): the kernels' JVP covers the
       forward outputs, not the backward's.
 
-    * a transform over a tensor a mod captures (``grad`` with respect to a learned bias, a
-      ``functional_call`` of a model's parameters, ``vmap`` over a batch of biases): the kernels
-      take captured tensors by identity, not through functorch's wrappers;
+    * a mod that captures a tensor of the transform (``grad`` with respect to a learned bias, a
+      ``functional_call`` of a model's parameters, ``vmap`` over a batch of biases, any tensor made
+      inside the transformed function): the kernels take captured tensors by identity, not
+      through functorch's wrappers;
     * three or more nested ``grad``: the fused double backward differentiates once more only
       through autograd (``autograd.grad``), not inside a functorch transform.
 
@@ -118,7 +119,7 @@ def composition_needs_reference(fn: str, tensors, captured=lambda: ()) -> bool:
     if not torch._C._are_functorch_transforms_active():
         return False
     if any(_is_wrapped(t) for t in captured()):
-        return _warn_once(fn, "a torch.func transform over a tensor captured by a mod")
+        return _warn_once(fn, "a mod capturing a tensor of a torch.func transform (made or differentiated inside it)")
     if not any(_is_wrapped(t) for t in tensors):  # no transform reaches this call's inputs
         return False
     from torch._C._functorch import TransformType

@@ -22,19 +22,17 @@ from .reference.masking import dense_keep
 __all__ = ["EBTBlockMask", "create_ebt_block_mask", "frame_causal_mask", "tables_in_range"]
 
 
-def _listed_in_range(num: Tensor, idx: Tensor, n_rows: int, n_cols: int,
-                     sync_free: bool = False) -> tuple[Tensor, Tensor]:
+def _listed_in_range(num: Tensor, idx: Tensor, n_rows: int, n_cols: int) -> tuple[Tensor, Tensor]:
     """One ordered block table (``num [.., R]``, ``idx [.., R, W]``: row ``r`` lists the blocks
     ``idx[.., r, :num[.., r]]``) cut to its first ``n_rows`` rows and listing only blocks in
-    ``[0, n_cols)``, in their listed order; the slots past a row's count hold 0.  ``sync_free``:
-    always compact, without asking the device whether anything needs it."""
+    ``[0, n_cols)``, in their listed order; the slots past a row's count hold 0."""
     num, idx = num[..., :n_rows], idx[..., :n_rows, :]
     slots = torch.arange(idx.shape[-1], device=idx.device)
     listed = slots < num.unsqueeze(-1)
     keep = listed & (idx >= 0) & (idx < n_cols)
     # eager: tables that list nothing out of range are used as they are; while torch.compile traces,
     # the (cheap, data-independent) compaction always runs, so the graph has no data-dependent branch
-    if not (sync_free or torch.compiler.is_compiling()) and bool(torch.equal(keep, listed)):
+    if not torch.compiler.is_compiling() and bool(torch.equal(keep, listed)):
         return num, idx
     order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)  # kept entries first, in order
     num = keep.sum(-1).to(num.dtype)
@@ -53,7 +51,7 @@ def _transposed(num: Tensor, idx: Tensor, n_rows: int, n_cols: int) -> tuple[Ten
     return dense.sum(-1).to(torch.int32), torch.argsort(dense, dim=-1, descending=True, stable=True).to(torch.int32)
 
 
-def tables_in_range(block_mask: BlockMask, Sq: int, Skv: int, sync_free: bool = False) -> tuple:
+def tables_in_range(block_mask: BlockMask, Sq: int, Skv: int) -> tuple:
     """The eight block tables of a torch ``BlockMask`` for inputs of lengths ``(Sq, Skv)``:
     ``(kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num, full_q_idx)`` (the
     full ones None when the mask has none), listing only blocks that hold positions.
@@ -64,9 +62,7 @@ def tables_in_range(block_mask: BlockMask, Sq: int, Skv: int, sync_free: bool = 
     position, so dropping them is exact: what remains is the mask's meaning on ``Sq x Skv``.
     The q tables (the transpose, read by the dk/dv passes) are derived from the kv tables where
     the mask has none (``compute_q_blocks=False``) or too few rows.  Raises ValueError when the
-    kv tables have fewer rows than ``ceil(Sq / BLOCK)``.  ``sync_free``: compact every table
-    (eager, tables already in range are otherwise used as they are, which needs one look at
-    their values on the host).
+    kv tables have fewer rows than ``ceil(Sq / BLOCK)``.
     """
     bq, bkv = (int(b) for b in block_mask.BLOCK_SIZE)
     nq, nkv = -(-Sq // bq), -(-Skv // bkv)
@@ -74,19 +70,19 @@ def tables_in_range(block_mask: BlockMask, Sq: int, Skv: int, sync_free: bool = 
         raise ValueError(
             f"block_mask has {block_mask.kv_num_blocks.shape[-1]} rows of query blocks but Q_LEN={Sq} needs {nq} "
             f"(BLOCK_SIZE {bq}); rebuild it with create_block_mask(mask_mod, B, H, {Sq}, {Skv}).")
-    kv = _listed_in_range(block_mask.kv_num_blocks, block_mask.kv_indices, nq, nkv, sync_free)
+    kv = _listed_in_range(block_mask.kv_num_blocks, block_mask.kv_indices, nq, nkv)
     full = None
     if block_mask.full_kv_num_blocks is not None:
         if block_mask.full_kv_num_blocks.shape[-1] < nq or block_mask.full_kv_indices.shape[-2] < nq:
             raise ValueError(
                 f"block_mask has {block_mask.full_kv_num_blocks.shape[-1]} rows of full query blocks but "
                 f"Q_LEN={Sq} needs {nq}; rebuild it with create_block_mask(mask_mod, B, H, {Sq}, {Skv}).")
-        full = _listed_in_range(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, nq, nkv, sync_free)
+        full = _listed_in_range(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, nq, nkv)
 
     def q_side(num, idx, kv_side):
         if num is None or idx is None or num.shape[-1] < nkv or idx.shape[-2] < nkv:
             return _transposed(*kv_side, nq, nkv)
-        return _listed_in_range(num, idx, nkv, nq, sync_free)
+        return _listed_in_range(num, idx, nkv, nq)
 
     q = q_side(block_mask.q_num_blocks, block_mask.q_indices, kv)
     full_q = q_side(block_mask.full_q_num_blocks, block_mask.full_q_indices, full) if full is not None else None

@@ -69,9 +69,8 @@ def plan(score_mod, block_mask, B: int, H: int, S_o: int, S_p: int, device) -> t
     if (hit is not None and all(map(same_state, hit[0], state)) and hit[1].passes[0].kern is kern
             and hit[1].passes[0].buffers[1] == len(buffers)):
         return hit[1], buffers
-    unread = None in state  # (made under inference_mode: converted every call, without a host sync)
-    tables_o = tables_from_block_mask(block_mask.observed, S_o, S_o, device, sync_free=unread)
-    tables_p = tables_from_block_mask(block_mask.predicted, S_p, S_o, device, sync_free=unread)
+    tables_o = tables_from_block_mask(block_mask.observed, S_o, S_o, device)
+    tables_p = tables_from_block_mask(block_mask.predicted, S_p, S_o, device)
     keep = block_mask.own_keep_for(B, H)  # evaluated once, when the mask was made
     fresh = ebt_plan(kern, tables_o, tables_p, keep, S_o - S_p + 1, len(buffers))
     runtime.plans.put(key, (state, fresh), block_mask, score_mod)

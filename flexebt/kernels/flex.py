@@ -75,12 +75,11 @@ def _c(t: Optional[Tensor]) -> Tensor:
     return t.to(torch.int32).contiguous()
 
 
-def tables_from_block_mask(block_mask, Sq: int, Skv: int, device, sync_free: bool = False) -> BlockTables:
+def tables_from_block_mask(block_mask, Sq: int, Skv: int, device) -> BlockTables:
     """Tables of a torch BlockMask for inputs of lengths ``(Sq, Skv)``, or all-full tables when
     ``block_mask`` is None.  Only blocks that hold positions are listed (blockmask.tables_in_range):
     a mask made for longer sequences or cropped with ``BlockMask._adjust`` may list blocks past
-    the ends, which the kernels would otherwise read past K/V / Q.  ``sync_free``: see
-    ``tables_in_range``."""
+    the ends, which the kernels would otherwise read past K/V / Q."""
     if block_mask is None:
         sq = skv = 128
         nq, nkv = -(-Sq // sq), -(-Skv // skv)
@@ -99,7 +98,7 @@ def tables_from_block_mask(block_mask, Sq: int, Skv: int, device, sync_free: boo
             f"rebuild the mask with e.g. BLOCK_SIZE=128, or use kernel_options={{'BACKEND': 'REFERENCE'}}.")
     from ..blockmask import tables_in_range
 
-    kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx = tables_in_range(block_mask, Sq, Skv, sync_free)
+    kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx = tables_in_range(block_mask, Sq, Skv)
     has_full = fkv_num is not None
     full = (lambda t, like: _c(t) if has_full else torch.zeros_like(_c(like)))
     return BlockTables(
@@ -112,26 +111,23 @@ _MASK_TENSORS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_i
                  "full_q_num_blocks", "full_q_indices")
 
 
-def block_mask_state(block_mask) -> Optional[tuple]:
+def block_mask_state(block_mask) -> tuple:
     """What a block mask's converted tables were made from, besides the lengths: ``(objects, values)``
     -- its mask_mod and table tensors (compared by identity), its block size and the tables'
-    version counters (an in-place edit bumps them; compared by value).  A
-    BlockMask is a mutable object -- ``bm.mask_mod = other`` or ``bm.kv_indices[...] = ...`` after a
-    call -- so a conversion is reused only while all of these are what they were.  None where a
-    version cannot be read (tensors made under torch.inference_mode): then nothing is reused."""
+    version counters (compared by value).  A BlockMask is a mutable object -- ``bm.mask_mod =
+    other``, a table replaced or edited in place by a torch op after a call -- so a conversion is
+    reused only while all of these are what they were.  Tensors made under torch.inference_mode
+    keep no version counter: theirs count by identity only (an in-place edit made inside
+    inference_mode is not seen; build a new mask there)."""
     tensors = tuple(getattr(block_mask, name, None) for name in _MASK_TENSORS)
-    try:
-        versions = tuple(None if t is None else t._version for t in tensors)
-    except RuntimeError:  # inference tensors keep no version counter
-        return None
+    versions = tuple(None if t is None else ("inference" if t.is_inference() else t._version) for t in tensors)
     return (block_mask.mask_mod, *tensors), (tuple(block_mask.BLOCK_SIZE), versions)
 
 
-def same_state(a: Optional[tuple], b: Optional[tuple]) -> bool:
+def same_state(a: tuple, b: tuple) -> bool:
     """Whether two ``block_mask_state`` results describe the same mask as it was (objects by
-    identity, values by value); never for an unreadable state (None)."""
-    return (a is not None and b is not None and len(a[0]) == len(b[0])
-            and all(x is y for x, y in zip(a[0], b[0])) and a[1] == b[1])
+    identity, values by value)."""
+    return len(a[0]) == len(b[0]) and all(x is y for x, y in zip(a[0], b[0])) and a[1] == b[1]
 
 
 def cached_tables(block_mask, Sq: int, Skv: int, device) -> BlockTables:
@@ -143,10 +139,7 @@ def cached_tables(block_mask, Sq: int, Skv: int, device) -> BlockTables:
         key = (None, Sq, Skv, str(device))
         hit = runtime.tables.get(key)
         return hit if hit is not None else runtime.tables.put(key, tables_from_block_mask(None, Sq, Skv, device))
-    state = block_mask_state(block_mask)
-    if state is None:  # converted every call, without a host-device sync
-        return tables_from_block_mask(block_mask, Sq, Skv, device, sync_free=True)
-    made_from, versions = state
+    made_from, versions = block_mask_state(block_mask)
     key = (id(block_mask), Sq, Skv, str(device))
     hit = runtime.tables.get(key, block_mask, *made_from)
     if hit is not None and hit[0] == versions:
