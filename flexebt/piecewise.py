@@ -63,28 +63,54 @@ def _build_pair(M, N, w, causal, device, user, B, H, bs):
     return tuple(create_block_mask(f, B, H, M, N, device=device, BLOCK_SIZE=bs) for f in (near, far))
 
 
+def _kept_by(block_mask, M: int, N: int) -> Callable:
+    """The mask_mod of what ``block_mask`` keeps over ``M x N``, as flex_attention reads a block
+    mask: every position of a full block, the positions its mask_mod keeps in a partial block,
+    nothing in an unlisted one.  Its tables enter as one captured tensor of block states (0 none,
+    1 partial, 2 full), so a mask whose tables say more than its mask_mod (``from_kv_blocks``,
+    edited tables) is honoured as in the other functions."""
+    from .blockmask import tables_in_range
+    from .reference.masking import _block_table
+
+    bq, bkv = (int(x) for x in block_mask.BLOCK_SIZE)
+    nkv = -(-N // bkv)
+    kv_num, kv_idx, fkv_num, fkv_idx = tables_in_range(block_mask, M, N)[:4]
+    state = _block_table(kv_num, kv_idx, nkv).to(torch.int8)
+    if fkv_num is not None:
+        state = torch.where(_block_table(fkv_num, fkv_idx, nkv), 2, state).to(torch.int8)
+    per_b, per_h, user = state.shape[0] > 1, state.shape[1] > 1, block_mask.mask_mod
+
+    def kept_by_block_mask(b, h, q_idx, kv_idx):
+        s = state[b if per_b else 0, h if per_h else 0, q_idx // bq, kv_idx // bkv]
+        return (s == 2) | ((s == 1) & user(b, h, q_idx, kv_idx))
+
+    return kept_by_block_mask
+
+
 def region_block_masks(M: int, N: int, dist_threshold, causal: bool, device, block_mask=None):
     """The near and far block masks (``[B, H]`` of ``block_mask`` if given, else broadcast).
     Built on the code-generation thread (create_block_mask uses vmap, and the caller may be
-    inside a torch.func transform), then cached."""
+    inside a torch.func transform), then cached while ``block_mask`` is as it was (a BlockMask
+    is mutable: ``block_mask_state``)."""
     from .codegen.source import run_on_builder
+    from .kernels.flex import block_mask_state, same_state
 
     w = math.ceil(dist_threshold)  # dist is an integer: dist >= w  <=>  dist >= ceil(w)
     if block_mask is not None:
         B, H = block_mask.kv_num_blocks.shape[:2]
         bs = block_mask.BLOCK_SIZE
-        user = block_mask.mask_mod
+        state = block_mask_state(block_mask)
     else:
         B = H = None
-        bs, user = 128, None
-    # (the user's mask_mod by identity too: a BlockMask is mutable, ``bm.mask_mod = other`` after a call)
+        bs, state = 128, None
     key = (M, N, w, causal, str(device), id(block_mask), bs, B, H)
     hit = _MASKS.get(key)
-    if hit is not None and hit[2] is block_mask and hit[3] is user:
+    if hit is not None and hit[2] is block_mask and (state is None or same_state(hit[3], state)):
         _MASKS.move_to_end(key)
         return hit[0], hit[1]
+    user = _kept_by(block_mask, M, N) if block_mask is not None else None
     pair = run_on_builder(_build_pair, M, N, w, causal, device, user, B, H, bs)
-    _MASKS[key] = (*pair, block_mask, user)
+    _MASKS[key] = (*pair, block_mask, state)
     while len(_MASKS) > _MAX_CACHED:
         _MASKS.popitem(last=False)
     return pair

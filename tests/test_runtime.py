@@ -227,3 +227,22 @@ def test_an_ebt_mask_whose_tables_change_after_a_call_is_planned_again():
     assert (after[0][:, :, 16:] == 0).all() and not torch.equal(after[0], before[0])
     for a, b in zip(after, want):
         assert rel_err(a, b) < 1e-5
+
+
+def test_piecewise_reads_the_block_mask_as_flex_attention_does():
+    """Tables that say more than the mask_mod (block-causal tables under a mask_mod that keeps
+    everything; a query block's tables emptied in place): the kernels honour the tables, as the
+    reference and flex_attention do."""
+    L = 33
+    x = [torch.randn(1, 2, L, 16) for _ in range(5)]
+    bm = _mask(_causal, L)
+    run = lambda m, be: flexebt.piecewise_attention(*x, dist_threshold=8, block_mask=m, kernel_options=be)  # noqa: E731
+    run(bm, T)
+    bm.mask_mod = lambda b, h, q, kv: q >= 0
+    assert rel_err(run(bm, T), run(bm, R)) < 1e-6
+    edited = _mask(_causal, L)
+    run(edited, T)
+    edited.kv_num_blocks[..., 1] = 0
+    edited.full_kv_num_blocks[..., 1] = 0
+    got = run(edited, T)
+    assert (got[:, :, 16:32] == 0).all() and rel_err(got, run(edited, R)) < 1e-6
