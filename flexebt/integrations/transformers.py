@@ -19,6 +19,7 @@ Needs a transformers version with ``AttentionInterface`` and ``AttentionMaskInte
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 
@@ -120,6 +121,11 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     return out.transpose(1, 2).contiguous(), None
 
 
+@functools.lru_cache(maxsize=4)
+def _signature(fn) -> inspect.Signature:
+    return inspect.signature(fn)
+
+
 def _mask_of_offsets_as_they_are(*args, **kwargs):
     """transformers' BlockMask builder, with tensor arguments (the cache offsets) copied when the
     mask is made.  A static KV cache hands over its live length tensor as the offset and bumps it in
@@ -127,7 +133,7 @@ def _mask_of_offsets_as_they_are(*args, **kwargs):
     time, would then let every query see the next, still empty slot of the cache."""
     from transformers.masking_utils import flex_attention_mask
 
-    bound = inspect.signature(flex_attention_mask).bind_partial(*args, **kwargs)
+    bound = _signature(flex_attention_mask).bind_partial(*args, **kwargs)
     for name in ("q_offset", "kv_offset"):
         if isinstance(bound.arguments.get(name), torch.Tensor):
             bound.arguments[name] = bound.arguments[name].clone()
