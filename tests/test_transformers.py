@@ -223,7 +223,7 @@ def test_keywords_flexebt_does_not_implement_are_refused(name):
     import torch.nn as nn
 
     q = torch.randn(1, 2, 4, 8)
-    for kw in ({"sinks": torch.zeros(1, 2, 4)}, {"indices": torch.zeros(1, 4, 2, dtype=torch.long)}):
+    for kw in ({"indices": torch.zeros(1, 4, 2, dtype=torch.long)},):
         with pytest.raises(NotImplementedError, match=next(iter(kw))):
             flexebt_hf.attention_forward(nn.Linear(1, 1), q, q, q, None, **kw)
 
@@ -274,3 +274,29 @@ def test_output_attentions_warns_that_none_are_returned(name):
     q = torch.randn(1, 2, 4, 8)
     with pytest.warns(UserWarning, match="output_attentions"):
         flexebt_hf.attention_forward(nn.Module(), q, q, q, None, output_attentions=True)
+
+
+def test_per_token_sinks_first_and_second_order(name):
+    """``sinks`` [B, H, Sq, 1] (one sink logit per query token, Inkling2): the written-out softmax
+    over the scores and the sink, with padded rows, first and second order."""
+    import torch.nn as nn
+
+    q, k, v = (torch.randn(2, 4, 6, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    sinks = torch.randn(2, 4, 6, 1, dtype=torch.float64, requires_grad=True)
+    keep = torch.ones(2, 1, 6, 6, dtype=torch.bool)
+    keep[1, :, :2, :] = False
+
+    def math(q, k, v, sinks):
+        s = ((q @ k.transpose(-1, -2)) * 0.3).masked_fill(~keep, float("-inf"))
+        return (torch.softmax(torch.cat([s, sinks], -1), -1)[..., :-1] @ v).transpose(1, 2)
+
+    def ours(q, k, v, sinks):
+        return flexebt_hf.attention_forward(nn.Module(), q, k, v, keep, scaling=0.3, sinks=sinks)[0]
+
+    results = []
+    for f in (ours, math):
+        out = f(q, k, v, sinks)
+        g = torch.autograd.grad(out.square().sum(), (q, sinks), create_graph=True)
+        results.append((out, *g, *torch.autograd.grad(sum(x.square().sum() for x in g), (k, sinks))))
+    for a, b in zip(*results):
+        assert torch.isfinite(a).all() and rel_err(a, b) < 1e-10

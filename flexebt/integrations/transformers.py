@@ -71,8 +71,8 @@ def _dense_mask_mod(mask: torch.Tensor, position_bias, first):
 
 
 # keywords some models pass that change the attention and that flexebt does not implement: refused
-# rather than ignored (a per-token sink, a sparse selection of keys)
-_REFUSED_KEYWORDS = {"sinks": "per-token attention sinks", "indices": "sparse attention over selected keys"}
+# rather than ignored (a sparse selection of keys)
+_REFUSED_KEYWORDS = {"indices": "sparse attention over selected keys"}
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -82,8 +82,9 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     """transformers' attention-function contract: ``query`` ``[B, Hq, Sq, D]``, ``key`` / ``value``
     ``[B, Hkv, Skv, D]``, ``attention_mask`` a BlockMask (from the mask function ``register``
     installs), a dense 4-D mask (bool, True = attend, or additive float) or None; ``softcap``,
-    attention sinks ``s_aux`` (one logit per head), an additive ``position_bias`` (T5's
-    relative-position bias) and ``kernel_options``; returns ``(out [B, Sq, Hq, D], None)``."""
+    attention sinks ``s_aux`` (one logit per head) or ``sinks`` (``[B, Hq, Sq, 1]``, one per query
+    token), an additive ``position_bias`` (T5's relative-position bias) and ``kernel_options``;
+    returns ``(out [B, Sq, Hq, D], None)``."""
     if dropout:
         raise ValueError(f"flexebt attention: attention dropout ({dropout}) is not supported; call model.eval() "
                          "or set the model config's attention_dropout to 0.")
@@ -108,15 +109,21 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         score_mod = _dense_mask_mod(dense, position_bias, score_mod)
     call = dict(score_mod=score_mod, block_mask=block_mask, scale=scaling, enable_gqa=True,
                 kernel_options=kwargs.get("kernel_options"))
-    if s_aux is None:
+    per_token = kwargs.get("sinks")
+    if s_aux is None and per_token is None:
         out = flex_attention(query, key, value, **call)
     else:
-        # attention sinks: one more logit per head that takes probability mass but adds no value.
-        # The rows' weight exp(lse) / (exp(lse) + exp(sink)) is sigmoid(lse - sink): unlike
+        # attention sinks: one more logit per row -- per head (s_aux [H]) or per query token
+        # (sinks [B, H, Sq, 1]) -- that takes probability mass but adds no value.  The rows' weight
+        # exp(lse) / (exp(lse) + exp(sink)) is sigmoid(lse - sink): unlike
         # exp(lse - logaddexp(lse, sink)) it has finite derivatives of every order where a row keeps
         # no key (lse = -inf, a padded query)
         out, lse = flex_attention(query, key, value, return_lse=True, **call)
-        weight = torch.sigmoid(lse - s_aux.to(lse.dtype).view(1, -1, 1))
+        sink = None if s_aux is None else s_aux.to(lse.dtype).view(1, -1, 1)
+        if per_token is not None:
+            token_sink = per_token.to(lse.dtype)[..., 0]
+            sink = token_sink if sink is None else torch.logaddexp(sink, token_sink)
+        weight = torch.sigmoid(lse - sink)
         out = (out * weight.unsqueeze(-1).to(out.dtype)).to(query.dtype)
     return out.transpose(1, 2).contiguous(), None
 
