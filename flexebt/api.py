@@ -127,18 +127,12 @@ def _backend_for(fn: str, kernel_options, tensors, value, mods=()) -> str:
 
 
 def _captured_by(mods) -> list:
-    """The tensors the score_mod and the block mask's mask_mod(s) capture."""
+    """The tensors the score_mod and the block mask's mask_mod capture (an EBT mask's two streams
+    are made from its frame mask_mod and capture what it captures)."""
     from .codegen.identity import captured_tensors
 
-    fns = []
-    for m in mods:
-        if m is None:
-            continue
-        if callable(m):
-            fns.append(m)
-        for part in (m, getattr(m, "observed", None), getattr(m, "predicted", None)):
-            if part is not None and callable(getattr(part, "mask_mod", None)):
-                fns.append(part.mask_mod)
+    score_mod, block_mask = mods
+    fns = [f for f in (score_mod, getattr(block_mask, "mask_mod", None)) if callable(f)]
     return [b.tensor for f in fns for b in captured_tensors(f)]
 
 

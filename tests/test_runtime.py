@@ -9,7 +9,7 @@ import flexebt
 from flexebt import runtime
 from flexebt.runtime import Store
 
-from helpers import rel_err
+from helpers import rel_err, second_order
 
 T = {"BACKEND": "TRITON"}
 R = {"BACKEND": "REFERENCE"}
@@ -246,3 +246,10 @@ def test_piecewise_reads_the_block_mask_as_flex_attention_does():
     edited.full_kv_num_blocks[..., 1] = 0
     got = run(edited, T)
     assert (got[:, :, 16:32] == 0).all() and rel_err(got, run(edited, R)) < 1e-6
+    xs = [a.clone().requires_grad_() for a in x]
+    for m in (bm, edited):  # first and second order through the honoured tables
+        def pw(backend, m=m):
+            return lambda *a: flexebt.piecewise_attention(*a, dist_threshold=8, block_mask=m, kernel_options=backend)
+        got, want = second_order(pw(T), xs), second_order(pw(R), xs)
+        for a, b in zip(got[0] + got[1], want[0] + want[1]):
+            assert rel_err(a, b) < 1e-5

@@ -157,6 +157,19 @@ def test_softcap_then_a_dense_mask(name):
     assert rel_err(out, (torch.softmax(s, -1) @ v).transpose(1, 2)) < 1e-12
 
 
+def _same_to_second_order(ours, math, q, k, v, extra):
+    """``ours`` and ``math`` (functions of q, k, v and one more tensor) agree -- finite -- in their
+    outputs, the gradients of q and ``extra`` (create_graph=True) and the second-order gradients of
+    k and ``extra`` through them."""
+    results = []
+    for f in (ours, math):
+        out = f(q, k, v, extra)
+        g = torch.autograd.grad(out.square().sum(), (q, extra), create_graph=True)
+        results.append((out, *g, *torch.autograd.grad(sum(x.square().sum() for x in g), (k, extra))))
+    for a, b in zip(*results):
+        assert torch.isfinite(a).all() and rel_err(a, b) < 1e-10
+
+
 @pytest.mark.parametrize("shape", [(2, 1, 1, 9), (1, 1, 9, 9), (2, 4, 1, 9), (1, 4, 9, 1)])
 def test_every_size_one_dimension_of_a_dense_mask_broadcasts(name, shape):
     """A padding mask [B, 1, 1, Skv] (a user's, as BERT takes it) and other broadcast shapes, as
@@ -192,15 +205,7 @@ def test_position_bias_is_added_and_learned(name):
     def ours(q, k, v, bias):
         return flexebt_hf.attention_forward(nn.Module(), q, k, v, keep, scaling=1.0, position_bias=bias)[0]
 
-    for f in (ours, math):
-        out = f(q, k, v, bias)
-        g = torch.autograd.grad(out.square().sum(), (q, bias), create_graph=True)
-        g2 = torch.autograd.grad(sum(x.square().sum() for x in g), (k, bias))
-        if f is ours:
-            got = (out, *g, *g2)
-        else:
-            for a, b in zip(got, (out, *g, *g2)):
-                assert rel_err(a, b) < 1e-10
+    _same_to_second_order(ours, math, q, k, v, bias)
 
     torch.manual_seed(0)
     config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
@@ -247,13 +252,7 @@ def test_sinks_with_padded_rows_have_finite_second_order_gradients(name):
     def ours(q, k, v, sinks):
         return flexebt_hf.attention_forward(nn.Module(), q, k, v, keep, scaling=0.3, s_aux=sinks)[0]
 
-    results = []
-    for f in (ours, math):
-        out = f(q, k, v, sinks)
-        g = torch.autograd.grad(out.square().sum(), (q, sinks), create_graph=True)
-        results.append((out, *g, *torch.autograd.grad(sum(x.square().sum() for x in g), (k, sinks))))
-    for a, b in zip(*results):
-        assert torch.isfinite(a).all() and rel_err(a, b) < 1e-10
+    _same_to_second_order(ours, math, q, k, v, sinks)
 
 
 def test_generate_with_a_static_cache_matches_sdpa(name):
@@ -293,10 +292,4 @@ def test_per_token_sinks_first_and_second_order(name):
     def ours(q, k, v, sinks):
         return flexebt_hf.attention_forward(nn.Module(), q, k, v, keep, scaling=0.3, sinks=sinks)[0]
 
-    results = []
-    for f in (ours, math):
-        out = f(q, k, v, sinks)
-        g = torch.autograd.grad(out.square().sum(), (q, sinks), create_graph=True)
-        results.append((out, *g, *torch.autograd.grad(sum(x.square().sum() for x in g), (k, sinks))))
-    for a, b in zip(*results):
-        assert torch.isfinite(a).all() and rel_err(a, b) < 1e-10
+    _same_to_second_order(ours, math, q, k, v, sinks)

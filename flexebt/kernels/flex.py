@@ -135,17 +135,12 @@ def cached_tables(block_mask, Sq: int, Skv: int, device) -> BlockTables:
     attention with the same mask every step, and the conversion (eight int32 copies, or the
     all-full tables) costs more host time than the launch itself at small sizes.  The conversion
     is made again when the mask has changed since (``block_mask_state``)."""
-    if block_mask is None:
-        key = (None, Sq, Skv, str(device))
-        hit = runtime.tables.get(key)
-        return hit if hit is not None else runtime.tables.put(key, tables_from_block_mask(None, Sq, Skv, device))
-    made_from, versions = block_mask_state(block_mask)
+    state = block_mask_state(block_mask) if block_mask is not None else ((), ())
     key = (id(block_mask), Sq, Skv, str(device))
-    hit = runtime.tables.get(key, block_mask, *made_from)
-    if hit is not None and hit[0] == versions:
+    hit = runtime.tables.get(key, block_mask)
+    if hit is not None and same_state(hit[0], state):
         return hit[1]
-    return runtime.tables.put(key, (versions, tables_from_block_mask(block_mask, Sq, Skv, device)),
-                              block_mask, *made_from)[1]
+    return runtime.tables.put(key, (state, tables_from_block_mask(block_mask, Sq, Skv, device)), block_mask)[1]
 
 
 _FAST = FastLaunches(store=runtime.launches)  # launches seen before, re-issued without Triton's binding
