@@ -39,7 +39,8 @@ CURRENT = {
     "B3_h100_bf16_s1024_s4096_7f5672b", "B3_h100_fp32_s256_eager_7b38585", "B3_h100_fp32_s256_compiled_7b38585",
     "B3_h100_fp32_s256_ro_b493a3c", "B3_h100_bf16_s256_ro_7dc45a6", "B3_h100_bf16_s256_compiled_7dc45a6",
     "B4_h200_71970fc", "B4_h100_d128_daf5d74",
-    "gpu_checks_h100_6bdaad8",
+    "gpu_checks_h100_1b5cb43", "B3_h100_bf16_s1024_compiled_1b5cb43", "B3_h100_fp32_s256_ro_1b5cb43",
+    "B3_h100_bf16_s4096_ro_1b5cb43", "B3_h100_bf16_s2048_ro_1b5cb43", "B3_h100_fp32_s1024_ro_1b5cb43",
 }
 
 # Why a run is not to be cited, per file in invalid/.
@@ -176,6 +177,8 @@ NOTES = {
     "cprofile_ebt_step_h100_bf16_l4_compiled_7dc45a6": ("profile_ebt_step.py --python-profile (the same cProfile "
                                                         "in a script of its own)", "host Python of five compiled "
                                                         "steps, default mode, 4 layers: where the host time goes"),
+    "B3_h100_bf16_s2048_ro_1b5cb43": (None, "a second call after the first was cut off by its time limit (inductor's "
+                                      "caches warm: first step 22.9 s)"),
     "B3_h100_bf16_s256_compiled_7dc45a6_r2": (None, "a second call on the same warm machine (inductor's caches warm: "
                                               "first step 26.7 s); 7b38585, run before it in the same call, did not compile this step"),
     "AB_B1_h100_7b38585_d2f2895_d128_ab": (None, "from all six rounds; new r1, old r2 and new r2 ran in two later "
