@@ -166,9 +166,23 @@ def check_qkv(fn: str, q: Tensor, k: Tensor, v: Tensor, enable_gqa: bool, q_name
             )
 
 
-def check_scale(fn: str, scale) -> None:
+def check_scale(fn: str, scale):
+    """The scale as a Python number (or None).  torch also takes a one-element tensor: its value is
+    read once (a host sync for a GPU tensor).  A tensor that requires grad is refused: the kernels
+    take the scale as a constant, and dropping its gradient would be silently wrong."""
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1 or scale.is_complex() or scale.dtype == torch.bool:
+            raise TypeError(f"{fn}: scale must be a float, a one-element real tensor or None, got a tensor of "
+                            f"shape {tuple(scale.shape)} and dtype {scale.dtype}.")
+        if scale.requires_grad:
+            raise NotImplementedError(
+                f"{fn}: scale is a tensor that requires grad; flexebt takes the scale as a constant and would "
+                f"drop its gradient. For a learned scale, pass scale=1.0 and multiply in the score_mod, e.g. "
+                f"score_mod=lambda score, b, h, q_idx, kv_idx: score * w (w receives gradients of every order).")
+        return scale.item()
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
         raise TypeError(f"{fn}: scale must be a float or None, got {type(scale).__name__}.")
+    return scale
 
 
 def check_callable(fn: str, name: str, mod) -> None:

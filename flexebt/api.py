@@ -39,7 +39,8 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor, score_mod: Optiona
             capture tensors, which receive gradients (first and second order).
         block_mask: a torch ``BlockMask`` from ``create_block_mask`` for ``(Sq, Skv)``; its
             mask_mod decides which positions are kept. ``None`` keeps all.
-        scale: multiplies ``Q K^T``; default ``D ** -0.5``.
+        scale: multiplies ``Q K^T``; default ``D ** -0.5``.  A one-element tensor is read as its
+            value (as torch); one that requires grad is refused -- multiply in the score_mod instead.
         enable_gqa: allow ``Hkv < Hq`` with ``Hq % Hkv == 0`` (query head ``h`` reads kv head
             ``h // (Hq // Hkv)``).
         return_lse: also return the log-sum-exp ``[B, Hq, Sq]`` (natural log, fp32; float64
@@ -76,7 +77,7 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor, score_mod: Optiona
     V.check_layout(fn, query, key, block_mask.seq_lengths if isinstance(block_mask, BlockMask) else None)
     key, value = V.kv_like_query(fn, query, key, value, block_mask)
     V.check_qkv(fn, query, key, value, enable_gqa)
-    V.check_scale(fn, scale)
+    scale = V.check_scale(fn, scale)
     V.check_callable(fn, "score_mod", score_mod)
     V.check_block_mask(fn, block_mask, query.shape[0], query.shape[1], query.shape[2], key.shape[2])
     V.check_kernel_options(fn, kernel_options)
@@ -220,7 +221,7 @@ def flex_ebt_attention(q_o: Tensor, k_o: Tensor, v_o: Tensor, q_p: Tensor, k_p: 
             f"{fn}: the predicted stream (S_p={S_p}) is longer than the observed stream (S_o={S_o}); "
             f"expected S_o = S_p + r with r >= 0."
         )
-    V.check_scale(fn, scale)
+    scale = V.check_scale(fn, scale)
     V.check_callable(fn, "score_mod", score_mod)
     _check_ebt_block_mask(fn, block_mask, q_o.shape[0], q_o.shape[1], S_o, S_p)
     if block_mask is None and not torch.compiler.is_compiling():
@@ -365,7 +366,7 @@ def piecewise_attention(q1: Tensor, k1: Tensor, q2: Tensor, k2: Tensor, v: Tenso
     V.check_layout(fn, q1, k1, block_mask.seq_lengths if isinstance(block_mask, BlockMask) else None)
     V.check_qkv(fn, q1, k1, v, enable_gqa=False, q_name="q1", k_name="k1", v_name="v")
     V.check_dist_threshold(fn, dist_threshold)
-    V.check_scale(fn, scale)
+    scale = V.check_scale(fn, scale)
     V.check_callable(fn, "score_mod", score_mod)
     V.check_block_mask(fn, block_mask, q1.shape[0], q1.shape[1], q1.shape[2], k1.shape[2])
     V.check_kernel_options(fn, kernel_options)

@@ -209,3 +209,31 @@ def test_value_alone_in_another_dtype():
     out = flexebt.flex_attention(q, k, v, kernel_options=R)
     want = _torch(q, k, v)
     assert out.dtype == want.dtype == torch.float32 and rel_err(out, want) < 1e-6
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("kernels", marks=pytest.mark.interpreter)])
+def test_scale_as_a_one_element_tensor(backend):
+    """torch takes ``scale=torch.tensor(0.5)``: the same attention as ``scale=0.5``, for each public
+    function; a scale that requires grad is refused (its gradient would be dropped), as is a
+    tensor of several elements."""
+    opts = T if backend == "kernels" else {"BACKEND": "REFERENCE"}
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 24, 16) for _ in range(3))
+    bm = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, 24, 24, device="cpu")
+    ref = torch_flex(q, k, v, block_mask=bm, scale=0.37)
+    for s in (torch.tensor(0.37), torch.tensor([0.37]), torch.tensor(0.37, dtype=torch.float64)):
+        got = flexebt.flex_attention(q, k, v, block_mask=bm, scale=s, kernel_options=opts)
+        assert rel_err(got, ref) < 1e-5
+        assert rel_err(got, flexebt.flex_attention(q, k, v, block_mask=bm, scale=0.37, kernel_options=opts)) == 0
+    ebm = flexebt.create_ebt_block_mask(None, None, None, 24, 16)
+    x = [torch.randn(1, 2, n, 16) for n in (24, 24, 24, 16, 16, 16)]
+    assert all(torch.equal(a, b) for a, b in zip(
+        flexebt.flex_ebt_attention(*x, block_mask=ebm, scale=torch.tensor(0.37), kernel_options=opts),
+        flexebt.flex_ebt_attention(*x, block_mask=ebm, scale=0.37, kernel_options=opts)))
+    y = [torch.randn(1, 2, 24, 16) for _ in range(5)]
+    assert torch.equal(flexebt.piecewise_attention(*y, 5, scale=torch.tensor(0.37), kernel_options=opts),
+                       flexebt.piecewise_attention(*y, 5, scale=0.37, kernel_options=opts))
+    with pytest.raises(NotImplementedError, match="scale is a tensor that requires grad.*score \\* w"):
+        flexebt.flex_attention(q, k, v, scale=torch.tensor(0.37, requires_grad=True), kernel_options=opts)
+    with pytest.raises(TypeError, match="one-element real tensor"):
+        flexebt.flex_attention(q, k, v, scale=torch.tensor([0.37, 0.5]), kernel_options=opts)
