@@ -247,7 +247,8 @@ def check_mod_signature(fn: str, kind: str, mod: Optional[Callable]) -> None:
         ) from None
 
 
-def check_block_mask(fn: str, block_mask: Optional[BlockMask], B: int, H: int, Sq: int, Skv: int) -> None:
+def check_block_mask(fn: str, block_mask: Optional[BlockMask], B: int, H: int, Sq: int, Skv: int,
+                     device: Optional[torch.device] = None) -> None:
     """A torch BlockMask that fits inputs of lengths ``(Sq, Skv)``.
 
     Like torch's flex_attention: the mask must have been made (or ``_adjust``-ed) for exactly these
@@ -277,6 +278,10 @@ def check_block_mask(fn: str, block_mask: Optional[BlockMask], B: int, H: int, S
             f"{fn}: block_mask was built for (Q_LEN, KV_LEN) = ({mq}, {mkv}) but the inputs have "
             f"({Sq}, {Skv}); {hint} with create_block_mask(mask_mod, B, H, {Sq}, {Skv})."
         )
+    check_table_ranks(fn, block_mask)
+    if device is not None and block_mask.kv_num_blocks.device != device:
+        raise ValueError(f"{fn}: block_mask is on {block_mask.kv_num_blocks.device} but the inputs are on {device}; "
+                         f"expected q/k/v and block_mask on the same device (block_mask.to({str(device)!r})).")
     check_mask_batch_heads(fn, block_mask.kv_num_blocks.shape[0], block_mask.kv_num_blocks.shape[1], B, H)
     check_block_tables(fn, block_mask, Sq, Skv)
     check_mod_signature(fn, "mask_mod", block_mask.mask_mod)
@@ -293,6 +298,22 @@ def _sliced_mask_mod():
 
 
 _SLICED_MASK_MOD = _sliced_mask_mod()
+
+
+_TABLE_RANKS = (("kv_num_blocks", 3), ("kv_indices", 4), ("full_kv_num_blocks", 3), ("full_kv_indices", 4),
+                ("q_num_blocks", 3), ("q_indices", 4), ("full_q_num_blocks", 3), ("full_q_indices", 4))
+
+
+def check_table_ranks(fn: str, block_mask: BlockMask) -> None:
+    """Block tables are ``[B, H, rows]`` counts and ``[B, H, rows, width]`` indices, as
+    create_block_mask makes them (``BlockMask.from_kv_blocks`` also takes fewer leading dims)."""
+    for name, rank in _TABLE_RANKS:
+        t = getattr(block_mask, name, None)
+        if t is not None and t.dim() != rank:
+            raise ValueError(
+                f"{fn}: block_mask.{name} has shape {tuple(t.shape)}; flexebt reads block tables as [B, H, ...] "
+                f"({rank} dims), as create_block_mask makes them. Add the leading batch / head dims (size 1 "
+                f"broadcasts), e.g. BlockMask.from_kv_blocks(kv_num_blocks[None], kv_indices[None], ...).")
 
 
 def check_block_tables(fn: str, block_mask: BlockMask, Sq: int, Skv: int) -> None:

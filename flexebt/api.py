@@ -79,7 +79,7 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor, score_mod: Optiona
     V.check_qkv(fn, query, key, value, enable_gqa)
     scale = V.check_scale(fn, scale)
     V.check_callable(fn, "score_mod", score_mod)
-    V.check_block_mask(fn, block_mask, query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+    V.check_block_mask(fn, block_mask, query.shape[0], query.shape[1], query.shape[2], key.shape[2], query.device)
     V.check_kernel_options(fn, kernel_options)
     want_max = V.check_return_aux(fn, return_lse, return_aux)
     backend = _backend_for(fn, kernel_options, (query, key, value), value, (score_mod, block_mask))
@@ -223,7 +223,7 @@ def flex_ebt_attention(q_o: Tensor, k_o: Tensor, v_o: Tensor, q_p: Tensor, k_p: 
         )
     scale = V.check_scale(fn, scale)
     V.check_callable(fn, "score_mod", score_mod)
-    _check_ebt_block_mask(fn, block_mask, q_o.shape[0], q_o.shape[1], S_o, S_p)
+    _check_ebt_block_mask(fn, block_mask, q_o.shape[0], q_o.shape[1], S_o, S_p, q_o.device)
     if block_mask is None and not torch.compiler.is_compiling():
         _warn_not_causal(fn, S_o, S_p)
     V.check_kernel_options(fn, kernel_options)
@@ -296,7 +296,7 @@ def _warn_not_causal(fn: str, S_o: int, S_p: int) -> None:
         f"B, H, {S_o}, {S_p}), which does not warn.", UserWarning, stacklevel=3)
 
 
-def _check_ebt_block_mask(fn: str, block_mask, B: int, H: int, S_o: int, S_p: int) -> None:
+def _check_ebt_block_mask(fn: str, block_mask, B: int, H: int, S_o: int, S_p: int, device=None) -> None:
     if block_mask is None:
         return
     if isinstance(block_mask, BlockMask):
@@ -314,8 +314,8 @@ def _check_ebt_block_mask(fn: str, block_mask, B: int, H: int, S_o: int, S_p: in
         )
     V.check_mask_batch_heads(fn, block_mask.B, block_mask.H, B, H)
     V.check_callable(fn, "mask_mod", block_mask.mask_mod)
-    V.check_block_mask(fn, block_mask.observed, B, H, S_o, S_o)
-    V.check_block_mask(fn, block_mask.predicted, B, H, S_p, S_o)
+    V.check_block_mask(fn, block_mask.observed, B, H, S_o, S_o, device)
+    V.check_block_mask(fn, block_mask.predicted, B, H, S_p, S_o, device)
 
 
 def piecewise_attention(q1: Tensor, k1: Tensor, q2: Tensor, k2: Tensor, v: Tensor, dist_threshold,
@@ -368,7 +368,7 @@ def piecewise_attention(q1: Tensor, k1: Tensor, q2: Tensor, k2: Tensor, v: Tenso
     V.check_dist_threshold(fn, dist_threshold)
     scale = V.check_scale(fn, scale)
     V.check_callable(fn, "score_mod", score_mod)
-    V.check_block_mask(fn, block_mask, q1.shape[0], q1.shape[1], q1.shape[2], k1.shape[2])
+    V.check_block_mask(fn, block_mask, q1.shape[0], q1.shape[1], q1.shape[2], k1.shape[2], q1.device)
     V.check_kernel_options(fn, kernel_options)
     backend = _backend_for(fn, kernel_options, (q1, k1, q2, k2, v), v, (score_mod, block_mask))
     B, H, M = q1.shape[:3]

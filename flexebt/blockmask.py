@@ -25,14 +25,16 @@ __all__ = ["EBTBlockMask", "create_ebt_block_mask", "frame_causal_mask", "tables
 def _listed_in_range(num: Tensor, idx: Tensor, n_rows: int, n_cols: int) -> tuple[Tensor, Tensor]:
     """One ordered block table (``num [.., R]``, ``idx [.., R, W]``: row ``r`` lists the blocks
     ``idx[.., r, :num[.., r]]``) cut to its first ``n_rows`` rows and listing only blocks in
-    ``[0, n_cols)``, in their listed order; the slots past a row's count hold 0."""
+    ``[0, n_cols)``, in their listed order; the slots past a row's count hold 0.  A count past the
+    row's width ``W`` lists the whole row, a negative one nothing (the kernels never read past a
+    row)."""
     num, idx = num[..., :n_rows], idx[..., :n_rows, :]
     slots = torch.arange(idx.shape[-1], device=idx.device)
-    listed = slots < num.unsqueeze(-1)
-    keep = listed & (idx >= 0) & (idx < n_cols)
-    # eager: tables that list nothing out of range are used as they are; while torch.compile traces,
-    # the (cheap, data-independent) compaction always runs, so the graph has no data-dependent branch
-    if not torch.compiler.is_compiling() and bool(torch.equal(keep, listed)):
+    keep = (slots < num.unsqueeze(-1)) & (idx >= 0) & (idx < n_cols)
+    # eager: tables whose every count is what they list in range are used as they are; while
+    # torch.compile traces, the (cheap, data-independent) compaction always runs, so the graph has no
+    # data-dependent branch
+    if not torch.compiler.is_compiling() and bool(torch.equal(keep.sum(-1).to(num.dtype), num)):
         return num, idx
     order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)  # kept entries first, in order
     num = keep.sum(-1).to(num.dtype)
@@ -40,15 +42,44 @@ def _listed_in_range(num: Tensor, idx: Tensor, n_rows: int, n_cols: int) -> tupl
     return num, idx
 
 
+def _dense(num: Tensor, idx: Tensor, n_cols: int) -> Tensor:
+    """``[.., R, n_cols]`` bool: which blocks an in-range table lists in each row (a block listed
+    twice counts once)."""
+    slots = torch.arange(idx.shape[-1], device=idx.device)
+    target = torch.where(slots < num.unsqueeze(-1), idx.long(), n_cols)  # unlisted -> a spare column
+    dense = torch.zeros(*idx.shape[:-1], n_cols + 1, dtype=torch.bool, device=idx.device)
+    return dense.scatter_(-1, target, True)[..., :n_cols]
+
+
+def _from_dense(dense: Tensor) -> tuple[Tensor, Tensor]:
+    """The ordered table (int32 counts and indices, ascending) of a ``[.., R, C]`` bool table."""
+    return (dense.sum(-1, dtype=torch.int32),
+            torch.argsort(dense.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32))
+
+
 def _transposed(num: Tensor, idx: Tensor, n_rows: int, n_cols: int) -> tuple[Tensor, Tensor]:
     """The ordered table of the transpose (``[.., n_cols]`` counts, ``[.., n_cols, n_rows]`` indices)
     of an in-range table with ``n_rows`` rows over ``n_cols`` columns."""
-    slots = torch.arange(idx.shape[-1], device=idx.device)
-    target = torch.where(slots < num.unsqueeze(-1), idx.long(), n_cols)  # unlisted -> a spare column
-    dense = torch.zeros(*idx.shape[:-1], n_cols + 1, dtype=torch.int8, device=idx.device)
-    dense.scatter_(-1, target, 1)
-    dense = dense[..., :n_cols].transpose(-1, -2)
-    return dense.sum(-1).to(torch.int32), torch.argsort(dense, dim=-1, descending=True, stable=True).to(torch.int32)
+    return _from_dense(_dense(num, idx, n_cols).transpose(-1, -2))
+
+
+def _as_sets(kv: tuple, full: Optional[tuple], nkv: int) -> tuple:
+    """``(kv, full, rebuilt)``: the kv tables as flex_attention's reference reads them -- each listed
+    block once, a block listed both partial and full as full.  Tables that list a block twice
+    (hand-built with ``BlockMask.from_kv_blocks``) would otherwise add its scores twice in the
+    kernels; such tables are rebuilt from their sets (ascending order), others kept as they are."""
+    dp = _dense(*kv, nkv)
+    twice = not torch.equal(dp.sum(-1, dtype=torch.int32), kv[0].to(torch.int32))
+    df = None
+    if full is not None:
+        df = _dense(*full, nkv)
+        twice = (twice or not torch.equal(df.sum(-1, dtype=torch.int32), full[0].to(torch.int32))
+                 or bool((dp & df).any()))
+    if not twice:
+        return kv, full, False
+    if df is not None:
+        dp = dp & ~df
+    return _from_dense(dp), (_from_dense(df) if df is not None else None), True
 
 
 def tables_in_range(block_mask: BlockMask, Sq: int, Skv: int) -> tuple:
@@ -60,9 +91,14 @@ def tables_in_range(block_mask: BlockMask, Sq: int, Skv: int) -> tuple:
     listed indices of its rows), can list blocks at or past ``ceil(Skv / BLOCK)`` (or
     ``ceil(Sq / BLOCK)`` in its q tables) and have rows past the end.  Those blocks hold no
     position, so dropping them is exact: what remains is the mask's meaning on ``Sq x Skv``.
-    The q tables (the transpose, read by the dk/dv passes) are derived from the kv tables where
-    the mask has none (``compute_q_blocks=False``) or too few rows.  Raises ValueError when the
-    kv tables have fewer rows than ``ceil(Sq / BLOCK)``.
+
+    The kv tables define the mask (the forward reads them).  The q tables (their transpose, read
+    by the dk/dv passes) are derived from them where the mask has none (``compute_q_blocks=False``)
+    or too few rows, and -- outside torch.compile, once per conversion -- where they do not list
+    the transpose of the kv tables (a kv table edited in place or replaced after the mask was
+    made): otherwise the gradients of k and v would be those of another mask.  Outside
+    torch.compile, kv tables that list a block twice are read as sets (``_as_sets``).  Raises
+    ValueError when the kv tables have fewer rows than ``ceil(Sq / BLOCK)``.
     """
     bq, bkv = (int(b) for b in block_mask.BLOCK_SIZE)
     nq, nkv = -(-Sq // bq), -(-Skv // bkv)
@@ -78,11 +114,21 @@ def tables_in_range(block_mask: BlockMask, Sq: int, Skv: int) -> tuple:
                 f"block_mask has {block_mask.full_kv_num_blocks.shape[-1]} rows of full query blocks but "
                 f"Q_LEN={Sq} needs {nq}; rebuild it with create_block_mask(mask_mod, B, H, {Sq}, {Skv}).")
         full = _listed_in_range(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, nq, nkv)
+    checked = not torch.compiler.is_compiling()
+    rebuilt = False
+    if checked:
+        kv, full, rebuilt = _as_sets(kv, full, nkv)
 
     def q_side(num, idx, kv_side):
-        if num is None or idx is None or num.shape[-1] < nkv or idx.shape[-2] < nkv:
+        if rebuilt or num is None or idx is None or num.shape[-1] < nkv or idx.shape[-2] < nkv:
             return _transposed(*kv_side, nq, nkv)
-        return _listed_in_range(num, idx, nkv, nq)
+        listed = _listed_in_range(num, idx, nkv, nq)
+        if checked:
+            dq = _dense(*listed, nq)
+            if (not torch.equal(dq.sum(-1, dtype=torch.int32), listed[0].to(torch.int32))
+                    or not torch.equal(dq, _dense(*kv_side, nkv).transpose(-1, -2))):
+                return _transposed(*kv_side, nq, nkv)
+        return listed
 
     q = q_side(block_mask.q_num_blocks, block_mask.q_indices, kv)
     full_q = q_side(block_mask.full_q_num_blocks, block_mask.full_q_indices, full) if full is not None else None

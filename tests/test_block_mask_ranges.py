@@ -297,3 +297,92 @@ def test_reference_ignores_listed_blocks_past_the_end():
     out = flexebt.flex_attention(q, q, q, block_mask=short, kernel_options={"BACKEND": "REFERENCE"})
     want = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
     assert (out - want).abs().max() < 1e-5
+
+
+# -- tables that do not say what create_block_mask would: the kv tables are the mask ------------
+
+def _table_oracle(q, k, v, bm, mask_mod):
+    """float64 attention over what bm's kv tables keep, each listed block once: every position of a
+    full block, mask_mod's positions in a partial one, nothing elsewhere (flex_attention's meaning
+    of a block mask's tables)."""
+    Sq, Skv = q.shape[2], k.shape[2]
+    bq, bkv = bm.BLOCK_SIZE
+    nkv = -(-Skv // bkv)
+
+    def dense(num, idx):
+        table = torch.zeros(*idx.shape[:-1], nkv, dtype=torch.bool)
+        for pos in torch.nonzero(_listed(num, idx)).tolist():
+            table[tuple(pos[:-1]) + (int(idx[tuple(pos)]),)] = True
+        return table.repeat_interleave(bq, -2)[..., :Sq, :].repeat_interleave(bkv, -1)[..., :Skv]
+
+    keep = dense(bm.kv_num_blocks, bm.kv_indices) & create_mask(mask_mod, None, None, Sq, Skv, device="cpu")
+    if bm.full_kv_num_blocks is not None:
+        keep = keep | dense(bm.full_kv_num_blocks, bm.full_kv_indices)
+    q, k, v = q.double(), k.double(), v.double()
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    rows = keep.any(-1, keepdim=True)
+    s = torch.where(rows, s.masked_fill(~keep, -math.inf), 0.0)
+    return torch.where(keep, torch.softmax(s, -1), 0.0) @ v
+
+
+def _edited(how):
+    bm = create_block_mask(causal, None, None, 40, 40, device="cpu", BLOCK_SIZE=BLOCK)
+    if how == "full_kv_zeroed_in_place":  # the full blocks dropped; the q tables still list them
+        bm.full_kv_num_blocks.zero_()
+    elif how == "full_kv_replaced":
+        bm.full_kv_num_blocks = torch.zeros_like(bm.full_kv_num_blocks)
+    elif how == "partial_kv_edited":  # the last query block's diagonal block dropped
+        bm.kv_num_blocks[..., -1] = 0
+    elif how == "listed_partial_and_full":  # block (1, 0) listed in both tables, block (2, 2) twice
+        kv_num, kv_idx = bm.kv_num_blocks.clone(), bm.kv_indices.clone()
+        kv_idx[..., 1, 1] = 0
+        kv_num[..., 1] = 2
+        kv_idx[..., 2, 1] = kv_idx[..., 2, 0]
+        kv_num[..., 2] = 2
+        bm = BlockMask.from_kv_blocks(kv_num, kv_idx, bm.full_kv_num_blocks, bm.full_kv_indices, BLOCK_SIZE=BLOCK,
+                                      mask_mod=causal, seq_lengths=(40, 40))
+    elif how == "count_past_width":  # row 2 says 9 blocks in a row of 3 slots
+        kv_num = bm.kv_num_blocks.clone()
+        kv_num[..., 2] = 9
+        bm = BlockMask.from_kv_blocks(kv_num, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
+                                      BLOCK_SIZE=BLOCK, mask_mod=causal, seq_lengths=(40, 40))
+    return bm
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("how", ["full_kv_zeroed_in_place", "full_kv_replaced", "partial_kv_edited",
+                                 "listed_partial_and_full", "count_past_width"])
+def test_kernels_read_the_kv_tables_as_they_are(how):
+    """The kv tables define the mask for every pass: after an in-place edit or replacement the
+    transposed (q) tables the dk / dv passes read are rebuilt from them; a block listed twice, or
+    both partial and full, counts once; a count past the row's width lists the row.  First and
+    second order on the kernels equal the reference and the float64 math of the tables."""
+    torch.manual_seed(0)
+    x = inputs(40, 40)
+    bm = _edited(how)
+    want = _table_oracle(*x, bm, causal)
+    for opts in (T, R):
+        assert rel_err(flexebt.flex_attention(*x, block_mask=bm, kernel_options=opts), want) < 1e-5
+    got = second_order(lambda *a: flexebt.flex_attention(*a, block_mask=bm, kernel_options=T), x)
+    ref = second_order(lambda *a: flexebt.flex_attention(*a, block_mask=bm, kernel_options=R),
+                       [t.detach().double().requires_grad_() for t in x])
+    for a, b in zip(got[0] + got[1], ref[0] + ref[1]):
+        assert rel_err(a, b) < 2e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tables_without_batch_and_head_dims_are_refused(backend):
+    """BlockMask.from_kv_blocks takes tables of 2 or more dims; flexebt reads [B, H, ...] tables and
+    says how to add the missing dims instead of misreading them."""
+    bm = create_block_mask(causal, None, None, 32, 32, device="cpu", BLOCK_SIZE=BLOCK)
+    flat = BlockMask.from_kv_blocks(bm.kv_num_blocks[0], bm.kv_indices[0], bm.full_kv_num_blocks[0],
+                                    bm.full_kv_indices[0], BLOCK_SIZE=BLOCK, mask_mod=causal, seq_lengths=(32, 32))
+    with pytest.raises(ValueError, match=r"kv_num_blocks has shape \(1, 2\).*\[B, H, \.\.\.\].*\[None\]"):
+        flexebt.flex_attention(*inputs(32, 32), block_mask=flat, kernel_options=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mask_on_another_device_is_refused(backend):
+    bm = create_block_mask(causal, None, None, 32, 32, device="cpu", BLOCK_SIZE=BLOCK).to("meta")
+    with pytest.raises(ValueError, match="block_mask is on meta but the inputs are on cpu"):
+        flexebt.flex_attention(*inputs(32, 32), block_mask=bm, kernel_options=backend)
