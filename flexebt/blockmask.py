@@ -69,13 +69,12 @@ def _as_sets(kv: tuple, full: Optional[tuple], nkv: int) -> tuple:
     (hand-built with ``BlockMask.from_kv_blocks``) would otherwise add its scores twice in the
     kernels; such tables are rebuilt from their sets (ascending order), others kept as they are."""
     dp = _dense(*kv, nkv)
-    twice = not torch.equal(dp.sum(-1, dtype=torch.int32), kv[0].to(torch.int32))
+    twice = (dp.sum(-1, dtype=torch.int32) != kv[0]).any()
     df = None
     if full is not None:
         df = _dense(*full, nkv)
-        twice = (twice or not torch.equal(df.sum(-1, dtype=torch.int32), full[0].to(torch.int32))
-                 or bool((dp & df).any()))
-    if not twice:
+        twice = twice | (df.sum(-1, dtype=torch.int32) != full[0]).any() | (dp & df).any()
+    if not bool(twice):  # (one host sync per conversion)
         return kv, full, False
     if df is not None:
         dp = dp & ~df
@@ -125,8 +124,9 @@ def tables_in_range(block_mask: BlockMask, Sq: int, Skv: int) -> tuple:
         listed = _listed_in_range(num, idx, nkv, nq)
         if checked:
             dq = _dense(*listed, nq)
-            if (not torch.equal(dq.sum(-1, dtype=torch.int32), listed[0].to(torch.int32))
-                    or not torch.equal(dq, _dense(*kv_side, nkv).transpose(-1, -2))):
+            transposed = _dense(*kv_side, nkv).transpose(-1, -2)
+            if dq.shape != transposed.shape or bool((dq.sum(-1, dtype=torch.int32) != listed[0]).any()
+                                                    | (dq != transposed).any()):
                 return _transposed(*kv_side, nq, nkv)
         return listed
 
