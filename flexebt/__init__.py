@@ -10,7 +10,7 @@ Public API::
     flexebt.create_ebt_block_mask(mask_mod, B, H, S_obs, S_pred, device=None, BLOCK_SIZE=128)
     flexebt.piecewise_attention(q1, k1, q2, k2, v, dist_threshold, causal=False, scale=None,
                                 score_mod=None, block_mask=None, kernel_options=None)
-    flexebt.compat.ebt_attention(q_o, k_o, v_o, q_p, k_p, v_p, sm_scale=None, attn_mask=None, causal=False)
+    flexebt.compat.ebt_attention(q_o, k_o, v_o, q_p, k_p, v_p, attn_mask=None, causal=False, sm_scale=None)
     flexebt.mods / flexebt.masks
 """
 

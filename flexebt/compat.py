@@ -2,8 +2,9 @@
 
 ``attn_mask`` is an ``(S + 1) x (S + 1)`` frame mask (``S = S_o``): bool (True = attend) or
 additive.  **Documented difference:** additive values are in natural-log units added to the
-scaled score (the torch convention); ebt_flash_attention adds them in base 2, so divide such a
-mask by ``ln 2`` (multiply by ``1.4427``) to reproduce its numbers.
+scaled score (the torch convention); ebt_flash_attention adds them to the score in base 2 (after
+its ``sm_scale * log2(e)``, before ``exp2``), so multiply such a mask by ``ln 2`` (``0.6931``) to
+reproduce its numbers.
 """
 
 from __future__ import annotations
@@ -25,18 +26,22 @@ __all__ = ["ebt_attention"]
 
 
 def ebt_attention(q_o: Tensor, k_o: Tensor, v_o: Tensor, q_p: Tensor, k_p: Tensor, v_p: Tensor,
-                  sm_scale: Optional[float] = None, attn_mask: Optional[Tensor] = None, causal: bool = False,
-                  enable_gqa: bool = False, return_lse: bool = False, kernel_options: Optional[dict] = None):
-    """EBT two-stream attention with ebt_flash_attention's signature; returns ``(out_o, out_p)``.
+                  attn_mask: Optional[Tensor] = None, causal: bool = False, sm_scale: Optional[float] = None,
+                  warp_specialize: bool = True, USE_TMA: bool = True, *, enable_gqa: bool = False,  # noqa: N803
+                  return_lse: bool = False, kernel_options: Optional[dict] = None):
+    """EBT two-stream attention with ebt_flash_attention 0.2.0's signature (same positional
+    order); returns ``(out_o, out_p)``.
 
     Args:
         q_o, k_o, v_o: observed stream ``[B, H, S_o, D]``.  q_p, k_p, v_p: predicted ``[B, H, S_p, D]``.
-        sm_scale: softmax scale, default ``D ** -0.5``.
         attn_mask: frame mask ``[S_o + 1, S_o + 1]`` (or with leading ``[H]`` / ``[B, H]`` dims),
             bool (True = attend) or floating additive (natural log units; ``-inf`` drops).  The
             positions it drops become a block mask, so whole tiles it drops are skipped.
         causal: AND the causal frame mask.  With neither ``attn_mask`` nor ``causal`` every frame
             pair is kept (a ``UserWarning`` says so: the autoregressive EBT passes ``causal=True``).
+        sm_scale: softmax scale, default ``D ** -0.5``.
+        warp_specialize, USE_TMA: ebt_flash_attention's scheduling switches; accepted and ignored
+            (flexebt picks its kernels' schedule; ``kernel_options`` sets it).
         enable_gqa: allow fewer key/value heads than query heads.
         return_lse: also return ``lse_o``, ``lse_p`` (as :func:`flexebt.flex_ebt_attention`).
         kernel_options: as :func:`flexebt.flex_ebt_attention` (backend, tiles).

@@ -38,9 +38,30 @@ def test_additive_mask_is_natural_log_and_causal_ands():
 
     ref = ebt_oracle(*x, score_mod=mod, mask_mod=flexebt.masks.ebt_causal_mask, scale=0.4)
     assert rel_err(out[0], ref[0]) < 1e-12 and rel_err(out[1], ref[1]) < 1e-12
-    # ebt_flash_attention's base-2 additive mask is recovered by multiplying with ln 2.
-    assert rel_err(ebt_attention(*x, attn_mask=bias / math.log2(math.e) * math.log2(math.e), causal=True,
-                                 sm_scale=0.4)[1], out[1]) < 1e-12
+    # ebt_flash_attention's additive mask m2 is added in base 2: p ~ exp2(s * log2(e) + m2) (its kernel
+    # scales the scores by sm_scale * log2(e), adds the mask, takes exp2); passed as m2 * ln 2 it is
+    # the same attention.
+    m2 = torch.randn(S_o + 1, S_o + 1, dtype=torch.float64) * 3
+
+    def base2(score, b, h, q, kv):
+        return (score * math.log2(math.e) + m2[q, kv]) / math.log2(math.e)
+
+    want = ebt_oracle(*x, score_mod=base2, mask_mod=flexebt.masks.ebt_causal_mask, scale=0.4)
+    got = ebt_attention(*x, m2 * math.log(2), True, 0.4)  # ebt_flash_attention's positional order
+    assert rel_err(got[0], want[0]) < 1e-12 and rel_err(got[1], want[1]) < 1e-12
+
+
+def test_signature_is_ebt_flash_attentions():
+    """Positional (attn_mask, causal, sm_scale) as ebt_flash_attention 0.2.0; its warp_specialize /
+    USE_TMA switches are accepted (flexebt schedules its own kernels)."""
+    x = _x(6, 5)
+    mask = torch.tril(torch.ones(7, 7, dtype=torch.bool))
+    want = ebt_attention(*x, attn_mask=mask, causal=True, sm_scale=0.3)
+    for got in (ebt_attention(*x, mask, True, 0.3), ebt_attention(*x, mask, True, 0.3, False, False),
+                ebt_attention(*x, attn_mask=mask, causal=True, sm_scale=0.3, warp_specialize=False, USE_TMA=False)):
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    with pytest.raises(TypeError, match="attn_mask must be a tensor or None, got float"):
+        ebt_attention(*x, 0.3)  # the scale where the mask goes is refused, not misread
 
 
 def test_bool_mask_with_head_dim_and_second_order():
