@@ -174,11 +174,20 @@ def check_scale(fn: str, scale):
         if scale.numel() != 1 or scale.is_complex() or scale.dtype == torch.bool:
             raise TypeError(f"{fn}: scale must be a float, a one-element real tensor or None, got a tensor of "
                             f"shape {tuple(scale.shape)} and dtype {scale.dtype}.")
-        if scale.requires_grad:
+        if torch.compiler.is_compiling():
             raise NotImplementedError(
-                f"{fn}: scale is a tensor that requires grad; flexebt takes the scale as a constant and would "
-                f"drop its gradient. For a learned scale, pass scale=1.0 and multiply in the score_mod, e.g. "
-                f"score_mod=lambda score, b, h, q_idx, kv_idx: score * w (w receives gradients of every order).")
+                f"{fn}: scale is a tensor inside torch.compile; flexebt's kernels take the scale as a constant of "
+                f"the graph. Pass a Python float (e.g. scale=float(s) outside the compiled function).")
+        from torch.autograd import forward_ad
+
+        differentiated = (scale.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(scale)
+                          or forward_ad.unpack_dual(scale).tangent is not None)
+        if differentiated:
+            raise NotImplementedError(
+                f"{fn}: scale is a tensor that requires grad (or carries a forward-mode tangent, or is transformed "
+                f"by torch.func); flexebt takes the scale as a constant and would drop its derivative. For a "
+                f"learned scale, pass scale=1.0 and multiply in the score_mod, e.g. score_mod=lambda score, b, h, "
+                f"q_idx, kv_idx: score * w (w receives derivatives of every order).")
         return scale.item()
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
         raise TypeError(f"{fn}: scale must be a float or None, got {type(scale).__name__}.")
@@ -305,8 +314,9 @@ _TABLE_RANKS = (("kv_num_blocks", 3), ("kv_indices", 4), ("full_kv_num_blocks", 
 
 
 def check_table_ranks(fn: str, block_mask: BlockMask) -> None:
-    """Block tables are ``[B, H, rows]`` counts and ``[B, H, rows, width]`` indices, as
-    create_block_mask makes them (``BlockMask.from_kv_blocks`` also takes fewer leading dims)."""
+    """Block tables are ``[B, H, rows]`` counts and ``[B, H, rows, width]`` indices with the same
+    ``[B, H]``, as create_block_mask makes them (``BlockMask.from_kv_blocks`` also takes fewer
+    leading dims, or tables of different ones)."""
     for name, rank in _TABLE_RANKS:
         t = getattr(block_mask, name, None)
         if t is not None and t.dim() != rank:
@@ -314,6 +324,14 @@ def check_table_ranks(fn: str, block_mask: BlockMask) -> None:
                 f"{fn}: block_mask.{name} has shape {tuple(t.shape)}; flexebt reads block tables as [B, H, ...] "
                 f"({rank} dims), as create_block_mask makes them. Add the leading batch / head dims (size 1 "
                 f"broadcasts), e.g. BlockMask.from_kv_blocks(kv_num_blocks[None], kv_indices[None], ...).")
+    lead = tuple(block_mask.kv_num_blocks.shape[:2])
+    for name, _ in _TABLE_RANKS[1:]:
+        t = getattr(block_mask, name, None)
+        if t is not None and tuple(t.shape[:2]) != lead:
+            raise ValueError(
+                f"{fn}: block_mask.{name} has leading [B, H] dims {tuple(t.shape[:2])} but kv_num_blocks has "
+                f"{lead}; all of a mask's tables must have the same batch and head dims (expand the smaller ones, "
+                f"e.g. t.expand({lead[0]}, {lead[1]}, ...)).")
 
 
 def check_block_tables(fn: str, block_mask: BlockMask, Sq: int, Skv: int) -> None:

@@ -74,7 +74,7 @@ def _as_sets(kv: tuple, full: Optional[tuple], nkv: int) -> tuple:
     if full is not None:
         df = _dense(*full, nkv)
         twice = twice | (df.sum(-1, dtype=torch.int32) != full[0]).any() | (dp & df).any()
-    if not bool(twice):  # (one host sync per conversion)
+    if not bool(twice):  # (one host sync)
         return kv, full, False
     if df is not None:
         dp = dp & ~df

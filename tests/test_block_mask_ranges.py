@@ -341,11 +341,11 @@ def _edited(how):
         kv_num[..., 2] = 2
         bm = BlockMask.from_kv_blocks(kv_num, kv_idx, bm.full_kv_num_blocks, bm.full_kv_indices, BLOCK_SIZE=BLOCK,
                                       mask_mod=causal, seq_lengths=(40, 40))
-    elif how == "count_past_width":  # row 2 says 9 blocks in a row of 3 slots
-        kv_num = bm.kv_num_blocks.clone()
-        kv_num[..., 2] = 9
-        bm = BlockMask.from_kv_blocks(kv_num, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
-                                      BLOCK_SIZE=BLOCK, mask_mod=causal, seq_lengths=(40, 40))
+    elif how == "count_past_width":  # all blocks partial; row 0 lists blocks 0, 1, 2 and says 9 of them
+        nq = 3
+        kv_idx = torch.arange(nq, dtype=torch.int32).expand(1, 1, nq, nq).contiguous()
+        kv_num = torch.tensor([[[9, 2, 3]]], dtype=torch.int32)
+        bm = BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=BLOCK, mask_mod=causal, seq_lengths=(40, 40))
     return bm
 
 
@@ -386,3 +386,15 @@ def test_mask_on_another_device_is_refused(backend):
     bm = create_block_mask(causal, None, None, 32, 32, device="cpu", BLOCK_SIZE=BLOCK).to("meta")
     with pytest.raises(ValueError, match="block_mask is on meta but the inputs are on cpu"):
         flexebt.flex_attention(*inputs(32, 32), block_mask=bm, kernel_options=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tables_of_other_batch_and_head_dims_are_refused(backend):
+    """Partial and full tables with different [B, H] would be read with the partial ones' strides."""
+    bm = create_block_mask(causal, None, None, 32, 32, device="cpu", BLOCK_SIZE=BLOCK)
+    odd = BlockMask.from_kv_blocks(bm.kv_num_blocks.expand(2, 1, -1).contiguous(),
+                                   bm.kv_indices.expand(2, 1, -1, -1).contiguous(), bm.full_kv_num_blocks,
+                                   bm.full_kv_indices, BLOCK_SIZE=BLOCK, mask_mod=causal, seq_lengths=(32, 32))
+    q, k, v = (torch.randn(2, 2, 32, 16) for _ in range(3))
+    with pytest.raises(ValueError, match=r"full_kv_num_blocks has leading \[B, H\] dims \(1, 1\) but kv_num_blocks"):
+        flexebt.flex_attention(q, k, v, block_mask=odd, kernel_options=backend)

@@ -237,3 +237,21 @@ def test_scale_as_a_one_element_tensor(backend):
         flexebt.flex_attention(q, k, v, scale=torch.tensor(0.37, requires_grad=True), kernel_options=opts)
     with pytest.raises(TypeError, match="one-element real tensor"):
         flexebt.flex_attention(q, k, v, scale=torch.tensor([0.37, 0.5]), kernel_options=opts)
+    # a forward-mode tangent on the scale would be dropped by reading its value: refused
+    with pytest.raises(NotImplementedError, match="forward-mode tangent"):
+        torch.func.jvp(lambda s: flexebt.flex_attention(q, k, v, scale=s, kernel_options=opts),
+                       (torch.tensor(0.37),), (torch.tensor(1.0),))
+    with torch.autograd.forward_ad.dual_level():
+        with pytest.raises(NotImplementedError, match="forward-mode tangent"):
+            flexebt.flex_attention(q, k, v, kernel_options=opts,
+                                   scale=torch.autograd.forward_ad.make_dual(torch.tensor(0.37), torch.tensor(1.0)))
+
+
+def test_tensor_scale_under_compile_names_the_float():
+    """Under torch.compile the kernels need the scale as a constant: a tensor is refused with the
+    way out (dynamo's error carries flexebt's message)."""
+    q, k, v = (torch.randn(1, 2, 16, 16) for _ in range(3))
+    f = torch.compile(lambda q, k, v, s: flexebt.flex_attention(q, k, v, scale=s, kernel_options=T), fullgraph=True,
+                      backend="eager")
+    with pytest.raises(Exception, match="scale is a tensor inside torch.compile.*Pass a Python float"):
+        f(q, k, v, torch.tensor(0.3))
