@@ -342,3 +342,47 @@ def test_a_mod_torch_cannot_differentiate_runs_forward_and_refuses_a_gradient():
     with fwAD.dual_level(), pytest.raises(NotImplementedError, match="cannot differentiate"):
         flexebt.flex_attention(fwAD.make_dual(x[0], torch.randn_like(x[0])), x[1], x[2], score_mod=sm,
                                kernel_options=T)
+
+
+@pytest.mark.parametrize("cap", [30.0, 1e3, 1e5])
+def test_tanh_of_small_arguments_keeps_fp32_accuracy(cap):
+    """A soft-cap with a large cap takes tanh of small arguments, where 1 - exp(-2|x|) loses most
+    digits: the kernels' tanh stays as accurate as torch's fp32 tanh (forward against float64, at
+    the error of the same mod in fp32 eager math), and its derivatives follow."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 32, 16) for _ in range(3))
+
+    def softcap(score, b, h, q_idx, kv_idx):
+        return cap * torch.tanh(score / cap)
+
+    exact = flexebt.flex_attention(q.double(), k.double(), v.double(), score_mod=softcap, kernel_options=R)
+    eager = flexebt.flex_attention(q, k, v, score_mod=softcap, kernel_options=R)
+    got = flexebt.flex_attention(q, k, v, score_mod=softcap, kernel_options=T)
+    assert rel_err(got, exact) < max(2 * rel_err(eager, exact), 5e-7)
+    if cap > 100:  # the cap's own gradient, ~x^3 at x = score / cap, is below fp32's reach there
+        return
+    learned = torch.tensor(cap, requires_grad=True)
+
+    def learned_cap(score, b, h, q_idx, kv_idx):
+        return learned * torch.tanh(score / learned)
+
+    # (the cap's gradient, tanh(x) - x sech^2(x) at small x, cancels in fp32 on both backends)
+    _compare(learned_cap, [learned], tol=2e-4)
+
+
+def test_tanh_values_at_the_edges():
+    """tanh of -0.0, +-inf, the branch point 0.3 and tiny arguments, as torch computes them."""
+    x = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 0.29999, 0.3, -0.30001, 1e-30, -1e-6, 7.0, -20.0])
+
+    def mod(score, b, h, q_idx, kv_idx):
+        return torch.tanh(x[kv_idx]) * 1e8  # one kept key per row: its score is the max
+
+    bm = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx == kv_idx, None, None, 11, 11, device="cpu",
+                           BLOCK_SIZE=16)
+    q, k, v = (torch.randn(1, 1, 11, 16) for _ in range(3))
+    _, aux = flexebt.flex_attention(q, k, v, score_mod=mod, block_mask=bm, kernel_options=T,
+                                    return_aux=flexebt.AuxRequest(max_scores=True))
+    want = torch.tanh(x) * 1e8
+    got = aux.max_scores[0, 0]
+    assert torch.equal(torch.signbit(got), torch.signbit(want))
+    assert rel_err(got, want) < 1e-6
