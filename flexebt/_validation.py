@@ -25,6 +25,14 @@ def check_positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
+def check_builder_int(fn: str, name: str, value, minimum: int) -> int:
+    """A variant builder's integer parameter (a Python or numpy int, at least ``minimum``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        least = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{fn}: {name} must be {least}, got {value!r}.")
+    return int(value)
+
+
 def check_tensors(fn: str, named: Sequence[tuple[str, object]], like_query: tuple = ()) -> None:
     """Rank 4, floating dtype, and one dtype, device and batch for all of ``named``.  The inputs
     named in ``like_query`` may differ from the first in dtype and batch (``kv_like_query`` casts

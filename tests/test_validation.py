@@ -134,6 +134,44 @@ def test_builder_errors(bad):
         bad()
 
 
+@pytest.mark.parametrize("bad, msg", [
+    (lambda: flexebt.mods.generate_alibi_bias(0), "H must be a positive integer"),
+    (lambda: flexebt.mods.generate_alibi_bias(2.5), "H must be a positive integer"),
+    (lambda: flexebt.mods.generate_tanh_softcap(0), "finite nonzero"),
+    (lambda: flexebt.mods.generate_tanh_softcap(float("inf")), "finite nonzero"),
+    (lambda: flexebt.mods.generate_tanh_softcap("30"), "finite nonzero"),
+    (lambda: flexebt.masks.generate_sliding_window(-1), "window_size must be an integer >= 0"),
+    (lambda: flexebt.masks.generate_sliding_window(2.5), "window_size must be an integer >= 0"),
+    (lambda: flexebt.masks.generate_prefix_lm_mask(None), "prefix_length must be an integer >= 0"),
+    (lambda: flexebt.masks.generate_document_mask([2.5, 13.5]), "each length must be a positive integer"),
+    (lambda: flexebt.masks.generate_document_mask(torch.tensor([[4, 12]])), "1-d integer tensor"),
+    (lambda: flexebt.masks.generate_doc_mask_mod(flexebt.masks.causal_mask, [2, 4, 16]), "starting at 0"),
+    (lambda: flexebt.masks.generate_doc_mask_mod(flexebt.masks.causal_mask, [0, 8, 4]), "increasing"),
+])
+def test_builder_parameters_are_checked(bad, msg):
+    """Parameters that would give silent nonsense (no bias, NaN, every row masked, truncated
+    lengths) or fail at the first call are refused by the builder, naming the parameter."""
+    with pytest.raises((ValueError, TypeError), match=msg):
+        bad()
+
+
+def test_builder_parameters_torch_would_pass():
+    """Integer tensors for document lengths and offsets, a negative soft-cap (the same mod), and
+    attention-gym's approx=True (flexebt computes tanh itself) are accepted."""
+    import math
+
+    q, k, v = (torch.randn(1, 2, 16, 8, dtype=torch.float64) for _ in range(3))
+    a = flexebt.masks.generate_document_mask(torch.tensor([4, 12]))
+    b = flexebt.masks.generate_document_mask([4, 12])
+    grid = torch.arange(16)
+    assert torch.equal(a(0, 0, grid[:, None], grid[None, :]), b(0, 0, grid[:, None], grid[None, :]))
+    s = torch.linspace(-40, 40, 9, dtype=torch.float64)
+    for mod in (flexebt.mods.generate_tanh_softcap(-30), flexebt.mods.generate_tanh_softcap(30, approx=True)):
+        assert torch.allclose(mod(s, 0, 0, 0, 0), 30 * torch.tanh(s / 30), rtol=0, atol=1e-12)
+    assert math.isfinite(float(flexebt.flex_attention(q, k, v, score_mod=flexebt.mods.generate_tanh_softcap(
+        30, approx=True)).sum()))
+
+
 # ---- score_mod / mask_mod signatures: checked before any tracing ----
 
 CALLS = []

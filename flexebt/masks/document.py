@@ -26,6 +26,14 @@ def generate_doc_mask_mod(mask_mod, offsets: torch.Tensor):
         >>> flexebt.masks.generate_doc_mask_mod(flexebt.masks.causal_mask, offsets).__name__
         'document_causal_mask_3docs'
     """
+    if not callable(mask_mod):
+        raise TypeError(f"generate_doc_mask_mod: mask_mod must be a callable, got {type(mask_mod).__name__}.")
+    if not isinstance(offsets, torch.Tensor):
+        offsets = torch.as_tensor(offsets)
+    if (offsets.dim() != 1 or offsets.numel() < 2 or offsets.is_floating_point() or offsets.is_complex()
+            or int(offsets[0]) != 0 or bool((offsets[1:] <= offsets[:-1]).any())):
+        raise ValueError(f"generate_doc_mask_mod: offsets must be a 1-d integer tensor of cumulative document "
+                         f"lengths starting at 0 and increasing (e.g. [0, 2, 6, 9]), got {offsets.tolist()!r}.")
     mod = _attn_gym_doc_mask(mask_mod, offsets)
     mod.__name__ = f"document_{getattr(mask_mod, '__name__', 'mask')}_{len(offsets) - 1}docs"
     return mod
@@ -35,10 +43,22 @@ def generate_document_mask(lengths: Sequence[int], mask_mod=None, device: Option
     """Document mask from a list of document lengths; ``mask_mod`` defaults to causal."""
     from .causal import causal_mask
 
-    if not lengths or any(int(n) < 1 for n in lengths):
-        raise ValueError(f"generate_document_mask: lengths must be positive integers, got {list(lengths)!r}.")
+    from .._validation import check_builder_int
+
+    if isinstance(lengths, torch.Tensor):
+        if lengths.dim() != 1 or lengths.is_floating_point() or lengths.is_complex():
+            raise ValueError(f"generate_document_mask: lengths must be a list or a 1-d integer tensor, got a tensor "
+                             f"of shape {tuple(lengths.shape)} and dtype {lengths.dtype}.")
+        lengths = lengths.tolist()
+    lengths = list(lengths)
+    if not lengths:
+        raise ValueError("generate_document_mask: lengths must be positive integers, got [].")
+    for n in lengths:
+        check_builder_int("generate_document_mask", "each length", n, 1)
+    if mask_mod is not None and not callable(mask_mod):
+        raise TypeError(f"generate_document_mask: mask_mod must be a callable or None, got {type(mask_mod).__name__}.")
     return generate_doc_mask_mod(causal_mask if mask_mod is None else mask_mod,
-                                 length_to_offsets(list(lengths), device or "cpu"))
+                                 length_to_offsets([int(n) for n in lengths], device or "cpu"))
 
 
 def main():

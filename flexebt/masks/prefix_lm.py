@@ -11,7 +11,9 @@ def generate_prefix_lm_mask(prefix_length: int):
         >>> flexebt.masks.generate_prefix_lm_mask(4).__name__
         'prefix_lm_causal_mask_4'
     """
-    return _attn_gym_prefix_lm(prefix_length)
+    from .._validation import check_builder_int
+
+    return _attn_gym_prefix_lm(check_builder_int("generate_prefix_lm_mask", "prefix_length", prefix_length, 0))
 
 
 def main():

@@ -13,7 +13,9 @@ def generate_sliding_window(window_size: int):
         >>> flexebt.masks.generate_sliding_window(3).__name__
         'sliding_window_3'
     """
-    return _attn_gym_sliding_window(window_size)
+    from .._validation import check_builder_int
+
+    return _attn_gym_sliding_window(check_builder_int("generate_sliding_window", "window_size", window_size, 0))
 
 
 def main():

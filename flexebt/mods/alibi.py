@@ -15,6 +15,9 @@ def generate_alibi_bias(H: int):
         >>> flexebt.mods.generate_alibi_bias(8).__name__
         'alibi_8heads'
     """
+    from .._validation import check_builder_int
+
+    H = check_builder_int("generate_alibi_bias", "H", H, 1)
     mod = _attn_gym_alibi(H)
     mod.__name__ = f"alibi_{H}heads"
     return mod
