@@ -484,5 +484,8 @@ def check_dist_threshold(fn: str, dist_threshold) -> None:
 def effective_dist_threshold(dist_threshold, M: int, N: int):
     """The threshold with the same meaning inside the reachable distances: ``dist = N - M + m - n``
     is at most ``N - 1``, so any threshold above ``N`` (``inf``, or one past int32) keeps every pair
-    near exactly as ``N`` does; the kernels hold ``ceil`` of it in an int32."""
-    return N if dist_threshold > N else dist_threshold
+    near exactly as ``N`` does.  Distances are integers, so ``dist >= w`` is ``dist >= ceil(w)``:
+    the threshold is returned as that integer, which every backend compares exactly (a float
+    compared with an integer tensor is rounded to the default dtype first: ``2 + 1e-12`` would
+    read as 2)."""
+    return N if dist_threshold > N else math.ceil(dist_threshold)

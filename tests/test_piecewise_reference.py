@@ -43,3 +43,23 @@ def test_queries_with_no_key_give_zero():
     assert torch.all(out[:, :, :2] == 0) and torch.isfinite(out).all()
     g = torch.autograd.grad(out.sum(), x)
     assert all(torch.isfinite(t).all() for t in g)
+
+
+@pytest.mark.parametrize("w", [2 + 1e-12, 3 - 1e-12, 2**24 + 0.5])
+@pytest.mark.parametrize("backend", ["REFERENCE", pytest.param("TRITON", marks=pytest.mark.interpreter)])
+def test_threshold_just_past_an_integer(w, backend):
+    """Distances are integers: ``dist >= 2 + 1e-12`` is ``dist >= 3``. A float threshold compared
+    with a position tensor is rounded to the default dtype (float32: 2 + 1e-12 -> 2), so the
+    backends compare with ceil(w); the region mask builders too."""
+    M, N = 6, 9
+    x = [torch.randn(1, 2, S, 8) for S in (M, N, M, N, N)]
+    if backend == "REFERENCE":
+        x = [t.double() for t in x]
+    out = flexebt.piecewise_attention(*x, dist_threshold=w, kernel_options={"BACKEND": backend})
+    assert rel_err(out, piecewise_oracle(*x, w)) < (1e-12 if backend == "REFERENCE" else 1e-5)
+    near = flexebt.masks.generate_piecewise_near_mask(w, M, N)
+    far = flexebt.masks.generate_piecewise_far_mask(w, M, N)
+    m, n = torch.arange(M)[:, None], torch.arange(N)[None, :]
+    dist = (N - M + m - n).tolist()
+    assert near(0, 0, m, n).tolist() == [[d < w for d in row] for row in dist]
+    assert far(0, 0, m, n).tolist() == [[d >= w for d in row] for row in dist]

@@ -8,13 +8,21 @@ piecewise attention with other masks, or to draw it.
 
 from __future__ import annotations
 
+import math
+
+
+def _integer(dist_threshold):
+    """``ceil(w)`` for a finite threshold: distances are integers, and an integer compares exactly
+    (a float compared with a position tensor is first rounded to the default dtype)."""
+    return math.ceil(dist_threshold) if math.isfinite(dist_threshold) else dist_threshold
+
 
 def generate_piecewise_near_mask(dist_threshold, M: int, N: int):
     """mask_mod of the near region ``dist < dist_threshold`` (scored with ``q1 k1``)."""
-    P = N - M
+    P, w = N - M, _integer(dist_threshold)
 
     def piecewise_near(b, h, q_idx, kv_idx):
-        return (P + q_idx - kv_idx) < dist_threshold
+        return (P + q_idx - kv_idx) < w
 
     piecewise_near.__name__ = f"piecewise_near_{dist_threshold}"
     return piecewise_near
@@ -22,10 +30,10 @@ def generate_piecewise_near_mask(dist_threshold, M: int, N: int):
 
 def generate_piecewise_far_mask(dist_threshold, M: int, N: int):
     """mask_mod of the far region ``dist >= dist_threshold`` (scored with ``q2 k2``)."""
-    P = N - M
+    P, w = N - M, _integer(dist_threshold)
 
     def piecewise_far(b, h, q_idx, kv_idx):
-        return (P + q_idx - kv_idx) >= dist_threshold
+        return (P + q_idx - kv_idx) >= w
 
     piecewise_far.__name__ = f"piecewise_far_{dist_threshold}"
     return piecewise_far
