@@ -20,13 +20,8 @@ from torch.nn.attention.flex_attention import BlockMask
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-
-
 def check_builder_int(fn: str, name: str, value, minimum: int) -> int:
-    """A variant builder's integer parameter (a Python or numpy int, at least ``minimum``)."""
+    """A builder's integer parameter (a Python or numpy int, at least ``minimum``)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         least = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ValueError(f"{fn}: {name} must be {least}, got {value!r}.")

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from .reference.core import eval_mask_mod, index_grid
-from .reference.masking import dense_keep
+from .reference.masking import _block_table, dense_keep
 
 __all__ = ["EBTBlockMask", "create_ebt_block_mask", "frame_causal_mask", "tables_in_range"]
 
@@ -42,15 +42,6 @@ def _listed_in_range(num: Tensor, idx: Tensor, n_rows: int, n_cols: int) -> tupl
     return num, idx
 
 
-def _dense(num: Tensor, idx: Tensor, n_cols: int) -> Tensor:
-    """``[.., R, n_cols]`` bool: which blocks an in-range table lists in each row (a block listed
-    twice counts once)."""
-    slots = torch.arange(idx.shape[-1], device=idx.device)
-    target = torch.where(slots < num.unsqueeze(-1), idx.long(), n_cols)  # unlisted -> a spare column
-    dense = torch.zeros(*idx.shape[:-1], n_cols + 1, dtype=torch.bool, device=idx.device)
-    return dense.scatter_(-1, target, True)[..., :n_cols]
-
-
 def _from_dense(dense: Tensor) -> tuple[Tensor, Tensor]:
     """The ordered table (int32 counts and indices, ascending) of a ``[.., R, C]`` bool table."""
     return (dense.sum(-1, dtype=torch.int32),
@@ -60,25 +51,26 @@ def _from_dense(dense: Tensor) -> tuple[Tensor, Tensor]:
 def _transposed(num: Tensor, idx: Tensor, n_rows: int, n_cols: int) -> tuple[Tensor, Tensor]:
     """The ordered table of the transpose (``[.., n_cols]`` counts, ``[.., n_cols, n_rows]`` indices)
     of an in-range table with ``n_rows`` rows over ``n_cols`` columns."""
-    return _from_dense(_dense(num, idx, n_cols).transpose(-1, -2))
+    return _from_dense(_block_table(num, idx, n_cols).transpose(-1, -2))
 
 
 def _as_sets(kv: tuple, full: Optional[tuple], nkv: int) -> tuple:
-    """``(kv, full, rebuilt)``: the kv tables as flex_attention's reference reads them -- each listed
-    block once, a block listed both partial and full as full.  Tables that list a block twice
-    (hand-built with ``BlockMask.from_kv_blocks``) would otherwise add its scores twice in the
-    kernels; such tables are rebuilt from their sets (ascending order), others kept as they are."""
-    dp = _dense(*kv, nkv)
+    """``(kv, full, kv_set, full_set)``: the kv tables as flex_attention's reference reads them --
+    each listed block once, a block listed both partial and full as full -- and those sets as
+    ``[.., nq, nkv]`` bool tables.  Tables that list a block twice (hand-built with
+    ``BlockMask.from_kv_blocks``) would otherwise add its scores twice in the kernels; such tables
+    are rebuilt from their sets (ascending order), others kept as they are."""
+    dp = _block_table(*kv, nkv)
     twice = (dp.sum(-1, dtype=torch.int32) != kv[0]).any()
     df = None
     if full is not None:
-        df = _dense(*full, nkv)
+        df = _block_table(*full, nkv)
         twice = twice | (df.sum(-1, dtype=torch.int32) != full[0]).any() | (dp & df).any()
     if not bool(twice):  # (one host sync)
-        return kv, full, False
+        return kv, full, dp, df
     if df is not None:
         dp = dp & ~df
-    return _from_dense(dp), (_from_dense(df) if df is not None else None), True
+    return _from_dense(dp), (_from_dense(df) if df is not None else None), dp, df
 
 
 def tables_in_range(block_mask: BlockMask, Sq: int, Skv: int) -> tuple:
@@ -113,25 +105,27 @@ def tables_in_range(block_mask: BlockMask, Sq: int, Skv: int) -> tuple:
                 f"block_mask has {block_mask.full_kv_num_blocks.shape[-1]} rows of full query blocks but "
                 f"Q_LEN={Sq} needs {nq}; rebuild it with create_block_mask(mask_mod, B, H, {Sq}, {Skv}).")
         full = _listed_in_range(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, nq, nkv)
-    checked = not torch.compiler.is_compiling()
-    rebuilt = False
-    if checked:
-        kv, full, rebuilt = _as_sets(kv, full, nkv)
+    # outside torch.compile: the kv tables as sets, and those sets (while tracing: tables as given)
+    sets = (None, None)
+    if not torch.compiler.is_compiling():
+        kv, full, *sets = _as_sets(kv, full, nkv)
 
-    def q_side(num, idx, kv_side):
-        if rebuilt or num is None or idx is None or num.shape[-1] < nkv or idx.shape[-2] < nkv:
-            return _transposed(*kv_side, nq, nkv)
-        listed = _listed_in_range(num, idx, nkv, nq)
-        if checked:
-            dq = _dense(*listed, nq)
-            transposed = _dense(*kv_side, nkv).transpose(-1, -2)
-            if dq.shape != transposed.shape or bool((dq.sum(-1, dtype=torch.int32) != listed[0]).any()
-                                                    | (dq != transposed).any()):
-                return _transposed(*kv_side, nq, nkv)
-        return listed
+    def q_side(num, idx, kv_side, kv_set):
+        whole = num is not None and idx is not None and num.shape[-1] >= nkv and idx.shape[-2] >= nkv
+        if kv_set is None:  # tracing: the mask's q tables as given, if it has them
+            return _listed_in_range(num, idx, nkv, nq) if whole else _transposed(*kv_side, nq, nkv)
+        transposed = kv_set.transpose(-1, -2)
+        if whole:
+            listed = _listed_in_range(num, idx, nkv, nq)
+            listed_set = _block_table(*listed, nq)
+            if listed_set.shape == transposed.shape and not bool(
+                    (listed_set.sum(-1, dtype=torch.int32) != listed[0]).any() | (listed_set != transposed).any()):
+                return listed  # the mask's own q tables say the same: kept (with their order)
+        return _from_dense(transposed)
 
-    q = q_side(block_mask.q_num_blocks, block_mask.q_indices, kv)
-    full_q = q_side(block_mask.full_q_num_blocks, block_mask.full_q_indices, full) if full is not None else None
+    q = q_side(block_mask.q_num_blocks, block_mask.q_indices, kv, sets[0])
+    full_q = q_side(block_mask.full_q_num_blocks, block_mask.full_q_indices, full, sets[1]) if full is not None \
+        else None
     return (*kv, *(full or (None, None)), *q, *(full_q or (None, None)))
 
 
@@ -263,14 +257,15 @@ def create_ebt_block_mask(mask_mod: Optional[Callable], B: Optional[int], H: Opt
         >>> bm.offset
         1
     """
-    from ._validation import check_ebt_lengths, check_mod_signature, check_positive_int
+    from ._validation import check_builder_int, check_ebt_lengths, check_mod_signature
 
-    check_positive_int("S_obs", S_obs)
-    check_positive_int("S_pred", S_pred)
+    fn = "create_ebt_block_mask"
+    check_builder_int(fn, "S_obs", S_obs, 1)
+    check_builder_int(fn, "S_pred", S_pred, 1)
     check_ebt_lengths(S_obs, S_pred)
     for name, val in (("B", B), ("H", H)):
         if val is not None:
-            check_positive_int(name, val)
+            check_builder_int(fn, name, val, 1)
     if mask_mod is None:
         mask_mod = frame_causal_mask
     elif not callable(mask_mod):
