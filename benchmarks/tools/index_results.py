@@ -192,6 +192,8 @@ TOOLS = [
     ("sweep", "profile_ebt.py / tune.py", None), ("profile_ebt_step", "profile_ebt_step.py", None),
     ("ebt", "profile_ebt.py", None), ("grid_order", "grid_order.py", None), ("small_s", "small_s.py", None),
     ("api_vs_launcher", "api_vs_launcher.py", None),
+    ("table_conversion", "table_conversion.py", "host cost of converting a block mask's tables, two commits in "
+                                                "alternating rounds"),
     ("host_split", "host_split.py", None), ("overhead", "overhead.py", None),
     ("fp32_products", "fp32_products.py", None), ("first_call", "first_call.py", None),
     ("gpu_tests", "pytest -m gpu", "the GPU tests' log"),
