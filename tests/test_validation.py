@@ -128,7 +128,7 @@ def test_piecewise_errors(over, exc, msg):
                                  lambda: flexebt.mods.generate_relative_position_bias(torch.zeros(2, 4), 2),
                                  lambda: flexebt.mods.generate_relative_position_bias(torch.zeros(2, 5), -1),
                                  lambda: flexebt.masks.generate_frame_mask(torch.zeros(4, 4)),
-                                 lambda: flexebt.masks.generate_document_mask([3, 0])])
+                                 lambda: flexebt.masks.generate_document_mask([3, -1])])
 def test_builder_errors(bad):
     with pytest.raises(ValueError):
         bad()
@@ -143,10 +143,10 @@ def test_builder_errors(bad):
     (lambda: flexebt.masks.generate_sliding_window(-1), "window_size must be an integer >= 0"),
     (lambda: flexebt.masks.generate_sliding_window(2.5), "window_size must be an integer >= 0"),
     (lambda: flexebt.masks.generate_prefix_lm_mask(None), "prefix_length must be an integer >= 0"),
-    (lambda: flexebt.masks.generate_document_mask([2.5, 13.5]), "each length must be a positive integer"),
+    (lambda: flexebt.masks.generate_document_mask([2.5, 13.5]), "each length must be an integer >= 0"),
     (lambda: flexebt.masks.generate_document_mask(torch.tensor([[4, 12]])), "1-d integer tensor"),
     (lambda: flexebt.masks.generate_doc_mask_mod(flexebt.masks.causal_mask, [2, 4, 16]), "starting at 0"),
-    (lambda: flexebt.masks.generate_doc_mask_mod(flexebt.masks.causal_mask, [0, 8, 4]), "increasing"),
+    (lambda: flexebt.masks.generate_doc_mask_mod(flexebt.masks.causal_mask, [0, 8, 4]), "never decreasing"),
 ])
 def test_builder_parameters_are_checked(bad, msg):
     """Parameters that would give silent nonsense (no bias, NaN, every row masked, truncated

@@ -75,6 +75,21 @@ def test_attention_gym_builders_are_reused():
     assert torch.equal(mods.generate_alibi_bias(4)(s, b, h, q, kv), attn_gym.mods.generate_alibi_bias(4)(s, b, h, q, kv))
 
 
+def test_document_mask_accepts_empty_documents():
+    """An empty document (a repeated offset, a zero length) is legal in a packed batch, as in
+    attention-gym: the mask equals attention-gym's and the one without the empty document."""
+    from attn_gym.masks.document_mask import generate_doc_mask_mod as gym_doc
+
+    b = h = torch.tensor(0)
+    q, kv = torch.arange(12).view(12, 1), torch.arange(12).view(1, 12)
+    with_empty = torch.tensor([0, 0, 5, 5, 12])
+    ours = masks.generate_doc_mask_mod(masks.causal_mask, with_empty)(b, h, q, kv)
+    assert torch.equal(ours, gym_doc(masks.causal_mask, with_empty)(b, h, q, kv))
+    assert torch.equal(ours, masks.generate_doc_mask_mod(masks.causal_mask, torch.tensor([0, 5, 12]))(b, h, q, kv))
+    assert torch.equal(masks.generate_document_mask([5, 0, 7])(b, h, q, kv),
+                       masks.generate_document_mask([5, 7])(b, h, q, kv))
+
+
 @pytest.mark.parametrize("module", ["mods.alibi", "mods.softcap", "mods.bias", "mods.relative_bias", "masks.causal",
                                     "masks.sliding_window", "masks.prefix_lm", "masks.document", "masks.ebt",
                                     "masks.piecewise"])

@@ -31,9 +31,10 @@ def generate_doc_mask_mod(mask_mod, offsets: torch.Tensor):
     if not isinstance(offsets, torch.Tensor):
         offsets = torch.as_tensor(offsets)
     if (offsets.dim() != 1 or offsets.numel() < 2 or offsets.is_floating_point() or offsets.is_complex()
-            or int(offsets[0]) != 0 or bool((offsets[1:] <= offsets[:-1]).any())):
+            or int(offsets[0]) != 0 or bool((offsets[1:] < offsets[:-1]).any())):
         raise ValueError(f"generate_doc_mask_mod: offsets must be a 1-d integer tensor of cumulative document "
-                         f"lengths starting at 0 and increasing (e.g. [0, 2, 6, 9]), got {offsets.tolist()!r}.")
+                         f"lengths starting at 0 and never decreasing (e.g. [0, 2, 6, 9]; an empty document repeats an "
+                         f"offset), got {offsets.tolist()!r}.")
     mod = _attn_gym_doc_mask(mask_mod, offsets)
     mod.__name__ = f"document_{getattr(mask_mod, '__name__', 'mask')}_{len(offsets) - 1}docs"
     return mod
@@ -52,9 +53,9 @@ def generate_document_mask(lengths: Sequence[int], mask_mod=None, device: Option
         lengths = lengths.tolist()
     lengths = list(lengths)
     if not lengths:
-        raise ValueError("generate_document_mask: lengths must be positive integers, got [].")
+        raise ValueError("generate_document_mask: lengths must list at least one document, got [].")
     for n in lengths:
-        check_builder_int("generate_document_mask", "each length", n, 1)
+        check_builder_int("generate_document_mask", "each length", n, 0)  # 0: an empty document
     if mask_mod is not None and not callable(mask_mod):
         raise TypeError(f"generate_document_mask: mask_mod must be a callable or None, got {type(mask_mod).__name__}.")
     return generate_doc_mask_mod(causal_mask if mask_mod is None else mask_mod,
