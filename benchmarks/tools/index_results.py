@@ -41,6 +41,8 @@ CURRENT = {
     "B4_h200_71970fc", "B4_h100_d128_daf5d74",
     "gpu_checks_h100_1b5cb43", "B3_h100_bf16_s1024_compiled_1b5cb43", "B3_h100_fp32_s256_ro_1b5cb43",
     "B3_h100_bf16_s4096_ro_1b5cb43", "B3_h100_bf16_s2048_ro_1b5cb43", "B3_h100_fp32_s1024_ro_1b5cb43",
+    "B3_h100_fp32_s2048_82595dd", "B3_h100_fp32_s4096_82595dd", "gpu_checks_h100_82595dd",
+    "ab_B2_softcap_tanh_e538fc0_82595dd",
 }
 
 # Why a run is not to be cited, per file in invalid/.
@@ -73,6 +75,9 @@ NOTES = {
     "cpu_host_measurements_c6c71ae": ("timing scripts", "import time of torch and flexebt, the example trainer's "
                                       "rate, where the compile time goes"),
     # H100
+    "ab_B2_softcap_tanh_e538fc0_82595dd": ("ab_commits.py", "B2 soft-cap and causal, bf16 S4096 D64 / D128: the "
+                                           "kernels' tanh as one exp form against exp form plus Taylor "
+                                           "polynomial (its README.md)"),
     "ab_dq_atomic_h100_75118db": ("profile_ebt.py / tune.py --ab", "dq by atomic adds in the dk/dv pass against "
                                   "the dq pass: EBT bf16 D64 S4096; causal D64 / D128 S4096 backward"),
     "ab_heads_fast_h100_1f2acff": ("profile_ebt.py / tune.py --ab", "heads on the fast grid axis against the plain "
