@@ -216,7 +216,7 @@ class AttentionCall:
     # differentiates
     reference: Callable
     mods: tuple = ()  # the score_mod / mask_mods the reference reads (third order swaps their captured tensors)
-    return_max: bool = False  # the forward also returns each row group's max_scores (no gradient)
+    return_max: bool = False  # apply_attention also returns each row group's max_scores (no gradient)
     unwanted: frozenset = frozenset()  # inputs (positions) whose first-order gradient nobody asked for
 
     @property
@@ -225,7 +225,11 @@ class AttentionCall:
 
     @property
     def n_outputs(self) -> int:
-        return 2 * self.plan.n_rows  # outputs then lse
+        return 2 * self.plan.n_rows  # the differentiable results: outputs then lse
+
+    @property
+    def n_results(self) -> int:
+        return 3 * self.plan.n_rows  # outputs, lse, then msum (each row's max and sum; no gradient)
 
 
 def _zeros_for_none(xs, likes) -> list:
@@ -233,24 +237,22 @@ def _zeros_for_none(xs, likes) -> list:
 
 
 class Attention(torch.autograd.Function):
-    """Forward: ``apply(call, *inputs, *captured)`` -> outputs then lse of every row group."""
+    """Forward: ``apply(call, *inputs, *captured)`` -> the outputs, lse and msum of every row
+    group (kernels/plan.py; msum has no gradient and feeds the backward)."""
 
     @staticmethod
     def forward(call: AttentionCall, *xs):
         n = call.n_inputs
         with torch._C._DisableFuncTorch():
-            return tuple(plan_forward(call.plan, list(xs[:n]), list(xs[n:]), call.scale, call.options,
-                                      call.return_max))
+            return tuple(plan_forward(call.plan, list(xs[:n]), list(xs[n:]), call.scale, call.options))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         call, xs = inputs[0], inputs[1:]
         ctx.call = call
         ctx.set_materialize_grads(False)  # unused outputs (usually the lse) arrive as None, not zeros to read
-        m = call.n_outputs
-        if call.return_max:
-            ctx.mark_non_differentiable(*output[m:])  # as torch's max_scores: no gradient
-        ctx.save_for_backward(*xs[:call.n_inputs], *output[:m], *xs[call.n_inputs:])
+        ctx.mark_non_differentiable(*output[call.n_outputs:])  # msum (and so max_scores): no gradient
+        ctx.save_for_backward(*xs[:call.n_inputs], *output, *xs[call.n_inputs:])
         ctx.jvp_inputs = xs
 
     @staticmethod
@@ -264,17 +266,16 @@ class Attention(torch.autograd.Function):
         _check_jvp_inputs(xs[:n] + tans, tangents[n:])
         with torch._C._DisableFuncTorch():
             res = plan_jvp(call.plan, xs[:n], tans, xs[n:], call.scale, call.options)
-        if call.return_max:  # max_scores are non-differentiable outputs: no tangent (None, as torch requires)
-            res += [None] * (call.n_outputs // 2)
+        res += [None] * (call.n_results - call.n_outputs)  # msum: non-differentiable, no tangent (as torch requires)
         return tuple(res)
 
     @staticmethod
     def backward(ctx, *cts):
         call: AttentionCall = ctx.call
-        n, m = call.n_inputs, call.n_outputs
-        cts = cts[:m]  # (max_scores, if returned, are not differentiable)
+        n, m, s = call.n_inputs, call.n_outputs, call.n_results
+        cts = cts[:m]  # (msum is not differentiable)
         saved = ctx.saved_tensors
-        ins, outs, buffers = saved[:n], list(saved[n:n + m]), saved[n + m:]
+        ins, outs, buffers = saved[:n], list(saved[n:n + s]), saved[n + s:]
         if all(c is None for c in cts):
             # Reached in a double backward when the outputs feed nothing that needs a gradient:
             # the engine still visits this node; there is nothing to compute.
@@ -375,13 +376,14 @@ def unused_by_engine(edges, positions) -> set:
 
 
 class AttentionBackward(torch.autograd.Function):
-    """``apply(call, *inputs, *outputs_and_lse, *cotangents, *captured)`` -> gradients of the inputs,
-    then of the captured tensors (zeros where none flows).  Cotangents of the lse may be None."""
+    """``apply(call, *inputs, *results, *cotangents, *captured)`` -> gradients of the inputs, then
+    of the captured tensors (zeros where none flows).  ``results``: the forward's outputs, lse and
+    msum; cotangents of the outputs and lse, those of the lse may be None."""
 
     @staticmethod
     def forward(call: AttentionCall, *xs):
-        n, m = call.n_inputs, call.n_outputs
-        ins, outs, cts, buffers = xs[:n], xs[n:n + m], xs[n + m:n + 2 * m], xs[n + 2 * m:]
+        n, m, s = call.n_inputs, call.n_outputs, call.n_results
+        ins, outs, cts, buffers = xs[:n], xs[n:n + s], xs[n + s:n + s + m], xs[n + s + m:]
         with torch._C._DisableFuncTorch():
             grads, gbuf = plan_backward(call.plan, list(ins), list(outs), list(cts), list(buffers), call.scale,
                                         call.options, call.unwanted)
@@ -390,19 +392,19 @@ class AttentionBackward(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         call, xs = inputs[0], inputs[1:]
-        n, m = call.n_inputs, call.n_outputs
+        n, m, s = call.n_inputs, call.n_outputs, call.n_results
         ctx.call = call
-        cts = xs[n + m:n + 2 * m]
+        cts = xs[n + s:n + s + m]
         ctx.has_ct = [c is not None for c in cts]
-        ctx.save_for_backward(*xs[:n + m], *[c if c is not None else torch.empty(0) for c in cts], *xs[n + 2 * m:])
+        ctx.save_for_backward(*xs[:n + s], *[c if c is not None else torch.empty(0) for c in cts], *xs[n + s + m:])
 
     @staticmethod
     def backward(ctx, *gouts):
         call: AttentionCall = ctx.call
-        n, m = call.n_inputs, call.n_outputs
+        n, m, s = call.n_inputs, call.n_outputs, call.n_results
         saved = ctx.saved_tensors
-        ins, outs, buffers = list(saved[:n]), list(saved[n:n + m]), saved[n + 2 * m:]
-        cts = [c if has else None for c, has in zip(saved[n + m:n + 2 * m], ctx.has_ct)]
+        ins, outs, buffers = list(saved[:n]), list(saved[n:n + s]), saved[n + s + m:]
+        cts = [c if has else None for c, has in zip(saved[n + s:n + s + m], ctx.has_ct)]
         gcts, gbuf_cts = gouts[:n], gouts[n:]
         if _fused_double_backward(buffers) and not _any_batched(gouts):
             # Fused double-backward kernels (O(S) memory), captured tensors' terms included.
@@ -411,12 +413,12 @@ class AttentionBackward(torch.autograd.Function):
             g_ins, g_cts, g_bufs = res[:n], res[n:n + m], res[n + m:]
             g_cts = [g if has else None for g, has in zip(g_cts, ctx.has_ct)]
             g_bufs = [g if b.requires_grad else None for g, b in zip(g_bufs, buffers)]
-            return (None, *g_ins, *([None] * m), *g_cts, *g_bufs)
+            return (None, *g_ins, *([None] * s), *g_cts, *g_bufs)
         # create_graph when this double backward is itself differentiated (third order)
         g_ins, g_cts, g_bufs = _reference_double_backward(
             call.reference, ins, buffers, cts, list(gcts) + [g for g, b in zip(gbuf_cts, buffers) if b.requires_grad],
             create_graph=torch.is_grad_enabled(), mods=call.mods)
-        return (None, *g_ins, *([None] * m), *g_cts, *g_bufs)
+        return (None, *g_ins, *([None] * s), *g_cts, *g_bufs)
 
 
 def _fused_double_backward(buffers) -> bool:
@@ -429,8 +431,8 @@ def _fused_double_backward(buffers) -> bool:
 
 
 class AttentionDoubleBackward(torch.autograd.Function):
-    """Fused double backward.  ``apply(call, *inputs, *cotangents, *gcts, *outputs_and_lse,
-    *captured, *bcts)``: given the first-order cotangents (those of the lse may be None) and the
+    """Fused double backward.  ``apply(call, *inputs, *cotangents, *gcts, *results, *captured,
+    *bcts)`` (``results``: the forward's outputs, lse and msum): given the first-order cotangents (those of the lse may be None) and the
     cotangents ``gcts`` of the inputs' first-order gradients (``bcts``: of the captured tensors';
     None: zero), returns the gradients of the inputs, of the cotangents (zeros for an absent lse
     cotangent) and of the captured tensors (zeros where none flows): total derivatives, the saved
@@ -438,22 +440,22 @@ class AttentionDoubleBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(call: AttentionCall, *xs):
-        n, m = call.n_inputs, call.n_outputs
-        ins, cts, gcts, outs = xs[:n], xs[n:n + m], xs[n + m:2 * n + m], xs[2 * n + m:2 * n + 2 * m]
-        rest = xs[2 * n + 2 * m:]
+        n, m, s = call.n_inputs, call.n_outputs, call.n_results
+        ins, cts, gcts, outs = xs[:n], xs[n:n + m], xs[n + m:2 * n + m], xs[2 * n + m:2 * n + m + s]
+        rest = xs[2 * n + m + s:]
         nb = len(rest) // 2  # the captured tensors, then their gradients' cotangents
         buffers, bcts = rest[:nb], rest[nb:]
         with torch._C._DisableFuncTorch():
             g_ins, g_cts, g_bufs = plan_double_backward(call.plan, list(ins), list(outs), list(cts), list(gcts),
                                                         list(buffers), list(bcts), call.scale, call.options)
-        return (*_zeros_for_none(g_ins, ins), *_zeros_for_none(g_cts, outs), *_zeros_for_none(g_bufs, buffers))
+        return (*_zeros_for_none(g_ins, ins), *_zeros_for_none(g_cts, outs[:m]), *_zeros_for_none(g_bufs, buffers))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         call, xs = inputs[0], inputs[1:]
-        n, m = call.n_inputs, call.n_outputs
+        n, m, s = call.n_inputs, call.n_outputs, call.n_results
         ctx.call = call
-        ctx.n_extra = len(xs) - 2 * n - 2 * m
+        ctx.n_extra = len(xs) - 2 * n - m - s
         cts = xs[n:n + m]
         ctx.has = [c is not None for c in cts]
         ctx.save_for_backward(*xs[:n], *[c if c is not None else torch.empty(0) for c in cts], *xs[n + m:2 * n + m])
@@ -476,19 +478,29 @@ class AttentionDoubleBackward(torch.autograd.Function):
                          if pairs else [None] * len(wrt))
         g_ins3, rest = grads[:n], grads[n:]
         g_cts3 = [rest.pop(0) if h else None for h in ctx.has]
-        return (None, *g_ins3, *g_cts3, *rest[:n], *([None] * m), *([None] * ctx.n_extra))
+        return (None, *g_ins3, *g_cts3, *rest[:n], *([None] * call.n_results), *([None] * ctx.n_extra))
 
 
 def apply_attention(call: AttentionCall, ins: list, buffers: list) -> tuple:
-    """The call's outputs, then their lse (then max_scores): ``Attention.apply``, one node per row
-    group where the row groups read different inputs (``AttentionPlan.row_groups``), so that autograd
-    sees which outputs depend on which inputs."""
+    """The call's outputs, then their lse (then, with ``call.return_max``, their max_scores):
+    ``Attention.apply``, one node per row group where the row groups read different inputs
+    (``AttentionPlan.row_groups``), so that autograd sees which outputs depend on which inputs."""
     groups = call.plan.row_groups
     if groups is None:
-        return Attention.apply(call, *ins, *buffers)
-    per_group = [Attention.apply(_row_group_call(call, plan, inputs, r, ins), *[ins[i] for i in inputs], *buffers)
-                 for r, (plan, inputs) in enumerate(groups)]
-    return tuple(res[j] for j in range(len(per_group[0])) for res in per_group)  # outputs, lse, max_scores
+        res = Attention.apply(call, *ins, *buffers)
+    else:
+        per_group = [Attention.apply(_row_group_call(call, plan, inputs, r, ins), *[ins[i] for i in inputs],
+                                     *buffers) for r, (plan, inputs) in enumerate(groups)]
+        res = tuple(g[j] for j in range(len(per_group[0])) for g in per_group)  # outputs, lse, msum
+    return results_of(res, call.plan.n_rows, call.return_max)
+
+
+def results_of(res, n_rows: int, return_max: bool) -> tuple:
+    """What a caller sees of the kernels' results (outputs, lse, msum): the outputs and lse, then
+    with ``return_max`` each row's largest kept modified score (msum's first column)."""
+    if not return_max:
+        return tuple(res[:2 * n_rows])
+    return (*res[:2 * n_rows], *(ms[..., 0].contiguous() for ms in res[2 * n_rows:3 * n_rows]))
 
 
 def _row_group_call(call: AttentionCall, plan: AttentionPlan, inputs: tuple, r: int, ins: list) -> AttentionCall:

@@ -261,23 +261,22 @@ def _tables_from_list(ts: list[Tensor], sparse_q: int, sparse_kv: int, has_full:
 # (torch._dynamo.config.trace_autograd_ops) traces the fused double backward.
 
 
-def _layout(passes: list, n_inputs: int, n_rows: int, return_max: bool = False) -> str:
+def _layout(passes: list, n_inputs: int, n_rows: int) -> str:
     """The plan as a string, a constant of the graph.  ``passes``: per pass (q, k, v, rows, kernel
-    key, BlockTables, (lo, hi), q_off, own or None); ``return_max``: the forward also returns the
-    row groups' max_scores."""
+    key, BlockTables, (lo, hi), q_off, own or None)."""
     def one(q, k, v, rows, key, t, buf, q_off, own):
         own_s = f"{own[0]}.{own[1]}" if own is not None else "-"
         # block sizes and the frame offset as plain ints: once dynamo has seen two values (two block
         # masks, two lengths) it makes them symbolic, and a string needs their values (a guard each)
         sq, skv, off = _static(t.sparse_q, t.sparse_kv, q_off)
         return f"{q},{k},{v},{rows},{key},{sq}x{skv}x{int(t.has_full)},{buf[0]}.{buf[1]},{off},{own_s}"
-    return f"{n_inputs}|{n_rows}|{int(return_max)}|" + ";".join(one(*p) for p in passes)
+    return f"{n_inputs}|{n_rows}|" + ";".join(one(*p) for p in passes)
 
 
 @functools.lru_cache(maxsize=256)
 def _parse(layout: str) -> tuple:
-    """(n_inputs, n_rows, passes); ``_returns_max`` reads the flag."""
-    n_inputs, n_rows, _, passes = layout.split("|")
+    """(n_inputs, n_rows, passes)."""
+    n_inputs, n_rows, passes = layout.split("|")
     parsed = []
     for entry in passes.split(";"):
         q, k, v, rows, key, sizes, buf, q_off, own = entry.split(",")
@@ -286,10 +285,6 @@ def _parse(layout: str) -> tuple:
         parsed.append((int(q), int(k), int(v), int(rows), key, sq, skv, bool(full), (lo, hi), int(q_off),
                        None if own == "-" else tuple(int(x) for x in own.split("."))))
     return int(n_inputs), int(n_rows), tuple(parsed)
-
-
-def _returns_max(layout: str) -> bool:
-    return layout.split("|")[2] == "1"
 
 
 def _plan_of(layout: str, aux: list) -> AttentionPlan:
@@ -340,8 +335,7 @@ def _dense(xs: list, likes: list) -> list:
 
 def _forward(layout: str, meta: str, ins: list, aux: list, buffers: list) -> list:
     scale, options = _unmeta(meta)
-    return [o.contiguous() for o in plan_forward(_plan_of(layout, aux), ins, buffers, scale, options,
-                                                 _returns_max(layout))]
+    return [o.contiguous() for o in plan_forward(_plan_of(layout, aux), ins, buffers, scale, options)]
 
 
 def _backward(layout: str, meta: str, ins: list, outs: list, cts: list, aux: list, buffers: list) -> list:
@@ -359,12 +353,12 @@ def _double_backward(layout: str, meta: str, ins: list, outs: list, cts: list, g
     grads, g_cts, gbuf = plan_double_backward(_plan_of(layout, aux), ins, outs, cts, gcts, buffers, bcts, scale,
                                               options)
     grads = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads, ins)]
-    return _dense(grads, ins) + _dense(g_cts, outs) + _dense(gbuf, buffers)
+    return _dense(grads, ins) + _dense(g_cts, outs[:len(cts)]) + _dense(gbuf, buffers)
 
 
 @torch.library.custom_op("flexebt::attention", mutates_args=())
 def attention_op(layout: str, meta: str, ins: list[Tensor], aux: list[Tensor], buffers: list[Tensor]) -> list[Tensor]:
-    """The outputs of every row group, then their lse (then their max_scores, if the layout asks)."""
+    """The outputs of every row group, then their lse, then their msum (kernels/plan.py)."""
     return _forward(layout, meta, ins, aux, buffers)
 
 
@@ -376,8 +370,9 @@ def _(layout, meta, ins, aux, buffers):
         first.setdefault(p[3], p)
     rows = [first[r] for r in range(n_rows)]
     outs = [ins[p[0]].new_empty(*ins[p[0]].shape[:3], ins[p[2]].shape[-1]) for p in rows]
-    stats = [ins[p[0]].new_empty(ins[p[0]].shape[:3], dtype=torch.float32) for p in rows]
-    return outs + stats + ([s.new_empty(s.shape) for s in stats] if _returns_max(layout) else [])
+    lses = [ins[p[0]].new_empty(ins[p[0]].shape[:3], dtype=torch.float32) for p in rows]
+    msums = [ins[p[0]].new_empty(*ins[p[0]].shape[:3], 2, dtype=torch.float32) for p in rows]
+    return outs + lses + msums
 
 
 @torch.library.custom_op("flexebt::attention_backward", mutates_args=())
@@ -407,8 +402,9 @@ def attention_double_backward_op(layout: str, meta: str, ins: list[Tensor], outs
 
 @attention_double_backward_op.register_fake
 def _(layout, meta, ins, outs, cts, gcts, aux, buffers, bcts):
-    n_out = len(outs) // 2
-    g_cts = [o.new_empty(o.shape) if i < n_out or cts[i] is not None else o.new_empty(0) for i, o in enumerate(outs)]
+    n_out = len(cts) // 2
+    g_cts = [o.new_empty(o.shape) if i < n_out or cts[i] is not None else o.new_empty(0)
+             for i, o in enumerate(outs[:len(cts)])]
     return [x.new_empty(x.shape) for x in ins] + g_cts + _buffer_grad_fakes(layout, buffers)
 
 
@@ -442,8 +438,9 @@ def _attention_setup(ctx, inputs, output):
     layout, meta, ins, aux, buffers = inputs
     ctx.call = (layout, meta)
     ctx.needs = [b.requires_grad for b in buffers]
-    n_out = 2 * _parse(layout)[1]  # outputs and lse; max_scores (if any) carry no gradient
-    _save(ctx, ins=list(ins), outs=list(output[:n_out]), aux=list(aux), buffers=list(buffers))
+    # the outputs, lse and msum all enter the backward (msum carries no gradient)
+    ctx.n_out = 2 * _parse(layout)[1]
+    _save(ctx, ins=list(ins), outs=list(output), aux=list(aux), buffers=list(buffers))
 
 
 def _attention_grad(ctx, grads):
@@ -452,7 +449,7 @@ def _attention_grad(ctx, grads):
     # out and lse enter the backward as constants: its own backward (the double backward)
     # differentiates the total dependence on the inputs.
     outs = [o.detach() for o in t["outs"]]
-    grads = grads[:len(outs)]
+    grads = grads[:ctx.n_out]
     res = attention_backward_op(layout, _unwanted_meta(meta, _unwanted_bits(ctx, layout, len(t["ins"]))), t["ins"],
                                 outs, [g.contiguous() if g is not None else None for g in grads], t["aux"],
                                 t["buffers"])
@@ -489,10 +486,10 @@ def _backward_grad(ctx, grads):
                                    for g, need in zip(grads[n:], ctx.needs)]
     res = attention_double_backward_op(layout, meta, t["ins"], t["outs"], t["cts"], gcts, t["aux"],
                                        t["buffers"], bcts)
-    n_out = len(t["outs"])
-    g_cts = [(_grad_or_none(g, o) if c is not None else None) for g, o, c in zip(res[n:n + n_out], t["outs"], t["cts"])]
-    gbuf = [_grad_or_none(g, b) if need else None for g, b, need in zip(res[n + n_out:], t["buffers"], ctx.needs)]
-    return None, None, list(res[:n]), [None] * n_out, g_cts, [None] * len(t["aux"]), gbuf
+    n_ct = len(t["cts"])
+    g_cts = [(_grad_or_none(g, o) if c is not None else None) for g, o, c in zip(res[n:n + n_ct], t["outs"], t["cts"])]
+    gbuf = [_grad_or_none(g, b) if need else None for g, b, need in zip(res[n + n_ct:], t["buffers"], ctx.needs)]
+    return None, None, list(res[:n]), [None] * len(t["outs"]), g_cts, [None] * len(t["aux"]), gbuf
 
 
 def _third_order(ctx, grads):
@@ -631,10 +628,11 @@ def flex_attention_compiled(query, key, value, score_mod, block_mask, scale, ker
     mask_mod = block_mask.mask_mod if block_mask is not None else None
     kern, buffers = _mod_call(score_mod, mask_mod, position_extents(B, H, Sq, Skv))
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-    layout = _layout([(0, 1, 2, 0, kern, tables, (0, len(buffers)), 0, None)], 3, 1, return_max)
+    layout = _layout([(0, 1, 2, 0, kern, tables, (0, len(buffers)), 0, None)], 3, 1)
     res = attention_op(layout, _meta(scale, kernel_options), [query.contiguous(), key.contiguous(), value.contiguous()],
                        _tables_list(tables), buffers)
-    return (res[0], res[1], res[2].detach()) if return_max else (res[0], res[1])  # max_scores: no gradient
+    # max_scores: msum's first column, no gradient
+    return (res[0], res[1], res[2][..., 0].detach().contiguous()) if return_max else (res[0], res[1])
 
 
 def _static(*sizes) -> tuple:
@@ -673,9 +671,9 @@ def ebt_attention_compiled(q_o, k_o, v_o, q_p, k_p, v_p, score_mod, block_mask, 
     b, meta = (0, len(buffers)), _meta(scale, kernel_options)
     # One op per stream, as the eager path's one autograd node per row group: the observed outputs
     # do not depend on the predicted stream, and the graph must say so.
-    out_o, lse_o = attention_op(_layout([(0, 1, 2, 0, kern, tables_o, b, 0, None)], 3, 1), meta,
+    out_o, lse_o, _ = attention_op(_layout([(0, 1, 2, 0, kern, tables_o, b, 0, None)], 3, 1), meta,
                                 [q_o, k_o, v_o], _tables_list(tables_o), buffers)
-    out_p, lse_p = attention_op(_layout([(0, 1, 2, 0, kern, tables_p, b, S_o - S_p + 1, (3, 4))], 5, 1), meta,
+    out_p, lse_p, _ = attention_op(_layout([(0, 1, 2, 0, kern, tables_p, b, S_o - S_p + 1, (3, 4))], 5, 1), meta,
                                 [q_p, k_o, v_o, k_p, v_p], _tables_list(tables_p) + [block_mask.own_keep_for(B, H)],
                                 buffers)
     return out_o, out_p, lse_o, lse_p
@@ -711,6 +709,6 @@ def piecewise_attention_compiled(q1, k1, q2, k2, v, dist_threshold, causal, scal
     nn, nf = len(b_near), len(b_far)
     layout = _layout([(0, 1, 4, 0, k_near, t_near, (0, nn), 0, None),
                       (2, 3, 4, 0, k_far, t_far, (nn, nn + nf), 0, None)], 5, 1)
-    out, _ = attention_op(layout, _meta(scale, kernel_options), [x.contiguous() for x in (q1, k1, q2, k2, v)],
-                          _tables_list(t_near) + _tables_list(t_far), b_near + b_far)
+    out = attention_op(layout, _meta(scale, kernel_options), [x.contiguous() for x in (q1, k1, q2, k2, v)],
+                       _tables_list(t_near) + _tables_list(t_far), b_near + b_far)[0]
     return out

@@ -213,20 +213,34 @@ def test_rows_with_no_key_give_zero_and_zero_gradients():
 
 @pytest.mark.parametrize("DV", [16, 24])
 def test_merge_kernel_matches_the_torch_merge(DV):
+    """The merge through each part's max and sum equals the torch merge through their lse, with
+    parts empty on one side or both; and where every score of a row is huge (max -1e9), which the
+    lse of a part can no longer tell apart from its max, it still weighs the parts by their sums."""
     from flexebt.kernels.merge import merge_partial_softmax
 
     oa, ob = torch.randn(2, 3, 70, DV), torch.randn(2, 3, 70, DV)
-    la, lb = torch.randn(2, 3, 70) * 4, torch.randn(2, 3, 70) * 4
-    la[0, 0, :5] = float("-inf")             # only b
-    lb[0, 1, 3:9] = float("-inf")            # only a
-    la[1, 2, 10:12] = lb[1, 2, 10:12] = float("-inf")  # neither
-    got_o, got_l = merge_partial_softmax(oa, la, ob, lb)
+    ma, mb = torch.randn(2, 3, 70) * 4, torch.randn(2, 3, 70) * 4
+    sa, sb = 1 + 4 * torch.rand(2, 3, 70), 1 + 4 * torch.rand(2, 3, 70)
+    for m, l_, idx in ((ma, sa, (0, 0, slice(0, 5))), (mb, sb, (0, 1, slice(3, 9))),
+                       (ma, sa, (1, 2, slice(10, 12))), (mb, sb, (1, 2, slice(10, 12)))):
+        m[idx], l_[idx] = float("-inf"), 0.0  # only b / only a / neither
+    la, lb = ma + sa.log(), mb + sb.log()
+    got_o, got_l, got_ms = merge_partial_softmax(oa, torch.stack((ma, sa), -1), ob, torch.stack((mb, sb), -1))
     want_o, want_l = merge_partial_attention(oa.double(), la.double(), ob.double(), lb.double())
     assert rel_err(got_o, want_o) < 1e-6
     assert torch.equal(torch.isneginf(got_l), torch.isneginf(want_l))
     fin = torch.isfinite(want_l)
     assert rel_err(got_l[fin], want_l[fin]) < 1e-6
+    assert rel_err(got_ms[..., 0][fin], torch.maximum(ma, mb)[fin]) == 0
+    assert rel_err(got_ms[..., 1][fin].log() + got_ms[..., 0][fin], want_l[fin]) < 1e-6
     assert (got_o[1, 2, 10:12] == 0).all()
+    # rows of huge scores: the part's lse rounds to its max, the sums still weigh the parts
+    huge = torch.full((1, 1, 4), -1e9)
+    three, five = torch.full((1, 1, 4), 3.0), torch.full((1, 1, 4), 5.0)
+    o, _, ms = merge_partial_softmax(oa[:1, :1, :4], torch.stack((huge, three), -1), ob[:1, :1, :4],
+                                     torch.stack((huge, five), -1))
+    assert rel_err(o, (3 * oa[:1, :1, :4] + 5 * ob[:1, :1, :4]) / 8) < 1e-6
+    assert torch.equal(ms[..., 1], torch.full((1, 1, 4), 8.0))
 
 
 def merge_partial_attention(out_a, lse_a, out_b, lse_b):

@@ -71,12 +71,12 @@ def main():
         tables = tables_from_block_mask(bm, S, S, "cuda")
         kern, bufs = kernels_and_buffers("flex_attention", sm, tables.mask_mod, position_extents(B, H, S, S))
         scale = D ** -0.5
-        out, lse = flex_forward(kern, q, k, v, scale, tables, bufs, base)
+        out, lse, msum = flex_forward(kern, q, k, v, scale, tables, bufs, base)
         do = torch.randn_like(out)
         single = single_stream_plan(kern, tables, len(bufs))
 
         def backward(options, q=q, k=k, v=v, out=out, lse=lse, do=do, bufs=bufs, scale=scale, single=single):
-            return plan_backward(single, [q, k, v], [out, lse], [do, None], bufs, scale, options)
+            return plan_backward(single, [q, k, v], [out, lse, msum], [do, None], bufs, scale, options)
 
         head = f"D={D} S={S} B={B} {a.variant} {a.dtype}{' tf32' if a.tf32 else ''}"
         if a.torch:

@@ -2,7 +2,7 @@
 
 A template calls a hook as one statement (common.py of the templates shows the form):
 
-    t2, dtds = hook.score_grad(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx, kv_idx=kv_idx)
+    tu, dtds = hook.score_grad(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx, kv_idx=kv_idx)
 
 The keywords bind the hook's declared inputs to template variables, the names on the left receive
 its declared outputs.  ``expand_hooks`` replaces every such statement with the code the mods
@@ -12,12 +12,13 @@ are not the declared ones.  The generated code may also read the tile context ev
 
 The hooks, inputs -> outputs:
 
-- ``score``: the score_mod in log2 units, t2 = f(scale s_raw) log2 e.
-- ``score_grad``: t2 and f'(s) (dtds).
+- ``score``: the modified score in the pass's units (templates/common.py): t = f(scale s_raw) in
+  natural units, or, without a score_mod, scale s_raw log2 e (log2 units, one multiply).
+- ``score_grad``: that score and f'(s) (dtds).
 - ``captured_grad(dt, keep)``: adds dt df/dc to the gradient of each captured tensor c the score_mod
   reads (fp32 atomics where kept); reuses the loads of the ``score_grad`` before it in the same
   function.
-- ``score_second``: t2, f', f'' and the captured tensors' terms ew = sum_c Gc f_c, ewds = sum_c Gc f_sc.
+- ``score_second``: the score, f', f'' and the captured tensors' terms ew = sum_c Gc f_c, ewds = sum_c Gc f_sc.
 - ``captured_second_grad(gt, dt, a, keep)``: the captured tensors' second-order gradient (after a
   ``score_second`` in the same function).
 - ``mask``: the mask_mod as a boolean tile (``valid`` where there is none).

@@ -316,7 +316,7 @@ class ModCode:
             return [self._plain_t2(call)]
         em = self._emitter("sm_")
         t, _ = self._primal(em, call)
-        return em.lines + [f"{call.outputs[0]} = ({t}) * LOG2E"]
+        return em.lines + [f"{call.outputs[0]} = {t}"]
 
     def _underivable(self, call) -> Optional[list]:
         """For a score_mod without a derivative (TracedMod.no_derivative): the hook's outputs as
@@ -337,7 +337,7 @@ class ModCode:
         loads = [f"sb_{ld.node_name}" for ld in self.traced_score.loads]
         outs = em.emit(self.traced_score.derivative["bwd"], inputs + loads, self.traced_score.deriv_constants["bwd"], tag="d_")
         self._last["score_grad"] = (em, outs)
-        return em.lines + [f"{call.outputs[0]} = ({t}) * LOG2E", f"{call.outputs[1]} = {outs[1]}"]
+        return em.lines + [f"{call.outputs[0]} = {t}", f"{call.outputs[1]} = {outs[1]}"]
 
     def captured_grad(self, call) -> list:
         """dt df/dc_k into GBUF of each learned captured tensor c_k (outputs 2.. of the bwd graph)."""
@@ -364,7 +364,7 @@ class ModCode:
                        score.deriv_constants["dbwd"], tag="d_")
         self._last["score_second"] = (em, outs)
         L, f32 = len(score.loads), f" + {zero}"
-        lines = em.lines + [f"{t2} = ({t}) * LOG2E", f"{dtds} = ({outs[1]}){f32}", f"{d2} = ({outs[2 + L]}){f32}"]
+        lines = em.lines + [f"{t2} = ({t}){f32}", f"{dtds} = ({outs[1]}){f32}", f"{d2} = ({outs[2 + L]}){f32}"]
         learned = [k for k, ld in enumerate(score.loads) if ld.learned]
         for k in learned:  # Gc_k: the cotangent of dc_k, read where c_k was read
             ld = score.loads[k]
@@ -481,7 +481,8 @@ def _build(template: str, score_mod, mask_mod, frame_mask: bool = False) -> ModK
     positional = frozenset().union(*(em_.positional for em_ in code.emitters))
     # read by the launcher: a mod that indexes captured tensors has its index flag checked
     header += f"FLEXEBT_INDEXED = {name if indexed else ''!r}\n"
-    source = header + text
+    # the units of the scores the hooks give (templates/common.py): log2 units without a score_mod
+    source = header + text + f"\n\nSCORE_LOG2 = tl.constexpr({score is None})\n"
     digest = hashlib.sha256(source.encode()).hexdigest()[:20]
     path = cache_dir() / f"{template}_{digest}.py"
     if not path.exists():

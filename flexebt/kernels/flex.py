@@ -439,19 +439,20 @@ _FWD = SIGNATURES["flex_fwd"].bind
 
 def flex_forward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, scale: float, tables: BlockTables,
                  buffers: list[Tensor], options: Optional[dict] = None, q_off: int = 0,
-                 own: Optional[OwnKeys] = None, return_max: bool = False) -> tuple:
-    """(out, lse), or (out, lse, max_scores) with ``return_max``: each row's largest kept modified
-    score (fp32, natural units, -inf where nothing is kept)."""
+                 own: Optional[OwnKeys] = None) -> tuple:
+    """(out, lse, msum): msum [B, H, Sq, 2] fp32 holds each row's largest kept modified score m
+    (natural units, -inf where nothing is kept: torch's max_scores) and its softmax sum
+    l = sum_j exp(t_j - m), which the backward passes read (templates/common.py, _load_msum)."""
     B, H, Sq, D = q.shape
     Skv, DV = k.shape[2], v.shape[3]
     out = torch.empty(B, H, Sq, DV, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
-    maxs = torch.empty_like(lse) if return_max else None
+    msum = torch.empty(B, H, Sq, 2, dtype=torch.float32, device=q.device)
     bargs = _buffer_args(buffers, {})
     own_in = None if own is None else OwnArgs(own.kp, own.vp, own.keep)
 
     def args(c, tma):  # (bound at each launch, in one call: a remembered launch re-issues from here)
-        return (*_FWD(Q=q, K=k, V=v, O=out, LSE=lse, MAXS=maxs, KV_BLOCKS=tables.kv_blocks, H=H, Hkv=k.shape[1],
+        return (*_FWD(Q=q, K=k, V=v, O=out, LSE=lse, MSUM=msum, KV_BLOCKS=tables.kv_blocks, H=H, Hkv=k.shape[1],
                       Sq=Sq, Skv=Skv, scale=scale, Q_OFF=q_off, OWN=own_in,
                       **(_descriptors(True, c.BLOCK_N, K=k, V=v) if tma else {})),
                 *bargs)
@@ -462,14 +463,14 @@ def flex_forward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, scale: float
                           _tiles_for(q.dtype, options), kv_len=Skv)
         return (_query_order("fwd", q, k, v),
                 dict(REVERSE=_reverse(options), HAS_SELF=own is not None, USE_TMA=tma,
-                     LINEAR_SCORE=_linear_score(kern, scale, options), RETURN_MAX=return_max,
+                     LINEAR_SCORE=_linear_score(kern, scale, options),
                      **_common(q, k, v, tables, options)),
                 cfg, (D, DV, q.dtype, tma))
 
-    plan = _plan_key("fwd", tables, options, (q_off, scale > 0, own is not None, return_max),
+    plan = _plan_key("fwd", tables, options, (q_off, scale > 0, own is not None),
                      (q, k, v, *_own_tensors(own)), bargs)
     _launch(kern.module.flex_fwd, plan, args, spec, options, q.device)
-    return (out, lse, maxs) if return_max else (out, lse)
+    return out, lse, msum
 
 
 def _common(q, k, v, tables, options=None, second_order=False):
@@ -482,7 +483,7 @@ def _common(q, k, v, tables, options=None, second_order=False):
 _DQ = SIGNATURES["flex_bwd_dq"].bind
 
 
-def dq_pass(kern: ModKernels, q, k, v, out, lse, dout, dlse, scale, tables: BlockTables, bargs: list,
+def dq_pass(kern: ModKernels, q, k, v, out, msum, dout, dlse, scale, tables: BlockTables, bargs: list,
             options=None, q_off: int = 0, own: Optional[OwnKeys] = None):
     """dq, Delta (for the dk/dv pass) and, with own keys, their per-query-head dk, dv."""
     B, H, Sq, D = q.shape
@@ -493,7 +494,7 @@ def dq_pass(kern: ModKernels, q, k, v, out, lse, dout, dlse, scale, tables: Bloc
     own_in = None if own is None else OwnFirstArgs(own.kp, own.vp, own.keep, *own_grads)
 
     def args(c, tma):  # (bound at each launch, in one call)
-        return (*_DQ(Q=q, K=k, V=v, O=out, DO=dout, LSE=lse, DLSE=dlse, DELTA=delta, DQ=dq, KV_BLOCKS=tables.kv_blocks,
+        return (*_DQ(Q=q, K=k, V=v, O=out, DO=dout, MSUM=msum, DLSE=dlse, DELTA=delta, DQ=dq, KV_BLOCKS=tables.kv_blocks,
                      H=H, Hkv=k.shape[1], Sq=Sq, Skv=k.shape[2], scale=scale, Q_OFF=q_off, OWN=own_in,
                      **(_descriptors(True, c.BLOCK_N, K=k, V=v) if tma else {})), *bargs)
 
@@ -506,7 +507,7 @@ def dq_pass(kern: ModKernels, q, k, v, out, lse, dout, dlse, scale, tables: Bloc
                      **_common(q, k, v, tables, options)), cfg, (D, DV, q.dtype, tma))
 
     plan = _plan_key("dq", tables, options, (q_off, own is not None),
-                     (q, k, v, out, lse, dout, dlse, *_own_tensors(own)), bargs)
+                     (q, k, v, out, msum, dout, dlse, *_own_tensors(own)), bargs)
     _launch(kern.module.flex_bwd_dq, plan, args, spec, options, q.device)
     return dq, delta, own_grads
 
@@ -514,7 +515,7 @@ def dq_pass(kern: ModKernels, q, k, v, out, lse, dout, dlse, scale, tables: Bloc
 _DKDV = SIGNATURES["flex_bwd_dkdv"].bind
 
 
-def dkdv_pass(kern: ModKernels, q, k, v, lse, delta, dout, scale, tables: BlockTables, bargs: list, options=None,
+def dkdv_pass(kern: ModKernels, q, k, v, msum, delta, dout, scale, tables: BlockTables, bargs: list, options=None,
               q_off: int = 0, into: Optional[tuple] = None, add: Optional[tuple] = None):
     """dk, dv of the keys from these queries, plus ``add=(dk0, dv0)`` if given (an earlier pass's
     partial sums, fp32), written to ``into=(dk, dv)`` if given (it may be ``add`` itself), else to
@@ -526,7 +527,7 @@ def dkdv_pass(kern: ModKernels, q, k, v, lse, delta, dout, scale, tables: BlockT
         dv = torch.empty(B, Hkv, Skv, DV, dtype=v.dtype, device=v.device)
     else:
         dk, dv = into
-    named = dict(K=k, V=v, DK=dk, DV_OUT=dv, STREAM=StreamArgs(q, dout, lse, delta, Sq, q_off),
+    named = dict(K=k, V=v, DK=dk, DV_OUT=dv, STREAM=StreamArgs(q, dout, msum, delta, Sq, q_off),
                  Q_BLOCKS=tables.q_blocks, H=H, Hkv=Hkv, Skv=Skv, scale=scale)
     if add is not None:
         named.update(ADD_K=add[0], ADD_V=add[1])
@@ -546,7 +547,7 @@ def dkdv_pass(kern: ModKernels, q, k, v, lse, delta, dout, scale, tables: BlockT
 
     # (dk, dv allocated here are aligned; into / add are the caller's)
     plan = _plan_key("dkdv", tables, options, (q_off, into is not None, add is not None),
-                     (q, k, v, lse, delta, dout, *(into or ()), *(add or ())), bargs)
+                     (q, k, v, msum, delta, dout, *(into or ()), *(add or ())), bargs)
     _launch(kern.module.flex_bwd_dkdv, plan, args, spec, options, q.device)
     return dk, dv
 
@@ -587,10 +588,10 @@ def finish_captured_grads(buffers: list[Tensor], gbufs: dict[int, Tensor]) -> li
     return [gbufs[s].to(buffers[s].dtype) if s in gbufs else None for s in range(len(buffers))]
 
 
-def _dbwd_inputs(q, k, v, dout, lse, dlse, gq, gk, gv) -> dict:
+def _dbwd_inputs(q, k, v, dout, msum, dlse, gq, gk, gv) -> dict:
     """The inputs every double-backward pass reads, by kernel parameter name."""
     c = lambda t: t.contiguous()  # noqa: E731
-    return dict(Q=q, K=k, V=v, DO=c(dout), LSE=lse, DLSE=c(dlse) if dlse is not None else None, GQ=c(gq), GK=c(gk),
+    return dict(Q=q, K=k, V=v, DO=c(dout), MSUM=msum, DLSE=c(dlse) if dlse is not None else None, GQ=c(gq), GK=c(gk),
                 GV=c(gv))
 
 
@@ -643,14 +644,14 @@ def _dbwd_query_pass(kern: ModKernels, which: str, named: dict, outputs: dict, c
     _launch(getattr(kern.module, f"flex_{which}"), plan, launch_args, spec, options, q.device)
 
 
-def dbwd_rows_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, scale, tables: BlockTables,
+def dbwd_rows_pass(kern: ModKernels, q, k, v, out, dout, msum, dlse, gq, gk, gv, scale, tables: BlockTables,
                    bargs: list, options=None, q_off: int = 0, own: Optional[OwnKeys] = None, own_cts=None,
                    partial: bool = False):
     """Row statistics (U, Wc, Bbar, D) and g_do of the double backward.  ``partial``: these keys
     are one part of the rows' keys (``out``, ``lse`` are the merged ones); returns the raw sums
     (U, W, Bbar, D0) and the fp32 part P u v + P Gv of g_do instead, for ``finish_row_parts``."""
     B, H, Sq, _ = q.shape
-    named = _dbwd_inputs(q, k, v, dout, lse, dlse, gq, gk, gv)
+    named = _dbwd_inputs(q, k, v, dout, msum, dlse, gq, gk, gv)
     stats = torch.empty(B, H, Sq, 4, dtype=torch.float32, device=q.device)
     g_do = torch.empty(named["DO"].shape, dtype=torch.float32 if partial else dout.dtype, device=q.device)
     named.update(O=out)
@@ -674,12 +675,12 @@ def finish_row_parts(parts: list, out: Tensor, dout: Tensor, dlse: Optional[Tens
     return (g_do - U.unsqueeze(-1) * out.float()).to(dout.dtype), stats
 
 
-def dbwd_dq_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, stats, scale, tables: BlockTables,
+def dbwd_dq_pass(kern: ModKernels, q, k, v, out, dout, msum, dlse, gq, gk, gv, stats, scale, tables: BlockTables,
                  bargs: list, options=None, q_off: int = 0, own: Optional[OwnKeys] = None, own_cts=None,
                  captured_grads: bool = False):
     """g_q of the double backward; with own keys also their g_kp, g_vp per query head (fp32);
     with ``captured_grads`` also the captured tensors' gradients (into the GBUFs of ``bargs``)."""
-    named = _dbwd_inputs(q, k, v, dout, lse, dlse, gq, gk, gv)
+    named = _dbwd_inputs(q, k, v, dout, msum, dlse, gq, gk, gv)
     g_q = torch.empty_like(q)
     own_grads = _own_key_grad_buffers(own, q.shape[1]) if own is not None else None
     named.update(STATS=stats)
@@ -691,19 +692,19 @@ def dbwd_dq_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, st
 _DBWD_DKDV = SIGNATURES["flex_dbwd_dkdv"].bind
 
 
-def dbwd_dkdv_pass(kern: ModKernels, q, k, v, out, dout, lse, dlse, gq, gk, gv, stats, scale, tables: BlockTables,
+def dbwd_dkdv_pass(kern: ModKernels, q, k, v, out, dout, msum, dlse, gq, gk, gv, stats, scale, tables: BlockTables,
                    bargs: list, options=None, q_off: int = 0, into: Optional[tuple] = None,
                    add: Optional[tuple] = None):
     """g_k, g_v of the double backward from these queries (into / add as in dkdv_pass)."""
     B, H, Sq, D = q.shape
     Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
-    named = _dbwd_inputs(q, k, v, dout, lse, dlse, gq, gk, gv)
+    named = _dbwd_inputs(q, k, v, dout, msum, dlse, gq, gk, gv)
     g_k, g_v = into if into is not None else (torch.empty_like(k), torch.empty_like(v))
     q_side = {n: named[n] for n in ("Q", "DO", "GQ")}
-    inputs = (q, k, v, out, named["DO"], lse, named["DLSE"], named["GQ"], named["GK"], named["GV"], stats,
+    inputs = (q, k, v, out, named["DO"], msum, named["DLSE"], named["GQ"], named["GK"], named["GV"], stats,
               *(into or ()), *(add or ()))
     launch = dict(K=k, V=v, GK=named["GK"], GV=named["GV"], G_K=g_k, G_V=g_v, DLSE=named["DLSE"],
-                  STREAM=SecondStreamArgs(named["Q"], named["DO"], named["GQ"], lse, stats, Sq, q_off),
+                  STREAM=SecondStreamArgs(named["Q"], named["DO"], named["GQ"], msum, stats, Sq, q_off),
                   Q_BLOCKS=tables.q_blocks, H=H, Hkv=Hkv, Skv=Skv, scale=scale)
     if add is not None:
         launch.update(ADD_K=add[0], ADD_V=add[1])
@@ -731,7 +732,7 @@ _JVP = SIGNATURES["flex_jvp"].bind
 
 def flex_jvp(kern: ModKernels, q, k, v, dq, dk, dv, scale: float, tables: BlockTables, buffers: list[Tensor],
              options: Optional[dict] = None, q_off: int = 0, own: Optional[OwnKeys] = None, own_tangents=None):
-    """Forward and forward-mode tangents in one pass: (out, lse, d_out, d_lse)."""
+    """Forward and forward-mode tangents in one pass: (out, lse, d_out, d_lse, msum)."""
     B, H, Sq, D = q.shape
     DV = v.shape[3]
     c = lambda t: t.contiguous()  # noqa: E731
@@ -740,10 +741,11 @@ def flex_jvp(kern: ModKernels, q, k, v, dq, dk, dv, scale: float, tables: BlockT
     d_out = torch.empty_like(out)
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
     d_lse = torch.empty_like(lse)
+    msum = torch.empty(B, H, Sq, 2, dtype=torch.float32, device=q.device)
     own_in = (None if own is None else
               OwnFirstArgs(own.kp, own.vp, own.keep, c(own_tangents[0]), c(own_tangents[1])))
     bargs = _buffer_args(buffers, {})
-    a = (*_JVP(Q=q, K=k, V=v, DQ=dq, DK=dk, DVT=dv, O=out, LSE=lse, DO=d_out, DLSE=d_lse,
+    a = (*_JVP(Q=q, K=k, V=v, DQ=dq, DK=dk, DVT=dv, O=out, LSE=lse, MSUM=msum, DO=d_out, DLSE=d_lse,
                KV_BLOCKS=tables.kv_blocks, **_shape(q, k), scale=scale, Q_OFF=q_off, OWN=own_in), *bargs)
 
     def spec():
@@ -754,4 +756,4 @@ def flex_jvp(kern: ModKernels, q, k, v, dq, dk, dv, scale: float, tables: BlockT
 
     plan = _plan_key("jvp", tables, options, (q_off, own is not None), (q, k, v, dq, dk, dv, *(own_in or ())), bargs)
     _launch(kern.module.flex_jvp, plan, lambda c_, tma: a, spec, options, q.device)
-    return out, lse, d_out, d_lse
+    return out, lse, d_out, d_lse, msum

@@ -9,12 +9,14 @@ pass the queries of one input over the keys and values of two others:
 - ``piecewise_attention``: q1 over k1 (near pairs) and q2 over k2 (far pairs), both with v, writing
   the same rows.
 
-A pass writes one *row group* (an output ``out`` with its ``lse``).  Passes of one row group each
-see part of the rows' keys; their partial softmaxes merge exactly through the log-sum-exps
+A pass writes one *row group* (an output ``out`` with its ``lse`` and ``msum``: each row's max
+``m`` and sum ``l = sum_j e^(t_j - m)``, kept apart so that rows of huge scores stay exact; the
+backward passes read them, not the lse).  Passes of one row group each see part of the rows' keys;
+their partial softmaxes merge exactly through the maxima and sums
 
-    lse = log sum_a e^(lse_a),   out = sum_a e^(lse_a - lse) out_a.
+    m = max_a m_a,  l = sum_a l_a e^(m_a - m),   out = sum_a (l_a e^(m_a - m) / l) out_a.
 
-Given the merged ``(out, lse)``, ``P_ij = e^(s_ij - lse_i)`` is the final probability of every
+Given the merged ``(out, m, l)``, ``P_ij = e^(t_ij - m_i) / l_i`` is the final probability of every
 pair, whichever pass scores it, and the first-order score gradient ``P_ij (dP_ij - D_i)`` with
 ``D_i = do_i . out_i`` needs nothing else: each pass's backward kernels return exactly their pairs'
 share.  The double backward's row statistics (``U, W, Bbar, D0``) are sums over all of a row's
@@ -70,7 +72,8 @@ class KernelPass:
 
 @dataclasses.dataclass(frozen=True)
 class AttentionPlan:
-    """The passes of one call; outputs are ``n_rows`` outputs then their ``n_rows`` lse."""
+    """The passes of one call; its results are ``n_rows`` outputs, their ``n_rows`` lse, then
+    their ``n_rows`` msum (no gradient)."""
 
     passes: tuple
     n_inputs: int
@@ -212,30 +215,25 @@ class _KeySideSums:
 
 
 def merge_parts(parts: list) -> tuple:
-    """(out, lse) of one row group from its passes' (out, lse)."""
+    """(out, lse, msum) of one row group from its passes' (out, lse, msum)."""
     from .merge import merge_partial_softmax
 
-    out, lse = parts[0]
-    for o, l in parts[1:]:
-        out, lse = merge_partial_softmax(out, lse, o, l)
-    return out, lse
+    out, lse, msum = parts[0]
+    for o, _, ms in parts[1:]:
+        out, lse, msum = merge_partial_softmax(out, msum, o, ms)
+    return out, lse, msum
 
 
-def plan_forward(plan: AttentionPlan, ins: list, buffers: list, scale: float, options: Optional[dict] = None,
-                 return_max: bool = False) -> list:
-    """The outputs of every row group, then their lse, then (``return_max``) each row's largest
-    kept modified score (the largest of its passes')."""
+def plan_forward(plan: AttentionPlan, ins: list, buffers: list, scale: float, options: Optional[dict] = None) -> list:
+    """The outputs of every row group, then their lse, then their msum ([..., 2]: each row's
+    largest kept modified score -- torch's max_scores -- and softmax sum)."""
     parts = [[] for _ in range(plan.n_rows)]
     for p in plan.passes:
         lo, hi = p.buffers
         parts[p.rows].append(flex_forward(p.kern, ins[p.q], ins[p.k], ins[p.v], scale, p.tables,
-                                          list(buffers[lo:hi]), options, q_off=p.q_off, own=_own(p, ins),
-                                          return_max=return_max))
-    merged = [merge_parts([x[:2] for x in pp]) for pp in parts]
-    res = [o for o, _ in merged] + [lse for _, lse in merged]
-    if return_max:
-        res += [functools.reduce(torch.maximum, [x[2] for x in pp]) for pp in parts]
-    return res
+                                          list(buffers[lo:hi]), options, q_off=p.q_off, own=_own(p, ins)))
+    merged = [merge_parts(pp) for pp in parts]
+    return [x[0] for x in merged] + [x[1] for x in merged] + [x[2] for x in merged]
 
 
 def _refuse_without_derivative(plan: AttentionPlan) -> None:
@@ -256,12 +254,13 @@ def _cotangents(plan: AttentionPlan, outs: list, cts: list) -> tuple:
 def plan_backward(plan: AttentionPlan, ins: list, outs: list, cts: list, buffers: list, scale: float,
                   options: Optional[dict] = None, unwanted: frozenset = frozenset()) -> tuple:
     """First order: (gradients of the inputs, of the captured tensors); None where none flows.
-    ``outs`` are the forward's outputs then lse; ``cts`` their cotangents (None: zero).  The
+    ``outs`` are the forward's results (plan_forward); ``cts`` the cotangents of the outputs and
+    lse (None: zero).  The
     inputs in ``unwanted`` (positions) get no gradient: a key pass whose keys and values are both
     unwanted is not launched (the captured tensors' gradients come from the query passes)."""
     _refuse_without_derivative(plan)
     n = plan.n_rows
-    out, lse = outs[:n], outs[n:]
+    out, msum = outs[:n], outs[2 * n:3 * n]
     douts, dlses = _cotangents(plan, outs, cts)
     captured = _Captured(plan, buffers, ins[0].device)
     grads = _Grads(plan.n_inputs)
@@ -269,7 +268,7 @@ def plan_backward(plan: AttentionPlan, ins: list, outs: list, cts: list, buffers
     for p in plan.passes:
         own = _own(p, ins)
         r = p.rows
-        dq, delta, own_g = dq_pass(p.kern, ins[p.q], ins[p.k], ins[p.v], out[r], lse[r], douts[r], dlses[r], scale,
+        dq, delta, own_g = dq_pass(p.kern, ins[p.q], ins[p.k], ins[p.v], out[r], msum[r], douts[r], dlses[r], scale,
                                    p.tables, captured.args(p), options, q_off=p.q_off, own=own)
         grads.add(p.q, dq)
         deltas.append(delta)
@@ -282,7 +281,7 @@ def plan_backward(plan: AttentionPlan, ins: list, outs: list, cts: list, buffers
     for i in key_passes:
         p = plan.passes[i]
         into, add, finals = sums.launch(p.k, p.v)
-        dk, dv = dkdv_pass(p.kern, ins[p.q], ins[p.k], ins[p.v], lse[p.rows], deltas[i], douts[p.rows], scale,
+        dk, dv = dkdv_pass(p.kern, ins[p.q], ins[p.k], ins[p.v], msum[p.rows], deltas[i], douts[p.rows], scale,
                            p.tables, captured.args(p), options, q_off=p.q_off, into=into, add=add)
         for j, g, last in ((p.k, dk, finals[0]), (p.v, dv, finals[1])):
             if last:
@@ -298,7 +297,7 @@ def plan_double_backward(plan: AttentionPlan, ins: list, outs: list, cts: list, 
     forward's ``outs`` enter as constants (total derivatives)."""
     _refuse_without_derivative(plan)
     n = plan.n_rows
-    out, lse = outs[:n], outs[n:]
+    out, msum = outs[:n], outs[2 * n:3 * n]
     douts, dlses = _cotangents(plan, outs, cts)
     gcts = [(g if g is not None else torch.zeros_like(x)).contiguous() for g, x in zip(gcts, ins)]
     captured = _Captured(plan, buffers, ins[0].device, bcts)
@@ -306,7 +305,7 @@ def plan_double_backward(plan: AttentionPlan, ins: list, outs: list, cts: list, 
 
     def args(p):
         r = p.rows
-        return (p.kern, ins[p.q], ins[p.k], ins[p.v], out[r], douts[r], lse[r], dlses[r], gcts[p.q], gcts[p.k],
+        return (p.kern, ins[p.q], ins[p.k], ins[p.v], out[r], douts[r], msum[r], dlses[r], gcts[p.q], gcts[p.k],
                 gcts[p.v])
 
     def own_kw(p):
@@ -345,12 +344,17 @@ def plan_double_backward(plan: AttentionPlan, ins: list, outs: list, cts: list, 
 
 
 def _merge_tangents(parts: list) -> tuple:
-    """Tangents of a merged row group from its passes' (out, lse, d_out, d_lse): with
-    w_a = e^(lse_a - lse),  d lse = sum_a w_a d lse_a  and  d out = sum_a w_a (d out_a + (d lse_a - d lse) out_a)."""
-    lses = torch.stack([l for _, l, _, _ in parts])
-    lse = torch.logsumexp(lses, 0)
-    empty = torch.isneginf(lse)
-    w = torch.where(empty, 0.0, torch.exp(lses - torch.where(empty, 0.0, lse)))  # 0 for a part with no key
+    """Tangents of a merged row group from its passes' (out, lse, d_out, d_lse, msum): with the
+    weights w_a = l_a e^(m_a - m) / l of the parts (merge.py; through the maxima and sums, exact
+    for rows of huge scores),  d lse = sum_a w_a d lse_a  and
+    d out = sum_a w_a (d out_a + (d lse_a - d lse) out_a)."""
+    ms = torch.stack([x[4][..., 0] for x in parts])
+    ls = torch.stack([x[4][..., 1] for x in parts])
+    m = ms.amax(0)
+    empty = torch.isneginf(m)
+    w = ls * torch.exp(ms - torch.where(empty, 0.0, m))  # 0 for a part with no key
+    total = w.sum(0)
+    w = torch.where(empty, 0.0, w / torch.where(empty, 1.0, total))
     kept = w > 0
     d_lse = sum(torch.where(kept[a], w[a] * parts[a][3], 0.0) for a in range(len(parts)))
     d_out = sum(torch.where(kept[a].unsqueeze(-1), w[a].unsqueeze(-1) * (parts[a][2].float() + (
@@ -371,7 +375,7 @@ def plan_jvp(plan: AttentionPlan, ins: list, tangents: list, buffers: list, scal
         parts[p.rows].append(flex_jvp(p.kern, ins[p.q], ins[p.k], ins[p.v], tangents[p.q], tangents[p.k],
                                       tangents[p.v], scale, p.tables, list(buffers[lo:hi]), options, q_off=p.q_off,
                                       own=_own(p, ins), own_tangents=own_t))
-    res = [pp[0][2:] if len(pp) == 1 else _merge_tangents(pp) for pp in parts]
+    res = [pp[0][2:4] if len(pp) == 1 else _merge_tangents(pp) for pp in parts]
     return [d for d, _ in res] + [dl for _, dl in res]
 
 

@@ -57,27 +57,29 @@ class BlockArgs(NamedTuple):
 
 
 class StreamArgs(NamedTuple):
-    """The queries a key-tile pass of the backward walks: q, dO, lse, D = do.o - dlse, length and
+    """The queries a key-tile pass of the backward walks: q, dO, the rows' softmax max and sum (MSUM),
+    D = do.o - dlse, length and
     frame offset (the EBT predicted stream's is r + 1).  Its block tables
     travel beside it (a tuple inside a tuple loses Triton's integer specialisation on Triton 3.6:
     groups are never nested)."""
 
     Q: Tensor
     DO: Tensor
-    LSE: Tensor
+    MSUM: Tensor
     DELTA: Tensor
     Sq: int
     Q_OFF: int
 
 
 class SecondStreamArgs(NamedTuple):
-    """The queries the double backward's key-tile pass walks: q, dO, the cotangent Gq of dq, lse,
-    the row statistics of the rows pass, length and frame offset (block tables beside it)."""
+    """The queries the double backward's key-tile pass walks: q, dO, the cotangent Gq of dq, the
+    rows' softmax max and sum (MSUM), the row statistics of the rows pass, length and frame offset
+    (block tables beside it)."""
 
     Q: Tensor
     DO: Tensor
     GQ: Tensor
-    LSE: Tensor
+    MSUM: Tensor
     STATS: Tensor
     Sq: int
     Q_OFF: int
@@ -192,12 +194,12 @@ def _sig(name: str, params: tuple, optional: tuple, constexprs: tuple, **groups)
 # templates' field reads in tests/test_templates.py).  OWN is absent without HAS_SELF.
 SIGNATURES = {s.name: s for s in (
     _sig("flex_fwd",
-         ("Q", "K", "V", "O", "LSE", "MAXS", "KV_BLOCKS", *SHAPE, "scale", "Q_OFF", "OWN", "K_DESC", "V_DESC"),
-         ("MAXS", "OWN", "K_DESC", "V_DESC"),
-         (*TILES, "REVERSE", "HAS_SELF", "USE_TMA", "LINEAR_SCORE", "RETURN_MAX"),
+         ("Q", "K", "V", "O", "LSE", "MSUM", "KV_BLOCKS", *SHAPE, "scale", "Q_OFF", "OWN", "K_DESC", "V_DESC"),
+         ("OWN", "K_DESC", "V_DESC"),
+         (*TILES, "REVERSE", "HAS_SELF", "USE_TMA", "LINEAR_SCORE"),
          KV_BLOCKS=BlockArgs, OWN=OwnArgs),
     _sig("flex_bwd_dq",
-         ("Q", "K", "V", "O", "DO", "LSE", "DLSE", "DELTA", "DQ", "KV_BLOCKS", *SHAPE, "scale", "Q_OFF", "OWN",
+         ("Q", "K", "V", "O", "DO", "MSUM", "DLSE", "DELTA", "DQ", "KV_BLOCKS", *SHAPE, "scale", "Q_OFF", "OWN",
           "K_DESC", "V_DESC"),
          ("DLSE", "OWN", "K_DESC", "V_DESC"),
          (*TILES, "HAS_DLSE", "REVERSE", "HAS_SELF", "USE_TMA"),
@@ -209,13 +211,13 @@ SIGNATURES = {s.name: s for s in (
          (*TILES, "ACCUMULATE", "USE_TMA"),
          STREAM=StreamArgs, Q_BLOCKS=BlockArgs),
     _sig("flex_dbwd_rows",
-         ("Q", "K", "V", "O", "DO", "LSE", "DLSE", "GQ", "GK", "GV", "G_DO", "STATS", "KV_BLOCKS", *SHAPE, "scale",
+         ("Q", "K", "V", "O", "DO", "MSUM", "DLSE", "GQ", "GK", "GV", "G_DO", "STATS", "KV_BLOCKS", *SHAPE, "scale",
           "Q_OFF", "OWN", "K_DESC", "V_DESC", "GK_DESC", "GV_DESC"),
          ("DLSE", "OWN", "K_DESC", "V_DESC", "GK_DESC", "GV_DESC"),
          (*TILES, "HAS_DLSE", "HAS_SELF", "USE_TMA", "PARTIAL_ROWS"),
          KV_BLOCKS=BlockArgs, OWN=OwnSecondArgs),
     _sig("flex_dbwd_dq",
-         ("Q", "K", "V", "DO", "LSE", "DLSE", "GQ", "GK", "GV", "G_Q", "STATS", "KV_BLOCKS", *SHAPE, "scale", "Q_OFF",
+         ("Q", "K", "V", "DO", "MSUM", "DLSE", "GQ", "GK", "GV", "G_Q", "STATS", "KV_BLOCKS", *SHAPE, "scale", "Q_OFF",
           "OWN", "K_DESC", "V_DESC", "GK_DESC", "GV_DESC"),
          ("DLSE", "OWN", "K_DESC", "V_DESC", "GK_DESC", "GV_DESC"),
          (*TILES, "HAS_DLSE", "HAS_SELF", "CAPTURED_GRADS", "USE_TMA"),
@@ -228,7 +230,7 @@ SIGNATURES = {s.name: s for s in (
          (*TILES, "HAS_DLSE", "ACCUMULATE", "USE_TMA"),
          STREAM=SecondStreamArgs, Q_BLOCKS=BlockArgs),
     _sig("flex_jvp",
-         ("Q", "K", "V", "DQ", "DK", "DVT", "O", "LSE", "DO", "DLSE", "KV_BLOCKS", *SHAPE, "scale", "Q_OFF", "OWN"),
+         ("Q", "K", "V", "DQ", "DK", "DVT", "O", "LSE", "MSUM", "DO", "DLSE", "KV_BLOCKS", *SHAPE, "scale", "Q_OFF", "OWN"),
          ("OWN",),
          (*TILES, "HAS_SELF"),
          KV_BLOCKS=BlockArgs, OWN=OwnFirstArgs),

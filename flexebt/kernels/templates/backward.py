@@ -8,13 +8,13 @@
 # key tiles.
 import triton
 import triton.language as tl
-from common import _blocks, _key_program, _load_lse2, _load_rows, _load_tile, _mm, _query_program, _row_table  # noqa
-from common import _store_key_grads, _store_rows, _tile_positions, _tile_positions_t, _tile_start  # noqa
+from common import _blocks, _key_program, _load_msum, _load_rows, _load_tile, _mm, _query_program, _row_table  # noqa
+from common import _exp_from, _store_key_grads, _store_rows, _tile_positions, _tile_positions_t, _tile_start  # noqa
 from own_key import _own_key_grads  # noqa
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse2, delta, K, V, K_DESC, V_DESC, kvh, start_n, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
+def _dq_tile(dq, q, do, ra, rb, delta, K, V, K_DESC, V_DESC, kvh, start_n, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
              __BUFFERS__
              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
@@ -24,12 +24,12 @@ def _dq_tile(dq, q, do, lse2, delta, K, V, K_DESC, V_DESC, kvh, start_n, offs_m,
     v = _load_tile(V + kvh * Skv * DV, V_DESC, kvh, start_n, Skv, DV, BLOCK_N, BLOCK_DV, EVEN, USE_TMA)
     s_raw = _mm(q, tl.trans(k), DOT)
     VALID, mq_idx, q_idx, kv_idx, ZERO = _tile_positions(offs_m, offs_n, Sq, Skv, Q_OFF, BLOCK_M, BLOCK_N, EVEN)
-    t2, dtds = hook.score_grad(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx, kv_idx=kv_idx)
+    tu, dtds = hook.score_grad(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx, kv_idx=kv_idx)
     keep = hook.keep(full=IS_FULL, b=off_b, h=off_h, q_idx=q_idx, mq_idx=mq_idx, kv_idx=kv_idx, valid=VALID)
     if IS_FULL and EVEN:
-        p = tl.math.exp2(t2 - lse2[:, None])
+        p = _exp_from(tu, ra[:, None], rb[:, None])
     else:
-        p = tl.where(keep, tl.math.exp2(t2 - lse2[:, None]), 0.0)
+        p = tl.where(keep, _exp_from(tu, ra[:, None], rb[:, None]), 0.0)
     dp = _mm(do, tl.trans(v), DOT)
     dt = p * (dp - delta[:, None])
     hook.captured_grad(dt=dt, keep=keep)
@@ -58,18 +58,18 @@ def flex_bwd_dq(__SIGNATURE__):
     if HAS_DLSE:
         delta -= tl.load(DLSE + qh * Sq + offs_m, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(DELTA + qh * Sq + offs_m, delta, mask=row_ok)
-    lse2 = _load_lse2(LSE, qh, offs_m, Sq)
+    ra, rb = _load_msum(MSUM, qh, offs_m, Sq)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     IDX, FULL_IDX, base, base_full, n_partial, n_full = _row_table(KV_BLOCKS, off_b, off_h,
                                                                    (pid_m * BLOCK_M) // SPARSE_Q, HAS_FULL)
     for FULL in tl.static_range(2):
         LIST, row, n_tiles = _blocks(FULL, IDX, FULL_IDX, base, base_full, n_partial, n_full, SPARSE_KV, BLOCK_N)
         for it in range(n_tiles):
-            dq = _dq_tile(dq, q, do, lse2, delta, K, V, K_DESC, V_DESC, kvh,
+            dq = _dq_tile(dq, q, do, ra, rb, delta, K, V, K_DESC, V_DESC, kvh,
                           _tile_start(LIST, row, it, SPARSE_KV, BLOCK_N), offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
                           __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, FULL == 1, EVEN, DOT, USE_TMA)
     if HAS_SELF:
-        ds_self, kp, dkp, dvp = _own_key_grads(q, do, lse2, delta, OWN, kvh * Sq, qh, offs_m, off_b, off_h, Sq,
+        ds_self, kp, dkp, dvp = _own_key_grads(q, do, ra, rb, delta, OWN, kvh * Sq, qh, offs_m, off_b, off_h, Sq,
                                                scale, Q_OFF, __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, EVEN)
         dq += ds_self * kp.to(tl.float32)
         _store_rows(OWN.DKP + qh * Sq * D, dkp * scale, offs_m, Sq, D, BLOCK_D)
@@ -78,7 +78,7 @@ def flex_bwd_dq(__SIGNATURE__):
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, qh, start_m, offs_n, off_b, off_h, Sq, Skv, scale,
+def _dkdv_tile(dk, dv, k, v, Q, DO, Q_DESC, DO_DESC, MSUM, DELTA, qh, start_m, offs_n, off_b, off_h, Sq, Skv, scale,
                Q_OFF, __BUFFERS__
                D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
@@ -88,16 +88,16 @@ def _dkdv_tile(dk, dv, k, v, Q, DO, Q_DESC, DO_DESC, LSE, DELTA, qh, start_m, of
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = _load_tile(Q + qh * Sq * D, Q_DESC, qh, start_m, Sq, D, BLOCK_M, BLOCK_D, EVEN, USE_TMA)
     do = _load_tile(DO + qh * Sq * DV, DO_DESC, qh, start_m, Sq, DV, BLOCK_M, BLOCK_DV, EVEN, USE_TMA)
-    lse2 = _load_lse2(LSE, qh, offs_m, Sq)
+    ra, rb = _load_msum(MSUM, qh, offs_m, Sq)
     delta = tl.load(DELTA + qh * Sq + offs_m, mask=offs_m < Sq, other=0.0)
     s_raw = _mm(k, tl.trans(q), DOT)
     VALID, mq_idx, q_idx, kv_idx, ZERO = _tile_positions_t(offs_m, offs_n, Sq, Skv, Q_OFF, BLOCK_M, BLOCK_N, EVEN)
-    t2, dtds = hook.score_grad(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx, kv_idx=kv_idx)
+    tu, dtds = hook.score_grad(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx, kv_idx=kv_idx)
     keep = hook.keep(full=IS_FULL, b=off_b, h=off_h, q_idx=q_idx, mq_idx=mq_idx, kv_idx=kv_idx, valid=VALID)
     if IS_FULL and EVEN:
-        pT = tl.math.exp2(t2 - lse2[None, :])
+        pT = _exp_from(tu, ra[None, :], rb[None, :])
     else:
-        pT = tl.where(keep, tl.math.exp2(t2 - lse2[None, :]), 0.0)
+        pT = tl.where(keep, _exp_from(tu, ra[None, :], rb[None, :]), 0.0)
     dv += _mm(pT.to(do.dtype), do, DOT)
     dpT = _mm(v, tl.trans(do), DOT)
     if IS_FULL and EVEN:
@@ -120,7 +120,7 @@ def _dkdv_stream(dk, dv, k, v, STREAM, IDX, FULL_IDX, base, base_full, n_partial
     for FULL in tl.static_range(2):
         LIST, row, n_tiles = _blocks(FULL, IDX, FULL_IDX, base, base_full, n_partial, n_full, SPARSE_Q, BLOCK_M)
         for it in range(n_tiles):
-            dk, dv = _dkdv_tile(dk, dv, k, v, STREAM.Q, STREAM.DO, Q_DESC, DO_DESC, STREAM.LSE, STREAM.DELTA, qh,
+            dk, dv = _dkdv_tile(dk, dv, k, v, STREAM.Q, STREAM.DO, Q_DESC, DO_DESC, STREAM.MSUM, STREAM.DELTA, qh,
                                 _tile_start(LIST, row, it, SPARSE_Q, BLOCK_M), offs_n, off_b, off_h, STREAM.Sq, Skv,
                                 scale, STREAM.Q_OFF, __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
                                 FULL == 1, EVEN, DOT, USE_TMA)

@@ -4,7 +4,7 @@
 # common, own_key, forward, backward, double_backward, jvp (flexebt/codegen/source.py), and are
 # never imported as they stand.  Mod code enters only at *hooks*: lines of the form
 #
-#     t2 = hook.score(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx, kv_idx=kv_idx)
+#     tu = hook.score(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx, kv_idx=kv_idx)
 #
 # where the keyword arguments name the template variables the mod's inputs are bound to and the
 # names on the left receive its outputs (the hooks and their inputs and outputs are declared in
@@ -25,8 +25,14 @@
 #
 # Math (one query row i, keys j):  s_ij = scale q_i.k_j,  t_ij = f(s_ij),
 #   P_ij = exp(t_ij - L_i),  L_i = log sum_j exp(t_ij),  o_i = sum_j P_ij v_j.
-# Scores are kept in log2 units (t2 = t log2 e) so every exponential is one exp2; lse is stored in
-# natural log units.
+# Units: every exponential is one exp2.  Without a score_mod the scores are taken to log2 units
+# (tu = t log2 e, one multiply with the scale) and every reference they are compared with (row
+# max, lse) too.  With a score_mod the hooks give t in natural units and a pass subtracts the
+# row's reference first and changes base after, exp2((t - r) log2 e): a score next to its row's
+# maximum subtracts exactly however large both are (a whole row of -1e9 or finfo.min scores, an
+# additive mask), where t log2 e would round to 64 or more at 1e9 and overflow to -inf beyond
+# about 2.4e38.  SCORE_LOG2 (a constant of each generated module) says which; _natural, _exp_shift,
+# _load_msum and _exp_from are the only places that look.  lse and MSUM are stored in natural units.
 import triton
 import triton.language as tl
 
@@ -81,11 +87,58 @@ def _load_tile(ptr, DESC, head, start, n_rows, ncols: tl.constexpr, BLOCK: tl.co
 
 
 @triton.jit
-def _load_lse2(LSE, qh, offs_m, Sq):
-    """A row tile's log-sum-exp in log2 units.  lse = -inf marks a row with nothing kept; it
-    becomes 0 there, so exp2(t2 - lse2) stays finite (those probabilities are masked anyway)."""
-    lse = tl.load(LSE + qh * Sq + offs_m, mask=offs_m < Sq, other=float("-inf"))
-    return tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+def _natural(x):
+    """A row statistic (max) from the pass's units to natural units."""
+    if SCORE_LOG2:
+        return x * LN2
+    else:
+        return x
+
+
+@triton.jit
+def _exp_shift(x, m):
+    """exp(t - m) for a score and a row max in the pass's units (the online softmax)."""
+    if SCORE_LOG2:
+        return tl.math.exp2(x - m)
+    else:
+        return tl.math.exp2((x - m) * LOG2E)
+
+
+@triton.jit
+def _load_msum(MSUM, qh, offs_m, Sq):
+    """A row tile's softmax statistics (MSUM [B, H, Sq, 2]: each row's max m, natural units, and
+    its sum l = sum_j exp(t_j - m), as the forward stores them) as the pair (ra, rb) that
+    _exp_from turns into P = exp(t - m) / l.  They are kept apart, not as lse = m + log l: a row
+    whose scores are all huge (an additive -1e9 or finfo.min mask over the whole row) has its
+    log l far below the spacing of m, and the lse alone would recompute P = exp(t - m), l times
+    too large.  An empty row (m = -inf, l = 0) gives (0, 0): its probabilities are masked anyway."""
+    rows = (qh * Sq + offs_m) * 2
+    m = tl.load(MSUM + rows, mask=offs_m < Sq, other=float("-inf"))
+    l_sum = tl.load(MSUM + rows + 1, mask=offs_m < Sq, other=0.0)
+    empty = l_sum == 0.0
+    lg = tl.where(empty, 0.0, tl.log2(tl.where(empty, 1.0, l_sum)))
+    m = tl.where(empty, 0.0, m)
+    if SCORE_LOG2:  # scores in log2 units are never huge (the plain product): one reference
+        return m * LOG2E + lg, lg
+    else:
+        return m, lg
+
+
+@triton.jit
+def _store_msum(MSUM, m, l_sum, qh, offs_m, Sq):
+    """Store a row tile's max (natural units; -inf for a row that keeps nothing) and sum (0 there)."""
+    rows = (qh * Sq + offs_m) * 2
+    tl.store(MSUM + rows, m, mask=offs_m < Sq)
+    tl.store(MSUM + rows + 1, l_sum, mask=offs_m < Sq)
+
+
+@triton.jit
+def _exp_from(tu, ra, rb):
+    """P = exp(t - m) / l from a score in the pass's units and a row's (ra, rb) (_load_msum)."""
+    if SCORE_LOG2:
+        return tl.math.exp2(tu - ra)
+    else:
+        return tl.math.exp2((tu - ra) * LOG2E - rb)
 
 
 @triton.jit

@@ -15,30 +15,30 @@
 # score_mod (t = f(s, c)) with cotangent Gc of its first-order gradient dc = sum dt df/dc adds
 # Gc df/dc to u:   u = f' A + sum_c Gc f_c,   du/ds = f'' A + sum_c Gc f_sc,
 # and its own gradient  g_c = sum [gt f_c + dt (f_sc A + sum_c' f_cc' Gc')]  (atomics, dq pass).
-# The hook score_second gives t2, f' (dtds), f'' (d2tds2) and the captured tensors' terms
+# The hook score_second gives tu, f' (dtds), f'' (d2tds2) and the captured tensors' terms
 # ew = sum_c Gc f_c, ewds = sum_c Gc f_sc (zeros without captured tensors).
 #
 # Three passes: flex_dbwd_rows (row statistics and g_do) and flex_dbwd_dq over query tiles,
 # flex_dbwd_dkdv over key tiles.
 import triton
 import triton.language as tl
-from common import _blocks, _key_program, _load_lse2, _load_rows, _load_tile, _mm, _query_program, _row_table  # noqa
-from common import _store_key_grads, _store_rows, _tile_positions, _tile_start  # noqa
+from common import _blocks, _key_program, _load_msum, _load_rows, _load_tile, _mm, _query_program, _row_table  # noqa
+from common import _exp_from, _store_key_grads, _store_rows, _tile_positions, _tile_start  # noqa
 from own_key import _own_key_captured, _own_key_second  # noqa
 
 
 @triton.jit
-def _dbwd_scores(q, k, v, do, gq, gk, gv, lse2, offs_m, offs_n, off_b, off_h, Sq, Skv, scale, Q_OFF,
+def _dbwd_scores(q, k, v, do, gq, gk, gv, ra, rb, offs_m, offs_n, off_b, off_h, Sq, Skv, scale, Q_OFF,
                  __BUFFERS__
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
                  DOT: tl.constexpr):
     """Per tile: P, dP, A, u, Bm, f', du/ds (zero where masked) and the raw scores."""
     s_raw = _mm(q, tl.trans(k), DOT)
     VALID, mq_idx, q_idx, kv_idx, ZERO = _tile_positions(offs_m, offs_n, Sq, Skv, Q_OFF, BLOCK_M, BLOCK_N, EVEN)
-    t2, dtds, d2tds2, ew, ewds = hook.score_second(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx,
+    tu, dtds, d2tds2, ew, ewds = hook.score_second(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx,
                                                    kv_idx=kv_idx)
     keep = hook.keep(full=IS_FULL, b=off_b, h=off_h, q_idx=q_idx, mq_idx=mq_idx, kv_idx=kv_idx, valid=VALID)
-    p = tl.where(keep, tl.math.exp2(t2 - lse2[:, None]), 0.0)
+    p = tl.where(keep, _exp_from(tu, ra[:, None], rb[:, None]), 0.0)
     f1 = tl.where(keep, dtds, 0.0)
     dp = _mm(do, tl.trans(v), DOT)
     a = (_mm(gq, tl.trans(k), DOT) + _mm(q, tl.trans(gk), DOT)) * scale
@@ -62,28 +62,28 @@ def _dbwd_captured(s_raw, gt, dt, a, offs_m, offs_n, off_b, off_h, Sq, Skv, scal
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr):
     """Scatter one tile's share of the captured tensors' second-order gradient g_c (fp32 atomics)."""
     VALID, mq_idx, q_idx, kv_idx, ZERO = _tile_positions(offs_m, offs_n, Sq, Skv, Q_OFF, BLOCK_M, BLOCK_N, EVEN)
-    t2, dtds, d2tds2, ew, ewds = hook.score_second(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx,
+    tu, dtds, d2tds2, ew, ewds = hook.score_second(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx,
                                                    kv_idx=kv_idx)
     keep = hook.keep(full=IS_FULL, b=off_b, h=off_h, q_idx=q_idx, mq_idx=mq_idx, kv_idx=kv_idx, valid=VALID)
     hook.captured_second_grad(gt=gt, dt=dt, a=a, keep=keep)
 
 
 @triton.jit
-def _dbwd_row_inputs(Q, DO, GQ, Q_DESC, DO_DESC, GQ_DESC, LSE, DLSE, qh, start_m, Sq, D: tl.constexpr,
+def _dbwd_row_inputs(Q, DO, GQ, Q_DESC, DO_DESC, GQ_DESC, MSUM, DLSE, qh, start_m, Sq, D: tl.constexpr,
                      DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      EVEN: tl.constexpr, HAS_DLSE: tl.constexpr, USE_TMA: tl.constexpr):
     """The query-side rows of tile start_m (q, Gq, dO through the descriptors with USE_TMA), lse in
-    log2 units and dlse (0 without HAS_DLSE).  O is not read: the passes take D0 = sum_j P dP from
-    the row statistics (the rows pass reads O for g_do itself)."""
+    the pass's units and dlse (0 without HAS_DLSE).  O is not read: the passes take D0 = sum_j P dP
+    from the row statistics (the rows pass reads O for g_do itself)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = _load_tile(Q + qh * Sq * D, Q_DESC, qh, start_m, Sq, D, BLOCK_M, BLOCK_D, EVEN, USE_TMA)
     gq = _load_tile(GQ + qh * Sq * D, GQ_DESC, qh, start_m, Sq, D, BLOCK_M, BLOCK_D, EVEN, USE_TMA)
     do = _load_tile(DO + qh * Sq * DV, DO_DESC, qh, start_m, Sq, DV, BLOCK_M, BLOCK_DV, EVEN, USE_TMA)
-    lse2 = _load_lse2(LSE, qh, offs_m, Sq)
+    ra, rb = _load_msum(MSUM, qh, offs_m, Sq)
     dl = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_DLSE:
         dl = tl.load(DLSE + qh * Sq + offs_m, mask=offs_m < Sq, other=0.0).to(tl.float32)
-    return q, gq, do, lse2, dl
+    return q, gq, do, ra, rb, dl
 
 
 @triton.jit
@@ -99,7 +99,7 @@ def _dbwd_kv_rows(K, V, GK, GV, K_DESC, V_DESC, GK_DESC, GV_DESC, kvh, start_n, 
 
 
 @triton.jit
-def _dbwd_rows_tile(U, W, Bbar, D0, puv, pgv, q, gq, do, lse2, K, V, GK, GV, K_DESC, V_DESC, GK_DESC, GV_DESC, kvh,
+def _dbwd_rows_tile(U, W, Bbar, D0, puv, pgv, q, gq, do, ra, rb, K, V, GK, GV, K_DESC, V_DESC, GK_DESC, GV_DESC, kvh,
                     start_n, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF, __BUFFERS__
                     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
@@ -107,7 +107,7 @@ def _dbwd_rows_tile(U, W, Bbar, D0, puv, pgv, q, gq, do, lse2, K, V, GK, GV, K_D
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k, v, gk, gv = _dbwd_kv_rows(K, V, GK, GV, K_DESC, V_DESC, GK_DESC, GV_DESC, kvh, start_n, Skv, D, DV, BLOCK_N,
                                  BLOCK_D, BLOCK_DV, EVEN, USE_TMA)
-    p, dp, a, u, bm, f1, duds, s_raw = _dbwd_scores(q, k, v, do, gq, gk, gv, lse2, offs_m, offs_n, off_b, off_h,
+    p, dp, a, u, bm, f1, duds, s_raw = _dbwd_scores(q, k, v, do, gq, gk, gv, ra, rb, offs_m, offs_n, off_b, off_h,
                                                     Sq, Skv, scale, Q_OFF, __BUFFERS__
                                                     BLOCK_M, BLOCK_N, IS_FULL, EVEN, DOT)
     pu = p * u
@@ -130,11 +130,11 @@ def flex_dbwd_rows(__SIGNATURE__):
     parts before it forms Wc = W - D0 U, D = D0 - dlse and g_do -= U o."""
     pid_m, off_b, off_h, offs_m, qh, kvh = _query_program(Sq, H, Hkv, HEAD_GROUP, BLOCK_M, False)
     # the program's own rows, loaded once: pointer loads (the descriptor slots are unused)
-    q, gq, do, lse2, dl = _dbwd_row_inputs(Q, DO, GQ, Q, DO, GQ, LSE, DLSE, qh, pid_m * BLOCK_M, Sq,
+    q, gq, do, ra, rb, dl = _dbwd_row_inputs(Q, DO, GQ, Q, DO, GQ, MSUM, DLSE, qh, pid_m * BLOCK_M, Sq,
                                            D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN, HAS_DLSE, False)
     if HAS_SELF:
         p_s, dp_s, a_s, u_s, bm_s, f1_s, duds_s, s_s, kp, vp, gkp, gvp = _own_key_second(
-            q, gq, do, lse2, OWN, kvh * Sq, qh, offs_m, off_b, off_h, Sq, scale, Q_OFF, __BUFFERS__
+            q, gq, do, ra, rb, OWN, kvh * Sq, qh, offs_m, off_b, off_h, Sq, scale, Q_OFF, __BUFFERS__
             D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, EVEN)
         pu_s = p_s * u_s
         U = tl.sum(pu_s, 1)
@@ -156,7 +156,7 @@ def flex_dbwd_rows(__SIGNATURE__):
         LIST, row, n_tiles = _blocks(FULL, IDX, FULL_IDX, base, base_full, n_partial, n_full, SPARSE_KV, BLOCK_N)
         for it in range(n_tiles):
             U, W, Bbar, D0, puv, pgv = _dbwd_rows_tile(
-                U, W, Bbar, D0, puv, pgv, q, gq, do, lse2, K, V, GK, GV, K_DESC, V_DESC, GK_DESC, GV_DESC, kvh,
+                U, W, Bbar, D0, puv, pgv, q, gq, do, ra, rb, K, V, GK, GV, K_DESC, V_DESC, GK_DESC, GV_DESC, kvh,
                 _tile_start(LIST, row, it, SPARSE_KV, BLOCK_N), offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
                 __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, FULL == 1, EVEN, DOT, USE_TMA)
     if PARTIAL_ROWS:
@@ -186,7 +186,7 @@ def _load_stats(STATS, qh, offs_m, Sq):
 
 
 @triton.jit
-def _dbwd_dq_tile(g_q, q, gq, do, lse2, U, Wc, Bbar, dsh, K, V, GK, GV, K_DESC, V_DESC, GK_DESC, GV_DESC, kvh,
+def _dbwd_dq_tile(g_q, q, gq, do, ra, rb, U, Wc, Bbar, dsh, K, V, GK, GV, K_DESC, V_DESC, GK_DESC, GV_DESC, kvh,
                   start_n, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF, __BUFFERS__
                   D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
@@ -194,7 +194,7 @@ def _dbwd_dq_tile(g_q, q, gq, do, lse2, U, Wc, Bbar, dsh, K, V, GK, GV, K_DESC, 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k, v, gk, gv = _dbwd_kv_rows(K, V, GK, GV, K_DESC, V_DESC, GK_DESC, GV_DESC, kvh, start_n, Skv, D, DV, BLOCK_N,
                                  BLOCK_D, BLOCK_DV, EVEN, USE_TMA)
-    p, dp, a, u, bm, f1, duds, s_raw = _dbwd_scores(q, k, v, do, gq, gk, gv, lse2, offs_m, offs_n, off_b, off_h,
+    p, dp, a, u, bm, f1, duds, s_raw = _dbwd_scores(q, k, v, do, gq, gk, gv, ra, rb, offs_m, offs_n, off_b, off_h,
                                                     Sq, Skv, scale, Q_OFF, __BUFFERS__
                                                     BLOCK_M, BLOCK_N, IS_FULL, EVEN, DOT)
     gs, ds, gt, dt = _dbwd_gs(p, dp, u, bm, f1, duds, dsh, U, Wc, Bbar)
@@ -214,7 +214,7 @@ def flex_dbwd_dq(__SIGNATURE__):
     key-side tiles through the descriptors."""
     pid_m, off_b, off_h, offs_m, qh, kvh = _query_program(Sq, H, Hkv, HEAD_GROUP, BLOCK_M, False)
     # the program's own rows, loaded once: pointer loads (the descriptor slots are unused)
-    q, gq, do, lse2, dl = _dbwd_row_inputs(Q, DO, GQ, Q, DO, GQ, LSE, DLSE, qh, pid_m * BLOCK_M, Sq,
+    q, gq, do, ra, rb, dl = _dbwd_row_inputs(Q, DO, GQ, Q, DO, GQ, MSUM, DLSE, qh, pid_m * BLOCK_M, Sq,
                                            D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN, HAS_DLSE, False)
     U, Wc, Bbar, dsh = _load_stats(STATS, qh, offs_m, Sq)
     g_q = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -223,13 +223,13 @@ def flex_dbwd_dq(__SIGNATURE__):
     for FULL in tl.static_range(2):
         LIST, row, n_tiles = _blocks(FULL, IDX, FULL_IDX, base, base_full, n_partial, n_full, SPARSE_KV, BLOCK_N)
         for it in range(n_tiles):
-            g_q = _dbwd_dq_tile(g_q, q, gq, do, lse2, U, Wc, Bbar, dsh, K, V, GK, GV, K_DESC, V_DESC, GK_DESC, GV_DESC,
-                                kvh, _tile_start(LIST, row, it, SPARSE_KV, BLOCK_N), offs_m, off_b, off_h, Sq, Skv,
+            g_q = _dbwd_dq_tile(g_q, q, gq, do, ra, rb, U, Wc, Bbar, dsh, K, V, GK, GV, K_DESC, V_DESC, GK_DESC,
+                                GV_DESC, kvh, _tile_start(LIST, row, it, SPARSE_KV, BLOCK_N), offs_m, off_b, off_h, Sq, Skv,
                                 scale, Q_OFF, __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, FULL == 1, EVEN,
                                 DOT, CAPTURED_GRADS, USE_TMA)
     if HAS_SELF:
         p_s, dp_s, a_s, u_s, bm_s, f1_s, duds_s, s_s, kp, vp, gkp, gvp = _own_key_second(
-            q, gq, do, lse2, OWN, kvh * Sq, qh, offs_m, off_b, off_h, Sq, scale, Q_OFF, __BUFFERS__
+            q, gq, do, ra, rb, OWN, kvh * Sq, qh, offs_m, off_b, off_h, Sq, scale, Q_OFF, __BUFFERS__
             D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, EVEN)
         gs_s, ds_s, gt_s, dt_s = _dbwd_gs(p_s, dp_s, u_s, bm_s, f1_s, duds_s, dsh, U, Wc, Bbar)
         if CAPTURED_GRADS:
@@ -243,17 +243,17 @@ def flex_dbwd_dq(__SIGNATURE__):
 
 
 @triton.jit
-def _dbwd_dkdv_tile(g_k, g_v, k, v, gk, gv, Q, DO, GQ, Q_DESC, DO_DESC, GQ_DESC, LSE, DLSE, STATS, qh,
+def _dbwd_dkdv_tile(g_k, g_v, k, v, gk, gv, Q, DO, GQ, Q_DESC, DO_DESC, GQ_DESC, MSUM, DLSE, STATS, qh,
                     start_m, offs_n, off_b, off_h, Sq, Skv, scale, Q_OFF, __BUFFERS__
                     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
                     DOT: tl.constexpr, HAS_DLSE: tl.constexpr, USE_TMA: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q, gq, do, lse2, dl = _dbwd_row_inputs(Q, DO, GQ, Q_DESC, DO_DESC, GQ_DESC, LSE, DLSE, qh,
+    q, gq, do, ra, rb, dl = _dbwd_row_inputs(Q, DO, GQ, Q_DESC, DO_DESC, GQ_DESC, MSUM, DLSE, qh,
                                            start_m, Sq, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN, HAS_DLSE,
                                            USE_TMA)
     U, Wc, Bbar, dsh = _load_stats(STATS, qh, offs_m, Sq)
-    p, dp, a, u, bm, f1, duds, s_raw = _dbwd_scores(q, k, v, do, gq, gk, gv, lse2, offs_m, offs_n, off_b, off_h,
+    p, dp, a, u, bm, f1, duds, s_raw = _dbwd_scores(q, k, v, do, gq, gk, gv, ra, rb, offs_m, offs_n, off_b, off_h,
                                                     Sq, Skv, scale, Q_OFF, __BUFFERS__
                                                     BLOCK_M, BLOCK_N, IS_FULL, EVEN, DOT)
     gs, ds, gt, dt = _dbwd_gs(p, dp, u, bm, f1, duds, dsh, U, Wc, Bbar)
@@ -284,7 +284,7 @@ def flex_dbwd_dkdv(__SIGNATURE__):
             LIST, row, n_tiles = _blocks(FULL, IDX, FULL_IDX, base, base_full, n_partial, n_full, SPARSE_Q, BLOCK_M)
             for it in range(n_tiles):
                 g_k, g_v = _dbwd_dkdv_tile(g_k, g_v, k, v, gk, gv, STREAM.Q, STREAM.DO, STREAM.GQ, Q_DESC, DO_DESC,
-                                           GQ_DESC, STREAM.LSE, DLSE, STREAM.STATS, qh,
+                                           GQ_DESC, STREAM.MSUM, DLSE, STREAM.STATS, qh,
                                            _tile_start(LIST, row, it, SPARSE_Q, BLOCK_M), offs_n, off_b, off_h,
                                            STREAM.Sq, Skv, scale, STREAM.Q_OFF, __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV,
                                            BLOCK_M, BLOCK_N, FULL == 1, EVEN, DOT, HAS_DLSE, USE_TMA)

@@ -1,12 +1,12 @@
 # flexebt kernel template: the forward pass (see common.py for the layout and the hooks).
 #
 # One program per query tile keeps a running max m_i and sum l_i (online softmax) and rescales
-# the output accumulator by exp2(m_old - m_new) whenever the max grows; at the end
-# o_i = acc_i / l_i and L_i = (m_i + log2 l_i) ln 2.
+# the output accumulator by exp(m_old - m_new) whenever the max grows; at the end o_i = acc_i / l_i
+# and L_i = m_i + log l_i (m_i in the pass's units, common.py).
 import triton
 import triton.language as tl
 from common import LN2, LOG2E, _blocks, _load_rows, _load_tile, _mm, _query_program, _row_table, _store_rows  # noqa
-from common import _tile_positions, _tile_start  # noqa
+from common import _exp_shift, _natural, _store_msum, _tile_positions, _tile_start  # noqa
 from own_key import _own_key_scores  # noqa
 
 
@@ -21,15 +21,15 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, K_DESC, V_DESC, kvh, start_n, offs_m, off_
     v = _load_tile(V + kvh * Skv * DV, V_DESC, kvh, start_n, Skv, DV, BLOCK_N, BLOCK_DV, EVEN, USE_TMA)
     s_raw = _mm(q, tl.trans(k), DOT)
     VALID, mq_idx, q_idx, kv_idx, ZERO = _tile_positions(offs_m, offs_n, Sq, Skv, Q_OFF, BLOCK_M, BLOCK_N, EVEN)
-    t2 = hook.score(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx, kv_idx=kv_idx)
-    # The log2-unit score is x * x_mul.  LINEAR_SCORE (no score_mod, scale > 0): x = s_raw and
-    # x_mul = scale log2(e) > 0, so the row max is x_mul * max_j x and each exponent
-    # x * x_mul - m is one fused multiply-add.  Otherwise x = t2 and x_mul = 1 (folded away).
+    tu = hook.score(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx, kv_idx=kv_idx)
+    # The score in the pass's units is x * x_mul.  LINEAR_SCORE (no score_mod, scale > 0): x = s_raw
+    # and x_mul = scale log2(e) > 0, so the row max is x_mul * max_j x and each exponent
+    # x * x_mul - m is one fused multiply-add.  Otherwise x = tu and x_mul = 1 (folded away).
     if LINEAR_SCORE:
         x = s_raw
         x_mul = scale * LOG2E
     else:
-        x = t2
+        x = tu
         x_mul = 1.0
     if IS_FULL:
         if not EVEN:
@@ -40,8 +40,8 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, K_DESC, V_DESC, kvh, start_n, offs_m, off_
     m_new = tl.maximum(m_i, tl.max(x, 1) * x_mul)
     # A row with nothing kept yet has m = -inf: shift by 0 instead, so exp2() gives 0, not NaN.
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.math.exp2(m_i - m_shift)
-    p = tl.math.exp2(x * x_mul - m_shift[:, None])
+    alpha = _exp_shift(m_i, m_shift)
+    p = _exp_shift(x * x_mul, m_shift[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, DOT)
     return acc, l_i, m_new
@@ -53,14 +53,15 @@ def flex_fwd(__SIGNATURE__):
     the EBT predicted stream; 0 otherwise).  HAS_SELF: each query i also attends to its own key
     (EBT, OWN: own_key.py), which seeds the online softmax.
     USE_TMA: K and V tiles come through the tensor descriptors K_DESC, V_DESC (Hopper's TMA).
-    RETURN_MAX: also store each row's largest kept modified score (MAXS, natural units; -inf for
-    a row that keeps nothing) -- the online softmax's final running max."""
+    Writes O, LSE and MSUM: each row's largest kept modified score m (natural units; -inf for a
+    row that keeps nothing; torch's max_scores) and its sum l = sum_j exp(t_j - m), which the
+    backward passes read instead of the lse (common.py, _load_msum)."""
     pid_m, off_b, off_h, offs_m, qh, kvh = _query_program(Sq, H, Hkv, HEAD_GROUP, BLOCK_M, REVERSE)
     q = _load_rows(Q + qh * Sq * D, offs_m, Sq, D, BLOCK_D, EVEN)
     if HAS_SELF:
-        t2_self, keep_self, vp = _own_key_scores(q, OWN, kvh * Sq, qh, offs_m, off_b, off_h, Sq, scale, Q_OFF,
+        tu_self, keep_self, vp = _own_key_scores(q, OWN, kvh * Sq, qh, offs_m, off_b, off_h, Sq, scale, Q_OFF,
                                                  __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, EVEN)
-        m_i = t2_self  # -inf where the own key is dropped
+        m_i = tu_self  # -inf where the own key is dropped
         l_i = tl.where(keep_self, 1.0, 0.0)
         acc = tl.where(keep_self[:, None], vp.to(tl.float32), 0.0)
     else:
@@ -80,8 +81,8 @@ def flex_fwd(__SIGNATURE__):
     # A query that kept nothing: output 0 and lse = -inf (never NaN).
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    m_nat = _natural(m_i)
+    lse = tl.where(empty, float("-inf"), m_nat + tl.log2(tl.where(empty, 1.0, l_i)) * LN2)
     _store_rows(O + qh * Sq * DV, out, offs_m, Sq, DV, BLOCK_DV)
     tl.store(LSE + qh * Sq + offs_m, lse, mask=offs_m < Sq)
-    if RETURN_MAX:
-        tl.store(MAXS + qh * Sq + offs_m, m_i * LN2, mask=offs_m < Sq)
+    _store_msum(MSUM, m_nat, l_i, qh, offs_m, Sq)

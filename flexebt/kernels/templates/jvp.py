@@ -9,7 +9,7 @@
 import triton
 import triton.language as tl
 from common import LN2, _blocks, _load_rows, _mm, _query_program, _row_table, _store_rows, _tile_positions  # noqa
-from common import _tile_start  # noqa
+from common import _exp_shift, _natural, _store_msum, _tile_start  # noqa
 from own_key import _own_key_jvp  # noqa
 
 
@@ -26,14 +26,14 @@ def _jvp_tile(acc, tacc, macc, l_i, m_i, q, dq, K, V, DK, DVT, kvh, start_n, off
     dv = _load_rows(DVT + kvh * Skv * DV, offs_n, Skv, DV, BLOCK_DV, EVEN)
     s_raw = _mm(q, tl.trans(k), DOT)
     VALID, mq_idx, q_idx, kv_idx, ZERO = _tile_positions(offs_m, offs_n, Sq, Skv, Q_OFF, BLOCK_M, BLOCK_N, EVEN)
-    t2, dtds = hook.score_grad(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx, kv_idx=kv_idx)
+    tu, dtds = hook.score_grad(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx, kv_idx=kv_idx)
     keep = hook.keep(full=IS_FULL, b=off_b, h=off_h, q_idx=q_idx, mq_idx=mq_idx, kv_idx=kv_idx, valid=VALID)
-    t2 = tl.where(keep, t2, float("-inf"))
+    tu = tl.where(keep, tu, float("-inf"))
     dt = tl.where(keep, dtds * (_mm(dq, tl.trans(k), DOT) + _mm(q, tl.trans(dk), DOT)) * scale, 0.0)
-    m_new = tl.maximum(m_i, tl.max(t2, 1))
+    m_new = tl.maximum(m_i, tl.max(tu, 1))
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.math.exp2(m_i - m_shift)
-    p = tl.math.exp2(t2 - m_shift[:, None])
+    alpha = _exp_shift(m_i, m_shift)
+    p = _exp_shift(tu, m_shift[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, DOT)
     pdt = p * dt
@@ -50,9 +50,9 @@ def flex_jvp(__SIGNATURE__):
     q = _load_rows(Q + qh * Sq * D, offs_m, Sq, D, BLOCK_D, EVEN)
     dq = _load_rows(DQ + qh * Sq * D, offs_m, Sq, D, BLOCK_D, EVEN)
     if HAS_SELF:
-        t2_s, dt_s, keep_s, vp, dvp = _own_key_jvp(q, dq, OWN, kvh * Sq, qh, offs_m, off_b, off_h, Sq, scale, Q_OFF,
+        tu_s, dt_s, keep_s, vp, dvp = _own_key_jvp(q, dq, OWN, kvh * Sq, qh, offs_m, off_b, off_h, Sq, scale, Q_OFF,
                                                    __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, EVEN)
-        m_i = t2_s
+        m_i = tu_s
         l_i = tl.where(keep_s, 1.0, 0.0)
         acc = tl.where(keep_s[:, None], vp.to(tl.float32), 0.0)
         tacc = tl.where(keep_s[:, None], dt_s[:, None] * vp.to(tl.float32) + dvp.to(tl.float32), 0.0)
@@ -77,8 +77,10 @@ def flex_jvp(__SIGNATURE__):
     out = acc * inv[:, None]
     mbar = macc * inv
     dout = tacc * inv[:, None] - mbar[:, None] * out
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    m_nat = _natural(m_i)
+    lse = tl.where(empty, float("-inf"), m_nat + tl.log2(tl.where(empty, 1.0, l_i)) * LN2)
     _store_rows(O + qh * Sq * DV, out, offs_m, Sq, DV, BLOCK_DV)
     _store_rows(DO + qh * Sq * DV, dout, offs_m, Sq, DV, BLOCK_DV)
     tl.store(LSE + qh * Sq + offs_m, lse, mask=offs_m < Sq)
     tl.store(DLSE + qh * Sq + offs_m, mbar, mask=offs_m < Sq)
+    _store_msum(MSUM, m_nat, l_i, qh, offs_m, Sq)

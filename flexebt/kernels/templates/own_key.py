@@ -15,7 +15,7 @@
 # ``own``: the offset of the key head's rows in KP / VP ([B, Hkv, Sq, D] like q's rows), in rows.
 import triton
 import triton.language as tl
-from common import _load_rows, _mod_indices, _row_dot  # noqa
+from common import _exp_from, _load_rows, _mod_indices, _row_dot  # noqa
 
 
 @triton.jit
@@ -38,20 +38,20 @@ def _own_keep(KEEP, VALID, qh, offs_m, Sq):
 def _own_key_scores(q, OWN, own, qh, offs_m, off_b, off_h, Sq, scale, Q_OFF, __BUFFERS__
                     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                     BLOCK_M: tl.constexpr, EVEN: tl.constexpr):
-    """Forward: t2_i = f(scale q_i.kp_i) log2 e at frame (t, t), t = i + Q_OFF, or -inf where the
-    own key is dropped; one [BLOCK_M] column, no tile.  Returns (t2, keep, vp)."""
+    """Forward: t_i = f(scale q_i.kp_i) at frame (t, t), t = i + Q_OFF, in the pass's units, or -inf
+    where the own key is dropped; one [BLOCK_M] column, no tile.  Returns (tu, keep, vp)."""
     kp = _load_rows(OWN.KP + own * D, offs_m, Sq, D, BLOCK_D, EVEN)
     vp = _load_rows(OWN.VP + own * DV, offs_m, Sq, DV, BLOCK_DV, EVEN)
     s_raw = _row_dot(q, kp)  # [BLOCK_M, 1]
     VALID, mq_idx, q_idx, kv_idx, ZERO = _own_positions(offs_m, Sq, Q_OFF, BLOCK_M, EVEN)
-    t2 = hook.score(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx, kv_idx=kv_idx)
+    tu = hook.score(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx, kv_idx=kv_idx)
     keep = _own_keep(OWN.KEEP, VALID, qh, offs_m, Sq)
-    t2 = tl.sum(tl.where(keep, t2, float("-inf")), 1)
-    return t2, tl.sum(keep.to(tl.int32), 1) > 0, vp
+    tu = tl.sum(tl.where(keep, tu, float("-inf")), 1)
+    return tu, tl.sum(keep.to(tl.int32), 1) > 0, vp
 
 
 @triton.jit
-def _own_key_grads(q, do, lse2, delta, OWN, own, qh, offs_m, off_b, off_h, Sq, scale, Q_OFF, __BUFFERS__
+def _own_key_grads(q, do, ra, rb, delta, OWN, own, qh, offs_m, off_b, off_h, Sq, scale, Q_OFF, __BUFFERS__
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    BLOCK_M: tl.constexpr, EVEN: tl.constexpr):
     """Backward of the own-key term of one query tile: returns (ds_self [BLOCK_M, 1], kp, dkp
@@ -62,9 +62,9 @@ def _own_key_grads(q, do, lse2, delta, OWN, own, qh, offs_m, off_b, off_h, Sq, s
     vp = _load_rows(OWN.VP + own * DV, offs_m, Sq, DV, BLOCK_DV, EVEN)
     s_raw = _row_dot(q, kp)
     VALID, mq_idx, q_idx, kv_idx, ZERO = _own_positions(offs_m, Sq, Q_OFF, BLOCK_M, EVEN)
-    t2, dtds = hook.score_grad(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx, kv_idx=kv_idx)
+    tu, dtds = hook.score_grad(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx, kv_idx=kv_idx)
     keep = _own_keep(OWN.KEEP, VALID, qh, offs_m, Sq)
-    p = tl.where(keep, tl.math.exp2(t2 - lse2[:, None]), 0.0)
+    p = tl.where(keep, _exp_from(tu, ra[:, None], rb[:, None]), 0.0)
     dt = p * (_row_dot(do, vp) - delta[:, None])
     hook.captured_grad(dt=dt, keep=keep)
     ds = tl.where(keep, dt * dtds, 0.0)
@@ -72,7 +72,7 @@ def _own_key_grads(q, do, lse2, delta, OWN, own, qh, offs_m, off_b, off_h, Sq, s
 
 
 @triton.jit
-def _own_key_second(q, gq, do, lse2, OWN, own, qh, offs_m, off_b, off_h, Sq, scale, Q_OFF, __BUFFERS__
+def _own_key_second(q, gq, do, ra, rb, OWN, own, qh, offs_m, off_b, off_h, Sq, scale, Q_OFF, __BUFFERS__
                     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                     BLOCK_M: tl.constexpr, EVEN: tl.constexpr):
     """Double backward: the own key of each row as one [BLOCK_M, 1] column (double_backward.py
@@ -84,10 +84,10 @@ def _own_key_second(q, gq, do, lse2, OWN, own, qh, offs_m, off_b, off_h, Sq, sca
     gvp = _load_rows(OWN.GVP + own * DV, offs_m, Sq, DV, BLOCK_DV, EVEN)
     s_raw = _row_dot(q, kp)
     VALID, mq_idx, q_idx, kv_idx, ZERO = _own_positions(offs_m, Sq, Q_OFF, BLOCK_M, EVEN)
-    t2, dtds, d2tds2, ew, ewds = hook.score_second(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx,
+    tu, dtds, d2tds2, ew, ewds = hook.score_second(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx,
                                                    kv_idx=kv_idx)
     keep = _own_keep(OWN.KEEP, VALID, qh, offs_m, Sq)
-    p = tl.where(keep, tl.math.exp2(t2 - lse2[:, None]), 0.0)
+    p = tl.where(keep, _exp_from(tu, ra[:, None], rb[:, None]), 0.0)
     f1 = tl.where(keep, dtds, 0.0)
     dp = _row_dot(do, vp)
     a = (_row_dot(gq, kp) + _row_dot(q, gkp)) * scale
@@ -102,7 +102,7 @@ def _own_key_captured(s_raw, gt, dt, a, OWN, qh, offs_m, off_b, off_h, Sq, scale
                       BLOCK_M: tl.constexpr, EVEN: tl.constexpr):
     """Double backward: g_c of the own-key column (see _dbwd_captured)."""
     VALID, mq_idx, q_idx, kv_idx, ZERO = _own_positions(offs_m, Sq, Q_OFF, BLOCK_M, EVEN)
-    t2, dtds, d2tds2, ew, ewds = hook.score_second(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx,
+    tu, dtds, d2tds2, ew, ewds = hook.score_second(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx,
                                                    kv_idx=kv_idx)
     keep = _own_keep(OWN.KEEP, VALID, qh, offs_m, Sq)
     hook.captured_second_grad(gt=gt, dt=dt, a=a, keep=keep)
@@ -112,7 +112,7 @@ def _own_key_captured(s_raw, gt, dt, a, OWN, qh, offs_m, off_b, off_h, Sq, scale
 def _own_key_jvp(q, dq, OWN, own, qh, offs_m, off_b, off_h, Sq, scale, Q_OFF, __BUFFERS__
                  D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                  BLOCK_M: tl.constexpr, EVEN: tl.constexpr):
-    """Forward mode: the own key's column, (t2, d t, keep) per row and the rows vp, d vp (DKP, DVP:
+    """Forward mode: the own key's column, (tu, d t, keep) per row and the rows vp, d vp (DKP, DVP:
     the own keys' tangents)."""
     kp = _load_rows(OWN.KP + own * D, offs_m, Sq, D, BLOCK_D, EVEN)
     vp = _load_rows(OWN.VP + own * DV, offs_m, Sq, DV, BLOCK_DV, EVEN)
@@ -120,9 +120,9 @@ def _own_key_jvp(q, dq, OWN, own, qh, offs_m, off_b, off_h, Sq, scale, Q_OFF, __
     dvp = _load_rows(OWN.DVP + own * DV, offs_m, Sq, DV, BLOCK_DV, EVEN)
     s_raw = _row_dot(q, kp)
     VALID, mq_idx, q_idx, kv_idx, ZERO = _own_positions(offs_m, Sq, Q_OFF, BLOCK_M, EVEN)
-    t2, dtds = hook.score_grad(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx, kv_idx=kv_idx)
+    tu, dtds = hook.score_grad(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx, kv_idx=kv_idx)
     keep = _own_keep(OWN.KEEP, VALID, qh, offs_m, Sq)
     ds = (tl.sum(dq.to(tl.float32) * kp.to(tl.float32), 1) + tl.sum(q.to(tl.float32) * dkp.to(tl.float32), 1))
     dt = tl.sum(tl.where(keep, dtds * ds[:, None] * scale, 0.0), 1)
-    t2 = tl.sum(tl.where(keep, t2, float("-inf")), 1)
-    return t2, dt, tl.sum(keep.to(tl.int32), 1) > 0, vp, dvp
+    tu = tl.sum(tl.where(keep, tu, float("-inf")), 1)
+    return tu, dt, tl.sum(keep.to(tl.int32), 1) > 0, vp, dvp

@@ -1,0 +1,134 @@
+"""Rows whose every score is huge in magnitude -- an additive -1e9, -1e10 or finfo.min mask over a
+whole query row, the way model code masks padding -- on the kernels (interpreter), all three
+families, first and second order, forward mode and a learned bias.
+
+fp32 eager math rounds every score of such a row to the mask value, so its softmax there is
+uniform (a float64 oracle would not round, and would disagree with every fp32 implementation);
+the oracle is therefore the reference backend *in fp32*, that is eager math in the same dtype.
+The kernels keep each row's max and softmax sum apart (msum): through the lse alone, whose log-sum
+rounds away next to a max of 1e9, the backward recomputed probabilities n times too large, and
+finfo.min overflowed to -inf when taken to log2 units."""
+
+import pytest
+import torch
+
+import flexebt
+from helpers import rel_err, second_order
+
+pytestmark = [pytest.mark.interpreter,
+              pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")]  # -> -inf, as on GPU
+T = {"BACKEND": "TRITON"}
+R = {"BACKEND": "REFERENCE"}
+HUGE = [-1e9, -1e10, torch.finfo(torch.float32).min]
+TOL = 1e-5
+
+
+def _bias(n_q: int, n_k: int, value: float, learned: bool = False) -> torch.Tensor:
+    """Zeros, with row 3 all ``value`` (a fully masked query), row 5 half of it, and row 7 all
+    ``value`` but one key at ``value / 2`` (two huge scores: that key takes all the weight)."""
+    b = torch.zeros(n_q, n_k)
+    b[3] = value
+    b[5, :n_k // 2] = value
+    b[7] = value
+    b[7, 2] = value / 2
+    return b.requires_grad_(learned)
+
+
+def _agree(got, want, what):
+    for i, (a, b) in enumerate(zip(got, want)):
+        fin = torch.isfinite(b)
+        assert torch.equal(torch.isfinite(a), fin), f"{what}[{i}]: finite where the reference is not"
+        assert rel_err(a[fin], b[fin]) < TOL, f"{what}[{i}]: {rel_err(a[fin], b[fin]):.2e}"
+
+
+@pytest.mark.parametrize("value", HUGE, ids=["-1e9", "-1e10", "finfo.min"])
+def test_flex_attention(value):
+    torch.manual_seed(0)
+    S = 24
+    bias = _bias(S, S, value, learned=True)
+
+    def sm(score, b, h, q_idx, kv_idx):
+        return score + bias[q_idx, kv_idx]
+
+    x = [torch.randn(1, 2, S, 16, requires_grad=True) for _ in range(3)]
+
+    def f(backend):
+        return lambda q, k, v, bias_: flexebt.flex_attention(q, k, v, score_mod=sm, kernel_options=backend,
+                                                             return_lse=True)
+
+    got_o, got_l = f(T)(*x, bias)
+    want_o, want_l = f(R)(*x, bias)
+    _agree([got_o, got_l], [want_o, want_l], "out, lse")
+    got = second_order(lambda *a: f(T)(*a)[0], x + [bias])
+    want = second_order(lambda *a: f(R)(*a)[0], x + [bias])
+    _agree(got[0], want[0], "first order (q, k, v, bias)")
+    _agree(got[1][:3], want[1][:3], "second order (q, k, v)")
+
+
+@pytest.mark.parametrize("value", HUGE, ids=["-1e9", "-1e10", "finfo.min"])
+def test_forward_mode(value):
+    torch.manual_seed(1)
+    S = 20
+    bias = _bias(S, S, value)
+
+    def sm(score, b, h, q_idx, kv_idx):
+        return score + bias[q_idx, kv_idx]
+
+    x = [torch.randn(1, 2, S, 16) for _ in range(3)]
+    t = [torch.randn_like(a) for a in x]
+
+    def f(backend):
+        return lambda q, k, v: flexebt.flex_attention(q, k, v, score_mod=sm, kernel_options=backend, return_lse=True)
+
+    got = torch.func.jvp(f(T), tuple(x), tuple(t))
+    want = torch.func.jvp(f(R), tuple(x), tuple(t))
+    _agree([*got[0], *got[1]], [*want[0], *want[1]], "primal and tangent")
+
+
+@pytest.mark.parametrize("value", HUGE, ids=["-1e9", "-1e10", "finfo.min"])
+def test_ebt_attention(value):
+    """A predicted query whose frame row is all huge, own key included (kv_idx = q_idx)."""
+    torch.manual_seed(2)
+    S_p, r = 13, 2
+    S_o, F = S_p + r, S_p + r + 1
+    bias = _bias(F, F, value)
+    bias[F - 4] = value  # the predicted query at frame F - 4, own key and all
+    x = [torch.randn(1, 2, S, 16, requires_grad=True) for S in (S_o, S_o, S_o, S_p, S_p, S_p)]
+
+    def sm(score, b, h, q_idx, kv_idx):
+        return score + bias[q_idx, kv_idx]
+
+    def f(backend):
+        return lambda *a: flexebt.flex_ebt_attention(*a, score_mod=sm, kernel_options=backend)
+
+    _agree(f(T)(*x), f(R)(*x), "outputs")
+    got, want = second_order(f(T), x), second_order(f(R), x)
+    _agree(got[0], want[0], "first order")
+    _agree(got[1], want[1], "second order")
+
+
+@pytest.mark.parametrize("value", HUGE, ids=["-1e9", "-1e10", "finfo.min"])
+def test_piecewise_attention(value):
+    """The near and far passes each see part of a huge row: their merge weighs them by their sums
+    (through the lse alone both parts read as equal: the output was 0.57-0.91 off)."""
+    torch.manual_seed(3)
+    S = 22
+    bias = _bias(S, S, value)
+
+    def sm(score, b, h, q_idx, kv_idx):
+        return score + bias[q_idx, kv_idx]
+
+    x = [torch.randn(1, 2, S, 16, requires_grad=True) for _ in range(5)]
+
+    def f(backend):
+        return lambda *a: flexebt.piecewise_attention(*a, dist_threshold=5, causal=False, score_mod=sm,
+                                                      kernel_options=backend)
+
+    _agree([f(T)(*x)], [f(R)(*x)], "output")
+    got, want = second_order(f(T), x), second_order(f(R), x)
+    _agree(got[0], want[0], "first order")
+    _agree(got[1], want[1], "second order")
+    t = [torch.randn_like(a) for a in x]
+    got_j = torch.func.jvp(f(T), tuple(a.detach() for a in x), tuple(t))
+    want_j = torch.func.jvp(f(R), tuple(a.detach() for a in x), tuple(t))
+    _agree(list(got_j), list(want_j), "forward mode")
