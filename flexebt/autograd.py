@@ -432,9 +432,9 @@ def _fused_double_backward(buffers) -> bool:
 
 class AttentionDoubleBackward(torch.autograd.Function):
     """Fused double backward.  ``apply(call, *inputs, *cotangents, *gcts, *results, *captured,
-    *bcts)`` (``results``: the forward's outputs, lse and msum): given the first-order cotangents (those of the lse may be None) and the
-    cotangents ``gcts`` of the inputs' first-order gradients (``bcts``: of the captured tensors';
-    None: zero), returns the gradients of the inputs, of the cotangents (zeros for an absent lse
+    *bcts)`` (``results``: the forward's outputs, lse and msum): given the first-order cotangents
+    (those of the lse may be None) and the cotangents ``gcts`` of the inputs' first-order
+    gradients (``bcts``: of the captured tensors'; None: zero), returns the gradients of the inputs, of the cotangents (zeros for an absent lse
     cotangent) and of the captured tensors (zeros where none flows): total derivatives, the saved
     outputs being constants.  No S x S tensor exists.  Third order: autograd through the reference."""
 

@@ -179,9 +179,9 @@ def _pass_inputs(B=1, H=2, Hkv=2, Sq=100, Skv=100, D=32, dtype=torch.bfloat16, b
 
 def _run_passes(kern, x, options=None, scale=0.125):
     out, lse, msum = kf.flex_forward(kern, x["q"], x["k"], x["v"], scale, x["tables"], [], options)
-    dq, delta, _ = kf.dq_pass(kern, x["q"], x["k"], x["v"], out, msum, x["dout"], x["dlse"], scale, x["tables"], [],
-                              options)
-    kf.dkdv_pass(kern, x["q"], x["k"], x["v"], msum, delta, x["dout"], scale, x["tables"], [], options)
+    dq, delta, ref, _ = kf.dq_pass(kern, x["q"], x["k"], x["v"], out, msum, x["dout"], x["dlse"], scale,
+                                   x["tables"], [], options)
+    kf.dkdv_pass(kern, x["q"], x["k"], x["v"], ref, delta, x["dout"], scale, x["tables"], [], options)
 
 
 # Each case changes one thing Triton or the pass's planning depends on, or nothing that matters.
@@ -274,12 +274,13 @@ def _run_ebt_passes(kern, x, scale=0.125):
     q, k, v, q2, own, t, t2, off = x["q"], x["k"], x["v"], x["q2"], x["own"], x["tables"], x["tables2"], x["q_off"]
     out, lse, msum = kf.flex_forward(kern, q2, k, v, scale, t2, [], None, off, own)
     dout = torch.zeros_like(out)
-    _, delta, _ = kf.dq_pass(kern, q2, k, v, out, msum, dout, None, scale, t2, [], None, off, own)
-    kf.dkdv_pass(kern, q2, k, v, msum, delta, dout, scale, t2, [], None, off)
+    _, delta, ref, _ = kf.dq_pass(kern, q2, k, v, out, msum, dout, None, scale, t2, [], None, off, own)
+    kf.dkdv_pass(kern, q2, k, v, ref, delta, dout, scale, t2, [], None, off)
     g = (torch.zeros_like(q2), torch.zeros_like(k), torch.zeros_like(v))
-    _, stats = kf.dbwd_rows_pass(kern, q2, k, v, out, dout, msum, None, *g, scale, t2, [], None, off, own, x["own_cts"])
+    _, stats, ref2 = kf.dbwd_rows_pass(kern, q2, k, v, out, dout, msum, None, *g, scale, t2, [], None, off, own,
+                                       x["own_cts"])
     kf.dbwd_dq_pass(kern, q2, k, v, out, dout, msum, None, *g, stats, scale, t2, [], None, off, own, x["own_cts"])
-    kf.dbwd_dkdv_pass(kern, q2, k, v, out, dout, msum, None, *g, stats, scale, t2, [], None, off)
+    kf.dbwd_dkdv_pass(kern, q2, k, v, out, dout, ref2, None, *g, stats, scale, t2, [], None, off)
     kf.flex_jvp(kern, q2, k, v, *g, scale, t2, [], None, off, own, x["own_cts"])
 
 

@@ -485,16 +485,19 @@ _DQ = SIGNATURES["flex_bwd_dq"].bind
 
 def dq_pass(kern: ModKernels, q, k, v, out, msum, dout, dlse, scale, tables: BlockTables, bargs: list,
             options=None, q_off: int = 0, own: Optional[OwnKeys] = None):
-    """dq, Delta (for the dk/dv pass) and, with own keys, their per-query-head dk, dv."""
+    """dq, Delta and the rows' references (for the dk/dv pass: templates/common.py, _store_ref)
+    and, with own keys, their per-query-head dk, dv."""
     B, H, Sq, D = q.shape
     DV = v.shape[3]
     delta = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)  # written by this pass
+    ref = torch.empty(B, H, 2, Sq, dtype=torch.float32, device=q.device)  # written by this pass
     dq = torch.empty_like(q)
     own_grads = _own_key_grad_buffers(own, H) if own is not None else None
     own_in = None if own is None else OwnFirstArgs(own.kp, own.vp, own.keep, *own_grads)
 
     def args(c, tma):  # (bound at each launch, in one call)
-        return (*_DQ(Q=q, K=k, V=v, O=out, DO=dout, MSUM=msum, DLSE=dlse, DELTA=delta, DQ=dq, KV_BLOCKS=tables.kv_blocks,
+        return (*_DQ(Q=q, K=k, V=v, O=out, DO=dout, MSUM=msum, DLSE=dlse, DELTA=delta, REF=ref, DQ=dq,
+                     KV_BLOCKS=tables.kv_blocks,
                      H=H, Hkv=k.shape[1], Sq=Sq, Skv=k.shape[2], scale=scale, Q_OFF=q_off, OWN=own_in,
                      **(_descriptors(True, c.BLOCK_N, K=k, V=v) if tma else {})), *bargs)
 
@@ -509,13 +512,13 @@ def dq_pass(kern: ModKernels, q, k, v, out, msum, dout, dlse, scale, tables: Blo
     plan = _plan_key("dq", tables, options, (q_off, own is not None),
                      (q, k, v, out, msum, dout, dlse, *_own_tensors(own)), bargs)
     _launch(kern.module.flex_bwd_dq, plan, args, spec, options, q.device)
-    return dq, delta, own_grads
+    return dq, delta, ref, own_grads
 
 
 _DKDV = SIGNATURES["flex_bwd_dkdv"].bind
 
 
-def dkdv_pass(kern: ModKernels, q, k, v, msum, delta, dout, scale, tables: BlockTables, bargs: list, options=None,
+def dkdv_pass(kern: ModKernels, q, k, v, ref, delta, dout, scale, tables: BlockTables, bargs: list, options=None,
               q_off: int = 0, into: Optional[tuple] = None, add: Optional[tuple] = None):
     """dk, dv of the keys from these queries, plus ``add=(dk0, dv0)`` if given (an earlier pass's
     partial sums, fp32), written to ``into=(dk, dv)`` if given (it may be ``add`` itself), else to
@@ -527,7 +530,7 @@ def dkdv_pass(kern: ModKernels, q, k, v, msum, delta, dout, scale, tables: Block
         dv = torch.empty(B, Hkv, Skv, DV, dtype=v.dtype, device=v.device)
     else:
         dk, dv = into
-    named = dict(K=k, V=v, DK=dk, DV_OUT=dv, STREAM=StreamArgs(q, dout, msum, delta, Sq, q_off),
+    named = dict(K=k, V=v, DK=dk, DV_OUT=dv, STREAM=StreamArgs(q, dout, ref, delta, Sq, q_off),
                  Q_BLOCKS=tables.q_blocks, H=H, Hkv=Hkv, Skv=Skv, scale=scale)
     if add is not None:
         named.update(ADD_K=add[0], ADD_V=add[1])
@@ -547,7 +550,7 @@ def dkdv_pass(kern: ModKernels, q, k, v, msum, delta, dout, scale, tables: Block
 
     # (dk, dv allocated here are aligned; into / add are the caller's)
     plan = _plan_key("dkdv", tables, options, (q_off, into is not None, add is not None),
-                     (q, k, v, msum, delta, dout, *(into or ()), *(add or ())), bargs)
+                     (q, k, v, ref, delta, dout, *(into or ()), *(add or ())), bargs)
     _launch(kern.module.flex_bwd_dkdv, plan, args, spec, options, q.device)
     return dk, dv
 
@@ -647,17 +650,19 @@ def _dbwd_query_pass(kern: ModKernels, which: str, named: dict, outputs: dict, c
 def dbwd_rows_pass(kern: ModKernels, q, k, v, out, dout, msum, dlse, gq, gk, gv, scale, tables: BlockTables,
                    bargs: list, options=None, q_off: int = 0, own: Optional[OwnKeys] = None, own_cts=None,
                    partial: bool = False):
-    """Row statistics (U, Wc, Bbar, D) and g_do of the double backward.  ``partial``: these keys
-    are one part of the rows' keys (``out``, ``lse`` are the merged ones); returns the raw sums
-    (U, W, Bbar, D0) and the fp32 part P u v + P Gv of g_do instead, for ``finish_row_parts``."""
+    """g_do, the row statistics (U, Wc, Bbar, D) and the rows' references (for the key-tile pass)
+    of the double backward.  ``partial``: these keys are one part of the rows' keys (``out``,
+    ``msum`` are the merged ones); returns the raw sums (U, W, Bbar, D0) and the fp32 part
+    P u v + P Gv of g_do instead, for ``finish_row_parts``."""
     B, H, Sq, _ = q.shape
     named = _dbwd_inputs(q, k, v, dout, msum, dlse, gq, gk, gv)
     stats = torch.empty(B, H, Sq, 4, dtype=torch.float32, device=q.device)
+    ref = torch.empty(B, H, 2, Sq, dtype=torch.float32, device=q.device)
     g_do = torch.empty(named["DO"].shape, dtype=torch.float32 if partial else dout.dtype, device=q.device)
     named.update(O=out)
-    _dbwd_query_pass(kern, "dbwd_rows", named, dict(G_DO=g_do, STATS=stats), dict(PARTIAL_ROWS=partial), q, k, v,
-                     dlse, scale, tables, bargs, options, q_off, _own_second_inputs(own, own_cts))
-    return g_do, stats
+    _dbwd_query_pass(kern, "dbwd_rows", named, dict(G_DO=g_do, STATS=stats, REF=ref), dict(PARTIAL_ROWS=partial), q,
+                     k, v, dlse, scale, tables, bargs, options, q_off, _own_second_inputs(own, own_cts))
+    return g_do, stats, ref
 
 
 def finish_row_parts(parts: list, out: Tensor, dout: Tensor, dlse: Optional[Tensor]):
@@ -692,19 +697,20 @@ def dbwd_dq_pass(kern: ModKernels, q, k, v, out, dout, msum, dlse, gq, gk, gv, s
 _DBWD_DKDV = SIGNATURES["flex_dbwd_dkdv"].bind
 
 
-def dbwd_dkdv_pass(kern: ModKernels, q, k, v, out, dout, msum, dlse, gq, gk, gv, stats, scale, tables: BlockTables,
+def dbwd_dkdv_pass(kern: ModKernels, q, k, v, out, dout, ref, dlse, gq, gk, gv, stats, scale, tables: BlockTables,
                    bargs: list, options=None, q_off: int = 0, into: Optional[tuple] = None,
                    add: Optional[tuple] = None):
-    """g_k, g_v of the double backward from these queries (into / add as in dkdv_pass)."""
+    """g_k, g_v of the double backward from these queries (into / add as in dkdv_pass); ``ref``: the
+    rows' references the rows pass wrote."""
     B, H, Sq, D = q.shape
     Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
-    named = _dbwd_inputs(q, k, v, dout, msum, dlse, gq, gk, gv)
+    named = _dbwd_inputs(q, k, v, dout, ref, dlse, gq, gk, gv)
     g_k, g_v = into if into is not None else (torch.empty_like(k), torch.empty_like(v))
     q_side = {n: named[n] for n in ("Q", "DO", "GQ")}
-    inputs = (q, k, v, out, named["DO"], msum, named["DLSE"], named["GQ"], named["GK"], named["GV"], stats,
+    inputs = (q, k, v, out, named["DO"], ref, named["DLSE"], named["GQ"], named["GK"], named["GV"], stats,
               *(into or ()), *(add or ()))
     launch = dict(K=k, V=v, GK=named["GK"], GV=named["GV"], G_K=g_k, G_V=g_v, DLSE=named["DLSE"],
-                  STREAM=SecondStreamArgs(named["Q"], named["DO"], named["GQ"], msum, stats, Sq, q_off),
+                  STREAM=SecondStreamArgs(named["Q"], named["DO"], named["GQ"], ref, stats, Sq, q_off),
                   Q_BLOCKS=tables.q_blocks, H=H, Hkv=Hkv, Skv=Skv, scale=scale)
     if add is not None:
         launch.update(ADD_K=add[0], ADD_V=add[1])

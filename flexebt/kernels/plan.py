@@ -264,14 +264,16 @@ def plan_backward(plan: AttentionPlan, ins: list, outs: list, cts: list, buffers
     douts, dlses = _cotangents(plan, outs, cts)
     captured = _Captured(plan, buffers, ins[0].device)
     grads = _Grads(plan.n_inputs)
-    deltas = []
+    deltas, refs = [], []
     for p in plan.passes:
         own = _own(p, ins)
         r = p.rows
-        dq, delta, own_g = dq_pass(p.kern, ins[p.q], ins[p.k], ins[p.v], out[r], msum[r], douts[r], dlses[r], scale,
+        dq, delta, ref, own_g = dq_pass(p.kern, ins[p.q], ins[p.k], ins[p.v], out[r], msum[r], douts[r], dlses[r],
+                                        scale,
                                    p.tables, captured.args(p), options, q_off=p.q_off, own=own)
         grads.add(p.q, dq)
         deltas.append(delta)
+        refs.append(ref)
         if own is not None:
             dkp, dvp = _own_key_grads(*own_g, own.kp, own.vp)
             grads.add(p.own[0], dkp)
@@ -281,7 +283,7 @@ def plan_backward(plan: AttentionPlan, ins: list, outs: list, cts: list, buffers
     for i in key_passes:
         p = plan.passes[i]
         into, add, finals = sums.launch(p.k, p.v)
-        dk, dv = dkdv_pass(p.kern, ins[p.q], ins[p.k], ins[p.v], msum[p.rows], deltas[i], douts[p.rows], scale,
+        dk, dv = dkdv_pass(p.kern, ins[p.q], ins[p.k], ins[p.v], refs[i], deltas[i], douts[p.rows], scale,
                            p.tables, captured.args(p), options, q_off=p.q_off, into=into, add=add)
         for j, g, last in ((p.k, dk, finals[0]), (p.v, dv, finals[1])):
             if last:
@@ -314,10 +316,12 @@ def plan_double_backward(plan: AttentionPlan, ins: list, outs: list, cts: list, 
         return dict(own=_own(p, ins), own_cts=(gcts[p.own[0]], gcts[p.own[1]]))
 
     # 1. row statistics and g_do per row group (the sums of several passes added first)
-    parts = [[] for _ in range(n)]
+    parts, refs = [[] for _ in range(n)], []
     for p in plan.passes:
-        parts[p.rows].append(dbwd_rows_pass(*args(p), scale, p.tables, captured.args(p), options, q_off=p.q_off,
-                                            partial=count[p.rows] > 1, **own_kw(p)))
+        g_do, st, ref = dbwd_rows_pass(*args(p), scale, p.tables, captured.args(p), options, q_off=p.q_off,
+                                       partial=count[p.rows] > 1, **own_kw(p))
+        parts[p.rows].append((g_do, st))
+        refs.append(ref)  # the rows' references for this pass's key-tile pass (from the merged msum)
     rows = [pp[0] if len(pp) == 1 else finish_row_parts(pp, out[r], douts[r], dlses[r]) for r, pp in enumerate(parts)]
     g_do = [g for g, _ in rows]
     g_dlse = [st[..., 0] if dl is not None else None for (_, st), dl in zip(rows, dlses)]
@@ -333,13 +337,15 @@ def plan_double_backward(plan: AttentionPlan, ins: list, outs: list, cts: list, 
             grads.add(p.own[1], gvp)
     # 3. g_k, g_v per key tile, summed over the passes that read the keys
     sums = _KeySideSums(ins, [(p.k, p.v) for p in plan.passes])
-    for p in plan.passes:
+    for i, p in enumerate(plan.passes):
         into, add, finals = sums.launch(p.k, p.v)
-        g_k, g_v = dbwd_dkdv_pass(*args(p), rows[p.rows][1], scale, p.tables, captured.args(p), options,
-                                  q_off=p.q_off, into=into, add=add)
-        for i, g, last in ((p.k, g_k, finals[0]), (p.v, g_v, finals[1])):
+        a = list(args(p))
+        a[6] = refs[i]  # in place of msum: the key-tile pass reads the references
+        g_k, g_v = dbwd_dkdv_pass(*a, rows[p.rows][1], scale, p.tables, captured.args(p), options, q_off=p.q_off,
+                                  into=into, add=add)
+        for j, g, last in ((p.k, g_k, finals[0]), (p.v, g_v, finals[1])):
             if last:
-                grads.add(i, g)
+                grads.add(j, g)
     return grads.g, g_do + g_dlse, captured.grads()
 
 

@@ -57,15 +57,15 @@ class BlockArgs(NamedTuple):
 
 
 class StreamArgs(NamedTuple):
-    """The queries a key-tile pass of the backward walks: q, dO, the rows' softmax max and sum (MSUM),
-    D = do.o - dlse, length and
+    """The queries a key-tile pass of the backward walks: q, dO, the rows' references REF
+    ([B, H, 2, Sq], written by the dq pass from the forward's max and sum), D = do.o - dlse, length and
     frame offset (the EBT predicted stream's is r + 1).  Its block tables
     travel beside it (a tuple inside a tuple loses Triton's integer specialisation on Triton 3.6:
     groups are never nested)."""
 
     Q: Tensor
     DO: Tensor
-    MSUM: Tensor
+    REF: Tensor
     DELTA: Tensor
     Sq: int
     Q_OFF: int
@@ -73,13 +73,13 @@ class StreamArgs(NamedTuple):
 
 class SecondStreamArgs(NamedTuple):
     """The queries the double backward's key-tile pass walks: q, dO, the cotangent Gq of dq, the
-    rows' softmax max and sum (MSUM), the row statistics of the rows pass, length and frame offset
-    (block tables beside it)."""
+    rows' references REF and the row statistics (both written by the rows pass), length and frame
+    offset (block tables beside it)."""
 
     Q: Tensor
     DO: Tensor
     GQ: Tensor
-    MSUM: Tensor
+    REF: Tensor
     STATS: Tensor
     Sq: int
     Q_OFF: int
@@ -199,8 +199,8 @@ SIGNATURES = {s.name: s for s in (
          (*TILES, "REVERSE", "HAS_SELF", "USE_TMA", "LINEAR_SCORE"),
          KV_BLOCKS=BlockArgs, OWN=OwnArgs),
     _sig("flex_bwd_dq",
-         ("Q", "K", "V", "O", "DO", "MSUM", "DLSE", "DELTA", "DQ", "KV_BLOCKS", *SHAPE, "scale", "Q_OFF", "OWN",
-          "K_DESC", "V_DESC"),
+         ("Q", "K", "V", "O", "DO", "MSUM", "DLSE", "DELTA", "REF", "DQ", "KV_BLOCKS", *SHAPE, "scale", "Q_OFF",
+          "OWN", "K_DESC", "V_DESC"),
          ("DLSE", "OWN", "K_DESC", "V_DESC"),
          (*TILES, "HAS_DLSE", "REVERSE", "HAS_SELF", "USE_TMA"),
          KV_BLOCKS=BlockArgs, OWN=OwnFirstArgs),
@@ -211,8 +211,8 @@ SIGNATURES = {s.name: s for s in (
          (*TILES, "ACCUMULATE", "USE_TMA"),
          STREAM=StreamArgs, Q_BLOCKS=BlockArgs),
     _sig("flex_dbwd_rows",
-         ("Q", "K", "V", "O", "DO", "MSUM", "DLSE", "GQ", "GK", "GV", "G_DO", "STATS", "KV_BLOCKS", *SHAPE, "scale",
-          "Q_OFF", "OWN", "K_DESC", "V_DESC", "GK_DESC", "GV_DESC"),
+         ("Q", "K", "V", "O", "DO", "MSUM", "DLSE", "GQ", "GK", "GV", "G_DO", "STATS", "REF", "KV_BLOCKS", *SHAPE,
+          "scale", "Q_OFF", "OWN", "K_DESC", "V_DESC", "GK_DESC", "GV_DESC"),
          ("DLSE", "OWN", "K_DESC", "V_DESC", "GK_DESC", "GV_DESC"),
          (*TILES, "HAS_DLSE", "HAS_SELF", "USE_TMA", "PARTIAL_ROWS"),
          KV_BLOCKS=BlockArgs, OWN=OwnSecondArgs),
@@ -230,7 +230,8 @@ SIGNATURES = {s.name: s for s in (
          (*TILES, "HAS_DLSE", "ACCUMULATE", "USE_TMA"),
          STREAM=SecondStreamArgs, Q_BLOCKS=BlockArgs),
     _sig("flex_jvp",
-         ("Q", "K", "V", "DQ", "DK", "DVT", "O", "LSE", "MSUM", "DO", "DLSE", "KV_BLOCKS", *SHAPE, "scale", "Q_OFF", "OWN"),
+         ("Q", "K", "V", "DQ", "DK", "DVT", "O", "LSE", "MSUM", "DO", "DLSE", "KV_BLOCKS", *SHAPE, "scale", "Q_OFF",
+          "OWN"),
          ("OWN",),
          (*TILES, "HAS_SELF"),
          KV_BLOCKS=BlockArgs, OWN=OwnFirstArgs),

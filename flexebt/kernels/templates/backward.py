@@ -9,7 +9,8 @@
 import triton
 import triton.language as tl
 from common import _blocks, _key_program, _load_msum, _load_rows, _load_tile, _mm, _query_program, _row_table  # noqa
-from common import _exp_from, _store_key_grads, _store_rows, _tile_positions, _tile_positions_t, _tile_start  # noqa
+from common import _exp_from, _load_ref, _store_ref, _store_key_grads, _store_rows, _tile_positions  # noqa
+from common import _tile_positions_t, _tile_start  # noqa
 from own_key import _own_key_grads  # noqa
 
 
@@ -59,6 +60,7 @@ def flex_bwd_dq(__SIGNATURE__):
         delta -= tl.load(DLSE + qh * Sq + offs_m, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(DELTA + qh * Sq + offs_m, delta, mask=row_ok)
     ra, rb = _load_msum(MSUM, qh, offs_m, Sq)
+    _store_ref(REF, ra, rb, qh, offs_m, Sq)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     IDX, FULL_IDX, base, base_full, n_partial, n_full = _row_table(KV_BLOCKS, off_b, off_h,
                                                                    (pid_m * BLOCK_M) // SPARSE_Q, HAS_FULL)
@@ -78,7 +80,7 @@ def flex_bwd_dq(__SIGNATURE__):
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, Q, DO, Q_DESC, DO_DESC, MSUM, DELTA, qh, start_m, offs_n, off_b, off_h, Sq, Skv, scale,
+def _dkdv_tile(dk, dv, k, v, Q, DO, Q_DESC, DO_DESC, REF, DELTA, qh, start_m, offs_n, off_b, off_h, Sq, Skv, scale,
                Q_OFF, __BUFFERS__
                D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
@@ -88,7 +90,7 @@ def _dkdv_tile(dk, dv, k, v, Q, DO, Q_DESC, DO_DESC, MSUM, DELTA, qh, start_m, o
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = _load_tile(Q + qh * Sq * D, Q_DESC, qh, start_m, Sq, D, BLOCK_M, BLOCK_D, EVEN, USE_TMA)
     do = _load_tile(DO + qh * Sq * DV, DO_DESC, qh, start_m, Sq, DV, BLOCK_M, BLOCK_DV, EVEN, USE_TMA)
-    ra, rb = _load_msum(MSUM, qh, offs_m, Sq)
+    ra, rb = _load_ref(REF, qh, offs_m, Sq)
     delta = tl.load(DELTA + qh * Sq + offs_m, mask=offs_m < Sq, other=0.0)
     s_raw = _mm(k, tl.trans(q), DOT)
     VALID, mq_idx, q_idx, kv_idx, ZERO = _tile_positions_t(offs_m, offs_n, Sq, Skv, Q_OFF, BLOCK_M, BLOCK_N, EVEN)
@@ -120,7 +122,7 @@ def _dkdv_stream(dk, dv, k, v, STREAM, IDX, FULL_IDX, base, base_full, n_partial
     for FULL in tl.static_range(2):
         LIST, row, n_tiles = _blocks(FULL, IDX, FULL_IDX, base, base_full, n_partial, n_full, SPARSE_Q, BLOCK_M)
         for it in range(n_tiles):
-            dk, dv = _dkdv_tile(dk, dv, k, v, STREAM.Q, STREAM.DO, Q_DESC, DO_DESC, STREAM.MSUM, STREAM.DELTA, qh,
+            dk, dv = _dkdv_tile(dk, dv, k, v, STREAM.Q, STREAM.DO, Q_DESC, DO_DESC, STREAM.REF, STREAM.DELTA, qh,
                                 _tile_start(LIST, row, it, SPARSE_Q, BLOCK_M), offs_n, off_b, off_h, STREAM.Sq, Skv,
                                 scale, STREAM.Q_OFF, __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
                                 FULL == 1, EVEN, DOT, USE_TMA)

@@ -133,6 +133,30 @@ def _store_msum(MSUM, m, l_sum, qh, offs_m, Sq):
 
 
 @triton.jit
+def _store_ref(REF, ra, rb, qh, offs_m, Sq):
+    """Store a row tile's (ra, rb) for the passes over key tiles, as two contiguous planes of REF
+    [B, H, 2, Sq] (rb only where it is read).  A key-tile pass meets every query tile once per key
+    tile, and its row vectors are replicated across the tile's threads: there, two plain loads
+    per query tile cost a fraction of _load_msum's interleaved loads and log2."""
+    ref = REF + qh * 2 * Sq + offs_m
+    tl.store(ref, ra, mask=offs_m < Sq)
+    if not SCORE_LOG2:
+        tl.store(ref + Sq, rb, mask=offs_m < Sq)
+
+
+@triton.jit
+def _load_ref(REF, qh, offs_m, Sq):
+    """(ra, rb) of a row tile as _store_ref left them."""
+    ref = REF + qh * 2 * Sq + offs_m
+    ra = tl.load(ref, mask=offs_m < Sq, other=0.0)
+    if SCORE_LOG2:
+        rb = ra
+    else:
+        rb = tl.load(ref + Sq, mask=offs_m < Sq, other=0.0)
+    return ra, rb
+
+
+@triton.jit
 def _exp_from(tu, ra, rb):
     """P = exp(t - m) / l from a score in the pass's units and a row's (ra, rb) (_load_msum)."""
     if SCORE_LOG2:

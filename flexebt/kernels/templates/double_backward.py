@@ -23,7 +23,7 @@
 import triton
 import triton.language as tl
 from common import _blocks, _key_program, _load_msum, _load_rows, _load_tile, _mm, _query_program, _row_table  # noqa
-from common import _exp_from, _store_key_grads, _store_rows, _tile_positions, _tile_start  # noqa
+from common import _exp_from, _load_ref, _store_ref, _store_key_grads, _store_rows, _tile_positions, _tile_start  # noqa
 from own_key import _own_key_captured, _own_key_second  # noqa
 
 
@@ -69,17 +69,21 @@ def _dbwd_captured(s_raw, gt, dt, a, offs_m, offs_n, off_b, off_h, Sq, Skv, scal
 
 
 @triton.jit
-def _dbwd_row_inputs(Q, DO, GQ, Q_DESC, DO_DESC, GQ_DESC, MSUM, DLSE, qh, start_m, Sq, D: tl.constexpr,
+def _dbwd_row_inputs(Q, DO, GQ, Q_DESC, DO_DESC, GQ_DESC, ROWS, DLSE, qh, start_m, Sq, D: tl.constexpr,
                      DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                     EVEN: tl.constexpr, HAS_DLSE: tl.constexpr, USE_TMA: tl.constexpr):
-    """The query-side rows of tile start_m (q, Gq, dO through the descriptors with USE_TMA), lse in
-    the pass's units and dlse (0 without HAS_DLSE).  O is not read: the passes take D0 = sum_j P dP
-    from the row statistics (the rows pass reads O for g_do itself)."""
+                     EVEN: tl.constexpr, HAS_DLSE: tl.constexpr, USE_TMA: tl.constexpr, FROM_REF: tl.constexpr):
+    """The query-side rows of tile start_m (q, Gq, dO through the descriptors with USE_TMA), the
+    rows' (ra, rb) from ROWS -- the forward's MSUM, or with FROM_REF the REF planes the rows pass
+    wrote -- and dlse (0 without HAS_DLSE).  O is not read: the passes take D0 = sum_j P dP from
+    the row statistics (the rows pass reads O for g_do itself)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = _load_tile(Q + qh * Sq * D, Q_DESC, qh, start_m, Sq, D, BLOCK_M, BLOCK_D, EVEN, USE_TMA)
     gq = _load_tile(GQ + qh * Sq * D, GQ_DESC, qh, start_m, Sq, D, BLOCK_M, BLOCK_D, EVEN, USE_TMA)
     do = _load_tile(DO + qh * Sq * DV, DO_DESC, qh, start_m, Sq, DV, BLOCK_M, BLOCK_DV, EVEN, USE_TMA)
-    ra, rb = _load_msum(MSUM, qh, offs_m, Sq)
+    if FROM_REF:
+        ra, rb = _load_ref(ROWS, qh, offs_m, Sq)
+    else:
+        ra, rb = _load_msum(ROWS, qh, offs_m, Sq)
     dl = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_DLSE:
         dl = tl.load(DLSE + qh * Sq + offs_m, mask=offs_m < Sq, other=0.0).to(tl.float32)
@@ -131,7 +135,8 @@ def flex_dbwd_rows(__SIGNATURE__):
     pid_m, off_b, off_h, offs_m, qh, kvh = _query_program(Sq, H, Hkv, HEAD_GROUP, BLOCK_M, False)
     # the program's own rows, loaded once: pointer loads (the descriptor slots are unused)
     q, gq, do, ra, rb, dl = _dbwd_row_inputs(Q, DO, GQ, Q, DO, GQ, MSUM, DLSE, qh, pid_m * BLOCK_M, Sq,
-                                           D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN, HAS_DLSE, False)
+                                           D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN, HAS_DLSE, False, False)
+    _store_ref(REF, ra, rb, qh, offs_m, Sq)  # for the key-tile pass
     if HAS_SELF:
         p_s, dp_s, a_s, u_s, bm_s, f1_s, duds_s, s_s, kp, vp, gkp, gvp = _own_key_second(
             q, gq, do, ra, rb, OWN, kvh * Sq, qh, offs_m, off_b, off_h, Sq, scale, Q_OFF, __BUFFERS__
@@ -215,7 +220,7 @@ def flex_dbwd_dq(__SIGNATURE__):
     pid_m, off_b, off_h, offs_m, qh, kvh = _query_program(Sq, H, Hkv, HEAD_GROUP, BLOCK_M, False)
     # the program's own rows, loaded once: pointer loads (the descriptor slots are unused)
     q, gq, do, ra, rb, dl = _dbwd_row_inputs(Q, DO, GQ, Q, DO, GQ, MSUM, DLSE, qh, pid_m * BLOCK_M, Sq,
-                                           D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN, HAS_DLSE, False)
+                                           D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN, HAS_DLSE, False, False)
     U, Wc, Bbar, dsh = _load_stats(STATS, qh, offs_m, Sq)
     g_q = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     IDX, FULL_IDX, base, base_full, n_partial, n_full = _row_table(KV_BLOCKS, off_b, off_h,
@@ -224,9 +229,9 @@ def flex_dbwd_dq(__SIGNATURE__):
         LIST, row, n_tiles = _blocks(FULL, IDX, FULL_IDX, base, base_full, n_partial, n_full, SPARSE_KV, BLOCK_N)
         for it in range(n_tiles):
             g_q = _dbwd_dq_tile(g_q, q, gq, do, ra, rb, U, Wc, Bbar, dsh, K, V, GK, GV, K_DESC, V_DESC, GK_DESC,
-                                GV_DESC, kvh, _tile_start(LIST, row, it, SPARSE_KV, BLOCK_N), offs_m, off_b, off_h, Sq, Skv,
-                                scale, Q_OFF, __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, FULL == 1, EVEN,
-                                DOT, CAPTURED_GRADS, USE_TMA)
+                                GV_DESC, kvh, _tile_start(LIST, row, it, SPARSE_KV, BLOCK_N), offs_m, off_b, off_h, Sq,
+                                Skv, scale, Q_OFF, __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, FULL == 1,
+                                EVEN, DOT, CAPTURED_GRADS, USE_TMA)
     if HAS_SELF:
         p_s, dp_s, a_s, u_s, bm_s, f1_s, duds_s, s_s, kp, vp, gkp, gvp = _own_key_second(
             q, gq, do, ra, rb, OWN, kvh * Sq, qh, offs_m, off_b, off_h, Sq, scale, Q_OFF, __BUFFERS__
@@ -243,15 +248,15 @@ def flex_dbwd_dq(__SIGNATURE__):
 
 
 @triton.jit
-def _dbwd_dkdv_tile(g_k, g_v, k, v, gk, gv, Q, DO, GQ, Q_DESC, DO_DESC, GQ_DESC, MSUM, DLSE, STATS, qh,
+def _dbwd_dkdv_tile(g_k, g_v, k, v, gk, gv, Q, DO, GQ, Q_DESC, DO_DESC, GQ_DESC, REF, DLSE, STATS, qh,
                     start_m, offs_n, off_b, off_h, Sq, Skv, scale, Q_OFF, __BUFFERS__
                     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
                     DOT: tl.constexpr, HAS_DLSE: tl.constexpr, USE_TMA: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q, gq, do, ra, rb, dl = _dbwd_row_inputs(Q, DO, GQ, Q_DESC, DO_DESC, GQ_DESC, MSUM, DLSE, qh,
+    q, gq, do, ra, rb, dl = _dbwd_row_inputs(Q, DO, GQ, Q_DESC, DO_DESC, GQ_DESC, REF, DLSE, qh,
                                            start_m, Sq, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN, HAS_DLSE,
-                                           USE_TMA)
+                                           USE_TMA, True)
     U, Wc, Bbar, dsh = _load_stats(STATS, qh, offs_m, Sq)
     p, dp, a, u, bm, f1, duds, s_raw = _dbwd_scores(q, k, v, do, gq, gk, gv, ra, rb, offs_m, offs_n, off_b, off_h,
                                                     Sq, Skv, scale, Q_OFF, __BUFFERS__
@@ -284,7 +289,7 @@ def flex_dbwd_dkdv(__SIGNATURE__):
             LIST, row, n_tiles = _blocks(FULL, IDX, FULL_IDX, base, base_full, n_partial, n_full, SPARSE_Q, BLOCK_M)
             for it in range(n_tiles):
                 g_k, g_v = _dbwd_dkdv_tile(g_k, g_v, k, v, gk, gv, STREAM.Q, STREAM.DO, STREAM.GQ, Q_DESC, DO_DESC,
-                                           GQ_DESC, STREAM.MSUM, DLSE, STREAM.STATS, qh,
+                                           GQ_DESC, STREAM.REF, DLSE, STREAM.STATS, qh,
                                            _tile_start(LIST, row, it, SPARSE_Q, BLOCK_M), offs_n, off_b, off_h,
                                            STREAM.Sq, Skv, scale, STREAM.Q_OFF, __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV,
                                            BLOCK_M, BLOCK_N, FULL == 1, EVEN, DOT, HAS_DLSE, USE_TMA)
