@@ -42,7 +42,8 @@ CURRENT = {
     "gpu_checks_h100_1b5cb43", "B3_h100_bf16_s1024_compiled_1b5cb43", "B3_h100_fp32_s256_ro_1b5cb43",
     "B3_h100_bf16_s4096_ro_1b5cb43", "B3_h100_bf16_s2048_ro_1b5cb43", "B3_h100_fp32_s1024_ro_1b5cb43",
     "B3_h100_fp32_s2048_82595dd", "B3_h100_fp32_s4096_82595dd", "gpu_checks_h100_82595dd",
-    "ab_B2_softcap_tanh_e538fc0_82595dd",
+    "ab_B2_softcap_tanh_e538fc0_82595dd", "gpu_checks_h100_488b947", "ab_B2_msum_a81250c_488b947",
+    "ab_B2_softcap_tanh_e538fc0_488b947", "profile_bwd_causal_h100_a81250c_488b947",
 }
 
 # Why a run is not to be cited, per file in invalid/.
@@ -75,6 +76,12 @@ NOTES = {
     "cpu_host_measurements_c6c71ae": ("timing scripts", "import time of torch and flexebt, the example trainer's "
                                       "rate, where the compile time goes"),
     # H100
+    "ab_B2_msum_a81250c_488b947": ("ab_commits.py", "B2 causal / soft-cap / ALiBi / learned bias, bf16 S4096 D64: "
+                                   "one lse per row against each row's max and sum (its README.md)"),
+    "ab_B2_softcap_tanh_e538fc0_488b947": ("ab_commits.py", "B2 soft-cap, bf16 S4096 D64 / D128: the tanh of "
+                                           "e538fc0 against the leaner accurate tanh (its README.md)"),
+    "profile_bwd_causal_h100_a81250c_488b947": ("torch.profiler (scratch script)", "causal fwd+bwd, bf16 S4096 D64: "
+                                                "time per kernel, one lse per row against max and sum"),
     "ab_B2_softcap_tanh_e538fc0_82595dd": ("ab_commits.py", "B2 soft-cap and causal, bf16 S4096 D64 / D128: the "
                                            "kernels' tanh as one exp form against exp form plus Taylor "
                                            "polynomial (its README.md)"),
