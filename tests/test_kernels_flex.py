@@ -106,6 +106,35 @@ def test_fully_masked_rows_zero_and_finite():
     assert all(torch.isfinite(x).all() for x in g) and torch.all(g[0][:, :, 2::5] == 0)
 
 
+def test_non_finite_scores_give_torch_row_results():
+    """A row with a +inf score: output NaN, lse +inf; a NaN score: output, lse and max_scores NaN;
+    a row masked to -inf: 0, -inf; -0.0 biases change nothing.  As torch's eager math gives them
+    (the reference), gradients included."""
+    from torch.nn.attention.flex_attention import AuxRequest
+
+    S = 20
+    bias = torch.zeros(S, S)
+    bias[2, 5], bias[4], bias[6, 3], bias[10] = float("inf"), float("-inf"), float("nan"), -0.0
+
+    def sm(score, b, h, q_idx, kv_idx):
+        return score + bias[q_idx, kv_idx]
+
+    x = [torch.randn(1, 2, S, 16, requires_grad=True) for _ in range(3)]
+    res = [flexebt.flex_attention(*x, score_mod=sm, kernel_options=o, return_aux=AuxRequest(lse=True, max_scores=True))
+           for o in (T, R)]
+    (out, aux), (r_out, r_aux) = res
+    for a, b in ((out, r_out), (aux.lse, r_aux.lse), (aux.max_scores, r_aux.max_scores)):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
+        fin = torch.isfinite(b)
+        assert torch.equal(a[~fin & ~b.isnan()], b[~fin & ~b.isnan()])
+        assert rel_err(a[fin], b[fin]) < 1e-5
+    ok = [r for r in range(S) if r not in (2, 6)]
+    got = torch.autograd.grad(out[..., ok, :].sum(), x)
+    want = torch.autograd.grad(r_out[..., ok, :].sum(), x)
+    for a, b in zip(got, want):  # (the NaN rows' zero cotangents times NaN reach k and v in both)
+        assert torch.equal(a.isnan(), b.isnan()) and rel_err(a[~b.isnan()], b[~b.isnan()]) < 1e-5
+
+
 def test_lse_gradient_and_second_order_through_the_chain():
     bias = (0.3 * torch.randn(2, 17, 17)).requires_grad_()
     sm = mods.generate_bias_score_mod(bias)

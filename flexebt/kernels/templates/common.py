@@ -96,6 +96,19 @@ def _natural(x):
 
 
 @triton.jit
+def _row_results(m_i, l_i, empty):
+    """A finished row's max (natural units) and lse = m + log l, as torch gives them where a score
+    is not finite: -inf for a row that keeps nothing; a +inf score gives lse +inf (its sum is
+    inf - inf = NaN); a NaN score gives max NaN (the running max's maximum skips NaN, the sum
+    keeps it)."""
+    m_nat = _natural(m_i)
+    lse = tl.where(empty, float("-inf"), m_nat + tl.log2(tl.where(empty, 1.0, l_i)) * LN2)
+    lse = tl.where(m_nat == float("inf"), float("inf"), lse)
+    m_nat = tl.where((l_i != l_i) & (m_nat != float("inf")), float("nan"), m_nat)
+    return m_nat, lse
+
+
+@triton.jit
 def _exp_shift(x, m):
     """exp(t - m) for a score and a row max in the pass's units (the online softmax)."""
     if SCORE_LOG2:

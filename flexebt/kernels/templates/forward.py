@@ -6,7 +6,7 @@
 import triton
 import triton.language as tl
 from common import LN2, LOG2E, _blocks, _load_rows, _load_tile, _mm, _query_program, _row_table, _store_rows  # noqa
-from common import _exp_shift, _natural, _store_msum, _tile_positions, _tile_start  # noqa
+from common import _exp_shift, _row_results, _store_msum, _tile_positions, _tile_start  # noqa
 from own_key import _own_key_scores  # noqa
 
 
@@ -81,8 +81,7 @@ def flex_fwd(__SIGNATURE__):
     # A query that kept nothing: output 0 and lse = -inf (never NaN).
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    m_nat = _natural(m_i)
-    lse = tl.where(empty, float("-inf"), m_nat + tl.log2(tl.where(empty, 1.0, l_i)) * LN2)
+    m_nat, lse = _row_results(m_i, l_i, empty)
     _store_rows(O + qh * Sq * DV, out, offs_m, Sq, DV, BLOCK_DV)
     tl.store(LSE + qh * Sq + offs_m, lse, mask=offs_m < Sq)
     _store_msum(MSUM, m_nat, l_i, qh, offs_m, Sq)

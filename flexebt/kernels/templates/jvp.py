@@ -9,7 +9,7 @@
 import triton
 import triton.language as tl
 from common import LN2, _blocks, _load_rows, _mm, _query_program, _row_table, _store_rows, _tile_positions  # noqa
-from common import _exp_shift, _natural, _store_msum, _tile_start  # noqa
+from common import _exp_shift, _row_results, _store_msum, _tile_start  # noqa
 from own_key import _own_key_jvp  # noqa
 
 
@@ -77,8 +77,7 @@ def flex_jvp(__SIGNATURE__):
     out = acc * inv[:, None]
     mbar = macc * inv
     dout = tacc * inv[:, None] - mbar[:, None] * out
-    m_nat = _natural(m_i)
-    lse = tl.where(empty, float("-inf"), m_nat + tl.log2(tl.where(empty, 1.0, l_i)) * LN2)
+    m_nat, lse = _row_results(m_i, l_i, empty)
     _store_rows(O + qh * Sq * DV, out, offs_m, Sq, DV, BLOCK_DV)
     _store_rows(DO + qh * Sq * DV, dout, offs_m, Sq, DV, BLOCK_DV)
     tl.store(LSE + qh * Sq + offs_m, lse, mask=offs_m < Sq)
