@@ -350,7 +350,7 @@ def piecewise_attention(q1: Tensor, k1: Tensor, q2: Tensor, k2: Tensor, v: Tenso
 
     On the kernels each region (near, far) is one block-sparse ``flex_attention`` pass, so a tile
     wholly on one side of the threshold computes one product; the two passes merge exactly
-    through their log-sum-exps (``flexebt/piecewise.py``).
+    through each row's max and softmax sum (``flexebt/piecewise.py``).
 
     Examples:
         >>> import torch, flexebt

@@ -3,16 +3,17 @@
 Near pairs (``dist = P + m - n < w``) score ``<q1, k1>``, far pairs score ``<q2, k2>``.  Each
 region is one ``flex_attention`` pass over its own block mask, so a tile that lies wholly in one
 region runs in one pass only -- one product -- and only the tiles the threshold crosses run in
-both, each pass keeping its own pairs.  The two partial softmaxes merge exactly through their
-log-sum-exps:
+both, each pass keeping its own pairs.  The two partial softmaxes merge exactly through each
+row's max m and softmax sum l (as log-sum-exps would, but exact where every score of a row is huge):
 
-    lse = logaddexp(lse_near, lse_far),   out = e^(lse_near - lse) out_near + e^(lse_far - lse) out_far.
+    m = max(m_near, m_far),  l = l_near e^(m_near - m) + l_far e^(m_far - m),
+    out = (l_near e^(m_near - m) out_near + l_far e^(m_far - m) out_far) / l,  lse = m + log l.
 
 The two passes are one plan of the shared autograd chain (kernels/plan.py): the forward merges
 in one fused launch (kernels/merge.py), and the backward needs no merge at all.  With the merged
-``(out, lse)``, ``P_mn = e^(s_mn - lse_m)`` is the final probability of every pair whichever pass
-scored it, and ``dS_mn = P_mn (dP_mn - D_m)`` with ``D_m = do_m . out_m`` is the exact score
-gradient; so each pass's ordinary backward kernels, given the merged ``(out, lse)``, return exactly
+``(out, m, l)``, ``P_mn = e^(s_mn - m_m) / l_m`` is the final probability of every pair whichever
+pass scored it, and ``dS_mn = P_mn (dP_mn - D_m)`` with ``D_m = do_m . out_m`` is the exact score
+gradient; so each pass's ordinary backward kernels, given the merged statistics, return exactly
 their pairs' share: ``dq1, dk1`` from the near pass, ``dq2, dk2`` from the far one, and ``dv``
 summed (in fp32) over both.  The double backward adds both passes' row statistics before either
 pass uses them; the JVP merges the passes' tangents.
