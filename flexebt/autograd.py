@@ -500,7 +500,7 @@ def results_of(res, n_rows: int, return_max: bool) -> tuple:
     with ``return_max`` each row's largest kept modified score (msum's first column)."""
     if not return_max:
         return tuple(res[:2 * n_rows])
-    return (*res[:2 * n_rows], *(ms[..., 0].contiguous() for ms in res[2 * n_rows:3 * n_rows]))
+    return (*res[:2 * n_rows], *(ms[..., 0].detach().contiguous() for ms in res[2 * n_rows:3 * n_rows]))
 
 
 def _row_group_call(call: AttentionCall, plan: AttentionPlan, inputs: tuple, r: int, ins: list) -> AttentionCall:

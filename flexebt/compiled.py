@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from . import runtime
-from .autograd import unused_by_engine
+from .autograd import results_of, unused_by_engine
 from .codegen.source import get_kernels, position_extents, prepare_captured
 from .codegen.identity import Buffers, captured_tensors, resolve, wide_offsets
 from .kernels.flex import BlockTables, tables_from_block_mask
@@ -631,8 +631,7 @@ def flex_attention_compiled(query, key, value, score_mod, block_mask, scale, ker
     layout = _layout([(0, 1, 2, 0, kern, tables, (0, len(buffers)), 0, None)], 3, 1)
     res = attention_op(layout, _meta(scale, kernel_options), [query.contiguous(), key.contiguous(), value.contiguous()],
                        _tables_list(tables), buffers)
-    # max_scores: msum's first column, no gradient
-    return (res[0], res[1], res[2][..., 0].detach().contiguous()) if return_max else (res[0], res[1])
+    return results_of(res, 1, return_max)
 
 
 def _static(*sizes) -> tuple:

@@ -305,10 +305,12 @@ def plan_double_backward(plan: AttentionPlan, ins: list, outs: list, cts: list, 
     captured = _Captured(plan, buffers, ins[0].device, bcts)
     count = _rows_count(plan)
 
-    def args(p):
+    def args(p, rows=None):
+        """A pass's inputs; ``rows``: what it reads of the rows' softmax (default: the forward's msum;
+        the key-tile pass reads the references the rows pass wrote)."""
         r = p.rows
-        return (p.kern, ins[p.q], ins[p.k], ins[p.v], out[r], douts[r], msum[r], dlses[r], gcts[p.q], gcts[p.k],
-                gcts[p.v])
+        return (p.kern, ins[p.q], ins[p.k], ins[p.v], out[r], douts[r], msum[r] if rows is None else rows, dlses[r],
+                gcts[p.q], gcts[p.k], gcts[p.v])
 
     def own_kw(p):
         if p.own is None:
@@ -339,10 +341,8 @@ def plan_double_backward(plan: AttentionPlan, ins: list, outs: list, cts: list, 
     sums = _KeySideSums(ins, [(p.k, p.v) for p in plan.passes])
     for i, p in enumerate(plan.passes):
         into, add, finals = sums.launch(p.k, p.v)
-        a = list(args(p))
-        a[6] = refs[i]  # in place of msum: the key-tile pass reads the references
-        g_k, g_v = dbwd_dkdv_pass(*a, rows[p.rows][1], scale, p.tables, captured.args(p), options, q_off=p.q_off,
-                                  into=into, add=add)
+        g_k, g_v = dbwd_dkdv_pass(*args(p, refs[i]), rows[p.rows][1], scale, p.tables, captured.args(p), options,
+                                  q_off=p.q_off, into=into, add=add)
         for j, g, last in ((p.k, g_k, finals[0]), (p.v, g_v, finals[1])):
             if last:
                 grads.add(j, g)
