@@ -50,6 +50,9 @@ class ModKernels:
     # (index among the captured tensors -- score_mod's, then mask_mod's --, shape) of each tensor
     # whose size the mods read: the code holds those sizes (a call with other sizes gets other kernels)
     shape_pins: tuple = ()
+    # slot -> whether its load indexes the batch, for each learned captured tensor whose gradient the
+    # kernels can add without atomics (unique_per_score): how deterministic algorithms get one
+    unique_slots: dict = dataclasses.field(default_factory=dict)
 
     @property
     def no_derivative(self) -> str:
@@ -250,15 +253,56 @@ def _bool_tile(x: str) -> str:
     return f"((({x}).to(tl.int32) + ZERO) != 0)"
 
 
-def _scatter_add(ld, score: TracedMod, off: str, value: str, keep: str) -> str:
-    """The line adding a tile's ``value`` (where kept) to a captured tensor's gradient at the load's
+def _scatter_add(ld, score: TracedMod, off: str, value: str, keep: str) -> list:
+    """The lines adding a tile's ``value`` (where kept) to a captured tensor's gradient at the load's
     offset.  A load whose index does not depend on the query or key position (a temperature, a
     per-head scale) has one address per tile: the tile is summed first (a tree sum) and added once,
-    instead of one fp32 atomic per score -- fewer atomics, and a sum as accurate as eager math's."""
+    instead of one fp32 atomic per score -- fewer atomics, and a sum as accurate as eager math's.
+
+    A load with one element per score (``unique_per_score``) has a second way, taken where the
+    launcher passes ``GBUF{k}_SB >= 0`` (deterministic algorithms): no other program of the launch
+    touches the element, so a plain read-add-write replaces the atomic, and the sum no longer
+    depends on the programs' order.  A load that does not index the batch gets one accumulator per
+    batch element there (``off_b * GBUF{k}_SB``), which the launcher sums in order afterwards."""
+    k = ld.buffer
     if not _depends_on_position(score.graph, ld.node_name):
-        return (f"tl.atomic_add(GBUF{ld.buffer} + tl.max(tl.max({off} + ZERO, 1), 0), "
-                f"tl.sum(tl.sum(tl.where({keep}, {value}, 0.0), 1), 0))")
-    return f"tl.atomic_add(GBUF{ld.buffer} + ({off} + ZERO), tl.where({keep}, {value}, 0.0), mask={keep})"
+        return [f"tl.atomic_add(GBUF{k} + tl.max(tl.max({off} + ZERO, 1), 0), "
+                f"tl.sum(tl.sum(tl.where({keep}, {value}, 0.0), 1), 0))"]
+    atomic = f"tl.atomic_add(GBUF{k} + ({off} + ZERO), tl.where({keep}, {value}, 0.0), mask={keep})"
+    if not unique_per_score(score, ld):
+        return [atomic]
+    at = f"g{k}_{ld.node_name}"
+    return [f"if GBUF{k}_SB >= 0:",
+            f"    {at} = GBUF{k} + off_b.to(tl.int64) * GBUF{k}_SB + ({off} + ZERO)",
+            f"    tl.store({at}, tl.load({at}, mask={keep}, other=0.0) + tl.where({keep}, {value}, 0.0), mask={keep})",
+            "else:",
+            f"    {atomic}"]
+
+
+def unique_per_score(score: TracedMod, ld) -> bool:
+    """Whether load ``ld`` of the score_mod reads one element per score of a query row and head:
+    its indices are bare positions, each at most once, among them the query head, the query and the
+    key position, and no other learned load reads the same captured tensor.  Then one launch of a
+    query-tile pass adds each score's gradient to its own element for one batch element (every
+    (head, query, key) is one program's, once; the key-tile passes scatter nothing), so it needs no
+    atomic add -- unless the tensor has elements in common (an expanded view, which
+    ``prepare_captured`` reads through a contiguous copy) or the batch is not indexed (the
+    launcher's batch accumulators)."""
+    if sum(other.learned and other.buffer == ld.buffer for other in score.loads) != 1:
+        return False
+    placeholders = [n for n in score.graph.graph.nodes if n.op == "placeholder"]
+    positions = dict(zip(placeholders[1:5], ("b", "h", "q", "kv")))
+    node = next(n for n in score.graph.graph.nodes if n.name == ld.node_name)
+    index = list(node.args[1])
+    used = [positions.get(i) if isinstance(i, torch.fx.Node) else None for i in index]
+    return None not in used and len(set(used)) == len(used) and {"h", "q", "kv"} <= set(used)
+
+
+def indexes_batch(score: TracedMod, ld) -> bool:
+    """Whether load ``ld``'s indices include the batch position (for a unique_per_score load)."""
+    placeholders = [n for n in score.graph.graph.nodes if n.op == "placeholder"]
+    node = next(n for n in score.graph.graph.nodes if n.name == ld.node_name)
+    return placeholders[1] in list(node.args[1])
 
 
 def _depends_on_position(gm, node_name: str) -> bool:
@@ -346,8 +390,9 @@ class ModCode:
             return ["pass"]
         em, outs = self._paired(call)
         dt, keep = call.inputs["dt"], call.inputs["keep"]
-        return [_scatter_add(ld, self.traced_score, em.load_offsets[ld.node_name], f"{dt} * ({outs[2 + k]})", keep)
-                for k, ld in enumerate(self.traced_score.loads) if ld.learned]
+        return [line for k, ld in enumerate(self.traced_score.loads) if ld.learned
+                for line in _scatter_add(ld, self.traced_score, em.load_offsets[ld.node_name], f"{dt} * ({outs[2 + k]})",
+                                         keep)]
 
     def score_second(self, call) -> list:
         t2, dtds, d2, ew, ewds = call.outputs
@@ -390,8 +435,8 @@ class ModCode:
         for k in learned:
             ld = self.traced_score.loads[k]
             cross = "".join(f" + ({outs[3 + 2 * L + k * L + l]}) * sd_gc{l}" for l in learned)
-            lines.append(_scatter_add(ld, self.traced_score, em.load_offsets[ld.node_name],
-                                      f"{gt} * sd_fc{k} + {dt} * (sd_fsc{k} * {a}{cross})", keep))
+            lines += _scatter_add(ld, self.traced_score, em.load_offsets[ld.node_name],
+                                  f"{gt} * sd_fc{k} + {dt} * (sd_fsc{k} * {a}{cross})", keep)
         return lines
 
     def _paired(self, call):
@@ -466,12 +511,14 @@ def _build(template: str, score_mod, mask_mod, frame_mask: bool = False) -> ModK
     for ld in (score.loads if score else []):
         if ld.learned and ld.buffer not in grad_slots:
             grad_slots.append(ld.buffer)
+    unique = {ld.buffer: indexes_batch(score, ld) for ld in (score.loads if score else [])
+              if ld.learned and unique_per_score(score, ld)}
 
     code = ModCode(score, mask, mask_consts, [wide_offsets(b.tensor) for b in buffers], frame_mask)
     # Per captured tensor: its pointer and strides, GBUF (fp32 gradient accumulator) and CBUF (the
     # cotangent of its first-order gradient, read by the double backward).
     params = "".join(f"BUF{k}, " + "".join(f"BUF{k}_S{d}, " for d in range(b.tensor.dim())) +
-                     "".join(f"BUF{k}_N{d}, " for d in range(b.tensor.dim())) + f"GBUF{k}, CBUF{k}, "
+                     "".join(f"BUF{k}_N{d}, " for d in range(b.tensor.dim())) + f"GBUF{k}, GBUF{k}_SB, CBUF{k}, "
                      for k, b in enumerate(buffers))
     if buffers:
         params = "IDXERR, " + params
@@ -498,7 +545,7 @@ def _build(template: str, score_mod, mask_mod, frame_mask: bool = False) -> ModK
         sys.modules[mod_name] = module
     internal = {i: b.tensor for i, b in enumerate(buffers) if b.path.startswith("internal:")}
     return ModKernels(module, score, mask, len(buffers), grad_slots, internal, gathers=bool(score and score.loads),
-                      positional=positional, name=name, shape_pins=_shape_pins(score, mask))
+                      positional=positional, name=name, shape_pins=_shape_pins(score, mask), unique_slots=unique)
 
 
 def _shape_pins(score: Optional[TracedMod], mask: Optional[TracedMod]) -> tuple:

@@ -271,8 +271,9 @@ def _strided_zeros(t: Tensor, device=None) -> Tensor:
 
 def _buffer_args(buffers: list[Tensor], grads: dict[int, Tensor], cts: Optional[dict] = None) -> list:
     """Kernel arguments of the captured tensors: the index flag, then per tensor its pointer, strides,
-    sizes, gradient accumulator (GBUF) and cotangent of the first-order gradient (CBUF); the tensor
-    itself stands in for absent ones."""
+    sizes, gradient accumulator (GBUF), the accumulator's batch stride (GBUF_SB: -1 for atomic adds,
+    see captured_grad_buffers) and cotangent of the first-order gradient (CBUF); the tensor itself
+    stands in for absent ones."""
     if not buffers:
         return []
     args = [index_flag(buffers[0].device)]
@@ -281,6 +282,7 @@ def _buffer_args(buffers: list[Tensor], grads: dict[int, Tensor], cts: Optional[
         args.extend(b.stride())
         args.extend(b.shape)
         args.append(grads.get(k, b))
+        args.append(getattr(grads, "batch_stride", {}).get(k, -1))
         args.append((cts or {}).get(k, b))
     return args
 
@@ -560,17 +562,21 @@ def dkdv_pass(kern: ModKernels, q, k, v, ref, delta, dout, scale, tables: BlockT
 NONDETERMINISTIC_SCATTER = ("cuda",)
 
 
-def alert_nondeterministic_scatter(kern: ModKernels, device) -> None:
+def alert_nondeterministic_scatter(kern: ModKernels, slots: list, device) -> None:
     """Under ``torch.use_deterministic_algorithms(True)``, refuse (or, with ``warn_only=True``,
-    warn about) a backward whose kernels scatter captured tensors' gradients with atomic adds --
-    fp32 sums in a run-dependent order -- as torch does for its own non-deterministic operations."""
-    if device.type not in NONDETERMINISTIC_SCATTER or not torch.are_deterministic_algorithms_enabled():
+    warn about) a backward whose kernels scatter captured tensors' gradients (``slots``) with
+    atomic adds -- fp32 sums in a run-dependent order -- as torch does for its own
+    non-deterministic operations."""
+    if device.type not in NONDETERMINISTIC_SCATTER or not slots:
         return
     msg = (f"flexebt: the backward of the mod {kern.name!r} adds the gradients of its captured tensors with atomic "
            f"adds, whose order (and so the last bits of the sum) changes from run to run, but "
-           f"torch.use_deterministic_algorithms(True) is set. For a deterministic gradient pass "
-           f"kernel_options={{'BACKEND': 'REFERENCE'}} (dense math, O(S^2) memory) or detach the captured tensors "
-           f"that need no gradient; or allow it with torch.use_deterministic_algorithms(True, warn_only=True).")
+           f"torch.use_deterministic_algorithms(True) is set. Deterministic gradients are fused for a tensor read "
+           f"at one element per score, indexed by the head, the query and the key position (bias[h, q_idx, kv_idx] "
+           f"or bias[b, h, q_idx, kv_idx]); this mod reads a captured tensor otherwise. For a deterministic "
+           f"gradient pass kernel_options={{'BACKEND': 'REFERENCE'}} (dense math, O(S^2) memory) or detach the "
+           f"captured tensors that need no gradient; or allow it with "
+           f"torch.use_deterministic_algorithms(True, warn_only=True).")
     if torch.is_deterministic_algorithms_warn_only_enabled():
         import warnings
 
@@ -579,16 +585,58 @@ def alert_nondeterministic_scatter(kern: ModKernels, device) -> None:
         raise RuntimeError(msg)
 
 
-def captured_grad_buffers(kern: ModKernels, buffers: list[Tensor], device) -> dict[int, Tensor]:
-    """fp32 accumulators for the captured tensors whose gradient the kernels scatter (refused
-    under deterministic algorithms where that scatter is not deterministic)."""
-    if kern.grad_slots:
-        alert_nondeterministic_scatter(kern, torch.device(device))
-    return {slot: _strided_zeros(buffers[slot], device) for slot in kern.grad_slots}
+class GradAccumulators(dict):
+    """slot -> fp32 accumulator of a captured tensor's gradient, laid out like the tensor; with
+    ``batch_stride[slot]`` (the kernels' GBUF_SB) where the kernels add without atomics: 0 for one
+    accumulator, else the stride between the batch elements' accumulators."""
+
+    def __init__(self):
+        super().__init__()
+        self.batch_stride: dict[int, int] = {}
 
 
-def finish_captured_grads(buffers: list[Tensor], gbufs: dict[int, Tensor]) -> list[Optional[Tensor]]:
-    return [gbufs[s].to(buffers[s].dtype) if s in gbufs else None for s in range(len(buffers))]
+def _span(t: Tensor) -> int:
+    """Elements from the first to the last one ``t`` addresses (its strided layout's storage)."""
+    return 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 0) if t.numel() else 0
+
+
+def captured_grad_buffers(kern: ModKernels, buffers: list[Tensor], device, batch: int) -> GradAccumulators:
+    """fp32 accumulators for the captured tensors whose gradient the kernels scatter.
+
+    By default the kernels add with atomics.  Under ``torch.use_deterministic_algorithms(True)``,
+    a tensor read at one element per score (``ModKernels.unique_slots``) is added without
+    atomics -- into one accumulator where its load indexes the batch (or the batch is 1), else
+    into one per batch element, summed in order by ``finish_captured_grads`` (batch x the
+    tensor's memory, in fp32) -- and any other is refused where atomics are not deterministic."""
+    acc = GradAccumulators()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    atomic = []
+    for slot in kern.grad_slots:
+        t = buffers[slot]
+        if deterministic and slot in kern.unique_slots:
+            if kern.unique_slots[slot] or batch == 1:
+                acc[slot] = _strided_zeros(t, device)
+                acc.batch_stride[slot] = 0
+            else:
+                span = _span(t)
+                acc[slot] = torch.zeros((batch, span), dtype=torch.float32, device=device)
+                acc.batch_stride[slot] = span
+        else:
+            acc[slot] = _strided_zeros(t, device)
+            atomic.append(slot)
+    if deterministic:
+        alert_nondeterministic_scatter(kern, atomic, torch.device(device))
+    return acc
+
+
+def finish_captured_grads(buffers: list[Tensor], gbufs: GradAccumulators) -> list[Optional[Tensor]]:
+    out = []
+    for s, t in enumerate(buffers):
+        g = gbufs.get(s)
+        if g is not None and gbufs.batch_stride.get(s, 0) > 0:  # one accumulator per batch element
+            g = g.sum(0).as_strided(t.shape, t.stride())
+        out.append(g.to(t.dtype) if g is not None else None)
+    return out
 
 
 def _dbwd_inputs(q, k, v, dout, msum, dlse, gq, gk, gv) -> dict:

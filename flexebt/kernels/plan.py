@@ -140,14 +140,14 @@ class _Captured:
     """Per slice of captured tensors: the tensors, their fp32 gradient accumulators and the
     kernels' buffer arguments (with the cotangents of their first-order gradients, if given)."""
 
-    def __init__(self, plan: AttentionPlan, buffers: list, device, cts: Optional[list] = None):
+    def __init__(self, plan: AttentionPlan, buffers: list, device, batch: int, cts: Optional[list] = None):
         self.groups = {}
         for p in plan.passes:
             if p.buffers in self.groups:
                 continue
             lo, hi = p.buffers
             bufs = list(buffers[lo:hi])
-            gbufs = captured_grad_buffers(p.kern, bufs, device)
+            gbufs = captured_grad_buffers(p.kern, bufs, device, batch)
             c = captured_cotangents(p.kern, bufs, list(cts[lo:hi])) if cts is not None else None
             self.groups[p.buffers] = (bufs, gbufs, _buffer_args(bufs, gbufs, c))
         self.n = len(buffers)
@@ -262,7 +262,7 @@ def plan_backward(plan: AttentionPlan, ins: list, outs: list, cts: list, buffers
     n = plan.n_rows
     out, msum = outs[:n], outs[2 * n:3 * n]
     douts, dlses = _cotangents(plan, outs, cts)
-    captured = _Captured(plan, buffers, ins[0].device)
+    captured = _Captured(plan, buffers, ins[0].device, ins[0].shape[0])
     grads = _Grads(plan.n_inputs)
     deltas, refs = [], []
     for p in plan.passes:
@@ -302,7 +302,7 @@ def plan_double_backward(plan: AttentionPlan, ins: list, outs: list, cts: list, 
     out, msum = outs[:n], outs[2 * n:3 * n]
     douts, dlses = _cotangents(plan, outs, cts)
     gcts = [(g if g is not None else torch.zeros_like(x)).contiguous() for g, x in zip(gcts, ins)]
-    captured = _Captured(plan, buffers, ins[0].device, bcts)
+    captured = _Captured(plan, buffers, ins[0].device, ins[0].shape[0], bcts)
     count = _rows_count(plan)
 
     def args(p, rows=None):
