@@ -7,7 +7,8 @@ Covers captured tensors that are views (a slice of a larger tensor, a strided vi
 one), several captured tensors of different dtypes in one mod (float bias, int document ids, a
 one-element temperature), chained indexing, integer floor division and remainder on negative
 operands, block masks cropped with ``BlockMask._adjust`` (tables that list blocks past the end),
-odd lengths, GQA, flex / EBT / piecewise, bf16 and fp32.  Prints one line per case and the checks'
+odd lengths, GQA, flex / EBT / piecewise, bf16 and fp32, and the per-batch accumulators of a bias under
+deterministic algorithms.  Prints one line per case and the checks'
 largest difference from the float64 reference.  ``--oob`` instead runs a mod that indexes out of
 range, which must end in a device-side assertion (run it without the sanitizer, in its own
 process).
@@ -120,6 +121,22 @@ def run(dtype, dev="cuda"):
 
     outs, first, _ = _second_order(pw, [q1, k1, q2, k2, vv, pw_bias])
     print(f"piecewise {dtype}: finite {all(torch.isfinite(f).all().item() for f in first)}", flush=True)
+
+    # deterministic algorithms: a bias read once per score is added without atomics, into one
+    # accumulator per batch element (the sliced bias and the EBT bias do not index the batch)
+    torch.use_deterministic_algorithms(True)
+    try:
+        def flex_bias(q_, k_, v_, *_):
+            return flexebt.flex_attention(q_, k_, v_, score_mod=lambda s, b, h, qi, ki: s + bias_view[h, qi, ki],
+                                          block_mask=cropped, enable_gqa=True)
+        _, det_first, det_second = _second_order(flex_bias, [q, k, v, bias_view])
+        _, det_ebt, _ = _second_order(ebt, [qo, ko, vo, qp, kp, vp, ebt_bias])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    _, at_first, at_second = _second_order(flex_bias, [q, k, v, bias_view])
+    print(f"deterministic bias {dtype}: dbias vs atomic {_rel(det_first[3], at_first[3]):.1e}, second order "
+          f"{_rel(det_second[3], at_second[3]):.1e}; EBT finite {all(torch.isfinite(f).all().item() for f in det_ebt)}",
+          flush=True)
 
 
 def out_of_range():
