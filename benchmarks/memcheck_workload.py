@@ -7,9 +7,9 @@ Covers captured tensors that are views (a slice of a larger tensor, a strided vi
 one), several captured tensors of different dtypes in one mod (float bias, int document ids, a
 one-element temperature), chained indexing, integer floor division and remainder on negative
 operands, block masks cropped with ``BlockMask._adjust`` (tables that list blocks past the end),
-odd lengths, GQA, flex / EBT / piecewise, bf16 and fp32, and the per-batch accumulators of a bias under
-deterministic algorithms.  Prints one line per case and the checks'
-largest difference from the float64 reference.  ``--oob`` instead runs a mod that indexes out of
+odd lengths, GQA, flex / EBT / piecewise, bf16 and fp32, and the per-batch accumulators of a
+bias under deterministic algorithms.  Prints one line per case and the checks' largest
+difference from the float64 reference.  ``--oob`` instead runs a mod that indexes out of
 range, which must end in a device-side assertion (run it without the sanitizer, in its own
 process).
 """
