@@ -178,6 +178,30 @@ def test_each_batch_element_has_its_own_accumulator(monkeypatch):
     assert torch.equal(total, acc[0].sum(0).view(H, S, S))
 
 
+@pytest.mark.parametrize("layout, B, stride", [("h,q,kv", 1, 0), ("h,q,kv", 3, None), ("b,h,q,kv", 3, 0)])
+def test_the_default_takes_no_atomics_where_one_accumulator_serves(monkeypatch, layout, B, stride):
+    """Without deterministic algorithms: a bias read once per score whose load indexes the batch
+    (or a call of batch 1) is added with plain reads and writes into one accumulator (batch
+    stride 0); one that does not index a larger batch keeps the atomic adds (no batch stride)."""
+    H, S = 2, 9
+    torch.manual_seed(5)
+    bias = (0.3 * torch.randn(*((B,) if layout.startswith("b") else ()), H, S, S)).requires_grad_()
+    index = (lambda b, h, q, kv: bias[b, h, q, kv]) if layout.startswith("b") else (lambda b, h, q, kv: bias[h, q, kv])
+    x = [torch.randn(B, H, S, 16) for _ in range(3)]
+    seen = []
+    real = plan_module.captured_grad_buffers
+    monkeypatch.setattr(plan_module, "captured_grad_buffers", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+
+    def grad(options):
+        out = flexebt.flex_attention(*x, score_mod=lambda score, b, h, q_idx, kv_idx: score + index(b, h, q_idx, kv_idx),
+                                     kernel_options=options)
+        return torch.autograd.grad((out * torch.linspace(-1, 1, 16)).sum(), bias)[0]
+
+    got = grad(T)
+    assert seen[0].batch_stride == ({} if stride is None else {0: stride})
+    assert rel_err(got, grad({"BACKEND": "REFERENCE"})) < 1e-5
+
+
 @pytest.mark.parametrize("family", ["ebt", "piecewise"])
 def test_ebt_and_piecewise_bias_gradients_are_deterministic(cpu_counts_as_nondeterministic, family):
     """The EBT streams (two nodes, own keys) and piecewise's two passes share one accumulator

@@ -44,6 +44,7 @@ CURRENT = {
     "B3_h100_fp32_s2048_82595dd", "B3_h100_fp32_s4096_82595dd", "gpu_checks_h100_82595dd",
     "ab_B2_softcap_tanh_e538fc0_82595dd", "gpu_checks_h100_488b947", "ab_B2_msum_a81250c_488b947",
     "ab_B2_softcap_tanh_e538fc0_488b947", "profile_bwd_causal_h100_a81250c_488b947",
+    "gpu_checks_h100_0dba7e1", "ab_B2_a81250c_0dba7e1", "bias_grad_paths_h100_0dba7e1",
 }
 
 # Why a run is not to be cited, per file in invalid/.
@@ -78,8 +79,14 @@ NOTES = {
     # H100
     "ab_B2_msum_a81250c_488b947": ("ab_commits.py", "B2 causal / soft-cap / ALiBi / learned bias, bf16 S4096 D64: "
                                    "one lse per row against each row's max and sum (its README.md)"),
+    "ab_B2_a81250c_0dba7e1": ("ab_commits.py", "B2 causal / soft-cap / ALiBi / learned bias, bf16 S4096 D64 / D128: "
+                              "one lse per row against the row references in two planes (its README.md)"),
     "ab_B2_softcap_tanh_e538fc0_488b947": ("ab_commits.py", "B2 soft-cap, bf16 S4096 D64 / D128: the tanh of "
                                            "e538fc0 against the leaner accurate tanh (its README.md)"),
+    "bias_grad_paths_h100_0dba7e1": ("bias_grad_paths.py (first version, from a scratch copy: its header's commit "
+                                     "is the device copy's stale git metadata; the tree was 0dba7e1)",
+                                     "learned bias [16, S, S] fwd+bwd: atomic adds against read-add-write "
+                                     "(one accumulator, or one per batch element) under deterministic algorithms"),
     "profile_bwd_causal_h100_a81250c_488b947": ("torch.profiler (scratch script)", "causal fwd+bwd, bf16 S4096 D64: "
                                                 "time per kernel, one lse per row against max and sum"),
     "ab_B2_softcap_tanh_e538fc0_82595dd": ("ab_commits.py", "B2 soft-cap and causal, bf16 S4096 D64 / D128: the "

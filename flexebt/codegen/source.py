@@ -260,10 +260,11 @@ def _scatter_add(ld, score: TracedMod, off: str, value: str, keep: str) -> list:
     instead of one fp32 atomic per score -- fewer atomics, and a sum as accurate as eager math's.
 
     A load with one element per score (``unique_per_score``) has a second way, taken where the
-    launcher passes ``GBUF{k}_SB >= 0`` (deterministic algorithms): no other program of the launch
-    touches the element, so a plain read-add-write replaces the atomic, and the sum no longer
-    depends on the programs' order.  A load that does not index the batch gets one accumulator per
-    batch element there (``off_b * GBUF{k}_SB``), which the launcher sums in order afterwards."""
+    launcher passes ``GBUF{k}_SB >= 0`` (kernels/flex.py: captured_grad_buffers): no other program
+    of the launch touches the element, so a plain read-add-write replaces the atomic (faster, and
+    the sum no longer depends on the programs' order).  A load that does not index the batch gets
+    one accumulator per batch element there (``off_b * GBUF{k}_SB``; deterministic algorithms
+    only), which the launcher sums in order afterwards."""
     k = ld.buffer
     if not _depends_on_position(score.graph, ld.node_name):
         return [f"tl.atomic_add(GBUF{k} + tl.max(tl.max({off} + ZERO, 1), 0), "

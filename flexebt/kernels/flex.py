@@ -603,24 +603,25 @@ def _span(t: Tensor) -> int:
 def captured_grad_buffers(kern: ModKernels, buffers: list[Tensor], device, batch: int) -> GradAccumulators:
     """fp32 accumulators for the captured tensors whose gradient the kernels scatter.
 
-    By default the kernels add with atomics.  Under ``torch.use_deterministic_algorithms(True)``,
-    a tensor read at one element per score (``ModKernels.unique_slots``) is added without
-    atomics -- into one accumulator where its load indexes the batch (or the batch is 1), else
-    into one per batch element, summed in order by ``finish_captured_grads`` (batch x the
-    tensor's memory, in fp32) -- and any other is refused where atomics are not deterministic."""
+    A tensor read at one element per score (``ModKernels.unique_slots``) whose load indexes the
+    batch, or in a call of batch 1, is added without atomics into one accumulator: deterministic,
+    and faster than one atomic add per score.  Where its load does not index a batch larger than
+    1, the kernels add with atomics by default; under ``torch.use_deterministic_algorithms(True)``
+    they add without, into one accumulator per batch element, summed in order by
+    ``finish_captured_grads`` (batch x the tensor's memory, in fp32).  Any other tensor is added
+    with atomics, refused under deterministic algorithms where their order changes from run to run."""
     acc = GradAccumulators()
     deterministic = torch.are_deterministic_algorithms_enabled()
     atomic = []
     for slot in kern.grad_slots:
         t = buffers[slot]
-        if deterministic and slot in kern.unique_slots:
-            if kern.unique_slots[slot] or batch == 1:
-                acc[slot] = _strided_zeros(t, device)
-                acc.batch_stride[slot] = 0
-            else:
-                span = _span(t)
-                acc[slot] = torch.zeros((batch, span), dtype=torch.float32, device=device)
-                acc.batch_stride[slot] = span
+        if slot in kern.unique_slots and (kern.unique_slots[slot] or batch == 1):
+            acc[slot] = _strided_zeros(t, device)
+            acc.batch_stride[slot] = 0
+        elif slot in kern.unique_slots and deterministic:
+            span = _span(t)
+            acc[slot] = torch.zeros((batch, span), dtype=torch.float32, device=device)
+            acc.batch_stride[slot] = span
         else:
             acc[slot] = _strided_zeros(t, device)
             atomic.append(slot)
