@@ -18,6 +18,7 @@ import torch
 
 from flexebt.codegen.emit import Emitter
 from flexebt.codegen.identity import wide_offsets
+from flexebt.codegen.source import buffer_params
 from flexebt.codegen.trace import trace_score_mod
 from flexebt.kernels.flex import _buffer_args, index_flag
 
@@ -55,11 +56,7 @@ def _kernel(mod):
     outs = em.emit(traced.derivative["dbwd"], names + [f"p_{ld.node_name}" for ld in traced.loads],
                    traced.deriv_constants["dbwd"], tag="d_")
     n_loads = len(traced.loads)
-    params = "".join(f"BUF{k}, " + "".join(f"BUF{k}_S{d}, " for d in range(b.dim())) +
-                     "".join(f"BUF{k}_N{d}, " for d in range(b.dim())) + f"GBUF{k}, CBUF{k}, "
-                     for k, b in enumerate(buffers))
-    params = ("IDXERR, " + params) if buffers else params
-    source = _KERNEL.format(params=params, body="\n".join("    " + ln for ln in em.lines), t=t, d1=outs[1],
+    source = _KERNEL.format(params=buffer_params(buffers), body="\n".join("    " + ln for ln in em.lines), t=t, d1=outs[1],
                             d2=outs[2 + n_loads])
     name = f"flexebt_probe_{len(_MODULES)}"
     path = pathlib.Path(_FOLDER.name) / f"{name}.py"
