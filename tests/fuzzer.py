@@ -24,8 +24,15 @@ captured floating tensors, and EBT-style second-order gradients):
 * ``ref64`` / ``ref32``: flexebt's ``REFERENCE`` backend; ``tri32``: the ``TRITON`` kernels
   (Triton's interpreter on CPU tensors).
 
+Forward mode (``torch.autograd.forward_ad``, skipped with ``--no-jvp``): random tangents (float64,
+seeded from the data seed, cast to each implementation's dtype) of the inputs and of the captured
+leaves -- made dual where ``build`` creates them, so the mods close over the dual tensors and their
+views -- give the tangents of the outputs and lse (``jvp:out``, ``jvp:lse``), judged like first-order
+gradients; the oracle's come from forward AD through its own float64 math.  The kernels refuse
+tangents of captured tensors (documented): they are then judged on q / k / v tangents alone.
+
 Metric ``||x - ref|| / ||ref||``; an fp32 implementation passes when its error is at most 2x
-(outputs, lse) / 3x (gradients) eager fp32's error, or under an absolute floor.  A captured tensor's
+(outputs, lse) / 3x (gradients, tangents) eager fp32's error, or under an absolute floor.  A captured tensor's
 gradient also passes within fp32 rounding of the terms it sums (``_gradient_terms``): where they
 cancel exactly (a bias softmax ignores), that residue is all there is.  NaN never passes.
 A mod that the library refuses (``NotImplementedError`` / ``TypeError`` / ``ValueError``) while
@@ -57,7 +64,7 @@ from typing import Optional
 import torch
 
 INDEX_NAMES = ("b", "h", "q_idx", "kv_idx")
-FLOOR = {"out": 2e-6, "grad": 5e-6, "grad2": 1e-5}  # floor of the fp32 criterion (relative; fp32 bound 1e-5)
+FLOOR = {"out": 2e-6, "grad": 5e-6, "grad2": 1e-5, "jvp": 5e-6}  # floor of the fp32 criterion (relative; fp32 bound 1e-5)
 ATOL32 = 1e-6         # ... and per element, absolute (quantities that vanish, e.g. a per-row bias's grad)
 REF64_TOL = 1e-7      # reference float64 vs this file's float64 evaluation with torch promotion (a float32
                       # intermediate may differ: torch promotes 0-dim operands differently per score)
@@ -778,12 +785,19 @@ class Case:
     rebind: bool = False           # also check a second instance of the same code with new values
 
     # -- source ----------------------------------------------------------------------------------
-    def build_source(self) -> str:
-        lines = ["def build(seed):", "    g = torch.Generator().manual_seed(seed)"]
+    def build_source(self, dual_hook: bool = False) -> str:
+        """``dual_hook``: ``build(seed, dual)`` passes each captured leaf that requires grad through
+        ``dual`` right where it is made, before any view of it is taken and before the mods close
+        over it (forward mode: ``dual`` returns it as a dual tensor)."""
+        lines = ["def build(seed, dual=lambda x: x):" if dual_hook else "def build(seed):",
+                 "    g = torch.Generator().manual_seed(seed)"]
         used = self.used_tables()
         for t in self.tables:
             if t.name in used:
-                lines += ["    " + s for s in t.source]
+                for k, s in enumerate(t.source):
+                    lines.append("    " + s)
+                    if dual_hook and k == 0 and t.grad_leaf:
+                        lines.append(f"    {t.grad_leaf} = dual({t.grad_leaf})")
         names = [t.name for t in self.tables if t.name in used]
         if self.score_tree is not None:
             lines += ["    def score_mod(score, b, h, q_idx, kv_idx):",
@@ -809,10 +823,12 @@ class Case:
                         used.add(n.attr)
         return used
 
-    def build(self, seed=None):
+    def build(self, seed=None, dual=None):
+        """``(score_mod, mask_mod, tables, leaves)``; ``dual``: see :meth:`build_source`."""
         ns = {"torch": torch}
-        exec(compile(self.build_source(), f"<fuzz case {self.seed}>", "exec"), ns)
-        return ns["build"](self.data_seed if seed is None else seed)
+        exec(compile(self.build_source(dual_hook=dual is not None), f"<fuzz case {self.seed}>", "exec"), ns)
+        seed = self.data_seed if seed is None else seed
+        return ns["build"](seed) if dual is None else ns["build"](seed, dual)
 
     def describe(self) -> str:
         if self.family == "flex":
@@ -826,8 +842,9 @@ class Case:
               "causal": f"create_ebt_block_mask(None) (causal), BLOCK_SIZE={self.block}"}[self.mask_mode]
         return f"{self.family}: {sh}, scale={self.scale}, {bm}"
 
-    def repro(self, note="") -> str:
-        """A self-contained script that runs the case on the kernels and the reference."""
+    def repro(self, note="", jvp=False) -> str:
+        """A self-contained script that runs the case on the kernels and the reference (``jvp``:
+        and their forward mode, ``torch.autograd.forward_ad``, in the fuzzer's tangent directions)."""
         call = {
             "flex": ("q = torch.randn(B, Hq, Sq, D, generator=g); k = torch.randn(B, Hkv, Skv, D, generator=g)\n"
                      "v = torch.randn(B, Hkv, Skv, Dv, generator=g)\n"
@@ -853,7 +870,7 @@ class Case:
                 + "".join(f"# {ln}\n" for ln in note.strip().splitlines() if ln))
         return (head + "import os\nos.environ.setdefault('TRITON_INTERPRET', '1')\nimport torch, flexebt\n"
                 "from torch.nn.attention.flex_attention import create_block_mask\n\n"
-                + self.build_source() + "\n\n"
+                + self.build_source(dual_hook=jvp) + "\n\n"
                 f"B, Hq, Hkv, Sq, Skv, D, Dv = {self.B}, {self.Hq}, {self.Hkv}, {self.Sq}, {self.Skv}, {self.D}, {self.Dv}\n"
                 f"SCALE, BLOCK, MASK_MODE = {self.scale!r}, {self.block}, {self.mask_mode!r}\n"
                 f"BB, HH = {(self.B, self.Hq) if self.bm_bh else (None, None)}\n"
@@ -864,7 +881,50 @@ class Case:
                 "tri, ref = run('TRITON'), run('REFERENCE')\n"
                 "tri, ref = (tri if isinstance(tri, tuple) else (tri,)), (ref if isinstance(ref, tuple) else (ref,))\n"
                 "for a, r in zip(tri, ref):\n"
-                "    print(((a - r).norm() / r.norm()).item() if r.isfinite().all() else (a, r))\n")
+                "    print(((a - r).norm() / r.norm()).item() if r.isfinite().all() else (a, r))\n"
+                + (self._repro_jvp() if jvp else ""))
+
+    def _repro_jvp(self) -> str:
+        names = {"flex": ["q", "k", "v"], "ebt": ["q_o", "k_o", "v_o", "q_p", "k_p", "v_p"],
+                 "piecewise": ["q1", "k1", "q2", "k2", "v"]}[self.family]
+        return textwrap.dedent(f"""
+            # forward mode (torch.autograd.forward_ad): tangents of the inputs and, with leaf_tangents, of the
+            # captured leaves (made dual where build() creates them); the block mask stays the plain one
+            import torch.autograd.forward_ad as fwAD
+            INS = {names!r}
+            gt = torch.Generator().manual_seed({self.data_seed} + 11)
+            TANS = [torch.randn(globals()[n].shape, generator=gt, dtype=torch.float64).float() for n in INS]
+
+            def jvp(backend, leaf_tangents):
+                global score_mod
+                primal, sm = {{n: globals()[n] for n in INS}}, score_mod
+                gl = torch.Generator().manual_seed({self.data_seed} + 13)
+
+                def dual(x):
+                    x, t = x.detach(), torch.randn(x.shape, generator=gl, dtype=torch.float64).to(x.dtype)
+                    return fwAD.make_dual(x, t) if leaf_tangents else x
+
+                with torch.no_grad(), fwAD.dual_level():
+                    score_mod = build({self.data_seed}, dual)[0]
+                    globals().update({{n: fwAD.make_dual(primal[n], t) for n, t in zip(INS, TANS)}})
+                    try:
+                        res = run(backend)
+                        return [fwAD.unpack_dual(r).tangent for r in (res if isinstance(res, tuple) else (res,))]
+                    finally:
+                        globals().update(primal)
+                        score_mod = sm
+
+            for leaf_tangents in (False, True):
+                ref = jvp('REFERENCE', leaf_tangents)
+                try:
+                    tri = jvp('TRITON', leaf_tangents)
+                except NotImplementedError as e:
+                    print('TRITON jvp, leaf_tangents=%s: %s' % (leaf_tangents, str(e)[:120]))
+                    continue
+                for a, r in zip(tri, ref):
+                    print('jvp leaf_tangents=%s' % leaf_tangents,
+                          ((a - r).norm() / r.norm()).item() if r.isfinite().all() else (a, r))
+            """)
 
 
 def make_case(seed: int, family: Optional[str] = None, max_len: int = 40) -> Case:
@@ -1167,6 +1227,93 @@ def _gradient_terms(total, aux, leaves, magnitudes, n_inputs):
     return [None] * n_inputs + [torch.zeros_like(x) if g is None else g.detach() for g, x in zip(terms, leaves)]
 
 
+@dataclasses.dataclass
+class JvpResult:
+    touts: list = None     # tangents of the outputs
+    tlses: list = None     # ... and of the lse (None: the family returns none)
+    error: Optional[BaseException] = None
+    tb: str = ""
+    stage: str = ""
+
+
+def jvp_tangents(c: Case, data_seed: int):
+    """The tangent directions of a case (float64; each implementation casts them to its dtype):
+    ``(input_tangents, leaf_tangent)``, where ``leaf_tangent(x)`` draws the next captured leaf's
+    tangent, in build order (the same in every implementation: the leaves' shapes and dtypes do
+    not depend on it)."""
+    g = torch.Generator().manual_seed(data_seed + 11)
+    tx = [torch.randn(x.shape, generator=g, dtype=torch.float64) for x in _inputs(c, data_seed)]
+    gl = torch.Generator().manual_seed(data_seed + 13)
+    return tx, (lambda x: torch.randn(x.shape, generator=gl, dtype=torch.float64).to(x.dtype))
+
+
+def run_jvp(c: Case, impl: str, dtype, data_seed=None, leaf_tangents=True) -> JvpResult:
+    """Forward-mode AD (``torch.autograd.forward_ad``) of one implementation: the tangents of the
+    outputs (and lse) for tangents of every input and, with ``leaf_tangents``, of every captured
+    floating tensor that requires grad (made dual where the case's ``build`` creates it, so the
+    mods close over the dual tensor and its views).  Runs under ``no_grad``: pure forward mode, no
+    autograd graph (the leaves are detached).
+
+    The block mask is made from a second ``build`` without tangents: torch's ``create_block_mask``
+    (a vmap of the mask_mod) fails on a dual tensor the mask_mod captures, and a mask has no
+    tangent anyway (the oracle evaluates the mask over the dual tables)."""
+    data_seed = c.data_seed if data_seed is None else data_seed
+    res = JvpResult()
+    stage = "build"
+    try:
+        import torch.autograd.forward_ad as fwAD
+
+        tx, leaf_tangent = jvp_tangents(c, data_seed)
+        xs = _inputs(c, data_seed)
+
+        def dual(x):
+            x = x.detach()
+            t = leaf_tangent(x)  # drawn either way: the order of the draws stays the same
+            return fwAD.make_dual(x, t) if leaf_tangents else x
+
+        with torch.no_grad(), fwAD.dual_level():
+            score_mod, mask_mod, tables, _ = c.build(data_seed, dual=dual)
+            duals = [fwAD.make_dual(x.to(dtype), t.to(dtype)) for x, t in zip(xs, tx)]
+            stage = "jvp"
+            if impl in ("oracle", "exact"):
+                outs, lses, _ = oracle_forward(c, duals, tables, torch.float64 if dtype == torch.float64 else dtype,
+                                               promote=impl == "oracle")
+            else:
+                plain_mask_mod = c.build(data_seed)[1] if c.mask_mode == "mask" else mask_mod
+                outs, lses = library_forward(c, duals, score_mod, plain_mask_mod, impl)
+
+            def tangent(o):
+                p, t = fwAD.unpack_dual(o)
+                return torch.zeros_like(p) if t is None else t.clone()
+
+            res.touts = [tangent(o) for o in outs]
+            res.tlses = None if lses is None else [tangent(x) for x in lses]
+    except Exception as e:  # noqa: BLE001 - classified by the caller
+        res.error, res.tb, res.stage = e, traceback.format_exc(), stage
+    return res
+
+
+# The kernels' forward mode takes tangents of q, k, v only; a tangent on a captured tensor is
+# refused with this documented message (flexebt/codegen/source.py, autograd.py): not a finding,
+# the kernels are then checked on the q / k / v tangents alone.
+DOCUMENTED_JVP_REFUSAL = ("carries a forward-mode tangent", "tangents on tensors captured by a score_mod")
+
+
+def _documented_jvp_refusal(e) -> bool:
+    return isinstance(e, NotImplementedError) and any(m in str(e) for m in DOCUMENTED_JVP_REFUSAL)
+
+
+def _jvp_quantities(c: Case, res: JvpResult):
+    """Named tangents: jvp:out*, jvp:lse* (class "jvp", judged like first-order gradients)."""
+    out = {}
+    onames = ["out"] if c.family != "ebt" else ["out_o", "out_p"]
+    for n, o in zip(onames, res.touts or []):
+        out["jvp:" + n] = ("jvp", o)
+    for n, o in zip(["lse"] if c.family != "ebt" else ["lse_o", "lse_p"], res.tlses or []):
+        out["jvp:" + n] = ("jvp", o)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Comparison
 # ----------------------------------------------------------------------------------------------
@@ -1225,8 +1372,8 @@ class Finding:
 
     @property
     def order(self):
-        return {"out": "forward", "grad": "first order", "grad2": "second order"}.get(self.what.split(":")[0],
-                                                                                   self.what)
+        return {"out": "forward", "grad": "first order", "grad2": "second order",
+                "jvp": "forward mode"}.get(self.what.split(":")[0], self.what)
 
     def signature(self):
         """Dedup key: one finding per (implementation, kind, quantity class, message shape)."""
@@ -1243,12 +1390,13 @@ class Finding:
 REFUSALS = (NotImplementedError, TypeError, ValueError)
 
 
-def compare_case(c: Case, impls=("TRITON", "REFERENCE"), check_ref64=True) -> tuple[list, dict]:
+def compare_case(c: Case, impls=("TRITON", "REFERENCE"), check_ref64=True, jvp=True) -> tuple[list, dict]:
     """Run every implementation on ``c`` and return ``(findings, info)``.
 
     ``info["skipped"]`` says why a case could not be judged (torch itself raises, or the inputs
-    sit on a discontinuity in every resampling)."""
-    info = {"skipped": None, "errors": {}}
+    sit on a discontinuity in every resampling).  ``jvp``: also check forward mode
+    (:func:`_compare_jvp`; ``info["jvp"]`` says how far)."""
+    info = {"skipped": None, "errors": {}, "jvp": None}
     # pick a data seed whose inputs stay away from the mod's branch points
     for attempt in range(4):
         oracle = run_impl(c, "oracle", torch.float64)
@@ -1319,25 +1467,9 @@ def compare_case(c: Case, impls=("TRITON", "REFERENCE"), check_ref64=True) -> tu
                                             f"{cls}:{name}", f"{name}: error {err:.3e} vs float64 torch semantics "
                                             f"(tolerance {REF64_TOL:.0e})", c))
             continue
-        bad = []
-        for name, (cls, ref) in qo.items():
-            if name not in got:
-                continue
-            x = got[name][1]
-            err = rel_err(x, ref)
-            base = rel_err(qe[name][1], ref)
-            factor = 2.0 if cls == "out" else 3.0
-            tol = max(factor * base, FLOOR[cls]) if math.isfinite(base) else FLOOR[cls]
-            base_abs = abs_err(qe[name][1], ref)
-            atol = max(factor * base_abs / math.sqrt(max(ref.numel(), 1)), ATOL32) if math.isfinite(base_abs) \
-                else ATOL32
-            if not close(x, ref, tol, atol) and not abs_err(x, ref) <= cancel.get(name, -1.0):
-                bad.append((cls, name, err, base, tol))
-        if bad:
-            cls, name, err, base, tol = bad[0]
-            listing = "; ".join(f"{n}: {e:.2e} (eager fp32 {b:.2e}, tolerance {t:.1e})" for _, n, e, b, t in bad)
-            kind = "nan" if any(math.isinf(e) for _, _, e, _, _ in bad) else "wrong"
-            findings.append(Finding(kind, label, f"{cls}:{name}", listing, c))
+        _judge_fp32(c, label, qo, qe, got, cancel, findings)
+    if jvp:
+        _compare_jvp(c, runs, info, findings)
     if c.rebind and "TRITON" in impls and "TRITON fp32" not in info["errors"]:
         # a second instance of the same mod code with other tensor values: the kernels must read
         # the new values (the compiled kernels are reused)
@@ -1357,6 +1489,95 @@ def compare_case(c: Case, impls=("TRITON", "REFERENCE"), check_ref64=True) -> tu
                                                 f"{s2}): out error {err:.2e} (eager fp32 {base:.2e})", c))
                         break
     return findings, info
+
+
+def _judge_fp32(c: Case, label, qo, qe, got, cancel, findings):
+    """An fp32 implementation's quantities ``got`` against the oracle's ``qo``: within 2x (outputs)
+    / 3x (gradients, tangents) eager fp32's error ``qe``, or under the floor; one finding listing
+    every quantity outside."""
+    bad = []
+    for name, (cls, ref) in qo.items():
+        if name not in got or name not in qe:
+            continue
+        x = got[name][1]
+        err = rel_err(x, ref)
+        base = rel_err(qe[name][1], ref)
+        factor = 2.0 if cls == "out" else 3.0
+        tol = max(factor * base, FLOOR[cls]) if math.isfinite(base) else FLOOR[cls]
+        base_abs = abs_err(qe[name][1], ref)
+        atol = max(factor * base_abs / math.sqrt(max(ref.numel(), 1)), ATOL32) if math.isfinite(base_abs) \
+            else ATOL32
+        if not close(x, ref, tol, atol) and not abs_err(x, ref) <= cancel.get(name, -1.0):
+            bad.append((cls, name, err, base, tol))
+    if bad:
+        cls, name, err, base, tol = bad[0]
+        listing = "; ".join(f"{n}: {e:.2e} (eager fp32 {b:.2e}, tolerance {t:.1e})" for _, n, e, b, t in bad)
+        kind = "nan" if any(math.isinf(e) for _, _, e, _, _ in bad) else "wrong"
+        findings.append(Finding(kind, label, name if name.startswith(cls + ":") else f"{cls}:{name}", listing, c))
+
+
+def _compare_jvp(c: Case, runs, info, findings):
+    """Forward mode (``torch.autograd.forward_ad``): the tangents of the outputs and lse of each
+    implementation in ``runs`` against the float64 oracle's (forward AD through its plain torch
+    math), judged like first-order gradients; REFERENCE float64 against float64 torch semantics.
+    Tangents on q / k / v (every family's inputs) and on every captured leaf.  The kernels'
+    documented refusal of captured-tensor tangents (``DOCUMENTED_JVP_REFUSAL``) is noted in
+    ``info["jvp"]`` and the kernels are then judged on the q / k / v tangents alone; any other
+    refusal where torch's math differentiates is a *refusal* finding, another exception a *crash*."""
+    oracle = {True: run_jvp(c, "oracle", torch.float64)}
+    if oracle[True].error is not None:
+        # forward AD through this file's torch math failed: a fuzzer limitation, not the library's
+        info["jvp"] = f"skipped: the oracle's forward AD raises {oracle[True].error!r}"
+        return
+    eager = {True: run_jvp(c, "exact", torch.float32)}
+    if eager[True].error is not None:
+        info["jvp"] = f"skipped: eager fp32 forward AD raises {eager[True].error!r}"
+        return
+    exact64 = {}
+    has_leaves = len(_grad_names(c)) > len(_inputs(c, c.data_seed))
+    notes = []
+    for impl, dt in runs:
+        label = f"{impl} {'fp32' if dt == torch.float32 else 'float64'}"
+        if label in info["errors"]:  # already reported (forward or backward raised)
+            continue
+        leafs = True
+        res = run_jvp(c, impl, dt)
+        if res.error is not None and has_leaves and _documented_jvp_refusal(res.error):
+            notes.append(f"{label}: documented refusal of captured-tensor tangents; judged on q/k/v tangents")
+            info.setdefault("jvp_documented_refusals", []).append(label)
+            leafs = False
+            res = run_jvp(c, impl, dt, leaf_tangents=False)
+        if res.error is not None:
+            e = res.error
+            kind = "refusal" if isinstance(e, REFUSALS) else "crash"
+            tail = "".join(res.tb.strip().splitlines(True)[-6:])
+            findings.append(Finding(kind, label, "jvp", f"forward-mode AD ({'all tangents' if leafs else 'q/k/v tangents'}) "
+                                    f"{type(e).__name__}: {str(e).splitlines()[0][:300]}\n{tail}", c))
+            info["errors"][label + " jvp"] = e
+            continue
+        if leafs not in oracle:
+            oracle[leafs] = run_jvp(c, "oracle", torch.float64, leaf_tangents=leafs)
+            eager[leafs] = run_jvp(c, "exact", torch.float32, leaf_tangents=leafs)
+            if oracle[leafs].error is not None or eager[leafs].error is not None:
+                notes.append(f"{label}: not judged (the q/k/v-only oracle raises)")
+                continue
+        got = _jvp_quantities(c, res)
+        if dt == torch.float64:
+            if leafs not in exact64:
+                exact64[leafs] = _jvp_quantities(c, run_jvp(c, "exact", torch.float64, leaf_tangents=leafs))
+            for name, (cls, ref) in exact64[leafs].items():
+                if name not in got:
+                    continue
+                err = rel_err(got[name][1], ref)
+                tol = (REF64_TOL, ATOL64) if ref.dtype == torch.float64 else (1e-5, 1e-6)
+                if not close(got[name][1], ref, *tol):
+                    findings.append(Finding("nan" if err != err or math.isinf(err) else "wrong", label, name,
+                                            f"{name}: error {err:.3e} vs float64 torch semantics "
+                                            f"(tolerance {REF64_TOL:.0e})", c))
+            continue
+        _judge_fp32(c, label + ("" if leafs else " (q/k/v tangents)"), _jvp_quantities(c, oracle[leafs]),
+                    _jvp_quantities(c, eager[leafs]), got, {}, findings)
+    info["jvp"] = "judged" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def check_vmap(c: Case, score_mod, mask_mod, tables, max_elems=4000):
@@ -1469,22 +1690,25 @@ def shrink(c: Case, still_fails, budget=40) -> Case:
 # CLI
 # ----------------------------------------------------------------------------------------------
 
-def fuzz_one(seed: int, impls=("TRITON", "REFERENCE"), minimize=False, family=None, max_len=40):
+def fuzz_one(seed: int, impls=("TRITON", "REFERENCE"), minimize=False, family=None, max_len=40, jvp=True):
     c = make_case(seed, family, max_len)
-    findings, info = compare_case(c, impls)
+    findings, info = compare_case(c, impls, jvp=jvp)
     if minimize and findings:
         f0 = findings[0]
         sig = f0.signature()
 
         only = (f0.impl.split()[0],)
+        f0_jvp = f0.what.split(":")[0] == "jvp"
 
         def still(trial):
-            fs, _ = compare_case(dataclasses.replace(trial), only, check_ref64=f0.impl.endswith("float64"))
+            fs, _ = compare_case(dataclasses.replace(trial), only, check_ref64=f0.impl.endswith("float64"),
+                                 jvp=f0_jvp)
             return any(f.signature() == sig for f in fs)
 
         small = shrink(dataclasses.replace(c), still)
         if small is not c:
-            fs, _ = compare_case(dataclasses.replace(small), only, check_ref64=f0.impl.endswith("float64"))
+            fs, _ = compare_case(dataclasses.replace(small), only, check_ref64=f0.impl.endswith("float64"),
+                                 jvp=f0_jvp)
             same = [f for f in fs if f.signature() == sig]
             if same:
                 findings = [same[0]] + [f for f in findings[1:]]
@@ -1505,39 +1729,44 @@ def main(argv=None):
     p.add_argument("--no-minimize", action="store_true", help="do not shrink failing cases")
     p.add_argument("--replay", type=int, default=None, help="run one seed and print its reproduction")
     p.add_argument("--max-len", type=int, default=40, help="longest sequence (interpreter cost grows as S^2)")
+    p.add_argument("--no-jvp", action="store_true", help="skip the forward-mode AD (torch.autograd.forward_ad) stage")
     a = p.parse_args(argv)
     impls = ("REFERENCE",) if a.no_triton else ("TRITON", "REFERENCE")
     if a.replay is not None:
         c, findings, info = fuzz_one(a.replay, impls, minimize=not a.no_minimize, family=a.family,
-                                     max_len=a.max_len)
-        print(c.repro())
-        print("info:", info["skipped"] or "judged")
+                                     max_len=a.max_len, jvp=not a.no_jvp)
+        print(c.repro(jvp=any(f.what.split(":")[0] == "jvp" for f in findings)))
+        print("info:", info["skipped"] or "judged", "| forward mode:", info["jvp"])
         for f in findings:
             print(f.report())
         return 1 if findings else 0
     t0, seed, n, seen = time.time(), a.seed, 0, set()
-    stats = {"cases": 0, "skipped": 0, "findings": 0}
+    stats = {"cases": 0, "skipped": 0, "findings": 0, "jvp_judged": 0, "jvp_documented_refusals": 0}
     while time.time() - t0 < a.seconds and (a.cases is None or n < a.cases):
         try:
             c, findings, info = fuzz_one(seed, impls, minimize=not a.no_minimize, family=a.family,
-                                            max_len=a.max_len)
+                                         max_len=a.max_len, jvp=not a.no_jvp)
         except Exception as e:  # noqa: BLE001 - a fuzzer bug must not end a long run
             print(f"seed {seed}: fuzzer error {e!r}", file=sys.stderr)
             seed += 1
             continue
         stats["cases"] += 1
         stats["skipped"] += info["skipped"] is not None
+        stats["jvp_judged"] += bool(info["jvp"]) and info["jvp"].startswith("judged")
+        stats["jvp_documented_refusals"] += bool(info.get("jvp_documented_refusals"))
         for f in findings:
             sig = f.signature()
             new = sig not in seen
             seen.add(sig)
             stats["findings"] += 1
             rec = {"seed": seed, "signature": sig, "new": new, "kind": f.kind, "impl": f.impl, "what": f.what,
-                   "detail": f.detail, "case": f.case.describe(), "repro": f.case.repro(f.report())}
+                   "detail": f.detail, "case": f.case.describe(),
+                   "repro": f.case.repro(f.report(), jvp=f.what.split(":")[0] == "jvp")}
             with open(a.out, "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
             if new:
-                print("=" * 80 + "\n" + f.report() + "\n" + textwrap.indent(f.case.repro(), "    "), flush=True)
+                print("=" * 80 + "\n" + f.report() + "\n"
+                      + textwrap.indent(f.case.repro(jvp=f.what.split(":")[0] == "jvp"), "    "), flush=True)
         seed += 1
         n += 1
         if n % 10 == 0:

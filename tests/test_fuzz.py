@@ -2,7 +2,8 @@
 
 ``fuzzer.py`` generates each case from one seed (mod source, captured tensors, shapes, block
 mask), runs the TRITON kernels (interpreter, fp32), the REFERENCE backend (fp32 and float64) and
-its own float64 oracle, and compares outputs, lse, first- and second-order gradients.  The seeds
+its own float64 oracle, and compares outputs, lse, first- and second-order gradients and forward-mode
+tangents (``torch.autograd.forward_ad``).  The seeds
 here are fixed, so the test is deterministic; long runs use the CLI
 (``python tests/fuzzer.py --seconds 3600 --seed 0 --out findings.jsonl``).
 """
@@ -19,6 +20,9 @@ import fuzzer
 KERNEL_SEEDS = list(range(0, 16)) + [90025, 90294]  # 90025: a mask_mod of b / h only, with a learned bias;
 # 90294: torch.where between a 0-d captured tensor and the score
 KERNEL_MAX_LEN = 20
+# ... of which these also check the kernels' forward mode (it adds about a third to a case): every
+# family, and captured leaves whose tangents the kernels refuse (8, 15: judged on q/k/v tangents)
+JVP_KERNEL_SEEDS = {1, 3, 5, 8, 10, 15}
 # Seeds for the cheap layers (reference backend and the fuzzer's own self-check) only.
 REFERENCE_SEEDS = list(range(1000, 1060)) + [90168, 90214]  # 90168, 90214: a per-head bias, whose gradients
 # vanish (softmax ignores it): judged by the rounding floor of their terms
@@ -35,7 +39,7 @@ def _fail(findings):
 @pytest.mark.parametrize("seed", KERNEL_SEEDS)
 def test_fuzz_kernels_and_reference(seed):
     case = fuzzer.make_case(seed, max_len=KERNEL_MAX_LEN)
-    findings, info = fuzzer.compare_case(case, ("TRITON", "REFERENCE"))
+    findings, info = fuzzer.compare_case(case, ("TRITON", "REFERENCE"), jvp=seed in JVP_KERNEL_SEEDS)
     if findings:
         _fail(findings)
 
@@ -93,6 +97,50 @@ def test_fuzzer_catches_a_wrong_kernel(monkeypatch):
     findings, info = fuzzer.compare_case(dataclasses.replace(case), ("REFERENCE",))
     assert info["skipped"] is None
     assert any(f.kind == "wrong" for f in findings)
+
+
+def test_fuzzer_catches_a_wrong_tangent(monkeypatch):
+    """Forward mode: a deliberately wrong tangent is reported as a wrong ``jvp:`` quantity."""
+    case = fuzzer.make_case(1003)
+    real = fuzzer.run_jvp
+
+    def off_by_a_bit(c, impl, dtype, data_seed=None, leaf_tangents=True):
+        res = real(c, impl, dtype, data_seed, leaf_tangents)
+        if impl == "REFERENCE" and dtype == torch.float32 and res.touts is not None:
+            res.touts = [t * (1 + 1e-4) for t in res.touts]
+        return res
+
+    monkeypatch.setattr(fuzzer, "run_jvp", off_by_a_bit)
+    findings, info = fuzzer.compare_case(dataclasses.replace(case), ("REFERENCE",), check_ref64=False)
+    assert info["skipped"] is None and info["jvp"].startswith("judged")
+    assert [f.what for f in findings] == ["jvp:out"]
+
+
+@pytest.mark.parametrize("seed", [1001, 1002, 1003, 1012, 1021, 1074])  # a score_mod reading a leaf: all but 1003
+def test_oracle_tangents_match_central_differences(seed):
+    """The float64 oracle's forward-mode tangents (inputs and captured leaves) equal central
+    differences of the same float64 math along the same directions (the fuzzer's own check)."""
+    case = fuzzer.make_case(seed)
+    res = fuzzer.run_jvp(case, "oracle", torch.float64)
+    assert res.error is None
+    h = 1e-6
+    tx, leaf_tangent = fuzzer.jvp_tangents(case, case.data_seed)
+    xs = fuzzer._inputs(case, case.data_seed)
+
+    def at(sign):
+        _, leaf_tangent = fuzzer.jvp_tangents(case, case.data_seed)
+        # a float32 leaf moves in float64 (the oracle computes in float64 either way)
+        _, _, tables, _ = case.build(dual=lambda x: x.detach().double() + sign * h * leaf_tangent(x).double())
+        with torch.no_grad():
+            outs, lses, _ = fuzzer.oracle_forward(case, [x + sign * h * t for x, t in zip(xs, tx)], tables,
+                                                  torch.float64, promote=True)
+        return outs + (lses or [])
+
+    want = [(a - b) / (2 * h) for a, b in zip(at(1), at(-1))]
+    got = res.touts + (res.tlses or [])
+    for g, w in zip(got, want):
+        fin = torch.isfinite(w)
+        assert torch.allclose(g[fin], w[fin], rtol=1e-4, atol=1e-6)
 
 
 def _bias_case(index, seed=5):
