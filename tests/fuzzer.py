@@ -1456,16 +1456,20 @@ def compare_case(c: Case, impls=("TRITON", "REFERENCE"), check_ref64=True, jvp=T
         if dt == torch.float64:
             if exact64 is None:
                 exact64 = _quantities(c, run_impl(c, "exact", torch.float64))
+            # a float32 captured tensor's gradient is accumulated in float32 in any implementation (in
+            # its own order); the second-order loss holds that gradient (0.5 |d leaf|^2), so every
+            # second-order quantity carries its fp32 rounding too (seed 7044: ddv 1.2e-7)
+            fp32_leaf_grad = any(cls == "grad" and ref.dtype == torch.float32 for cls, ref in exact64.values())
             for name, (cls, ref) in exact64.items():
                 if name not in got:
                     continue
                 err = rel_err(got[name][1], ref)
-                # a float32 captured tensor's gradient is accumulated in float32 in any implementation
-                tol = (REF64_TOL, ATOL64) if ref.dtype == torch.float64 else (1e-5, 1e-6)
+                loose = ref.dtype != torch.float64 or (cls == "grad2" and fp32_leaf_grad)
+                tol = (1e-5, 1e-6) if loose else (REF64_TOL, ATOL64)
                 if not close(got[name][1], ref, *tol):
                     findings.append(Finding("nan" if err != err or math.isinf(err) else "wrong", label,
                                             f"{cls}:{name}", f"{name}: error {err:.3e} vs float64 torch semantics "
-                                            f"(tolerance {REF64_TOL:.0e})", c))
+                                            f"(tolerance {tol[0]:.0e})", c))
             continue
         _judge_fp32(c, label, qo, qe, got, cancel, findings)
     if jvp:
@@ -1573,7 +1577,7 @@ def _compare_jvp(c: Case, runs, info, findings):
                 if not close(got[name][1], ref, *tol):
                     findings.append(Finding("nan" if err != err or math.isinf(err) else "wrong", label, name,
                                             f"{name}: error {err:.3e} vs float64 torch semantics "
-                                            f"(tolerance {REF64_TOL:.0e})", c))
+                                            f"(tolerance {tol[0]:.0e})", c))
             continue
         _judge_fp32(c, label + ("" if leafs else " (q/k/v tangents)"), _jvp_quantities(c, oracle[leafs]),
                     _jvp_quantities(c, eager[leafs]), got, {}, findings)
