@@ -204,9 +204,9 @@ def test_the_default_takes_no_atomics_where_one_accumulator_serves(monkeypatch, 
 
 @pytest.mark.parametrize("family", ["ebt", "piecewise"])
 def test_ebt_and_piecewise_bias_gradients_are_deterministic(cpu_counts_as_nondeterministic, family):
-    """The EBT streams (two nodes, own keys) and piecewise's two passes share one accumulator
-    (each launch reads what the one before added): under deterministic algorithms, no refusal,
-    and the gradients of the atomic path, first and second order."""
+    """The EBT streams (two nodes, own keys, frame positions) and piecewise's two passes (each with
+    its own accumulators): under deterministic algorithms, no refusal, and the gradients of the
+    atomic path, first and second order."""
     torch.manual_seed(4)
     B, H, S = 2, 1, 7
     if family == "ebt":

@@ -420,3 +420,69 @@ def test_tanh_derivatives_near_saturation():
     got = grads(torch.float32, T)
     for a, e, x in zip(got, eager, exact):
         assert rel_err(a, x) <= max(rel_err(e, x), 4e-7), (rel_err(a, x), rel_err(e, x))
+
+
+def _against_reference(score_mod, tol=1e-5, grad_tol=1e-5, S=8):
+    torch.manual_seed(0)
+    x = [torch.randn(1, 1, S, 16, requires_grad=True) for _ in range(3)]
+    got = flexebt.flex_attention(*x, score_mod=score_mod, kernel_options=T)
+    want = flexebt.flex_attention(*x, score_mod=score_mod, kernel_options=R)
+    assert rel_err(got, want) < tol
+    for a, b in zip(torch.autograd.grad(got.square().sum(), x), torch.autograd.grad(want.square().sum(), x)):
+        assert rel_err(a, b) < grad_tol
+
+
+@pytest.mark.parametrize("form", ["rsub", "rsub of a tanh square", "add scalar", "sub scalar"])
+def test_alpha_given_by_position(form):
+    """make_fx records ``torch.rsub(x, 1, alpha=2)`` (and add / sub of a number) with alpha as a
+    positional argument: it scales the subtracted operand there too."""
+    mods_ = {"rsub": lambda s: torch.rsub(s, 1, alpha=2),
+             "rsub of a tanh square": lambda s: torch.rsub(torch.tanh(s) * torch.tanh(s), 1, alpha=2),
+             "add scalar": lambda s: torch.add(s, 1.5, alpha=-2),
+             "sub scalar": lambda s: torch.sub(s, 0.5, alpha=3)}
+    f = mods_[form]
+    _against_reference(lambda score, b, h, q_idx, kv_idx: f(score))
+
+
+def test_in_place_writes_through_views():
+    """An in-place op on a view writes the tensor it views and that tensor's other views (one
+    value per score: every view is the same element), as in torch; a clone is not written."""
+    bias = torch.randn(1, 8, 8)
+
+    def through_a_view(score, b, h, q_idx, kv_idx):
+        q_idx.view(-1).mul_(0)
+        return score + bias[h, q_idx, kv_idx]
+
+    def a_sibling_view(score, b, h, q_idx, kv_idx):
+        other = q_idx.view(1)
+        q_idx.view(-1).add_(1)
+        return score + bias[h, other[0] - 1, kv_idx]
+
+    def a_clone(score, b, h, q_idx, kv_idx):
+        c = q_idx.clone()
+        c.mul_(0)
+        return score + bias[h, q_idx, kv_idx] + c
+
+    for mod in (through_a_view, a_sibling_view, a_clone):
+        _against_reference(mod)
+
+
+def test_a_half_precision_one_minus_tanh_squared_is_rounded_as_torch_rounds_it():
+    """A mod that writes 1 - y * y of an fp16 tanh itself gets torch's per-op fp16 rounding (the
+    kernels' accurate form of 1 - tanh^2 is for fp32 values only; with it the output was 5e-4 off).
+    The gradients differ from torch's by fp16 rounding of the derivative graph, in any form."""
+    def mod(score, b, h, q_idx, kv_idx):
+        y = torch.tanh(3 * score.half())
+        return score + 8 * (1 - y * y).float()
+
+    _against_reference(mod, tol=2e-6, grad_tol=2e-3)
+
+
+def test_an_expanded_captured_tensor_counts_its_contiguous_copy_for_offsets():
+    """An expanded tensor that requires grad reaches the kernels as a contiguous copy: offsets into
+    that copy decide between int32 and int64."""
+    from flexebt.codegen.identity import wide_offsets
+
+    small = torch.empty(1, 4096, 4096, device="meta")
+    assert not wide_offsets(small)
+    assert wide_offsets(small.expand(160, 4096, 4096))

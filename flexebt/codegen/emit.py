@@ -109,9 +109,15 @@ def _is_bool(x) -> bool:
 
 # --- arithmetic ----------------------------------------------------------------------------------
 # torch adds and multiplies bool tensors as logical or / and (True + True is True).
+def _alpha(node):
+    """The ``alpha`` of add / sub / rsub: a keyword in some schemas, positional in others
+    (``rsub.Scalar(x, 1, 2)``, as make_fx records ``torch.rsub(x, 1, alpha=2)``)."""
+    return node.kwargs.get("alpha", node.args[2] if len(node.args) > 2 else 1)
+
+
 @_op([aten.add.Tensor, aten.add.Scalar], "+ / torch.add")
 def _add(em, node, a):
-    alpha = node.kwargs.get("alpha", 1)
+    alpha = _alpha(node)
     if _dtype(node) == torch.bool:
         return f"({a(0)} | {a(1)})"
     return f"({a(0)} + {a(1)})" if alpha == 1 else f"({a(0)} + {_lit(alpha)} * {a(1)})"
@@ -119,16 +125,18 @@ def _add(em, node, a):
 
 @_op([aten.sub.Tensor, aten.sub.Scalar], "- / torch.sub")
 def _sub(em, node, a):
-    alpha = node.kwargs.get("alpha", 1)
+    alpha = _alpha(node)
     return f"({a(0)} - {a(1)})" if alpha == 1 else f"({a(0)} - {_lit(alpha)} * {a(1)})"
 
 
 @_op([aten.rsub.Scalar, aten.rsub.Tensor], "rsub")
 def _rsub(em, node, a):
-    alpha = node.kwargs.get("alpha", 1)
+    alpha = _alpha(node)
     square = node.args[0]
+    # 1 - y * y of an fp32 tanh y (a 16-bit one is rounded per op, as torch computes it)
     if alpha == 1 and node.args[1] == 1 and isinstance(square, torch.fx.Node) and square.target is aten.mul.Tensor \
-            and len(square.args) == 2 and all(isinstance(y, torch.fx.Node) for y in square.args):
+            and _dtype(square) == torch.float32 and len(square.args) == 2 \
+            and all(isinstance(y, torch.fx.Node) for y in square.args):
         y = {em.arg(square.args[0]), em.arg(square.args[1])}
         if len(y) == 1 and y <= em.tanh_vars:
             return _one_minus_tanh_squared(y.pop())
@@ -522,6 +530,10 @@ def _factory(em, node, a):
 # Values that are the same one-element tensor: views, copies and reductions of one value (a mod is
 # applied to one score at a time, so score.sum() is the score).
 IDENTITY = ONE_VALUE_OPS
+# Ops whose result shares memory with their first argument (an in-place op on one writes both).
+_ALIASING = {aten.detach.default, aten.alias.default, aten.expand.default, aten.view.default, aten._unsafe_view.default,
+             aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default, aten.reshape.default,
+             aten.contiguous.default, aten.permute.default, aten.t.default, aten.transpose.int, aten.select.int}
 # linalg_vector_norm of one value is its absolute value; select.int of a one-element tensor its value.
 _ABS_OF_ONE = {aten.linalg_vector_norm.default}
 
@@ -684,12 +696,27 @@ class Emitter:
                 self.lines.append(f"{var} = ({expr}){cast}")
                 env[node.name] = var
                 if _is_inplace(node):  # later reads of the mutated tensor see the new value
-                    env[node.args[0].name] = var
+                    self._write(gm, node.args[0], var)
             elif node.op == "output":
                 outs = node.args[0]
                 outs = outs if isinstance(outs, (tuple, list)) else (outs,)
                 return [env[o.name] if isinstance(o, torch.fx.Node) else _lit(o) for o in outs]
         raise RuntimeError("graph without output")
+
+    def _write(self, gm, target, value: str) -> None:
+        """An in-place op wrote ``value`` into ``target``: every tensor sharing its memory (the
+        views it was made from, and the other views of those: one value per score, so any view
+        is the same element) reads ``value`` from here on, as in torch."""
+        def root(n):
+            while isinstance(n, torch.fx.Node) and n.target in _ALIASING and n.args:
+                n = n.args[0]
+            return n
+
+        base = root(target)
+        for n in gm.graph.nodes:
+            if n.name in self._env and root(n) is base:
+                self._env[n.name] = value
+        self._env[target.name] = value
 
     def _expr(self, node, gm, constants):
         t, args = node.target, node.args
@@ -712,7 +739,7 @@ class Emitter:
                 return val
             env[node.name] = val
             if t is aten.copy_.default:
-                env[args[0].name] = val
+                self._write(gm, args[0], val)
             return None
         op = OPS.get(t) or OPS.get(_functional(t))
         if op is None:
