@@ -661,10 +661,15 @@ def fingerprint(obj):
     return tuple(w.key)
 
 
+def storage_span(t: torch.Tensor) -> int:
+    """Elements from the first to the last one ``t`` addresses (strides included: a view may
+    address far past its numel; 0 for an empty tensor)."""
+    return 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if n > 0) if t.numel() else 0
+
+
 def wide_offsets(t: torch.Tensor) -> bool:
     """Whether element offsets into ``t`` (strides included: a view may address far past its
     numel) can reach 2**31, so the kernels must compute them in int64.  An expanded tensor that
     requires grad reaches the kernels as a contiguous copy (``prepare_captured``), whose offsets
     go up to its numel: that counts too."""
-    extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if n > 0)
-    return max(extent, t.numel()) >= 2 ** 31
+    return max(storage_span(t), t.numel()) >= 2 ** 31

@@ -291,19 +291,21 @@ def unique_per_score(score: TracedMod, ld) -> bool:
     launcher's batch accumulators)."""
     if sum(other.learned and other.buffer == ld.buffer for other in score.loads) != 1:
         return False
-    placeholders = [n for n in score.graph.graph.nodes if n.op == "placeholder"]
-    positions = dict(zip(placeholders[1:5], ("b", "h", "q", "kv")))
-    node = next(n for n in score.graph.graph.nodes if n.name == ld.node_name)
-    index = list(node.args[1])
-    used = [positions.get(i) if isinstance(i, torch.fx.Node) else None for i in index]
+    used = _index_positions(score, ld)
     return None not in used and len(set(used)) == len(used) and {"h", "q", "kv"} <= set(used)
 
 
 def indexes_batch(score: TracedMod, ld) -> bool:
     """Whether load ``ld``'s indices include the batch position (for a unique_per_score load)."""
-    placeholders = [n for n in score.graph.graph.nodes if n.op == "placeholder"]
-    node = next(n for n in score.graph.graph.nodes if n.name == ld.node_name)
-    return placeholders[1] in list(node.args[1])
+    return "b" in _index_positions(score, ld)
+
+
+def _index_positions(score: TracedMod, ld) -> list:
+    """Per index of load ``ld``: the bare position it is ("b", "h", "q", "kv"), else None."""
+    nodes = list(score.graph.graph.nodes)
+    positions = dict(zip([n for n in nodes if n.op == "placeholder"][1:5], ("b", "h", "q", "kv")))
+    node = next(n for n in nodes if n.name == ld.node_name)
+    return [positions.get(i) if isinstance(i, torch.fx.Node) else None for i in node.args[1]]
 
 
 def _depends_on_position(gm, node_name: str) -> bool:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import runtime
+from ..codegen.identity import storage_span
 from ..codegen.source import ModKernels
 from .configs import MIN_TILE, flex_config, interpreting
 from .options import KernelOptions
@@ -595,11 +596,6 @@ class GradAccumulators(dict):
         self.batch_stride: dict[int, int] = {}
 
 
-def _span(t: Tensor) -> int:
-    """Elements from the first to the last one ``t`` addresses (its strided layout's storage)."""
-    return 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 0) if t.numel() else 0
-
-
 def captured_grad_buffers(kern: ModKernels, buffers: list[Tensor], device, batch: int) -> GradAccumulators:
     """fp32 accumulators for the captured tensors whose gradient the kernels scatter.
 
@@ -619,7 +615,7 @@ def captured_grad_buffers(kern: ModKernels, buffers: list[Tensor], device, batch
             acc[slot] = _strided_zeros(t, device)
             acc.batch_stride[slot] = 0
         elif slot in kern.unique_slots and deterministic:
-            span = _span(t)
+            span = storage_span(t)
             acc[slot] = torch.zeros((batch, span), dtype=torch.float32, device=device)
             acc.batch_stride[slot] = span
         else:
