@@ -391,6 +391,8 @@ def _declare_kernel_options() -> dict:
         "REVERSE_Q_ORDER": ("flag", "heaviest query tiles first (default on)"),
         "LINEAR_SCORE": ("flag", "forward without a score_mod: the running row max taken on the raw products, "
                                  "scaled once (default on; 0 scales every score first)"),
+        "PIPELINE_QK": ("flag", "forward: issue the next key tile's products before this tile's softmax "
+                                "(default off)"),
         "num_warps": ("warps", "warps of every pass"),
         "num_stages": ("count", "pipeline stages of every pass"),
         "HEAD_GROUP": ("group", "heads per group of the grid order, every pass"),

@@ -16,10 +16,27 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, K_DESC, V_DESC, kvh, start_n, offs_m, off_
               D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
               DOT: tl.constexpr, USE_TMA: tl.constexpr, LINEAR_SCORE: tl.constexpr):
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = _load_tile(K + kvh * Skv * D, K_DESC, kvh, start_n, Skv, D, BLOCK_N, BLOCK_D, EVEN, USE_TMA)
+    s_raw = _qk_tile(q, K, K_DESC, kvh, start_n, Skv, D, BLOCK_D, BLOCK_N, EVEN, DOT, USE_TMA)
     v = _load_tile(V + kvh * Skv * DV, V_DESC, kvh, start_n, Skv, DV, BLOCK_N, BLOCK_DV, EVEN, USE_TMA)
-    s_raw = _mm(q, tl.trans(k), DOT)
+    return _fwd_update(acc, l_i, m_i, s_raw, v, start_n, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
+                       __BUFFERS__ BLOCK_M, BLOCK_N, IS_FULL, EVEN, DOT, LINEAR_SCORE)
+
+
+@triton.jit
+def _qk_tile(q, K, K_DESC, kvh, start_n, Skv, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+             EVEN: tl.constexpr, DOT: tl.constexpr, USE_TMA: tl.constexpr):
+    """The raw products q k^T of the key tile at start_n."""
+    k = _load_tile(K + kvh * Skv * D, K_DESC, kvh, start_n, Skv, D, BLOCK_N, BLOCK_D, EVEN, USE_TMA)
+    return _mm(q, tl.trans(k), DOT)
+
+
+@triton.jit
+def _fwd_update(acc, l_i, m_i, s_raw, v, start_n, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
+                __BUFFERS__
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
+                DOT: tl.constexpr, LINEAR_SCORE: tl.constexpr):
+    """One key tile's step of the online softmax, given its raw products s_raw and values v."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
     VALID, mq_idx, q_idx, kv_idx, ZERO = _tile_positions(offs_m, offs_n, Sq, Skv, Q_OFF, BLOCK_M, BLOCK_N, EVEN)
     tu = hook.score(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx, kv_idx=kv_idx)
     # The score in the pass's units is x * x_mul.  LINEAR_SCORE (no score_mod, scale > 0): x = s_raw
@@ -53,6 +70,7 @@ def flex_fwd(__SIGNATURE__):
     the EBT predicted stream; 0 otherwise).  HAS_SELF: each query i also attends to its own key
     (EBT, OWN: own_key.py), which seeds the online softmax.
     USE_TMA: K and V tiles come through the tensor descriptors K_DESC, V_DESC (Hopper's TMA).
+    PIPE_QK: each key tile's products are issued one tile ahead (kernel_options["PIPELINE_QK"]).
     Writes O, LSE and MSUM: each row's largest kept modified score m (natural units; -inf for a
     row that keeps nothing; torch's max_scores) and its sum l = sum_j exp(t_j - m), which the
     backward passes read instead of the lse (common.py, _load_msum)."""
@@ -72,11 +90,33 @@ def flex_fwd(__SIGNATURE__):
                                                                    (pid_m * BLOCK_M) // SPARSE_Q, HAS_FULL)
     for FULL in tl.static_range(2):
         LIST, row, n_tiles = _blocks(FULL, IDX, FULL_IDX, base, base_full, n_partial, n_full, SPARSE_KV, BLOCK_N)
-        for it in range(n_tiles):
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, K_DESC, V_DESC, kvh,
-                                      _tile_start(LIST, row, it, SPARSE_KV, BLOCK_N), offs_m, off_b, off_h, Sq, Skv,
-                                      scale, Q_OFF, __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, FULL == 1,
-                                      EVEN, DOT, USE_TMA, LINEAR_SCORE)
+        if PIPE_QK:
+            # The next key tile's products are issued before this tile's softmax, so the tensor
+            # cores can work on them while the exponentials of this tile are computed.  The last
+            # tile of the list is peeled off: no product is issued past the list's end.
+            if n_tiles > 0:
+                start_n = _tile_start(LIST, row, 0, SPARSE_KV, BLOCK_N)
+                s_next = _qk_tile(q, K, K_DESC, kvh, start_n, Skv, D, BLOCK_D, BLOCK_N, EVEN, DOT, USE_TMA)
+                for it in range(n_tiles - 1):
+                    start_c = start_n
+                    s_raw = s_next
+                    v = _load_tile(V + kvh * Skv * DV, V_DESC, kvh, start_c, Skv, DV, BLOCK_N, BLOCK_DV, EVEN,
+                                   USE_TMA)
+                    start_n = _tile_start(LIST, row, it + 1, SPARSE_KV, BLOCK_N)
+                    s_next = _qk_tile(q, K, K_DESC, kvh, start_n, Skv, D, BLOCK_D, BLOCK_N, EVEN, DOT, USE_TMA)
+                    acc, l_i, m_i = _fwd_update(acc, l_i, m_i, s_raw, v, start_c, offs_m, off_b, off_h, Sq, Skv,
+                                                scale, Q_OFF, __BUFFERS__ BLOCK_M, BLOCK_N, FULL == 1, EVEN, DOT,
+                                                LINEAR_SCORE)
+                v = _load_tile(V + kvh * Skv * DV, V_DESC, kvh, start_n, Skv, DV, BLOCK_N, BLOCK_DV, EVEN, USE_TMA)
+                acc, l_i, m_i = _fwd_update(acc, l_i, m_i, s_next, v, start_n, offs_m, off_b, off_h, Sq, Skv,
+                                            scale, Q_OFF, __BUFFERS__ BLOCK_M, BLOCK_N, FULL == 1, EVEN, DOT,
+                                            LINEAR_SCORE)
+        else:
+            for it in range(n_tiles):
+                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, K_DESC, V_DESC, kvh,
+                                          _tile_start(LIST, row, it, SPARSE_KV, BLOCK_N), offs_m, off_b, off_h, Sq,
+                                          Skv, scale, Q_OFF, __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
+                                          FULL == 1, EVEN, DOT, USE_TMA, LINEAR_SCORE)
 
     # A query that kept nothing: output 0 and lse = -inf (never NaN).
     empty = l_i == 0.0
