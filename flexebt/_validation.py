@@ -393,6 +393,8 @@ def _declare_kernel_options() -> dict:
                                  "scaled once (default on; 0 scales every score first)"),
         "PIPELINE_QK": ("flag", "forward: issue the next key tile's products before this tile's softmax "
                                 "(default off)"),
+        "DBWD_DQ_ATOMIC": ("flag", "double backward: the dk/dv pass also adds g_q with atomic adds and the dq pass "
+                                   "skips its key loop (default off; not under deterministic algorithms)"),
         "num_warps": ("warps", "warps of every pass"),
         "num_stages": ("count", "pipeline stages of every pass"),
         "HEAD_GROUP": ("group", "heads per group of the grid order, every pass"),

@@ -728,16 +728,29 @@ def finish_row_parts(parts: list, out: Tensor, dout: Tensor, dlse: Optional[Tens
 
 def dbwd_dq_pass(kern: ModKernels, q, k, v, out, dout, msum, dlse, gq, gk, gv, stats, scale, tables: BlockTables,
                  bargs: list, options=None, q_off: int = 0, own: Optional[OwnKeys] = None, own_cts=None,
-                 captured_grads: bool = False):
+                 captured_grads: bool = False, gq_acc: Optional[Tensor] = None):
     """g_q of the double backward; with own keys also their g_kp, g_vp per query head (fp32);
-    with ``captured_grads`` also the captured tensors' gradients (into the GBUFs of ``bargs``)."""
+    with ``captured_grads`` also the captured tensors' gradients (into the GBUFs of ``bargs``).
+    ``gq_acc``: the key tiles' sums of g_q / scale, already added by the dk/dv pass (fp32,
+    ``dbwd_dq_by_atomics``): the pass adds the own key's column and writes g_q, with no key loop."""
     named = _dbwd_inputs(q, k, v, dout, msum, dlse, gq, gk, gv)
     g_q = torch.empty_like(q)
     own_grads = _own_key_grad_buffers(own, q.shape[1]) if own is not None else None
-    named.update(STATS=stats)
-    _dbwd_query_pass(kern, "dbwd_dq", named, dict(G_Q=g_q), dict(CAPTURED_GRADS=captured_grads), q, k, v, dlse, scale,
-                     tables, bargs, options, q_off, _own_second_inputs(own, own_cts), own_grads or ())
+    named.update(STATS=stats, GQ_ACC=gq_acc)
+    _dbwd_query_pass(kern, "dbwd_dq", named, dict(G_Q=g_q), dict(CAPTURED_GRADS=captured_grads,
+                                                                   FROM_ACC=gq_acc is not None),
+                     q, k, v, dlse, scale, tables, bargs, options, q_off, _own_second_inputs(own, own_cts),
+                     own_grads or ())
     return g_q, own_grads
+
+
+def dbwd_dq_by_atomics(options, captured_grads: bool) -> bool:
+    """kernel_options["DBWD_DQ_ATOMIC"]: the double backward's dk/dv pass also adds each tile's
+    share of g_q into fp32 rows with atomic adds, and the dq pass skips its key loop (one
+    recomputation of the tile's five products fewer).  Not where the dq pass scatters captured
+    tensors' gradients, nor under deterministic algorithms (the atomic adds' order varies)."""
+    return (bool((options or {}).get("DBWD_DQ_ATOMIC", 0)) and not captured_grads
+            and not torch.are_deterministic_algorithms_enabled())
 
 
 _DBWD_DKDV = SIGNATURES["flex_dbwd_dkdv"].bind
@@ -745,17 +758,18 @@ _DBWD_DKDV = SIGNATURES["flex_dbwd_dkdv"].bind
 
 def dbwd_dkdv_pass(kern: ModKernels, q, k, v, out, dout, ref, dlse, gq, gk, gv, stats, scale, tables: BlockTables,
                    bargs: list, options=None, q_off: int = 0, into: Optional[tuple] = None,
-                   add: Optional[tuple] = None):
+                   add: Optional[tuple] = None, gq_acc: Optional[Tensor] = None):
     """g_k, g_v of the double backward from these queries (into / add as in dkdv_pass); ``ref``: the
-    rows' references the rows pass wrote."""
+    rows' references the rows pass wrote.  ``gq_acc``: fp32 zeros shaped as q, into which the pass
+    also adds g_q / scale (atomic adds; ``dbwd_dq_by_atomics``)."""
     B, H, Sq, D = q.shape
     Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[3]
     named = _dbwd_inputs(q, k, v, dout, ref, dlse, gq, gk, gv)
     g_k, g_v = into if into is not None else (torch.empty_like(k), torch.empty_like(v))
     q_side = {n: named[n] for n in ("Q", "DO", "GQ")}
     inputs = (q, k, v, out, named["DO"], ref, named["DLSE"], named["GQ"], named["GK"], named["GV"], stats,
-              *(into or ()), *(add or ()))
-    launch = dict(K=k, V=v, GK=named["GK"], GV=named["GV"], G_K=g_k, G_V=g_v, DLSE=named["DLSE"],
+              *(into or ()), *(add or ()), *(() if gq_acc is None else (gq_acc,)))
+    launch = dict(K=k, V=v, GK=named["GK"], GV=named["GV"], G_K=g_k, G_V=g_v, DLSE=named["DLSE"], GQ_ACC=gq_acc,
                   STREAM=SecondStreamArgs(named["Q"], named["DO"], named["GQ"], ref, stats, Sq, q_off),
                   Q_BLOCKS=tables.q_blocks, H=H, Hkv=Hkv, Skv=Skv, scale=scale)
     if add is not None:
@@ -766,11 +780,11 @@ def dbwd_dkdv_pass(kern: ModKernels, q, k, v, out, dout, ref, dlse, gq, gk, gv, 
         cfg = flex_config("dbwd_dkdv", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
                           tiles=_tiles_for(q.dtype, options, True, max(D, DV)))
         return (GridOrder("dbwd_dkdv", B * Hkv, Skv, "BLOCK_N", 0, auto=False),
-                dict(HAS_DLSE=dlse is not None, ACCUMULATE=add is not None, USE_TMA=tma,
+                dict(HAS_DLSE=dlse is not None, ACCUMULATE=add is not None, USE_TMA=tma, DQ_ATOMIC=gq_acc is not None,
                      **_common(q, k, v, tables, options, True)), cfg, (D, DV, q.dtype, "dbwd_dkdv", tma))
 
-    plan = _plan_key("dbwd_dkdv", tables, options, (q_off, dlse is None, into is not None, add is not None),
-                     inputs, bargs)
+    plan = _plan_key("dbwd_dkdv", tables, options, (q_off, dlse is None, into is not None, add is not None,
+                                                    gq_acc is not None), inputs, bargs)
 
     def launch_args(c, tma):
         return (*_DBWD_DKDV(**launch, **_descriptors(tma, c.BLOCK_M, **q_side)), *bargs)

@@ -49,8 +49,8 @@ from torch import Tensor
 
 from ..codegen.source import ModKernels
 from .flex import (BlockTables, OwnKeys, _buffer_args, captured_cotangents, captured_grad_buffers,
-                   dbwd_dkdv_pass, dbwd_dq_pass, dbwd_rows_pass, dkdv_pass, dq_pass, finish_captured_grads,
-                   finish_row_parts, flex_forward, flex_jvp)
+                   dbwd_dkdv_pass, dbwd_dq_by_atomics, dbwd_dq_pass, dbwd_rows_pass, dkdv_pass, dq_pass,
+                   finish_captured_grads, finish_row_parts, flex_forward, flex_jvp)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,25 +327,28 @@ def plan_double_backward(plan: AttentionPlan, ins: list, outs: list, cts: list, 
     rows = [pp[0] if len(pp) == 1 else finish_row_parts(pp, out[r], douts[r], dlses[r]) for r, pp in enumerate(parts)]
     g_do = [g for g, _ in rows]
     g_dlse = [st[..., 0] if dl is not None else None for (_, st), dl in zip(rows, dlses)]
-    # 2. g_q per query tile (and the own keys' g_k, g_v; the captured tensors' gradients)
     grads = _Grads(plan.n_inputs)
-    for p in plan.passes:
+    # 2. g_k, g_v per key tile, summed over the passes that read the keys; with atomic g_q
+    #    (dbwd_dq_by_atomics) also each tile's share of g_q, into one fp32 accumulator per pass
+    gq_accs = [torch.zeros(ins[p.q].shape, dtype=torch.float32, device=ins[p.q].device)
+               if dbwd_dq_by_atomics(options, captured.scatters(p)) else None for p in plan.passes]
+    sums = _KeySideSums(ins, [(p.k, p.v) for p in plan.passes])
+    for i, p in enumerate(plan.passes):
+        into, add, finals = sums.launch(p.k, p.v)
+        g_k, g_v = dbwd_dkdv_pass(*args(p, refs[i]), rows[p.rows][1], scale, p.tables, captured.args(p), options,
+                                  q_off=p.q_off, into=into, add=add, gq_acc=gq_accs[i])
+        for j, g, last in ((p.k, g_k, finals[0]), (p.v, g_v, finals[1])):
+            if last:
+                grads.add(j, g)
+    # 3. g_q per query tile (and the own keys' g_k, g_v; the captured tensors' gradients)
+    for i, p in enumerate(plan.passes):
         g_q, own_g = dbwd_dq_pass(*args(p), rows[p.rows][1], scale, p.tables, captured.args(p), options,
-                                  q_off=p.q_off, captured_grads=captured.scatters(p), **own_kw(p))
+                                  q_off=p.q_off, captured_grads=captured.scatters(p), gq_acc=gq_accs[i], **own_kw(p))
         grads.add(p.q, g_q)
         if p.own is not None:
             gkp, gvp = _own_key_grads(*own_g, ins[p.own[0]], ins[p.own[1]])
             grads.add(p.own[0], gkp)
             grads.add(p.own[1], gvp)
-    # 3. g_k, g_v per key tile, summed over the passes that read the keys
-    sums = _KeySideSums(ins, [(p.k, p.v) for p in plan.passes])
-    for i, p in enumerate(plan.passes):
-        into, add, finals = sums.launch(p.k, p.v)
-        g_k, g_v = dbwd_dkdv_pass(*args(p, refs[i]), rows[p.rows][1], scale, p.tables, captured.args(p), options,
-                                  q_off=p.q_off, into=into, add=add)
-        for j, g, last in ((p.k, g_k, finals[0]), (p.v, g_v, finals[1])):
-            if last:
-                grads.add(j, g)
     return grads.g, g_do + g_dlse, captured.grads()
 
 

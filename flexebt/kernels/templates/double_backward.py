@@ -216,22 +216,27 @@ def flex_dbwd_dq(__SIGNATURE__):
     the own key's column adds to g_q and gives its g_kp, g_vp (OWN.G_KP, OWN.G_VP, per query head;
     fp32 under GQA).
     CAPTURED_GRADS: also scatter the captured tensors' second-order gradients.  USE_TMA: the
-    key-side tiles through the descriptors."""
+    key-side tiles through the descriptors.  FROM_ACC: the key tiles' sums are already in the fp32
+    rows GQ_ACC (the dk/dv pass added them, DQ_ATOMIC): no key loop, only the own key's column."""
     pid_m, off_b, off_h, offs_m, qh, kvh = _query_program(Sq, H, Hkv, HEAD_GROUP, BLOCK_M, False)
     # the program's own rows, loaded once: pointer loads (the descriptor slots are unused)
     q, gq, do, ra, rb, dl = _dbwd_row_inputs(Q, DO, GQ, Q, DO, GQ, MSUM, DLSE, qh, pid_m * BLOCK_M, Sq,
                                            D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN, HAS_DLSE, False, False)
     U, Wc, Bbar, dsh = _load_stats(STATS, qh, offs_m, Sq)
-    g_q = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    IDX, FULL_IDX, base, base_full, n_partial, n_full = _row_table(KV_BLOCKS, off_b, off_h,
-                                                                   (pid_m * BLOCK_M) // SPARSE_Q, HAS_FULL)
-    for FULL in tl.static_range(2):
-        LIST, row, n_tiles = _blocks(FULL, IDX, FULL_IDX, base, base_full, n_partial, n_full, SPARSE_KV, BLOCK_N)
-        for it in range(n_tiles):
-            g_q = _dbwd_dq_tile(g_q, q, gq, do, ra, rb, U, Wc, Bbar, dsh, K, V, GK, GV, K_DESC, V_DESC, GK_DESC,
-                                GV_DESC, kvh, _tile_start(LIST, row, it, SPARSE_KV, BLOCK_N), offs_m, off_b, off_h, Sq,
-                                Skv, scale, Q_OFF, __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, FULL == 1,
-                                EVEN, DOT, CAPTURED_GRADS, USE_TMA)
+    if FROM_ACC:
+        g_q = _load_rows(GQ_ACC + qh * Sq * D, offs_m, Sq, D, BLOCK_D, EVEN).to(tl.float32)
+    else:
+        g_q = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        IDX, FULL_IDX, base, base_full, n_partial, n_full = _row_table(KV_BLOCKS, off_b, off_h,
+                                                                       (pid_m * BLOCK_M) // SPARSE_Q, HAS_FULL)
+        for FULL in tl.static_range(2):
+            LIST, row, n_tiles = _blocks(FULL, IDX, FULL_IDX, base, base_full, n_partial, n_full, SPARSE_KV,
+                                         BLOCK_N)
+            for it in range(n_tiles):
+                g_q = _dbwd_dq_tile(g_q, q, gq, do, ra, rb, U, Wc, Bbar, dsh, K, V, GK, GV, K_DESC, V_DESC, GK_DESC,
+                                    GV_DESC, kvh, _tile_start(LIST, row, it, SPARSE_KV, BLOCK_N), offs_m, off_b, off_h,
+                                    Sq, Skv, scale, Q_OFF, __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
+                                    FULL == 1, EVEN, DOT, CAPTURED_GRADS, USE_TMA)
     if HAS_SELF:
         p_s, dp_s, a_s, u_s, bm_s, f1_s, duds_s, s_s, kp, vp, gkp, gvp = _own_key_second(
             q, gq, do, ra, rb, OWN, kvh * Sq, qh, offs_m, off_b, off_h, Sq, scale, Q_OFF, __BUFFERS__
@@ -248,11 +253,11 @@ def flex_dbwd_dq(__SIGNATURE__):
 
 
 @triton.jit
-def _dbwd_dkdv_tile(g_k, g_v, k, v, gk, gv, Q, DO, GQ, Q_DESC, DO_DESC, GQ_DESC, REF, DLSE, STATS, qh,
+def _dbwd_dkdv_tile(g_k, g_v, k, v, gk, gv, Q, DO, GQ, Q_DESC, DO_DESC, GQ_DESC, REF, DLSE, STATS, GQ_ACC, qh,
                     start_m, offs_n, off_b, off_h, Sq, Skv, scale, Q_OFF, __BUFFERS__
                     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
-                    DOT: tl.constexpr, HAS_DLSE: tl.constexpr, USE_TMA: tl.constexpr):
+                    DOT: tl.constexpr, HAS_DLSE: tl.constexpr, USE_TMA: tl.constexpr, DQ_ATOMIC: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q, gq, do, ra, rb, dl = _dbwd_row_inputs(Q, DO, GQ, Q_DESC, DO_DESC, GQ_DESC, REF, DLSE, qh,
                                            start_m, Sq, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN, HAS_DLSE,
@@ -264,6 +269,12 @@ def _dbwd_dkdv_tile(g_k, g_v, k, v, gk, gv, Q, DO, GQ, Q_DESC, DO_DESC, GQ_DESC,
     gs, ds, gt, dt = _dbwd_gs(p, dp, u, bm, f1, duds, dsh, U, Wc, Bbar)
     g_k += _mm(tl.trans(gs.to(q.dtype)), q, DOT) + _mm(tl.trans(ds.to(gq.dtype)), gq, DOT)
     g_v += _mm(tl.trans((p * (u - U[:, None])).to(do.dtype)), do, DOT)
+    if DQ_ATOMIC:
+        # this tile's share of g_q / scale, added into the fp32 rows GQ_ACC (read by the dq pass)
+        part = _mm(gs.to(k.dtype), k, DOT) + _mm(ds.to(gk.dtype), gk, DOT)
+        offs_d = tl.arange(0, BLOCK_D)
+        tl.atomic_add(GQ_ACC + qh * Sq * D + offs_m[:, None] * D + offs_d[None, :], part,
+                      mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < D), sem="relaxed")
     return g_k, g_v
 
 
@@ -272,7 +283,9 @@ def flex_dbwd_dkdv(__SIGNATURE__):
     """Pass 3 of the double backward, per key tile: g_k = scale sum_i (gs^T q + ds^T Gq) and
     g_v = sum_i (P (u - U))^T do, over the query heads of a GQA group and the query blocks the
     transposed block tables Q_BLOCKS of STREAM (signatures.SecondStreamArgs) list for the kv block
-    (ACCUMULATE: add ADD_K, ADD_V).  USE_TMA: the query-side tiles through the descriptors."""
+    (ACCUMULATE: add ADD_K, ADD_V).  USE_TMA: the query-side tiles through the descriptors.
+    DQ_ATOMIC: also add each tile's share of g_q / scale into the fp32 rows GQ_ACC with atomic
+    adds; the dq pass then skips its key loop (FROM_ACC)."""
     pid_n, off_b, off_hk, offs_n, kvh = _key_program(Skv, Hkv, HEAD_GROUP, BLOCK_N)
     # the program's own keys, loaded once: pointer loads (the descriptor slots are unused)
     k, v, gk, gv = _dbwd_kv_rows(K, V, GK, GV, K, V, GK, GV, kvh, pid_n * BLOCK_N, Skv, D, DV, BLOCK_N, BLOCK_D,
@@ -289,9 +302,9 @@ def flex_dbwd_dkdv(__SIGNATURE__):
             LIST, row, n_tiles = _blocks(FULL, IDX, FULL_IDX, base, base_full, n_partial, n_full, SPARSE_Q, BLOCK_M)
             for it in range(n_tiles):
                 g_k, g_v = _dbwd_dkdv_tile(g_k, g_v, k, v, gk, gv, STREAM.Q, STREAM.DO, STREAM.GQ, Q_DESC, DO_DESC,
-                                           GQ_DESC, STREAM.REF, DLSE, STREAM.STATS, qh,
+                                           GQ_DESC, STREAM.REF, DLSE, STREAM.STATS, GQ_ACC, qh,
                                            _tile_start(LIST, row, it, SPARSE_Q, BLOCK_M), offs_n, off_b, off_h,
                                            STREAM.Sq, Skv, scale, STREAM.Q_OFF, __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV,
-                                           BLOCK_M, BLOCK_N, FULL == 1, EVEN, DOT, HAS_DLSE, USE_TMA)
+                                           BLOCK_M, BLOCK_N, FULL == 1, EVEN, DOT, HAS_DLSE, USE_TMA, DQ_ATOMIC)
     _store_key_grads(G_K, G_V, ADD_K, ADD_V, g_k * scale, g_v, kvh, offs_n, Skv, D, DV, BLOCK_D, BLOCK_DV,
                      ACCUMULATE)
