@@ -394,3 +394,97 @@ def test_large_derivative_mod_stays_at_eager_precision(seed, with_lse, fused_cal
         assert rel_err(got, want) <= 8 * max(rel_err(eager, want), 1e-5)
     for got, eager, want in zip(got_first, eager_first, want_first):
         assert rel_err(got, want) <= 30 * max(rel_err(eager, want), 1e-5)
+
+
+@pytest.mark.parametrize("stream", ["flex", "ebt", "piecewise"])
+def test_dq_by_atomic_adds(stream, monkeypatch):
+    """kernel_options DBWD_DQ_ATOMIC: the g_k/g_v pass adds each tile's share of g_q into fp32
+    rows and the g_q pass keeps only the own key's column -- second order equal to the reference
+    (GQA, odd lengths, rows that keep nothing, soft-cap, own keys, a row group split over two
+    passes)."""
+    from flexebt.kernels import plan as plan_mod
+
+    folded = []
+    original = plan_mod.dbwd_dkdv_pass
+
+    def spy(*args, **kwargs):
+        folded.append(kwargs.get("gq_acc") is not None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(plan_mod, "dbwd_dkdv_pass", spy)
+    torch.manual_seed(1)
+    sm = mods.generate_tanh_softcap(2.0)
+    if stream == "flex":
+        S = 37
+        bm = flexebt.create_block_mask(lambda b, h, q, kv: (q % 7 != 3) & (kv <= q), None, None, S, S,
+                                       device="cpu", BLOCK_SIZE=16)
+        x0 = [torch.randn(1, 4, S, 16), torch.randn(1, 2, S, 16), torch.randn(1, 2, S, 16)]
+
+        def attend(x, options):
+            return (flexebt.flex_attention(*x, score_mod=sm, block_mask=bm, enable_gqa=True, kernel_options=options),)
+    elif stream == "ebt":
+        S = 21
+        bm = flexebt.create_ebt_block_mask(None, None, None, S + 2, S, device="cpu", BLOCK_SIZE=16)
+        x0 = [torch.randn(1, 4, S + 2, 16), torch.randn(1, 2, S + 2, 16), torch.randn(1, 2, S + 2, 16),
+              torch.randn(1, 4, S, 16), torch.randn(1, 2, S, 16), torch.randn(1, 2, S, 16)]
+
+        def attend(x, options):
+            return flexebt.flex_ebt_attention(*x, score_mod=sm, block_mask=bm, enable_gqa=True, kernel_options=options)
+    else:
+        S = 35
+        x0 = [torch.randn(1, 2, S, 16) for _ in range(5)]
+
+        def attend(x, options):
+            return (flexebt.piecewise_attention(*x, 9, causal=True, kernel_options=options),)
+
+    def second_order(options, dtype=torch.float32):
+        x = [t.to(dtype).requires_grad_() for t in x0]
+        outs = attend(x, options)
+        g = torch.autograd.grad(sum((o * o).sum() for o in outs), x, create_graph=True)
+        return torch.autograd.grad(sum((t * t).sum() * (i + 1) for i, t in enumerate(g)), x)
+
+    atomic = second_order({**T, "DBWD_DQ_ATOMIC": 1})
+    assert folded and all(folded), "the g_q share was not added by the g_k/g_v pass"
+    for a, b in zip(atomic, second_order(R, torch.float64)):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_dq_by_atomic_adds_not_taken_where_it_would_change_results(monkeypatch):
+    """DBWD_DQ_ATOMIC stays off where the g_q pass scatters a learned tensor's gradient (that
+    scatter is in its key loop) and under deterministic algorithms (the adds' order varies):
+    both still give the reference's numbers."""
+    from flexebt.kernels import plan as plan_mod
+
+    folded = []
+    original = plan_mod.dbwd_dkdv_pass
+
+    def spy(*args, **kwargs):
+        folded.append(kwargs.get("gq_acc") is not None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(plan_mod, "dbwd_dkdv_pass", spy)
+    S, H = 21, 2
+    bias = (0.3 * torch.randn(H, S, S)).requires_grad_()
+    sm = mods.generate_bias_score_mod(bias)
+    x = [torch.randn(1, H, S, 16, requires_grad=True) for _ in range(3)]
+
+    def loss(options, extra):
+        out = flexebt.flex_attention(*x, score_mod=sm, kernel_options=options)
+        g = torch.autograd.grad(out.square().sum(), x + extra, create_graph=True)
+        return torch.autograd.grad(sum((t * t).sum() for t in g), x + extra)
+
+    got = loss({**T, "DBWD_DQ_ATOMIC": 1}, [bias])
+    assert folded == [False]
+    want = loss(R, [bias])
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-5
+    folded.clear()
+    sm = None  # read by loss(): no learned tensor now
+    torch.use_deterministic_algorithms(True)
+    try:
+        got = loss({**T, "DBWD_DQ_ATOMIC": 1}, [])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert folded == [False]
+    for a, b in zip(got, loss(R, [])):
+        assert rel_err(a, b) < 1e-5
