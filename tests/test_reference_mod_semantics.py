@@ -477,3 +477,59 @@ def test_a_nan_row_has_a_nan_lse_as_in_torch():
     assert torch.equal(torch.isnan(lse), torch.isnan(want_lse))
     finite = ~torch.isnan(want_lse)
     assert rel_err(lse[finite], want_lse[finite]) < 1e-12 and rel_err(out[finite], want[finite]) < 1e-12
+
+
+def _undefined_where_removed(score, b, h, q_idx, kv_idx):
+    """NaN wherever kv_idx > q_idx (sqrt of a negative number), defined on the causal triangle."""
+    return score / torch.sqrt((q_idx - kv_idx + 1).to(score.dtype)) + torch.log((q_idx - kv_idx + 1).to(score.dtype))
+
+
+@pytest.mark.parametrize("backend", ["REFERENCE", "TRITON"])
+@pytest.mark.parametrize("family", ["flex", "ebt", "piecewise"])
+def test_mod_undefined_where_the_mask_removes_pairs(family, backend, monkeypatch):
+    """A score_mod that is NaN only at positions the mask removes: those positions change no
+    result, so the outputs, first- and second-order gradients are finite and equal those of the
+    same attention written with a mod that is defined everywhere (its values on the kept
+    positions are the same)."""
+    if backend == "TRITON":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    def defined(score, b, h, q_idx, kv_idx):
+        d = (q_idx - kv_idx + 1).clamp_min(1).to(score.dtype)
+        return score / torch.sqrt(d) + torch.log(d)
+
+    torch.manual_seed(0)
+    dt = torch.float64 if backend == "REFERENCE" else torch.float32
+    opts = {"BACKEND": backend}
+    if family == "flex":
+        S = 21
+        bm = flexebt.create_block_mask(lambda b, h, q, kv: q >= kv, None, None, S, S, device="cpu", BLOCK_SIZE=16)
+        x0 = [torch.randn(1, 2, S, 16, dtype=dt) for _ in range(3)]
+
+        def attend(x, sm):
+            return (flexebt.flex_attention(*x, score_mod=sm, block_mask=bm, kernel_options=opts),)
+    elif family == "ebt":
+        S = 19  # frame positions: the observed stream's t, the predicted stream's t + 1; causal frame mask
+        bm = flexebt.create_ebt_block_mask(None, None, None, S, S, device="cpu", BLOCK_SIZE=16)
+        x0 = [torch.randn(1, 2, S, 16, dtype=dt) for _ in range(6)]
+
+        def attend(x, sm):
+            return flexebt.flex_ebt_attention(*x, score_mod=sm, block_mask=bm, kernel_options=opts)
+    else:
+        S = 23
+        x0 = [torch.randn(1, 2, S, 16, dtype=dt) for _ in range(5)]
+
+        def attend(x, sm):
+            return (flexebt.piecewise_attention(*x, 7, causal=True, score_mod=sm, kernel_options=opts),)
+
+    def orders(sm):
+        x = [t.clone().requires_grad_() for t in x0]
+        outs = attend(x, sm)
+        g = torch.autograd.grad(sum((o * o).sum() for o in outs), x, create_graph=True)
+        g2 = torch.autograd.grad(sum((t * t).sum() for t in g), x)
+        return [o.detach() for o in outs] + list(g) + list(g2)
+
+    tol = 1e-12 if dt == torch.float64 else 1e-5
+    for a, b in zip(orders(_undefined_where_removed), orders(defined)):
+        assert torch.isfinite(a).all()
+        assert (a - b).abs().max() <= tol * max(1.0, b.abs().max().item())

@@ -201,6 +201,19 @@ def apply_score_mod(score_mod: Optional[Callable], scores: Tensor, b: Tensor, h:
     return _evaluate("score_mod", score_mod, one, (scores, b, h, q_idx, kv_idx), scores.shape)
 
 
+def kept_scores(scores: Tensor, keep: Tensor) -> Tensor:
+    """The scores a score_mod is applied to: at positions the mask removes they carry no gradient.
+
+    A mod may be undefined where the mask removes a pair (``score / sqrt(q_idx - kv_idx + 1)``
+    under a causal mask: NaN above the diagonal).  Those positions cannot change any result, yet
+    autograd would multiply their zero cotangent by the mod's NaN derivative and spread the NaN
+    into dq and dk.  ``where`` routes the gradient of a removed position nowhere (it selects, it
+    does not multiply), as the kernels zero ``ds`` there."""
+    if not scores.requires_grad:
+        return scores
+    return torch.where(keep, scores, scores.detach())
+
+
 def eval_mask_mod(mask_mod: Optional[Callable], shape, b: Tensor, h: Tensor, q_idx: Tensor,
                   kv_idx: Tensor) -> Tensor:
     """``mask_mod(b, h, q_idx, kv_idx)`` at every position of ``shape``; a bool tensor of ``shape``."""

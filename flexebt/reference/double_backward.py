@@ -45,11 +45,11 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .core import apply_score_mod, compute_dtype, expand_kv_heads, index_grid, masked_softmax
+from .core import apply_score_mod, compute_dtype, expand_kv_heads, index_grid, kept_scores, masked_softmax
 from .masking import dense_keep
 
 
-def _mod_derivatives(score_mod: Optional[Callable], s: Tensor, b, h, qi, ki):
+def _mod_derivatives(score_mod: Optional[Callable], s: Tensor, b, h, qi, ki, keep: Tensor):
     """t = f(s), f'(s), f''(s) elementwise, with f applied per score (torch's semantics, see
     core.apply_score_mod).  Differentiable in s (so in q, k) when s requires grad -- the closed
     form is itself differentiated for third order -- else computed on a leaf."""
@@ -57,7 +57,7 @@ def _mod_derivatives(score_mod: Optional[Callable], s: Tensor, b, h, qi, ki):
         return s, torch.ones_like(s), torch.zeros_like(s)
     with torch.enable_grad():
         x = s if s.requires_grad else s.detach().requires_grad_()
-        t = apply_score_mod(score_mod, x, b, h, qi, ki)
+        t = apply_score_mod(score_mod, kept_scores(x, keep), b, h, qi, ki)
         # f applies to each score on its own, so d(sum t)/ds is f'(s) elementwise.
         d1 = torch.autograd.grad(t.sum(), x, create_graph=True, allow_unused=True)[0] if t.requires_grad else None
         d1 = torch.zeros_like(s) if d1 is None else d1
@@ -87,8 +87,8 @@ def attention_double_backward(q: Tensor, k: Tensor, v: Tensor, do: Tensor, dlse:
     q, k, v, do, gq, gk, gv = (x.to(cdt) for x in (q, k, v, do, gq, gk, gv))
     b, h, qi, ki = index_grid(B, H, Sq, Skv, q.device)
     s = q @ k.transpose(-1, -2) * scale
-    t, f1, f2 = _mod_derivatives(score_mod, s, b, h, qi, ki)
     keep = dense_keep(block_mask, B, H, Sq, Skv, q.device)
+    t, f1, f2 = _mod_derivatives(score_mod, s, b, h, qi, ki, keep)
     f1 = torch.where(keep, f1, torch.zeros_like(f1))
     f2 = torch.where(keep, f2, torch.zeros_like(f2))
     P, _ = masked_softmax(t, keep)

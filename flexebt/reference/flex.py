@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
 from .masking import dense_keep
-from .core import apply_score_mod, compute_dtype, expand_kv_heads, index_grid, lse_dtype, masked_softmax
+from .core import apply_score_mod, compute_dtype, expand_kv_heads, index_grid, kept_scores, lse_dtype, masked_softmax
 
 
 def flex_attention_reference(query: Tensor, key: Tensor, value: Tensor, score_mod: Optional[Callable] = None,
@@ -31,8 +31,8 @@ def flex_attention_reference(query: Tensor, key: Tensor, value: Tensor, score_mo
 
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
     b, h, qi, ki = index_grid(B, Hq, Sq, Skv, query.device)
-    t = apply_score_mod(score_mod, s, b, h, qi, ki)
     keep = dense_keep(block_mask, B, Hq, Sq, Skv, query.device)
+    t = apply_score_mod(score_mod, kept_scores(s, keep), b, h, qi, ki)
     p, lse = masked_softmax(t, keep)
     out = torch.matmul(p, v)
     out, lse = out.to(query.dtype), lse.to(lse_dtype(query.dtype))

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .core import apply_score_mod, compute_dtype, index_grid, lse_dtype, masked_softmax
+from .core import apply_score_mod, compute_dtype, index_grid, kept_scores, lse_dtype, masked_softmax
 from .masking import dense_keep
 
 
@@ -31,13 +31,13 @@ def piecewise_attention_reference(q1: Tensor, k1: Tensor, q2: Tensor, k2: Tensor
     n = torch.arange(N, device=q1.device).view(1, N)
     dist = (N - M) + m - n
     s = torch.where(dist >= dist_threshold, s2, s1)
-    if score_mod is not None:
-        b, h, qi, ki = index_grid(B, H, M, N, q1.device)
-        s = apply_score_mod(score_mod, s, b, h, qi, ki)
     keep = (dist >= 0) if causal else torch.ones_like(dist, dtype=torch.bool)
     keep = keep.expand(s.shape)
     if block_mask is not None:
         keep = keep & dense_keep(block_mask, B, H, M, N, q1.device)
+    if score_mod is not None:
+        b, h, qi, ki = index_grid(B, H, M, N, q1.device)
+        s = apply_score_mod(score_mod, kept_scores(s, keep), b, h, qi, ki)
     p, lse = masked_softmax(s, keep)
     out = torch.matmul(p, v.to(cdt))
     return out.to(q1.dtype), lse.to(lse_dtype(q1.dtype))
