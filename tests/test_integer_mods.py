@@ -297,3 +297,34 @@ def test_learned_table_indexed_by_a_promoted_value_second_order():
     want = second_order(run(R), xs + [learn])
     for a, b in zip(got[0] + got[1], want[0] + want[1]):
         assert torch.isfinite(a).all() and rel_err(a, b) < 2e-5
+
+
+# torch's float functions of an integer or bool operand promote it to the default float dtype;
+# floor / ceil / trunc of an integer tensor return it unchanged
+_INT_FUNCTIONS = {
+    "sin_cos_tan_of_b": lambda s, b, h, q, k: torch.sin(torch.cos(s)) + torch.tan(b) + torch.cos(h),
+    "exp_of_distance": lambda s, b, h, q, k: s + torch.exp(-(q - k).abs()) + torch.exp2(-(q - k).abs()),
+    "sqrt_rsqrt_of_positions": lambda s, b, h, q, k: s - 0.1 * torch.sqrt(k) + torch.rsqrt(q + 1),
+    "logs_of_positions": lambda s, b, h, q, k: s * torch.log2(h + 1) + torch.log(q + 1) - torch.log10(k + 1),
+    "erf_sigmoid_reciprocal": lambda s, b, h, q, k: s + torch.erf(q - k) + torch.sigmoid(k - 5) + torch.reciprocal(q + 1),
+    "hyperbolic": lambda s, b, h, q, k: s + torch.tanh(q - k) + 0.01 * torch.cosh(k % 3) - 0.01 * torch.sinh(h),
+    "bool_operand": lambda s, b, h, q, k: s + torch.sin(q >= k),
+    "floor_ceil_trunc_of_int": lambda s, b, h, q, k: s + (torch.floor(q) - torch.ceil(k) + torch.trunc(q - k)) * 0.1,
+}
+
+
+@pytest.mark.parametrize("name", list(_INT_FUNCTIONS))
+def test_float_functions_of_integers(name):
+    """torch.sin(b), torch.exp(q_idx - kv_idx), ... (torch's own test mod ``_trig`` among them):
+    computed as torch does, in the forward and the gradients."""
+    mod = _INT_FUNCTIONS[name]
+    torch.manual_seed(0)
+    x = [torch.randn(B, H, 21, 16, requires_grad=True) for _ in range(3)]
+    want = torch_flex_attention(*[t.detach() for t in x], score_mod=mod)
+    got = flexebt.flex_attention(*x, score_mod=mod, kernel_options=T)
+    assert rel_err(got, want) < 1e-5
+    g = torch.autograd.grad(got.square().sum(), x)
+    x64 = [t.detach().double().requires_grad_() for t in x]
+    r = flexebt.flex_attention(*x64, score_mod=mod, kernel_options=R)
+    for a, b in zip(g, torch.autograd.grad(r.square().sum(), x64)):
+        assert rel_err(a, b) < 1e-5

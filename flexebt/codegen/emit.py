@@ -86,8 +86,24 @@ def _op(targets, doc, unary_float=False):
 
 
 def _fmt(targets, pattern, doc, unary_float=False):
+    """An op written as one expression.  ``unary_float``: a float function, which torch applies to
+    an integer or bool tensor by promoting it to the default float dtype (``torch.sin(b)``):
+    such an operand is cast to fp32 first."""
     n_args = 1 + max(int(i) for i in re.findall(r"\{(\d+)\}", pattern))
-    _op(targets, doc, unary_float)(lambda em, node, a, p=pattern, n=n_args: p.format(*(a(i) for i in range(n))))
+
+    def emit(em, node, a, p=pattern, n=n_args):
+        args = [a(i) for i in range(n)]
+        if unary_float:
+            args = [_f32(x) if _is_integral(node.args[i]) else x for i, x in enumerate(args)]
+        return p.format(*args)
+
+    _op(targets, doc, unary_float)(emit)
+
+
+def _is_integral(x) -> bool:
+    """An integer or bool tensor operand (a Python number is not: torch keeps its tensor's dtype)."""
+    dt = _dtype(x)
+    return dt is not None and not dt.is_floating_point and not dt.is_complex
 
 
 def _is_float(x) -> bool:
@@ -388,9 +404,13 @@ _fmt([aten.sin.default], "tl.sin({0})", "torch.sin", True)
 _fmt([aten.cos.default], "tl.cos({0})", "torch.cos", True)
 _fmt([aten.tan.default], "(tl.sin({0}) / tl.cos({0}))", "torch.tan", True)
 _fmt([aten.erf.default], "tl.erf({0})", "torch.erf", True)
-_fmt([aten.floor.default], "tl.floor({0})", "torch.floor", True)
-_fmt([aten.ceil.default], "tl.ceil({0})", "torch.ceil", True)
-_op([aten.trunc.default], "torch.trunc", True)(lambda em, node, a: _trunc(a(0)))
+# floor / ceil of an integer tensor is the tensor itself (torch keeps its dtype)
+_op([aten.floor.default], "torch.floor", True)(
+    lambda em, node, a: a(0) if _is_integral(node.args[0]) else f"tl.floor({a(0)})")
+_op([aten.ceil.default], "torch.ceil", True)(
+    lambda em, node, a: a(0) if _is_integral(node.args[0]) else f"tl.ceil({a(0)})")
+_op([aten.trunc.default], "torch.trunc", True)(
+    lambda em, node, a: a(0) if _is_integral(node.args[0]) else _trunc(a(0)))
 _op([aten.frac.default], "torch.frac", True)(lambda em, node, a: f"({a(0)} - {_trunc(a(0))})")
 # tanh's odd Taylor coefficients x^3 .. x^11 (enough below |x| = 0.3: the x^13 term is < 2e-9 relative)
 _TANH_TAYLOR = (-1 / 3, 2 / 15, -17 / 315, 62 / 2835, -1382 / 155925)
