@@ -87,6 +87,8 @@ CASES = {
     "clamp": lambda s, b, h, q, kv: s.clamp(-1, 1) + s.clamp(min=w_(kv)) + s.clamp(max=0.5) + (q - kv).clamp(-2, 3)
     + torch.clamp(s, min=w_(q), max=w_(kv)),
     "clamp_min_max": lambda s, b, h, q, kv: torch.clamp_min(s, 0.5) + torch.clamp_max(s, w_(kv)),
+    "clamp_min_max_other_forms": lambda s, b, h, q, kv: torch.clamp_max(s, 0.5) + s.clamp_max(-0.25)
+    + torch.clamp_min(s, w_(q)) + (q - kv).clamp_max(2) + torch.clamp_min(q - kv, -3),
     # elementwise functions
     "neg_abs": lambda s, b, h, q, kv: -s + torch.abs(s) + torch.abs(q - kv),
     "exp_log": lambda s, b, h, q, kv: torch.exp(s * 0.5) + torch.exp2(s * 0.5) + torch.log(s) + torch.log2(s) +

@@ -369,13 +369,16 @@ _op([aten.maximum.default], "torch.maximum")(lambda em, node, a: _max(a(0), a(1)
 _op([aten.minimum.default], "torch.minimum")(lambda em, node, a: _min(a(0), a(1), _is_float(node)))
 
 
-@_op([aten.clamp.default, aten.clamp.Tensor, aten.clamp_min.default, aten.clamp_max.Tensor],
-     "torch.clamp / clamp_min / clamp_max")
+CLAMP_MIN = (aten.clamp_min.default, aten.clamp_min.Tensor)
+CLAMP_MAX = (aten.clamp_max.default, aten.clamp_max.Tensor)
+
+
+@_op([aten.clamp.default, aten.clamp.Tensor, *CLAMP_MIN, *CLAMP_MAX], "torch.clamp / clamp_min / clamp_max")
 def _clamp(em, node, a):
     t, args = node.target, node.args
-    if t is aten.clamp_min.default:
+    if t in CLAMP_MIN:
         lo, hi = args[1], None
-    elif t is aten.clamp_max.Tensor:
+    elif t in CLAMP_MAX:
         lo, hi = None, args[1]
     else:
         lo = args[1] if len(args) > 1 else node.kwargs.get("min")

@@ -204,13 +204,14 @@ def _rule(node: torch.fx.Node, iv) -> Optional[tuple]:
     if t is aten.where.self:
         x, y = a(1), a(2)
         return None if x is None or y is None else (min(x[0], y[0]), max(x[1], y[1]))
-    if t in (aten.clamp.default, aten.clamp.Tensor, aten.clamp_min.default, aten.clamp_max.Tensor):
+    if t in (aten.clamp.default, aten.clamp.Tensor, aten.clamp_min.default, aten.clamp_min.Tensor,
+             aten.clamp_max.default, aten.clamp_max.Tensor):
         x = a(0)
         if x is None:
             return None
-        if t is aten.clamp_min.default:
+        if t in (aten.clamp_min.default, aten.clamp_min.Tensor):
             lo, hi = args[1], None
-        elif t is aten.clamp_max.Tensor:
+        elif t in (aten.clamp_max.default, aten.clamp_max.Tensor):
             lo, hi = None, args[1]
         else:
             lo = args[1] if len(args) > 1 else kw.get("min")
