@@ -486,3 +486,39 @@ def test_an_expanded_captured_tensor_counts_its_contiguous_copy_for_offsets():
     small = torch.empty(1, 4096, 4096, device="meta")
     assert not wide_offsets(small)
     assert wide_offsets(small.expand(160, 4096, 4096))
+
+
+def test_score_updated_in_place():
+    """``score += w[h] * (q_idx - kv_idx)`` / ``score.mul_(2).add_(...).tanh_()``: torch lets a mod
+    update its score argument in place.  The kernels give what they give for the same mod written
+    out of place, bit for bit: first and second order, a learned tensor's gradients, the EBT own
+    key's score too."""
+    torch.manual_seed(0)
+    w = torch.randn(2, requires_grad=True)
+
+    def plus(score, b, h, q_idx, kv_idx):
+        score += w[h] * (q_idx - kv_idx)
+        return score
+
+    def plus_out_of_place(score, b, h, q_idx, kv_idx):
+        return score + w[h] * (q_idx - kv_idx)
+
+    def chained(score, b, h, q_idx, kv_idx):
+        return score.mul_(2).add_(w[h] * kv_idx).tanh_()
+
+    def chained_out_of_place(score, b, h, q_idx, kv_idx):
+        return (score * 2 + w[h] * kv_idx).tanh()
+
+    x = [torch.randn(1, 2, 19, 16, requires_grad=True) for _ in range(3)] + [w]
+    y = [torch.randn(1, 2, 17, 16, requires_grad=True) for _ in range(6)] + [w]
+    def flex(mod):
+        return second_order(lambda *a: [flexebt.flex_attention(*a[:3], score_mod=mod, kernel_options=T)], x)
+
+    def ebt(mod):
+        return second_order(lambda *a: list(flexebt.flex_ebt_attention(*a[:6], score_mod=mod, kernel_options=T)), y)
+
+    for run, in_place, out_of_place in ((flex, plus, plus_out_of_place), (flex, chained, chained_out_of_place),
+                                        (ebt, chained, chained_out_of_place)):
+        got, want = run(in_place), run(out_of_place)
+        for a, b in zip(got[0] + got[1], want[0] + want[1]):
+            assert torch.equal(a, b)

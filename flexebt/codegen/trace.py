@@ -484,7 +484,9 @@ def _trace_derivatives(gm: torch.fx.GraphModule, loads: list[Load], second: bool
         with torch.enable_grad():
             s = s.detach().requires_grad_(True)
             leaves = [x.detach().requires_grad_(learn) for x, learn in zip(leaves, learned)]
-            t = _LeafInterpreter(gm, dict(zip(names, leaves))).run(s, b, h, q, kv)
+            # the mod gets a copy of the score: it may update its argument in place (score += ...),
+            # as torch allows, which a leaf that requires grad refuses
+            t = _LeafInterpreter(gm, dict(zip(names, leaves))).run(s.clone(), b, h, q, kv)
             wrt = [s, *leaves]
             first = grad(t, wrt, create_graph=second)
             outs = [t.detach(), *[g.detach() for g in first]]
