@@ -11,6 +11,7 @@ error, as in torch), integer floor semantics in mask_mods, odd lengths and GQA.
 import pytest
 import torch
 from torch.nn.attention.flex_attention import create_block_mask
+from torch.nn.attention.flex_attention import flex_attention as torch_flex_attention
 
 import flexebt
 from helpers import rel_err, second_order
@@ -522,3 +523,43 @@ def test_score_updated_in_place():
         got, want = run(in_place), run(out_of_place)
         for a, b in zip(got[0] + got[1], want[0] + want[1]):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_half_precision_arithmetic_inside_a_mod(half):
+    """A captured fp16 / bf16 tensor used in arithmetic (``s + tab[q_idx] * 0.5``) and the score
+    cast to that dtype inside the mod (``(s.to(half) * 2).float()``): torch computes each op in
+    fp32 and rounds its result to the half dtype (to nearest even); the kernels do the same, so
+    the outputs match torch's own flex_attention (to fp32 accuracy: a wrong rounding is off by the
+    half dtype's eps).  Gradients: against float64 math with the same roundings of the values
+    and the casts' derivative 1, to the half dtype's accuracy (autograd rounds the cotangents
+    that pass through a cast, by an amount that depends on them)."""
+    torch.manual_seed(3)
+    tab = (torch.randn(20) * 2).to(half)
+    gain = torch.tensor([1.5, -0.7], requires_grad=True)
+
+    def mod(s, b, h, q_idx, kv_idx):
+        return s + tab[q_idx] * 0.5 + (s.to(half) * 2 + tab[kv_idx]).float() * gain[h] - (tab[q_idx] - tab[kv_idx]).float()
+
+    def mod64(s, b, h, q_idx, kv_idx):
+        s_half = s + (s.to(half).double() - s).detach()  # rounded value, derivative 1
+        t = tab.double()
+        return (s + (t[q_idx] * 0.5).to(half).double() + (s_half * 2 + t[kv_idx]).to(half).double() * gain64[h]
+                - (t[q_idx] - t[kv_idx]).to(half).double())
+
+    x = [torch.randn(1, 2, 20, 16, requires_grad=True) for _ in range(3)]
+    want = torch_flex_attention(*[t.detach() for t in x], score_mod=lambda *a: mod(*a).detach())
+    got = flexebt.flex_attention(*x, score_mod=mod, kernel_options=T)
+    assert rel_err(got, want) < 1e-5
+    gain64 = gain.detach().double().requires_grad_()
+    cot = torch.randn(1, 2, 20, 16)
+
+    def orders(sm, xs, opts):
+        out = flexebt.flex_attention(*xs[:3], score_mod=sm, kernel_options=opts)
+        first = torch.autograd.grad((out * cot.to(out.dtype)).sum(), xs, create_graph=True)
+        return list(first) + list(torch.autograd.grad(sum((f * f).sum() for f in first), xs))
+
+    got = orders(mod, x + [gain], T)
+    want = orders(mod64, [t.detach().double().requires_grad_() for t in x] + [gain64], R)
+    for a, b in zip(got, want):  # autograd rounds the casts' cotangents to the half dtype: its eps
+        assert rel_err(a, b) < 4 * torch.finfo(half).eps

@@ -43,6 +43,7 @@ from .intervals import INT32, ONE_VALUE_OPS, integer_intervals, kernel_dtypes
 aten = torch.ops.aten
 prims = torch.ops.prims
 
+_HALF = (torch.float16, torch.bfloat16)
 _TL_DTYPE = {torch.float32: "tl.float32", torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16",
              torch.float64: "tl.float32", torch.int32: "tl.int32", torch.int64: "tl.int64", torch.int16: "tl.int16",
              torch.int8: "tl.int8", torch.uint8: "tl.uint8", torch.bool: "tl.int1"}
@@ -625,6 +626,10 @@ class Emitter:
             have = self._kdt.get(x.name)
             if want is not None and have is not None and have != want and id(x) not in self._not_operands:
                 return f"({val}).to({_TL_DTYPE[want]})"
+            if _dtype(x) in _HALF:
+                # torch computes an op on fp16 / bf16 values in fp32 and rounds its result (the
+                # node's own cast, emit()); Triton's interpreter has no bf16 arithmetic at all
+                return f"({val}).to(tl.float32)"
             return val
         if self._operands is not None and isinstance(x, int) and not isinstance(x, bool):
             return repr(_wrap(x, self._operand_torch_dtype))  # torch casts a number to the op's dtype
@@ -715,8 +720,11 @@ class Emitter:
                     continue
                 var = self.tmp(node)
                 dtype = self._kdt.get(node.name, _dtype(node))
-                cast = f".to({_TL_DTYPE[dtype]})" if dtype in _TL_DTYPE else ""
-                self.lines.append(f"{var} = ({expr}){cast}")
+                if dtype == torch.bfloat16:
+                    self._round_to_bf16(var, expr)
+                else:
+                    cast = f".to({_TL_DTYPE[dtype]})" if dtype in _TL_DTYPE else ""
+                    self.lines.append(f"{var} = ({expr}){cast}")
                 env[node.name] = var
                 if _is_inplace(node):  # later reads of the mutated tensor see the new value
                     self._write(gm, node.args[0], var)
@@ -725,6 +733,18 @@ class Emitter:
                 outs = outs if isinstance(outs, (tuple, list)) else (outs,)
                 return [env[o.name] if isinstance(o, torch.fx.Node) else _lit(o) for o in outs]
         raise RuntimeError("graph without output")
+
+    def _round_to_bf16(self, var: str, expr: str) -> None:
+        """``var = expr`` rounded to bf16, to nearest even as torch rounds, written with integer
+        operations on the fp32 bits: Triton's interpreter truncates in ``.to(tl.bfloat16)``.  The
+        bits of ``x`` plus 0x7FFF plus the last kept bit, with the low 16 bits cleared, are
+        the nearest bf16 (ties to even; the carry runs into the exponent, up to inf); a NaN is
+        kept as it is."""
+        self.lines += [f"{var}_f = ({expr}).to(tl.float32)",
+                       f"{var}_u = {var}_f.to(tl.uint32, bitcast=True)",
+                       f"{var}_u = (({var}_u + 0x7FFF + (({var}_u >> 16) & 1)) >> 16) << 16",
+                       f"{var} = tl.where({var}_f != {var}_f, {var}_f, {var}_u.to(tl.float32, bitcast=True))"
+                       f".to(tl.bfloat16)"]
 
     def _write(self, gm, target, value: str) -> None:
         """An in-place op wrote ``value`` into ``target``: every tensor sharing its memory (the
