@@ -131,15 +131,23 @@ def _load_msum(MSUM, qh, offs_m, Sq):
     empty = l_sum == 0.0
     lg = tl.where(empty, 0.0, tl.log2(tl.where(empty, 1.0, l_sum)))
     m = tl.where(empty, 0.0, m)
-    if SCORE_LOG2:  # scores in log2 units are never huge (the plain product): one reference
-        return m * LOG2E + lg, lg
+    if SCORE_LOG2:
+        return m * LOG2E, lg
     else:
         return m, lg
 
 
 @triton.jit
-def _store_msum(MSUM, m, l_sum, qh, offs_m, Sq):
-    """Store a row tile's max (natural units; -inf for a row that keeps nothing) and sum (0 there)."""
+def _store_msum(MSUM, m, l_sum, m_i, qh, offs_m, Sq):
+    """Store a row tile's max m (natural units; -inf for a row that keeps nothing) and sum (0 there).
+    Without a score_mod the passes computed the sum against m_i, the max in log2 units, and the
+    backward rebuilds that as m log2 e, which can be an ulp off m_i (an ulp of 500 is 3e-5, so
+    every P of the row would be off by that much): the stored sum is l 2^(m_i - m log2 e), the
+    same row sum taken against the rebuilt max, so the backward's P = exp2(x - m log2 e) / l is
+    the forward's."""
+    if SCORE_LOG2:
+        d = m_i - m * LOG2E
+        l_sum = tl.where(tl.abs(d) < float("inf"), l_sum * tl.math.exp2(d), l_sum)
     rows = (qh * Sq + offs_m) * 2
     tl.store(MSUM + rows, m, mask=offs_m < Sq)
     tl.store(MSUM + rows + 1, l_sum, mask=offs_m < Sq)
@@ -153,8 +161,7 @@ def _store_ref(REF, ra, rb, qh, offs_m, Sq):
     per query tile cost a fraction of _load_msum's interleaved loads and log2."""
     ref = REF + qh * 2 * Sq + offs_m
     tl.store(ref, ra, mask=offs_m < Sq)
-    if not SCORE_LOG2:
-        tl.store(ref + Sq, rb, mask=offs_m < Sq)
+    tl.store(ref + Sq, rb, mask=offs_m < Sq)
 
 
 @triton.jit
@@ -162,18 +169,16 @@ def _load_ref(REF, qh, offs_m, Sq):
     """(ra, rb) of a row tile as _store_ref left them."""
     ref = REF + qh * 2 * Sq + offs_m
     ra = tl.load(ref, mask=offs_m < Sq, other=0.0)
-    if SCORE_LOG2:
-        rb = ra
-    else:
-        rb = tl.load(ref + Sq, mask=offs_m < Sq, other=0.0)
+    rb = tl.load(ref + Sq, mask=offs_m < Sq, other=0.0)
     return ra, rb
 
 
 @triton.jit
 def _exp_from(tu, ra, rb):
-    """P = exp(t - m) / l from a score in the pass's units and a row's (ra, rb) (_load_msum)."""
+    """P = exp(t - m) / l from a score in the pass's units and a row's (ra, rb) (_load_msum):
+    the max subtracted first (exact next to it, however large both are), then log2 l."""
     if SCORE_LOG2:
-        return tl.math.exp2(tu - ra)
+        return tl.math.exp2((tu - ra) - rb)
     else:
         return tl.math.exp2((tu - ra) * LOG2E - rb)
 

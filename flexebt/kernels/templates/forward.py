@@ -124,4 +124,4 @@ def flex_fwd(__SIGNATURE__):
     m_nat, lse = _row_results(m_i, l_i, empty)
     _store_rows(O + qh * Sq * DV, out, offs_m, Sq, DV, BLOCK_DV)
     tl.store(LSE + qh * Sq + offs_m, lse, mask=offs_m < Sq)
-    _store_msum(MSUM, m_nat, l_i, qh, offs_m, Sq)
+    _store_msum(MSUM, m_nat, l_i, m_i, qh, offs_m, Sq)

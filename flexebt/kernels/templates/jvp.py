@@ -82,4 +82,4 @@ def flex_jvp(__SIGNATURE__):
     _store_rows(DO + qh * Sq * DV, dout, offs_m, Sq, DV, BLOCK_DV)
     tl.store(LSE + qh * Sq + offs_m, lse, mask=offs_m < Sq)
     tl.store(DLSE + qh * Sq + offs_m, mbar, mask=offs_m < Sq)
-    _store_msum(MSUM, m_nat, l_i, qh, offs_m, Sq)
+    _store_msum(MSUM, m_nat, l_i, m_i, qh, offs_m, Sq)
