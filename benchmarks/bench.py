@@ -205,6 +205,10 @@ def run_b4(args, meta, writer):
                 impls["eager_math"] = lambda: flexebt.piecewise_attention(
                     *x, dist_threshold=w, causal=True, kernel_options={"BACKEND": "REFERENCE"})
             for impl in args.impls:
+                name, opts = parse_impl(impl)
+                if name == "flexebt_piecewise" and opts:  # with kernel_options, an implementation of its own
+                    impls[impl] = lambda o=opts: flexebt.piecewise_attention(*x, dist_threshold=w, causal=True,
+                                                                             kernel_options=o)
                 if impl not in impls:
                     continue
                 for mode in args.modes:
@@ -287,6 +291,9 @@ def run_b1(args, meta, writer):
                 impls["eager_math"] = lambda: flexebt.flex_ebt_attention(*x, block_mask=bm,
                                                                         kernel_options={"BACKEND": "REFERENCE"})
             for impl in args.impls:
+                name, opts = parse_impl(impl)
+                if name == "flexebt" and opts:  # flexebt with kernel_options, an implementation of its own
+                    impls[impl] = lambda o=opts: flexebt.flex_ebt_attention(*x, block_mask=bm, kernel_options=o)
                 if impl not in impls:
                     continue
                 for mode in args.modes:
@@ -333,8 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "sdpa_2x_causal,sdpa_2x_causal_flash,sdpa_2x_causal_cudnn,ebt_flash_attention,eager_math,"
                    "flexebt_piecewise,flexebt_causal",
                    type=lambda s: s.split(","),
-                   help="B1/B2/B4 implementations (each suite runs the ones it knows); 'flexebt:KEY=V;KEY=V' adds "
-                        "flexebt with those kernel_options as an implementation of its own")
+                   help="B1/B2/B4 implementations (each suite runs the ones it knows); 'flexebt:KEY=V;KEY=V' "
+                        "(B4: 'flexebt_piecewise:KEY=V') adds flexebt with those kernel_options as an "
+                        "implementation of its own")
     p.add_argument("--modes", default="fwd,fwd+bwd", type=lambda s: s.split(","),
                    help="B1/B2/B4 modes, comma-separated: fwd, fwd+bwd, fwd+bwd+dbwd (B1: the EBT-style double backward)")
     p.add_argument("--dtype", default="bfloat16", help="B2/B4 dtype")
