@@ -8,7 +8,7 @@ one), several captured tensors of different dtypes in one mod (float bias, int d
 one-element temperature), chained indexing, integer floor division and remainder on negative
 operands, block masks cropped with ``BlockMask._adjust`` (tables that list blocks past the end),
 odd lengths, GQA, flex / EBT / piecewise, bf16 and fp32, the per-batch accumulators of a
-bias under deterministic algorithms, and the opt-in paths PIPELINE_QK and DBWD_DQ_ATOMIC.  Prints one line per case and the checks' largest
+bias under deterministic algorithms, and the opt-in path DBWD_DQ_ATOMIC.  Prints one line per case and the checks' largest
 difference from the float64 reference.  ``--oob`` instead runs a mod that indexes out of
 range, which must end in a device-side assertion (run it without the sanitizer, in its own
 process).
@@ -138,9 +138,9 @@ def run(dtype, dev="cuda"):
           f"{_rel(det_second[3], at_second[3]):.1e}; EBT finite {all(torch.isfinite(f).all().item() for f in det_ebt)}",
           flush=True)
 
-    # the opt-in kernel paths: products one key tile ahead in the forward (PIPELINE_QK), g_q by
-    # atomic adds in the double backward's dk/dv pass (DBWD_DQ_ATOMIC); cropped tables, GQA, EBT
-    opts = {"PIPELINE_QK": 1, "DBWD_DQ_ATOMIC": 1}
+    # the opt-in g_q by atomic adds in the double backward's dk/dv pass (DBWD_DQ_ATOMIC); cropped
+    # tables, GQA, EBT
+    opts = {"DBWD_DQ_ATOMIC": 1}
 
     def flex_soft(options):
         return lambda q_, k_, v_: flexebt.flex_attention(q_, k_, v_, score_mod=lambda s, b, h, qi, ki: 30 * torch.tanh(s / 30),
@@ -152,7 +152,7 @@ def run(dtype, dev="cuda"):
     for name, make, xs in (("flex", flex_soft, [q, k, v]), ("ebt", ebt_plain, [qo, ko, vo, qp, kp, vp])):
         o_on, f_on, s_on = _second_order(make(opts), xs)
         o_off, f_off, s_off = _second_order(make({}), xs)
-        print(f"{name} {dtype} PIPELINE_QK + DBWD_DQ_ATOMIC vs default: out {max(_rel(a, b) for a, b in zip(o_on, o_off)):.1e}, "
+        print(f"{name} {dtype} DBWD_DQ_ATOMIC vs default: out {max(_rel(a, b) for a, b in zip(o_on, o_off)):.1e}, "
               f"second {max(_rel(a, b) for a, b in zip(s_on, s_off)):.1e}", flush=True)
 
 

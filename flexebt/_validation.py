@@ -391,8 +391,6 @@ def _declare_kernel_options() -> dict:
         "REVERSE_Q_ORDER": ("flag", "heaviest query tiles first (default on)"),
         "LINEAR_SCORE": ("flag", "forward without a score_mod: the running row max taken on the raw products, "
                                  "scaled once (default on; 0 scales every score first)"),
-        "PIPELINE_QK": ("flag", "forward: issue the next key tile's products before this tile's softmax "
-                                "(default off)"),
         "DBWD_DQ_ATOMIC": ("flag", "double backward: the dk/dv pass also adds g_q with atomic adds and the dq pass "
                                    "skips its key loop (default off; not under deterministic algorithms)"),
         "num_warps": ("warps", "warps of every pass"),

@@ -380,37 +380,3 @@ def test_tma_is_a_hint():
     # the double backward's passes take TMA only when asked (slower there by default, design D42)
     assert _use_tma({"USE_TMA": True}, x16, by_default=False) and not _use_tma(None, x16, by_default=False)
 
-
-@pytest.mark.parametrize("case", ["doc_tma", "softcap_gqa", "ebt"])
-def test_forward_with_products_one_tile_ahead(case):
-    """kernel_options PIPELINE_QK (the forward issues the next key tile's products before this
-    tile's softmax, the last tile peeled off): outputs and lse bit for bit those of the plain loop
-    -- rows whose partial or full block list is empty (a document mask: one block per list),
-    lists of one tile, odd lengths, TMA loads, a score_mod with GQA, the EBT own key -- and
-    within the float32 bound of the reference."""
-    torch.manual_seed(3)
-    S = 33 if case == "doc_tma" else 45  # the document mask's three documents span 33 positions
-    if case == "ebt":
-        bm = flexebt.create_ebt_block_mask(None, None, None, S + 2, S, device="cpu", BLOCK_SIZE=16)
-        x = [torch.randn(1, 2, S + 2, 16) for _ in range(3)] + [torch.randn(1, 2, S, 16) for _ in range(3)]
-
-        def run(options):
-            return flexebt.flex_ebt_attention(*x, block_mask=bm, return_lse=True, kernel_options=options)
-    else:
-        tma = case == "doc_tma"
-        bm = flexebt.create_block_mask(_doc() if tma else masks.causal_mask, None, None, S, S, device="cpu",
-                                       BLOCK_SIZE=16)
-        sm = None if tma else mods.generate_tanh_softcap(2.0)
-        hkv = 2 if tma else 1
-        x = [torch.randn(2, 2, S, 16), torch.randn(2, hkv, S, 16), torch.randn(2, hkv, S, 16)]
-
-        def run(options):
-            return flexebt.flex_attention(*x, score_mod=sm, block_mask=bm, enable_gqa=True, return_lse=True,
-                                          kernel_options={**options, "USE_TMA": tma} if options is T else options)
-
-    ahead = run({**T, "PIPELINE_QK": 1, "USE_TMA": case == "doc_tma"})
-    for a, b in zip(ahead, run(T)):
-        assert torch.equal(a, b)
-    for a, b in zip(ahead, run(R)):
-        finite = torch.isfinite(b)
-        assert torch.equal(finite, torch.isfinite(a)) and rel_err(a[finite], b[finite]) < BOUND[torch.float32]

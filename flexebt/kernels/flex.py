@@ -467,7 +467,6 @@ def flex_forward(kern: ModKernels, q: Tensor, k: Tensor, v: Tensor, scale: float
         return (_query_order("fwd", q, k, v),
                 dict(REVERSE=_reverse(options), HAS_SELF=own is not None, USE_TMA=tma,
                      LINEAR_SCORE=_linear_score(kern, scale, options),
-                     PIPE_QK=bool((options or {}).get("PIPELINE_QK", 0)),
                      **_common(q, k, v, tables, options)),
                 cfg, (D, DV, q.dtype, tma))
 

@@ -196,7 +196,7 @@ SIGNATURES = {s.name: s for s in (
     _sig("flex_fwd",
          ("Q", "K", "V", "O", "LSE", "MSUM", "KV_BLOCKS", *SHAPE, "scale", "Q_OFF", "OWN", "K_DESC", "V_DESC"),
          ("OWN", "K_DESC", "V_DESC"),
-         (*TILES, "REVERSE", "HAS_SELF", "USE_TMA", "LINEAR_SCORE", "PIPE_QK"),
+         (*TILES, "REVERSE", "HAS_SELF", "USE_TMA", "LINEAR_SCORE"),
          KV_BLOCKS=BlockArgs, OWN=OwnArgs),
     _sig("flex_bwd_dq",
          ("Q", "K", "V", "O", "DO", "MSUM", "DLSE", "DELTA", "REF", "DQ", "KV_BLOCKS", *SHAPE, "scale", "Q_OFF",

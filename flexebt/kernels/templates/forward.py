@@ -70,7 +70,6 @@ def flex_fwd(__SIGNATURE__):
     the EBT predicted stream; 0 otherwise).  HAS_SELF: each query i also attends to its own key
     (EBT, OWN: own_key.py), which seeds the online softmax.
     USE_TMA: K and V tiles come through the tensor descriptors K_DESC, V_DESC (Hopper's TMA).
-    PIPE_QK: each key tile's products are issued one tile ahead (kernel_options["PIPELINE_QK"]).
     Writes O, LSE and MSUM: each row's largest kept modified score m (natural units; -inf for a
     row that keeps nothing; torch's max_scores) and its sum l = sum_j exp(t_j - m), which the
     backward passes read instead of the lse (common.py, _load_msum)."""
@@ -90,33 +89,11 @@ def flex_fwd(__SIGNATURE__):
                                                                    (pid_m * BLOCK_M) // SPARSE_Q, HAS_FULL)
     for FULL in tl.static_range(2):
         LIST, row, n_tiles = _blocks(FULL, IDX, FULL_IDX, base, base_full, n_partial, n_full, SPARSE_KV, BLOCK_N)
-        if PIPE_QK:
-            # The next key tile's products are issued before this tile's softmax, so the tensor
-            # cores can work on them while the exponentials of this tile are computed.  The last
-            # tile of the list is peeled off: no product is issued past the list's end.
-            if n_tiles > 0:
-                start_n = _tile_start(LIST, row, 0, SPARSE_KV, BLOCK_N)
-                s_next = _qk_tile(q, K, K_DESC, kvh, start_n, Skv, D, BLOCK_D, BLOCK_N, EVEN, DOT, USE_TMA)
-                for it in range(n_tiles - 1):
-                    start_c = start_n
-                    s_raw = s_next
-                    v = _load_tile(V + kvh * Skv * DV, V_DESC, kvh, start_c, Skv, DV, BLOCK_N, BLOCK_DV, EVEN,
-                                   USE_TMA)
-                    start_n = _tile_start(LIST, row, it + 1, SPARSE_KV, BLOCK_N)
-                    s_next = _qk_tile(q, K, K_DESC, kvh, start_n, Skv, D, BLOCK_D, BLOCK_N, EVEN, DOT, USE_TMA)
-                    acc, l_i, m_i = _fwd_update(acc, l_i, m_i, s_raw, v, start_c, offs_m, off_b, off_h, Sq, Skv,
-                                                scale, Q_OFF, __BUFFERS__ BLOCK_M, BLOCK_N, FULL == 1, EVEN, DOT,
-                                                LINEAR_SCORE)
-                v = _load_tile(V + kvh * Skv * DV, V_DESC, kvh, start_n, Skv, DV, BLOCK_N, BLOCK_DV, EVEN, USE_TMA)
-                acc, l_i, m_i = _fwd_update(acc, l_i, m_i, s_next, v, start_n, offs_m, off_b, off_h, Sq, Skv,
-                                            scale, Q_OFF, __BUFFERS__ BLOCK_M, BLOCK_N, FULL == 1, EVEN, DOT,
-                                            LINEAR_SCORE)
-        else:
-            for it in range(n_tiles):
-                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, K_DESC, V_DESC, kvh,
-                                          _tile_start(LIST, row, it, SPARSE_KV, BLOCK_N), offs_m, off_b, off_h, Sq,
-                                          Skv, scale, Q_OFF, __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
-                                          FULL == 1, EVEN, DOT, USE_TMA, LINEAR_SCORE)
+        for it in range(n_tiles):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, K_DESC, V_DESC, kvh,
+                                      _tile_start(LIST, row, it, SPARSE_KV, BLOCK_N), offs_m, off_b, off_h, Sq, Skv,
+                                      scale, Q_OFF, __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, FULL == 1,
+                                      EVEN, DOT, USE_TMA, LINEAR_SCORE)
 
     # A query that kept nothing: output 0 and lse = -inf (never NaN).
     empty = l_i == 0.0
