@@ -300,7 +300,7 @@ def test_learned_table_indexed_by_a_promoted_value_second_order():
 
 
 # torch's float functions of an integer or bool operand promote it to the default float dtype;
-# floor / ceil / trunc of an integer tensor return it unchanged
+# floor / ceil / trunc / round of an integer tensor return it unchanged
 _INT_FUNCTIONS = {
     "sin_cos_tan_of_b": lambda s, b, h, q, k: torch.sin(torch.cos(s)) + torch.tan(b) + torch.cos(h),
     "exp_of_distance": lambda s, b, h, q, k: s + torch.exp(-(q - k).abs()) + torch.exp2(-(q - k).abs()),
@@ -309,7 +309,8 @@ _INT_FUNCTIONS = {
     "erf_sigmoid_reciprocal": lambda s, b, h, q, k: s + torch.erf(q - k) + torch.sigmoid(k - 5) + torch.reciprocal(q + 1),
     "hyperbolic": lambda s, b, h, q, k: s + torch.tanh(q - k) + 0.01 * torch.cosh(k % 3) - 0.01 * torch.sinh(h),
     "bool_operand": lambda s, b, h, q, k: s + torch.sin(q >= k),
-    "floor_ceil_trunc_of_int": lambda s, b, h, q, k: s + (torch.floor(q) - torch.ceil(k) + torch.trunc(q - k)) * 0.1,
+    "floor_ceil_trunc_round_of_int": lambda s, b, h, q, k: s + (torch.floor(q) - torch.ceil(k) + torch.trunc(q - k)
+                                                                 + torch.round(q - 2 * k)) * 0.1,
 }
 
 

@@ -497,7 +497,9 @@ def _sign(em, node, a):
 @_op([aten.round.default], "torch.round", True)
 def _round(em, node, a):
     """Half to even, like torch: floor, then up where the fraction is above one half, or exactly one
-    half and the floor is odd (|x| >= 2**23 is already an integer in fp32)."""
+    half and the floor is odd (|x| >= 2**23 is already an integer in fp32).  An integer is itself."""
+    if _is_integral(node.args[0]):
+        return a(0)
     v = em.tmp(node)
     em.lines.append(f"{v}_x = {a(0)}")
     em.lines.append(f"{v}_f = tl.floor({v}_x)")
