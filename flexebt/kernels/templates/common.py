@@ -131,22 +131,21 @@ def _load_msum(MSUM, qh, offs_m, Sq):
     empty = l_sum == 0.0
     lg = tl.where(empty, 0.0, tl.log2(tl.where(empty, 1.0, l_sum)))
     m = tl.where(empty, 0.0, m)
-    if SCORE_LOG2:
-        return m * LOG2E, lg
-    else:
-        return m, lg
+    return m, lg
 
 
 @triton.jit
 def _store_msum(MSUM, m, l_sum, m_i, qh, offs_m, Sq):
     """Store a row tile's max m (natural units; -inf for a row that keeps nothing) and sum (0 there).
     Without a score_mod the passes computed the sum against m_i, the max in log2 units, and the
-    backward rebuilds that as m log2 e, which can be an ulp off m_i (an ulp of 500 is 3e-5, so
+    backward subtracts m log2 e instead, which can be an ulp off m_i (an ulp of 500 is 3e-5, so
     every P of the row would be off by that much): the stored sum is l 2^(m_i - m log2 e), the
-    same row sum taken against the rebuilt max, so the backward's P = exp2(x - m log2 e) / l is
+    same row sum taken against the backward's reference, so its P = exp2(x - m log2 e) / l is
     the forward's."""
     if SCORE_LOG2:
-        d = m_i - m * LOG2E
+        # m_i - m log2 e with the product unrounded (a fused multiply-add, as _exp_from takes it:
+        # the compiler would fuse a plain product in some places and not in others)
+        d = tl.fma(m, -LOG2E, m_i)
         l_sum = tl.where(tl.abs(d) < float("inf"), l_sum * tl.math.exp2(d), l_sum)
     rows = (qh * Sq + offs_m) * 2
     tl.store(MSUM + rows, m, mask=offs_m < Sq)
@@ -177,8 +176,8 @@ def _load_ref(REF, qh, offs_m, Sq):
 def _exp_from(tu, ra, rb):
     """P = exp(t - m) / l from a score in the pass's units and a row's (ra, rb) (_load_msum):
     the max subtracted first (exact next to it, however large both are), then log2 l."""
-    if SCORE_LOG2:
-        return tl.math.exp2((tu - ra) - rb)
+    if SCORE_LOG2:  # tu - m log2 e in one fused multiply-add, as _store_msum took the sum against it
+        return tl.math.exp2(tl.fma(ra, -LOG2E, tu) - rb)
     else:
         return tl.math.exp2((tu - ra) * LOG2E - rb)
 
