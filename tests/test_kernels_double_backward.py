@@ -396,22 +396,28 @@ def test_large_derivative_mod_stays_at_eager_precision(seed, with_lse, fused_cal
         assert rel_err(got, want) <= 30 * max(rel_err(eager, want), 1e-5)
 
 
+@pytest.fixture
+def folded(monkeypatch):
+    """One entry per g_k/g_v launch of the double backward: whether it also added g_q (atomic)."""
+    from flexebt.kernels import plan as plan_mod
+
+    calls = []
+    original = plan_mod.dbwd_dkdv_pass
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("gq_acc") is not None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(plan_mod, "dbwd_dkdv_pass", spy)
+    return calls
+
+
 @pytest.mark.parametrize("stream", ["flex", "ebt", "piecewise"])
-def test_dq_by_atomic_adds(stream, monkeypatch):
+def test_dq_by_atomic_adds(stream, folded):
     """kernel_options DBWD_DQ_ATOMIC: the g_k/g_v pass adds each tile's share of g_q into fp32
     rows and the g_q pass keeps only the own key's column -- second order equal to the reference
     (GQA, odd lengths, rows that keep nothing, soft-cap, own keys, a row group split over two
     passes)."""
-    from flexebt.kernels import plan as plan_mod
-
-    folded = []
-    original = plan_mod.dbwd_dkdv_pass
-
-    def spy(*args, **kwargs):
-        folded.append(kwargs.get("gq_acc") is not None)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(plan_mod, "dbwd_dkdv_pass", spy)
     torch.manual_seed(1)
     sm = mods.generate_tanh_softcap(2.0)
     if stream == "flex":
@@ -449,20 +455,10 @@ def test_dq_by_atomic_adds(stream, monkeypatch):
         assert rel_err(a, b) < 1e-5
 
 
-def test_dq_by_atomic_adds_not_taken_where_it_would_change_results(monkeypatch):
+def test_dq_by_atomic_adds_not_taken_where_it_would_change_results(folded):
     """DBWD_DQ_ATOMIC stays off where the g_q pass scatters a learned tensor's gradient (that
     scatter is in its key loop) and under deterministic algorithms (the adds' order varies):
     both still give the reference's numbers."""
-    from flexebt.kernels import plan as plan_mod
-
-    folded = []
-    original = plan_mod.dbwd_dkdv_pass
-
-    def spy(*args, **kwargs):
-        folded.append(kwargs.get("gq_acc") is not None)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(plan_mod, "dbwd_dkdv_pass", spy)
     S, H = 21, 2
     bias = (0.3 * torch.randn(H, S, S)).requires_grad_()
     sm = mods.generate_bias_score_mod(bias)
