@@ -16,27 +16,10 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, K_DESC, V_DESC, kvh, start_n, offs_m, off_
               D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
               DOT: tl.constexpr, USE_TMA: tl.constexpr, LINEAR_SCORE: tl.constexpr):
-    s_raw = _qk_tile(q, K, K_DESC, kvh, start_n, Skv, D, BLOCK_D, BLOCK_N, EVEN, DOT, USE_TMA)
-    v = _load_tile(V + kvh * Skv * DV, V_DESC, kvh, start_n, Skv, DV, BLOCK_N, BLOCK_DV, EVEN, USE_TMA)
-    return _fwd_update(acc, l_i, m_i, s_raw, v, start_n, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
-                       __BUFFERS__ BLOCK_M, BLOCK_N, IS_FULL, EVEN, DOT, LINEAR_SCORE)
-
-
-@triton.jit
-def _qk_tile(q, K, K_DESC, kvh, start_n, Skv, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-             EVEN: tl.constexpr, DOT: tl.constexpr, USE_TMA: tl.constexpr):
-    """The raw products q k^T of the key tile at start_n."""
-    k = _load_tile(K + kvh * Skv * D, K_DESC, kvh, start_n, Skv, D, BLOCK_N, BLOCK_D, EVEN, USE_TMA)
-    return _mm(q, tl.trans(k), DOT)
-
-
-@triton.jit
-def _fwd_update(acc, l_i, m_i, s_raw, v, start_n, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
-                __BUFFERS__
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
-                DOT: tl.constexpr, LINEAR_SCORE: tl.constexpr):
-    """One key tile's step of the online softmax, given its raw products s_raw and values v."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = _load_tile(K + kvh * Skv * D, K_DESC, kvh, start_n, Skv, D, BLOCK_N, BLOCK_D, EVEN, USE_TMA)
+    v = _load_tile(V + kvh * Skv * DV, V_DESC, kvh, start_n, Skv, DV, BLOCK_N, BLOCK_DV, EVEN, USE_TMA)
+    s_raw = _mm(q, tl.trans(k), DOT)
     VALID, mq_idx, q_idx, kv_idx, ZERO = _tile_positions(offs_m, offs_n, Sq, Skv, Q_OFF, BLOCK_M, BLOCK_N, EVEN)
     tu = hook.score(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx, kv_idx=kv_idx)
     # The score in the pass's units is x * x_mul.  LINEAR_SCORE (no score_mod, scale > 0): x = s_raw
