@@ -465,3 +465,129 @@ def test_indirect_reads_of_captured_tensors():
     with pytest.raises(NotImplementedError, match="memory layout"):
         flexebt.flex_attention(q, k, v, score_mod=lambda s, b, h, qi, ki: s * temp.storage().size(),
                                kernel_options=T)
+
+
+def test_a_read_indexed_by_another_read_with_a_constant_index():
+    """``table[h, ids[b, q_idx, kv_idx, 1]]`` (a Graphormer edge encoding): the inner read, with a
+    constant index, feeds the outer one's index -- first and second order equal the reference, the
+    learned table's gradients included; chained indexing and a mask_mod of the same form too."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 3, (1, S, S, 2), generator=g, dtype=torch.int32)
+    table = torch.randn(H, 3, 3, generator=g).requires_grad_()
+    anc = torch.rand(S, 5, generator=g) < 0.6
+    ids_m = torch.randint(0, 5, (S, 2), generator=g)
+
+    def edge(score, b, h, q_idx, kv_idx):
+        return score + table[h, ids[b, q_idx, kv_idx, 0], ids[b, q_idx, kv_idx, 1]]
+
+    def chained(score, b, h, q_idx, kv_idx):
+        return score + table[h][ids[b, q_idx, kv_idx, 1]][ids[b, q_idx, kv_idx, 0]] * 0.5
+
+    def tree(b, h, q_idx, kv_idx):
+        return anc[q_idx, ids_m[kv_idx, 1]] | (q_idx == kv_idx)
+
+    bm = flexebt.create_block_mask(tree, None, None, S, S, device="cpu", BLOCK_SIZE=16)
+    for sm in (edge, chained):
+        results = []
+        for dtype, options in ((torch.float32, T), (torch.float64, R)):
+            x = [t.to(dtype).requires_grad_() for t in _qkv(5)]
+            out = flexebt.flex_attention(*x, score_mod=sm, block_mask=bm, kernel_options=options)
+            first = torch.autograd.grad(out.square().sum(), x + [table], create_graph=True)
+            second = torch.autograd.grad(sum((f * f).sum() for f in first), x + [table])
+            results.append([out, *first, *second])
+        for a, b in zip(*results):
+            assert rel_err(a, b) < 1e-5
+
+
+class _StraightThroughRound(torch.autograd.Function):
+    """round() forward, identity backward."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return torch.round(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+_ROUND_STEP = 4.0
+
+
+class _ScaledRound(torch.autograd.Function):
+    """Reads a module-level number in its forward."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return torch.round(x * _ROUND_STEP) / _ROUND_STEP
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def test_custom_autograd_functions_in_a_score_mod():
+    """A torch.autograd.Function in a score_mod: the kernels run its forward, but would differentiate
+    the ops of that forward instead of calling its backward (a straight-through round would get a
+    zero gradient), so a gradient through it is refused by name, and the reference backend calls the
+    backward as torch does. ``Fn.apply`` kept in a closure is described like one named globally; a
+    number the Function's forward reads keys the kernels; a Function on a path without gradients
+    (an index) is not refused."""
+    global _ROUND_STEP
+    q0, k0, v0 = _qkv(2)
+    round_apply = _StraightThroughRound.apply
+
+    def st(score, b, h, q_idx, kv_idx):
+        return round_apply(score * 4) / 4
+
+    def oracle(q, k, v):
+        s = q @ k.transpose(-1, -2) * D ** -0.5
+        s = s + (torch.round(s * 4) / 4 - s).detach()
+        return torch.softmax(s, -1) @ v
+
+    x = [t.double().requires_grad_() for t in (q0, k0, v0)]
+    want = oracle(*x)
+    want_grads = torch.autograd.grad(want.square().sum(), x)
+    y = [t.double().requires_grad_() for t in (q0, k0, v0)]
+    got = flexebt.flex_attention(*y, score_mod=st, kernel_options=R)
+    for a, b in zip(torch.autograd.grad(got.square().sum(), y), want_grads):
+        assert rel_err(a, b) < 1e-12
+
+    z = [t.clone().requires_grad_() for t in (q0, k0, v0)]
+    out = flexebt.flex_attention(*z, score_mod=st, kernel_options=T)
+    assert rel_err(out, want) < 1e-5
+    with pytest.raises(NotImplementedError, match="torch.autograd.Function _StraightThroughRound"):
+        torch.autograd.grad(out.square().sum(), z)
+
+    def scaled(score, b, h, q_idx, kv_idx):
+        return _ScaledRound.apply(score)
+
+    try:
+        for step in (4.0, 1.0):
+            _ROUND_STEP = step
+            _close(q0, k0, v0, scaled)
+    finally:
+        _ROUND_STEP = 4.0
+
+    def on_positions(score, b, h, q_idx, kv_idx):
+        return score + 0.25 * round_apply((q_idx - kv_idx).float() / 3)
+
+    w = [t.clone().requires_grad_() for t in (q0, k0, v0)]
+    out = flexebt.flex_attention(*w, score_mod=on_positions, kernel_options=T)
+    got = torch.autograd.grad(out.square().sum(), w)
+    r = [t.double().requires_grad_() for t in (q0, k0, v0)]
+    ref = _reference(*r, score_mod=on_positions)
+    for a, b in zip(got, torch.autograd.grad(ref.square().sum(), r)):
+        assert rel_err(a, b) < 1e-5

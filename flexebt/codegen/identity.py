@@ -206,6 +206,15 @@ def _class_names(cls) -> tuple:
                                or type(val) in (staticmethod, classmethod, property)))
 
 
+# the methods torch.autograd.Function.apply reads from a user's Function subclass
+_FUNCTION_PROTOCOL = ("forward", "setup_context", "backward", "jvp", "vmap", "generate_vmap_rule")
+
+
+def _is_function_class(c) -> bool:
+    """A user's torch.autograd.Function subclass (its ``apply`` is torch's)."""
+    return isinstance(c, type) and issubclass(c, torch.autograd.Function) and not _is_library(c.__module__)
+
+
 def _class_attr(cls, name):
     """``name`` defined by a user class of ``cls.__mro__`` (read without running descriptors):
     (value, owning class) or (_MISSING, None).  Library classes' attributes are fixed code."""
@@ -300,6 +309,8 @@ class _Walk:
             emit(_BM)
             self.value(func, (), (chain, ("attr", "__func__")))
             fnames = _code_names(func.__code__) if type(func) is types.FunctionType else ()
+            if _is_function_class(v.__self__):  # MyFn.apply: torch's apply reads the class's protocol
+                fnames = ()                      # methods (cls() adds them), not whatever its code names
             self.value(v.__self__, fnames, (chain, ("attr", "__self__")))
         elif t is functools.partial:
             emit(_P)
@@ -402,7 +413,9 @@ class _Walk:
             return
         code = fn.__code__
         cells = fn.__closure__
-        if cells is None and _is_library(fn.__module__):
+        # a library function without a closure is fixed code (a method calling super() only closes
+        # over its own class); one made by a library factory may close over the user's objects
+        if _is_library(fn.__module__) and (cells is None or code.co_freevars == ("__class__",)):
             emit(_FLIB)
             emit(fn)  # functions compare by identity; the key holds it
             self.guard("fixed", chain)
@@ -476,6 +489,8 @@ class _Walk:
         self.guard("fixed", chain)
         if _is_library(c.__module__) or self._seen((id(c), names), c, chain):
             return
+        if _is_function_class(c) and names is not _ALL:
+            names = _union(names, _FUNCTION_PROTOCOL)  # what torch's Function.apply calls on the class
         names = self._expand(c, names)
         if names is _ALL:  # every attribute of its user classes
             names = _class_names(c)

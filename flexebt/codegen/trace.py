@@ -291,13 +291,16 @@ def _normalize_loads(gm: torch.fx.GraphModule, name: str, labels: dict[str, str]
         elif t is aten.select.int and -len(free) <= node.args[1] < len(free):
             partial[node] = (attr, {**idx, free[node.args[1]]: int(node.args[2])}, detached)
     tensors = {a: getattr(gm, a.target) for a in partial if a.op == "get_attr"}
+    loaded = {}  # a finished read -> its load (a read used as another read's index, table[ids[q, 1]])
     for node, (attr, by_dim, detached) in partial.items():
         tensor = tensors[attr]
-        idx = [by_dim[d] for d in sorted(by_dim)]
+        idx = [loaded.get(by_dim[d], by_dim[d]) for d in sorted(by_dim)]
         complete = len(idx) == tensor.dim()
         if not by_dim and tensor.numel() == 1:  # a one-element tensor used as a value (maybe detached)
             idx, complete = [0] * tensor.dim(), True
-        outside = [u for u in node.users if u not in partial]
+        # the uses outside this read's own chain: a node of ``partial`` continues the chain only where
+        # it reads this node as its tensor (args[0]); one that indexes with it uses its value
+        outside = [u for u in node.users if u not in partial or u.args[0] is not node]
         if not outside:
             continue
         if not complete:
@@ -334,6 +337,7 @@ def _normalize_loads(gm: torch.fx.GraphModule, name: str, labels: dict[str, str]
             if detached:
                 out = gm.graph.call_function(aten.detach.default, (load,))
                 out.meta["val"] = load.meta["val"]
+        loaded[node] = out
         for u in outside:
             u.replace_input_with(node, out)
     gm.graph.eliminate_dead_code()
@@ -423,7 +427,19 @@ def trace_score_mod(score_mod: Callable, want_second_order: bool = False) -> Tra
                 detached = all(u.target is aten.detach.default for u in node.users)
                 loads.append(Load(node.name, consts[src.target], tensor.requires_grad and not detached))
     derivative, deriv_consts, no_derivative = {}, {}, ""
-    for which in (("bwd", "dbwd") if want_second_order else ("bwd",)):
+    custom = _custom_backwards(score_mod, buffers, dev, name)
+    if custom:
+        # the trace holds the ops of a torch.autograd.Function's forward; the derivative graphs would
+        # differentiate those ops, not call the Function's own backward (a straight-through round
+        # would get a zero gradient): the forward runs, a gradient is refused
+        no_derivative = (
+            f"flexebt: the score_mod {name!r} applies the torch.autograd.Function {', '.join(custom)}, whose own "
+            f"backward the fused kernels cannot call: they differentiate the ops of its forward, which may differ "
+            f"from that backward. Its forward runs on the kernels; for gradients, run the mod with "
+            f"kernel_options={{'BACKEND': 'REFERENCE'}} (it calls the Function's backward, as torch does), or write "
+            f"the Function's effect with differentiable ops (a straight-through estimator as "
+            f"`x + (f(x) - x).detach()`).")
+    for which in (() if custom else ("bwd", "dbwd") if want_second_order else ("bwd",)):
         learned = [ld.learned for ld in loads]
         try:
             dg = _trace_derivatives(gm, loads, second=(which == "dbwd"), learned=learned, device=dev, name=name)
@@ -442,6 +458,33 @@ def trace_score_mod(score_mod: Callable, want_second_order: bool = False) -> Tra
         deriv_consts[which] = _constant_map(dg, buffers)
     return TracedMod("score", gm, buffers, consts, loads, derivative, deriv_consts, name, frozenset(mode.shape_reads),
                      no_derivative)
+
+
+def _custom_backwards(score_mod: Callable, buffers: list[Buffer], device, name: str) -> list[str]:
+    """The torch.autograd.Function classes the score_mod applies on a path that carries gradients
+    (from the score or from a captured tensor that requires grad): the mod runs once more under
+    autograd, as torch's eager flex_attention runs it, and its graph is searched back to the captured
+    tensors (their own history is the user's, not the mod's)."""
+    keep = [b.tensor.grad_fn for b in buffers if b.tensor.grad_fn is not None]  # (alive: ids stay unique)
+    stop = {id(f) for f in keep}
+    s = torch.zeros((1,), dtype=torch.float32, device=device, requires_grad=True)
+    with torch.enable_grad(), _PerScoreIndexing([b.tensor for b in buffers], name):
+        out = score_mod(s.clone(), *(_idx(device) for _ in range(4)))
+    found, seen = [], set()
+    stack = [out.grad_fn] if isinstance(out, torch.Tensor) else []
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in stop or id(node) in seen:
+            continue
+        seen.add(id(node))
+        keep.append(node)
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            cls = getattr(node, "_forward_cls", None)
+            label = getattr(cls, "__qualname__", type(node).__name__)
+            if label not in found:
+                found.append(label)
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return found
 
 
 class _LeafInterpreter(torch.fx.Interpreter):
