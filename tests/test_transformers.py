@@ -228,9 +228,57 @@ def test_keywords_flexebt_does_not_implement_are_refused(name):
     import torch.nn as nn
 
     q = torch.randn(1, 2, 4, 8)
-    for kw in ({"indices": torch.zeros(1, 4, 2, dtype=torch.long)},):
+    sel = torch.zeros(1, 4, 2, dtype=torch.long)
+    for kw in ({"indices": sel}, {"block_indices": sel}, {"topk_indices": sel}):  # block_indices: MiniMax-M3
         with pytest.raises(NotImplementedError, match=next(iter(kw))):
             flexebt_hf.attention_forward(nn.Linear(1, 1), q, q, q, None, **kw)
+    out, _ = flexebt_hf.attention_forward(nn.Linear(1, 1), q, q, q, None, block_indices=None, scaling=0.5)
+    assert out.shape == (1, 4, 2, 8)  # absent (None) selections change nothing
+
+
+def test_block_mask_query_slices_select_query_tokens(name):
+    """A model may select query tokens of its masks as of a dense [B, H, Sq, Skv] mask (Gemma 4's
+    KV-shared layers take mask[:, :, -n:, :]); the mask function's block masks then mean those
+    tokens, the whole range included (n = 0)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    S = 21
+    lengths = torch.tensor([21, 15])
+
+    def padded_causal(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (kv_idx < lengths[b])
+
+    full = create_block_mask(padded_causal, 2, None, S, S, device="cpu", BLOCK_SIZE=16)
+    full.__class__ = flexebt_hf._QuerySliceableBlockMask
+    q, k, v = (torch.randn(2, 2, S, 8, dtype=torch.float64) for _ in range(3))
+    whole = flexebt_hf.attention_forward(torch.nn.Linear(1, 1), q, k, v, full, scaling=0.3)[0]
+    assert full[:, :, slice(0, None), :] is full
+    for n in (1, 5, 17):
+        part = full[:, :, slice(-n, None), :]
+        assert part.seq_lengths == (n, S)
+        got = flexebt_hf.attention_forward(torch.nn.Linear(1, 1), q[:, :, -n:], k, v, part, scaling=0.3)[0]
+        assert rel_err(got, whole[:, -n:]) < 1e-12
+    assert full[0].kv_num_blocks.shape == full.kv_num_blocks[0:1].shape  # other indexing is torch's
+
+
+@pytest.mark.skipif(not hasattr(transformers, "Gemma4ForCausalLM"), reason="a transformers without Gemma 4")
+def test_gemma4_kv_shared_layers_match_math(name):
+    """Gemma 4 with KV-shared layers slices every layer's mask to the tokens whose logits it keeps:
+    logits and greedy generate equal the math oracle's."""
+    config = transformers.AutoConfig.for_model(
+        "gemma4_text", vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, global_head_dim=8,
+        layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2, sliding_window=4,
+        hidden_size_per_layer_input=8, vocab_size_per_layer_input=61, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).double().eval()
+    ids = torch.randint(3, 61, (1, 12))
+    results = []
+    for impl in ("math64", name):
+        model.set_attn_implementation(impl)
+        results.append((model(input_ids=ids).logits, model.generate(ids, max_new_tokens=4, do_sample=False)))
+    assert rel_err(results[1][0], results[0][0]) < 1e-10
+    assert torch.equal(results[1][1], results[0][1])
 
 
 def test_sinks_with_padded_rows_have_finite_second_order_gradients(name):

@@ -71,8 +71,17 @@ def _dense_mask_mod(mask: torch.Tensor, position_bias, first):
 
 
 # keywords some models pass that change the attention and that flexebt does not implement: refused
-# rather than ignored (a sparse selection of keys)
-_REFUSED_KEYWORDS = {"indices": "sparse attention over selected keys"}
+# rather than ignored -- a sparse selection of keys, by key (``indices``) or by key block
+# (``block_indices``, MiniMax-M3's lightning indexer), and any other ``*_indices`` a model may pass
+_REFUSED_KEYWORDS = {"indices": "sparse attention over selected keys",
+                     "block_indices": "sparse attention over selected key blocks"}
+
+
+def _refused_keyword(name: str) -> str:
+    """What a keyword asks that flexebt does not implement ("" where nothing is refused)."""
+    if name in _REFUSED_KEYWORDS:
+        return _REFUSED_KEYWORDS[name]
+    return "a selection of keys" if name.endswith("_indices") else ""
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -91,8 +100,9 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if kwargs.get("output_attentions", False):
         warnings.warn("flexebt attention does not return attention weights (output_attentions=True): the model's "
                       "`attentions` stay empty; use attn_implementation='eager' for them.", stacklevel=2)
-    for name, what in _REFUSED_KEYWORDS.items():
-        if kwargs.get(name) is not None:
+    for name, given in kwargs.items():
+        what = _refused_keyword(name)
+        if what and given is not None:
             raise NotImplementedError(
                 f"flexebt attention: {type(module).__name__} passes {name}= ({what}), which flexebt does not "
                 f"implement; run this model with attn_implementation='eager' or 'sdpa'.")
@@ -133,6 +143,38 @@ def _signature(fn) -> inspect.Signature:
     return inspect.signature(fn)
 
 
+class _QuerySliceableBlockMask(BlockMask):
+    """The block mask the mask function hands to a model.  Some models select query tokens of every
+    layer's mask themselves, as of a dense ``[B, H, Sq, Skv]`` mask: Gemma 4's KV-shared layers take
+    ``mask[:, :, -n:, :]`` (the last ``n`` tokens, ``logits_to_keep``; all of them for ``n = 0``).
+    torch's BlockMask would index query *blocks* there and drop the mask_mod; this one builds the
+    mask of the selected query tokens (a contiguous range), the mask_mod shifted to their positions.
+    Other indexing is torch's."""
+
+    def __getitem__(self, index):
+        if not (isinstance(index, tuple) and len(index) in (3, 4) and isinstance(index[2], slice)
+                and all(isinstance(i, slice) and i == slice(None) for i in (*index[:2], *index[3:]))):
+            return super().__getitem__(index)
+        q_len, kv_len = self.seq_lengths
+        start, stop, step = index[2].indices(q_len)
+        if step != 1:
+            return super().__getitem__(index)
+        if (start, stop) == (0, q_len):
+            return self
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        inner, n = self.mask_mod, max(stop - start, 0)
+
+        def selected_queries(b, h, q_idx, kv_idx):
+            return inner(b, h, q_idx + start, kv_idx)
+
+        B, H = self.kv_num_blocks.shape[:2]
+        sliced = create_block_mask(selected_queries, B, H, n, kv_len, device=self.kv_num_blocks.device,
+                                   BLOCK_SIZE=self.BLOCK_SIZE)
+        sliced.__class__ = _QuerySliceableBlockMask
+        return sliced
+
+
 def _mask_of_offsets_as_they_are(*args, **kwargs):
     """transformers' BlockMask builder, with tensor arguments (the cache offsets) copied when the
     mask is made.  A static KV cache hands over its live length tensor as the offset and bumps it in
@@ -144,7 +186,10 @@ def _mask_of_offsets_as_they_are(*args, **kwargs):
     for name in ("q_offset", "kv_offset"):
         if isinstance(bound.arguments.get(name), torch.Tensor):
             bound.arguments[name] = bound.arguments[name].clone()
-    return flex_attention_mask(*bound.args, **bound.kwargs)
+    mask = flex_attention_mask(*bound.args, **bound.kwargs)
+    if type(mask) is BlockMask:
+        mask.__class__ = _QuerySliceableBlockMask
+    return mask
 
 
 def register(name: str = NAME) -> str:
