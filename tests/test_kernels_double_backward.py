@@ -455,6 +455,31 @@ def test_dq_by_atomic_adds(stream, folded):
         assert rel_err(a, b) < 1e-5
 
 
+def test_dq_by_atomic_adds_default():
+    """On by default where it is measured faster -- 16-bit CUDA inputs of head dim <= 64 -- and off
+    elsewhere (D128, fp32, CPU); the option overrides the default either way; never with captured
+    tensors' scatters or under deterministic algorithms."""
+    from types import SimpleNamespace
+
+    from flexebt.kernels.flex import dbwd_dq_by_atomics
+
+    def t(cuda, size, d):  # what the rule reads of a tensor
+        return SimpleNamespace(is_cuda=cuda, element_size=lambda: size, shape=(2, 4, 128, d))
+
+    assert dbwd_dq_by_atomics(None, False, t(True, 2, 64), t(True, 2, 64))
+    assert not dbwd_dq_by_atomics(None, False, t(True, 2, 64), t(True, 2, 128))
+    assert not dbwd_dq_by_atomics(None, False, t(True, 4, 64), t(True, 4, 64))
+    assert not dbwd_dq_by_atomics({}, False, t(False, 2, 64), t(False, 2, 64))
+    assert dbwd_dq_by_atomics({"DBWD_DQ_ATOMIC": 1}, False, t(False, 4, 128), t(False, 4, 128))
+    assert not dbwd_dq_by_atomics({"DBWD_DQ_ATOMIC": 0}, False, t(True, 2, 64), t(True, 2, 64))
+    assert not dbwd_dq_by_atomics(None, True, t(True, 2, 64), t(True, 2, 64))
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not dbwd_dq_by_atomics(None, False, t(True, 2, 64), t(True, 2, 64))
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def test_dq_by_atomic_adds_not_taken_where_it_would_change_results(folded):
     """DBWD_DQ_ATOMIC stays off where the g_q pass scatters a learned tensor's gradient (that
     scatter is in its key loop) and under deterministic algorithms (the adds' order varies):

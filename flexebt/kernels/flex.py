@@ -743,13 +743,17 @@ def dbwd_dq_pass(kern: ModKernels, q, k, v, out, dout, msum, dlse, gq, gk, gv, s
     return g_q, own_grads
 
 
-def dbwd_dq_by_atomics(options, captured_grads: bool) -> bool:
+def dbwd_dq_by_atomics(options, captured_grads: bool, q: Tensor, v: Tensor) -> bool:
     """kernel_options["DBWD_DQ_ATOMIC"]: the double backward's dk/dv pass also adds each tile's
     share of g_q into fp32 rows with atomic adds, and the dq pass skips its key loop (one
-    recomputation of the tile's five products fewer).  Not where the dq pass scatters captured
+    recomputation of the tile's five products fewer).  Default: on for 16-bit CUDA inputs of head
+    dim <= 64, where it is measured faster (design D77); the two more products per tile in the
+    key-tile pass cost more than they save at D128.  Never where the dq pass scatters captured
     tensors' gradients, nor under deterministic algorithms (the atomic adds' order varies)."""
-    return (bool((options or {}).get("DBWD_DQ_ATOMIC", 0)) and not captured_grads
-            and not torch.are_deterministic_algorithms_enabled())
+    want = (options or {}).get("DBWD_DQ_ATOMIC")
+    if want is None:
+        want = q.is_cuda and q.element_size() == 2 and max(q.shape[-1], v.shape[-1]) <= 64
+    return bool(want) and not captured_grads and not torch.are_deterministic_algorithms_enabled()
 
 
 _DBWD_DKDV = SIGNATURES["flex_dbwd_dkdv"].bind
@@ -768,6 +772,10 @@ def dbwd_dkdv_pass(kern: ModKernels, q, k, v, out, dout, ref, dlse, gq, gk, gv, 
     q_side = {n: named[n] for n in ("Q", "DO", "GQ")}
     inputs = (q, k, v, out, named["DO"], ref, named["DLSE"], named["GQ"], named["GK"], named["GV"], stats,
               *(into or ()), *(add or ()), *(() if gq_acc is None else (gq_acc,)))
+    # how the tiles' shares of g_q reach gq_acc: 2 one bulk reduce-add per tile through a descriptor
+    # (TMA: measured 2 % faster than element-wise at D64, 4 % at D128; design D79), 1 element-wise
+    # atomic adds (GPUs without TMA, and Triton's interpreter, which has no bulk reduce)
+    dq_atomic = 0 if gq_acc is None else 2 if gq_acc.is_cuda and _use_tma({"USE_TMA": 1}, gq_acc) else 1
     launch = dict(K=k, V=v, GK=named["GK"], GV=named["GV"], G_K=g_k, G_V=g_v, DLSE=named["DLSE"], GQ_ACC=gq_acc,
                   STREAM=SecondStreamArgs(named["Q"], named["DO"], named["GQ"], ref, stats, Sq, q_off),
                   Q_BLOCKS=tables.q_blocks, H=H, Hkv=Hkv, Skv=Skv, scale=scale)
@@ -779,14 +787,15 @@ def dbwd_dkdv_pass(kern: ModKernels, q, k, v, out, dout, ref, dlse, gq, gk, gv, 
         cfg = flex_config("dbwd_dkdv", max(D, DV), tables.sparse_q, tables.sparse_kv, options,
                           tiles=_tiles_for(q.dtype, options, True, max(D, DV)))
         return (GridOrder("dbwd_dkdv", B * Hkv, Skv, "BLOCK_N", 0, auto=False),
-                dict(HAS_DLSE=dlse is not None, ACCUMULATE=add is not None, USE_TMA=tma, DQ_ATOMIC=gq_acc is not None,
+                dict(HAS_DLSE=dlse is not None, ACCUMULATE=add is not None, USE_TMA=tma, DQ_ATOMIC=dq_atomic,
                      **_common(q, k, v, tables, options, True)), cfg, (D, DV, q.dtype, "dbwd_dkdv", tma))
 
     plan = _plan_key("dbwd_dkdv", tables, options, (q_off, dlse is None, into is not None, add is not None,
                                                     gq_acc is not None), inputs, bargs)
 
     def launch_args(c, tma):
-        return (*_DBWD_DKDV(**launch, **_descriptors(tma, c.BLOCK_M, **q_side)), *bargs)
+        acc = _descriptors(dq_atomic == 2, c.BLOCK_M, GQ_ACC=gq_acc)
+        return (*_DBWD_DKDV(**launch, **_descriptors(tma, c.BLOCK_M, **q_side), **acc), *bargs)
 
     _launch(kern.module.flex_dbwd_dkdv, plan, launch_args, spec, options, q.device)
     return g_k, g_v

@@ -331,7 +331,8 @@ def plan_double_backward(plan: AttentionPlan, ins: list, outs: list, cts: list, 
     # 2. g_k, g_v per key tile, summed over the passes that read the keys; with atomic g_q
     #    (dbwd_dq_by_atomics) also each tile's share of g_q, into one fp32 accumulator per pass
     gq_accs = [torch.zeros(ins[p.q].shape, dtype=torch.float32, device=ins[p.q].device)
-               if dbwd_dq_by_atomics(options, captured.scatters(p)) else None for p in plan.passes]
+               if dbwd_dq_by_atomics(options, captured.scatters(p), ins[p.q], ins[p.v]) else None
+               for p in plan.passes]
     sums = _KeySideSums(ins, [(p.k, p.v) for p in plan.passes])
     for i, p in enumerate(plan.passes):
         into, add, finals = sums.launch(p.k, p.v)

@@ -253,7 +253,7 @@ def flex_dbwd_dq(__SIGNATURE__):
 
 
 @triton.jit
-def _dbwd_dkdv_tile(g_k, g_v, k, v, gk, gv, Q, DO, GQ, Q_DESC, DO_DESC, GQ_DESC, REF, DLSE, STATS, GQ_ACC, qh,
+def _dbwd_dkdv_tile(g_k, g_v, k, v, gk, gv, Q, DO, GQ, Q_DESC, DO_DESC, GQ_DESC, REF, DLSE, STATS, GQ_ACC, GQ_ACC_DESC, qh,
                     start_m, offs_n, off_b, off_h, Sq, Skv, scale, Q_OFF, __BUFFERS__
                     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
@@ -272,9 +272,12 @@ def _dbwd_dkdv_tile(g_k, g_v, k, v, gk, gv, Q, DO, GQ, Q_DESC, DO_DESC, GQ_DESC,
     if DQ_ATOMIC:
         # this tile's share of g_q / scale, added into the fp32 rows GQ_ACC (read by the dq pass)
         part = _mm(gs.to(k.dtype), k, DOT) + _mm(ds.to(gk.dtype), gk, DOT)
-        offs_d = tl.arange(0, BLOCK_D)
-        tl.atomic_add(GQ_ACC + qh * Sq * D + offs_m[:, None] * D + offs_d[None, :], part,
-                      mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < D), sem="relaxed")
+        if DQ_ATOMIC == 2:  # one bulk reduce-add of the tile (rows past Sq, columns past D dropped)
+            GQ_ACC_DESC.atomic_add([qh.to(tl.int32), start_m, 0], part.reshape(1, BLOCK_M, BLOCK_D))
+        else:
+            offs_d = tl.arange(0, BLOCK_D)
+            tl.atomic_add(GQ_ACC + qh * Sq * D + offs_m[:, None] * D + offs_d[None, :], part,
+                          mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < D), sem="relaxed")
     return g_k, g_v
 
 
@@ -285,7 +288,8 @@ def flex_dbwd_dkdv(__SIGNATURE__):
     transposed block tables Q_BLOCKS of STREAM (signatures.SecondStreamArgs) list for the kv block
     (ACCUMULATE: add ADD_K, ADD_V).  USE_TMA: the query-side tiles through the descriptors.
     DQ_ATOMIC: also add each tile's share of g_q / scale into the fp32 rows GQ_ACC with atomic
-    adds; the dq pass then skips its key loop (FROM_ACC)."""
+    adds (2: one bulk reduce-add per tile through GQ_ACC_DESC); the dq pass then skips its key
+    loop (FROM_ACC)."""
     pid_n, off_b, off_hk, offs_n, kvh = _key_program(Skv, Hkv, HEAD_GROUP, BLOCK_N)
     # the program's own keys, loaded once: pointer loads (the descriptor slots are unused)
     k, v, gk, gv = _dbwd_kv_rows(K, V, GK, GV, K, V, GK, GV, kvh, pid_n * BLOCK_N, Skv, D, DV, BLOCK_N, BLOCK_D,
@@ -302,7 +306,7 @@ def flex_dbwd_dkdv(__SIGNATURE__):
             LIST, row, n_tiles = _blocks(FULL, IDX, FULL_IDX, base, base_full, n_partial, n_full, SPARSE_Q, BLOCK_M)
             for it in range(n_tiles):
                 g_k, g_v = _dbwd_dkdv_tile(g_k, g_v, k, v, gk, gv, STREAM.Q, STREAM.DO, STREAM.GQ, Q_DESC, DO_DESC,
-                                           GQ_DESC, STREAM.REF, DLSE, STREAM.STATS, GQ_ACC, qh,
+                                           GQ_DESC, STREAM.REF, DLSE, STREAM.STATS, GQ_ACC, GQ_ACC_DESC, qh,
                                            _tile_start(LIST, row, it, SPARSE_Q, BLOCK_M), offs_n, off_b, off_h,
                                            STREAM.Sq, Skv, scale, STREAM.Q_OFF, __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV,
                                            BLOCK_M, BLOCK_N, FULL == 1, EVEN, DOT, HAS_DLSE, USE_TMA, DQ_ATOMIC)
