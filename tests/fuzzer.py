@@ -242,6 +242,9 @@ class Gen:
     def index_for(self, size, role_hint=None):
         """An int index expression for a dim of ``size``: natural, wrapped, or (rarely) raw."""
         r = self.r
+        if r.random() < 0.08:  # a constant index (negative ones wrap): ids[b, q_idx, kv_idx, 1]
+            c = r.randrange(-size, size)
+            return Node("const", "i", attr=c, lo=c, hi=c)
         natural = []
         for nm in INDEX_NAMES:
             n = self.idx(nm)
