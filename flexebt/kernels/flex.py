@@ -309,23 +309,29 @@ def _precision(dtype, options: Optional[dict] = None, second_order: bool = False
     math in our measurements -- docs/design.md D31).  Default: tf32x3, except IEEE for the double
     backward at head dims > 64, where tf32x3's split operands spill at every tile we tried (D40);
     kernel_options["FP32_PRODUCTS"] = "ieee" | "tf32x3" picks one for all passes.
-    The kernels' DOT constexpr: 0 default, 1 IEEE, 2 tf32x3, 3 bf16 products in fp32 -- a
-    workaround for the Triton interpreter's wrong bf16 dot (interpreter only)."""
-    ieee = 0
+    The kernels' DOT constexpr: 0 default, 1 IEEE, 2 tf32x3, 3 under Triton's CPU interpreter
+    (fp32 and bf16): sums in fp64 rounded to fp32, the same for a tile and its transpose
+    (templates/common.py, _mm)."""
+    dot = _products(dtype, options, second_order, head_dim)
+    return dict(DOT=3 if interpreting() and dtype in (torch.float32, torch.bfloat16) else dot)
+
+
+def _products(dtype, options: Optional[dict] = None, second_order: bool = False, head_dim: int = 0) -> int:
+    """The products a GPU pass takes: 0 the tensor cores' default, 1 IEEE fp32, 2 tf32x3."""
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         default = "ieee" if second_order and head_dim > 64 else "tf32x3"
         mode = (options or {}).get("FP32_PRODUCTS", default)
         if mode not in ("ieee", "tf32x3"):
             raise ValueError(f"kernel_options['FP32_PRODUCTS'] must be 'ieee' or 'tf32x3', got {mode!r}.")
-        ieee = 1 if mode == "ieee" else 2
-    return dict(DOT=3 if dtype == torch.bfloat16 and interpreting() else ieee)
+        return 1 if mode == "ieee" else 2
+    return 0
 
 
 def _tiles_for(dtype, options: Optional[dict] = None, second_order: bool = False, head_dim: int = 0) -> str:
     """Which tile table of kernels/configs.py fits these inputs."""
     if dtype != torch.float32:
         return "bf16"
-    dot = _precision(dtype, options, second_order, head_dim)["DOT"]
+    dot = _products(dtype, options, second_order, head_dim)
     return "ieee" if dot == 1 else "tf32x3" if dot == 2 and second_order else "tf32"
 
 

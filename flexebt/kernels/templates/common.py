@@ -43,10 +43,13 @@ LN2 = tl.constexpr(0.6931471805599453)
 @triton.jit
 def _mm(a, b, DOT: tl.constexpr):
     """a @ b with fp32 accumulation.  DOT = 0: the tensor cores' default for the dtype; 1: exact fp32
-    products (IEEE, no tf32); 2: fp32 products as three tf32 products (tensor cores); 3: compute in
-    fp32 (only for bf16 under Triton's CPU interpreter, whose bf16 dot is wrong)."""
+    products (IEEE, no tf32); 2: fp32 products as three tf32 products (tensor cores); 3: Triton's
+    CPU interpreter only -- the sums in fp64, rounded once to fp32.  The interpreter's bf16 dot is
+    wrong, and its fp32 dot sums in whatever order the host's BLAS picks, which differs between a
+    tile and its transpose on some CPUs: a pass that rebuilds a score from k q^T would not get the
+    forward's q k^T bit for bit, and at logits in the hundreds one ulp of a score moves P by 3e-5."""
     if DOT == 3:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a.to(tl.float64), b.to(tl.float64)).to(tl.float32)
     elif DOT == 1:
         return tl.dot(a, b, input_precision="ieee")
     elif DOT == 2:
