@@ -9,6 +9,8 @@ The kernels keep each row's max and softmax sum apart (msum): through the lse al
 rounds away next to a max of 1e9, the backward recomputed probabilities n times too large, and
 finfo.min overflowed to -inf when taken to log2 units."""
 
+import math
+
 import pytest
 import torch
 
@@ -182,3 +184,15 @@ def test_large_logits_without_a_score_mod(magnitude):
     names = ["out", "dq", "dk", "dv", "ddq", "ddk", "ddv"]
     for name, a, e, r in zip(names, got, base, ref):
         check(name, a.detach(), e.detach(), r, torch.float32, 2 if name == "out" else 3)
+    # With the host's own fp32 products (FP32_PRODUCTS), a pass that rebuilds the scores as k q^T may
+    # miss the forward's q k^T by an ulp -- on a GPU too: the tensor cores promise no order. One ulp of
+    # the largest logit is then the floor of what a gradient can keep (here 3e-5 at logit 350).
+    logits = (x64[0] @ x64[1].transpose(-1, -2)).abs().max().item() * D ** -0.5
+    ulp = 2.0 ** (math.floor(math.log2(logits)) - 23)
+    for mode in ("ieee", "tf32x3"):
+        got = orders(lambda q, k, v: flexebt.flex_attention(q, k, v, kernel_options={"BACKEND": "TRITON",
+                                                                                     "FP32_PRODUCTS": mode}),
+                     torch.float32)
+        for name, a, e, r in zip(names, got, base, ref):
+            bound = max((2 if name == "out" else 3) * rel_err(e.detach(), r), 1e-5, ulp)
+            assert rel_err(a.detach(), r) <= bound, (mode, name)

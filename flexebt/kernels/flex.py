@@ -311,9 +311,10 @@ def _precision(dtype, options: Optional[dict] = None, second_order: bool = False
     kernel_options["FP32_PRODUCTS"] = "ieee" | "tf32x3" picks one for all passes.
     The kernels' DOT constexpr: 0 default, 1 IEEE, 2 tf32x3, 3 under Triton's CPU interpreter
     (fp32 and bf16): sums in fp64 rounded to fp32, the same for a tile and its transpose
-    (templates/common.py, _mm)."""
+    (templates/common.py, _mm) -- unless FP32_PRODUCTS asks for the GPU's products."""
     dot = _products(dtype, options, second_order, head_dim)
-    return dict(DOT=3 if interpreting() and dtype in (torch.float32, torch.bfloat16) else dot)
+    asked = dtype == torch.float32 and "FP32_PRODUCTS" in (options or {})  # the GPU's products, on purpose
+    return dict(DOT=3 if interpreting() and dtype in (torch.float32, torch.bfloat16) and not asked else dot)
 
 
 def _products(dtype, options: Optional[dict] = None, second_order: bool = False, head_dim: int = 0) -> int:
@@ -781,7 +782,10 @@ def dbwd_dkdv_pass(kern: ModKernels, q, k, v, out, dout, ref, dlse, gq, gk, gv, 
     # how the tiles' shares of g_q reach gq_acc: 2 one bulk reduce-add per tile through a descriptor
     # (TMA: measured 2 % faster than element-wise at D64, 4 % at D128; design D79), 1 element-wise
     # atomic adds (GPUs without TMA, and Triton's interpreter, which has no bulk reduce)
-    dq_atomic = 0 if gq_acc is None else 2 if gq_acc.is_cuda and _use_tma({"USE_TMA": 1}, gq_acc) else 1
+    # (an explicit USE_TMA=0 turns the descriptor off too)
+    bulk = gq_acc is not None and gq_acc.is_cuda and (options or {}).get("USE_TMA", 1) \
+        and _use_tma({"USE_TMA": 1}, gq_acc)
+    dq_atomic = 0 if gq_acc is None else 2 if bulk else 1
     launch = dict(K=k, V=v, GK=named["GK"], GV=named["GV"], G_K=g_k, G_V=g_v, DLSE=named["DLSE"], GQ_ACC=gq_acc,
                   STREAM=SecondStreamArgs(named["Q"], named["DO"], named["GQ"], ref, stats, Sq, q_off),
                   Q_BLOCKS=tables.q_blocks, H=H, Hkv=Hkv, Skv=Skv, scale=scale)
