@@ -153,3 +153,45 @@ def test_rounding_inside_a_mod_matches_torch(low):
     if low == torch.bfloat16:
         assert rel_err(truncated, ref) > 1e-3  # (what truncation would give: the test can tell them apart)
     assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("magnitude", [4.0, 10.0])
+def test_large_logits_without_a_score_mod_cuda(magnitude):
+    """Logits of 50 to 350 in fp32 on the GPU's own products: first and second order within 3x eager
+    fp32 math's error, 1e-5, or one ulp of the largest logit -- the passes rebuild the scores (k q^T
+    in the key-tile passes), and the tensor cores promise no summation order, so a rebuilt score may
+    miss the forward's by an ulp (the CPU twin: tests/test_huge_scores.py)."""
+    import math
+
+    S, D = 300, 64
+    torch.manual_seed(0)
+    x64 = [torch.randn(2, 4, S, D, dtype=torch.float64, device="cuda") * m for m in (magnitude, magnitude, 1.0)]
+    bm = flexebt.create_block_mask(masks.causal_mask, None, None, S, S, device="cuda")
+    keep = torch.ones(S, S, dtype=torch.bool, device="cuda").tril()
+
+    def eager(q, k, v):
+        s = ((q @ k.transpose(-1, -2)) * D ** -0.5).masked_fill(~keep, float("-inf"))
+        return torch.softmax(s, -1) @ v
+
+    def orders(fn, dtype):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = [t.to(dtype).requires_grad_() for t in x64]
+        out = fn(*x)
+        ct = torch.randn(out.shape, generator=g, dtype=torch.float64, device="cuda").to(dtype)
+        first = torch.autograd.grad((out * ct).sum(), x, create_graph=True)
+        w = [torch.randn(f.shape, generator=g, dtype=torch.float64, device="cuda").to(dtype) for f in first]
+        second = torch.autograd.grad(sum((f * wi).sum() + 0.5 * (f * f).sum() for f, wi in zip(first, w)), x)
+        return [out] + list(first) + list(second)
+
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        ref, base = orders(eager, torch.float64), orders(eager, torch.float32)
+        got = orders(lambda q, k, v: flexebt.flex_attention(q, k, v, block_mask=bm, kernel_options=T), torch.float32)
+    finally:
+        torch.set_float32_matmul_precision(prev)
+    logits = (x64[0] @ x64[1].transpose(-1, -2)).abs().max().item() * D ** -0.5
+    ulp = 2.0 ** (math.floor(math.log2(logits)) - 23)
+    for name, a, e, r in zip(["out", "dq", "dk", "dv", "ddq", "ddk", "ddv"], got, base, ref):
+        bound = max((2 if name == "out" else 3) * rel_err(e.detach(), r), 1e-5, ulp)
+        assert rel_err(a.detach(), r) <= bound, (name, rel_err(a.detach(), r), bound)
