@@ -43,3 +43,26 @@ def second_order(fn, inputs, seed=1):
     loss = sum((x * wi).sum() + 0.5 * (x ** 2).sum() for x, wi in zip(first, w))
     second = torch.autograd.grad(loss, inputs, allow_unused=True)
     return [x.detach() for x in first], [torch.zeros_like(i) if s is None else s for s, i in zip(second, inputs)]
+
+
+def large_logit_orders(fn, x64, dtype):
+    """Output, first- and second-order gradients of ``fn(q, k, v)`` in ``dtype`` from float64 inputs
+    ``x64`` (fixed cotangents; the second-order loss mixes a projection and a square of each first
+    gradient)."""
+    g = torch.Generator(device=x64[0].device).manual_seed(0)
+    x = [t.to(dtype).requires_grad_() for t in x64]
+    out = fn(*x)
+    ct = torch.randn(out.shape, generator=g, dtype=torch.float64, device=out.device).to(dtype)
+    first = torch.autograd.grad((out * ct).sum(), x, create_graph=True)
+    w = [torch.randn(f.shape, generator=g, dtype=torch.float64, device=f.device).to(dtype) for f in first]
+    second = torch.autograd.grad(sum((f * wi).sum() + 0.5 * (f * f).sum() for f, wi in zip(first, w)), x)
+    return [out] + list(first) + list(second)
+
+
+def ulp_of_largest_logit(q, k, scale):
+    """One fp32 ulp of the largest |q k^T| * scale: how far a score rebuilt in another summation order
+    (k q^T) may be from the forward's, and so the floor of a gradient's relative error there."""
+    import math
+
+    logits = (q @ k.transpose(-1, -2)).abs().max().item() * scale
+    return 2.0 ** (math.floor(math.log2(logits)) - 23)

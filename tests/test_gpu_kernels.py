@@ -6,7 +6,7 @@ import torch
 import flexebt
 from flexebt import masks, mods
 from flexebt.reference.masking import dense_keep
-from helpers import rel_err
+from helpers import large_logit_orders, rel_err, ulp_of_largest_logit
 from spec_tolerance import check, eager_attention
 
 pytestmark = pytest.mark.gpu
@@ -161,8 +161,6 @@ def test_large_logits_without_a_score_mod_cuda(magnitude):
     fp32 math's error, 1e-5, or one ulp of the largest logit -- the passes rebuild the scores (k q^T
     in the key-tile passes), and the tensor cores promise no summation order, so a rebuilt score may
     miss the forward's by an ulp (the CPU twin: tests/test_huge_scores.py)."""
-    import math
-
     S, D = 300, 64
     torch.manual_seed(0)
     x64 = [torch.randn(2, 4, S, D, dtype=torch.float64, device="cuda") * m for m in (magnitude, magnitude, 1.0)]
@@ -174,14 +172,7 @@ def test_large_logits_without_a_score_mod_cuda(magnitude):
         return torch.softmax(s, -1) @ v
 
     def orders(fn, dtype):
-        g = torch.Generator(device="cuda").manual_seed(0)
-        x = [t.to(dtype).requires_grad_() for t in x64]
-        out = fn(*x)
-        ct = torch.randn(out.shape, generator=g, dtype=torch.float64, device="cuda").to(dtype)
-        first = torch.autograd.grad((out * ct).sum(), x, create_graph=True)
-        w = [torch.randn(f.shape, generator=g, dtype=torch.float64, device="cuda").to(dtype) for f in first]
-        second = torch.autograd.grad(sum((f * wi).sum() + 0.5 * (f * f).sum() for f, wi in zip(first, w)), x)
-        return [out] + list(first) + list(second)
+        return large_logit_orders(fn, x64, dtype)
 
     prev = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
@@ -190,8 +181,7 @@ def test_large_logits_without_a_score_mod_cuda(magnitude):
         got = orders(lambda q, k, v: flexebt.flex_attention(q, k, v, block_mask=bm, kernel_options=T), torch.float32)
     finally:
         torch.set_float32_matmul_precision(prev)
-    logits = (x64[0] @ x64[1].transpose(-1, -2)).abs().max().item() * D ** -0.5
-    ulp = 2.0 ** (math.floor(math.log2(logits)) - 23)
+    ulp = ulp_of_largest_logit(x64[0], x64[1], D ** -0.5)
     for name, a, e, r in zip(["out", "dq", "dk", "dv", "ddq", "ddk", "ddv"], got, base, ref):
         bound = max((2 if name == "out" else 3) * rel_err(e.detach(), r), 1e-5, ulp)
         assert rel_err(a.detach(), r) <= bound, (name, rel_err(a.detach(), r), bound)

@@ -9,13 +9,11 @@ The kernels keep each row's max and softmax sum apart (msum): through the lse al
 rounds away next to a max of 1e9, the backward recomputed probabilities n times too large, and
 finfo.min overflowed to -inf when taken to log2 units."""
 
-import math
-
 import pytest
 import torch
 
 import flexebt
-from helpers import rel_err, second_order
+from helpers import large_logit_orders, rel_err, second_order, ulp_of_largest_logit
 
 pytestmark = [pytest.mark.interpreter,
               pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")]  # -> -inf, as on GPU
@@ -170,14 +168,7 @@ def test_large_logits_without_a_score_mod(magnitude):
         return torch.softmax((q @ k.transpose(-1, -2)) * D ** -0.5, -1) @ v
 
     def orders(fn, dtype):
-        g = torch.Generator().manual_seed(0)
-        x = [t.to(dtype).requires_grad_() for t in x64]
-        out = fn(*x)
-        ct = torch.randn(out.shape, generator=g, dtype=torch.float64).to(dtype)
-        first = torch.autograd.grad((out * ct).sum(), x, create_graph=True)
-        w = [torch.randn(f.shape, generator=g, dtype=torch.float64).to(dtype) for f in first]
-        second = torch.autograd.grad(sum((f * wi).sum() + 0.5 * (f * f).sum() for f, wi in zip(first, w)), x)
-        return [out] + list(first) + list(second)
+        return large_logit_orders(fn, x64, dtype)
 
     ref, base = orders(eager, torch.float64), orders(eager, torch.float32)
     got = orders(lambda q, k, v: flexebt.flex_attention(q, k, v, kernel_options={"BACKEND": "TRITON"}), torch.float32)
@@ -187,8 +178,7 @@ def test_large_logits_without_a_score_mod(magnitude):
     # With the host's own fp32 products (FP32_PRODUCTS), a pass that rebuilds the scores as k q^T may
     # miss the forward's q k^T by an ulp -- on a GPU too: the tensor cores promise no order. One ulp of
     # the largest logit is then the floor of what a gradient can keep (here 3e-5 at logit 350).
-    logits = (x64[0] @ x64[1].transpose(-1, -2)).abs().max().item() * D ** -0.5
-    ulp = 2.0 ** (math.floor(math.log2(logits)) - 23)
+    ulp = ulp_of_largest_logit(x64[0], x64[1], D ** -0.5)
     for mode in ("ieee", "tf32x3"):
         got = orders(lambda q, k, v: flexebt.flex_attention(q, k, v, kernel_options={"BACKEND": "TRITON",
                                                                                      "FP32_PRODUCTS": mode}),

@@ -478,7 +478,7 @@ def test_a_read_indexed_by_another_read_with_a_constant_index():
     ids_m = torch.randint(0, 5, (S, 2), generator=g)
 
     def edge(score, b, h, q_idx, kv_idx):
-        return score + table[h, ids[b, q_idx, kv_idx, 0], ids[b, q_idx, kv_idx, 1]]
+        return score + table[h, ids[b, q_idx, kv_idx, 0], ids[b, q_idx, kv_idx, -1]]  # -1 wraps, as in torch
 
     def chained(score, b, h, q_idx, kv_idx):
         return score + table[h][ids[b, q_idx, kv_idx, 1]][ids[b, q_idx, kv_idx, 0]] * 0.5
@@ -499,29 +499,12 @@ def test_a_read_indexed_by_another_read_with_a_constant_index():
             assert rel_err(a, b) < 1e-5
 
 
-class _StraightThroughRound(torch.autograd.Function):
-    """round() forward, identity backward."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x):
-        return torch.round(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
 _ROUND_STEP = 4.0
 
 
 class _ScaledRound(torch.autograd.Function):
-    """Reads a module-level number in its forward."""
+    """round(x * step) / step forward (step: a module-level number it reads), identity backward: a
+    straight-through estimator."""
 
     generate_vmap_rule = True
 
@@ -547,10 +530,10 @@ def test_custom_autograd_functions_in_a_score_mod():
     (an index) is not refused."""
     global _ROUND_STEP
     q0, k0, v0 = _qkv(2)
-    round_apply = _StraightThroughRound.apply
+    round_apply = _ScaledRound.apply  # kept in a closure
 
     def st(score, b, h, q_idx, kv_idx):
-        return round_apply(score * 4) / 4
+        return round_apply(score)  # round(score * 4) / 4
 
     def oracle(q, k, v):
         s = q @ k.transpose(-1, -2) * D ** -0.5
@@ -568,7 +551,7 @@ def test_custom_autograd_functions_in_a_score_mod():
     z = [t.clone().requires_grad_() for t in (q0, k0, v0)]
     out = flexebt.flex_attention(*z, score_mod=st, kernel_options=T)
     assert rel_err(out, want) < 1e-5
-    with pytest.raises(NotImplementedError, match="torch.autograd.Function _StraightThroughRound"):
+    with pytest.raises(NotImplementedError, match="torch.autograd.Function _ScaledRound"):
         torch.autograd.grad(out.square().sum(), z)
 
     def scaled(score, b, h, q_idx, kv_idx):
@@ -582,7 +565,7 @@ def test_custom_autograd_functions_in_a_score_mod():
         _ROUND_STEP = 4.0
 
     def on_positions(score, b, h, q_idx, kv_idx):
-        return score + 0.25 * round_apply((q_idx - kv_idx).float() / 3)
+        return score + round_apply((q_idx - kv_idx).float() / 3)
 
     w = [t.clone().requires_grad_() for t in (q0, k0, v0)]
     out = flexebt.flex_attention(*w, score_mod=on_positions, kernel_options=T)
