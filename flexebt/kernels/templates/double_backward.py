@@ -3,7 +3,7 @@
 #
 # Given cotangents Gq, Gk, Gv of dq, dk, dv, with D0 = sum_j P dP (= do.o) and D = D0 - dlse:
 #   A = scale (Gq k^T + q Gk^T),  u = f' A,  Bm = do Gv^T,  dt = P (dP - D),  ds = dt f'
-#   U = sum_j P u,  Wc = sum_j P dP u - D0 U,  Bbar = sum_j P Bm                (row statistics)
+#   U = sum_j P u,  Wc = sum_j P dP u - D0 U,  Bbar = sum_j P Bm = do.(sum_j P Gv)  (row statistics)
 #   gt = P ((dP - D) (u - U) - Wc + (Bm - Bbar)),  gs = f' gt + dt du/ds
 # Every factor is centred (dP - D, u - U, Bm - Bbar, Wc) and D0 is summed from the same P and dP
 # as the other statistics, not taken from do.o: where a score_mod has a large derivative (1/s
@@ -31,8 +31,9 @@ from own_key import _own_key_captured, _own_key_second  # noqa
 def _dbwd_scores(q, k, v, do, gq, gk, gv, ra, rb, offs_m, offs_n, off_b, off_h, Sq, Skv, scale, Q_OFF,
                  __BUFFERS__
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
-                 DOT: tl.constexpr):
-    """Per tile: P, dP, A, u, Bm, f', du/ds (zero where masked) and the raw scores."""
+                 DOT: tl.constexpr, WITH_BM: tl.constexpr):
+    """Per tile: P, dP, A, u, Bm, f', du/ds (zero where masked) and the raw scores.  Without WITH_BM
+    the product Bm = do Gv^T is not taken (zeros: the rows pass does not need it)."""
     s_raw = _mm(q, tl.trans(k), DOT)
     VALID, mq_idx, q_idx, kv_idx, ZERO = _tile_positions(offs_m, offs_n, Sq, Skv, Q_OFF, BLOCK_M, BLOCK_N, EVEN)
     tu, dtds, d2tds2, ew, ewds = hook.score_second(s_raw=s_raw, scale=scale, b=off_b, h=off_h, q_idx=q_idx,
@@ -42,7 +43,10 @@ def _dbwd_scores(q, k, v, do, gq, gk, gv, ra, rb, offs_m, offs_n, off_b, off_h, 
     f1 = tl.where(keep, dtds, 0.0)
     dp = _mm(do, tl.trans(v), DOT)
     a = (_mm(gq, tl.trans(k), DOT) + _mm(q, tl.trans(gk), DOT)) * scale
-    bm = _mm(do, tl.trans(gv), DOT)
+    if WITH_BM:
+        bm = _mm(do, tl.trans(gv), DOT)
+    else:
+        bm = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     u = tl.where(keep, dtds * a + ew, 0.0)
     duds = tl.where(keep, d2tds2 * a + ewds, 0.0)
     return p, dp, a, u, bm, f1, duds, s_raw
@@ -103,7 +107,7 @@ def _dbwd_kv_rows(K, V, GK, GV, K_DESC, V_DESC, GK_DESC, GV_DESC, kvh, start_n, 
 
 
 @triton.jit
-def _dbwd_rows_tile(U, W, Bbar, D0, puv, pgv, q, gq, do, ra, rb, K, V, GK, GV, K_DESC, V_DESC, GK_DESC, GV_DESC, kvh,
+def _dbwd_rows_tile(U, W, D0, puv, pgv, q, gq, do, ra, rb, K, V, GK, GV, K_DESC, V_DESC, GK_DESC, GV_DESC, kvh,
                     start_n, offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF, __BUFFERS__
                     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
@@ -113,15 +117,14 @@ def _dbwd_rows_tile(U, W, Bbar, D0, puv, pgv, q, gq, do, ra, rb, K, V, GK, GV, K
                                  BLOCK_D, BLOCK_DV, EVEN, USE_TMA)
     p, dp, a, u, bm, f1, duds, s_raw = _dbwd_scores(q, k, v, do, gq, gk, gv, ra, rb, offs_m, offs_n, off_b, off_h,
                                                     Sq, Skv, scale, Q_OFF, __BUFFERS__
-                                                    BLOCK_M, BLOCK_N, IS_FULL, EVEN, DOT)
+                                                    BLOCK_M, BLOCK_N, IS_FULL, EVEN, DOT, False)
     pu = p * u
     U += tl.sum(pu, 1)
     W += tl.sum(pu * dp, 1)
-    Bbar += tl.sum(p * bm, 1)
     D0 += tl.sum(p * dp, 1)
     puv += _mm(pu.to(v.dtype), v, DOT)
     pgv += _mm(p.to(gv.dtype), gv, DOT)
-    return U, W, Bbar, D0, puv, pgv
+    return U, W, D0, puv, pgv
 
 
 @triton.jit
@@ -144,14 +147,12 @@ def flex_dbwd_rows(__SIGNATURE__):
         pu_s = p_s * u_s
         U = tl.sum(pu_s, 1)
         W = tl.sum(pu_s * dp_s, 1)
-        Bbar = tl.sum(p_s * bm_s, 1)
         D0 = tl.sum(p_s * dp_s, 1)
         puv = pu_s * vp.to(tl.float32)
         pgv = p_s * gvp.to(tl.float32)
     else:
         U = tl.zeros([BLOCK_M], dtype=tl.float32)
         W = tl.zeros([BLOCK_M], dtype=tl.float32)
-        Bbar = tl.zeros([BLOCK_M], dtype=tl.float32)
         D0 = tl.zeros([BLOCK_M], dtype=tl.float32)
         puv = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
         pgv = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -160,10 +161,14 @@ def flex_dbwd_rows(__SIGNATURE__):
     for FULL in tl.static_range(2):
         LIST, row, n_tiles = _blocks(FULL, IDX, FULL_IDX, base, base_full, n_partial, n_full, SPARSE_KV, BLOCK_N)
         for it in range(n_tiles):
-            U, W, Bbar, D0, puv, pgv = _dbwd_rows_tile(
-                U, W, Bbar, D0, puv, pgv, q, gq, do, ra, rb, K, V, GK, GV, K_DESC, V_DESC, GK_DESC, GV_DESC, kvh,
+            U, W, D0, puv, pgv = _dbwd_rows_tile(
+                U, W, D0, puv, pgv, q, gq, do, ra, rb, K, V, GK, GV, K_DESC, V_DESC, GK_DESC, GV_DESC, kvh,
                 _tile_start(LIST, row, it, SPARSE_KV, BLOCK_N), offs_m, off_b, off_h, Sq, Skv, scale, Q_OFF,
                 __BUFFERS__ D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, FULL == 1, EVEN, DOT, USE_TMA)
+    # Bbar = sum_j P Bm = sum_j P (do . Gv_j) = do . (sum_j P Gv_j): the row's P Gv (which g_do needs
+    # anyway) dotted with do, instead of one more [BLOCK_M, BLOCK_N] product per tile.  Linear in
+    # the keys, so with PARTIAL_ROWS it is this part's share.
+    Bbar = tl.sum(do.to(tl.float32) * pgv, 1)
     if PARTIAL_ROWS:
         g_do = puv + pgv
     else:
@@ -201,7 +206,7 @@ def _dbwd_dq_tile(g_q, q, gq, do, ra, rb, U, Wc, Bbar, dsh, K, V, GK, GV, K_DESC
                                  BLOCK_D, BLOCK_DV, EVEN, USE_TMA)
     p, dp, a, u, bm, f1, duds, s_raw = _dbwd_scores(q, k, v, do, gq, gk, gv, ra, rb, offs_m, offs_n, off_b, off_h,
                                                     Sq, Skv, scale, Q_OFF, __BUFFERS__
-                                                    BLOCK_M, BLOCK_N, IS_FULL, EVEN, DOT)
+                                                    BLOCK_M, BLOCK_N, IS_FULL, EVEN, DOT, True)
     gs, ds, gt, dt = _dbwd_gs(p, dp, u, bm, f1, duds, dsh, U, Wc, Bbar)
     if CAPTURED_GRADS:
         _dbwd_captured(s_raw, gt, dt, a, offs_m, offs_n, off_b, off_h, Sq, Skv, scale, Q_OFF, __BUFFERS__
@@ -265,7 +270,7 @@ def _dbwd_dkdv_tile(g_k, g_v, k, v, gk, gv, Q, DO, GQ, Q_DESC, DO_DESC, GQ_DESC,
     U, Wc, Bbar, dsh = _load_stats(STATS, qh, offs_m, Sq)
     p, dp, a, u, bm, f1, duds, s_raw = _dbwd_scores(q, k, v, do, gq, gk, gv, ra, rb, offs_m, offs_n, off_b, off_h,
                                                     Sq, Skv, scale, Q_OFF, __BUFFERS__
-                                                    BLOCK_M, BLOCK_N, IS_FULL, EVEN, DOT)
+                                                    BLOCK_M, BLOCK_N, IS_FULL, EVEN, DOT, True)
     gs, ds, gt, dt = _dbwd_gs(p, dp, u, bm, f1, duds, dsh, U, Wc, Bbar)
     g_k += _mm(tl.trans(gs.to(q.dtype)), q, DOT) + _mm(tl.trans(ds.to(gq.dtype)), gq, DOT)
     g_v += _mm(tl.trans((p * (u - U[:, None])).to(do.dtype)), do, DOT)
