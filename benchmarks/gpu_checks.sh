@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU-side checks in one call: the memory checker over the memcheck workload, the
-# out-of-range workload (must end in a device-side assertion), and the GPU test suite, one
-# pytest process per test file in parallel.  Logs go to $OUT (default: ./gpu_checks_out).
+# The GPU-side checks in one call: the memory checker over the memcheck workload and the
+# edge-case workload (memcheck_edge_workload.py, small sizes), the out-of-range workload (must
+# end in a device-side assertion), and the GPU test suite, one pytest process per test file in
+# parallel.  Logs go to $OUT (default: ./gpu_checks_out).
 #
 #     OUT=/tmp/checks bash benchmarks/gpu_checks.sh
 #
@@ -20,6 +21,13 @@ unset TRITON_INTERPRET
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 97 \
     python benchmarks/memcheck_workload.py > "$OUT/memcheck.log" 2>&1
   echo "exit $? after $(( $(date +%s) - start )) s" >> "$OUT/memcheck.log"
+) &
+
+(
+  start=$(date +%s)
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 97 \
+    python benchmarks/memcheck_edge_workload.py --small > "$OUT/memcheck_edge.log" 2>&1
+  echo "exit $? after $(( $(date +%s) - start )) s" >> "$OUT/memcheck_edge.log"
 ) &
 
 (

@@ -11,7 +11,7 @@ from torch.nn.attention.flex_attention import AuxOutput, BlockMask
 
 from . import _validation as V
 from .backends import composition_needs_reference, resolve_backend
-from .blockmask import EBTBlockMask
+from .blockmask import EBTBlockMask, sized_block_mask
 from .autograd import AttentionCall, apply_attention
 from .codegen.source import kernels_and_buffers, position_extents
 from .kernels.flex import cached_tables
@@ -74,6 +74,7 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor, score_mod: Optiona
     """
     fn = "flex_attention"
     V.check_tensors(fn, [("query", query), ("key", key), ("value", value)], like_query=("key", "value"))
+    block_mask = sized_block_mask(fn, block_mask, *query.shape[:2], query.shape[-2], key.shape[-2], query.device)
     V.check_layout(fn, query, key, block_mask.seq_lengths if isinstance(block_mask, BlockMask) else None)
     key, value = V.kv_like_query(fn, query, key, value, block_mask)
     V.check_qkv(fn, query, key, value, enable_gqa)
@@ -120,7 +121,8 @@ def _backend_for(fn: str, kernel_options, tensors, value, mods=()) -> str:
     score_mod and block mask, whose captured tensors a transform may reach too."""
     q = tensors[0]
     backend = resolve_backend(kernel_options, q.device, fn, dtype=q.dtype,
-                              head_dim=max(q.shape[-1], value.shape[-1]))
+                              head_dim=max(q.shape[-1], value.shape[-1]),
+                              seq_len=max(t.shape[-2] for t in tensors))
     if backend == "TRITON" and not torch.compiler.is_compiling() and composition_needs_reference(
             fn, tensors, lambda: _captured_by(mods)):
         backend = "REFERENCE"

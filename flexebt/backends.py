@@ -22,6 +22,8 @@ BACKENDS = ("AUTO", "TRITON", "REFERENCE")
 TORCH_BACKENDS = {"FLASH": "TRITON", "TRITON_DECODE": "TRITON"}
 ENV_VAR = "FLEXEBT_BACKEND"
 MAX_HEAD_DIM = 256
+# the most elements one head (one [S, D] matrix of q, k, v or the output) may hold on the kernels
+MAX_HEAD_ELEMENTS = 2 ** 31 - 1
 
 
 def requested_backend(kernel_options: Optional[dict]) -> str:
@@ -54,16 +56,25 @@ def _triton_available() -> bool:
 
 
 def resolve_backend(kernel_options: Optional[dict], device: torch.device, fn: str,
-                    dtype: Optional[torch.dtype] = None, head_dim: int = 0) -> str:
+                    dtype: Optional[torch.dtype] = None, head_dim: int = 0, seq_len: int = 0) -> str:
     """``"REFERENCE"`` or ``"TRITON"`` for a call on ``device``: ``AUTO`` takes the kernels on CUDA
     for the dtypes and head dims they cover, the reference otherwise; ``TRITON`` says why it
-    cannot run where it cannot."""
+    cannot run where it cannot.  ``seq_len``: the longest sequence of the call's tensors (with
+    ``head_dim``, the largest head of any of them)."""
     backend = requested_backend(kernel_options)
     kernel_ok = dtype != torch.float64 and head_dim <= MAX_HEAD_DIM
     if backend == "AUTO":
-        return "TRITON" if (device.type == "cuda" and kernel_ok and _triton_available()) else "REFERENCE"
+        backend = "TRITON" if (device.type == "cuda" and kernel_ok and _triton_available()) else "REFERENCE"
     if backend == "REFERENCE":
         return "REFERENCE"
+    if seq_len * head_dim > MAX_HEAD_ELEMENTS:
+        # (the head offset is 64-bit; a row's offset inside one head is a 32-bit row * width)
+        raise ValueError(
+            f"{fn}: one head of the inputs holds {seq_len} rows of {head_dim} = {seq_len * head_dim} elements; the "
+            f"Triton kernels address the rows inside a head with 32-bit offsets, up to {MAX_HEAD_ELEMENTS} "
+            f"elements. Attention is independent per query: process the queries in chunks of fewer than "
+            f"{MAX_HEAD_ELEMENTS // max(head_dim, 1) + 1} rows; split longer keys into chunks and merge the chunks' "
+            f"outputs with their lse (return_lse=True).")
     if dtype == torch.float64:
         raise ValueError(f"{fn}: the Triton kernels take float16, bfloat16 or float32; float64 runs on "
                          f"BACKEND='REFERENCE' (or 'AUTO').")

@@ -129,6 +129,47 @@ def tables_in_range(block_mask: BlockMask, Sq: int, Skv: int) -> tuple:
     return (*kv, *(full or (None, None)), *q, *(full_q or (None, None)))
 
 
+# torch's block size of its "no-op" block mask (``_create_empty_block_mask``, what torch's
+# flex_attention makes for ``block_mask=None``): one block over sequences of any length, for which
+# torch skips its check of the mask's lengths against the inputs'
+LARGE_BLOCK = 1 << 30
+
+
+def sized_block_mask(fn: str, block_mask: Optional[BlockMask], B: int, H: int, Sq: int, Skv: int,
+                     device) -> Optional[BlockMask]:
+    """``block_mask``, or for a mask of one block of ``LARGE_BLOCK`` (torch's no-op form) the block
+    mask it means at these lengths: every position where it lists its block as full (None), the
+    mask_mod at every position where it lists it as partial (None for torch's ``noop_mask``),
+    nothing where it lists no block.  A mask whose batches or heads differ in that is refused."""
+    if not isinstance(block_mask, BlockMask) or tuple(block_mask.BLOCK_SIZE) != (LARGE_BLOCK, LARGE_BLOCK):
+        return block_mask
+
+    def listed(num, idx) -> Tensor:
+        if num is None:
+            return torch.zeros((), dtype=torch.bool)
+        return ((num[..., :1] > 0) & (idx[..., :1, :1].squeeze(-1) == 0)).reshape(-1)
+
+    full, partial = torch.broadcast_tensors(listed(block_mask.full_kv_num_blocks, block_mask.full_kv_indices),
+                                            listed(block_mask.kv_num_blocks, block_mask.kv_indices))
+    kinds = {"full" if f else "partial" if p else "none" for f, p in zip(full.tolist(), partial.tolist())}
+    if len(kinds) != 1:
+        raise ValueError(
+            f"{fn}: block_mask has torch's block size {LARGE_BLOCK} (one block over any lengths) and lists that "
+            f"block as full in some batches or heads, partial or not at all in others; build it with "
+            f"create_block_mask(mask_mod, B, H, {Sq}, {Skv}) instead.")
+    kind = kinds.pop()
+    from torch.nn.attention.flex_attention import noop_mask
+
+    if kind == "full" or (kind == "partial" and block_mask.mask_mod in (None, noop_mask)):
+        return None
+    mask_mod = block_mask.mask_mod if kind == "partial" else _keeps_nothing
+    return create_block_mask(mask_mod, B, H, Sq, Skv, device=device)
+
+
+def _keeps_nothing(b, h, q_idx, kv_idx):
+    return q_idx < 0
+
+
 def frame_causal_mask(b, h, q_idx, kv_idx):
     """The causal mask in frame coordinates (what ``mask_mod=None`` means in
     :func:`create_ebt_block_mask`)."""

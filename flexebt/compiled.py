@@ -135,8 +135,8 @@ def _kernel_parts(score_fn, score_obj, mask_fn, mask_obj, frame_mask: bool) -> t
 
 def _tensor_facts(t) -> tuple:
     """What the generated code depends on of a captured tensor, as the compiled path can read it
-    from a traced tensor too (dtype, rank, device type, one element or not, requires grad)."""
-    return t.dtype, t.dim(), t.device.type, t.numel() == 1, bool(t.requires_grad), wide_offsets(t)
+    from a traced tensor too (dtype, rank, device type, no / one / more elements, requires grad)."""
+    return t.dtype, t.dim(), t.device.type, min(t.numel(), 2), bool(t.requires_grad), wide_offsets(t)
 
 
 def _traced_steps(mod, steps: tuple) -> tuple:
@@ -218,22 +218,26 @@ def _check_built_for(t, facts: tuple, name: str, steps: tuple) -> None:
     tensor the compiled function itself assigns before the call (``self.bias = ...`` in forward)
     is seen by the graph with its new value.  Where that value needs other code -- another dtype,
     rank or device, or a gradient the kernels would not form -- the result would be wrong."""
-    dtype, dim, device, one, grad, wide = facts
+    dtype, dim, device, count, grad, wide = facts
     same = t.dtype == dtype and t.dim() == dim and t.device.type == device and (grad or not t.requires_grad)
     if same:  # (sizes: branches, so that a symbolic size becomes one guard each)
         if wide_offsets(t):
             same = wide
         else:
             same = not wide
-    if same:
-        if t.numel() == 1:
-            if one:
+    if same:  # (no, one or more elements: branches, as above)
+        if t.numel() == 0:
+            if count == 0:
                 return
-        elif not one:
+        elif t.numel() == 1:
+            if count == 1:
+                return
+        elif count == 2:
             return
     where = _where(steps)
-    was = f"{dtype}, {dim}-d, {device}{', one element' if one else ''}{', requires grad' if grad else ''}"
-    got = f"{t.dtype}, {t.dim()}-d, {t.device.type}{', requires grad' if t.requires_grad else ''}"
+    size = {0: ", empty", 1: ", one element", 2: ""}
+    was = f"{dtype}, {dim}-d, {device}{size[count]}{', requires grad' if grad else ''}"
+    got = f"{t.dtype}, {t.dim()}-d, {t.device.type}{size[min(t.numel(), 2)]}{', requires grad' if t.requires_grad else ''}"
     raise NotImplementedError(
         f"flexebt under torch.compile: the mod {name!r} reads a captured tensor ({where}) that the compiled "
         f"function changes before calling attention: the kernels were generated for the tensor held when tracing "

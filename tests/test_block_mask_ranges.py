@@ -398,3 +398,28 @@ def test_tables_of_other_batch_and_head_dims_are_refused(backend):
     q, k, v = (torch.randn(2, 2, 32, 16) for _ in range(3))
     with pytest.raises(ValueError, match=r"full_kv_num_blocks has leading \[B, H\] dims \(1, 1\) but kv_num_blocks"):
         flexebt.flex_attention(q, k, v, block_mask=odd, kernel_options=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_negative_indices_in_the_tables_name_no_block(backend):
+    """Hand-made tables with -1 padding inside a row's count (as some producers fill unused slots):
+    a negative index names no block, on the kernels and the reference alike (the reference
+    scattered it and failed), first and second order against the dense meaning of the tables."""
+    S = 64  # 4 x 4 blocks
+    num = torch.tensor([[[2, 2, 2, 2]]], dtype=torch.int32)
+    idx = torch.tensor([[[[0, -1], [1, -1], [2, 1], [3, -4]]]], dtype=torch.int32)
+    bm = BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=BLOCK, seq_lengths=(S, S), compute_q_blocks=False)
+    listed = torch.zeros(4, 4, dtype=torch.bool)
+    for r, cols in enumerate(([0], [1], [2, 1], [3])):
+        listed[r, cols] = True
+    keep_table = listed.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)
+
+    def dense(q, k, v):
+        s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        return torch.softmax(s.masked_fill(~keep_table, -math.inf), -1) @ v
+
+    x = inputs(S, S)
+    got = second_order(lambda *t: flexebt.flex_attention(*t, block_mask=bm, kernel_options=backend), x)
+    want = second_order(dense, [t.detach().double().requires_grad_() for t in x])
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        assert rel_err(a, b) < 3e-5

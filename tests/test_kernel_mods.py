@@ -567,3 +567,41 @@ def test_half_precision_arithmetic_inside_a_mod(half):
     want = orders(mod64, [t.detach().double().requires_grad_() for t in x] + [gain64], R)
     for a, b in zip(got, want):  # autograd rounds the casts' cotangents to the half dtype: its eps
         assert rel_err(a, b) < 4 * torch.finfo(half).eps
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_numbers_next_to_half_values_as_torch_vmap_takes_them(half):
+    """torch applies a mod per score through torch.vmap, and there ``half * 0.1``, ``half / 3.3``,
+    ``torch.div(half, 0.7, rounding_mode="floor")`` round the number to the half dtype first (bf16
+    0.1 is 0.10009765625, 1001 is 1000) where the half value varies per score; plain eager torch,
+    vmap on a value that does not vary (a captured 0-d tensor) and the in-place forms keep the
+    number.  The kernels take the numbers as vmap does: equal to torch's own flex_attention and to
+    the reference to fp32 accuracy (a number taken the other way is off by the half dtype's eps),
+    first and second order.  ``torch.add(half, half, alpha=0.3)``, which vmap rounds one way or
+    another by how the operands are batched, is refused by name."""
+    tab = (torch.randn(24, generator=torch.Generator().manual_seed(5)) * 3).to(half)
+    temp = torch.tensor(9.0).to(half)
+
+    def mod(s, b, h, q_idx, kv_idx):
+        d = (q_idx - kv_idx).to(half)
+        t = tab[q_idx] / 3.3 + 0.7 / tab[kv_idx]
+        kept = tab[kv_idx].clone().mul_(0.1)  # in place: the number as it is
+        return s + (d * 0.1).float() + (t * 1001).float() * 1e-3 + (torch.div(d, 0.7, rounding_mode="floor")
+                                                                     + kept + temp * 0.1).float() * 0.1
+
+    x = [torch.randn(1, 2, 24, 16, requires_grad=True) for _ in range(3)]
+    want = torch_flex_attention(*[t.detach() for t in x], score_mod=mod)
+    got = flexebt.flex_attention(*x, score_mod=mod, kernel_options=T)
+    assert rel_err(got, want) < 1e-5
+    got2 = second_order(lambda *a: [flexebt.flex_attention(*a, score_mod=mod, kernel_options=T)], x)
+    want2 = second_order(lambda *a: [flexebt.flex_attention(*a, score_mod=mod, kernel_options=R)], x)
+    for a, b in zip(got2[0] + got2[1], want2[0] + want2[1]):
+        assert rel_err(a, b) < 1e-5
+
+    def with_alpha(s, b, h, q_idx, kv_idx):
+        return s + torch.add(tab[kv_idx], (q_idx - kv_idx).to(half), alpha=0.3).float()
+
+    with pytest.raises(NotImplementedError, match="alpha=0.3"):
+        flexebt.flex_attention(*x, score_mod=with_alpha, kernel_options=T)
+    assert rel_err(flexebt.flex_attention(*x, score_mod=with_alpha, kernel_options=R),
+                   torch_flex_attention(*[t.detach() for t in x], score_mod=with_alpha)) < 1e-6

@@ -220,6 +220,25 @@ def test_one_element_tensor_of_rank_one_as_a_value():
     assert rel_err(g, g_ref) < 1e-5
 
 
+@pytest.mark.parametrize("index", ["computed", "position"])
+def test_an_empty_tensor_after_a_full_one_raises_as_torch(index):
+    """A mod whose captured tensor is replaced by an empty one of the same dtype and rank: torch (and
+    the reference) raise IndexError; the kernels made for the full tensor must not be reused (their
+    clamped index would be -1, a load before the tensor), so the empty one gets its own trace, which
+    raises the same error."""
+    q, k, v = _qkv()
+    box = {"t": torch.randn(S)}
+
+    def read(s, b, h, qi, ki):
+        return s + box["t"][qi // 7 if index == "computed" else qi]
+
+    _close(q, k, v, read)
+    box["t"] = torch.empty(0)
+    for options in (R, T):
+        with pytest.raises(IndexError):
+            flexebt.flex_attention(q, k, v, score_mod=read, kernel_options=options)
+
+
 # -- under torch.compile ---------------------------------------------------------------------------
 
 def test_compiled_kernels_follow_sizes_and_partial_numbers():

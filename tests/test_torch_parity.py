@@ -255,3 +255,45 @@ def test_tensor_scale_under_compile_names_the_float():
                       backend="eager")
     with pytest.raises(Exception, match="scale is a tensor inside torch.compile.*Pass a Python float"):
         f(q, k, v, torch.tensor(0.3))
+
+
+@pytest.mark.parametrize("backend", [pytest.param(T, marks=pytest.mark.interpreter), R])
+def test_torch_one_block_mask_over_any_lengths(backend):
+    """torch's "no-op" block mask (one block of 2**30, what torch's flex_attention makes for
+    block_mask=None; torch's tests pass it explicitly) and masks of that block size with a mask_mod,
+    a full block or no block: torch skips its length check for them and so does flexebt, with the
+    results of torch's kernels, first and second order; batches that list the block differently are
+    refused."""
+    from torch.nn.attention.flex_attention import BlockMask, _create_empty_block_mask
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, S, 16, requires_grad=True) for S in (21, 37, 37))
+    big = 1 << 30
+
+    def one_block(kind, mask_mod=None):
+        num = torch.ones(1, 1, 1, dtype=torch.int32) * (kind != "none")
+        idx = torch.zeros(1, 1, 1, 1, dtype=torch.int32)
+        zero = torch.zeros_like(num)
+        full = (num, idx) if kind == "full" else (zero, idx)
+        part = (num, idx) if kind == "partial" else (zero, idx)
+        return BlockMask.from_kv_blocks(*part, *full, BLOCK_SIZE=big, mask_mod=mask_mod, seq_lengths=(1, 1))
+
+    cases = [_create_empty_block_mask(q, k), one_block("partial", _causal_drop_rows), one_block("full")]
+    for bm in cases:
+        want = _torch(q.detach().double(), k.detach().double(), v.detach().double(), block_mask=bm)
+        got = flexebt.flex_attention(q, k, v, block_mask=bm, kernel_options=backend)
+        assert rel_err(got, want) < 1e-5
+    # no block listed: nothing kept, as torch's kernels read the tables (its eager path reads only
+    # the mask_mod, here keeping everything)
+    out, lse = flexebt.flex_attention(q, k, v, block_mask=one_block("none"), return_lse=True, kernel_options=backend)
+    assert not out.any() and (lse == float("-inf")).all()
+    ref = create_block_mask(_causal_drop_rows, None, None, 21, 37, device="cpu")
+    x = [q, k, v]
+    got = second_order(lambda *a: flexebt.flex_attention(*a, block_mask=cases[1], kernel_options=backend), x)
+    want = second_order(lambda *a: flexebt.flex_attention(*a, block_mask=ref, kernel_options=backend), x)
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        assert torch.equal(a, b)
+    mixed = BlockMask.from_kv_blocks(torch.tensor([[[1]], [[0]]], dtype=torch.int32),
+                                     torch.zeros(2, 1, 1, 1, dtype=torch.int32), BLOCK_SIZE=big, seq_lengths=(1, 1))
+    with pytest.raises(ValueError, match="lists that block"):
+        flexebt.flex_attention(q, k, v, block_mask=mixed, kernel_options=backend)

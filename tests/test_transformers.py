@@ -24,14 +24,18 @@ def _model(attn, dtype=torch.float64, seed=0):
 
 
 def _math64(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """The oracle: dense attention in the inputs' dtype, boolean mask from transformers' sdpa mask."""
+    """The oracle: dense attention in the inputs' dtype, the mask from transformers' sdpa mask (boolean),
+    or a model's own additive one."""
     g = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
     s = query @ key.transpose(-1, -2) * scaling
     if attention_mask is None:  # transformers' sdpa mask skips a plain causal mask (SDPA's is_causal)
         Sq, Skv = s.shape[-2:]
         attention_mask = torch.ones(Sq, Skv, dtype=torch.bool).tril(Skv - Sq)
-    s = s.masked_fill(~attention_mask, float("-inf"))
+    if attention_mask.dtype == torch.bool:
+        s = s.masked_fill(~attention_mask, float("-inf"))
+    else:  # an additive mask (Falcon adds its ALiBi bias to it)
+        s = s + attention_mask[..., :s.shape[-1]]
     p = torch.softmax(s, -1).nan_to_num(0.0)  # a padding query keeps no key: output 0, as flexebt's
     return (p @ value).transpose(1, 2).contiguous(), None
 
@@ -341,3 +345,45 @@ def test_per_token_sinks_first_and_second_order(name):
         return flexebt_hf.attention_forward(nn.Module(), q, k, v, keep, scaling=0.3, sinks=sinks)[0]
 
     _same_to_second_order(ours, math, q, k, v, sinks)
+
+
+def _tiny(model_type: str, attn: str, **config):
+    torch.manual_seed(0)
+    cfg = transformers.AutoConfig.for_model(model_type, vocab_size=61, **config)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).double().eval()
+    model.set_attn_implementation(attn)
+    return model
+
+
+def test_models_that_take_no_block_mask_get_a_dense_one(name):
+    """Models that declare no flex attention support work on their mask as a tensor: Falcon adds its
+    ALiBi bias to it, GPT-2 reads ``mask.ndim`` (a static cache's precomputed mask reaches it as
+    ``attention_mask``).  flexebt's mask function gives them SDPA's dense mask and its attention
+    applies it: SDPA's logits (Falcon, left padding) and tokens and logits (GPT-2, static cache);
+    Falcon's second-order gradients match the float64 math."""
+    falcon = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=True,
+                  new_decoder_architecture=False, multi_query=False, parallel_attn=True, bias=False)
+    ids = torch.randint(3, 61, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0
+    want = _tiny("falcon", "sdpa", **falcon)(ids, attention_mask=mask).logits
+    got = _tiny("falcon", name, **falcon)(ids, attention_mask=mask).logits
+    assert rel_err(got[1, 3:], want[1, 3:]) < 1e-12 and rel_err(got[0], want[0]) < 1e-12
+
+    def second(attn):
+        model = _tiny("falcon", attn, **falcon)
+        emb = model.get_input_embeddings()(ids[:1]).detach().requires_grad_()
+        g, = torch.autograd.grad(model(inputs_embeds=emb).logits.square().sum(), emb, create_graph=True)
+        return torch.autograd.grad(g.square().sum(), [p for p in model.parameters() if p.requires_grad][:6])
+
+    for a, b in zip(second(name), second("math64")):
+        assert rel_err(a, b) < 1e-10
+
+    gpt2 = dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static", output_logits=True,
+              return_dict_in_generate=True)
+    prompt = torch.randint(3, 61, (1, 7))
+    want = _tiny("gpt2", "sdpa", **gpt2).generate(prompt, **kw)
+    got = _tiny("gpt2", name, **gpt2).generate(prompt, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    assert rel_err(torch.stack(got.logits), torch.stack(want.logits)) < 1e-12

@@ -331,6 +331,33 @@ def test_head_dim_zero_is_refused(call, name):
         call()
 
 
+# ---- heads too large for the kernels' 32-bit row offsets ----
+
+@pytest.mark.parametrize("family", ["flex", "ebt", "piecewise"])
+@pytest.mark.parametrize("where", ["query", "key"])
+def test_heads_of_2_31_elements_are_refused_on_the_kernels(family, where):
+    """The kernels address a row inside one head with a 32-bit offset (row * D): a head of 2**31 or
+    more elements is refused before anything runs (meta tensors: nothing is allocated), naming the
+    size; one element less passes the check (and fails later, for want of data)."""
+    def call(long_rows):
+        m = dict(dtype=torch.bfloat16, device="meta")
+        short = torch.empty(1, 1, 16, 64, **m)
+        long = torch.empty(1, 1, long_rows, 64, **m)
+        q, k = (long, short) if where == "query" else (short, long)
+        o = {"BACKEND": "TRITON"}
+        if family == "flex":
+            return flexebt.flex_attention(q, k, k, kernel_options=o)
+        if family == "ebt":
+            return flexebt.flex_ebt_attention(long, long, long, short, short, short, kernel_options=o)
+        return flexebt.piecewise_attention(q, k, q, k, k, 8, kernel_options=o)
+
+    with pytest.raises(ValueError, match=r"holds 33554432 rows of 64 = 2147483648 elements.*32-bit"):
+        call(2 ** 25)
+    with pytest.raises(Exception) as e:
+        call(2 ** 25 - 1)
+    assert "32-bit" not in str(e.value)
+
+
 # ---- empty sequences: zeros, lse -inf, zero gradients (first and second order), no launch ----
 
 def _x(*shape):

@@ -132,6 +132,27 @@ def _alpha(node):
     return node.kwargs.get("alpha", node.args[2] if len(node.args) > 2 else 1)
 
 
+# torch applies a mod per score through torch.vmap (so does the reference backend).  Under vmap
+# these ops take a Python number next to a 16-bit tensor that varies per score (a batched tensor:
+# one that depends on the score or a position) as a tensor of that dtype: the number is rounded to
+# fp16 / bf16 before the op (bf16 * 0.1 multiplies by 0.10009765625, 1001 becomes 1000), where
+# plain eager torch -- and vmap for a value that does not vary, such as a captured 0-d tensor --
+# computes with the number as it is.  Their in-place forms (mul_, div_) keep the number too.
+_VMAP_ROUNDS_NUMBERS = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.div.Tensor_mode}
+# add / sub / rsub with an alpha other than 1 on such values: vmap rounds alpha * b (and alpha) to
+# the half dtype or not depending on how each operand is batched; the kernels refuse it
+_ALPHA_OPS = {aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.rsub.Scalar, aten.rsub.Tensor}
+
+
+def _vmap_number(v, node):
+    """A Python number operand of ``node`` as torch.vmap uses it: rounded to the node's dtype where
+    that is fp16 / bf16 (a bool, or any other dtype, is kept)."""
+    dtype = _dtype(node)
+    if dtype in _HALF and isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(torch.tensor(v, dtype=torch.float64).to(dtype).item())
+    return v
+
+
 @_op([aten.add.Tensor, aten.add.Scalar], "+ / torch.add")
 def _add(em, node, a):
     alpha = _alpha(node)
@@ -615,6 +636,8 @@ class Emitter:
         self._operands = None  # while emitting an integer op: the dtype arg() casts its operands to
         self._operand_torch_dtype = None  # (and the dtype torch casts its numbers to)
         self._not_operands: set = set()  # ids of arguments that are not operands (where's condition)
+        self._numbers_of = None  # while emitting an op of _VMAP_ROUNDS_NUMBERS: the node (arg() rounds numbers)
+        self._varying: set = set()  # names of the nodes whose value varies per score
         self._tag = ""
         self.tanh_vars: set[str] = set()  # variables holding a tanh, whose parts _tanh named after them
 
@@ -635,6 +658,8 @@ class Emitter:
             return val
         if self._operands is not None and isinstance(x, int) and not isinstance(x, bool):
             return repr(_wrap(x, self._operand_torch_dtype))  # torch casts a number to the op's dtype
+        if self._numbers_of is not None:
+            return _lit(_vmap_number(x, self._numbers_of))
         return _lit(x)
 
     def fill(self, node, value) -> str:
@@ -701,9 +726,11 @@ class Emitter:
         self._iv = integer_intervals(gm)
         self._kdt = kernel_dtypes(gm, self._iv)
         ph = iter(placeholders)
+        self._varying = set()  # nodes whose value varies per score (depends on a placeholder)
         for node in gm.graph.nodes:
             if node.op == "placeholder":
                 env[node.name] = next(ph)
+                self._varying.add(node.name)
             elif node.op == "get_attr":
                 env[node.name] = f"@buf{constants[node.target]}"  # only read through loads (trace.py)
             elif node.op == "call_function":
@@ -713,11 +740,18 @@ class Emitter:
                     base = node.target if node.target in OPS else _functional(node.target)
                     self._not_operands = {id(node.args[i]) for i in _NON_OPERAND_ARGS.get(base, ())
                                           if i < len(node.args) and isinstance(node.args[i], torch.fx.Node)}
+                varies = any(a.name in self._varying for a in node.all_input_nodes)
+                if varies:
+                    self._varying.add(node.name)
+                    self._refuse_half_alpha(node)
+                if varies and node.target in _VMAP_ROUNDS_NUMBERS:
+                    self._numbers_of = node
                 try:
                     expr = self._expr(node, gm, constants)
                 finally:
                     self._operands = self._operand_torch_dtype = None
                     self._not_operands = set()
+                    self._numbers_of = None
                 if expr is None:
                     continue
                 var = self.tmp(node)
@@ -735,6 +769,17 @@ class Emitter:
                 outs = outs if isinstance(outs, (tuple, list)) else (outs,)
                 return [env[o.name] if isinstance(o, torch.fx.Node) else _lit(o) for o in outs]
         raise RuntimeError("graph without output")
+
+    def _refuse_half_alpha(self, node) -> None:
+        """add / sub / rsub with ``alpha != 1`` on fp16 / bf16 values that vary per score: see _ALPHA_OPS."""
+        if node.target in _ALPHA_OPS and _dtype(node) in _HALF and _alpha(node) != 1:
+            raise NotImplementedError(
+                f"flexebt codegen: torch.add / torch.sub with alpha={_alpha(node)!r} on {_dtype(node)} values in "
+                f"{self.mod_name!r}: torch applies a mod through torch.vmap, which rounds alpha and alpha * other to "
+                f"{_dtype(node)} or not depending on how the operands vary per score, so the kernels cannot promise "
+                f"torch's numbers. Write the product as an op of its own (`x + alpha * y`), or compute in float32 "
+                f"(`x.float() + alpha * y.float()`), or run on the reference backend "
+                f"(kernel_options={{'BACKEND': 'REFERENCE'}}).")
 
     def _round_to_bf16(self, var: str, expr: str) -> None:
         """``var = expr`` rounded to bf16, to nearest even as torch rounds, written with integer

@@ -385,8 +385,10 @@ class _Walk:
         if self.checks:
             self.where[("tensor", id(v))] = _flatten(chain)
         self.keep.append(v)
+        # (elements: none, one or more -- one element is read without an index; an empty tensor
+        # gets its own kernels, whose trace refuses any read of it as torch does)
         self.key.append((v.dtype, v.dim(), v.requires_grad, v.is_cuda, v.device.type if not v.is_cpu else "cpu",
-                         v.numel() == 1, wide_offsets(v)))
+                         min(v.numel(), 2), wide_offsets(v)))
         if self.steps:
             steps = _flatten(chain)
             self.tensors.append(Buffer(v, _path(steps), steps))

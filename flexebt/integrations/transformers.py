@@ -149,7 +149,13 @@ class _QuerySliceableBlockMask(BlockMask):
     ``mask[:, :, -n:, :]`` (the last ``n`` tokens, ``logits_to_keep``; all of them for ``n = 0``).
     torch's BlockMask would index query *blocks* there and drop the mask_mod; this one builds the
     mask of the selected query tokens (a contiguous range), the mask_mod shifted to their positions.
-    Other indexing is torch's."""
+    Other indexing is torch's.  ``ndim`` is 4, as for the dense mask it stands for: models written
+    for dense masks test ``attention_mask.ndim`` before handing the mask on (GPT-2, when ``generate``
+    precomputes the mask of a static cache)."""
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
 
     def __getitem__(self, index):
         if not (isinstance(index, tuple) and len(index) in (3, 4) and isinstance(index[2], slice)
@@ -175,13 +181,33 @@ class _QuerySliceableBlockMask(BlockMask):
         return sliced
 
 
+def _model_takes_block_masks(config) -> bool:
+    """Whether the model of ``config`` declares support for flex attention's block masks
+    (``_supports_flex_attn``).  A model that does not works on its mask as a tensor -- Falcon adds
+    its ALiBi bias to it, GPT-2 reads ``mask.ndim`` -- so it gets a dense one; an unknown config
+    (no model class registered for it) gets the block mask."""
+    if config is None:
+        return True
+    try:
+        from transformers import AutoModel
+
+        model_class = AutoModel._model_mapping[type(config)]
+    except Exception:  # noqa: BLE001 - configs of sub-models and custom models have no entry
+        return True
+    return bool(getattr(model_class, "_supports_flex_attn", True))
+
+
 def _mask_of_offsets_as_they_are(*args, **kwargs):
     """transformers' BlockMask builder, with tensor arguments (the cache offsets) copied when the
     mask is made.  A static KV cache hands over its live length tensor as the offset and bumps it in
     place when a layer writes its keys, before that layer's attention; the mask_mod, read at call
-    time, would then let every query see the next, still empty slot of the cache."""
-    from transformers.masking_utils import flex_attention_mask
+    time, would then let every query see the next, still empty slot of the cache.  For a model that
+    does not take block masks (``_model_takes_block_masks``): the dense boolean mask SDPA gets,
+    always materialized, which flexebt's attention takes exactly as well."""
+    from transformers.masking_utils import flex_attention_mask, sdpa_mask
 
+    if not _model_takes_block_masks(kwargs.get("config")):
+        return sdpa_mask(*args, **{**kwargs, "allow_is_causal_skip": False, "allow_is_bidirectional_skip": False})
     bound = _signature(flex_attention_mask).bind_partial(*args, **kwargs)
     for name in ("q_offset", "kv_offset"):
         if isinstance(bound.arguments.get(name), torch.Tensor):

@@ -26,7 +26,8 @@ from torch import Tensor
 
 @triton.jit
 def _merge_rows(OA, MA, OB, MB, O, L, M, R, DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    # int64 rows: R and the offsets rows * 2 (row statistics) and rows * DV pass 2**31 at large B * H * M
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_DV)
     row_ok = rows < R
     ok = row_ok[:, None] & (cols[None, :] < DV)
@@ -41,7 +42,7 @@ def _merge_rows(OA, MA, OB, MB, O, L, M, R, DV: tl.constexpr, BLOCK_R: tl.conste
     wb = lb * tl.exp(mb - m_safe)
     total = wa + wb
     inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, total))
-    offs = rows.to(tl.int64)[:, None] * DV + cols[None, :]
+    offs = rows[:, None] * DV + cols[None, :]
     oa = tl.load(OA + offs, mask=ok, other=0.0).to(tl.float32)
     ob = tl.load(OB + offs, mask=ok, other=0.0).to(tl.float32)
     out = (oa * (wa * inv)[:, None] + ob * (wb * inv)[:, None])

@@ -14,8 +14,9 @@ from .core import eval_mask_mod, index_grid
 def _block_table(num_blocks: Tensor, indices: Tensor, n_kv_blocks: int) -> Tensor:
     """``[B', H', nQ, nKV]`` bool: the kv blocks that ``indices[..., :num_blocks]`` lists."""
     slots = torch.arange(indices.shape[-1], device=indices.device)
-    # a listed block past the last kv block holds no positions (a mask made for longer sequences)
-    listed = (slots < num_blocks.unsqueeze(-1).long()) & (indices.long() < n_kv_blocks)
+    # a listed block past the last kv block holds no positions (a mask made for longer sequences);
+    # a negative index names no block either (the kernels' tables drop both: blockmask.py)
+    listed = (slots < num_blocks.unsqueeze(-1).long()) & (indices.long() >= 0) & (indices.long() < n_kv_blocks)
     # Unlisted slots scatter into a spare column that is cut off afterwards.
     target = torch.where(listed, indices.long(), torch.full_like(indices, n_kv_blocks, dtype=torch.long))
     table = torch.zeros(*indices.shape[:-1], n_kv_blocks + 1, dtype=torch.bool, device=indices.device)
