@@ -143,6 +143,17 @@ def sized_block_mask(fn: str, block_mask: Optional[BlockMask], B: int, H: int, S
     nothing where it lists no block.  A mask whose batches or heads differ in that is refused."""
     if not isinstance(block_mask, BlockMask) or tuple(block_mask.BLOCK_SIZE) != (LARGE_BLOCK, LARGE_BLOCK):
         return block_mask
+    from torch.nn.attention.flex_attention import noop_mask
+
+    if torch.compiler.is_compiling():
+        # the tables' values cannot be read while dynamo traces: torch's own form (its mask_mod keeps
+        # everything; torch reads nothing else of it either) is taken, anything else refused
+        if block_mask.mask_mod in (None, noop_mask) and block_mask.full_kv_num_blocks is None:
+            return None
+        raise NotImplementedError(
+            f"{fn}: under torch.compile, a block_mask of torch's block size {LARGE_BLOCK} (one block over any "
+            f"lengths) is taken only in torch's own form (noop_mask, no full blocks); build this one with "
+            f"create_block_mask(mask_mod, B, H, {Sq}, {Skv}) instead.")
 
     def listed(num, idx) -> Tensor:
         if num is None:
@@ -158,8 +169,6 @@ def sized_block_mask(fn: str, block_mask: Optional[BlockMask], B: int, H: int, S
             f"block as full in some batches or heads, partial or not at all in others; build it with "
             f"create_block_mask(mask_mod, B, H, {Sq}, {Skv}) instead.")
     kind = kinds.pop()
-    from torch.nn.attention.flex_attention import noop_mask
-
     if kind == "full" or (kind == "partial" and block_mask.mask_mod in (None, noop_mask)):
         return None
     mask_mod = block_mask.mask_mod if kind == "partial" else _keeps_nothing

@@ -571,14 +571,15 @@ def test_half_precision_arithmetic_inside_a_mod(half):
 
 @pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
 def test_numbers_next_to_half_values_as_torch_vmap_takes_them(half):
-    """torch applies a mod per score through torch.vmap, and there ``half * 0.1``, ``half / 3.3``,
-    ``torch.div(half, 0.7, rounding_mode="floor")`` round the number to the half dtype first (bf16
-    0.1 is 0.10009765625, 1001 is 1000) where the half value varies per score; plain eager torch,
-    vmap on a value that does not vary (a captured 0-d tensor) and the in-place forms keep the
-    number.  The kernels take the numbers as vmap does: equal to torch's own flex_attention and to
-    the reference to fp32 accuracy (a number taken the other way is off by the half dtype's eps),
-    first and second order.  ``torch.add(half, half, alpha=0.3)``, which vmap rounds one way or
-    another by how the operands are batched, is refused by name."""
+    """torch casts a Python number to the dtype of the fp16 / bf16 tensor next to it before ``+``,
+    ``-``, ``%``, ``fmod``, ``**`` and comparisons (bf16 0.3 is 0.30078125); ``*`` and ``/`` keep
+    the number on torch's fast path (plain eager code, a captured 0-d tensor), but torch applies a
+    mod per score through torch.vmap, where a value that varies per score takes the general path
+    and the number is rounded for ``*``, ``/``, ``//`` too (0.1 is 0.10009765625, 1001 is 1000);
+    in-place ``mul_`` keeps it.  The kernels take the numbers as torch does: equal to torch's own
+    flex_attention and to the reference to fp32 accuracy (a number taken the other way is off by
+    the half dtype's eps), first and second order.  ``alpha`` of add / sub (and add_ / sub_), which
+    torch rounds on some paths and not others, is refused by name."""
     tab = (torch.randn(24, generator=torch.Generator().manual_seed(5)) * 3).to(half)
     temp = torch.tensor(9.0).to(half)
 
@@ -586,8 +587,11 @@ def test_numbers_next_to_half_values_as_torch_vmap_takes_them(half):
         d = (q_idx - kv_idx).to(half)
         t = tab[q_idx] / 3.3 + 0.7 / tab[kv_idx]
         kept = tab[kv_idx].clone().mul_(0.1)  # in place: the number as it is
+        cast = (tab[q_idx] % 0.3 + torch.fmod(tab[kv_idx], 0.7) + tab[q_idx].abs() ** 1.1 + (tab[kv_idx] + 0.3)
+                + (0.3 - tab[q_idx]) + tab[kv_idx].clone().add_(0.3) + d // 0.3)
         return s + (d * 0.1).float() + (t * 1001).float() * 1e-3 + (torch.div(d, 0.7, rounding_mode="floor")
-                                                                     + kept + temp * 0.1).float() * 0.1
+                                                                     + kept + temp * 0.1).float() * 0.1 \
+            + cast.float() * 0.1
 
     x = [torch.randn(1, 2, 24, 16, requires_grad=True) for _ in range(3)]
     want = torch_flex_attention(*[t.detach() for t in x], score_mod=mod)
@@ -601,7 +605,11 @@ def test_numbers_next_to_half_values_as_torch_vmap_takes_them(half):
     def with_alpha(s, b, h, q_idx, kv_idx):
         return s + torch.add(tab[kv_idx], (q_idx - kv_idx).to(half), alpha=0.3).float()
 
-    with pytest.raises(NotImplementedError, match="alpha=0.3"):
-        flexebt.flex_attention(*x, score_mod=with_alpha, kernel_options=T)
+    def with_alpha_in_place(s, b, h, q_idx, kv_idx):
+        return s + tab[kv_idx].clone().sub_((q_idx - kv_idx).to(half), alpha=0.3).float()
+
+    for refused in (with_alpha, with_alpha_in_place):
+        with pytest.raises(NotImplementedError, match="alpha=0.3"):
+            flexebt.flex_attention(*x, score_mod=refused, kernel_options=T)
     assert rel_err(flexebt.flex_attention(*x, score_mod=with_alpha, kernel_options=R),
                    torch_flex_attention(*[t.detach() for t in x], score_mod=with_alpha)) < 1e-6

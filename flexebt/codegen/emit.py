@@ -132,23 +132,36 @@ def _alpha(node):
     return node.kwargs.get("alpha", node.args[2] if len(node.args) > 2 else 1)
 
 
-# torch applies a mod per score through torch.vmap (so does the reference backend).  Under vmap
-# these ops take a Python number next to a 16-bit tensor that varies per score (a batched tensor:
-# one that depends on the score or a position) as a tensor of that dtype: the number is rounded to
-# fp16 / bf16 before the op (bf16 * 0.1 multiplies by 0.10009765625, 1001 becomes 1000), where
-# plain eager torch -- and vmap for a value that does not vary, such as a captured 0-d tensor --
-# computes with the number as it is.  Their in-place forms (mul_, div_) keep the number too.
-_VMAP_ROUNDS_NUMBERS = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.div.Tensor_mode}
-# add / sub / rsub with an alpha other than 1 on such values: vmap rounds alpha * b (and alpha) to
-# the half dtype or not depending on how each operand is batched; the kernels refuse it
+# A Python number next to a 16-bit tensor: torch casts the number to the tensor's dtype (fp16 /
+# bf16) before most ops -- add, sub, %, fmod, **, comparisons: 0.3 is 0.30078125 next to bf16
+# values, 1001 is 1000 -- but multiplies and divides with the number as it is on its fast path for a
+# number (a value that does not vary per score, such as a captured 0-d tensor, or plain eager code).
+# torch applies a mod per score through torch.vmap (so does the reference backend), and under vmap
+# a value that varies per score (depends on the score or a position) takes the general path: the
+# number is rounded for * and / as well.  In-place * and / keep the number even there.
+_ROUNDS_NUMBERS = {aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.rsub.Scalar,
+                   aten.rsub.Tensor, aten.remainder.Tensor, aten.remainder.Scalar, aten.remainder.Scalar_Tensor,
+                   aten.fmod.Tensor, aten.fmod.Scalar, aten.pow.Tensor_Scalar, aten.pow.Scalar,
+                   *(getattr(getattr(aten, c), o) for c in ("eq", "ne", "lt", "le", "gt", "ge")
+                     for o in ("Tensor", "Scalar"))}
+_ROUNDS_NUMBERS_WHERE_VARYING = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar,
+                                 aten.div.Tensor_mode, aten.floor_divide.default}
+# add / sub / rsub with an alpha other than 1 on 16-bit values: torch rounds alpha * other to the half
+# dtype on some paths (its vectorized CPU kernels, vmap over some operand layouts) and not on others;
+# the kernels refuse it
 _ALPHA_OPS = {aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.rsub.Scalar, aten.rsub.Tensor}
 
 
-def _vmap_number(v, node):
-    """A Python number operand of ``node`` as torch.vmap uses it: rounded to the node's dtype where
-    that is fp16 / bf16 (a bool, or any other dtype, is kept)."""
-    dtype = _dtype(node)
-    if dtype in _HALF and isinstance(v, (int, float)) and not isinstance(v, bool):
+def _half_operands(node) -> Optional[torch.dtype]:
+    """The fp16 / bf16 dtype that the tensor operands of ``node`` all have (the dtype torch casts a
+    number operand to), else None (an fp32 operand, or integers, promote the number otherwise)."""
+    dtypes = {_dtype(a) for a in node.all_input_nodes}
+    return dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)) in _HALF else None
+
+
+def _as_half(v, dtype):
+    """A Python number as torch casts it to ``dtype`` (a bool is kept)."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
         return float(torch.tensor(v, dtype=torch.float64).to(dtype).item())
     return v
 
@@ -311,7 +324,7 @@ def _general_power(em, node, x: str, y: str) -> str:
 
 @_op([aten.pow.Tensor_Scalar], "** / torch.pow (tensor ** number)")
 def _pow_scalar(em, node, a):
-    e = node.args[1]
+    e = node.args[1] if em._numbers_to is None else _as_half(node.args[1], em._numbers_to)
     if isinstance(e, float) and e.is_integer() and abs(e) <= 64:
         e = int(e)
     # an integer base with a float result (int ** 2.0) is computed in fp32, as torch does
@@ -636,7 +649,7 @@ class Emitter:
         self._operands = None  # while emitting an integer op: the dtype arg() casts its operands to
         self._operand_torch_dtype = None  # (and the dtype torch casts its numbers to)
         self._not_operands: set = set()  # ids of arguments that are not operands (where's condition)
-        self._numbers_of = None  # while emitting an op of _VMAP_ROUNDS_NUMBERS: the node (arg() rounds numbers)
+        self._numbers_to = None  # while emitting an op that casts its numbers: their dtype (see _ROUNDS_NUMBERS)
         self._varying: set = set()  # names of the nodes whose value varies per score
         self._tag = ""
         self.tanh_vars: set[str] = set()  # variables holding a tanh, whose parts _tanh named after them
@@ -658,8 +671,8 @@ class Emitter:
             return val
         if self._operands is not None and isinstance(x, int) and not isinstance(x, bool):
             return repr(_wrap(x, self._operand_torch_dtype))  # torch casts a number to the op's dtype
-        if self._numbers_of is not None:
-            return _lit(_vmap_number(x, self._numbers_of))
+        if self._numbers_to is not None:
+            return _lit(_as_half(x, self._numbers_to))
         return _lit(x)
 
     def fill(self, node, value) -> str:
@@ -744,14 +757,15 @@ class Emitter:
                 if varies:
                     self._varying.add(node.name)
                     self._refuse_half_alpha(node)
-                if varies and node.target in _VMAP_ROUNDS_NUMBERS:
-                    self._numbers_of = node
+                base = _functional(node.target) or node.target
+                if base in _ROUNDS_NUMBERS or (varies and node.target in _ROUNDS_NUMBERS_WHERE_VARYING):
+                    self._numbers_to = _half_operands(node)
                 try:
                     expr = self._expr(node, gm, constants)
                 finally:
                     self._operands = self._operand_torch_dtype = None
                     self._not_operands = set()
-                    self._numbers_of = None
+                    self._numbers_to = None
                 if expr is None:
                     continue
                 var = self.tmp(node)
@@ -771,15 +785,16 @@ class Emitter:
         raise RuntimeError("graph without output")
 
     def _refuse_half_alpha(self, node) -> None:
-        """add / sub / rsub with ``alpha != 1`` on fp16 / bf16 values that vary per score: see _ALPHA_OPS."""
-        if node.target in _ALPHA_OPS and _dtype(node) in _HALF and _alpha(node) != 1:
+        """add / sub / rsub (or add_, sub_) with ``alpha != 1`` on fp16 / bf16 values that vary per
+        score: see _ALPHA_OPS."""
+        base = _functional(node.target) or node.target
+        if base in _ALPHA_OPS and _dtype(node) in _HALF and _alpha(node) != 1:
             raise NotImplementedError(
                 f"flexebt codegen: torch.add / torch.sub with alpha={_alpha(node)!r} on {_dtype(node)} values in "
-                f"{self.mod_name!r}: torch applies a mod through torch.vmap, which rounds alpha and alpha * other to "
-                f"{_dtype(node)} or not depending on how the operands vary per score, so the kernels cannot promise "
-                f"torch's numbers. Write the product as an op of its own (`x + alpha * y`), or compute in float32 "
-                f"(`x.float() + alpha * y.float()`), or run on the reference backend "
-                f"(kernel_options={{'BACKEND': 'REFERENCE'}}).")
+                f"{self.mod_name!r}: torch rounds alpha * other to {_dtype(node)} before the sum on some of its paths "
+                f"and not on others, so the kernels cannot promise torch's numbers. Write the product as an op of its "
+                f"own (`x + alpha * y`), or compute in float32 (`x.float() + alpha * y.float()`), or run on the "
+                f"reference backend (kernel_options={{'BACKEND': 'REFERENCE'}}).")
 
     def _round_to_bf16(self, var: str, expr: str) -> None:
         """``var = expr`` rounded to bf16, to nearest even as torch rounds, written with integer
