@@ -45,7 +45,7 @@ CURRENT = {
     "ab_B2_softcap_tanh_e538fc0_82595dd", "gpu_checks_h100_488b947", "ab_B2_msum_a81250c_488b947",
     "ab_B2_softcap_tanh_e538fc0_488b947", "profile_bwd_causal_h100_a81250c_488b947",
     "gpu_checks_h100_0dba7e1", "ab_B2_a81250c_0dba7e1", "bias_grad_paths_h100_0dba7e1",
-    "options_ab_b43963d", "dqatomic_tma_24893cd", "bbar_rows_8e11ad4",
+    "options_ab_b43963d", "dqatomic_tma_24893cd", "bbar_rows_8e11ad4", "gpu_checks_h100_7ef590b",
 }
 
 # Why a run is not to be cited, per file in invalid/.
