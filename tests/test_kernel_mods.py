@@ -576,7 +576,9 @@ def test_numbers_next_to_half_values_as_torch_vmap_takes_them(half):
     the number on torch's fast path (plain eager code, a captured 0-d tensor), but torch applies a
     mod per score through torch.vmap, where a value that varies per score takes the general path
     and the number is rounded for ``*``, ``/``, ``//`` too (0.1 is 0.10009765625, 1001 is 1000);
-    in-place ``mul_`` keeps it.  The kernels take the numbers as torch does: equal to torch's own
+    in-place ``mul_`` keeps it.  The kernels take the numbers as torch does, in the derivatives too
+    (a derivative of the score times half arithmetic held the half loads as fp32 and gave NaN or
+    1e29 in the interpreter, a comparison of half values crashed it): equal to torch's own
     flex_attention and to the reference to fp32 accuracy (a number taken the other way is off by
     the half dtype's eps), first and second order.  ``alpha`` of add / sub (and add_ / sub_), which
     torch rounds on some paths and not others, is refused by name."""
@@ -588,8 +590,9 @@ def test_numbers_next_to_half_values_as_torch_vmap_takes_them(half):
         t = tab[q_idx] / 3.3 + 0.7 / tab[kv_idx]
         kept = tab[kv_idx].clone().mul_(0.1)  # in place: the number as it is
         cast = (tab[q_idx] % 0.3 + torch.fmod(tab[kv_idx], 0.7) + tab[q_idx].abs() ** 1.1 + (tab[kv_idx] + 0.3)
-                + (0.3 - tab[q_idx]) + tab[kv_idx].clone().add_(0.3) + d // 0.3)
-        return s + (d * 0.1).float() + (t * 1001).float() * 1e-3 + (torch.div(d, 0.7, rounding_mode="floor")
+                + (tab[kv_idx] > 0.3) + (0.3 - tab[q_idx]) + tab[kv_idx].clone().add_(0.3) + d // 0.3)
+        # (the score times half arithmetic: the derivative graphs hold the loads as half values too)
+        return s * (tab[kv_idx] * 0.1 + 1).float() + (d * 0.1).float() + (t * 1001).float() * 1e-3 + (torch.div(d, 0.7, rounding_mode="floor")
                                                                      + kept + temp * 0.1).float() * 0.1 \
             + cast.float() * 0.1
 

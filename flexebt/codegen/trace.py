@@ -540,4 +540,13 @@ def _trace_derivatives(gm: torch.fx.GraphModule, loads: list[Load], second: bool
         return tuple(outs)
 
     f32 = lambda: torch.zeros((1,), dtype=torch.float32, device=device)  # noqa: E731
-    return _trace(derivs, (f32(), *(_idx(device) for _ in range(4)), *(f32() for _ in loads)))
+    # a 16-bit load as 16-bit, as the kernels hold it: the derivative's arithmetic on it then rounds
+    # as the mod's does (an fp32 leaf gave fp32 code for a bf16 value); other loads as fp32
+    dtypes = {n.name: n.meta["val"].dtype for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)}
+
+    def leaf(name):
+        dtype = dtypes.get(name, torch.float32)
+        return torch.zeros((1,), dtype=dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32,
+                           device=device)
+
+    return _trace(derivs, (f32(), *(_idx(device) for _ in range(4)), *(leaf(n) for n in names)))
