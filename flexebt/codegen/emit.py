@@ -139,17 +139,16 @@ def _alpha(node):
 # torch applies a mod per score through torch.vmap (so does the reference backend), and under vmap
 # a value that varies per score (depends on the score or a position) takes the general path: the
 # number is rounded for * and / as well.  In-place * and / keep the number even there.
-_ROUNDS_NUMBERS = {aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.rsub.Scalar,
-                   aten.rsub.Tensor, aten.remainder.Tensor, aten.remainder.Scalar, aten.remainder.Scalar_Tensor,
+# add / sub / rsub with an alpha other than 1 on 16-bit values: torch rounds alpha * other to the half
+# dtype on some paths (its vectorized CPU kernels, vmap over some operand layouts) and not on others;
+# the kernels refuse it
+_ALPHA_OPS = {aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.rsub.Scalar, aten.rsub.Tensor}
+_ROUNDS_NUMBERS = {*_ALPHA_OPS, aten.remainder.Tensor, aten.remainder.Scalar, aten.remainder.Scalar_Tensor,
                    aten.fmod.Tensor, aten.fmod.Scalar, aten.pow.Tensor_Scalar, aten.pow.Scalar,
                    *(getattr(getattr(aten, c), o) for c in ("eq", "ne", "lt", "le", "gt", "ge")
                      for o in ("Tensor", "Scalar"))}
 _ROUNDS_NUMBERS_WHERE_VARYING = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar,
                                  aten.div.Tensor_mode, aten.floor_divide.default}
-# add / sub / rsub with an alpha other than 1 on 16-bit values: torch rounds alpha * other to the half
-# dtype on some paths (its vectorized CPU kernels, vmap over some operand layouts) and not on others;
-# the kernels refuse it
-_ALPHA_OPS = {aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.rsub.Scalar, aten.rsub.Tensor}
 
 
 def _half_operands(node) -> Optional[torch.dtype]:
@@ -754,10 +753,10 @@ class Emitter:
                     self._not_operands = {id(node.args[i]) for i in _NON_OPERAND_ARGS.get(base, ())
                                           if i < len(node.args) and isinstance(node.args[i], torch.fx.Node)}
                 varies = any(a.name in self._varying for a in node.all_input_nodes)
+                base = _functional(node.target) or node.target
                 if varies:
                     self._varying.add(node.name)
-                    self._refuse_half_alpha(node)
-                base = _functional(node.target) or node.target
+                    self._refuse_half_alpha(node, base)
                 if base in _ROUNDS_NUMBERS or (varies and node.target in _ROUNDS_NUMBERS_WHERE_VARYING):
                     self._numbers_to = _half_operands(node)
                 try:
@@ -784,10 +783,9 @@ class Emitter:
                 return [env[o.name] if isinstance(o, torch.fx.Node) else _lit(o) for o in outs]
         raise RuntimeError("graph without output")
 
-    def _refuse_half_alpha(self, node) -> None:
-        """add / sub / rsub (or add_, sub_) with ``alpha != 1`` on fp16 / bf16 values that vary per
-        score: see _ALPHA_OPS."""
-        base = _functional(node.target) or node.target
+    def _refuse_half_alpha(self, node, base) -> None:
+        """add / sub / rsub (or add_, sub_: ``base`` is the functional op) with ``alpha != 1`` on fp16 /
+        bf16 values that vary per score: see _ALPHA_OPS."""
         if base in _ALPHA_OPS and _dtype(node) in _HALF and _alpha(node) != 1:
             raise NotImplementedError(
                 f"flexebt codegen: torch.add / torch.sub with alpha={_alpha(node)!r} on {_dtype(node)} values in "
